@@ -1,0 +1,199 @@
+//! Messages between tiers and the traits each tier serves. A transport (in-process or RPC)
+//! implements these traits; callers never know which one they hold.
+
+use std::sync::Arc;
+
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::doc::{Doc, PatchOp};
+use crate::error::{BasaltError, Result};
+use crate::filter::{AccessPath, Filter};
+use crate::schema::{ColumnType, SchemaStats};
+
+pub const DEFAULT_WORKSPACE: &str = "commons";
+pub const DEFAULT_SHARDS: u32 = 2;
+pub const SHARDS_MAX: u32 = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CollectionName {
+    pub workspace: String,
+    pub name: String,
+}
+
+impl CollectionName {
+    pub fn new(workspace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { workspace: workspace.into(), name: name.into() }
+    }
+
+    /// Parse `collection` or `workspace.collection`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let (ws, name) = match parts.as_slice() {
+            [name] => (DEFAULT_WORKSPACE, *name),
+            [ws, name] => (*ws, *name),
+            _ => return Err(BasaltError::invalid(format!("bad collection name {s:?}"))),
+        };
+        validate_identifier(ws)?;
+        validate_identifier(name)?;
+        Ok(Self::new(ws, name))
+    }
+}
+
+impl std::fmt::Display for CollectionName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.workspace, self.name)
+    }
+}
+
+/// Workspace and collection names: 1-128 ASCII letters, digits, `_` or `-`, not starting with `_`.
+pub fn validate_identifier(s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('_')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(BasaltError::invalid(format!(
+            "bad name {s:?}: use 1-128 letters, digits, '_' or '-', not starting with '_'"
+        )))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionInfo {
+    /// Never reused: a dropped and re-created collection gets a new id.
+    pub id: u64,
+    pub name: CollectionName,
+    pub shards: u32,
+    pub created_at_us: i64,
+}
+
+/// A write as a client sends it, before validation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum WriteInput {
+    Upsert { doc: Value },
+    /// A document given as raw bytes (SQL string literals, files): parsed by the tailer.
+    UpsertRaw { json: String },
+    Patch { id: String, ops: Vec<PatchOp> },
+    Delete { id: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteRequest {
+    pub collection: CollectionName,
+    pub inputs: Vec<WriteInput>,
+}
+
+/// A validated write for one shard. Upserts carry normalized documents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum WriteOp {
+    Upsert { doc: Doc },
+    Patch { id: String, ops: Vec<PatchOp> },
+    Delete { id: String },
+}
+
+impl WriteOp {
+    pub fn id(&self) -> &str {
+        match self {
+            WriteOp::Upsert { doc } => doc.get(crate::doc::ID_FIELD).and_then(Value::as_str).unwrap_or(""),
+            WriteOp::Patch { id, .. } | WriteOp::Delete { id } => id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardWrite {
+    pub collection_id: u64,
+    pub shard: u32,
+    pub ops: Vec<WriteOp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocStatus {
+    #[serde(rename = "_id", skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<BasaltError>,
+}
+
+impl DocStatus {
+    pub fn ok(id: impl Into<String>) -> Self {
+        Self { id: Some(id.into()), status: "ok".into(), error: None }
+    }
+    pub fn error(id: Option<String>, error: BasaltError) -> Self {
+        Self { id, status: "error".into(), error: Some(error) }
+    }
+    pub fn is_ok(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShardWriteResult {
+    pub statuses: Vec<DocStatus>,
+    /// The shard's log sequence number after this write (durable).
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteResponse {
+    /// One status per input, in input order.
+    pub statuses: Vec<DocStatus>,
+    /// `shard:seq` pairs of the shards this write touched, comma-separated.
+    pub last_offset: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScanRequest {
+    pub collection_id: u64,
+    pub shard: u32,
+    /// Output columns, in order, with the collection-wide type each must have.
+    pub columns: Vec<(String, ColumnType)>,
+    /// Conjunction of filters; the leaf applies all of them.
+    pub filters: Vec<Filter>,
+    pub limit: Option<usize>,
+    pub hint: Option<AccessPath>,
+}
+
+pub type BatchStream = BoxStream<'static, Result<RecordBatch>>;
+
+/// What a leaf serves: shard writes, scans and statistics.
+#[async_trait]
+pub trait LeafApi: Send + Sync + 'static {
+    /// Apply a write to one shard; returns after it is durable.
+    async fn apply(&self, write: ShardWrite) -> Result<ShardWriteResult>;
+    async fn scan(&self, request: ScanRequest) -> Result<BatchStream>;
+    /// Merged statistics of the given shards of one collection.
+    async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats>;
+    async fn drop_collection(&self, collection_id: u64) -> Result<()>;
+}
+
+/// What a tailer serves: validated, routed writes.
+#[async_trait]
+pub trait TailerApi: Send + Sync + 'static {
+    async fn write(&self, request: WriteRequest) -> Result<WriteResponse>;
+}
+
+/// The catalog: workspaces and collections. Local file now, openraft later.
+#[async_trait]
+pub trait MetaApi: Send + Sync + 'static {
+    async fn create_workspace(&self, name: String, if_not_exists: bool) -> Result<()>;
+    async fn list_workspaces(&self) -> Result<Vec<String>>;
+    async fn create_collection(&self, name: CollectionName, shards: u32, if_not_exists: bool) -> Result<CollectionInfo>;
+    /// Returns the dropped collection, or None when it did not exist and `if_exists` was set.
+    async fn drop_collection(&self, name: CollectionName, if_exists: bool) -> Result<Option<CollectionInfo>>;
+    async fn get_collection(&self, name: CollectionName) -> Result<CollectionInfo>;
+    async fn list_collections(&self, workspace: Option<String>) -> Result<Vec<CollectionInfo>>;
+}
+
+pub type Leaf = Arc<dyn LeafApi>;
+pub type Tailer = Arc<dyn TailerApi>;
+pub type Meta = Arc<dyn MetaApi>;

@@ -1,0 +1,240 @@
+//! The filter language aggregators push to leaves, and the rule that picks an access path.
+//!
+//! A leaf evaluates every pushed filter completely (it is `Exact` for the planner), so the
+//! aggregator never evaluates it again.
+
+use serde::{Deserialize, Serialize};
+
+use crate::doc::{ID_FIELD, Kind};
+use crate::schema::SchemaStats;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scalar {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    /// Microseconds since the epoch, UTC.
+    Timestamp(i64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CmpOp {
+    Eq,
+    NotEq,
+    Lt,
+    LtEq,
+    Gt,
+    GtEq,
+}
+
+impl CmpOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Eq => "=",
+            CmpOp::NotEq => "!=",
+            CmpOp::Lt => "<",
+            CmpOp::LtEq => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::GtEq => ">=",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Filter {
+    And(Vec<Filter>),
+    Or(Vec<Filter>),
+    Not(Box<Filter>),
+    Cmp { path: String, op: CmpOp, value: Scalar },
+    In { path: String, values: Vec<Scalar> },
+    IsNull(String),
+    IsNotNull(String),
+    /// Full-text match of `query` against the string values at `path`.
+    Search { path: String, query: String },
+}
+
+impl std::fmt::Display for Scalar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scalar::Bool(b) => write!(f, "{b}"),
+            Scalar::Int(i) => write!(f, "{i}"),
+            Scalar::Float(x) => write!(f, "{x}"),
+            Scalar::Str(s) => write!(f, "'{}'", s.replace('\'', "''")),
+            Scalar::Timestamp(t) => write!(f, "timestamp_us({t})"),
+        }
+    }
+}
+
+impl std::fmt::Display for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let join = |f: &mut std::fmt::Formatter<'_>, items: &[Filter], sep: &str| {
+            write!(f, "(")?;
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    write!(f, " {sep} ")?;
+                }
+                write!(f, "{item}")?;
+            }
+            write!(f, ")")
+        };
+        match self {
+            Filter::And(items) => join(f, items, "AND"),
+            Filter::Or(items) => join(f, items, "OR"),
+            Filter::Not(inner) => write!(f, "NOT {inner}"),
+            Filter::Cmp { path, op, value } => write!(f, "{path} {} {value}", op.symbol()),
+            Filter::In { path, values } => {
+                write!(f, "{path} IN (")?;
+                for (i, v) in values.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, ", ")?;
+                    }
+                    write!(f, "{v}")?;
+                }
+                write!(f, ")")
+            }
+            Filter::IsNull(p) => write!(f, "{p} IS NULL"),
+            Filter::IsNotNull(p) => write!(f, "{p} IS NOT NULL"),
+            Filter::Search { path, query } => write!(f, "search({path}, '{}')", query.replace('\'', "''")),
+        }
+    }
+}
+
+/// How a leaf finds the rows of one scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessPath {
+    /// Fetch documents by `_id` from the row store.
+    RowLookup,
+    /// Ask the search index for the matching rows, then read their columns.
+    SearchIndex,
+    /// Scan the column store, skipping blocks by min/max.
+    ColumnScan,
+}
+
+impl AccessPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            AccessPath::RowLookup => "row_lookup",
+            AccessPath::SearchIndex => "search_index",
+            AccessPath::ColumnScan => "column_scan",
+        }
+    }
+}
+
+/// The ids a conjunction of filters pins the scan to, if any conjunct is `_id = x` or
+/// `_id IN (...)`.
+pub fn id_lookup(filters: &[Filter]) -> Option<Vec<String>> {
+    for f in filters {
+        match f {
+            Filter::Cmp { path, op: CmpOp::Eq, value: Scalar::Str(s) } if path == ID_FIELD => {
+                return Some(vec![s.clone()]);
+            }
+            Filter::In { path, values } if path == ID_FIELD => {
+                let ids: Option<Vec<String>> = values
+                    .iter()
+                    .map(|v| match v {
+                        Scalar::Str(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if ids.is_some() {
+                    return ids;
+                }
+            }
+            Filter::And(inner) => {
+                if let Some(ids) = id_lookup(inner) {
+                    return Some(ids);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Whether the search index can answer this filter exactly on its own: text search, and term
+/// equality on fields that hold only the literal's kind (a mixed field's SQL value is JSON text,
+/// which raw index terms do not match).
+pub fn index_answerable(f: &Filter, stats: &SchemaStats) -> bool {
+    let term_ok = |path: &str, v: &Scalar| {
+        let want = match v {
+            Scalar::Str(_) => Kind::String,
+            Scalar::Int(_) => Kind::Int,
+            Scalar::Bool(_) => Kind::Bool,
+            _ => return false,
+        };
+        (path == ID_FIELD && want == Kind::String) || stats.pure_kind(path) == Some(want)
+    };
+    match f {
+        Filter::Search { .. } => true,
+        Filter::Cmp { path, op: CmpOp::Eq, value } => term_ok(path, value),
+        Filter::In { path, values } => !values.is_empty() && values.iter().all(|v| term_ok(path, v)),
+        Filter::And(items) | Filter::Or(items) => !items.is_empty() && items.iter().all(|i| index_answerable(i, stats)),
+        _ => false,
+    }
+}
+
+/// The access-path rule: `_id` pins use the row store; text search and term predicates use the
+/// search index; everything else scans columns. A hint overrides the rule where it can apply.
+pub fn choose_access_path(filters: &[Filter], hint: Option<AccessPath>, stats: &SchemaStats) -> AccessPath {
+    let ids = id_lookup(filters).is_some();
+    let indexable = filters.iter().any(|f| index_answerable(f, stats));
+    match hint {
+        Some(AccessPath::RowLookup) if ids => AccessPath::RowLookup,
+        Some(AccessPath::SearchIndex) if indexable => AccessPath::SearchIndex,
+        Some(AccessPath::ColumnScan) => AccessPath::ColumnScan,
+        _ if ids => AccessPath::RowLookup,
+        _ if indexable => AccessPath::SearchIndex,
+        _ => AccessPath::ColumnScan,
+    }
+}
+
+/// Whether a filter contains a text search (which only the search index can evaluate).
+pub fn contains_search(f: &Filter) -> bool {
+    match f {
+        Filter::Search { .. } => true,
+        Filter::And(items) | Filter::Or(items) => items.iter().any(contains_search),
+        Filter::Not(inner) => contains_search(inner),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eq(path: &str, v: Scalar) -> Filter {
+        Filter::Cmp { path: path.into(), op: CmpOp::Eq, value: v }
+    }
+
+    #[test]
+    fn picks_access_paths_by_rule() {
+        let mut stats = SchemaStats::default();
+        stats.add("name", Kind::String, 1);
+        stats.add("age", Kind::Int, 1);
+        stats.add("mixed", Kind::Int, 1);
+        stats.add("mixed", Kind::String, 1);
+        let stats = &stats;
+        let id = eq("_id", Scalar::Str("u1".into()));
+        let term = eq("name", Scalar::Str("ada".into()));
+        let range = Filter::Cmp { path: "age".into(), op: CmpOp::Gt, value: Scalar::Int(30) };
+        assert_eq!(choose_access_path(&[range.clone(), id.clone()], None, stats), AccessPath::RowLookup);
+        assert_eq!(choose_access_path(&[range.clone(), term.clone()], None, stats), AccessPath::SearchIndex);
+        assert_eq!(choose_access_path(std::slice::from_ref(&range), None, stats), AccessPath::ColumnScan);
+        assert_eq!(choose_access_path(&[term.clone()], Some(AccessPath::ColumnScan), stats), AccessPath::ColumnScan);
+        assert_eq!(choose_access_path(&[range], Some(AccessPath::SearchIndex), stats), AccessPath::ColumnScan);
+        let mixed = eq("mixed", Scalar::Str("1".into()));
+        assert_eq!(choose_access_path(&[mixed], None, stats), AccessPath::ColumnScan);
+        assert_eq!(id_lookup(&[Filter::In { path: "_id".into(), values: vec![Scalar::Str("a".into()), Scalar::Str("b".into())] }]), Some(vec!["a".into(), "b".into()]));
+    }
+
+    #[test]
+    fn displays_filters_readably() {
+        let f = Filter::And(vec![eq("a.b", Scalar::Str("it's".into())), Filter::IsNull("c".into())]);
+        assert_eq!(f.to_string(), "(a.b = 'it''s' AND c IS NULL)");
+    }
+}

@@ -1,0 +1,379 @@
+//! The column store of a shard: immutable Arrow blocks of up to [`BLOCK_ROWS`] rows with min/max
+//! per column, a mutable tail of recent documents, and a deletion bitmap over row slots.
+//!
+//! A row slot is the position of one document version; an upsert or patch deletes the old slot
+//! and appends a new one. Blocks keep the column types their own documents need; scans cast to
+//! the collection-wide type.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringArray,
+    StringBuilder, TimestampMicrosecondBuilder, new_null_array,
+};
+use arrow::compute::{CastOptions, can_cast_types, cast_with_options};
+use arrow::datatypes::DataType;
+use basalt_common::doc::{Doc, ID_FIELD, get_path, visit_kinds};
+use basalt_common::filter::Scalar;
+use basalt_common::schema::{ColumnType, SchemaStats, TIMEZONE};
+use basalt_common::{BasaltError, Result};
+use serde_json::Value;
+
+pub const BLOCK_ROWS: usize = 8192;
+
+/// Minimum and maximum of one column in one block (non-null values only).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MinMax {
+    pub min: Scalar,
+    pub max: Scalar,
+}
+
+#[derive(Debug)]
+pub struct Block {
+    pub base_slot: u64,
+    pub rows: usize,
+    pub columns: HashMap<String, ArrayRef>,
+    pub min_max: HashMap<String, MinMax>,
+}
+
+impl Block {
+    /// Build a block from documents (slot `base_slot + i` for document `i`).
+    pub fn build(base_slot: u64, docs: &[Arc<Doc>]) -> Result<Block> {
+        let mut stats = SchemaStats::default();
+        for doc in docs {
+            visit_kinds(doc, &mut |p, k| stats.add(p, k, 1));
+        }
+        let mut columns = HashMap::new();
+        let mut min_max = HashMap::new();
+        for (path, ty) in stats.columns() {
+            let array = build_array(&path, &ty, docs)?;
+            if let Some(mm) = compute_min_max(&array) {
+                min_max.insert(path.clone(), mm);
+            }
+            columns.insert(path, array);
+        }
+        Ok(Block { base_slot, rows: docs.len(), columns, min_max })
+    }
+
+    /// The column at `path` as `ty` (cast when the block holds another type; nulls when absent).
+    pub fn column_as(&self, path: &str, ty: &DataType) -> Result<ArrayRef> {
+        match self.columns.get(path) {
+            None => Ok(new_null_array(ty, self.rows)),
+            Some(a) => cast_to(a, ty),
+        }
+    }
+
+    pub fn ids(&self) -> Result<&StringArray> {
+        self.columns
+            .get(ID_FIELD)
+            .and_then(|a| a.as_any().downcast_ref::<StringArray>())
+            .ok_or_else(|| BasaltError::internal("block without _id column"))
+    }
+}
+
+/// Cast with null-on-failure semantics; lists and other non-castable values become JSON text.
+pub fn cast_to(array: &ArrayRef, ty: &DataType) -> Result<ArrayRef> {
+    if array.data_type() == ty {
+        return Ok(array.clone());
+    }
+    if *ty == DataType::Utf8 && matches!(array.data_type(), DataType::List(_)) {
+        return Ok(list_to_json_text(array));
+    }
+    if can_cast_types(array.data_type(), ty) {
+        let options = CastOptions { safe: true, ..Default::default() };
+        return Ok(cast_with_options(array, ty, &options)?);
+    }
+    Ok(new_null_array(ty, array.len()))
+}
+
+fn list_to_json_text(array: &ArrayRef) -> ArrayRef {
+    use arrow::array::{AsArray, BooleanArray, Float64Array, Int64Array};
+    let list = array.as_list::<i32>();
+    let mut out = StringBuilder::new();
+    for i in 0..list.len() {
+        if list.is_null(i) {
+            out.append_null();
+            continue;
+        }
+        let values = list.value(i);
+        let items: Vec<Value> = (0..values.len())
+            .map(|j| {
+                if values.is_null(j) {
+                    return Value::Null;
+                }
+                let any = values.as_any();
+                if let Some(a) = any.downcast_ref::<StringArray>() {
+                    Value::from(a.value(j))
+                } else if let Some(a) = any.downcast_ref::<Int64Array>() {
+                    Value::from(a.value(j))
+                } else if let Some(a) = any.downcast_ref::<Float64Array>() {
+                    Value::from(a.value(j))
+                } else if let Some(a) = any.downcast_ref::<BooleanArray>() {
+                    Value::from(a.value(j))
+                } else {
+                    Value::Null
+                }
+            })
+            .collect();
+        out.append_value(Value::Array(items).to_string());
+    }
+    Arc::new(out.finish())
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Build one column of `ty` from the value at `path` in each document. Values that do not fit
+/// the type become null (the type rules make that rare: only for deleted versions).
+pub fn build_array(path: &str, ty: &ColumnType, docs: &[Arc<Doc>]) -> Result<ArrayRef> {
+    let values = docs.iter().map(|d| get_path(d, path));
+    Ok(build_from_values(ty, values, docs.len()))
+}
+
+fn build_from_values<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Value>>, n: usize) -> ArrayRef {
+    match ty {
+        ColumnType::Boolean => {
+            let mut b = BooleanBuilder::with_capacity(n);
+            values.for_each(|v| b.append_option(v.and_then(Value::as_bool)));
+            Arc::new(b.finish())
+        }
+        ColumnType::Int64 => {
+            let mut b = Int64Builder::with_capacity(n);
+            values.for_each(|v| b.append_option(v.and_then(Value::as_i64)));
+            Arc::new(b.finish())
+        }
+        ColumnType::Float64 => {
+            let mut b = Float64Builder::with_capacity(n);
+            values.for_each(|v| b.append_option(v.and_then(Value::as_f64)));
+            Arc::new(b.finish())
+        }
+        ColumnType::Timestamp => {
+            let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone(TIMEZONE);
+            values.for_each(|v| b.append_option(v.and_then(Value::as_i64)));
+            Arc::new(b.finish())
+        }
+        ColumnType::Utf8 => {
+            let mut b = StringBuilder::with_capacity(n, n * 16);
+            values.for_each(|v| match v {
+                None | Some(Value::Null) => b.append_null(),
+                Some(v) => b.append_value(value_text(v)),
+            });
+            Arc::new(b.finish())
+        }
+        ColumnType::List(inner) => build_list(inner, values, n),
+    }
+}
+
+fn build_list<'a>(inner: &ColumnType, values: impl Iterator<Item = Option<&'a Value>>, n: usize) -> ArrayRef {
+    macro_rules! list {
+        ($builder:expr, $conv:expr) => {{
+            let mut b = ListBuilder::with_capacity($builder, n);
+            for v in values {
+                match v {
+                    Some(Value::Array(items)) => {
+                        for item in items {
+                            b.values().append_option($conv(item));
+                        }
+                        b.append(true);
+                    }
+                    _ => b.append(false),
+                }
+            }
+            Arc::new(b.finish()) as ArrayRef
+        }};
+    }
+    match inner {
+        ColumnType::Boolean => list!(BooleanBuilder::new(), Value::as_bool),
+        ColumnType::Int64 => list!(Int64Builder::new(), Value::as_i64),
+        ColumnType::Float64 => list!(Float64Builder::new(), Value::as_f64),
+        _ => list!(StringBuilder::new(), |v: &Value| match v {
+            Value::Null => None,
+            other => Some(value_text(other)),
+        }),
+    }
+}
+
+fn compute_min_max(array: &ArrayRef) -> Option<MinMax> {
+    use arrow::array::{AsArray, BooleanArray};
+    use arrow::compute::{max, max_boolean, max_string, min, min_boolean, min_string};
+    use arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType};
+    let (lo, hi) = match array.data_type() {
+        DataType::Int64 => {
+            let a = array.as_primitive::<Int64Type>();
+            (Scalar::Int(min(a)?), Scalar::Int(max(a)?))
+        }
+        DataType::Float64 => {
+            let a = array.as_primitive::<Float64Type>();
+            (Scalar::Float(min(a)?), Scalar::Float(max(a)?))
+        }
+        DataType::Timestamp(_, _) => {
+            let a = array.as_primitive::<TimestampMicrosecondType>();
+            (Scalar::Timestamp(min(a)?), Scalar::Timestamp(max(a)?))
+        }
+        DataType::Utf8 => {
+            let a = array.as_string::<i32>();
+            (Scalar::Str(min_string(a)?.to_string()), Scalar::Str(max_string(a)?.to_string()))
+        }
+        DataType::Boolean => {
+            let a: &BooleanArray = array.as_boolean();
+            (Scalar::Bool(min_boolean(a)?), Scalar::Bool(max_boolean(a)?))
+        }
+        _ => return None,
+    };
+    Some(MinMax { min: lo, max: hi })
+}
+
+/// Bitset of deleted slots.
+#[derive(Debug, Clone, Default)]
+pub struct Deletions {
+    words: Vec<u64>,
+}
+
+impl Deletions {
+    pub fn set(&mut self, slot: u64) {
+        let w = (slot / 64) as usize;
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
+        }
+        self.words[w] |= 1 << (slot % 64);
+    }
+
+    pub fn is_deleted(&self, slot: u64) -> bool {
+        self.words.get((slot / 64) as usize).is_some_and(|w| w & (1 << (slot % 64)) != 0)
+    }
+}
+
+/// Everything a scan needs, taken under a short read lock and used without it.
+pub struct Snapshot {
+    pub blocks: Vec<Arc<Block>>,
+    pub deletions: Deletions,
+    pub stats: SchemaStats,
+}
+
+/// The in-memory column store and id index of one shard.
+#[derive(Default)]
+pub struct ColumnStore {
+    blocks: Vec<Arc<Block>>,
+    tail: Vec<Arc<Doc>>,
+    tail_block: Option<Arc<Block>>,
+    next_slot: u64,
+    deletions: Deletions,
+    /// Live slot of each document id.
+    ids: HashMap<String, u64>,
+    stats: SchemaStats,
+}
+
+impl ColumnStore {
+    pub fn stats(&self) -> &SchemaStats {
+        &self.stats
+    }
+
+    pub fn live_docs(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Remove the live version of `id`, if any.
+    pub fn remove(&mut self, id: &str, old: Option<&Doc>) {
+        if let Some(slot) = self.ids.remove(id) {
+            self.deletions.set(slot);
+            if let Some(old) = old {
+                self.stats.doc_count = self.stats.doc_count.saturating_sub(1);
+                visit_kinds(old, &mut |p, k| self.stats.add(p, k, -1));
+            }
+        }
+    }
+
+    /// Append a new live version; returns its slot.
+    pub fn append(&mut self, id: &str, doc: Arc<Doc>) -> Result<u64> {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.stats.doc_count += 1;
+        visit_kinds(&doc, &mut |p, k| self.stats.add(p, k, 1));
+        self.ids.insert(id.to_string(), slot);
+        self.tail.push(doc);
+        self.tail_block = None;
+        if self.tail.len() >= BLOCK_ROWS {
+            let base = slot + 1 - self.tail.len() as u64;
+            let block = Block::build(base, &self.tail)?;
+            self.blocks.push(Arc::new(block));
+            self.tail.clear();
+        }
+        Ok(slot)
+    }
+
+    pub fn slot_of(&self, id: &str) -> Option<u64> {
+        self.ids.get(id).copied()
+    }
+
+    /// Blocks to scan: sealed blocks plus the tail built into a block (cached until it changes).
+    pub fn snapshot(&mut self) -> Result<Snapshot> {
+        let mut blocks = self.blocks.clone();
+        if !self.tail.is_empty() {
+            if self.tail_block.is_none() {
+                let base = self.next_slot - self.tail.len() as u64;
+                self.tail_block = Some(Arc::new(Block::build(base, &self.tail)?));
+            }
+            if let Some(t) = &self.tail_block {
+                blocks.push(t.clone());
+            }
+        }
+        Ok(Snapshot { blocks, deletions: self.deletions.clone(), stats: self.stats.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{AsArray, Int64Array};
+    use basalt_common::doc::Kind;
+    use serde_json::json;
+
+    fn doc(v: Value) -> Arc<Doc> {
+        Arc::new(v.as_object().unwrap().clone())
+    }
+
+    #[test]
+    fn builds_typed_columns_with_min_max() {
+        let docs = vec![
+            doc(json!({"_id": "a", "_event_time": 1, "n": 5, "s": "x", "o": {"c": "p"}, "t": [1, 2]})),
+            doc(json!({"_id": "b", "_event_time": 2, "n": -3, "m": 1})),
+            doc(json!({"_id": "c", "_event_time": 3, "m": "two"})),
+        ];
+        let b = Block::build(10, &docs).unwrap();
+        assert_eq!(b.rows, 3);
+        let n = b.columns["n"].as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!(n.iter().collect::<Vec<_>>(), vec![Some(5), Some(-3), None]);
+        assert_eq!(b.min_max["n"], MinMax { min: Scalar::Int(-3), max: Scalar::Int(5) });
+        assert_eq!(b.columns["m"].as_string::<i32>().iter().collect::<Vec<_>>(), vec![None, Some("1"), Some("two")]);
+        assert_eq!(b.columns["o.c"].as_string::<i32>().value(0), "p");
+        let t = b.column_as("t", &DataType::Utf8).unwrap();
+        assert_eq!(t.as_string::<i32>().value(0), "[1,2]");
+        let missing = b.column_as("zz", &DataType::Int64).unwrap();
+        assert_eq!(missing.null_count(), 3);
+        assert_eq!(b.column_as("n", &DataType::Float64).unwrap().data_type(), &DataType::Float64);
+    }
+
+    #[test]
+    fn store_tracks_versions_and_seals_blocks() {
+        let mut store = ColumnStore::default();
+        for i in 0..(BLOCK_ROWS + 5) {
+            let d = doc(json!({"_id": format!("d{i}"), "v": i}));
+            store.append(&format!("d{i}"), d).unwrap();
+        }
+        let old = doc(json!({"_id": "d0", "v": 0}));
+        store.remove("d0", Some(&old));
+        store.append("d0", doc(json!({"_id": "d0", "v": "changed"}))).unwrap();
+        let snap = store.snapshot().unwrap();
+        assert_eq!(snap.blocks.len(), 2);
+        assert!(snap.deletions.is_deleted(0));
+        assert_eq!(store.live_docs(), BLOCK_ROWS + 5);
+        assert_eq!(snap.stats.fields["v"][&Kind::String], 1);
+        assert_eq!(snap.stats.fields["v"][&Kind::Int], (BLOCK_ROWS + 4) as u64);
+        assert_eq!(store.slot_of("d0"), Some((BLOCK_ROWS + 5) as u64));
+    }
+}

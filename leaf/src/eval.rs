@@ -1,0 +1,217 @@
+//! Exact evaluation of pushed-down filters on column blocks, with SQL three-valued logic, and
+//! block pruning by min/max.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Float64Array, Int64Array, StringArray,
+    TimestampMicrosecondArray,
+};
+use arrow::compute::kernels::boolean::{and_kleene, is_not_null, is_null, not, or_kleene};
+use arrow::compute::kernels::cmp;
+use arrow::datatypes::DataType;
+use basalt_common::Result;
+use basalt_common::filter::{CmpOp, Filter, Scalar};
+use basalt_common::schema::TIMEZONE;
+
+use crate::columns::Block;
+
+fn scalar_type(s: &Scalar) -> DataType {
+    match s {
+        Scalar::Bool(_) => DataType::Boolean,
+        Scalar::Int(_) => DataType::Int64,
+        Scalar::Float(_) => DataType::Float64,
+        Scalar::Str(_) => DataType::Utf8,
+        Scalar::Timestamp(_) => DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some(TIMEZONE.into())),
+    }
+}
+
+fn scalar_array(s: &Scalar) -> ArrayRef {
+    match s {
+        Scalar::Bool(b) => Arc::new(BooleanArray::from(vec![*b])),
+        Scalar::Int(i) => Arc::new(Int64Array::from(vec![*i])),
+        Scalar::Float(f) => Arc::new(Float64Array::from(vec![*f])),
+        Scalar::Str(s) => Arc::new(StringArray::from(vec![s.as_str()])),
+        Scalar::Timestamp(t) => Arc::new(TimestampMicrosecondArray::from(vec![*t]).with_timezone(TIMEZONE)),
+    }
+}
+
+fn compare(col: &ArrayRef, op: CmpOp, value: &Scalar) -> Result<BooleanArray> {
+    let lit = arrow::array::Scalar::new(scalar_array(value));
+    Ok(match op {
+        CmpOp::Eq => cmp::eq(col, &lit)?,
+        CmpOp::NotEq => cmp::neq(col, &lit)?,
+        CmpOp::Lt => cmp::lt(col, &lit)?,
+        CmpOp::LtEq => cmp::lt_eq(col, &lit)?,
+        CmpOp::Gt => cmp::gt(col, &lit)?,
+        CmpOp::GtEq => cmp::gt_eq(col, &lit)?,
+    })
+}
+
+/// Evaluate a filter over every row of a block. Null means unknown (SQL semantics).
+pub fn eval(filter: &Filter, block: &Block) -> Result<BooleanArray> {
+    match filter {
+        Filter::And(items) => fold(items, block, true),
+        Filter::Or(items) => fold(items, block, false),
+        Filter::Not(inner) => Ok(not(&eval(inner, block)?)?),
+        Filter::Cmp { path, op, value } => {
+            let col = block.column_as(path, &scalar_type(value))?;
+            compare(&col, *op, value)
+        }
+        Filter::In { path, values } => {
+            let mut acc: Option<BooleanArray> = None;
+            for v in values {
+                let col = block.column_as(path, &scalar_type(v))?;
+                let m = compare(&col, CmpOp::Eq, v)?;
+                acc = Some(match acc {
+                    None => m,
+                    Some(a) => or_kleene(&a, &m)?,
+                });
+            }
+            Ok(acc.unwrap_or_else(|| BooleanArray::from(vec![false; block.rows])))
+        }
+        Filter::IsNull(path) => Ok(match block.columns.get(path) {
+            None => BooleanArray::from(vec![true; block.rows]),
+            Some(a) => is_null(a)?,
+        }),
+        Filter::IsNotNull(path) => Ok(match block.columns.get(path) {
+            None => BooleanArray::from(vec![false; block.rows]),
+            Some(a) => is_not_null(a)?,
+        }),
+        Filter::Search { path, query } => {
+            let col = block.column_as(path, &DataType::Utf8)?;
+            Ok(text_match(col.as_string::<i32>(), query))
+        }
+    }
+}
+
+fn fold(items: &[Filter], block: &Block, conjunction: bool) -> Result<BooleanArray> {
+    let mut acc = BooleanArray::from(vec![conjunction; block.rows]);
+    for item in items {
+        let m = eval(item, block)?;
+        acc = if conjunction { and_kleene(&acc, &m)? } else { or_kleene(&acc, &m)? };
+    }
+    Ok(acc)
+}
+
+/// Tokens as tantivy's default analyzer makes them: split on non-alphanumeric characters,
+/// drop tokens of 40 bytes or more, lowercase.
+pub fn tokenize(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|t| !t.is_empty() && t.len() < 40)
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// `search()` semantics without the index: every query token occurs in the value.
+pub fn text_match(values: &StringArray, query: &str) -> BooleanArray {
+    let wanted = tokenize(query);
+    let mut out = BooleanBuilder::with_capacity(values.len());
+    for v in values.iter() {
+        match v {
+            None => out.append_value(false),
+            Some(text) => {
+                let have: std::collections::HashSet<String> = tokenize(text).into_iter().collect();
+                out.append_value(!wanted.is_empty() && wanted.iter().all(|w| have.contains(w)));
+            }
+        }
+    }
+    out.finish()
+}
+
+/// Whether min/max (or the absence of a column) proves no row of the block can pass a
+/// top-level conjunct.
+pub fn block_excluded(filters: &[Filter], block: &Block) -> bool {
+    filters.iter().any(|f| excluded(f, block))
+}
+
+fn excluded(filter: &Filter, block: &Block) -> bool {
+    match filter {
+        Filter::And(items) => items.iter().any(|f| excluded(f, block)),
+        Filter::Or(items) => !items.is_empty() && items.iter().all(|f| excluded(f, block)),
+        Filter::Cmp { path, op, value } => {
+            if !block.columns.contains_key(path) {
+                return true; // all null: a comparison is never true
+            }
+            let Some(mm) = block.min_max.get(path) else { return false };
+            let (Some(lo), Some(hi)) = (order(&mm.min, value), order(&mm.max, value)) else {
+                return false;
+            };
+            use std::cmp::Ordering::*;
+            match op {
+                CmpOp::Eq => lo == Greater || hi == Less,
+                CmpOp::Lt => lo != Less,
+                CmpOp::LtEq => lo == Greater,
+                CmpOp::Gt => hi != Greater,
+                CmpOp::GtEq => hi == Less,
+                CmpOp::NotEq => lo == Equal && hi == Equal,
+            }
+        }
+        Filter::In { path, values } => {
+            !values.is_empty() && values.iter().all(|v| excluded(&Filter::Cmp { path: path.clone(), op: CmpOp::Eq, value: v.clone() }, block))
+        }
+        Filter::IsNotNull(path) | Filter::Search { path, .. } => !block.columns.contains_key(path),
+        _ => false,
+    }
+}
+
+/// Order of a block statistic against a literal, when both have the same type.
+fn order(stat: &Scalar, lit: &Scalar) -> Option<std::cmp::Ordering> {
+    match (stat, lit) {
+        (Scalar::Int(a), Scalar::Int(b)) => Some(a.cmp(b)),
+        (Scalar::Float(a), Scalar::Float(b)) => a.partial_cmp(b),
+        (Scalar::Str(a), Scalar::Str(b)) => Some(a.as_str().cmp(b.as_str())),
+        (Scalar::Timestamp(a), Scalar::Timestamp(b)) => Some(a.cmp(b)),
+        (Scalar::Bool(a), Scalar::Bool(b)) => Some(a.cmp(b)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_common::doc::Doc;
+    use serde_json::json;
+
+    fn block() -> Block {
+        let docs: Vec<Arc<Doc>> = [
+            json!({"_id": "a", "age": 36, "name": "Ada Lovelace"}),
+            json!({"_id": "b", "age": 20, "name": "Bob"}),
+            json!({"_id": "c", "name": "Cy"}),
+        ]
+        .into_iter()
+        .map(|v| Arc::new(v.as_object().unwrap().clone()))
+        .collect();
+        Block::build(0, &docs).unwrap()
+    }
+
+    fn rows(f: &Filter) -> Vec<Option<bool>> {
+        eval(f, &block()).unwrap().iter().collect()
+    }
+
+    #[test]
+    fn evaluates_with_three_valued_logic() {
+        let gt = Filter::Cmp { path: "age".into(), op: CmpOp::Gt, value: Scalar::Int(30) };
+        assert_eq!(rows(&gt), vec![Some(true), Some(false), None]);
+        assert_eq!(rows(&Filter::Not(Box::new(gt.clone()))), vec![Some(false), Some(true), None]);
+        let or = Filter::Or(vec![gt.clone(), Filter::IsNull("age".into())]);
+        assert_eq!(rows(&or), vec![Some(true), Some(false), Some(true)]);
+        let search = Filter::Search { path: "name".into(), query: "LOVELACE ada".into() };
+        assert_eq!(rows(&search), vec![Some(true), Some(false), Some(false)]);
+        let missing = Filter::Cmp { path: "nope".into(), op: CmpOp::Eq, value: Scalar::Int(1) };
+        assert_eq!(rows(&missing), vec![None, None, None]);
+    }
+
+    #[test]
+    fn prunes_blocks_by_min_max() {
+        let b = block();
+        let cmp = |op, v| Filter::Cmp { path: "age".into(), op, value: Scalar::Int(v) };
+        assert!(block_excluded(&[cmp(CmpOp::Gt, 36)], &b));
+        assert!(!block_excluded(&[cmp(CmpOp::GtEq, 36)], &b));
+        assert!(block_excluded(&[cmp(CmpOp::Lt, 20)], &b));
+        assert!(block_excluded(&[cmp(CmpOp::Eq, 50)], &b));
+        assert!(!block_excluded(&[cmp(CmpOp::Eq, 25)], &b));
+        assert!(block_excluded(&[Filter::Cmp { path: "zz".into(), op: CmpOp::Eq, value: Scalar::Int(1) }], &b));
+        assert!(!block_excluded(&[Filter::IsNull("zz".into())], &b));
+    }
+}

@@ -1,0 +1,184 @@
+//! The leaf tier: owns shards and their converged index (row store, column store, search index)
+//! and serves [`LeafApi`].
+//!
+//! Invariants: this crate is the only one that knows tantivy and fjall. It never parses SQL and
+//! never talks to a client; it only answers shard writes, scans and statistics.
+
+pub mod columns;
+pub mod eval;
+pub mod search;
+pub mod shard;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+
+use async_trait::async_trait;
+use basalt_common::api::{BatchStream, LeafApi, ScanRequest, ShardWrite, ShardWriteResult};
+use basalt_common::doc::DocLimits;
+use basalt_common::schema::SchemaStats;
+use basalt_common::{BasaltError, Result};
+use parking_lot::RwLock;
+use prometheus::{IntCounterVec, register_int_counter_vec};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::shard::{Shard, ShardKey, keyspace_name};
+
+static WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("basalt_leaf_write_ops_total", "Document operations applied by leaves", &["result"])
+        .unwrap_or_else(|_| IntCounterVec::new(prometheus::Opts::new("basalt_leaf_write_ops_total_unregistered", "x"), &["result"]).unwrap_or_else(|e| panic!("metric definition is static: {e}")))
+});
+static SCANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("basalt_leaf_scans_total", "Shard scans by access path", &["access_path"])
+        .unwrap_or_else(|_| IntCounterVec::new(prometheus::Opts::new("basalt_leaf_scans_total_unregistered", "x"), &["access_path"]).unwrap_or_else(|e| panic!("metric definition is static: {e}")))
+});
+
+/// Capacity of the channel between a scan thread and its consumer (batches of up to 8192 rows).
+const SCAN_CHANNEL_BATCHES: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct LeafConfig {
+    pub data_dir: PathBuf,
+    pub limits: DocLimits,
+}
+
+/// Handle to a leaf; cheap to clone.
+#[derive(Clone)]
+pub struct Leaf(Arc<LeafInner>);
+
+pub struct LeafInner {
+    db: fjall::Database,
+    meta: fjall::Keyspace,
+    shards: RwLock<HashMap<ShardKey, Arc<Shard>>>,
+    /// Serializes shard creation and removal.
+    lifecycle: parking_lot::Mutex<()>,
+    limits: DocLimits,
+}
+
+fn store_err(e: impl std::fmt::Display) -> BasaltError {
+    BasaltError::internal(format!("leaf store: {e}"))
+}
+
+impl Leaf {
+    /// Open the leaf's store and every shard in it (rebuilding their in-memory indexes).
+    pub fn open(config: &LeafConfig) -> Result<Leaf> {
+        let dir: &Path = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(store_err)?;
+        let db = fjall::Database::builder(dir.join("rows")).open().map_err(store_err)?;
+        let meta = db.keyspace("leaf_meta", fjall::KeyspaceCreateOptions::default).map_err(store_err)?;
+        let leaf = LeafInner { db, meta, shards: RwLock::new(HashMap::new()), lifecycle: parking_lot::Mutex::new(()), limits: config.limits.clone() };
+        let mut keys = Vec::new();
+        for item in leaf.meta.prefix("shard/") {
+            let k = item.key().map_err(store_err)?;
+            let text = String::from_utf8_lossy(&k).to_string();
+            if let Some((c, s)) = text.trim_start_matches("shard/").split_once('/')
+                && let (Ok(c), Ok(s)) = (c.parse(), s.parse())
+            {
+                keys.push((c, s));
+            }
+        }
+        for key in keys {
+            let shard = Shard::open(&leaf.db, &leaf.meta, key, leaf.limits.clone())?;
+            leaf.shards.write().insert(key, Arc::new(shard));
+        }
+        tracing::info!(dir = %dir.display(), shards = leaf.shards.read().len(), "leaf open");
+        Ok(Leaf(Arc::new(leaf)))
+    }
+
+    fn shard(&self, key: ShardKey) -> Option<Arc<Shard>> {
+        self.0.shards.read().get(&key).cloned()
+    }
+
+    fn shard_or_create(&self, key: ShardKey) -> Result<Arc<Shard>> {
+        if let Some(s) = self.shard(key) {
+            return Ok(s);
+        }
+        let _guard = self.0.lifecycle.lock();
+        if let Some(s) = self.shard(key) {
+            return Ok(s);
+        }
+        let mut batch = self.0.db.batch().durability(Some(fjall::PersistMode::SyncAll));
+        batch.insert(&self.0.meta, format!("shard/{}/{}", key.0, key.1).into_bytes(), Vec::<u8>::new());
+        batch.commit().map_err(store_err)?;
+        let shard = Arc::new(Shard::open(&self.0.db, &self.0.meta, key, self.0.limits.clone())?);
+        self.0.shards.write().insert(key, shard.clone());
+        Ok(shard)
+    }
+
+    fn drop_collection_blocking(&self, collection_id: u64) -> Result<()> {
+        let _guard = self.0.lifecycle.lock();
+        let doomed: Vec<ShardKey> = self.0.shards.read().keys().filter(|k| k.0 == collection_id).copied().collect();
+        for key in doomed {
+            self.0.shards.write().remove(&key);
+            let mut batch = self.0.db.batch().durability(Some(fjall::PersistMode::SyncAll));
+            batch.remove(&self.0.meta, format!("shard/{}/{}", key.0, key.1).into_bytes());
+            batch.remove(&self.0.meta, format!("seq/{}", keyspace_name(key)).into_bytes());
+            batch.commit().map_err(store_err)?;
+            let ks = self.0.db.keyspace(&keyspace_name(key), fjall::KeyspaceCreateOptions::default).map_err(store_err)?;
+            self.0.db.delete_keyspace(ks).map_err(store_err)?;
+            tracing::info!(shard = %keyspace_name(key), "shard dropped");
+        }
+        Ok(())
+    }
+
+    /// Live documents per shard, for tests and diagnostics.
+    pub fn live_docs(&self, collection_id: u64) -> usize {
+        self.0.shards.read().iter().filter(|(k, _)| k.0 == collection_id).map(|(_, s)| s.live_docs()).sum()
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BasaltError::internal(format!("leaf task failed: {e}")))?
+}
+
+#[async_trait]
+impl LeafApi for Leaf {
+    async fn apply(&self, write: ShardWrite) -> Result<ShardWriteResult> {
+        let leaf = self.clone();
+        let result = blocking(move || {
+            let shard = leaf.shard_or_create((write.collection_id, write.shard))?;
+            shard.apply(write.ops)
+        })
+        .await?;
+        let ok = result.statuses.iter().filter(|s| s.is_ok()).count() as u64;
+        WRITES.with_label_values(&["ok"]).inc_by(ok);
+        WRITES.with_label_values(&["error"]).inc_by(result.statuses.len() as u64 - ok);
+        Ok(result)
+    }
+
+    async fn scan(&self, request: ScanRequest) -> Result<BatchStream> {
+        let (tx, rx) = tokio::sync::mpsc::channel(SCAN_CHANNEL_BATCHES);
+        let shard = self.shard((request.collection_id, request.shard));
+        tokio::task::spawn_blocking(move || {
+            let Some(shard) = shard else { return }; // never written: empty
+            let result = shard.scan(&request, |batch| tx.blocking_send(Ok(batch)).is_ok());
+            match result {
+                Ok(access) => SCANS.with_label_values(&[access.name()]).inc(),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
+        let mut out = SchemaStats::default();
+        for s in shards {
+            if let Some(shard) = self.shard((collection_id, s)) {
+                out.merge(&shard.stats());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn drop_collection(&self, collection_id: u64) -> Result<()> {
+        let leaf = self.clone();
+        blocking(move || leaf.drop_collection_blocking(collection_id)).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,227 @@
+//! The search index of a shard (tantivy): every document once, with exact terms on every scalar
+//! field (raw JSON field) and full text on strings (tokenized JSON field). Hits map back to column
+//! store slots through the `_slot` fast field.
+//!
+//! Commits are lazy: writes go to the index writer; a query that needs the index commits first if
+//! anything changed, so a search sees every acknowledged write.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use basalt_common::doc::{Doc, ID_FIELD};
+use basalt_common::filter::{CmpOp, Filter, Scalar};
+use basalt_common::{BasaltError, Result};
+use parking_lot::Mutex;
+use tantivy::collector::{Collector, SegmentCollector};
+use tantivy::query::{BooleanQuery, EmptyQuery, Occur, Query, TermQuery};
+use tantivy::schema::{
+    FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, OwnedValue, STRING, Schema,
+    TextFieldIndexing, TextOptions,
+};
+use tantivy::{DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader, TantivyDocument, Term};
+
+use crate::eval::tokenize;
+
+const WRITER_MEMORY_BYTES: usize = 32 * 1024 * 1024;
+
+fn tantivy_err(e: tantivy::TantivyError) -> BasaltError {
+    BasaltError::internal(format!("search index: {e}"))
+}
+
+pub struct SearchIndex {
+    writer: Mutex<IndexWriter>,
+    reader: IndexReader,
+    dirty: AtomicBool,
+    id: Field,
+    slot: Field,
+    text: Field,
+    raw: Field,
+}
+
+impl SearchIndex {
+    pub fn new() -> Result<Self> {
+        let mut sb = Schema::builder();
+        let id = sb.add_text_field(ID_FIELD, STRING);
+        let slot = sb.add_u64_field("_slot", INDEXED | FAST);
+        let text_options: JsonObjectOptions = TextOptions::default()
+            .set_indexing_options(
+                TextFieldIndexing::default()
+                    .set_tokenizer("default")
+                    .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+            )
+            .into();
+        let text = sb.add_json_field("text", text_options);
+        let raw_options: JsonObjectOptions = TextOptions::default()
+            .set_indexing_options(TextFieldIndexing::default().set_tokenizer("raw").set_index_option(IndexRecordOption::Basic))
+            .into();
+        let raw = sb.add_json_field("raw", raw_options);
+        let index = Index::create_in_ram(sb.build());
+        let writer = index.writer_with_num_threads(1, WRITER_MEMORY_BYTES).map_err(tantivy_err)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(tantivy_err)?;
+        Ok(Self { writer: Mutex::new(writer), reader, dirty: AtomicBool::new(false), id, slot, text, raw })
+    }
+
+    /// Replace the indexed version of a document (`doc == None` deletes it).
+    pub fn upsert(&self, id: &str, slot: Option<u64>, doc: Option<&Doc>) -> Result<()> {
+        let writer = self.writer.lock();
+        writer.delete_term(Term::from_field_text(self.id, id));
+        if let (Some(slot), Some(doc)) = (slot, doc) {
+            let object: BTreeMap<String, OwnedValue> = doc
+                .iter()
+                .filter(|(k, _)| k.as_str() != ID_FIELD)
+                .map(|(k, v)| (k.clone(), OwnedValue::from(v.clone())))
+                .collect();
+            let mut td = TantivyDocument::default();
+            td.add_text(self.id, id);
+            td.add_u64(self.slot, slot);
+            td.add_object(self.text, object.clone());
+            td.add_object(self.raw, object);
+            writer.add_document(td).map_err(tantivy_err)?;
+        }
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Make every write so far visible to searches.
+    pub fn refresh(&self) -> Result<()> {
+        if self.dirty.swap(false, Ordering::AcqRel) {
+            let mut writer = self.writer.lock();
+            if let Err(e) = writer.commit() {
+                self.dirty.store(true, Ordering::Release);
+                return Err(tantivy_err(e));
+            }
+            self.reader.reload().map_err(tantivy_err)?;
+        }
+        Ok(())
+    }
+
+    /// Build a tantivy query for a filter the index can answer exactly (see
+    /// `basalt_common::filter::index_answerable`).
+    fn query(&self, f: &Filter) -> Result<Box<dyn Query>> {
+        Ok(match f {
+            Filter::Search { path, query } => {
+                let tokens = tokenize(query);
+                if tokens.is_empty() {
+                    return Ok(Box::new(EmptyQuery));
+                }
+                let clauses = tokens
+                    .iter()
+                    .map(|t| {
+                        let mut term = Term::from_field_json_path(self.text, path, false);
+                        term.append_type_and_str(t);
+                        (Occur::Must, Box::new(TermQuery::new(term, IndexRecordOption::Basic)) as Box<dyn Query>)
+                    })
+                    .collect();
+                Box::new(BooleanQuery::new(clauses))
+            }
+            Filter::Cmp { path, op: CmpOp::Eq, value } => Box::new(TermQuery::new(self.raw_term(path, value)?, IndexRecordOption::Basic)),
+            Filter::In { path, values } => {
+                let clauses = values
+                    .iter()
+                    .map(|v| Ok((Occur::Should, Box::new(TermQuery::new(self.raw_term(path, v)?, IndexRecordOption::Basic)) as Box<dyn Query>)))
+                    .collect::<Result<Vec<_>>>()?;
+                Box::new(BooleanQuery::new(clauses))
+            }
+            Filter::And(items) | Filter::Or(items) => {
+                let occur = if matches!(f, Filter::And(_)) { Occur::Must } else { Occur::Should };
+                let clauses = items.iter().map(|i| Ok((occur, self.query(i)?))).collect::<Result<Vec<_>>>()?;
+                Box::new(BooleanQuery::new(clauses))
+            }
+            other => return Err(BasaltError::internal(format!("filter {other} is not answerable by the search index"))),
+        })
+    }
+
+    fn raw_term(&self, path: &str, value: &Scalar) -> Result<Term> {
+        if path == ID_FIELD {
+            if let Scalar::Str(s) = value {
+                return Ok(Term::from_field_text(self.id, s));
+            }
+        }
+        let mut term = Term::from_field_json_path(self.raw, path, false);
+        match value {
+            Scalar::Str(s) => term.append_type_and_str(s),
+            Scalar::Int(i) => term.append_type_and_fast_value(*i),
+            Scalar::Bool(b) => term.append_type_and_fast_value(*b),
+            other => return Err(BasaltError::internal(format!("no index term for {other}"))),
+        }
+        Ok(term)
+    }
+
+    /// Slots of the documents matching all `filters`, sorted.
+    pub fn matching_slots(&self, filters: &[&Filter]) -> Result<Vec<u64>> {
+        self.refresh()?;
+        let clauses = filters.iter().map(|f| Ok((Occur::Must, self.query(f)?))).collect::<Result<Vec<_>>>()?;
+        let query = BooleanQuery::new(clauses);
+        let searcher = self.reader.searcher();
+        let mut slots = searcher.search(&query, &SlotCollector).map_err(tantivy_err)?;
+        slots.sort_unstable();
+        Ok(slots)
+    }
+}
+
+/// Collects the `_slot` fast field of every hit.
+struct SlotCollector;
+
+struct SlotSegmentCollector {
+    column: tantivy::columnar::Column<u64>,
+    slots: Vec<u64>,
+}
+
+impl Collector for SlotCollector {
+    type Fruit = Vec<u64>;
+    type Child = SlotSegmentCollector;
+
+    fn for_segment(&self, _ord: u32, segment: &SegmentReader) -> tantivy::Result<Self::Child> {
+        Ok(SlotSegmentCollector { column: segment.fast_fields().u64("_slot")?, slots: Vec::new() })
+    }
+
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+
+    fn merge_fruits(&self, fruits: Vec<Vec<u64>>) -> tantivy::Result<Vec<u64>> {
+        Ok(fruits.into_iter().flatten().collect())
+    }
+}
+
+impl SegmentCollector for SlotSegmentCollector {
+    type Fruit = Vec<u64>;
+
+    fn collect(&mut self, doc: DocId, _score: Score) {
+        if let Some(slot) = self.column.first(doc) {
+            self.slots.push(slot);
+        }
+    }
+
+    fn harvest(self) -> Vec<u64> {
+        self.slots
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn finds_terms_text_and_replaces_versions() {
+        let idx = SearchIndex::new().unwrap();
+        let d = |v: serde_json::Value| v.as_object().unwrap().clone();
+        idx.upsert("u1", Some(0), Some(&d(json!({"_id": "u1", "name": "Ada Lovelace", "age": 36, "address": {"city": "London"}})))).unwrap();
+        idx.upsert("u2", Some(1), Some(&d(json!({"_id": "u2", "name": "Alan Turing", "age": 41, "ok": true})))).unwrap();
+        let search = Filter::Search { path: "name".into(), query: "ada".into() };
+        assert_eq!(idx.matching_slots(&[&search]).unwrap(), vec![0]);
+        let city = Filter::Cmp { path: "address.city".into(), op: CmpOp::Eq, value: Scalar::Str("London".into()) };
+        assert_eq!(idx.matching_slots(&[&city]).unwrap(), vec![0]);
+        let age = Filter::In { path: "age".into(), values: vec![Scalar::Int(41), Scalar::Int(36)] };
+        assert_eq!(idx.matching_slots(&[&age]).unwrap(), vec![0, 1]);
+        let ok = Filter::Cmp { path: "ok".into(), op: CmpOp::Eq, value: Scalar::Bool(true) };
+        assert_eq!(idx.matching_slots(&[&ok]).unwrap(), vec![1]);
+        idx.upsert("u1", Some(2), Some(&d(json!({"_id": "u1", "name": "Ada King"})))).unwrap();
+        assert_eq!(idx.matching_slots(&[&search]).unwrap(), vec![2]);
+        idx.upsert("u1", None, None).unwrap();
+        assert!(idx.matching_slots(&[&search]).unwrap().is_empty());
+        let id = Filter::Cmp { path: "_id".into(), op: CmpOp::Eq, value: Scalar::Str("u2".into()) };
+        assert_eq!(idx.matching_slots(&[&id]).unwrap(), vec![1]);
+    }
+}

@@ -1,0 +1,202 @@
+//! The catalog of workspaces and collections behind [`MetaApi`], with a durable local
+//! implementation: one JSON file replaced atomically (write, fsync, rename, fsync directory).
+//!
+//! This crate knows nothing of leaves, SQL or transports. openraft will replace the local file
+//! behind the same trait.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use basalt_common::api::{
+    CollectionInfo, CollectionName, DEFAULT_WORKSPACE, MetaApi, SHARDS_MAX, validate_identifier,
+};
+use basalt_common::doc::now_micros;
+use basalt_common::{BasaltError, ErrorCode, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Catalog {
+    next_collection_id: u64,
+    workspaces: BTreeMap<String, Workspace>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Workspace {
+    created_at_us: i64,
+    collections: BTreeMap<String, CollectionInfo>,
+}
+
+pub struct LocalMeta {
+    path: PathBuf,
+    catalog: Mutex<Catalog>,
+}
+
+impl LocalMeta {
+    /// Open (or create) the catalog stored in `dir/catalog.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BasaltError::internal(format!("create {}: {e}", dir.display())))?;
+        let path = dir.join("catalog.json");
+        let mut catalog = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| BasaltError::internal(format!("catalog {} is corrupt: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Catalog { next_collection_id: 1, ..Default::default() },
+            Err(e) => return Err(BasaltError::internal(format!("read {}: {e}", path.display()))),
+        };
+        catalog
+            .workspaces
+            .entry(DEFAULT_WORKSPACE.to_string())
+            .or_insert_with(|| Workspace { created_at_us: now_micros(), ..Default::default() });
+        let meta = Self { path, catalog: Mutex::new(catalog.clone()) };
+        meta.persist(&catalog)?;
+        Ok(meta)
+    }
+
+    fn persist(&self, catalog: &Catalog) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(catalog)
+            .map_err(|e| BasaltError::internal(format!("encode catalog: {e}")))?;
+        let tmp = self.path.with_extension("json.tmp");
+        let io = |e: std::io::Error| BasaltError::internal(format!("write catalog {}: {e}", self.path.display()));
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&bytes).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Apply a change to a copy, persist it, then publish it: a failed write changes nothing.
+    async fn update<T>(&self, f: impl FnOnce(&mut Catalog) -> Result<T>) -> Result<T> {
+        let mut guard = self.catalog.lock().await;
+        let mut next = guard.clone();
+        let out = f(&mut next)?;
+        self.persist(&next)?;
+        *guard = next;
+        Ok(out)
+    }
+}
+
+fn workspace_missing(name: &str) -> BasaltError {
+    BasaltError::not_found(format!("workspace {name} does not exist"))
+}
+
+#[async_trait]
+impl MetaApi for LocalMeta {
+    async fn create_workspace(&self, name: String, if_not_exists: bool) -> Result<()> {
+        validate_identifier(&name)?;
+        self.update(|c| {
+            if c.workspaces.contains_key(&name) {
+                if if_not_exists {
+                    return Ok(());
+                }
+                return Err(BasaltError::new(ErrorCode::AlreadyExists, format!("workspace {name} already exists")));
+            }
+            c.workspaces.insert(name.clone(), Workspace { created_at_us: now_micros(), ..Default::default() });
+            tracing::info!(workspace = %name, "workspace created");
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_workspaces(&self) -> Result<Vec<String>> {
+        Ok(self.catalog.lock().await.workspaces.keys().cloned().collect())
+    }
+
+    async fn create_collection(&self, name: CollectionName, shards: u32, if_not_exists: bool) -> Result<CollectionInfo> {
+        validate_identifier(&name.workspace)?;
+        validate_identifier(&name.name)?;
+        if shards == 0 || shards > SHARDS_MAX {
+            return Err(BasaltError::invalid(format!("shards must be between 1 and {SHARDS_MAX}")));
+        }
+        self.update(|c| {
+            let id = c.next_collection_id;
+            let ws = c.workspaces.get_mut(&name.workspace).ok_or_else(|| workspace_missing(&name.workspace))?;
+            if let Some(existing) = ws.collections.get(&name.name) {
+                if if_not_exists {
+                    return Ok(existing.clone());
+                }
+                return Err(BasaltError::new(ErrorCode::AlreadyExists, format!("collection {name} already exists")));
+            }
+            let info = CollectionInfo { id, name: name.clone(), shards, created_at_us: now_micros() };
+            ws.collections.insert(name.name.clone(), info.clone());
+            c.next_collection_id += 1;
+            tracing::info!(collection = %name, id, shards, "collection created");
+            Ok(info)
+        })
+        .await
+    }
+
+    async fn drop_collection(&self, name: CollectionName, if_exists: bool) -> Result<Option<CollectionInfo>> {
+        self.update(|c| {
+            let removed = c
+                .workspaces
+                .get_mut(&name.workspace)
+                .and_then(|ws| ws.collections.remove(&name.name));
+            match removed {
+                Some(info) => {
+                    tracing::info!(collection = %name, id = info.id, "collection dropped");
+                    Ok(Some(info))
+                }
+                None if if_exists => Ok(None),
+                None => Err(BasaltError::not_found(format!("collection {name} does not exist"))),
+            }
+        })
+        .await
+    }
+
+    async fn get_collection(&self, name: CollectionName) -> Result<CollectionInfo> {
+        let c = self.catalog.lock().await;
+        let ws = c.workspaces.get(&name.workspace).ok_or_else(|| workspace_missing(&name.workspace))?;
+        ws.collections
+            .get(&name.name)
+            .cloned()
+            .ok_or_else(|| BasaltError::not_found(format!("collection {name} does not exist")))
+    }
+
+    async fn list_collections(&self, workspace: Option<String>) -> Result<Vec<CollectionInfo>> {
+        let c = self.catalog.lock().await;
+        if let Some(ws) = &workspace
+            && !c.workspaces.contains_key(ws)
+        {
+            return Err(workspace_missing(ws));
+        }
+        Ok(c.workspaces
+            .iter()
+            .filter(|(name, _)| workspace.as_ref().is_none_or(|w| w == *name))
+            .flat_map(|(_, ws)| ws.collections.values().cloned())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn catalog_survives_reopen_and_never_reuses_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = CollectionName::new("commons", "users");
+        {
+            let meta = LocalMeta::open(dir.path()).unwrap();
+            let a = meta.create_collection(name.clone(), 2, false).await.unwrap();
+            assert_eq!(meta.create_collection(name.clone(), 2, false).await.unwrap_err().code, ErrorCode::AlreadyExists);
+            assert_eq!(meta.create_collection(name.clone(), 2, true).await.unwrap().id, a.id);
+            meta.drop_collection(name.clone(), false).await.unwrap();
+            assert!(meta.drop_collection(name.clone(), true).await.unwrap().is_none());
+            let b = meta.create_collection(name.clone(), 3, false).await.unwrap();
+            assert!(b.id > a.id);
+            meta.create_workspace("demo".into(), false).await.unwrap();
+        }
+        let meta = LocalMeta::open(dir.path()).unwrap();
+        assert_eq!(meta.get_collection(name.clone()).await.unwrap().shards, 3);
+        assert_eq!(meta.list_workspaces().await.unwrap(), vec!["commons".to_string(), "demo".to_string()]);
+        let missing = CollectionName::new("nope", "x");
+        assert_eq!(meta.create_collection(missing, 1, false).await.unwrap_err().code, ErrorCode::NotFound);
+        assert!(meta.create_collection(CollectionName::new("commons", "y"), 0, false).await.is_err());
+    }
+}
