@@ -1,1 +1,326 @@
+//! Basalt's SQL surface: splits a SQL string into statements, recognizes Basalt's own commands
+//! (workspaces, collections, DESCRIBE, field-level UPDATE), and rewrites nested field paths
+//! (`address.city`) into the flattened column names the column store exposes.
+//!
+//! Invariants: this crate only parses and rewrites; it never plans or executes, and it knows no
+//! wire protocol.
 
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+
+use basalt_common::api::{CollectionName, DEFAULT_SHARDS, DEFAULT_WORKSPACE};
+use basalt_common::{BasaltError, Result};
+use sqlparser::ast::{
+    AssignmentTarget, Expr, FromTable, Ident, ObjectName, ObjectNamePart, Query, Statement, TableFactor,
+    TableObject, Value, Visit, Visitor, visit_expressions_mut,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::Token;
+
+pub use sqlparser;
+
+/// Statement nesting limit for the parser (guards the stack against hostile SQL).
+const RECURSION_LIMIT: usize = 64;
+/// SQL text size limit.
+pub const SQL_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BasaltStatement {
+    CreateWorkspace { name: String, if_not_exists: bool },
+    CreateCollection { name: CollectionName, shards: u32, if_not_exists: bool },
+    DropCollection { name: CollectionName, if_exists: bool },
+    ShowCollections { workspace: Option<String> },
+    ShowWorkspaces,
+    Describe { name: CollectionName },
+    /// `INSERT INTO c <query>`: each row becomes a document (a single text column is parsed as
+    /// JSON; otherwise columns become fields).
+    Insert { name: CollectionName, source: Box<Query> },
+    /// `UPDATE c SET path = expr, ... [WHERE ...]`: field-level patches.
+    Update { name: CollectionName, alias: Option<String>, assignments: Vec<(String, Expr)>, selection: Option<Expr> },
+    Delete { name: CollectionName, alias: Option<String>, selection: Option<Expr> },
+    /// Anything else goes to the query engine as it is (after path rewriting).
+    Query(Box<Statement>),
+}
+
+fn err(e: impl std::fmt::Display) -> BasaltError {
+    BasaltError::invalid(format!("sql: {e}"))
+}
+
+fn is_word(tok: &Token, word: &str) -> bool {
+    matches!(tok, Token::Word(w) if w.value.eq_ignore_ascii_case(word))
+}
+
+/// Parse a SQL string into statements.
+pub fn parse(sql: &str) -> Result<Vec<BasaltStatement>> {
+    if sql.len() > SQL_BYTES_MAX {
+        return Err(BasaltError::limit(format!("sql text is over {SQL_BYTES_MAX} bytes")));
+    }
+    let dialect = PostgreSqlDialect {};
+    let mut parser = Parser::new(&dialect).with_recursion_limit(RECURSION_LIMIT).try_with_sql(sql).map_err(err)?;
+    let mut out = Vec::new();
+    loop {
+        while parser.consume_token(&Token::SemiColon) {}
+        if parser.peek_token().token == Token::EOF {
+            break;
+        }
+        out.push(parse_one(&mut parser)?);
+        if !parser.consume_token(&Token::SemiColon) && parser.peek_token().token != Token::EOF {
+            return Err(err(format!("expected end of statement, found {}", parser.peek_token().token)));
+        }
+    }
+    Ok(out)
+}
+
+fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
+    let t0 = p.peek_nth_token(0).token;
+    let t1 = p.peek_nth_token(1).token;
+    if is_word(&t0, "create") && (is_word(&t1, "workspace") || is_word(&t1, "collection")) {
+        p.next_token();
+        p.next_token();
+        let if_not_exists = p.parse_keywords(&[sqlparser::keywords::Keyword::IF, sqlparser::keywords::Keyword::NOT, sqlparser::keywords::Keyword::EXISTS]);
+        let name = p.parse_object_name(false).map_err(err)?;
+        if is_word(&t1, "workspace") {
+            let name = single_ident(&name)?;
+            return Ok(BasaltStatement::CreateWorkspace { name, if_not_exists });
+        }
+        let name = collection_name(&name)?;
+        let mut shards = DEFAULT_SHARDS;
+        if p.parse_keyword(sqlparser::keywords::Keyword::WITH) {
+            p.expect_token(&Token::LParen).map_err(err)?;
+            loop {
+                let key = p.parse_identifier().map_err(err)?;
+                p.expect_token(&Token::Eq).map_err(err)?;
+                let value = p.parse_number_value().map_err(err)?;
+                match key.value.to_lowercase().as_str() {
+                    "shards" => {
+                        shards = value
+                            .to_string()
+                            .parse()
+                            .map_err(|_| err(format!("shards must be a positive integer, got {value}")))?;
+                    }
+                    other => return Err(err(format!("unknown collection option {other:?}"))),
+                }
+                if !p.consume_token(&Token::Comma) {
+                    break;
+                }
+            }
+            p.expect_token(&Token::RParen).map_err(err)?;
+        }
+        return Ok(BasaltStatement::CreateCollection { name, shards, if_not_exists });
+    }
+    if is_word(&t0, "drop") && is_word(&t1, "collection") {
+        p.next_token();
+        p.next_token();
+        let if_exists = p.parse_keywords(&[sqlparser::keywords::Keyword::IF, sqlparser::keywords::Keyword::EXISTS]);
+        let name = collection_name(&p.parse_object_name(false).map_err(err)?)?;
+        return Ok(BasaltStatement::DropCollection { name, if_exists });
+    }
+    if is_word(&t0, "show") && (is_word(&t1, "collections") || is_word(&t1, "workspaces")) {
+        p.next_token();
+        p.next_token();
+        if is_word(&t1, "workspaces") {
+            return Ok(BasaltStatement::ShowWorkspaces);
+        }
+        let workspace = if p.parse_keyword(sqlparser::keywords::Keyword::IN) || p.parse_keyword(sqlparser::keywords::Keyword::FROM) {
+            Some(p.parse_identifier().map_err(err)?.value)
+        } else {
+            None
+        };
+        return Ok(BasaltStatement::ShowCollections { workspace });
+    }
+    if is_word(&t0, "describe") || (is_word(&t0, "desc") && matches!(t1, Token::Word(_))) {
+        p.next_token();
+        let _ = p.parse_keyword(sqlparser::keywords::Keyword::TABLE);
+        let name = collection_name(&p.parse_object_name(false).map_err(err)?)?;
+        return Ok(BasaltStatement::Describe { name });
+    }
+    let mut stmt = p.parse_statement().map_err(err)?;
+    rewrite_paths(&mut stmt);
+    Ok(match stmt {
+        Statement::Insert(insert) => {
+            let TableObject::TableName(table) = &insert.table else {
+                return Err(err("INSERT INTO needs a collection name"));
+            };
+            if !insert.columns.is_empty() {
+                return Err(BasaltError::unsupported("INSERT with a column list: insert JSON documents or SELECT named columns"));
+            }
+            let source = insert.source.clone().ok_or_else(|| err("INSERT needs VALUES or a query"))?;
+            BasaltStatement::Insert { name: collection_name(table)?, source }
+        }
+        Statement::Update(update) => {
+            if update.from.is_some() || !update.table.joins.is_empty() {
+                return Err(BasaltError::unsupported("UPDATE with FROM or joins"));
+            }
+            let (name, alias) = table_factor_name(&update.table.relation)?;
+            let mut assignments = Vec::new();
+            for a in update.assignments {
+                let AssignmentTarget::ColumnName(target) = a.target else {
+                    return Err(BasaltError::unsupported("UPDATE of a column tuple"));
+                };
+                let mut parts = idents(&target)?;
+                if parts.len() > 1 && alias.as_deref().is_some_and(|al| al == parts[0]) {
+                    parts.remove(0);
+                }
+                assignments.push((parts.join("."), a.value));
+            }
+            BasaltStatement::Update { name, alias, assignments, selection: update.selection }
+        }
+        Statement::Delete(delete) => {
+            let tables = match &delete.from {
+                FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
+            };
+            let [table] = tables.as_slice() else {
+                return Err(BasaltError::unsupported("DELETE from several collections"));
+            };
+            if delete.using.is_some() || !table.joins.is_empty() {
+                return Err(BasaltError::unsupported("DELETE with USING or joins"));
+            }
+            let (name, alias) = table_factor_name(&table.relation)?;
+            BasaltStatement::Delete { name, alias, selection: delete.selection }
+        }
+        other => BasaltStatement::Query(Box::new(other)),
+    })
+}
+
+fn table_factor_name(factor: &TableFactor) -> Result<(CollectionName, Option<String>)> {
+    match factor {
+        TableFactor::Table { name, alias, .. } => Ok((collection_name(name)?, alias.as_ref().map(|a| a.name.value.clone()))),
+        _ => Err(err("expected a collection name")),
+    }
+}
+
+fn idents(name: &ObjectName) -> Result<Vec<String>> {
+    name.0
+        .iter()
+        .map(|part| match part {
+            ObjectNamePart::Identifier(i) => Ok(i.value.clone()),
+            other => Err(err(format!("unexpected name part {other}"))),
+        })
+        .collect()
+}
+
+fn single_ident(name: &ObjectName) -> Result<String> {
+    match idents(name)?.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Err(err(format!("expected a simple name, got {name}"))),
+    }
+}
+
+/// `c`, `ws.c`, or a path already flattened into one quoted identifier.
+pub fn collection_name(name: &ObjectName) -> Result<CollectionName> {
+    let parts = idents(name)?;
+    match parts.as_slice() {
+        [c] if c.contains('.') => CollectionName::parse(c),
+        [c] => CollectionName::parse(&format!("{DEFAULT_WORKSPACE}.{c}")),
+        [ws, c] => CollectionName::parse(&format!("{ws}.{c}")),
+        _ => Err(err(format!("bad collection name {name}"))),
+    }
+}
+
+/// Relation names and aliases in scope anywhere in a statement.
+struct Relations(HashSet<String>);
+
+impl Visitor for Relations {
+    type Break = ();
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        if let Some(ObjectNamePart::Identifier(last)) = relation.0.last() {
+            self.0.insert(last.value.clone());
+        }
+        ControlFlow::Continue(())
+    }
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        let alias = match factor {
+            TableFactor::Table { alias, .. } | TableFactor::Derived { alias, .. } | TableFactor::Function { alias, .. } | TableFactor::UNNEST { alias, .. } => alias.as_ref(),
+            _ => None,
+        };
+        if let Some(a) = alias {
+            self.0.insert(a.name.value.clone());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Rewrite compound identifiers that are not `relation.column` into one quoted identifier naming
+/// a nested field path: `address.city` -> `"address.city"`, `u.address.city` -> `u."address.city"`.
+pub fn rewrite_paths(stmt: &mut Statement) {
+    let mut relations = Relations(HashSet::new());
+    let _ = Visit::visit(&*stmt, &mut relations);
+    let relations = relations.0;
+    let _ = visit_expressions_mut(stmt, |expr| {
+        if let Expr::CompoundIdentifier(parts) = expr {
+            let quote = |v: String| Ident::with_quote('"', v);
+            if relations.contains(&parts[0].value) {
+                if parts.len() > 2 {
+                    let path = parts[1..].iter().map(|i| i.value.as_str()).collect::<Vec<_>>().join(".");
+                    *expr = Expr::CompoundIdentifier(vec![parts[0].clone(), quote(path)]);
+                }
+            } else {
+                let path = parts.iter().map(|i| i.value.as_str()).collect::<Vec<_>>().join(".");
+                *expr = Expr::Identifier(quote(path));
+            }
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+/// A SQL string literal, for building statements.
+pub fn string_literal(s: &str) -> Expr {
+    Expr::Value(Value::SingleQuotedString(s.to_string()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> BasaltStatement {
+        let mut v = parse(sql).unwrap();
+        assert_eq!(v.len(), 1, "{sql}");
+        v.remove(0)
+    }
+
+    #[test]
+    fn parses_basalt_commands() {
+        assert_eq!(
+            one("CREATE COLLECTION users WITH (shards = 4)"),
+            BasaltStatement::CreateCollection { name: CollectionName::new("commons", "users"), shards: 4, if_not_exists: false }
+        );
+        assert_eq!(
+            one("create collection if not exists demo.events"),
+            BasaltStatement::CreateCollection { name: CollectionName::new("demo", "events"), shards: DEFAULT_SHARDS, if_not_exists: true }
+        );
+        assert_eq!(one("CREATE WORKSPACE demo"), BasaltStatement::CreateWorkspace { name: "demo".into(), if_not_exists: false });
+        assert_eq!(one("DROP COLLECTION IF EXISTS x;"), BasaltStatement::DropCollection { name: CollectionName::new("commons", "x"), if_exists: true });
+        assert_eq!(one("SHOW COLLECTIONS IN demo"), BasaltStatement::ShowCollections { workspace: Some("demo".into()) });
+        assert_eq!(one("describe demo.events"), BasaltStatement::Describe { name: CollectionName::new("demo", "events") });
+        assert!(parse("CREATE COLLECTION x WITH (replicas = 2)").is_err());
+        assert!(parse("CREATE COLLECTION _bad").is_err());
+        assert_eq!(parse("select 1; select 2;;").unwrap().len(), 2);
+        assert!(parse("SELEC 1").is_err());
+    }
+
+    #[test]
+    fn parses_dml_into_field_level_operations() {
+        match one("UPDATE users SET address.city = 'Paris', n = n + 1 WHERE _id = 'u1'") {
+            BasaltStatement::Update { name, assignments, selection, .. } => {
+                assert_eq!(name, CollectionName::new("commons", "users"));
+                assert_eq!(assignments.iter().map(|a| a.0.as_str()).collect::<Vec<_>>(), ["address.city", "n"]);
+                assert_eq!(selection.unwrap().to_string(), "_id = 'u1'");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(one("INSERT INTO users VALUES ('{}')"), BasaltStatement::Insert { .. }));
+        assert!(matches!(one("DELETE FROM users WHERE age > 3"), BasaltStatement::Delete { .. }));
+    }
+
+    #[test]
+    fn rewrites_nested_paths_but_not_qualified_columns() {
+        let BasaltStatement::Query(q) = one("SELECT name, address.city, u.address.city, u.age, tags[1] FROM users u WHERE address.geo.lat > 1") else {
+            panic!()
+        };
+        assert_eq!(
+            q.to_string(),
+            "SELECT name, \"address.city\", u.\"address.city\", u.age, tags[1] FROM users u WHERE \"address.geo.lat\" > 1"
+        );
+    }
+}
