@@ -1,1 +1,11 @@
+//! The aggregator tier: SQL over the PostgreSQL wire protocol and HTTP, planned by DataFusion,
+//! with scans, filters, projections and limits pushed to leaves.
+//!
+//! Invariants: this crate is the only one that knows pgwire, axum and DataFusion. It reaches
+//! leaves, tailers and the catalog only through the traits in `basalt_common::api`.
 
+pub mod catalog;
+pub mod engine;
+pub mod table;
+pub mod translate;
+pub mod udf;

@@ -194,6 +194,17 @@ pub trait MetaApi: Send + Sync + 'static {
     async fn list_collections(&self, workspace: Option<String>) -> Result<Vec<CollectionInfo>>;
 }
 
+macro_rules! opaque_debug {
+    ($($t:ident),*) => {$(
+        impl std::fmt::Debug for dyn $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(stringify!($t))
+            }
+        }
+    )*};
+}
+opaque_debug!(LeafApi, TailerApi, MetaApi);
+
 pub type Leaf = Arc<dyn LeafApi>;
 pub type Tailer = Arc<dyn TailerApi>;
 pub type Meta = Arc<dyn MetaApi>;

@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
-    /// The request is malformed (bad JSON, bad SQL, wrong types).
+    /// The request is malformed (bad JSON, wrong types, bad values).
     InvalidInput,
+    /// SQL that does not parse.
+    Syntax,
     /// A named object (collection, workspace, document) does not exist.
     NotFound,
     /// The object already exists.
@@ -26,6 +28,7 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidInput => "invalid_input",
+            ErrorCode::Syntax => "syntax_error",
             ErrorCode::NotFound => "not_found",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::LimitExceeded => "limit_exceeded",
@@ -39,6 +42,7 @@ impl ErrorCode {
     pub fn sqlstate(self) -> &'static str {
         match self {
             ErrorCode::InvalidInput => "22023",
+            ErrorCode::Syntax => "42601",
             ErrorCode::NotFound => "42P01",
             ErrorCode::AlreadyExists => "42P07",
             ErrorCode::LimitExceeded => "54000",
@@ -51,7 +55,7 @@ impl ErrorCode {
     /// HTTP status for the JSON API.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidInput => 400,
+            ErrorCode::InvalidInput | ErrorCode::Syntax => 400,
             ErrorCode::NotFound => 404,
             ErrorCode::AlreadyExists => 409,
             ErrorCode::LimitExceeded => 413,

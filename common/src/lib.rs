@@ -9,5 +9,6 @@ pub mod doc;
 pub mod error;
 pub mod filter;
 pub mod schema;
+pub mod text;
 
 pub use error::{BasaltError, ErrorCode, Result};

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, BooleanBuilder, Float64Array, Int64Array, StringArray,
+    ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StringArray,
     TimestampMicrosecondArray,
 };
 use arrow::compute::kernels::boolean::{and_kleene, is_not_null, is_null, not, or_kleene};
@@ -13,6 +13,7 @@ use arrow::datatypes::DataType;
 use basalt_common::Result;
 use basalt_common::filter::{CmpOp, Filter, Scalar};
 use basalt_common::schema::TIMEZONE;
+use basalt_common::text::{matches, tokenize};
 
 use crate::columns::Block;
 
@@ -94,29 +95,10 @@ fn fold(items: &[Filter], block: &Block, conjunction: bool) -> Result<BooleanArr
     Ok(acc)
 }
 
-/// Tokens as tantivy's default analyzer makes them: split on non-alphanumeric characters,
-/// drop tokens of 40 bytes or more, lowercase.
-pub fn tokenize(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|t| !t.is_empty() && t.len() < 40)
-        .map(str::to_lowercase)
-        .collect()
-}
-
 /// `search()` semantics without the index: every query token occurs in the value.
 pub fn text_match(values: &StringArray, query: &str) -> BooleanArray {
     let wanted = tokenize(query);
-    let mut out = BooleanBuilder::with_capacity(values.len());
-    for v in values.iter() {
-        match v {
-            None => out.append_value(false),
-            Some(text) => {
-                let have: std::collections::HashSet<String> = tokenize(text).into_iter().collect();
-                out.append_value(!wanted.is_empty() && wanted.iter().all(|w| have.contains(w)));
-            }
-        }
-    }
-    out.finish()
+    values.iter().map(|v| Some(v.is_some_and(|text| matches(text, &wanted)))).collect()
 }
 
 /// Whether min/max (or the absence of a column) proves no row of the block can pass a

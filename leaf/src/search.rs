@@ -20,7 +20,7 @@ use tantivy::schema::{
 };
 use tantivy::{DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader, TantivyDocument, Term};
 
-use crate::eval::tokenize;
+use basalt_common::text::tokenize;
 
 const WRITER_MEMORY_BYTES: usize = 32 * 1024 * 1024;
 

@@ -44,7 +44,7 @@ pub enum BasaltStatement {
 }
 
 fn err(e: impl std::fmt::Display) -> BasaltError {
-    BasaltError::invalid(format!("sql: {e}"))
+    BasaltError::new(basalt_common::ErrorCode::Syntax, format!("sql: {e}"))
 }
 
 fn is_word(tok: &Token, word: &str) -> bool {

@@ -1,0 +1,97 @@
+//! Workspaces and collections as DataFusion schemas and tables. Names come from a snapshot of
+//! the metadata store refreshed before each statement; a table's schema is fetched from the
+//! leaves when a statement names it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use basalt_common::api::{CollectionName, Leaf, Meta};
+use basalt_common::filter::AccessPath;
+use basalt_common::{ErrorCode, Result as BResult};
+use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
+use datafusion::common::Result;
+use parking_lot::RwLock;
+
+use crate::table::{CollectionTable, to_df_error};
+
+pub const CATALOG: &str = "basalt";
+
+/// Workspace -> collection names, as of the last refresh.
+#[derive(Debug, Default)]
+pub struct Names(RwLock<BTreeMap<String, Vec<String>>>);
+
+#[derive(Debug)]
+pub struct BasaltCatalog {
+    names: Arc<Names>,
+    meta: Meta,
+    leaf: Leaf,
+    hint: Arc<RwLock<Option<AccessPath>>>,
+}
+
+impl BasaltCatalog {
+    pub fn new(meta: Meta, leaf: Leaf, hint: Arc<RwLock<Option<AccessPath>>>) -> Self {
+        Self { names: Arc::new(Names::default()), meta, leaf, hint }
+    }
+
+    pub async fn refresh(&self) -> BResult<()> {
+        let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for ws in self.meta.list_workspaces().await? {
+            map.entry(ws).or_default();
+        }
+        for c in self.meta.list_collections(None).await? {
+            map.entry(c.name.workspace.clone()).or_default().push(c.name.name.clone());
+        }
+        *self.names.0.write() = map;
+        Ok(())
+    }
+}
+
+impl CatalogProvider for BasaltCatalog {
+    fn schema_names(&self) -> Vec<String> {
+        self.names.0.read().keys().cloned().collect()
+    }
+
+    fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        self.names.0.read().contains_key(name).then(|| {
+            Arc::new(Workspace {
+                name: name.to_string(),
+                names: self.names.clone(),
+                meta: self.meta.clone(),
+                leaf: self.leaf.clone(),
+                hint: self.hint.clone(),
+            }) as Arc<dyn SchemaProvider>
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Workspace {
+    name: String,
+    names: Arc<Names>,
+    meta: Meta,
+    leaf: Leaf,
+    hint: Arc<RwLock<Option<AccessPath>>>,
+}
+
+#[async_trait]
+impl SchemaProvider for Workspace {
+    fn table_names(&self) -> Vec<String> {
+        self.names.0.read().get(&self.name).cloned().unwrap_or_default()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        let info = match self.meta.get_collection(CollectionName::new(&self.name, name)).await {
+            Ok(info) => info,
+            Err(e) if e.code == ErrorCode::NotFound => return Ok(None),
+            Err(e) => return Err(to_df_error(e)),
+        };
+        let stats = self.leaf.stats(info.id, (0..info.shards).collect()).await.map_err(to_df_error)?;
+        let hint = *self.hint.read();
+        Ok(Some(Arc::new(CollectionTable::new(info, stats, self.leaf.clone(), hint))))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.names.0.read().get(&self.name).is_some_and(|v| v.iter().any(|n| n == name))
+    }
+}

@@ -1,0 +1,473 @@
+//! Statement execution. A [`Session`] (one per client connection) turns each SQL statement into
+//! either a result stream planned by DataFusion or a Basalt command (DDL, DESCRIBE, field-level
+//! writes through the tailer).
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray, RecordBatch, StringArray, UInt64Array};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use basalt_common::api::{CollectionName, Leaf, Meta, Tailer, WriteInput, WriteRequest, WriteResponse};
+use basalt_common::doc::{ID_FIELD, PatchKind, PatchOp, sql_path_to_pointer};
+use basalt_common::filter::AccessPath;
+use basalt_common::{BasaltError, ErrorCode, Result};
+use basalt_sql::sqlparser::ast::{Expr, Set, Statement};
+use basalt_sql::BasaltStatement;
+use datafusion::common::{DataFusionError, ParamValues, ScalarValue};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DfStatement;
+use futures::TryStreamExt;
+use parking_lot::RwLock;
+
+use crate::catalog::{BasaltCatalog, CATALOG};
+use crate::udf::search_udf;
+
+/// Rows sent to the tailer per write call when a statement writes many documents.
+const WRITE_CHUNK_DOCS: usize = 5_000;
+
+pub enum Output {
+    Rows(SendableRecordBatchStream),
+    /// A command tag (`INSERT`, `UPDATE`, ...) and the rows it affected.
+    Command { tag: &'static str, rows: usize },
+}
+
+/// What a prepared statement takes and returns, for the extended query protocol.
+#[derive(Debug, Clone, Default)]
+pub struct Described {
+    pub params: Vec<Option<DataType>>,
+    pub output: Option<SchemaRef>,
+}
+
+/// The tiers an aggregator talks to.
+pub struct Engine {
+    pub meta: Meta,
+    pub tailer: Tailer,
+    pub leaf: Leaf,
+}
+
+impl Engine {
+    pub fn new(meta: Meta, tailer: Tailer, leaf: Leaf) -> Arc<Self> {
+        Arc::new(Self { meta, tailer, leaf })
+    }
+
+    pub fn session(self: &Arc<Self>) -> Session {
+        let hint = Arc::new(RwLock::new(None));
+        let mut config = SessionConfig::new()
+            .with_default_catalog_and_schema(CATALOG, basalt_common::api::DEFAULT_WORKSPACE)
+            .with_information_schema(true)
+            .with_create_default_catalog_and_schema(false);
+        // Field names are case-sensitive JSON keys: keep identifiers as written.
+        config.options_mut().sql_parser.enable_ident_normalization = false;
+        let ctx = SessionContext::new_with_config(config);
+        let catalog = Arc::new(BasaltCatalog::new(self.meta.clone(), self.leaf.clone(), hint.clone()));
+        ctx.register_catalog(CATALOG, catalog.clone());
+        ctx.register_udf(search_udf());
+        Session { engine: self.clone(), ctx, catalog, hint }
+    }
+}
+
+pub struct Session {
+    engine: Arc<Engine>,
+    ctx: SessionContext,
+    catalog: Arc<BasaltCatalog>,
+    hint: Arc<RwLock<Option<AccessPath>>>,
+}
+
+/// Map a DataFusion error to a Basalt error with a fitting code.
+pub fn from_df(e: DataFusionError) -> BasaltError {
+    let root = e.find_root();
+    if let DataFusionError::External(inner) = root
+        && let Some(b) = inner.downcast_ref::<BasaltError>()
+    {
+        return b.clone();
+    }
+    let message = root.to_string();
+    let code = match root {
+        DataFusionError::SQL(..) => ErrorCode::Syntax,
+        DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => ErrorCode::NotFound,
+        DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::Execution(_) => ErrorCode::InvalidInput,
+        DataFusionError::ArrowError(..) => ErrorCode::InvalidInput,
+        DataFusionError::NotImplemented(_) => ErrorCode::Unsupported,
+        DataFusionError::ResourcesExhausted(_) => ErrorCode::LimitExceeded,
+        _ => ErrorCode::Internal,
+    };
+    BasaltError::new(code, message)
+}
+
+fn command(tag: &'static str, rows: usize) -> Output {
+    Output::Command { tag, rows }
+}
+
+fn rows_output(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<Output> {
+    let stream = MemoryStream::try_new(batches, schema, None).map_err(from_df)?;
+    Ok(Output::Rows(Box::pin(stream)))
+}
+
+/// `SELECT <items> FROM ws.c [alias] [WHERE selection]`, built as text and parsed back so the
+/// statement is exactly what a user could have written.
+fn select_query(name: &CollectionName, alias: Option<&str>, items: &[String], selection: Option<&Expr>) -> Result<Statement> {
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    let mut sql = format!("SELECT {} FROM {}.{}", items.join(", "), quote(&name.workspace), quote(&name.name));
+    if let Some(a) = alias {
+        sql.push_str(&format!(" AS {}", quote(a)));
+    }
+    if let Some(sel) = selection {
+        sql.push_str(&format!(" WHERE {sel}"));
+    }
+    match basalt_sql::parse(&sql)?.pop() {
+        Some(BasaltStatement::Query(q)) => Ok(*q),
+        _ => Err(BasaltError::internal(format!("generated query did not parse as a query: {sql}"))),
+    }
+}
+
+impl Session {
+    /// Run every statement of a SQL string.
+    pub async fn execute_sql(&self, sql: &str, params: &[ScalarValue]) -> Result<Vec<Output>> {
+        let statements = basalt_sql::parse(sql)?;
+        let mut out = Vec::with_capacity(statements.len());
+        for stmt in statements {
+            out.push(self.execute(stmt, params).await?);
+        }
+        Ok(out)
+    }
+
+    async fn plan(&self, stmt: Statement, params: &[ScalarValue]) -> Result<LogicalPlan> {
+        self.catalog.refresh().await?;
+        let state = self.ctx.state();
+        let plan = state.statement_to_plan(DfStatement::Statement(Box::new(stmt))).await.map_err(from_df)?;
+        let options = datafusion::execution::context::SQLOptions::new().with_allow_ddl(false).with_allow_dml(false);
+        options.verify_plan(&plan).map_err(from_df)?;
+        if params.is_empty() {
+            return Ok(plan);
+        }
+        // Cast parameters to the types the plan inferred for them.
+        let types = plan.get_parameter_types().map_err(from_df)?;
+        let mut values = Vec::with_capacity(params.len());
+        for (i, v) in params.iter().enumerate() {
+            let want = types.get(&format!("${}", i + 1)).cloned().flatten();
+            values.push(match want {
+                Some(t) if v.data_type() != t && !v.is_null() => v.cast_to(&t).map_err(|e| {
+                    BasaltError::invalid(format!("parameter ${} cannot be used as {t}: {}", i + 1, e.find_root()))
+                })?,
+                Some(t) if v.is_null() => ScalarValue::try_from(&t).map_err(from_df)?,
+                _ => v.clone(),
+            });
+        }
+        plan.with_param_values(ParamValues::List(values.into_iter().map(Into::into).collect())).map_err(from_df)
+    }
+
+    async fn query(&self, stmt: Statement, params: &[ScalarValue]) -> Result<SendableRecordBatchStream> {
+        let plan = self.plan(stmt, params).await?;
+        let df = self.ctx.execute_logical_plan(plan).await.map_err(from_df)?;
+        df.execute_stream().await.map_err(from_df)
+    }
+
+    async fn collect(&self, stmt: Statement, params: &[ScalarValue]) -> Result<Vec<RecordBatch>> {
+        self.query(stmt, params).await?.try_collect().await.map_err(from_df)
+    }
+
+    /// Parameter and result types of a statement, without running it.
+    pub async fn describe(&self, stmt: &BasaltStatement) -> Result<Described> {
+        let planned = match stmt {
+            BasaltStatement::Query(q) => Some(((**q).clone(), true)),
+            BasaltStatement::Insert { source, .. } => Some((Statement::Query(source.clone()), false)),
+            BasaltStatement::Update { .. } | BasaltStatement::Delete { .. } => Some((self.write_query(stmt)?, false)),
+            _ => None,
+        };
+        let mut described = Described::default();
+        if let Some((s, returns_rows)) = planned {
+            if !returns_rows_statement(&s) {
+                return Ok(described);
+            }
+            let plan = self.plan(s, &[]).await?;
+            let types = plan.get_parameter_types().map_err(from_df)?;
+            let n = types.len();
+            described.params = (1..=n).map(|i| types.get(&format!("${i}")).cloned().flatten()).collect();
+            if returns_rows {
+                described.output = Some(Arc::new(plan.schema().as_arrow().clone()));
+            }
+        } else if let Some(schema) = command_schema(stmt) {
+            described.output = Some(schema);
+        }
+        Ok(described)
+    }
+
+    /// The SELECT an UPDATE or DELETE runs to find its documents (and new values).
+    fn write_query(&self, stmt: &BasaltStatement) -> Result<Statement> {
+        let id = ID_FIELD.to_string();
+        match stmt {
+            BasaltStatement::Update { name, alias, assignments, selection } => {
+                let mut items = vec![id];
+                for (i, (_, e)) in assignments.iter().enumerate() {
+                    items.push(format!("({e}) AS v{i}"));
+                }
+                select_query(name, alias.as_deref(), &items, selection.as_ref())
+            }
+            BasaltStatement::Delete { name, alias, selection } => select_query(name, alias.as_deref(), &[id], selection.as_ref()),
+            _ => Err(BasaltError::internal("not a write statement")),
+        }
+    }
+
+    pub async fn execute(&self, stmt: BasaltStatement, params: &[ScalarValue]) -> Result<Output> {
+        let engine = &self.engine;
+        match stmt {
+            BasaltStatement::CreateWorkspace { name, if_not_exists } => {
+                engine.meta.create_workspace(name, if_not_exists).await?;
+                Ok(command("CREATE WORKSPACE", 0))
+            }
+            BasaltStatement::CreateCollection { name, shards, if_not_exists } => {
+                engine.meta.create_collection(name, shards, if_not_exists).await?;
+                Ok(command("CREATE COLLECTION", 0))
+            }
+            BasaltStatement::DropCollection { name, if_exists } => {
+                if let Some(info) = engine.meta.drop_collection(name, if_exists).await? {
+                    engine.leaf.drop_collection(info.id).await?;
+                }
+                Ok(command("DROP COLLECTION", 0))
+            }
+            BasaltStatement::ShowWorkspaces => {
+                let names = engine.meta.list_workspaces().await?;
+                let schema = Arc::new(Schema::new(vec![Field::new("workspace", DataType::Utf8, false)]));
+                let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(names)) as ArrayRef])?;
+                rows_output(schema, vec![batch])
+            }
+            BasaltStatement::ShowCollections { workspace } => self.show_collections(workspace).await,
+            BasaltStatement::Describe { name } => self.describe_collection(name).await,
+            BasaltStatement::Insert { name, source } => {
+                let batches = self.collect(Statement::Query(source), params).await?;
+                let inputs = batches_to_documents(&batches)?;
+                let written = self.write(name, inputs).await?;
+                Ok(command("INSERT", written))
+            }
+            BasaltStatement::Update { ref name, ref assignments, .. } => {
+                let pointers = assignments.iter().map(|(p, _)| sql_path_to_pointer(p)).collect::<Result<Vec<_>>>()?;
+                let name = name.clone();
+                let batches = self.collect(self.write_query(&stmt)?, params).await?;
+                let mut inputs = Vec::new();
+                for row in batches_to_json(&batches)? {
+                    let Some(id) = row.get(ID_FIELD).and_then(|v| v.as_str()).map(str::to_string) else { continue };
+                    let ops = pointers
+                        .iter()
+                        .enumerate()
+                        .map(|(i, path)| PatchOp {
+                            op: PatchKind::Add,
+                            path: path.clone(),
+                            value: Some(row.get(&format!("v{i}")).cloned().unwrap_or(serde_json::Value::Null)),
+                        })
+                        .collect();
+                    inputs.push(WriteInput::Patch { id, ops });
+                }
+                let written = self.write(name, inputs).await?;
+                Ok(command("UPDATE", written))
+            }
+            BasaltStatement::Delete { ref name, .. } => {
+                let name = name.clone();
+                let batches = self.collect(self.write_query(&stmt)?, params).await?;
+                let mut inputs = Vec::new();
+                for b in &batches {
+                    let ids = cast(b.column(0), &DataType::Utf8)?;
+                    for id in ids.as_string::<i32>().iter().flatten() {
+                        inputs.push(WriteInput::Delete { id: id.to_string() });
+                    }
+                }
+                let written = self.write(name, inputs).await?;
+                Ok(command("DELETE", written))
+            }
+            BasaltStatement::Query(stmt) => self.execute_query(*stmt, params).await,
+        }
+    }
+
+    async fn execute_query(&self, stmt: Statement, params: &[ScalarValue]) -> Result<Output> {
+        match &stmt {
+            Statement::StartTransaction { .. } => return Ok(command("BEGIN", 0)),
+            Statement::Commit { .. } => return Ok(command("COMMIT", 0)),
+            Statement::Rollback { .. } => return Ok(command("ROLLBACK", 0)),
+            Statement::Set(set) => return self.set(set),
+            _ => {}
+        }
+        Ok(Output::Rows(self.query(stmt, params).await?))
+    }
+
+    /// `SET basalt.access_path = 'row_lookup' | 'search_index' | 'column_scan' | 'auto'` forces
+    /// an access path where it can apply (an expert hint, per session). Other client settings
+    /// (DateStyle, client_encoding, ...) are accepted and ignored.
+    fn set(&self, set: &Set) -> Result<Output> {
+        if let Set::SingleAssignment { variable, values, .. } = set {
+            let name = variable.to_string().to_lowercase();
+            if name == "basalt.access_path" || name == "basalt_access_path" {
+                let value = values.first().map(|v| v.to_string().trim_matches('\'').to_lowercase()).unwrap_or_default();
+                *self.hint.write() = match value.as_str() {
+                    "auto" | "default" => None,
+                    "row_lookup" => Some(AccessPath::RowLookup),
+                    "search_index" => Some(AccessPath::SearchIndex),
+                    "column_scan" => Some(AccessPath::ColumnScan),
+                    other => return Err(BasaltError::invalid(format!("unknown access path {other:?}"))),
+                };
+            }
+        }
+        Ok(command("SET", 0))
+    }
+
+    async fn write(&self, name: CollectionName, inputs: Vec<WriteInput>) -> Result<usize> {
+        let total = inputs.len();
+        let mut ok = 0usize;
+        let mut failures: Vec<String> = Vec::new();
+        let mut position = 0usize;
+        let mut inputs = inputs.into_iter().peekable();
+        while inputs.peek().is_some() {
+            let chunk: Vec<WriteInput> = inputs.by_ref().take(WRITE_CHUNK_DOCS).collect();
+            let n = chunk.len();
+            let resp: WriteResponse = self.engine.tailer.write(WriteRequest { collection: name.clone(), inputs: chunk }).await?;
+            for (i, s) in resp.statuses.iter().enumerate() {
+                match &s.error {
+                    None => ok += 1,
+                    Some(e) if failures.len() < 5 => failures.push(format!("document {}: {}", position + i + 1, e.message)),
+                    Some(_) => {}
+                }
+            }
+            position += n;
+        }
+        if ok < total {
+            let failed = total - ok;
+            return Err(BasaltError::invalid(format!(
+                "{failed} of {total} documents failed ({ok} written): {}",
+                failures.join("; ")
+            )));
+        }
+        Ok(ok)
+    }
+
+    async fn show_collections(&self, workspace: Option<String>) -> Result<Output> {
+        let infos = self.engine.meta.list_collections(workspace).await?;
+        let mut docs = Vec::with_capacity(infos.len());
+        for info in &infos {
+            docs.push(self.engine.leaf.stats(info.id, (0..info.shards).collect()).await?.doc_count);
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("workspace", DataType::Utf8, false),
+            Field::new("collection", DataType::Utf8, false),
+            Field::new("shards", DataType::UInt64, false),
+            Field::new("documents", DataType::UInt64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(infos.iter().map(|i| i.name.workspace.as_str()))) as ArrayRef,
+                Arc::new(StringArray::from_iter_values(infos.iter().map(|i| i.name.name.as_str()))),
+                Arc::new(UInt64Array::from_iter_values(infos.iter().map(|i| u64::from(i.shards)))),
+                Arc::new(UInt64Array::from(docs)),
+            ],
+        )?;
+        rows_output(schema, vec![batch])
+    }
+
+    async fn describe_collection(&self, name: CollectionName) -> Result<Output> {
+        let info = self.engine.meta.get_collection(name).await?;
+        let stats = self.engine.leaf.stats(info.id, (0..info.shards).collect()).await?;
+        let (mut paths, mut kinds, mut counts, mut columns) = (vec![], vec![], vec![], vec![]);
+        for (path, by_kind) in &stats.fields {
+            let column = stats.column_type(path).map(|t| t.to_arrow().to_string());
+            for (kind, n) in by_kind {
+                paths.push(path.clone());
+                kinds.push(kind.name());
+                counts.push(*n);
+                columns.push(column.clone());
+            }
+        }
+        let total = vec![stats.doc_count; paths.len()];
+        let schema = describe_schema();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(paths)) as ArrayRef,
+                Arc::new(StringArray::from(kinds)),
+                Arc::new(UInt64Array::from(counts)),
+                Arc::new(UInt64Array::from(total)),
+                Arc::new(StringArray::from(columns)),
+            ],
+        )?;
+        rows_output(schema, vec![batch])
+    }
+}
+
+fn describe_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("field", DataType::Utf8, false),
+        Field::new("type", DataType::Utf8, false),
+        Field::new("occurrences", DataType::UInt64, false),
+        Field::new("total", DataType::UInt64, false),
+        Field::new("column_type", DataType::Utf8, true),
+    ]))
+}
+
+fn command_schema(stmt: &BasaltStatement) -> Option<SchemaRef> {
+    match stmt {
+        BasaltStatement::Describe { .. } => Some(describe_schema()),
+        _ => None,
+    }
+}
+
+fn returns_rows_statement(s: &Statement) -> bool {
+    !matches!(s, Statement::StartTransaction { .. } | Statement::Commit { .. } | Statement::Rollback { .. } | Statement::Set(_))
+}
+
+/// Rows as JSON objects (arrow's JSON writer: lists become arrays, nulls are omitted).
+pub fn batches_to_json(batches: &[RecordBatch]) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+    let refs: Vec<&RecordBatch> = batches.iter().filter(|b| b.num_rows() > 0).collect();
+    if refs.is_empty() {
+        return Ok(vec![]);
+    }
+    writer.write_batches(&refs)?;
+    writer.finish()?;
+    serde_json::from_slice(&writer.into_inner()).map_err(|e| BasaltError::internal(format!("rows to json: {e}")))
+}
+
+/// Rows of an INSERT source as documents: one text column holds JSON documents; otherwise each
+/// row's columns become fields (`a.b` names become nested objects).
+fn batches_to_documents(batches: &[RecordBatch]) -> Result<Vec<WriteInput>> {
+    let Some(first) = batches.first() else { return Ok(vec![]) };
+    let schema = first.schema();
+    let single_text = schema.fields().len() == 1
+        && matches!(schema.field(0).data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View);
+    if single_text {
+        let mut out = Vec::new();
+        for b in batches {
+            let col = cast(b.column(0), &DataType::Utf8)?;
+            for v in col.as_string::<i32>().iter() {
+                out.push(WriteInput::UpsertRaw { json: v.unwrap_or("null").to_string() });
+            }
+        }
+        return Ok(out);
+    }
+    Ok(batches_to_json(batches)?
+        .into_iter()
+        .map(|row| {
+            let mut doc = serde_json::Map::new();
+            for (k, v) in row {
+                insert_path(&mut doc, &k, v);
+            }
+            WriteInput::Upsert { doc: serde_json::Value::Object(doc) }
+        })
+        .collect())
+}
+
+fn insert_path(doc: &mut serde_json::Map<String, serde_json::Value>, path: &str, value: serde_json::Value) {
+    match path.split_once('.') {
+        None => {
+            doc.insert(path.to_string(), value);
+        }
+        Some((head, rest)) => {
+            let child = doc.entry(head.to_string()).or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if !child.is_object() {
+                *child = serde_json::Value::Object(Default::default());
+            }
+            if let serde_json::Value::Object(m) = child {
+                insert_path(m, rest, value);
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The engine against a real leaf, tailer and catalog in one process: the issue's example
+//! session, statement by statement.
+
+use std::sync::Arc;
+
+use arrow::util::pretty::pretty_format_batches;
+use basalt_aggregator::engine::{Engine, Output, Session};
+use basalt_common::api::{Leaf, Meta, Tailer};
+use basalt_common::doc::DocLimits;
+use futures::TryStreamExt;
+
+async fn setup(dir: &std::path::Path) -> Session {
+    let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&dir.join("meta")).unwrap());
+    let leaf: Leaf = Arc::new(basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: dir.join("leaf"), limits: DocLimits::default() }).unwrap());
+    let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(meta.clone(), leaf.clone(), Default::default()));
+    Engine::new(meta, tailer, leaf).session()
+}
+
+async fn run(s: &Session, sql: &str) -> String {
+    match s.execute_sql(sql, &[]).await {
+        Err(e) => format!("ERROR {}: {}", e.code.as_str(), e.message),
+        Ok(mut outs) => match outs.pop() {
+            Some(Output::Rows(stream)) => {
+                let batches: Vec<_> = stream.try_collect().await.unwrap();
+                pretty_format_batches(&batches).unwrap().to_string()
+            }
+            Some(Output::Command { tag, rows }) => format!("{tag} {rows}"),
+            None => String::new(),
+        },
+    }
+}
+
+/// Whether some table row has exactly these cells (trimmed), in order.
+fn has_row(table: &str, cells: &[&str]) -> bool {
+    table.lines().any(|line| {
+        let got: Vec<&str> = line.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        got == cells
+    })
+}
+
+#[tokio::test]
+async fn example_session_from_the_issue() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path()).await;
+    assert_eq!(run(&s, "CREATE COLLECTION users").await, "CREATE COLLECTION 0");
+    let insert = r#"INSERT INTO users VALUES ('{"_id": "u1", "name": "Ada", "age": 36, "address": {"city": "London"}, "tags": ["a","b"]}'), ('{"_id": "u2", "name": "Bob", "age": "unknown"}'), ('{"_id": "u3", "name": "Cy", "age": 25.5}')"#;
+    assert_eq!(run(&s, insert).await, "INSERT 3");
+    let out = run(&s, "SELECT name, address.city FROM users WHERE name = 'Ada'").await;
+    assert!(has_row(&out, &["Ada", "London"]), "{out}");
+    let out = run(&s, "UPDATE users SET address.city = 'Paris' WHERE _id = 'u1'").await;
+    assert_eq!(out, "UPDATE 1");
+    let out = run(&s, "SELECT address.city, tags[1] AS first_tag FROM users WHERE _id = 'u1'").await;
+    assert!(has_row(&out, &["Paris", "a"]), "{out}");
+    let out = run(&s, "DESCRIBE users").await;
+    assert!(has_row(&out, &["age", "float", "1", "3", "Utf8"]), "{out}");
+    assert!(has_row(&out, &["age", "int", "1", "3", "Utf8"]), "{out}");
+    assert!(has_row(&out, &["address.city", "string", "1", "3", "Utf8"]), "{out}");
+    assert!(has_row(&out, &["tags[*]", "string", "1", "3"]), "{out}");
+    let out = run(&s, "SELECT _id FROM users WHERE search(name, 'ada')").await;
+    assert!(out.contains("u1") && !out.contains("u2"), "{out}");
+    let out = run(&s, "EXPLAIN SELECT * FROM users WHERE _id = 'u1'").await;
+    assert!(out.contains("access_path=row_lookup"), "{out}");
+    let out = run(&s, "EXPLAIN SELECT * FROM users WHERE search(name, 'ada')").await;
+    assert!(out.contains("access_path=search_index"), "{out}");
+    let out = run(&s, "EXPLAIN SELECT count(*) FROM users WHERE _event_time > now() - interval '1 hour'").await;
+    assert!(out.contains("access_path=column_scan"), "{out}");
+    assert_eq!(run(&s, "DELETE FROM users WHERE _id = 'u1'").await, "DELETE 1");
+    let out = run(&s, "SELECT count(*) AS n FROM users").await;
+    assert!(has_row(&out, &["2"]), "{out}");
+    // Errors are clear and typed.
+    assert!(run(&s, "SELEC 1").await.starts_with("ERROR syntax_error"));
+    assert!(run(&s, "SELECT * FROM nope").await.starts_with("ERROR not_found"), "{}", run(&s, "SELECT * FROM nope").await);
+    let out = run(&s, r#"INSERT INTO users VALUES ('{"_id": "ok1"}'), ('not json'), ('[1]')"#).await;
+    assert!(out.starts_with("ERROR invalid_input: 2 of 3 documents failed (1 written)"), "{out}");
+    let out = run(&s, "SELECT _id FROM users WHERE _id = 'ok1'").await;
+    assert!(out.contains("ok1"), "{out}");
+    assert!(run(&s, "INSERT INTO nope VALUES ('{}')").await.starts_with("ERROR not_found"));
+}
