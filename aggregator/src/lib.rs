@@ -6,6 +6,8 @@
 
 pub mod catalog;
 pub mod engine;
+pub mod http;
+pub mod pg;
 pub mod table;
 pub mod translate;
 pub mod udf;

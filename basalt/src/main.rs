@@ -1,1 +1,286 @@
-fn main() {}
+//! The `basalt` binary: one process per tier (`leaf`, `tailer`, `aggregator`) or all tiers in
+//! one process (`dev`, the embedded default). Every option is a flag, a `BASALT_*` environment
+//! variable, or a key in the TOML file given with `--config` (flag and environment win).
+
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use basalt_aggregator::engine::Engine;
+use basalt_common::api::{CollectionName, Leaf, Meta, Tailer, WriteInput, WriteRequest};
+use basalt_common::doc::DocLimits;
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "basalt", version, about = "Basalt: real-time analytics on semi-structured data (aggregator-leaf-tailer)")]
+struct Cli {
+    /// TOML file with option values (keys as the long flag names with '_' for '-').
+    #[arg(long, global = true, env = "BASALT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `basalt_leaf=debug`.
+    #[arg(long, global = true, env = "BASALT_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every tier in this process (local storage, the embedded default).
+    Dev(DevArgs),
+    /// Run a leaf: stores shards (row store, column store, search index) and hosts the catalog.
+    /// Serves Arrow Flight RPC on --rpc-addr to tailers and aggregators.
+    Leaf(LeafArgs),
+    /// Run a tailer: validates writes and routes each document to the shard that owns its _id.
+    /// Reaches the leaf (and the catalog it hosts) at --leaf-addr; serves RPC on --rpc-addr.
+    Tailer(TailerArgs),
+    /// Run an aggregator: SQL over the PostgreSQL wire protocol and the HTTP API. Reaches the
+    /// leaf at --leaf-addr and the tailer at --tailer-addr.
+    Aggregator(AggregatorArgs),
+}
+
+#[derive(Args, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct DevArgs {
+    /// Directory for all data [default: ./basalt-data]
+    #[arg(long, env = "BASALT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// PostgreSQL wire protocol address [default: 127.0.0.1:5433]
+    #[arg(long, env = "BASALT_PG_ADDR")]
+    pg_addr: Option<SocketAddr>,
+    /// HTTP API address [default: 127.0.0.1:8088]
+    #[arg(long, env = "BASALT_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// Load the demo dataset into demo.events (once; kept across restarts)
+    #[arg(long, env = "BASALT_DEMO")]
+    #[serde(default)]
+    demo: bool,
+}
+
+#[derive(Args, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct LeafArgs {
+    /// Directory for the leaf's shards and the catalog [default: ./basalt-data]
+    #[arg(long, env = "BASALT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Arrow Flight RPC address [default: 127.0.0.1:50061]
+    #[arg(long, env = "BASALT_RPC_ADDR")]
+    rpc_addr: Option<SocketAddr>,
+    /// HTTP address for /metrics and /healthz [default: 127.0.0.1:8091]
+    #[arg(long, env = "BASALT_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+}
+
+#[derive(Args, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct TailerArgs {
+    /// Arrow Flight RPC address [default: 127.0.0.1:50062]
+    #[arg(long, env = "BASALT_RPC_ADDR")]
+    rpc_addr: Option<SocketAddr>,
+    /// Leaf RPC address (the leaf also hosts the catalog) [default: 127.0.0.1:50061]
+    #[arg(long, env = "BASALT_LEAF_ADDR")]
+    leaf_addr: Option<SocketAddr>,
+    /// HTTP address for /metrics and /healthz [default: 127.0.0.1:8092]
+    #[arg(long, env = "BASALT_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+}
+
+#[derive(Args, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct AggregatorArgs {
+    /// PostgreSQL wire protocol address [default: 127.0.0.1:5433]
+    #[arg(long, env = "BASALT_PG_ADDR")]
+    pg_addr: Option<SocketAddr>,
+    /// HTTP API address [default: 127.0.0.1:8088]
+    #[arg(long, env = "BASALT_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// Leaf RPC address [default: 127.0.0.1:50061]
+    #[arg(long, env = "BASALT_LEAF_ADDR")]
+    leaf_addr: Option<SocketAddr>,
+    /// Tailer RPC address [default: 127.0.0.1:50062]
+    #[arg(long, env = "BASALT_TAILER_ADDR")]
+    tailer_addr: Option<SocketAddr>,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|e| panic!("built-in default address {s} is valid: {e}"))
+}
+
+/// Options from the TOML file for one role, or defaults when there is no file.
+fn file_options<T: for<'de> Deserialize<'de> + Default>(path: Option<&PathBuf>) -> Result<T, String> {
+    let Some(path) = path else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("read config {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+}
+
+async fn bind(what: &str, a: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(a).await.map_err(|e| format!("cannot listen for {what} on {a}: {e}"))
+}
+
+fn spawn_server<F>(what: &'static str, fut: F)
+where
+    F: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            tracing::error!(error = %e, "{what} server stopped");
+            std::process::exit(1);
+        }
+    });
+}
+
+async fn load_demo(meta: &Meta, tailer: &Tailer) -> Result<(), String> {
+    let name = CollectionName::new("demo", "events");
+    if meta.get_collection(name.clone()).await.is_ok() {
+        tracing::info!("demo.events exists; not loading the demo again");
+        return Ok(());
+    }
+    meta.create_workspace("demo".into(), true).await.map_err(|e| e.to_string())?;
+    meta.create_collection(name.clone(), 2, true).await.map_err(|e| e.to_string())?;
+    let events = demo::events();
+    let total = events.len();
+    let mut done = 0;
+    for chunk in events.chunks(1000) {
+        let inputs = chunk.iter().map(|doc| WriteInput::Upsert { doc: doc.clone() }).collect();
+        let resp = tailer.write(WriteRequest { collection: name.clone(), inputs }).await.map_err(|e| e.to_string())?;
+        if let Some(bad) = resp.statuses.iter().find(|s| !s.is_ok()) {
+            return Err(format!("demo document failed: {bad:?}"));
+        }
+        done += chunk.len();
+        tracing::info!(loaded = done, total, "loading demo.events");
+    }
+    Ok(())
+}
+
+fn print_connect(pg: SocketAddr, http: SocketAddr) {
+    println!("Basalt is ready.");
+    println!("  SQL:  psql -h {} -p {} -U basalt", pg.ip(), pg.port());
+    println!("  HTTP: curl -s http://{http}/v1/query -H 'content-type: application/json' -d '{{\"sql\": \"SELECT count(*) FROM demo.events\"}}'");
+    println!("  Metrics: http://{http}/metrics");
+}
+
+fn open_local(data_dir: &std::path::Path) -> Result<(Meta, basalt_leaf::Leaf), String> {
+    let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&data_dir.join("meta")).map_err(|e| e.to_string())?);
+    let leaf = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: data_dir.join("leaf"), limits: DocLimits::default() })
+        .map_err(|e| e.to_string())?;
+    Ok((meta, leaf))
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Dev(args) => {
+            let file: DevArgs = file_options(cli.config.as_ref())?;
+            let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("basalt-data"));
+            let pg_addr = args.pg_addr.or(file.pg_addr).unwrap_or_else(|| addr("127.0.0.1:5433"));
+            let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8088"));
+            let (meta, leaf) = open_local(&data_dir)?;
+            let leaf: Leaf = Arc::new(leaf);
+            let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(meta.clone(), leaf.clone(), Default::default()));
+            if args.demo || file.demo {
+                load_demo(&meta, &tailer).await?;
+            }
+            let engine = Engine::new(meta, tailer, leaf);
+            let pg = bind("postgres wire protocol", pg_addr).await?;
+            let http = bind("http", http_addr).await?;
+            spawn_server("pgwire", basalt_aggregator::pg::serve(pg, engine.clone()));
+            spawn_server("http", basalt_aggregator::http::serve(http, engine));
+            tracing::info!(data_dir = %data_dir.display(), %pg_addr, %http_addr, "basalt dev running");
+            print_connect(pg_addr, http_addr);
+        }
+        Command::Leaf(args) => {
+            let file: LeafArgs = file_options(cli.config.as_ref())?;
+            let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("basalt-data"));
+            let rpc_addr = args.rpc_addr.or(file.rpc_addr).unwrap_or_else(|| addr("127.0.0.1:50061"));
+            let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8091"));
+            let (meta, leaf) = open_local(&data_dir)?;
+            let services = basalt_rpc::Services { leaf: Some(Arc::new(leaf)), meta: Some(meta), tailer: None };
+            let rpc = bind("rpc", rpc_addr).await?;
+            let http = bind("http", http_addr).await?;
+            spawn_server("rpc", basalt_rpc::serve(rpc, services));
+            spawn_server("http", basalt_aggregator::http::serve_ops(http));
+            tracing::info!(data_dir = %data_dir.display(), %rpc_addr, %http_addr, "basalt leaf running");
+        }
+        Command::Tailer(args) => {
+            let file: TailerArgs = file_options(cli.config.as_ref())?;
+            let rpc_addr = args.rpc_addr.or(file.rpc_addr).unwrap_or_else(|| addr("127.0.0.1:50062"));
+            let leaf_addr = args.leaf_addr.or(file.leaf_addr).unwrap_or_else(|| addr("127.0.0.1:50061"));
+            let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8092"));
+            let client = basalt_rpc::Client::connect(leaf_addr).map_err(|e| e.to_string())?;
+            let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(Arc::new(client.clone()), Arc::new(client), Default::default()));
+            let services = basalt_rpc::Services { leaf: None, meta: None, tailer: Some(tailer) };
+            let rpc = bind("rpc", rpc_addr).await?;
+            let http = bind("http", http_addr).await?;
+            spawn_server("rpc", basalt_rpc::serve(rpc, services));
+            spawn_server("http", basalt_aggregator::http::serve_ops(http));
+            tracing::info!(%rpc_addr, %leaf_addr, %http_addr, "basalt tailer running");
+        }
+        Command::Aggregator(args) => {
+            let file: AggregatorArgs = file_options(cli.config.as_ref())?;
+            let pg_addr = args.pg_addr.or(file.pg_addr).unwrap_or_else(|| addr("127.0.0.1:5433"));
+            let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8088"));
+            let leaf_addr = args.leaf_addr.or(file.leaf_addr).unwrap_or_else(|| addr("127.0.0.1:50061"));
+            let tailer_addr = args.tailer_addr.or(file.tailer_addr).unwrap_or_else(|| addr("127.0.0.1:50062"));
+            let leaf = basalt_rpc::Client::connect(leaf_addr).map_err(|e| e.to_string())?;
+            let tailer = basalt_rpc::Client::connect(tailer_addr).map_err(|e| e.to_string())?;
+            let engine = Engine::new(Arc::new(leaf.clone()), Arc::new(tailer), Arc::new(leaf));
+            let pg = bind("postgres wire protocol", pg_addr).await?;
+            let http = bind("http", http_addr).await?;
+            spawn_server("pgwire", basalt_aggregator::pg::serve(pg, engine.clone()));
+            spawn_server("http", basalt_aggregator::http::serve(http, engine));
+            tracing::info!(%pg_addr, %http_addr, %leaf_addr, %tailer_addr, "basalt aggregator running");
+            print_connect(pg_addr, http_addr);
+        }
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = cli.log.clone().or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

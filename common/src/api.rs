@@ -82,6 +82,8 @@ pub enum WriteInput {
     UpsertRaw { json: String },
     Patch { id: String, ops: Vec<PatchOp> },
     Delete { id: String },
+    /// An item the front end could not even read as a write; reported back per document.
+    Invalid { message: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

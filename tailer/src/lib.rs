@@ -66,6 +66,7 @@ impl Tailer {
                 }
                 Ok(WriteOp::Patch { id, ops })
             }
+            WriteInput::Invalid { message } => Err(BasaltError::invalid(message)),
             WriteInput::Delete { id } => {
                 if id.is_empty() {
                     return Err(BasaltError::invalid("delete needs an _id"));

@@ -1,0 +1,268 @@
+//! The HTTP JSON API: queries, document writes (forwarded to the tailer), collection schema and
+//! stats, Prometheus metrics. Errors are `{"error": {"code", "message"}}` with a fitting status.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use basalt_common::api::{CollectionName, WriteInput, WriteRequest};
+use basalt_common::doc::PatchOp;
+use basalt_common::{BasaltError, ErrorCode};
+use datafusion::common::ScalarValue;
+use futures::TryStreamExt;
+use prometheus::{HistogramVec, register_histogram_vec};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::engine::{Engine, Output, batches_to_json, from_df};
+
+/// Request body limit; larger bodies get 413.
+pub const BODY_BYTES_MAX: usize = 10 * 1024 * 1024;
+
+static LATENCY: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!("basalt_http_request_seconds", "HTTP API request latency", &["route", "status"]).ok()
+});
+
+pub struct ApiError(BasaltError);
+
+impl From<BasaltError> for ApiError {
+    fn from(e: BasaltError) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, axum::Json(json!({"error": {"code": self.0.code.as_str(), "message": self.0.message}}))).into_response()
+    }
+}
+
+type ApiResult = Result<axum::Json<Value>, ApiError>;
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError(BasaltError::invalid(format!("bad request body: {e}"))))
+}
+
+fn collection(c: &str) -> Result<CollectionName, ApiError> {
+    Ok(CollectionName::parse(c)?)
+}
+
+#[derive(Deserialize)]
+struct QueryBody {
+    sql: String,
+    #[serde(default)]
+    params: Vec<Value>,
+}
+
+fn param(v: &Value) -> ScalarValue {
+    match v {
+        Value::Null => ScalarValue::Null,
+        Value::Bool(b) => ScalarValue::Boolean(Some(*b)),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => ScalarValue::Int64(Some(i)),
+            None => ScalarValue::Float64(n.as_f64()),
+        },
+        Value::String(s) => ScalarValue::Utf8(Some(s.clone())),
+        other => ScalarValue::Utf8(Some(other.to_string())),
+    }
+}
+
+async fn query(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiResult {
+    let started = Instant::now();
+    let body: QueryBody = parse_body(&body)?;
+    let params: Vec<ScalarValue> = body.params.iter().map(param).collect();
+    let session = engine.session();
+    let mut outputs = session.execute_sql(&body.sql, &params).await?;
+    let Some(last) = outputs.pop() else {
+        return Err(ApiError(BasaltError::invalid("empty query")));
+    };
+    let mut result = match last {
+        Output::Command { tag, rows } => json!({"command": tag, "row_count": rows}),
+        Output::Rows(stream) => {
+            let schema = stream.schema();
+            let batches: Vec<_> = stream.try_collect().await.map_err(from_df)?;
+            let columns: Vec<Value> = schema
+                .fields()
+                .iter()
+                .map(|f| json!({"name": f.name(), "type": crate::pg::pg_type(f.data_type()).name()}))
+                .collect();
+            let objects = batches_to_json(&batches)?;
+            let rows: Vec<Value> = objects
+                .into_iter()
+                .map(|mut o| Value::Array(schema.fields().iter().map(|f| o.remove(f.name()).unwrap_or(Value::Null)).collect()))
+                .collect();
+            json!({"columns": columns, "row_count": rows.len(), "rows": rows})
+        }
+    };
+    result["timing"] = json!({"elapsed_ms": started.elapsed().as_secs_f64() * 1000.0});
+    Ok(axum::Json(result))
+}
+
+#[derive(Deserialize)]
+struct DocsBody {
+    data: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct PatchItem {
+    #[serde(rename = "_id")]
+    id: String,
+    patch: Vec<PatchOp>,
+}
+
+#[derive(Deserialize)]
+struct DeleteItem {
+    #[serde(rename = "_id")]
+    id: String,
+}
+
+async fn write(engine: &Engine, c: &str, inputs: Vec<WriteInput>) -> ApiResult {
+    let started = Instant::now();
+    let resp = engine.tailer.write(WriteRequest { collection: collection(c)?, inputs }).await?;
+    Ok(axum::Json(json!({
+        "data": resp.statuses,
+        "last_offset": resp.last_offset,
+        "timing": {"elapsed_ms": started.elapsed().as_secs_f64() * 1000.0},
+    })))
+}
+
+async fn add_docs(State(engine): State<Arc<Engine>>, Path(c): Path<String>, body: Bytes) -> ApiResult {
+    let body: DocsBody = parse_body(&body)?;
+    write(&engine, &c, body.data.into_iter().map(|doc| WriteInput::Upsert { doc }).collect()).await
+}
+
+/// Items that do not parse as patches get a per-document error.
+async fn patch_docs(State(engine): State<Arc<Engine>>, Path(c): Path<String>, body: Bytes) -> ApiResult {
+    let body: DocsBody = parse_body(&body)?;
+    let mut inputs = Vec::with_capacity(body.data.len());
+    for item in body.data {
+        match serde_json::from_value::<PatchItem>(item) {
+            Ok(p) => inputs.push(WriteInput::Patch { id: p.id, ops: p.patch }),
+            Err(e) => inputs.push(WriteInput::Invalid { message: format!("bad patch item: {e}") }),
+        }
+    }
+    write(&engine, &c, inputs).await
+}
+
+async fn delete_docs(State(engine): State<Arc<Engine>>, Path(c): Path<String>, body: Bytes) -> ApiResult {
+    let body: DocsBody = parse_body(&body)?;
+    let inputs = body
+        .data
+        .into_iter()
+        .map(|item| match serde_json::from_value::<DeleteItem>(item) {
+            Ok(d) => WriteInput::Delete { id: d.id },
+            Err(e) => WriteInput::Invalid { message: format!("bad delete item: {e}") },
+        })
+        .collect();
+    write(&engine, &c, inputs).await
+}
+
+async fn get_collection(State(engine): State<Arc<Engine>>, Path(c): Path<String>) -> ApiResult {
+    let info = engine.meta.get_collection(collection(&c)?).await?;
+    let stats = engine.leaf.stats(info.id, (0..info.shards).collect()).await?;
+    let fields: Vec<Value> = stats
+        .fields
+        .iter()
+        .map(|(path, kinds)| {
+            let kinds: serde_json::Map<String, Value> = kinds.iter().map(|(k, n)| (k.name().to_string(), json!(n))).collect();
+            json!({"path": path, "types": kinds, "column_type": stats.column_type(path).map(|t| t.to_arrow().to_string())})
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "workspace": info.name.workspace,
+        "name": info.name.name,
+        "id": info.id,
+        "shards": info.shards,
+        "created_at_us": info.created_at_us,
+        "stats": {"documents": stats.doc_count, "fields": fields},
+    })))
+}
+
+#[derive(Deserialize)]
+struct CreateBody {
+    name: String,
+    #[serde(default)]
+    shards: Option<u32>,
+}
+
+async fn list_collections(State(engine): State<Arc<Engine>>) -> ApiResult {
+    let infos = engine.meta.list_collections(None).await?;
+    Ok(axum::Json(json!({"data": infos})))
+}
+
+async fn create_collection(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiResult {
+    let body: CreateBody = parse_body(&body)?;
+    let info = engine
+        .meta
+        .create_collection(collection(&body.name)?, body.shards.unwrap_or(basalt_common::api::DEFAULT_SHARDS), false)
+        .await?;
+    Ok(axum::Json(json!({"data": info})))
+}
+
+async fn drop_collection(State(engine): State<Arc<Engine>>, Path(c): Path<String>) -> ApiResult {
+    let dropped = engine.meta.drop_collection(collection(&c)?, false).await?;
+    if let Some(info) = &dropped {
+        engine.leaf.drop_collection(info.id).await?;
+    }
+    Ok(axum::Json(json!({"data": dropped})))
+}
+
+async fn metrics() -> Response {
+    let mut out = String::new();
+    match prometheus::TextEncoder::new().encode_utf8(&prometheus::gather(), &mut out) {
+        Ok(()) => ([("content-type", "text/plain; version=0.0.4")], out).into_response(),
+        Err(e) => ApiError(BasaltError::internal(format!("metrics: {e}"))).into_response(),
+    }
+}
+
+async fn fallback() -> ApiError {
+    ApiError(BasaltError::new(ErrorCode::NotFound, "no such endpoint"))
+}
+
+async fn track(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let mut resp = next.run(req).await;
+    // Body-limit and other extractor rejections arrive as plain text: make them JSON errors.
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && resp.headers().get("content-type").is_none_or(|v| v != "application/json") {
+        resp = ApiError(BasaltError::limit(format!("request body is over {BODY_BYTES_MAX} bytes"))).into_response();
+    }
+    if let Some(h) = LATENCY.as_ref() {
+        h.with_label_values(&[route.as_str(), resp.status().as_str()]).observe(started.elapsed().as_secs_f64());
+    }
+    resp
+}
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/v1/query", post(query))
+        .route("/v1/collections", get(list_collections).post(create_collection))
+        .route("/v1/collections/{c}", get(get_collection).delete(drop_collection))
+        .route("/v1/collections/{c}/docs", post(add_docs).patch(patch_docs).delete(delete_docs))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(fallback)
+        .layer(axum::middleware::from_fn(track))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(engine)
+}
+
+/// `/metrics` and `/healthz` only, for processes that serve no API (leaf, tailer).
+pub async fn serve_ops(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let router = Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" })).fallback(fallback);
+    axum::serve(listener, router).await
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
+    axum::serve(listener, router(engine)).await
+}

@@ -1,0 +1,350 @@
+//! The PostgreSQL wire protocol (pgwire): simple and extended query protocol, typed parameters,
+//! result types from the plan, rows streamed as they are produced, SQLSTATE errors.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{
+    DataType, Date32Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, TimeUnit,
+    TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt8Type,
+    UInt16Type, UInt32Type, UInt64Type,
+};
+use arrow::util::display::{ArrayFormatter, FormatOptions};
+use async_trait::async_trait;
+use basalt_common::{BasaltError, ErrorCode};
+use basalt_sql::BasaltStatement;
+use datafusion::common::ScalarValue;
+use futures::sink::Sink;
+use futures::{StreamExt, stream};
+use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::PgWireBackendMessage;
+use pgwire::messages::data::DataRow;
+use tokio::net::TcpListener;
+
+use crate::engine::{Described, Engine, Output, Session};
+
+pub fn pg_error(e: BasaltError) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".to_string(), e.code.sqlstate().to_string(), e.message)))
+}
+
+/// The PostgreSQL type a column of this Arrow type is sent as.
+pub fn pg_type(dt: &DataType) -> Type {
+    match dt {
+        DataType::Boolean => Type::BOOL,
+        DataType::Int8 | DataType::Int16 | DataType::UInt8 => Type::INT2,
+        DataType::Int32 | DataType::UInt16 => Type::INT4,
+        DataType::Int64 | DataType::UInt32 | DataType::UInt64 => Type::INT8,
+        DataType::Float16 | DataType::Float32 => Type::FLOAT4,
+        DataType::Float64 => Type::FLOAT8,
+        DataType::Decimal128(_, _) => Type::NUMERIC,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => Type::TEXT,
+        DataType::Binary | DataType::LargeBinary | DataType::BinaryView => Type::BYTEA,
+        DataType::Date32 => Type::DATE,
+        DataType::Timestamp(_, Some(_)) => Type::TIMESTAMPTZ,
+        DataType::Timestamp(_, None) => Type::TIMESTAMP,
+        _ => Type::TEXT,
+    }
+}
+
+fn fields(schema: &arrow::datatypes::Schema, format: &Format) -> Vec<FieldInfo> {
+    schema
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let ty = pg_type(f.data_type());
+            // Types without a binary encoder here are always sent as text.
+            let fmt = if ty == Type::TEXT { FieldFormat::Text } else { format.format_for(i) };
+            FieldInfo::new(f.name().clone(), None, None, ty, fmt)
+        })
+        .collect()
+}
+
+fn micros(dt: &DataType, a: &dyn Array, i: usize) -> Option<i64> {
+    match dt {
+        DataType::Timestamp(TimeUnit::Second, _) => a.as_primitive::<TimestampSecondType>().value(i).checked_mul(1_000_000),
+        DataType::Timestamp(TimeUnit::Millisecond, _) => a.as_primitive::<TimestampMillisecondType>().value(i).checked_mul(1000),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => Some(a.as_primitive::<TimestampMicrosecondType>().value(i)),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => Some(a.as_primitive::<TimestampNanosecondType>().value(i) / 1000),
+        _ => None,
+    }
+}
+
+fn encode_batch(batch: &RecordBatch, schema: &Arc<Vec<FieldInfo>>) -> Vec<PgWireResult<DataRow>> {
+    let options = FormatOptions::default();
+    let formatters: Vec<Option<ArrayFormatter>> = batch
+        .columns()
+        .iter()
+        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok())
+        .collect();
+    let mut rows = Vec::with_capacity(batch.num_rows());
+    for row in 0..batch.num_rows() {
+        let mut enc = DataRowEncoder::new(schema.clone());
+        let mut result = Ok(());
+        for (col_idx, col) in batch.columns().iter().enumerate() {
+            let a = col.as_ref();
+            let r = if a.is_null(row) {
+                enc.encode_field(&None::<i64>)
+            } else {
+                match a.data_type() {
+                    DataType::Boolean => enc.encode_field(&a.as_boolean().value(row)),
+                    DataType::Int8 => enc.encode_field(&i16::from(a.as_primitive::<Int8Type>().value(row))),
+                    DataType::Int16 => enc.encode_field(&a.as_primitive::<Int16Type>().value(row)),
+                    DataType::UInt8 => enc.encode_field(&i16::from(a.as_primitive::<UInt8Type>().value(row))),
+                    DataType::Int32 => enc.encode_field(&a.as_primitive::<Int32Type>().value(row)),
+                    DataType::UInt16 => enc.encode_field(&i32::from(a.as_primitive::<UInt16Type>().value(row))),
+                    DataType::Int64 => enc.encode_field(&a.as_primitive::<Int64Type>().value(row)),
+                    DataType::UInt32 => enc.encode_field(&i64::from(a.as_primitive::<UInt32Type>().value(row))),
+                    DataType::UInt64 => match i64::try_from(a.as_primitive::<UInt64Type>().value(row)) {
+                        Ok(v) => enc.encode_field(&v),
+                        Err(_) => Err(pg_error(BasaltError::invalid("unsigned value out of bigint range"))),
+                    },
+                    DataType::Float32 => enc.encode_field(&a.as_primitive::<Float32Type>().value(row)),
+                    DataType::Float64 => enc.encode_field(&a.as_primitive::<Float64Type>().value(row)),
+                    DataType::Decimal128(_, scale) => {
+                        let v = a.as_primitive::<arrow::datatypes::Decimal128Type>().value(row);
+                        match rust_decimal::Decimal::try_from_i128_with_scale(v, (*scale).max(0) as u32) {
+                            Ok(d) => enc.encode_field(&d),
+                            Err(e) => Err(pg_error(BasaltError::invalid(format!("decimal out of range: {e}")))),
+                        }
+                    }
+                    DataType::Utf8 => enc.encode_field(&a.as_string::<i32>().value(row)),
+                    DataType::LargeUtf8 => enc.encode_field(&a.as_string::<i64>().value(row)),
+                    DataType::Utf8View => enc.encode_field(&a.as_string_view().value(row)),
+                    DataType::Binary => enc.encode_field(&a.as_binary::<i32>().value(row)),
+                    DataType::Date32 => match a.as_primitive::<Date32Type>().value_as_date(row) {
+                        Some(d) => enc.encode_field(&d),
+                        None => enc.encode_field(&None::<i64>),
+                    },
+                    dt @ DataType::Timestamp(_, tz) => {
+                        let t = micros(dt, a, row).and_then(chrono::DateTime::from_timestamp_micros);
+                        match (t, tz) {
+                            (Some(t), Some(_)) => enc.encode_field(&t),
+                            (Some(t), None) => enc.encode_field(&t.naive_utc()),
+                            (None, _) => enc.encode_field(&None::<i64>),
+                        }
+                    }
+                    _ => {
+                        let text = formatters[col_idx].as_ref().map(|f| f.value(row).to_string()).unwrap_or_default();
+                        enc.encode_field(&text)
+                    }
+                }
+            };
+            if let Err(e) = r {
+                result = Err(e);
+                break;
+            }
+        }
+        rows.push(result.map(|()| enc.take_row()));
+    }
+    rows
+}
+
+fn to_response(output: Output, format: &Format) -> Response {
+    match output {
+        Output::Command { tag: "BEGIN", .. } => Response::TransactionStart(Tag::new("BEGIN")),
+        Output::Command { tag: tag @ ("COMMIT" | "ROLLBACK"), .. } => Response::TransactionEnd(Tag::new(tag)),
+        Output::Command { tag: "INSERT", rows } => Response::Execution(Tag::new("INSERT").with_oid(0).with_rows(rows)),
+        Output::Command { tag: tag @ ("UPDATE" | "DELETE"), rows } => Response::Execution(Tag::new(tag).with_rows(rows)),
+        Output::Command { tag, .. } => Response::Execution(Tag::new(tag)),
+        Output::Rows(stream) => {
+            let schema = Arc::new(fields(&stream.schema(), format));
+            let row_schema = schema.clone();
+            let rows = stream
+                .map(move |batch| match batch {
+                    Ok(b) => encode_batch(&b, &row_schema),
+                    Err(e) => vec![Err(pg_error(crate::engine::from_df(e)))],
+                })
+                .flat_map(stream::iter);
+            Response::Query(QueryResponse::new(schema, rows))
+        }
+    }
+}
+
+/// One client connection: its own session (settings, hints) over the shared engine.
+pub struct Connection {
+    session: Arc<Session>,
+    parser: Arc<Parser>,
+}
+
+impl Connection {
+    pub fn new(engine: &Arc<Engine>) -> Self {
+        let session = Arc::new(engine.session());
+        Self { parser: Arc::new(Parser { session: session.clone() }), session }
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Connection {
+    async fn do_query<C>(&self, _client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statements = basalt_sql::parse(query).map_err(pg_error)?;
+        let mut responses = Vec::with_capacity(statements.len());
+        for stmt in statements {
+            match self.session.execute(stmt, &[]).await {
+                Ok(out) => responses.push(to_response(out, &Format::UnifiedText)),
+                Err(e) => {
+                    responses.push(Response::Error(Box::new(ErrorInfo::new("ERROR".into(), e.code.sqlstate().into(), e.message))));
+                    break;
+                }
+            }
+        }
+        Ok(responses)
+    }
+}
+
+/// A prepared statement: the parsed statement and what it takes and returns.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    stmt: BasaltStatement,
+    param_types: Vec<Type>,
+    described: Described,
+}
+
+pub struct Parser {
+    session: Arc<Session>,
+}
+
+#[async_trait]
+impl QueryParser for Parser {
+    type Statement = Prepared;
+
+    async fn parse_sql<C>(&self, _client: &C, sql: &str, types: &[Option<Type>]) -> PgWireResult<Option<Prepared>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut statements = basalt_sql::parse(sql).map_err(pg_error)?;
+        if statements.len() > 1 {
+            return Err(pg_error(BasaltError::new(ErrorCode::Syntax, "cannot insert multiple commands into a prepared statement")));
+        }
+        let Some(stmt) = statements.pop() else { return Ok(None) };
+        let described = self.session.describe(&stmt).await.map_err(pg_error)?;
+        let n = described.params.len().max(types.len());
+        let param_types = (0..n)
+            .map(|i| {
+                types
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .filter(|t| *t != Type::UNKNOWN)
+                    .or_else(|| described.params.get(i).cloned().flatten().map(|dt| pg_type(&dt)))
+                    .unwrap_or(Type::TEXT)
+            })
+            .collect();
+        Ok(Some(Prepared { stmt, param_types, described }))
+    }
+
+    fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
+        Ok(stmt.param_types.clone())
+    }
+
+    fn get_result_schema(&self, stmt: &Prepared, format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+        Ok(match &stmt.described.output {
+            Some(schema) => fields(schema, format.unwrap_or(&Format::UnifiedBinary)),
+            None => vec![],
+        })
+    }
+}
+
+fn decode_param(portal: &Portal<Prepared>, i: usize, ty: &Type) -> PgWireResult<ScalarValue> {
+    Ok(match *ty {
+        Type::BOOL => ScalarValue::Boolean(portal.parameter::<bool>(i, ty)?),
+        Type::INT2 => ScalarValue::Int64(portal.parameter::<i16>(i, ty)?.map(i64::from)),
+        Type::INT4 => ScalarValue::Int64(portal.parameter::<i32>(i, ty)?.map(i64::from)),
+        Type::INT8 => ScalarValue::Int64(portal.parameter::<i64>(i, ty)?),
+        Type::FLOAT4 => ScalarValue::Float64(portal.parameter::<f32>(i, ty)?.map(f64::from)),
+        Type::FLOAT8 => ScalarValue::Float64(portal.parameter::<f64>(i, ty)?),
+        Type::NUMERIC => {
+            let d = portal.parameter::<rust_decimal::Decimal>(i, ty)?;
+            ScalarValue::Float64(d.and_then(|d| d.to_string().parse().ok()))
+        }
+        Type::TIMESTAMPTZ => ScalarValue::TimestampMicrosecond(
+            portal.parameter::<chrono::DateTime<chrono::FixedOffset>>(i, ty)?.map(|t| t.timestamp_micros()),
+            Some("UTC".into()),
+        ),
+        Type::TIMESTAMP => ScalarValue::TimestampMicrosecond(
+            portal.parameter::<chrono::NaiveDateTime>(i, ty)?.map(|t| t.and_utc().timestamp_micros()),
+            None,
+        ),
+        Type::JSON | Type::JSONB => ScalarValue::Utf8(portal.parameter::<serde_json::Value>(i, ty)?.map(|v| v.to_string())),
+        _ => ScalarValue::Utf8(portal.parameter::<String>(i, &Type::TEXT)?),
+    })
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Connection {
+    type Statement = Prepared;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Parser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(&self, _client: &mut C, portal: &Portal<Prepared>, _max_rows: usize) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = Self::Statement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let prepared = &portal.statement.statement;
+        let mut params = Vec::with_capacity(portal.parameter_len());
+        for i in 0..portal.parameter_len() {
+            let ty = portal
+                .statement
+                .parameter_types
+                .get(i)
+                .cloned()
+                .flatten()
+                .filter(|t| *t != Type::UNKNOWN)
+                .or_else(|| prepared.param_types.get(i).cloned())
+                .unwrap_or(Type::TEXT);
+            params.push(decode_param(portal, i, &ty)?);
+        }
+        let out = self.session.execute(prepared.stmt.clone(), &params).await.map_err(pg_error)?;
+        Ok(to_response(out, &portal.result_column_format))
+    }
+}
+
+impl NoopStartupHandler for Connection {}
+
+impl PgWireServerHandlers for Connection {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        Arc::new(Connection { session: self.session.clone(), parser: self.parser.clone() })
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        Arc::new(Connection { session: self.session.clone(), parser: self.parser.clone() })
+    }
+
+    fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
+        Arc::new(Connection { session: self.session.clone(), parser: self.parser.clone() })
+    }
+}
+
+/// Serve the PostgreSQL wire protocol until the listener fails.
+pub async fn serve(listener: TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
+    loop {
+        let (socket, peer) = listener.accept().await?;
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let handlers = Arc::new(Connection::new(&engine));
+            if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
+                tracing::debug!(%peer, error = %e, "pg connection ended with an error");
+            }
+        });
+    }
+}
