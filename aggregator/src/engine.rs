@@ -61,6 +61,8 @@ impl Engine {
             .with_create_default_catalog_and_schema(false);
         // Field names are case-sensitive JSON keys: keep identifiers as written.
         config.options_mut().sql_parser.enable_ident_normalization = false;
+        // EXPLAIN shows the plan that runs (with leaf access paths), not the logical plan.
+        config.options_mut().explain.physical_plan_only = true;
         let ctx = SessionContext::new_with_config(config);
         let catalog = Arc::new(BasaltCatalog::new(self.meta.clone(), self.leaf.clone(), hint.clone()));
         ctx.register_catalog(CATALOG, catalog.clone());
@@ -297,6 +299,12 @@ impl Session {
     fn set(&self, set: &Set) -> Result<Output> {
         if let Set::SingleAssignment { variable, values, .. } = set {
             let name = variable.to_string().to_lowercase();
+            if name.starts_with("datafusion.") {
+                let value = values.first().map(|v| v.to_string().trim_matches('\'').to_string()).unwrap_or_default();
+                let state = self.ctx.state_ref();
+                state.write().config_mut().options_mut().set(&name, &value).map_err(from_df)?;
+                return Ok(command("SET", 0));
+            }
             if name == "basalt.access_path" || name == "basalt_access_path" {
                 let value = values.first().map(|v| v.to_string().trim_matches('\'').to_lowercase()).unwrap_or_default();
                 *self.hint.write() = match value.as_str() {

@@ -78,6 +78,17 @@ fn micros(dt: &DataType, a: &dyn Array, i: usize) -> Option<i64> {
     }
 }
 
+/// Floats in text form as PostgreSQL prints them: shortest round-trip digits, `5` not `5.0`.
+fn float_text(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "Infinity".into() } else { "-Infinity".into() }
+    } else {
+        format!("{v}")
+    }
+}
+
 fn encode_batch(batch: &RecordBatch, schema: &Arc<Vec<FieldInfo>>) -> Vec<PgWireResult<DataRow>> {
     let options = FormatOptions::default();
     let formatters: Vec<Option<ArrayFormatter>> = batch
@@ -85,6 +96,7 @@ fn encode_batch(batch: &RecordBatch, schema: &Arc<Vec<FieldInfo>>) -> Vec<PgWire
         .iter()
         .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok())
         .collect();
+    let text: Vec<bool> = schema.iter().map(|f| f.format() == FieldFormat::Text).collect();
     let mut rows = Vec::with_capacity(batch.num_rows());
     for row in 0..batch.num_rows() {
         let mut enc = DataRowEncoder::new(schema.clone());
@@ -107,8 +119,14 @@ fn encode_batch(batch: &RecordBatch, schema: &Arc<Vec<FieldInfo>>) -> Vec<PgWire
                         Ok(v) => enc.encode_field(&v),
                         Err(_) => Err(pg_error(BasaltError::invalid("unsigned value out of bigint range"))),
                     },
-                    DataType::Float32 => enc.encode_field(&a.as_primitive::<Float32Type>().value(row)),
-                    DataType::Float64 => enc.encode_field(&a.as_primitive::<Float64Type>().value(row)),
+                    DataType::Float32 => {
+                        let v = a.as_primitive::<Float32Type>().value(row);
+                        if text[col_idx] { enc.encode_field(&float_text(f64::from(v))) } else { enc.encode_field(&v) }
+                    }
+                    DataType::Float64 => {
+                        let v = a.as_primitive::<Float64Type>().value(row);
+                        if text[col_idx] { enc.encode_field(&float_text(v)) } else { enc.encode_field(&v) }
+                    }
                     DataType::Decimal128(_, scale) => {
                         let v = a.as_primitive::<arrow::datatypes::Decimal128Type>().value(row);
                         match rust_decimal::Decimal::try_from_i128_with_scale(v, (*scale).max(0) as u32) {

@@ -20,7 +20,7 @@ use datafusion::datasource::TableType;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType, SchedulingType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties};
 use futures::TryStreamExt;
@@ -128,7 +128,10 @@ impl LeafScanExec {
             Partitioning::UnknownPartitioning(info.shards as usize),
             EmissionType::Incremental,
             Boundedness::Bounded,
-        ));
+        )
+        // Batches arrive through tokio channels (in process) or tonic streams (remote), both of
+        // which consume the task budget: no CooperativeExec wrapper needed.
+        .with_scheduling_type(SchedulingType::Cooperative));
         Self { info, leaf, output, columns, filters, limit, access, hint, properties }
     }
 }

@@ -1,0 +1,19 @@
+//! The .slt suite against `basalt dev` and against a leaf + tailer + aggregator deployment.
+
+use basalt_cluster_tests::{Deployment, slt};
+
+fn slt_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("slt")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slt_against_dev() {
+    let d = Deployment::dev().await;
+    slt::run_dir(&slt_dir(), d.pg_port).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slt_against_three_processes() {
+    let d = Deployment::cluster().await;
+    slt::run_dir(&slt_dir(), d.pg_port).await;
+}
