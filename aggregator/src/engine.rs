@@ -11,8 +11,8 @@ use basalt_common::api::{CollectionName, Leaf, Meta, Tailer, WriteInput, WriteRe
 use basalt_common::doc::{ID_FIELD, PatchKind, PatchOp, sql_path_to_pointer};
 use basalt_common::filter::AccessPath;
 use basalt_common::{BasaltError, ErrorCode, Result};
-use basalt_sql::sqlparser::ast::{Expr, Set, Statement};
 use basalt_sql::BasaltStatement;
+use basalt_sql::sqlparser::ast::{Expr, Set, Statement};
 use datafusion::common::{DataFusionError, ParamValues, ScalarValue};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
@@ -31,7 +31,10 @@ const WRITE_CHUNK_DOCS: usize = 5_000;
 pub enum Output {
     Rows(SendableRecordBatchStream),
     /// A command tag (`INSERT`, `UPDATE`, ...) and the rows it affected.
-    Command { tag: &'static str, rows: usize },
+    Command {
+        tag: &'static str,
+        rows: usize,
+    },
 }
 
 /// What a prepared statement takes and returns, for the extended query protocol.
@@ -90,7 +93,9 @@ pub fn from_df(e: DataFusionError) -> BasaltError {
     let code = match root {
         DataFusionError::SQL(..) => ErrorCode::Syntax,
         DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => ErrorCode::NotFound,
-        DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::Execution(_) => ErrorCode::InvalidInput,
+        DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::Execution(_) => {
+            ErrorCode::InvalidInput
+        }
         DataFusionError::ArrowError(..) => ErrorCode::InvalidInput,
         DataFusionError::NotImplemented(_) => ErrorCode::Unsupported,
         DataFusionError::ResourcesExhausted(_) => ErrorCode::LimitExceeded,
@@ -110,7 +115,12 @@ fn rows_output(schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<Output> {
 
 /// `SELECT <items> FROM ws.c [alias] [WHERE selection]`, built as text and parsed back so the
 /// statement is exactly what a user could have written.
-fn select_query(name: &CollectionName, alias: Option<&str>, items: &[String], selection: Option<&Expr>) -> Result<Statement> {
+fn select_query(
+    name: &CollectionName,
+    alias: Option<&str>,
+    items: &[String],
+    selection: Option<&Expr>,
+) -> Result<Statement> {
     let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
     let mut sql = format!("SELECT {} FROM {}.{}", items.join(", "), quote(&name.workspace), quote(&name.name));
     if let Some(a) = alias {
@@ -208,7 +218,9 @@ impl Session {
                 }
                 select_query(name, alias.as_deref(), &items, selection.as_ref())
             }
-            BasaltStatement::Delete { name, alias, selection } => select_query(name, alias.as_deref(), &[id], selection.as_ref()),
+            BasaltStatement::Delete { name, alias, selection } => {
+                select_query(name, alias.as_deref(), &[id], selection.as_ref())
+            }
             _ => Err(BasaltError::internal("not a write statement")),
         }
     }
@@ -328,11 +340,14 @@ impl Session {
         while inputs.peek().is_some() {
             let chunk: Vec<WriteInput> = inputs.by_ref().take(WRITE_CHUNK_DOCS).collect();
             let n = chunk.len();
-            let resp: WriteResponse = self.engine.tailer.write(WriteRequest { collection: name.clone(), inputs: chunk }).await?;
+            let resp: WriteResponse =
+                self.engine.tailer.write(WriteRequest { collection: name.clone(), inputs: chunk }).await?;
             for (i, s) in resp.statuses.iter().enumerate() {
                 match &s.error {
                     None => ok += 1,
-                    Some(e) if failures.len() < 5 => failures.push(format!("document {}: {}", position + i + 1, e.message)),
+                    Some(e) if failures.len() < 5 => {
+                        failures.push(format!("document {}: {}", position + i + 1, e.message))
+                    }
                     Some(_) => {}
                 }
             }
@@ -419,7 +434,10 @@ fn command_schema(stmt: &BasaltStatement) -> Option<SchemaRef> {
 }
 
 fn returns_rows_statement(s: &Statement) -> bool {
-    !matches!(s, Statement::StartTransaction { .. } | Statement::Commit { .. } | Statement::Rollback { .. } | Statement::Set(_))
+    !matches!(
+        s,
+        Statement::StartTransaction { .. } | Statement::Commit { .. } | Statement::Rollback { .. } | Statement::Set(_)
+    )
 }
 
 /// Rows as JSON objects (arrow's JSON writer: lists become arrays, nulls are omitted).

@@ -39,7 +39,8 @@ impl From<BasaltError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(json!({"error": {"code": self.0.code.as_str(), "message": self.0.message}}))).into_response()
+        (status, axum::Json(json!({"error": {"code": self.0.code.as_str(), "message": self.0.message}})))
+            .into_response()
     }
 }
 
@@ -95,7 +96,9 @@ async fn query(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiResult {
             let objects = batches_to_json(&batches)?;
             let rows: Vec<Value> = objects
                 .into_iter()
-                .map(|mut o| Value::Array(schema.fields().iter().map(|f| o.remove(f.name()).unwrap_or(Value::Null)).collect()))
+                .map(|mut o| {
+                    Value::Array(schema.fields().iter().map(|f| o.remove(f.name()).unwrap_or(Value::Null)).collect())
+                })
                 .collect();
             json!({"columns": columns, "row_count": rows.len(), "rows": rows})
         }
@@ -234,7 +237,9 @@ async fn track(req: axum::extract::Request, next: axum::middleware::Next) -> Res
         .unwrap_or_else(|| "unmatched".into());
     let mut resp = next.run(req).await;
     // Body-limit and other extractor rejections arrive as plain text: make them JSON errors.
-    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && resp.headers().get("content-type").is_none_or(|v| v != "application/json") {
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE
+        && resp.headers().get("content-type").is_none_or(|v| v != "application/json")
+    {
         resp = ApiError(BasaltError::limit(format!("request body is over {BODY_BYTES_MAX} bytes"))).into_response();
     }
     if let Some(h) = LATENCY.as_ref() {
@@ -259,7 +264,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
 
 /// `/metrics` and `/healthz` only, for processes that serve no API (leaf, tailer).
 pub async fn serve_ops(listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let router = Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" })).fallback(fallback);
+    let router =
+        Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" })).fallback(fallback);
     axum::serve(listener, router).await
 }
 

@@ -70,10 +70,16 @@ fn fields(schema: &arrow::datatypes::Schema, format: &Format) -> Vec<FieldInfo> 
 
 fn micros(dt: &DataType, a: &dyn Array, i: usize) -> Option<i64> {
     match dt {
-        DataType::Timestamp(TimeUnit::Second, _) => a.as_primitive::<TimestampSecondType>().value(i).checked_mul(1_000_000),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => a.as_primitive::<TimestampMillisecondType>().value(i).checked_mul(1000),
+        DataType::Timestamp(TimeUnit::Second, _) => {
+            a.as_primitive::<TimestampSecondType>().value(i).checked_mul(1_000_000)
+        }
+        DataType::Timestamp(TimeUnit::Millisecond, _) => {
+            a.as_primitive::<TimestampMillisecondType>().value(i).checked_mul(1000)
+        }
         DataType::Timestamp(TimeUnit::Microsecond, _) => Some(a.as_primitive::<TimestampMicrosecondType>().value(i)),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => Some(a.as_primitive::<TimestampNanosecondType>().value(i) / 1000),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => {
+            Some(a.as_primitive::<TimestampNanosecondType>().value(i) / 1000)
+        }
         _ => None,
     }
 }
@@ -91,11 +97,8 @@ fn float_text(v: f64) -> String {
 
 fn encode_batch(batch: &RecordBatch, schema: &Arc<Vec<FieldInfo>>) -> Vec<PgWireResult<DataRow>> {
     let options = FormatOptions::default();
-    let formatters: Vec<Option<ArrayFormatter>> = batch
-        .columns()
-        .iter()
-        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok())
-        .collect();
+    let formatters: Vec<Option<ArrayFormatter>> =
+        batch.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok()).collect();
     let text: Vec<bool> = schema.iter().map(|f| f.format() == FieldFormat::Text).collect();
     let mut rows = Vec::with_capacity(batch.num_rows());
     for row in 0..batch.num_rows() {
@@ -171,7 +174,9 @@ fn to_response(output: Output, format: &Format) -> Response {
         Output::Command { tag: "BEGIN", .. } => Response::TransactionStart(Tag::new("BEGIN")),
         Output::Command { tag: tag @ ("COMMIT" | "ROLLBACK"), .. } => Response::TransactionEnd(Tag::new(tag)),
         Output::Command { tag: "INSERT", rows } => Response::Execution(Tag::new("INSERT").with_oid(0).with_rows(rows)),
-        Output::Command { tag: tag @ ("UPDATE" | "DELETE"), rows } => Response::Execution(Tag::new(tag).with_rows(rows)),
+        Output::Command { tag: tag @ ("UPDATE" | "DELETE"), rows } => {
+            Response::Execution(Tag::new(tag).with_rows(rows))
+        }
         Output::Command { tag, .. } => Response::Execution(Tag::new(tag)),
         Output::Rows(stream) => {
             let schema = Arc::new(fields(&stream.schema(), format));
@@ -215,7 +220,11 @@ impl SimpleQueryHandler for Connection {
             match self.session.execute(stmt, &[]).await {
                 Ok(out) => responses.push(to_response(out, &Format::UnifiedText)),
                 Err(e) => {
-                    responses.push(Response::Error(Box::new(ErrorInfo::new("ERROR".into(), e.code.sqlstate().into(), e.message))));
+                    responses.push(Response::Error(Box::new(ErrorInfo::new(
+                        "ERROR".into(),
+                        e.code.sqlstate().into(),
+                        e.message,
+                    ))));
                     break;
                 }
             }
@@ -246,7 +255,10 @@ impl QueryParser for Parser {
     {
         let mut statements = basalt_sql::parse(sql).map_err(pg_error)?;
         if statements.len() > 1 {
-            return Err(pg_error(BasaltError::new(ErrorCode::Syntax, "cannot insert multiple commands into a prepared statement")));
+            return Err(pg_error(BasaltError::new(
+                ErrorCode::Syntax,
+                "cannot insert multiple commands into a prepared statement",
+            )));
         }
         let Some(stmt) = statements.pop() else { return Ok(None) };
         let described = self.session.describe(&stmt).await.map_err(pg_error)?;
@@ -297,7 +309,9 @@ fn decode_param(portal: &Portal<Prepared>, i: usize, ty: &Type) -> PgWireResult<
             portal.parameter::<chrono::NaiveDateTime>(i, ty)?.map(|t| t.and_utc().timestamp_micros()),
             None,
         ),
-        Type::JSON | Type::JSONB => ScalarValue::Utf8(portal.parameter::<serde_json::Value>(i, ty)?.map(|v| v.to_string())),
+        Type::JSON | Type::JSONB => {
+            ScalarValue::Utf8(portal.parameter::<serde_json::Value>(i, ty)?.map(|v| v.to_string()))
+        }
         _ => ScalarValue::Utf8(portal.parameter::<String>(i, &Type::TEXT)?),
     })
 }

@@ -90,10 +90,23 @@ impl TableProvider for CollectionTable {
         }
         let filters = filters
             .iter()
-            .map(|f| translate(f, &self.schema).ok_or_else(|| DataFusionError::Internal(format!("filter {f} was accepted for pushdown but does not translate"))))
+            .map(|f| {
+                translate(f, &self.schema).ok_or_else(|| {
+                    DataFusionError::Internal(format!("filter {f} was accepted for pushdown but does not translate"))
+                })
+            })
             .collect::<Result<Vec<Filter>>>()?;
         let access = choose_access_path(&filters, self.hint, &self.stats);
-        Ok(Arc::new(LeafScanExec::new(self.info.clone(), self.leaf.clone(), output, columns, filters, limit, access, self.hint)))
+        Ok(Arc::new(LeafScanExec::new(
+            self.info.clone(),
+            self.leaf.clone(),
+            output,
+            columns,
+            filters,
+            limit,
+            access,
+            self.hint,
+        )))
     }
 }
 
@@ -123,22 +136,30 @@ impl LeafScanExec {
         access: AccessPath,
         hint: Option<AccessPath>,
     ) -> Self {
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(output.clone()),
-            Partitioning::UnknownPartitioning(info.shards as usize),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        )
-        // Batches arrive through tokio channels (in process) or tonic streams (remote), both of
-        // which consume the task budget: no CooperativeExec wrapper needed.
-        .with_scheduling_type(SchedulingType::Cooperative));
+        let properties = Arc::new(
+            PlanProperties::new(
+                EquivalenceProperties::new(output.clone()),
+                Partitioning::UnknownPartitioning(info.shards as usize),
+                EmissionType::Incremental,
+                Boundedness::Bounded,
+            )
+            // Batches arrive through tokio channels (in process) or tonic streams (remote), both of
+            // which consume the task budget: no CooperativeExec wrapper needed.
+            .with_scheduling_type(SchedulingType::Cooperative),
+        );
         Self { info, leaf, output, columns, filters, limit, access, hint, properties }
     }
 }
 
 impl DisplayAs for LeafScanExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "LeafScanExec: collection={} shards={} access_path={}", self.info.name, self.info.shards, self.access.name())?;
+        write!(
+            f,
+            "LeafScanExec: collection={} shards={} access_path={}",
+            self.info.name,
+            self.info.shards,
+            self.access.name()
+        )?;
         let names: Vec<&str> = self.output.fields().iter().map(|f| f.name().as_str()).collect();
         write!(f, " projection=[{}]", names.join(", "))?;
         if !self.filters.is_empty() {
@@ -165,7 +186,10 @@ impl ExecutionPlan for LeafScanExec {
         vec![]
     }
 
-    fn apply_expressions(&self, _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>) -> Result<TreeNodeRecursion> {
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
         Ok(TreeNodeRecursion::Continue)
     }
 

@@ -61,7 +61,13 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
             Some(if b.negated { Filter::Not(Box::new(range)) } else { range })
         }
         Expr::ScalarFunction(f) if f.name() == crate::udf::SEARCH => match f.args.as_slice() {
-            [Expr::Column(c), Expr::Literal(ScalarValue::Utf8(Some(q)) | ScalarValue::Utf8View(Some(q)) | ScalarValue::LargeUtf8(Some(q)), _)] => {
+            [
+                Expr::Column(c),
+                Expr::Literal(
+                    ScalarValue::Utf8(Some(q)) | ScalarValue::Utf8View(Some(q)) | ScalarValue::LargeUtf8(Some(q)),
+                    _,
+                ),
+            ] => {
                 column_type(schema, &c.name)?;
                 Some(Filter::Search { path: c.name.clone(), query: q.clone() })
             }
@@ -121,7 +127,9 @@ fn scalar_for_column(v: &ScalarValue, ty: &DataType) -> Option<Scalar> {
             _ => int().map(|i| Scalar::Float(i as f64)),
         },
         DataType::Utf8 => match v {
-            ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => Some(Scalar::Str(s.clone())),
+            ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => {
+                Some(Scalar::Str(s.clone()))
+            }
             _ => None,
         },
         DataType::Boolean => match v {
@@ -159,6 +167,9 @@ mod tests {
         assert!(translate(&(col("age") + lit(1i64)).gt(lit(3i64)), &schema).is_none());
         assert!(translate(&col("age").eq(lit("x")), &schema).is_none());
         assert!(translate(&col("missing").eq(lit(1i64)), &schema).is_none());
-        assert_eq!(translate(&col("name").in_list(vec![lit("a"), lit("b")], true), &schema).unwrap().to_string(), "NOT name IN ('a', 'b')");
+        assert_eq!(
+            translate(&col("name").in_list(vec![lit("a"), lit("b")], true), &schema).unwrap().to_string(),
+            "NOT name IN ('a', 'b')"
+        );
     }
 }

@@ -11,7 +11,10 @@ use futures::TryStreamExt;
 
 async fn setup(dir: &std::path::Path) -> Session {
     let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&dir.join("meta")).unwrap());
-    let leaf: Leaf = Arc::new(basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: dir.join("leaf"), limits: DocLimits::default() }).unwrap());
+    let leaf: Leaf = Arc::new(
+        basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: dir.join("leaf"), limits: DocLimits::default() })
+            .unwrap(),
+    );
     let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(meta.clone(), leaf.clone(), Default::default()));
     Engine::new(meta, tailer, leaf).session()
 }
@@ -69,7 +72,11 @@ async fn example_session_from_the_issue() {
     assert!(has_row(&out, &["2"]), "{out}");
     // Errors are clear and typed.
     assert!(run(&s, "SELEC 1").await.starts_with("ERROR syntax_error"));
-    assert!(run(&s, "SELECT * FROM nope").await.starts_with("ERROR not_found"), "{}", run(&s, "SELECT * FROM nope").await);
+    assert!(
+        run(&s, "SELECT * FROM nope").await.starts_with("ERROR not_found"),
+        "{}",
+        run(&s, "SELECT * FROM nope").await
+    );
     let out = run(&s, r#"INSERT INTO users VALUES ('{"_id": "ok1"}'), ('not json'), ('[1]')"#).await;
     assert!(out.starts_with("ERROR invalid_input: 2 of 3 documents failed (1 written)"), "{out}");
     let out = run(&s, "SELECT _id FROM users WHERE _id = 'ok1'").await;

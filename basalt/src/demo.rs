@@ -21,18 +21,20 @@ impl Rng {
 }
 
 pub fn events() -> Vec<Value> {
-    let mut rng = Rng(0x5eed_ba5a_17);
+    let mut rng = Rng(0x005e_edba_5a17);
     let kinds = ["click", "view", "purchase", "signup", "search"];
     let cities = ["London", "Paris", "Berlin", "Lisbon", "Oslo", "Madrid", "Rome", "Dublin"];
     let devices = ["ios", "android", "web"];
-    let words = ["fast", "fresh", "green", "blue", "shoes", "lamp", "coffee", "book", "phone", "chair", "garden", "winter"];
+    let words =
+        ["fast", "fresh", "green", "blue", "shoes", "lamp", "coffee", "book", "phone", "chair", "garden", "winter"];
     // 2026-11-01T00:00:00Z in milliseconds, one event every ~40 s.
     let start_ms: i64 = 1_793_491_200_000;
     (0..DEMO_EVENTS)
         .map(|i| {
             let kind = rng.pick(&kinds);
             let user = rng.next() % 500;
-            let price = if kind == "purchase" { Value::from((rng.next() % 20_000) as f64 / 100.0) } else { Value::Null };
+            let price =
+                if kind == "purchase" { Value::from((rng.next() % 20_000) as f64 / 100.0) } else { Value::Null };
             let query: String = (0..3).map(|_| rng.pick(&words)).collect::<Vec<_>>().join(" ");
             json!({
                 "_id": format!("e{i:05}"),

@@ -16,7 +16,11 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
-#[command(name = "basalt", version, about = "Basalt: real-time analytics on semi-structured data (aggregator-leaf-tailer)")]
+#[command(
+    name = "basalt",
+    version,
+    about = "Basalt: real-time analytics on semi-structured data (aggregator-leaf-tailer)"
+)]
 struct Cli {
     /// TOML file with option values (keys as the long flag names with '_' for '-').
     #[arg(long, global = true, env = "BASALT_CONFIG")]
@@ -159,14 +163,19 @@ async fn load_demo(meta: &Meta, tailer: &Tailer) -> Result<(), String> {
 fn print_connect(pg: SocketAddr, http: SocketAddr) {
     println!("Basalt is ready.");
     println!("  SQL:  psql -h {} -p {} -U basalt", pg.ip(), pg.port());
-    println!("  HTTP: curl -s http://{http}/v1/query -H 'content-type: application/json' -d '{{\"sql\": \"SELECT count(*) FROM demo.events\"}}'");
+    println!(
+        "  HTTP: curl -s http://{http}/v1/query -H 'content-type: application/json' -d '{{\"sql\": \"SELECT count(*) FROM demo.events\"}}'"
+    );
     println!("  Metrics: http://{http}/metrics");
 }
 
 fn open_local(data_dir: &std::path::Path) -> Result<(Meta, basalt_leaf::Leaf), String> {
     let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&data_dir.join("meta")).map_err(|e| e.to_string())?);
-    let leaf = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: data_dir.join("leaf"), limits: DocLimits::default() })
-        .map_err(|e| e.to_string())?;
+    let leaf = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig {
+        data_dir: data_dir.join("leaf"),
+        limits: DocLimits::default(),
+    })
+    .map_err(|e| e.to_string())?;
     Ok((meta, leaf))
 }
 
@@ -210,7 +219,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             let leaf_addr = args.leaf_addr.or(file.leaf_addr).unwrap_or_else(|| addr("127.0.0.1:50061"));
             let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8092"));
             let client = basalt_rpc::Client::connect(leaf_addr).map_err(|e| e.to_string())?;
-            let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(Arc::new(client.clone()), Arc::new(client), Default::default()));
+            let tailer: Tailer =
+                Arc::new(basalt_tailer::Tailer::new(Arc::new(client.clone()), Arc::new(client), Default::default()));
             let services = basalt_rpc::Services { leaf: None, meta: None, tailer: Some(tailer) };
             let rpc = bind("rpc", rpc_addr).await?;
             let http = bind("http", http_addr).await?;
@@ -266,7 +276,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let filter = cli.log.clone().or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info".into());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

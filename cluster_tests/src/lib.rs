@@ -38,7 +38,8 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(name: &str, args: &[String], log_dir: &Path) -> Proc {
-        let mut p = Proc { name: name.to_string(), args: args.to_vec(), log: log_dir.join(format!("{name}.log")), child: None };
+        let mut p =
+            Proc { name: name.to_string(), args: args.to_vec(), log: log_dir.join(format!("{name}.log")), child: None };
         p.spawn();
         p
     }
@@ -93,7 +94,12 @@ pub async fn wait_http(url: &str, what: &Proc) {
         {
             return;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "{} did not become ready:\n{}", what.name, what.log_tail());
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} did not become ready:\n{}",
+            what.name,
+            what.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -135,7 +141,15 @@ impl Deployment {
         let data = dir.path().join("leaf-data").display().to_string();
         let leaf = Proc::start(
             "leaf",
-            &s(&["leaf", "--data-dir", &data, "--rpc-addr", &format!("127.0.0.1:{leaf_rpc}"), "--http-addr", &format!("127.0.0.1:{leaf_http}")]),
+            &s(&[
+                "leaf",
+                "--data-dir",
+                &data,
+                "--rpc-addr",
+                &format!("127.0.0.1:{leaf_rpc}"),
+                "--http-addr",
+                &format!("127.0.0.1:{leaf_http}"),
+            ]),
             dir.path(),
         );
         let tailer = Proc::start(
@@ -182,7 +196,8 @@ impl Deployment {
 
     pub async fn pg(&self) -> tokio_postgres::Client {
         let conn_str = format!("host=127.0.0.1 port={} user=basalt dbname=basalt", self.pg_port);
-        let (client, conn) = tokio_postgres::connect(&conn_str, tokio_postgres::NoTls).await.expect("connect over pgwire");
+        let (client, conn) =
+            tokio_postgres::connect(&conn_str, tokio_postgres::NoTls).await.expect("connect over pgwire");
         tokio::spawn(async move {
             let _ = conn.await;
         });

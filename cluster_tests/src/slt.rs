@@ -80,7 +80,8 @@ fn multiline_validator(_normalizer: sqllogictest::Normalizer, actual: &[Vec<Stri
         .flat_map(|row| row.join(" ").lines().map(clean).collect::<Vec<_>>())
         .filter(|l| !l.is_empty())
         .collect();
-    let expected: Vec<String> = expected.iter().flat_map(|l| l.lines().map(clean).collect::<Vec<_>>()).filter(|l| !l.is_empty()).collect();
+    let expected: Vec<String> =
+        expected.iter().flat_map(|l| l.lines().map(clean).collect::<Vec<_>>()).filter(|l| !l.is_empty()).collect();
     actual == expected
 }
 
@@ -97,7 +98,8 @@ pub async fn run_dir(dir: &Path, pg_port: u16) {
     for file in files {
         let mut runner = sqllogictest::Runner::new(move || async move {
             let conn_str = format!("host=127.0.0.1 port={pg_port} user=basalt dbname=basalt");
-            let (client, conn) = tokio_postgres::connect(&conn_str, tokio_postgres::NoTls).await.map_err(|e| PgError(e.to_string()))?;
+            let (client, conn) =
+                tokio_postgres::connect(&conn_str, tokio_postgres::NoTls).await.map_err(|e| PgError(e.to_string()))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });

@@ -22,7 +22,8 @@ async fn acknowledged_writes_survive_kill_9() {
     // id -> value of every acknowledged document (a retried batch may rewrite a value).
     let acked: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let (url, acked_w, stop_w, client_w) = (d.http("/v1/collections/crash/docs"), acked.clone(), stop.clone(), client.clone());
+    let (url, acked_w, stop_w, client_w) =
+        (d.http("/v1/collections/crash/docs"), acked.clone(), stop.clone(), client.clone());
     let writer = tokio::spawn(async move {
         let (mut batch_no, mut failures) = (0u64, 0u64);
         while !stop_w.load(Ordering::Relaxed) {
@@ -104,5 +105,9 @@ async fn acknowledged_writes_survive_kill_9() {
     // Nothing beyond what was sent: unacknowledged batches may have landed, but only whole ids
     // the writer produced.
     assert!(present.keys().all(|id| id.starts_with('d')));
-    println!("acknowledged {} documents in {batches} batches with {failures} failed attempts; present {}", acked.len(), present.len());
+    println!(
+        "acknowledged {} documents in {batches} batches with {failures} failed attempts; present {}",
+        acked.len(),
+        present.len()
+    );
 }

@@ -18,7 +18,11 @@ async fn write_query_and_errors_over_http() {
     let c = reqwest::Client::new();
     let (s, _) = send(c.post(d.http("/v1/collections")).json(&json!({"name": "web.hits"}))).await;
     assert_eq!(s, 404, "workspace must exist first");
-    let (s, _) = send(c.post(d.http("/v1/query")).json(&json!({"sql": "CREATE WORKSPACE web; CREATE COLLECTION web.hits WITH (shards = 3)"}))).await;
+    let (s, _) = send(
+        c.post(d.http("/v1/query"))
+            .json(&json!({"sql": "CREATE WORKSPACE web; CREATE COLLECTION web.hits WITH (shards = 3)"})),
+    )
+    .await;
     assert_eq!(s, 200);
 
     // Per-document statuses; good documents land even when others fail.
@@ -51,7 +55,9 @@ async fn write_query_and_errors_over_http() {
     assert_eq!(s, 200);
     let codes: Vec<Value> = body["data"].as_array().unwrap().iter().map(|x| x["error"]["code"].clone()).collect();
     assert_eq!(codes, [Value::Null, json!("invalid_input"), json!("not_found"), json!("invalid_input")]);
-    let (_, body) = send(c.post(d.http("/v1/query")).json(&json!({"sql": "SELECT ms, geo.city FROM web.hits WHERE _id = 'h1'"}))).await;
+    let (_, body) =
+        send(c.post(d.http("/v1/query")).json(&json!({"sql": "SELECT ms, geo.city FROM web.hits WHERE _id = 'h1'"})))
+            .await;
     assert_eq!(body["rows"], json!([[17, "Oslo"]]));
     let (s, _) = send(c.delete(d.http("/v1/collections/web.hits/docs")).json(&json!({"data": [{"_id": "h1"}]}))).await;
     assert_eq!(s, 200);
@@ -75,7 +81,8 @@ async fn write_query_and_errors_over_http() {
     let (s, body) = send(c.post(d.http("/v1/query")).json(&json!({"sql": "SELECT * FROM"}))).await;
     assert_eq!((s, body["error"]["code"].as_str()), (400, Some("syntax_error")));
     let big = "x".repeat(11 * 1024 * 1024);
-    let (s, body) = send(c.post(d.http("/v1/collections/web.hits/docs")).body(format!("{{\"data\": [\"{big}\"]}}"))).await;
+    let (s, body) =
+        send(c.post(d.http("/v1/collections/web.hits/docs")).body(format!("{{\"data\": [\"{big}\"]}}"))).await;
     assert_eq!((s, body["error"]["code"].as_str()), (413, Some("limit_exceeded")));
     let many: Vec<Value> = (0..20_001).map(|i| json!({"_id": i})).collect();
     let (s, body) = send(c.post(d.http("/v1/collections/web.hits/docs")).json(&json!({"data": many}))).await;

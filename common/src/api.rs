@@ -77,13 +77,24 @@ pub struct CollectionInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum WriteInput {
-    Upsert { doc: Value },
+    Upsert {
+        doc: Value,
+    },
     /// A document given as raw bytes (SQL string literals, files): parsed by the tailer.
-    UpsertRaw { json: String },
-    Patch { id: String, ops: Vec<PatchOp> },
-    Delete { id: String },
+    UpsertRaw {
+        json: String,
+    },
+    Patch {
+        id: String,
+        ops: Vec<PatchOp>,
+    },
+    Delete {
+        id: String,
+    },
     /// An item the front end could not even read as a write; reported back per document.
-    Invalid { message: String },
+    Invalid {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,7 +200,8 @@ pub trait TailerApi: Send + Sync + 'static {
 pub trait MetaApi: Send + Sync + 'static {
     async fn create_workspace(&self, name: String, if_not_exists: bool) -> Result<()>;
     async fn list_workspaces(&self) -> Result<Vec<String>>;
-    async fn create_collection(&self, name: CollectionName, shards: u32, if_not_exists: bool) -> Result<CollectionInfo>;
+    async fn create_collection(&self, name: CollectionName, shards: u32, if_not_exists: bool)
+    -> Result<CollectionInfo>;
     /// Returns the dropped collection, or None when it did not exist and `if_exists` was set.
     async fn drop_collection(&self, name: CollectionName, if_exists: bool) -> Result<Option<CollectionInfo>>;
     async fn get_collection(&self, name: CollectionName) -> Result<CollectionInfo>;

@@ -22,19 +22,12 @@ pub struct DocLimits {
 
 impl Default for DocLimits {
     fn default() -> Self {
-        Self {
-            doc_size_bytes_max: 4 * 1024 * 1024,
-            depth_max: 32,
-            fields_max: 10_000,
-            id_length_max: 512,
-        }
+        Self { doc_size_bytes_max: 4 * 1024 * 1024, depth_max: 32, fields_max: 10_000, id_length_max: 512 }
     }
 }
 
 /// The type of one JSON value as smart schemas track it.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Null,
@@ -88,20 +81,16 @@ pub fn parse_doc(bytes: &[u8], limits: &DocLimits) -> Result<Doc> {
             limits.doc_size_bytes_max
         )));
     }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| BasaltError::invalid(format!("document is not valid utf-8: {e}")))?;
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| BasaltError::invalid(format!("malformed json: {e}")))?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|e| BasaltError::invalid(format!("document is not valid utf-8: {e}")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| BasaltError::invalid(format!("malformed json: {e}")))?;
     validate_value(value, limits)
 }
 
 /// Validate an already parsed value as a document: an object within the limits.
 pub fn validate_value(value: Value, limits: &DocLimits) -> Result<Doc> {
     let Value::Object(doc) = value else {
-        return Err(BasaltError::invalid(format!(
-            "a document must be a json object, got {}",
-            Kind::of(&value).name()
-        )));
+        return Err(BasaltError::invalid(format!("a document must be a json object, got {}", Kind::of(&value).name())));
     };
     let mut fields = 0usize;
     check_depth(&doc, 1, limits, &mut fields)?;
@@ -118,18 +107,12 @@ pub fn validate_value(value: Value, limits: &DocLimits) -> Result<Doc> {
 
 fn check_depth(obj: &Doc, depth: usize, limits: &DocLimits, fields: &mut usize) -> Result<()> {
     if depth > limits.depth_max {
-        return Err(BasaltError::limit(format!(
-            "document nesting is deeper than the limit of {}",
-            limits.depth_max
-        )));
+        return Err(BasaltError::limit(format!("document nesting is deeper than the limit of {}", limits.depth_max)));
     }
     for value in obj.values() {
         *fields += 1;
         if *fields > limits.fields_max {
-            return Err(BasaltError::limit(format!(
-                "document has more than {} fields",
-                limits.fields_max
-            )));
+            return Err(BasaltError::limit(format!("document has more than {} fields", limits.fields_max)));
         }
         check_value_depth(value, depth, limits, fields)?;
     }
@@ -173,10 +156,7 @@ pub fn normalize_system_fields(doc: &mut Doc, now_us: i64, limits: &DocLimits) -
         }
     };
     if id.len() > limits.id_length_max {
-        return Err(BasaltError::limit(format!(
-            "_id is longer than {} bytes",
-            limits.id_length_max
-        )));
+        return Err(BasaltError::limit(format!("_id is longer than {} bytes", limits.id_length_max)));
     }
     doc.insert(ID_FIELD.to_string(), Value::String(id.clone()));
     let event_time = match doc.get(EVENT_TIME_FIELD) {
@@ -287,14 +267,9 @@ pub enum PatchKind {
 
 fn pointer_parts(pointer: &str) -> Result<Vec<String>> {
     if !pointer.starts_with('/') || pointer.len() < 2 {
-        return Err(BasaltError::invalid(format!(
-            "patch path {pointer:?} must be a json pointer like /a/b"
-        )));
+        return Err(BasaltError::invalid(format!("patch path {pointer:?} must be a json pointer like /a/b")));
     }
-    Ok(pointer[1..]
-        .split('/')
-        .map(|p| p.replace("~1", "/").replace("~0", "~"))
-        .collect())
+    Ok(pointer[1..].split('/').map(|p| p.replace("~1", "/").replace("~0", "~")).collect())
 }
 
 /// Apply patch operations to a document in order. On error the document is left unchanged.
@@ -331,42 +306,31 @@ fn apply_one(root: &mut Value, op: &PatchOp) -> Result<()> {
                 if create && !o.contains_key(part) {
                     o.insert(part.clone(), Value::Object(Map::new()));
                 }
-                o.get_mut(part)
-                    .ok_or_else(|| BasaltError::invalid(format!("patch path {} not found", op.path)))?
+                o.get_mut(part).ok_or_else(|| BasaltError::invalid(format!("patch path {} not found", op.path)))?
             }
             Value::Array(items) => {
                 let idx = array_index(part, items.len(), &op.path)?;
-                items
-                    .get_mut(idx)
-                    .ok_or_else(|| BasaltError::invalid(format!("patch path {} not found", op.path)))?
+                items.get_mut(idx).ok_or_else(|| BasaltError::invalid(format!("patch path {} not found", op.path)))?
             }
             _ => {
-                return Err(BasaltError::invalid(format!(
-                    "patch path {} goes through a scalar",
-                    op.path
-                )));
+                return Err(BasaltError::invalid(format!("patch path {} goes through a scalar", op.path)));
             }
         };
     }
-    let value = || {
-        op.value
-            .clone()
-            .ok_or_else(|| BasaltError::invalid(format!("patch op on {} needs a value", op.path)))
-    };
+    let value =
+        || op.value.clone().ok_or_else(|| BasaltError::invalid(format!("patch op on {} needs a value", op.path)));
     match cur {
         Value::Object(o) => match op.op {
             PatchKind::Add => {
                 o.insert(last.clone(), value()?);
             }
             PatchKind::Replace => {
-                let slot = o
-                    .get_mut(last)
-                    .ok_or_else(|| BasaltError::invalid(format!("patch path {} not found", op.path)))?;
+                let slot =
+                    o.get_mut(last).ok_or_else(|| BasaltError::invalid(format!("patch path {} not found", op.path)))?;
                 *slot = value()?;
             }
             PatchKind::Remove => {
-                o.remove(last)
-                    .ok_or_else(|| BasaltError::invalid(format!("patch path {} not found", op.path)))?;
+                o.remove(last).ok_or_else(|| BasaltError::invalid(format!("patch path {} not found", op.path)))?;
             }
             PatchKind::Increment => {
                 let by = value()?;
@@ -400,19 +364,15 @@ fn apply_one(root: &mut Value, op: &PatchOp) -> Result<()> {
             }
         }
         _ => {
-            return Err(BasaltError::invalid(format!(
-                "patch path {} goes through a scalar",
-                op.path
-            )));
+            return Err(BasaltError::invalid(format!("patch path {} goes through a scalar", op.path)));
         }
     }
     Ok(())
 }
 
 fn array_index(part: &str, len: usize, path: &str) -> Result<usize> {
-    let idx: usize = part
-        .parse()
-        .map_err(|_| BasaltError::invalid(format!("patch path {path}: {part:?} is not an array index")))?;
+    let idx: usize =
+        part.parse().map_err(|_| BasaltError::invalid(format!("patch path {path}: {part:?} is not an array index")))?;
     if idx >= len {
         return Err(BasaltError::invalid(format!("patch path {path}: index {idx} out of bounds")));
     }
@@ -422,15 +382,13 @@ fn array_index(part: &str, len: usize, path: &str) -> Result<usize> {
 fn increment(current: &Value, by: &Value, path: &str) -> Result<Value> {
     match (current, by) {
         (Value::Number(a), Value::Number(b)) => {
-            if let (Some(a), Some(b)) = (a.as_i64(), b.as_i64()) {
-                if let Some(sum) = a.checked_add(b) {
-                    return Ok(Value::from(sum));
-                }
+            if let (Some(a), Some(b)) = (a.as_i64(), b.as_i64())
+                && let Some(sum) = a.checked_add(b)
+            {
+                return Ok(Value::from(sum));
             }
             match (a.as_f64(), b.as_f64()) {
-                (Some(a), Some(b)) => Ok(serde_json::Number::from_f64(a + b)
-                    .map(Value::Number)
-                    .unwrap_or(Value::Null)),
+                (Some(a), Some(b)) => Ok(serde_json::Number::from_f64(a + b).map(Value::Number).unwrap_or(Value::Null)),
                 _ => Err(BasaltError::invalid(format!("increment of {path} overflowed"))),
             }
         }
@@ -458,9 +416,7 @@ pub fn sql_path_to_pointer(path: &str) -> Result<String> {
         out.push_str(&name.replace('~', "~0").replace('/', "~1"));
         let mut rest = subscripts;
         while let Some(stripped) = rest.strip_prefix('[') {
-            let end = stripped
-                .find(']')
-                .ok_or_else(|| BasaltError::invalid(format!("bad field path {path:?}")))?;
+            let end = stripped.find(']').ok_or_else(|| BasaltError::invalid(format!("bad field path {path:?}")))?;
             let idx: usize = stripped[..end]
                 .trim()
                 .parse()

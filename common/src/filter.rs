@@ -49,12 +49,22 @@ pub enum Filter {
     And(Vec<Filter>),
     Or(Vec<Filter>),
     Not(Box<Filter>),
-    Cmp { path: String, op: CmpOp, value: Scalar },
-    In { path: String, values: Vec<Scalar> },
+    Cmp {
+        path: String,
+        op: CmpOp,
+        value: Scalar,
+    },
+    In {
+        path: String,
+        values: Vec<Scalar>,
+    },
     IsNull(String),
     IsNotNull(String),
     /// Full-text match of `query` against the string values at `path`.
-    Search { path: String, query: String },
+    Search {
+        path: String,
+        query: String,
+    },
 }
 
 impl std::fmt::Display for Scalar {
@@ -225,11 +235,17 @@ mod tests {
         assert_eq!(choose_access_path(&[range.clone(), id.clone()], None, stats), AccessPath::RowLookup);
         assert_eq!(choose_access_path(&[range.clone(), term.clone()], None, stats), AccessPath::SearchIndex);
         assert_eq!(choose_access_path(std::slice::from_ref(&range), None, stats), AccessPath::ColumnScan);
-        assert_eq!(choose_access_path(&[term.clone()], Some(AccessPath::ColumnScan), stats), AccessPath::ColumnScan);
+        assert_eq!(choose_access_path(std::slice::from_ref(&term), Some(AccessPath::ColumnScan), stats), AccessPath::ColumnScan);
         assert_eq!(choose_access_path(&[range], Some(AccessPath::SearchIndex), stats), AccessPath::ColumnScan);
         let mixed = eq("mixed", Scalar::Str("1".into()));
         assert_eq!(choose_access_path(&[mixed], None, stats), AccessPath::ColumnScan);
-        assert_eq!(id_lookup(&[Filter::In { path: "_id".into(), values: vec![Scalar::Str("a".into()), Scalar::Str("b".into())] }]), Some(vec!["a".into(), "b".into()]));
+        assert_eq!(
+            id_lookup(&[Filter::In {
+                path: "_id".into(),
+                values: vec![Scalar::Str("a".into()), Scalar::Str("b".into())]
+            }]),
+            Some(vec!["a".into(), "b".into()])
+        );
     }
 
     #[test]

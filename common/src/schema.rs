@@ -115,10 +115,7 @@ impl SchemaStats {
     }
 
     fn non_null_kinds(&self, path: &str) -> Vec<Kind> {
-        self.fields
-            .get(path)
-            .map(|k| k.keys().copied().filter(|k| *k != Kind::Null).collect())
-            .unwrap_or_default()
+        self.fields.get(path).map(|k| k.keys().copied().filter(|k| *k != Kind::Null).collect()).unwrap_or_default()
     }
 
     /// The column type of one path, or None when the path is not a column (objects only, or
@@ -154,10 +151,8 @@ impl SchemaStats {
 
     /// Every column of the collection, `_id` and `_event_time` first, then paths in order.
     pub fn columns(&self) -> Vec<(String, ColumnType)> {
-        let mut out = vec![
-            (ID_FIELD.to_string(), ColumnType::Utf8),
-            (EVENT_TIME_FIELD.to_string(), ColumnType::Timestamp),
-        ];
+        let mut out =
+            vec![(ID_FIELD.to_string(), ColumnType::Utf8), (EVENT_TIME_FIELD.to_string(), ColumnType::Timestamp)];
         for path in self.fields.keys() {
             if path == ID_FIELD || path == EVENT_TIME_FIELD {
                 continue;
@@ -173,7 +168,7 @@ impl SchemaStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doc::{validate_value, visit_kinds, DocLimits};
+    use crate::doc::{DocLimits, validate_value, visit_kinds};
     use serde_json::json;
 
     fn stats(docs: &[serde_json::Value]) -> SchemaStats {

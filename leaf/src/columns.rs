@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringArray,
-    StringBuilder, TimestampMicrosecondBuilder, new_null_array,
+    Array, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringArray, StringBuilder,
+    TimestampMicrosecondBuilder, new_null_array,
 };
 use arrow::compute::{CastOptions, can_cast_types, cast_with_options};
 use arrow::datatypes::DataType;

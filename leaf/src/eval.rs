@@ -3,10 +3,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StringArray,
-    TimestampMicrosecondArray,
-};
+use arrow::array::{ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray};
 use arrow::compute::kernels::boolean::{and_kleene, is_not_null, is_null, not, or_kleene};
 use arrow::compute::kernels::cmp;
 use arrow::datatypes::DataType;
@@ -130,7 +127,10 @@ fn excluded(filter: &Filter, block: &Block) -> bool {
             }
         }
         Filter::In { path, values } => {
-            !values.is_empty() && values.iter().all(|v| excluded(&Filter::Cmp { path: path.clone(), op: CmpOp::Eq, value: v.clone() }, block))
+            !values.is_empty()
+                && values
+                    .iter()
+                    .all(|v| excluded(&Filter::Cmp { path: path.clone(), op: CmpOp::Eq, value: v.clone() }, block))
         }
         Filter::IsNotNull(path) | Filter::Search { path, .. } => !block.columns.contains_key(path),
         _ => false,

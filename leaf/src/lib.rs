@@ -26,11 +26,18 @@ use crate::shard::{Shard, ShardKey, keyspace_name};
 
 static WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!("basalt_leaf_write_ops_total", "Document operations applied by leaves", &["result"])
-        .unwrap_or_else(|_| IntCounterVec::new(prometheus::Opts::new("basalt_leaf_write_ops_total_unregistered", "x"), &["result"]).unwrap_or_else(|e| panic!("metric definition is static: {e}")))
+        .unwrap_or_else(|_| {
+            IntCounterVec::new(prometheus::Opts::new("basalt_leaf_write_ops_total_unregistered", "x"), &["result"])
+                .unwrap_or_else(|e| panic!("metric definition is static: {e}"))
+        })
 });
 static SCANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("basalt_leaf_scans_total", "Shard scans by access path", &["access_path"])
-        .unwrap_or_else(|_| IntCounterVec::new(prometheus::Opts::new("basalt_leaf_scans_total_unregistered", "x"), &["access_path"]).unwrap_or_else(|e| panic!("metric definition is static: {e}")))
+    register_int_counter_vec!("basalt_leaf_scans_total", "Shard scans by access path", &["access_path"]).unwrap_or_else(
+        |_| {
+            IntCounterVec::new(prometheus::Opts::new("basalt_leaf_scans_total_unregistered", "x"), &["access_path"])
+                .unwrap_or_else(|e| panic!("metric definition is static: {e}"))
+        },
+    )
 });
 
 /// Capacity of the channel between a scan thread and its consumer (batches of up to 8192 rows).
@@ -66,7 +73,13 @@ impl Leaf {
         std::fs::create_dir_all(dir).map_err(store_err)?;
         let db = fjall::Database::builder(dir.join("rows")).open().map_err(store_err)?;
         let meta = db.keyspace("leaf_meta", fjall::KeyspaceCreateOptions::default).map_err(store_err)?;
-        let leaf = LeafInner { db, meta, shards: RwLock::new(HashMap::new()), lifecycle: parking_lot::Mutex::new(()), limits: config.limits.clone() };
+        let leaf = LeafInner {
+            db,
+            meta,
+            shards: RwLock::new(HashMap::new()),
+            lifecycle: parking_lot::Mutex::new(()),
+            limits: config.limits.clone(),
+        };
         let mut keys = Vec::new();
         for item in leaf.meta.prefix("shard/") {
             let k = item.key().map_err(store_err)?;
@@ -114,7 +127,8 @@ impl Leaf {
             batch.remove(&self.0.meta, format!("shard/{}/{}", key.0, key.1).into_bytes());
             batch.remove(&self.0.meta, format!("seq/{}", keyspace_name(key)).into_bytes());
             batch.commit().map_err(store_err)?;
-            let ks = self.0.db.keyspace(&keyspace_name(key), fjall::KeyspaceCreateOptions::default).map_err(store_err)?;
+            let ks =
+                self.0.db.keyspace(&keyspace_name(key), fjall::KeyspaceCreateOptions::default).map_err(store_err)?;
             self.0.db.delete_keyspace(ks).map_err(store_err)?;
             tracing::info!(shard = %keyspace_name(key), "shard dropped");
         }
@@ -128,9 +142,7 @@ impl Leaf {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BasaltError::internal(format!("leaf task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| BasaltError::internal(format!("leaf task failed: {e}")))?
 }
 
 #[async_trait]

@@ -15,8 +15,8 @@ use parking_lot::Mutex;
 use tantivy::collector::{Collector, SegmentCollector};
 use tantivy::query::{BooleanQuery, EmptyQuery, Occur, Query, TermQuery};
 use tantivy::schema::{
-    FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, OwnedValue, STRING, Schema,
-    TextFieldIndexing, TextOptions,
+    FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, OwnedValue, STRING, Schema, TextFieldIndexing,
+    TextOptions,
 };
 use tantivy::{DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader, TantivyDocument, Term};
 
@@ -52,7 +52,9 @@ impl SearchIndex {
             .into();
         let text = sb.add_json_field("text", text_options);
         let raw_options: JsonObjectOptions = TextOptions::default()
-            .set_indexing_options(TextFieldIndexing::default().set_tokenizer("raw").set_index_option(IndexRecordOption::Basic))
+            .set_indexing_options(
+                TextFieldIndexing::default().set_tokenizer("raw").set_index_option(IndexRecordOption::Basic),
+            )
             .into();
         let raw = sb.add_json_field("raw", raw_options);
         let index = Index::create_in_ram(sb.build());
@@ -114,11 +116,19 @@ impl SearchIndex {
                     .collect();
                 Box::new(BooleanQuery::new(clauses))
             }
-            Filter::Cmp { path, op: CmpOp::Eq, value } => Box::new(TermQuery::new(self.raw_term(path, value)?, IndexRecordOption::Basic)),
+            Filter::Cmp { path, op: CmpOp::Eq, value } => {
+                Box::new(TermQuery::new(self.raw_term(path, value)?, IndexRecordOption::Basic))
+            }
             Filter::In { path, values } => {
                 let clauses = values
                     .iter()
-                    .map(|v| Ok((Occur::Should, Box::new(TermQuery::new(self.raw_term(path, v)?, IndexRecordOption::Basic)) as Box<dyn Query>)))
+                    .map(|v| {
+                        Ok((
+                            Occur::Should,
+                            Box::new(TermQuery::new(self.raw_term(path, v)?, IndexRecordOption::Basic))
+                                as Box<dyn Query>,
+                        ))
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Box::new(BooleanQuery::new(clauses))
             }
@@ -127,15 +137,17 @@ impl SearchIndex {
                 let clauses = items.iter().map(|i| Ok((occur, self.query(i)?))).collect::<Result<Vec<_>>>()?;
                 Box::new(BooleanQuery::new(clauses))
             }
-            other => return Err(BasaltError::internal(format!("filter {other} is not answerable by the search index"))),
+            other => {
+                return Err(BasaltError::internal(format!("filter {other} is not answerable by the search index")));
+            }
         })
     }
 
     fn raw_term(&self, path: &str, value: &Scalar) -> Result<Term> {
-        if path == ID_FIELD {
-            if let Scalar::Str(s) = value {
-                return Ok(Term::from_field_text(self.id, s));
-            }
+        if path == ID_FIELD
+            && let Scalar::Str(s) = value
+        {
+            return Ok(Term::from_field_text(self.id, s));
         }
         let mut term = Term::from_field_json_path(self.raw, path, false);
         match value {
@@ -207,8 +219,14 @@ mod tests {
     fn finds_terms_text_and_replaces_versions() {
         let idx = SearchIndex::new().unwrap();
         let d = |v: serde_json::Value| v.as_object().unwrap().clone();
-        idx.upsert("u1", Some(0), Some(&d(json!({"_id": "u1", "name": "Ada Lovelace", "age": 36, "address": {"city": "London"}})))).unwrap();
-        idx.upsert("u2", Some(1), Some(&d(json!({"_id": "u2", "name": "Alan Turing", "age": 41, "ok": true})))).unwrap();
+        idx.upsert(
+            "u1",
+            Some(0),
+            Some(&d(json!({"_id": "u1", "name": "Ada Lovelace", "age": 36, "address": {"city": "London"}}))),
+        )
+        .unwrap();
+        idx.upsert("u2", Some(1), Some(&d(json!({"_id": "u2", "name": "Alan Turing", "age": 41, "ok": true}))))
+            .unwrap();
         let search = Filter::Search { path: "name".into(), query: "ada".into() };
         assert_eq!(idx.matching_slots(&[&search]).unwrap(), vec![0]);
         let city = Filter::Cmp { path: "address.city".into(), op: CmpOp::Eq, value: Scalar::Str("London".into()) };

@@ -124,7 +124,10 @@ impl Shard {
                     DocStatus::ok(id)
                 }
                 WriteOp::Patch { ops, .. } => match entry.1.as_mut() {
-                    None => DocStatus::error(Some(id.clone()), BasaltError::not_found(format!("document {id} does not exist"))),
+                    None => DocStatus::error(
+                        Some(id.clone()),
+                        BasaltError::not_found(format!("document {id} does not exist")),
+                    ),
                     Some(doc) => match apply_patch(doc, &ops, &self.limits) {
                         Ok(()) => DocStatus::ok(id),
                         Err(e) => DocStatus::error(Some(id), e),
@@ -214,7 +217,8 @@ impl Shard {
                 }
             }
             AccessPath::SearchIndex => {
-                let (indexed, rest): (Vec<&Filter>, Vec<&Filter>) = req.filters.iter().partition(|f| index_answerable(f, &snapshot.stats));
+                let (indexed, rest): (Vec<&Filter>, Vec<&Filter>) =
+                    req.filters.iter().partition(|f| index_answerable(f, &snapshot.stats));
                 let slots = self.search.matching_slots(&indexed)?;
                 let mut i = 0;
                 for block in &snapshot.blocks {
@@ -277,9 +281,8 @@ fn project_filter(
         let owned: Vec<Filter> = filters.iter().map(|f| (*f).clone()).collect();
         mask = Some(eval(&Filter::And(owned), block)?);
     }
-    let live: Vec<bool> = (0..block.rows)
-        .map(|r| deletions.is_none_or(|d| !d.is_deleted(block.base_slot + r as u64)))
-        .collect();
+    let live: Vec<bool> =
+        (0..block.rows).map(|r| deletions.is_none_or(|d| !d.is_deleted(block.base_slot + r as u64))).collect();
     let mut keep = arrow::array::BooleanArray::from(live);
     if let Some(m) = mask {
         // Unknown (null) counts as false.
@@ -295,13 +298,9 @@ fn project_filter(
         }
         keep = and(&keep, &arrow::array::BooleanArray::from(sel))?;
     }
-    let arrays: Vec<ArrayRef> = schema
-        .fields()
-        .iter()
-        .map(|f| block.column_as(f.name(), f.data_type()))
-        .collect::<Result<_>>()?;
+    let arrays: Vec<ArrayRef> =
+        schema.fields().iter().map(|f| block.column_as(f.name(), f.data_type())).collect::<Result<_>>()?;
     let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(block.rows));
     let batch = RecordBatch::try_new_with_options(schema.clone(), arrays, &options)?;
     Ok(filter_record_batch(&batch, &keep)?)
 }
-

@@ -46,11 +46,21 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
         let r = leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops }).await.unwrap();
         assert_eq!(r.seq, 1);
         assert!(r.statuses.iter().all(|s| s.is_ok()));
-        let patch = WriteOp::Patch { id: "d1".into(), ops: vec![PatchOp { op: PatchKind::Replace, path: "/kind".into(), value: Some(json!("rare")) }] };
-        let bad = WriteOp::Patch { id: "d2".into(), ops: vec![PatchOp { op: PatchKind::Replace, path: "/nope".into(), value: Some(json!(1)) }] };
+        let patch = WriteOp::Patch {
+            id: "d1".into(),
+            ops: vec![PatchOp { op: PatchKind::Replace, path: "/kind".into(), value: Some(json!("rare")) }],
+        };
+        let bad = WriteOp::Patch {
+            id: "d2".into(),
+            ops: vec![PatchOp { op: PatchKind::Replace, path: "/nope".into(), value: Some(json!(1)) }],
+        };
         let missing = WriteOp::Patch { id: "zz".into(), ops: vec![] };
         let r = leaf
-            .apply(ShardWrite { collection_id: 1, shard: 0, ops: vec![patch, bad, missing, WriteOp::Delete { id: "d0".into() }] })
+            .apply(ShardWrite {
+                collection_id: 1,
+                shard: 0,
+                ops: vec![patch, bad, missing, WriteOp::Delete { id: "d0".into() }],
+            })
             .await
             .unwrap();
         assert_eq!(r.statuses.iter().map(|s| s.is_ok()).collect::<Vec<_>>(), vec![true, false, false, true]);
@@ -60,20 +70,41 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
     assert_eq!(leaf.live_docs(1), 99);
     let rare = Filter::Cmp { path: "kind".into(), op: CmpOp::Eq, value: Scalar::Str("rare".into()) };
     let cols = [("_id", ColumnType::Utf8), ("kind", ColumnType::Utf8)];
-    let expected: Vec<String> = ["d1", "d10", "d20", "d30", "d40", "d50", "d60", "d70", "d80", "d90"].iter().map(|s| s.to_string()).collect();
+    let expected: Vec<String> =
+        ["d1", "d10", "d20", "d30", "d40", "d50", "d60", "d70", "d80", "d90"].iter().map(|s| s.to_string()).collect();
     // Search index (term), column scan (forced) and row lookup must agree.
     let by_index = scan(&leaf, vec![rare.clone()], &cols).await;
     assert_eq!(strings(&by_index, 0), expected);
     let shard = leaf.shard((1, 0)).unwrap();
-    let req = |filters: Vec<Filter>, hint| ScanRequest { collection_id: 1, shard: 0, columns: vec![], filters, limit: None, hint };
+    let req = |filters: Vec<Filter>, hint| ScanRequest {
+        collection_id: 1,
+        shard: 0,
+        columns: vec![],
+        filters,
+        limit: None,
+        hint,
+    };
     assert_eq!(shard.access_path(&req(vec![rare.clone()], None), &shard.stats()), AccessPath::SearchIndex);
-    assert_eq!(shard.access_path(&req(vec![rare.clone()], Some(AccessPath::ColumnScan)), &shard.stats()), AccessPath::ColumnScan);
+    assert_eq!(
+        shard.access_path(&req(vec![rare.clone()], Some(AccessPath::ColumnScan)), &shard.stats()),
+        AccessPath::ColumnScan
+    );
     let mut forced = Vec::new();
     shard
-        .scan(&ScanRequest { collection_id: 1, shard: 0, columns: vec![("_id".into(), ColumnType::Utf8)], filters: vec![rare.clone()], limit: None, hint: Some(AccessPath::ColumnScan) }, |b| {
-            forced.push(b);
-            true
-        })
+        .scan(
+            &ScanRequest {
+                collection_id: 1,
+                shard: 0,
+                columns: vec![("_id".into(), ColumnType::Utf8)],
+                filters: vec![rare.clone()],
+                limit: None,
+                hint: Some(AccessPath::ColumnScan),
+            },
+            |b| {
+                forced.push(b);
+                true
+            },
+        )
         .unwrap();
     let schema = forced[0].schema();
     assert_eq!(strings(&concat_batches(&schema, &forced).unwrap(), 0), expected);
@@ -93,7 +124,8 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
     let mut req = req(vec![], None);
     req.columns = vec![("_id".into(), ColumnType::Utf8)];
     req.limit = Some(7);
-    let n: usize = leaf.scan(req).await.unwrap().map(|b| b.unwrap().num_rows()).fold(0, |a, b| async move { a + b }).await;
+    let n: usize =
+        leaf.scan(req).await.unwrap().map(|b| b.unwrap().num_rows()).fold(0, |a, b| async move { a + b }).await;
     assert_eq!(n, 7);
     // Drop removes the data for good.
     leaf.drop_collection(1).await.unwrap();

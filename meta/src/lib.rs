@@ -9,9 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use basalt_common::api::{
-    CollectionInfo, CollectionName, DEFAULT_WORKSPACE, MetaApi, SHARDS_MAX, validate_identifier,
-};
+use basalt_common::api::{CollectionInfo, CollectionName, DEFAULT_WORKSPACE, MetaApi, SHARDS_MAX, validate_identifier};
 use basalt_common::doc::now_micros;
 use basalt_common::{BasaltError, ErrorCode, Result};
 use serde::{Deserialize, Serialize};
@@ -37,13 +35,14 @@ pub struct LocalMeta {
 impl LocalMeta {
     /// Open (or create) the catalog stored in `dir/catalog.json`.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| BasaltError::internal(format!("create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| BasaltError::internal(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("catalog.json");
         let mut catalog = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| BasaltError::internal(format!("catalog {} is corrupt: {e}", path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Catalog { next_collection_id: 1, ..Default::default() },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Catalog { next_collection_id: 1, ..Default::default() }
+            }
             Err(e) => return Err(BasaltError::internal(format!("read {}: {e}", path.display()))),
         };
         catalog
@@ -56,8 +55,8 @@ impl LocalMeta {
     }
 
     fn persist(&self, catalog: &Catalog) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(catalog)
-            .map_err(|e| BasaltError::internal(format!("encode catalog: {e}")))?;
+        let bytes =
+            serde_json::to_vec_pretty(catalog).map_err(|e| BasaltError::internal(format!("encode catalog: {e}")))?;
         let tmp = self.path.with_extension("json.tmp");
         let io = |e: std::io::Error| BasaltError::internal(format!("write catalog {}: {e}", self.path.display()));
         let mut file = std::fs::File::create(&tmp).map_err(io)?;
@@ -107,7 +106,12 @@ impl MetaApi for LocalMeta {
         Ok(self.catalog.lock().await.workspaces.keys().cloned().collect())
     }
 
-    async fn create_collection(&self, name: CollectionName, shards: u32, if_not_exists: bool) -> Result<CollectionInfo> {
+    async fn create_collection(
+        &self,
+        name: CollectionName,
+        shards: u32,
+        if_not_exists: bool,
+    ) -> Result<CollectionInfo> {
         validate_identifier(&name.workspace)?;
         validate_identifier(&name.name)?;
         if shards == 0 || shards > SHARDS_MAX {
@@ -133,10 +137,7 @@ impl MetaApi for LocalMeta {
 
     async fn drop_collection(&self, name: CollectionName, if_exists: bool) -> Result<Option<CollectionInfo>> {
         self.update(|c| {
-            let removed = c
-                .workspaces
-                .get_mut(&name.workspace)
-                .and_then(|ws| ws.collections.remove(&name.name));
+            let removed = c.workspaces.get_mut(&name.workspace).and_then(|ws| ws.collections.remove(&name.name));
             match removed {
                 Some(info) => {
                     tracing::info!(collection = %name, id = info.id, "collection dropped");
@@ -184,7 +185,10 @@ mod tests {
         {
             let meta = LocalMeta::open(dir.path()).unwrap();
             let a = meta.create_collection(name.clone(), 2, false).await.unwrap();
-            assert_eq!(meta.create_collection(name.clone(), 2, false).await.unwrap_err().code, ErrorCode::AlreadyExists);
+            assert_eq!(
+                meta.create_collection(name.clone(), 2, false).await.unwrap_err().code,
+                ErrorCode::AlreadyExists
+            );
             assert_eq!(meta.create_collection(name.clone(), 2, true).await.unwrap().id, a.id);
             meta.drop_collection(name.clone(), false).await.unwrap();
             assert!(meta.drop_collection(name.clone(), true).await.unwrap().is_none());

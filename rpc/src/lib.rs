@@ -23,8 +23,8 @@ use arrow_flight::{
 };
 use async_trait::async_trait;
 use basalt_common::api::{
-    BatchStream, CollectionInfo, CollectionName, Leaf, LeafApi, Meta, MetaApi, ScanRequest, ShardWrite, ShardWriteResult,
-    Tailer, TailerApi, WriteRequest, WriteResponse,
+    BatchStream, CollectionInfo, CollectionName, Leaf, LeafApi, Meta, MetaApi, ScanRequest, ShardWrite,
+    ShardWriteResult, Tailer, TailerApi, WriteRequest, WriteResponse,
 };
 use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
@@ -140,13 +140,22 @@ impl FlightService for Services {
     type DoActionStream = Stream<arrow_flight::Result>;
     type ListActionsStream = Stream<ActionType>;
 
-    async fn handshake(&self, _r: Request<Streaming<HandshakeRequest>>) -> std::result::Result<Response<Self::HandshakeStream>, Status> {
+    async fn handshake(
+        &self,
+        _r: Request<Streaming<HandshakeRequest>>,
+    ) -> std::result::Result<Response<Self::HandshakeStream>, Status> {
         unimplemented("handshake")
     }
-    async fn list_flights(&self, _r: Request<Criteria>) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
+    async fn list_flights(
+        &self,
+        _r: Request<Criteria>,
+    ) -> std::result::Result<Response<Self::ListFlightsStream>, Status> {
         unimplemented("list_flights")
     }
-    async fn get_flight_info(&self, _r: Request<FlightDescriptor>) -> std::result::Result<Response<FlightInfo>, Status> {
+    async fn get_flight_info(
+        &self,
+        _r: Request<FlightDescriptor>,
+    ) -> std::result::Result<Response<FlightInfo>, Status> {
         unimplemented("get_flight_info")
     }
     async fn poll_flight_info(&self, _r: Request<FlightDescriptor>) -> std::result::Result<Response<PollInfo>, Status> {
@@ -155,10 +164,16 @@ impl FlightService for Services {
     async fn get_schema(&self, _r: Request<FlightDescriptor>) -> std::result::Result<Response<SchemaResult>, Status> {
         unimplemented("get_schema")
     }
-    async fn do_put(&self, _r: Request<Streaming<FlightData>>) -> std::result::Result<Response<Self::DoPutStream>, Status> {
+    async fn do_put(
+        &self,
+        _r: Request<Streaming<FlightData>>,
+    ) -> std::result::Result<Response<Self::DoPutStream>, Status> {
         unimplemented("do_put")
     }
-    async fn do_exchange(&self, _r: Request<Streaming<FlightData>>) -> std::result::Result<Response<Self::DoExchangeStream>, Status> {
+    async fn do_exchange(
+        &self,
+        _r: Request<Streaming<FlightData>>,
+    ) -> std::result::Result<Response<Self::DoExchangeStream>, Status> {
         unimplemented("do_exchange")
     }
     async fn list_actions(&self, _r: Request<Empty>) -> std::result::Result<Response<Self::ListActionsStream>, Status> {
@@ -258,11 +273,13 @@ impl LeafApi for Client {
     async fn scan(&self, request: ScanRequest) -> Result<BatchStream> {
         let ticket = Ticket { ticket: encode(&request)?.into() };
         let stream = self.inner.clone().do_get(ticket).await.map_err(status_error)?.into_inner();
-        let batches = FlightRecordBatchStream::new_from_flight_data(stream.map_err(|s| FlightError::Tonic(Box::new(s))))
-            .map_err(|e| match e {
-                FlightError::Tonic(s) => status_error(*s),
-                other => BasaltError::internal(format!("rpc scan: {other}")),
-            });
+        let batches = FlightRecordBatchStream::new_from_flight_data(
+            stream.map_err(|s| FlightError::Tonic(Box::new(s))),
+        )
+        .map_err(|e| match e {
+            FlightError::Tonic(s) => status_error(*s),
+            other => BasaltError::internal(format!("rpc scan: {other}")),
+        });
         Ok(batches.boxed())
     }
 
@@ -283,7 +300,12 @@ impl MetaApi for Client {
     async fn list_workspaces(&self) -> Result<Vec<String>> {
         self.call("meta.list_workspaces", &()).await
     }
-    async fn create_collection(&self, name: CollectionName, shards: u32, if_not_exists: bool) -> Result<CollectionInfo> {
+    async fn create_collection(
+        &self,
+        name: CollectionName,
+        shards: u32,
+        if_not_exists: bool,
+    ) -> Result<CollectionInfo> {
         self.call("meta.create_collection", &CreateCollection { name, shards, if_not_exists }).await
     }
     async fn drop_collection(&self, name: CollectionName, if_exists: bool) -> Result<Option<CollectionInfo>> {
@@ -308,10 +330,10 @@ impl TailerApi for Client {
 mod tests {
     use std::sync::Arc;
 
+    use basalt_common::ErrorCode;
     use basalt_common::api::WriteOp;
     use basalt_common::doc::{DocLimits, validate_value};
     use basalt_common::schema::ColumnType;
-    use basalt_common::ErrorCode;
     use serde_json::json;
 
     use super::*;
@@ -319,7 +341,11 @@ mod tests {
     #[tokio::test]
     async fn remote_tiers_behave_like_local_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let leaf = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: dir.path().join("leaf"), limits: DocLimits::default() }).unwrap();
+        let leaf = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig {
+            data_dir: dir.path().join("leaf"),
+            limits: DocLimits::default(),
+        })
+        .unwrap();
         let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&dir.path().join("meta")).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -329,14 +355,28 @@ mod tests {
         let err = client.create_collection(CollectionName::new("commons", "c"), 1, false).await.unwrap_err();
         assert_eq!(err.code, ErrorCode::AlreadyExists);
         let doc = validate_value(json!({"_id": "a", "n": 1}), &DocLimits::default()).unwrap();
-        let r = client.apply(ShardWrite { collection_id: info.id, shard: 0, ops: vec![WriteOp::Upsert { doc }] }).await.unwrap();
+        let r = client
+            .apply(ShardWrite { collection_id: info.id, shard: 0, ops: vec![WriteOp::Upsert { doc }] })
+            .await
+            .unwrap();
         assert_eq!(r.seq, 1);
         let stats = client.stats(info.id, vec![0]).await.unwrap();
         assert_eq!(stats.doc_count, 1);
-        let req = ScanRequest { collection_id: info.id, shard: 0, columns: vec![("n".into(), ColumnType::Int64)], filters: vec![], limit: None, hint: None };
-        let rows: usize = client.scan(req).await.unwrap().map(|b| b.unwrap().num_rows()).fold(0, |a, b| async move { a + b }).await;
+        let req = ScanRequest {
+            collection_id: info.id,
+            shard: 0,
+            columns: vec![("n".into(), ColumnType::Int64)],
+            filters: vec![],
+            limit: None,
+            hint: None,
+        };
+        let rows: usize =
+            client.scan(req).await.unwrap().map(|b| b.unwrap().num_rows()).fold(0, |a, b| async move { a + b }).await;
         assert_eq!(rows, 1);
-        let err = TailerApi::write(&client, WriteRequest { collection: CollectionName::new("commons", "c"), inputs: vec![] }).await.unwrap_err();
+        let err =
+            TailerApi::write(&client, WriteRequest { collection: CollectionName::new("commons", "c"), inputs: vec![] })
+                .await
+                .unwrap_err();
         assert_eq!(err.code, ErrorCode::Unavailable);
         let down = Client::connect("127.0.0.1:1".parse().unwrap()).unwrap();
         assert_eq!(down.list_workspaces().await.unwrap_err().code, ErrorCode::Unavailable);

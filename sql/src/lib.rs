@@ -11,8 +11,8 @@ use std::ops::ControlFlow;
 use basalt_common::api::{CollectionName, DEFAULT_SHARDS, DEFAULT_WORKSPACE};
 use basalt_common::{BasaltError, Result};
 use sqlparser::ast::{
-    AssignmentTarget, Expr, FromTable, Ident, ObjectName, ObjectNamePart, Query, Statement, TableFactor,
-    TableObject, Value, Visit, Visitor, visit_expressions_mut,
+    AssignmentTarget, Expr, FromTable, Ident, ObjectName, ObjectNamePart, Query, Statement, TableFactor, TableObject,
+    Value, Visit, Visitor, visit_expressions_mut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -27,18 +27,44 @@ pub const SQL_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum BasaltStatement {
-    CreateWorkspace { name: String, if_not_exists: bool },
-    CreateCollection { name: CollectionName, shards: u32, if_not_exists: bool },
-    DropCollection { name: CollectionName, if_exists: bool },
-    ShowCollections { workspace: Option<String> },
+    CreateWorkspace {
+        name: String,
+        if_not_exists: bool,
+    },
+    CreateCollection {
+        name: CollectionName,
+        shards: u32,
+        if_not_exists: bool,
+    },
+    DropCollection {
+        name: CollectionName,
+        if_exists: bool,
+    },
+    ShowCollections {
+        workspace: Option<String>,
+    },
     ShowWorkspaces,
-    Describe { name: CollectionName },
+    Describe {
+        name: CollectionName,
+    },
     /// `INSERT INTO c <query>`: each row becomes a document (a single text column is parsed as
     /// JSON; otherwise columns become fields).
-    Insert { name: CollectionName, source: Box<Query> },
+    Insert {
+        name: CollectionName,
+        source: Box<Query>,
+    },
     /// `UPDATE c SET path = expr, ... [WHERE ...]`: field-level patches.
-    Update { name: CollectionName, alias: Option<String>, assignments: Vec<(String, Expr)>, selection: Option<Expr> },
-    Delete { name: CollectionName, alias: Option<String>, selection: Option<Expr> },
+    Update {
+        name: CollectionName,
+        alias: Option<String>,
+        assignments: Vec<(String, Expr)>,
+        selection: Option<Expr>,
+    },
+    Delete {
+        name: CollectionName,
+        alias: Option<String>,
+        selection: Option<Expr>,
+    },
     /// Anything else goes to the query engine as it is (after path rewriting).
     Query(Box<Statement>),
 }
@@ -78,7 +104,11 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
     if is_word(&t0, "create") && (is_word(&t1, "workspace") || is_word(&t1, "collection")) {
         p.next_token();
         p.next_token();
-        let if_not_exists = p.parse_keywords(&[sqlparser::keywords::Keyword::IF, sqlparser::keywords::Keyword::NOT, sqlparser::keywords::Keyword::EXISTS]);
+        let if_not_exists = p.parse_keywords(&[
+            sqlparser::keywords::Keyword::IF,
+            sqlparser::keywords::Keyword::NOT,
+            sqlparser::keywords::Keyword::EXISTS,
+        ]);
         let name = p.parse_object_name(false).map_err(err)?;
         if is_word(&t1, "workspace") {
             let name = single_ident(&name)?;
@@ -122,7 +152,9 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
         if is_word(&t1, "workspaces") {
             return Ok(BasaltStatement::ShowWorkspaces);
         }
-        let workspace = if p.parse_keyword(sqlparser::keywords::Keyword::IN) || p.parse_keyword(sqlparser::keywords::Keyword::FROM) {
+        let workspace = if p.parse_keyword(sqlparser::keywords::Keyword::IN)
+            || p.parse_keyword(sqlparser::keywords::Keyword::FROM)
+        {
             Some(p.parse_identifier().map_err(err)?.value)
         } else {
             None
@@ -143,7 +175,9 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
                 return Err(err("INSERT INTO needs a collection name"));
             };
             if !insert.columns.is_empty() {
-                return Err(BasaltError::unsupported("INSERT with a column list: insert JSON documents or SELECT named columns"));
+                return Err(BasaltError::unsupported(
+                    "INSERT with a column list: insert JSON documents or SELECT named columns",
+                ));
             }
             let source = insert.source.clone().ok_or_else(|| err("INSERT needs VALUES or a query"))?;
             BasaltStatement::Insert { name: collection_name(table)?, source }
@@ -185,7 +219,9 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
 
 fn table_factor_name(factor: &TableFactor) -> Result<(CollectionName, Option<String>)> {
     match factor {
-        TableFactor::Table { name, alias, .. } => Ok((collection_name(name)?, alias.as_ref().map(|a| a.name.value.clone()))),
+        TableFactor::Table { name, alias, .. } => {
+            Ok((collection_name(name)?, alias.as_ref().map(|a| a.name.value.clone())))
+        }
         _ => Err(err("expected a collection name")),
     }
 }
@@ -231,7 +267,10 @@ impl Visitor for Relations {
     }
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
         let alias = match factor {
-            TableFactor::Table { alias, .. } | TableFactor::Derived { alias, .. } | TableFactor::Function { alias, .. } | TableFactor::UNNEST { alias, .. } => alias.as_ref(),
+            TableFactor::Table { alias, .. }
+            | TableFactor::Derived { alias, .. }
+            | TableFactor::Function { alias, .. }
+            | TableFactor::UNNEST { alias, .. } => alias.as_ref(),
             _ => None,
         };
         if let Some(a) = alias {
@@ -283,16 +322,36 @@ mod tests {
     fn parses_basalt_commands() {
         assert_eq!(
             one("CREATE COLLECTION users WITH (shards = 4)"),
-            BasaltStatement::CreateCollection { name: CollectionName::new("commons", "users"), shards: 4, if_not_exists: false }
+            BasaltStatement::CreateCollection {
+                name: CollectionName::new("commons", "users"),
+                shards: 4,
+                if_not_exists: false
+            }
         );
         assert_eq!(
             one("create collection if not exists demo.events"),
-            BasaltStatement::CreateCollection { name: CollectionName::new("demo", "events"), shards: DEFAULT_SHARDS, if_not_exists: true }
+            BasaltStatement::CreateCollection {
+                name: CollectionName::new("demo", "events"),
+                shards: DEFAULT_SHARDS,
+                if_not_exists: true
+            }
         );
-        assert_eq!(one("CREATE WORKSPACE demo"), BasaltStatement::CreateWorkspace { name: "demo".into(), if_not_exists: false });
-        assert_eq!(one("DROP COLLECTION IF EXISTS x;"), BasaltStatement::DropCollection { name: CollectionName::new("commons", "x"), if_exists: true });
-        assert_eq!(one("SHOW COLLECTIONS IN demo"), BasaltStatement::ShowCollections { workspace: Some("demo".into()) });
-        assert_eq!(one("describe demo.events"), BasaltStatement::Describe { name: CollectionName::new("demo", "events") });
+        assert_eq!(
+            one("CREATE WORKSPACE demo"),
+            BasaltStatement::CreateWorkspace { name: "demo".into(), if_not_exists: false }
+        );
+        assert_eq!(
+            one("DROP COLLECTION IF EXISTS x;"),
+            BasaltStatement::DropCollection { name: CollectionName::new("commons", "x"), if_exists: true }
+        );
+        assert_eq!(
+            one("SHOW COLLECTIONS IN demo"),
+            BasaltStatement::ShowCollections { workspace: Some("demo".into()) }
+        );
+        assert_eq!(
+            one("describe demo.events"),
+            BasaltStatement::Describe { name: CollectionName::new("demo", "events") }
+        );
         assert!(parse("CREATE COLLECTION x WITH (replicas = 2)").is_err());
         assert!(parse("CREATE COLLECTION _bad").is_err());
         assert_eq!(parse("select 1; select 2;;").unwrap().len(), 2);
@@ -315,7 +374,9 @@ mod tests {
 
     #[test]
     fn rewrites_nested_paths_but_not_qualified_columns() {
-        let BasaltStatement::Query(q) = one("SELECT name, address.city, u.address.city, u.age, tags[1] FROM users u WHERE address.geo.lat > 1") else {
+        let BasaltStatement::Query(q) =
+            one("SELECT name, address.city, u.address.city, u.age, tags[1] FROM users u WHERE address.geo.lat > 1")
+        else {
             panic!()
         };
         assert_eq!(

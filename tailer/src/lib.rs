@@ -151,9 +151,9 @@ impl TailerApi for Tailer {
 mod tests {
     use std::sync::Arc;
 
-    use basalt_common::api::{CollectionName, LeafApi, MetaApi};
-    use basalt_common::doc::{PatchKind, PatchOp};
     use basalt_common::ErrorCode;
+    use basalt_common::api::CollectionName;
+    use basalt_common::doc::{PatchKind, PatchOp};
     use serde_json::json;
 
     use super::*;
@@ -162,16 +162,24 @@ mod tests {
     async fn routes_validates_and_reports_per_document() {
         let dir = tempfile::tempdir().unwrap();
         let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&dir.path().join("meta")).unwrap());
-        let leaf_impl = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: dir.path().join("leaf"), limits: DocLimits::default() }).unwrap();
+        let leaf_impl = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig {
+            data_dir: dir.path().join("leaf"),
+            limits: DocLimits::default(),
+        })
+        .unwrap();
         let leaf: Leaf = Arc::new(leaf_impl.clone());
         let name = CollectionName::new("commons", "t");
         let info = meta.create_collection(name.clone(), 4, false).await.unwrap();
         let tailer = Tailer::new(meta.clone(), leaf.clone(), WriteLimits::default());
-        let mut inputs: Vec<WriteInput> = (0..40).map(|i| WriteInput::Upsert { doc: json!({"_id": format!("d{i}"), "v": i}) }).collect();
+        let mut inputs: Vec<WriteInput> =
+            (0..40).map(|i| WriteInput::Upsert { doc: json!({"_id": format!("d{i}"), "v": i}) }).collect();
         inputs.push(WriteInput::Upsert { doc: json!([1]) });
         inputs.push(WriteInput::UpsertRaw { json: "{bad".into() });
         inputs.push(WriteInput::Upsert { doc: json!({"no_id": true}) });
-        inputs.push(WriteInput::Patch { id: "d3".into(), ops: vec![PatchOp { op: PatchKind::Increment, path: "/v".into(), value: Some(json!(10)) }] });
+        inputs.push(WriteInput::Patch {
+            id: "d3".into(),
+            ops: vec![PatchOp { op: PatchKind::Increment, path: "/v".into(), value: Some(json!(10)) }],
+        });
         let r = tailer.write(WriteRequest { collection: name.clone(), inputs }).await.unwrap();
         assert_eq!(r.statuses.len(), 44);
         assert!(r.statuses[..40].iter().all(|s| s.is_ok()));
@@ -182,10 +190,16 @@ mod tests {
         assert_eq!(leaf_impl.live_docs(info.id), 41);
         let stats = leaf.stats(info.id, (0..4).collect()).await.unwrap();
         assert_eq!(stats.doc_count, 41);
-        let missing = tailer.write(WriteRequest { collection: CollectionName::new("commons", "nope"), inputs: vec![] }).await;
+        let missing =
+            tailer.write(WriteRequest { collection: CollectionName::new("commons", "nope"), inputs: vec![] }).await;
         assert_eq!(missing.unwrap_err().code, ErrorCode::NotFound);
         let small = Tailer::new(meta, leaf, WriteLimits { docs_per_request_max: 1, ..Default::default() });
-        let over = small.write(WriteRequest { collection: name, inputs: vec![WriteInput::Delete { id: "a".into() }, WriteInput::Delete { id: "b".into() }] }).await;
+        let over = small
+            .write(WriteRequest {
+                collection: name,
+                inputs: vec![WriteInput::Delete { id: "a".into() }, WriteInput::Delete { id: "b".into() }],
+            })
+            .await;
         assert_eq!(over.unwrap_err().code, ErrorCode::LimitExceeded);
     }
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or a warm one: installs what the tests need (a Python
+# virtualenv with psycopg and pytest; psql if missing), builds Basalt, runs the Python client
+# tests, then every Rust test (unit, sqllogictest against dev and a three-process deployment,
+# crash and HTTP tests) with cargo nextest (cargo test if nextest is missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/basalt/target}"
+VENV="${BASALT_VENV:-$HOME/.cache/basalt/venv}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "test dependencies"
+if ! command -v psql >/dev/null 2>&1; then
+  apt-get install -y -q postgresql-client >/dev/null
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+
+step "build"
+cargo build -p basalt
+export BASALT_BIN="$CARGO_TARGET_DIR/debug/basalt"
+
+step "python client tests (psycopg, psql)"
+"$VENV/bin/pytest" -q tests/python
+
+step "rust tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
