@@ -21,17 +21,26 @@ pub const CATALOG: &str = "basalt";
 #[derive(Debug, Default)]
 pub struct Names(RwLock<BTreeMap<String, Vec<String>>>);
 
+/// Per-session planning options the engine sets before each statement.
+#[derive(Debug, Default)]
+pub struct PlanOptions {
+    /// Forced access path (`SET basalt.access_path`).
+    pub hint: Option<AccessPath>,
+    /// The statement reads `score()`: tables expose `_score`.
+    pub with_score: bool,
+}
+
 #[derive(Debug)]
 pub struct BasaltCatalog {
     names: Arc<Names>,
     meta: Meta,
     leaf: Leaf,
-    hint: Arc<RwLock<Option<AccessPath>>>,
+    options: Arc<RwLock<PlanOptions>>,
 }
 
 impl BasaltCatalog {
-    pub fn new(meta: Meta, leaf: Leaf, hint: Arc<RwLock<Option<AccessPath>>>) -> Self {
-        Self { names: Arc::new(Names::default()), meta, leaf, hint }
+    pub fn new(meta: Meta, leaf: Leaf, options: Arc<RwLock<PlanOptions>>) -> Self {
+        Self { names: Arc::new(Names::default()), meta, leaf, options }
     }
 
     pub async fn refresh(&self) -> BResult<()> {
@@ -59,7 +68,7 @@ impl CatalogProvider for BasaltCatalog {
                 names: self.names.clone(),
                 meta: self.meta.clone(),
                 leaf: self.leaf.clone(),
-                hint: self.hint.clone(),
+                options: self.options.clone(),
             }) as Arc<dyn SchemaProvider>
         })
     }
@@ -71,7 +80,7 @@ struct Workspace {
     names: Arc<Names>,
     meta: Meta,
     leaf: Leaf,
-    hint: Arc<RwLock<Option<AccessPath>>>,
+    options: Arc<RwLock<PlanOptions>>,
 }
 
 #[async_trait]
@@ -87,8 +96,11 @@ impl SchemaProvider for Workspace {
             Err(e) => return Err(to_df_error(e)),
         };
         let stats = self.leaf.stats(info.id, (0..info.shards).collect()).await.map_err(to_df_error)?;
-        let hint = *self.hint.read();
-        Ok(Some(Arc::new(CollectionTable::new(info, stats, self.leaf.clone(), hint))))
+        let (hint, with_score) = {
+            let o = self.options.read();
+            (o.hint, o.with_score)
+        };
+        Ok(Some(Arc::new(CollectionTable::new(info, stats, self.leaf.clone(), hint, with_score))))
     }
 
     fn table_exist(&self, name: &str) -> bool {

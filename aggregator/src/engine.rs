@@ -22,7 +22,7 @@ use datafusion::sql::parser::Statement as DfStatement;
 use futures::TryStreamExt;
 use parking_lot::RwLock;
 
-use crate::catalog::{BasaltCatalog, CATALOG};
+use crate::catalog::{BasaltCatalog, CATALOG, PlanOptions};
 use crate::udf::search_udf;
 
 /// Rows sent to the tailer per write call when a statement writes many documents.
@@ -57,7 +57,7 @@ impl Engine {
     }
 
     pub fn session(self: &Arc<Self>) -> Session {
-        let hint = Arc::new(RwLock::new(None));
+        let options = Arc::new(RwLock::new(PlanOptions::default()));
         let mut config = SessionConfig::new()
             .with_default_catalog_and_schema(CATALOG, basalt_common::api::DEFAULT_WORKSPACE)
             .with_information_schema(true)
@@ -67,10 +67,10 @@ impl Engine {
         // EXPLAIN shows the plan that runs (with leaf access paths), not the logical plan.
         config.options_mut().explain.physical_plan_only = true;
         let ctx = SessionContext::new_with_config(config);
-        let catalog = Arc::new(BasaltCatalog::new(self.meta.clone(), self.leaf.clone(), hint.clone()));
+        let catalog = Arc::new(BasaltCatalog::new(self.meta.clone(), self.leaf.clone(), options.clone()));
         ctx.register_catalog(CATALOG, catalog.clone());
         ctx.register_udf(search_udf());
-        Session { engine: self.clone(), ctx, catalog, hint }
+        Session { engine: self.clone(), ctx, catalog, options }
     }
 }
 
@@ -78,7 +78,7 @@ pub struct Session {
     engine: Arc<Engine>,
     ctx: SessionContext,
     catalog: Arc<BasaltCatalog>,
-    hint: Arc<RwLock<Option<AccessPath>>>,
+    options: Arc<RwLock<PlanOptions>>,
 }
 
 /// Map a DataFusion error to a Basalt error with a fitting code.
@@ -93,6 +93,9 @@ pub fn from_df(e: DataFusionError) -> BasaltError {
     let code = match root {
         DataFusionError::SQL(..) => ErrorCode::Syntax,
         DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => ErrorCode::NotFound,
+        DataFusionError::SchemaError(e, _) if matches!(**e, datafusion::common::SchemaError::FieldNotFound { .. }) => {
+            ErrorCode::UndefinedColumn
+        }
         DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::Execution(_) => {
             ErrorCode::InvalidInput
         }
@@ -148,6 +151,7 @@ impl Session {
 
     async fn plan(&self, stmt: Statement, params: &[ScalarValue]) -> Result<LogicalPlan> {
         self.catalog.refresh().await?;
+        self.options.write().with_score = basalt_sql::uses_score(&stmt);
         let state = self.ctx.state();
         let plan = state.statement_to_plan(DfStatement::Statement(Box::new(stmt))).await.map_err(from_df)?;
         let options = datafusion::execution::context::SQLOptions::new().with_allow_ddl(false).with_allow_dml(false);
@@ -319,7 +323,7 @@ impl Session {
             }
             if name == "basalt.access_path" || name == "basalt_access_path" {
                 let value = values.first().map(|v| v.to_string().trim_matches('\'').to_lowercase()).unwrap_or_default();
-                *self.hint.write() = match value.as_str() {
+                self.options.write().hint = match value.as_str() {
                     "auto" | "default" => None,
                     "row_lookup" => Some(AccessPath::RowLookup),
                     "search_index" => Some(AccessPath::SearchIndex),

@@ -42,8 +42,17 @@ pub struct CollectionTable {
 }
 
 impl CollectionTable {
-    pub fn new(info: CollectionInfo, stats: SchemaStats, leaf: Leaf, hint: Option<AccessPath>) -> Self {
-        let columns = stats.columns();
+    pub fn new(
+        info: CollectionInfo,
+        stats: SchemaStats,
+        leaf: Leaf,
+        hint: Option<AccessPath>,
+        with_score: bool,
+    ) -> Self {
+        let mut columns = stats.columns();
+        if with_score {
+            columns.push((basalt_common::api::SCORE_COLUMN.to_string(), ColumnType::Float64));
+        }
         let schema = Arc::new(Schema::new(
             columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), name != ID_FIELD)).collect::<Vec<_>>(),
         ));
@@ -97,17 +106,19 @@ impl TableProvider for CollectionTable {
             })
             .collect::<Result<Vec<Filter>>>()?;
         let access = choose_access_path(&filters, self.hint, &self.stats);
-        Ok(Arc::new(LeafScanExec::new(
-            self.info.clone(),
-            self.leaf.clone(),
-            output,
-            columns,
-            filters,
-            limit,
-            access,
-            self.hint,
-        )))
+        let spec = ScanSpec { columns, filters, limit, access };
+        Ok(Arc::new(LeafScanExec::new(self.info.clone(), self.leaf.clone(), output, spec)))
     }
+}
+
+/// What a scan asks of every shard.
+#[derive(Debug, Clone)]
+struct ScanSpec {
+    /// Columns fetched from leaves (at least one, even when the output has none).
+    columns: Vec<(String, ColumnType)>,
+    filters: Vec<Filter>,
+    limit: Option<usize>,
+    access: AccessPath,
 }
 
 /// Scans one collection on the leaves; partition `i` is shard `i`.
@@ -116,26 +127,12 @@ pub struct LeafScanExec {
     info: CollectionInfo,
     leaf: Leaf,
     output: SchemaRef,
-    columns: Vec<(String, ColumnType)>,
-    filters: Vec<Filter>,
-    limit: Option<usize>,
-    access: AccessPath,
-    hint: Option<AccessPath>,
+    spec: ScanSpec,
     properties: Arc<PlanProperties>,
 }
 
 impl LeafScanExec {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        info: CollectionInfo,
-        leaf: Leaf,
-        output: SchemaRef,
-        columns: Vec<(String, ColumnType)>,
-        filters: Vec<Filter>,
-        limit: Option<usize>,
-        access: AccessPath,
-        hint: Option<AccessPath>,
-    ) -> Self {
+    fn new(info: CollectionInfo, leaf: Leaf, output: SchemaRef, spec: ScanSpec) -> Self {
         let properties = Arc::new(
             PlanProperties::new(
                 EquivalenceProperties::new(output.clone()),
@@ -147,7 +144,7 @@ impl LeafScanExec {
             // which consume the task budget: no CooperativeExec wrapper needed.
             .with_scheduling_type(SchedulingType::Cooperative),
         );
-        Self { info, leaf, output, columns, filters, limit, access, hint, properties }
+        Self { info, leaf, output, spec, properties }
     }
 }
 
@@ -158,15 +155,15 @@ impl DisplayAs for LeafScanExec {
             "LeafScanExec: collection={} shards={} access_path={}",
             self.info.name,
             self.info.shards,
-            self.access.name()
+            self.spec.access.name()
         )?;
         let names: Vec<&str> = self.output.fields().iter().map(|f| f.name().as_str()).collect();
         write!(f, " projection=[{}]", names.join(", "))?;
-        if !self.filters.is_empty() {
-            let filters: Vec<String> = self.filters.iter().map(|f| f.to_string()).collect();
+        if !self.spec.filters.is_empty() {
+            let filters: Vec<String> = self.spec.filters.iter().map(|f| f.to_string()).collect();
             write!(f, " filters=[{}]", filters.join(" AND "))?;
         }
-        if let Some(limit) = self.limit {
+        if let Some(limit) = self.spec.limit {
             write!(f, " limit={limit}")?;
         }
         Ok(())
@@ -201,10 +198,10 @@ impl ExecutionPlan for LeafScanExec {
         let request = ScanRequest {
             collection_id: self.info.id,
             shard: partition as u32,
-            columns: self.columns.clone(),
-            filters: self.filters.clone(),
-            limit: self.limit,
-            hint: Some(self.access).or(self.hint),
+            columns: self.spec.columns.clone(),
+            filters: self.spec.filters.clone(),
+            limit: self.spec.limit,
+            hint: Some(self.spec.access),
         };
         let leaf = self.leaf.clone();
         let output = self.output.clone();

@@ -77,7 +77,11 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
     }
 }
 
+/// The type of a column leaves can filter on (`_score` is computed by the scan, not stored).
 fn column_type<'a>(schema: &'a Schema, name: &str) -> Option<&'a DataType> {
+    if name == basalt_common::api::SCORE_COLUMN {
+        return None;
+    }
     schema.field_with_name(name).ok().map(|f| f.data_type())
 }
 

@@ -15,6 +15,8 @@ use crate::filter::{AccessPath, Filter};
 use crate::schema::{ColumnType, SchemaStats};
 
 pub const DEFAULT_WORKSPACE: &str = "commons";
+/// Requested as a scan column, the search relevance of each row (null without a text search).
+pub const SCORE_COLUMN: &str = "_score";
 pub const DEFAULT_SHARDS: u32 = 2;
 pub const SHARDS_MAX: u32 = 256;
 

@@ -10,6 +10,8 @@ pub enum ErrorCode {
     InvalidInput,
     /// SQL that does not parse.
     Syntax,
+    /// A column (field path) that the collection does not have.
+    UndefinedColumn,
     /// A named object (collection, workspace, document) does not exist.
     NotFound,
     /// The object already exists.
@@ -29,6 +31,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidInput => "invalid_input",
             ErrorCode::Syntax => "syntax_error",
+            ErrorCode::UndefinedColumn => "undefined_column",
             ErrorCode::NotFound => "not_found",
             ErrorCode::AlreadyExists => "already_exists",
             ErrorCode::LimitExceeded => "limit_exceeded",
@@ -43,6 +46,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidInput => "22023",
             ErrorCode::Syntax => "42601",
+            ErrorCode::UndefinedColumn => "42703",
             ErrorCode::NotFound => "42P01",
             ErrorCode::AlreadyExists => "42P07",
             ErrorCode::LimitExceeded => "54000",
@@ -55,7 +59,7 @@ impl ErrorCode {
     /// HTTP status for the JSON API.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidInput | ErrorCode::Syntax => 400,
+            ErrorCode::InvalidInput | ErrorCode::Syntax | ErrorCode::UndefinedColumn => 400,
             ErrorCode::NotFound => 404,
             ErrorCode::AlreadyExists => 409,
             ErrorCode::LimitExceeded => 413,

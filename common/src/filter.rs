@@ -235,7 +235,10 @@ mod tests {
         assert_eq!(choose_access_path(&[range.clone(), id.clone()], None, stats), AccessPath::RowLookup);
         assert_eq!(choose_access_path(&[range.clone(), term.clone()], None, stats), AccessPath::SearchIndex);
         assert_eq!(choose_access_path(std::slice::from_ref(&range), None, stats), AccessPath::ColumnScan);
-        assert_eq!(choose_access_path(std::slice::from_ref(&term), Some(AccessPath::ColumnScan), stats), AccessPath::ColumnScan);
+        assert_eq!(
+            choose_access_path(std::slice::from_ref(&term), Some(AccessPath::ColumnScan), stats),
+            AccessPath::ColumnScan
+        );
         assert_eq!(choose_access_path(&[range], Some(AccessPath::SearchIndex), stats), AccessPath::ColumnScan);
         let mixed = eq("mixed", Scalar::Str("1".into()));
         assert_eq!(choose_access_path(&[mixed], None, stats), AccessPath::ColumnScan);

@@ -111,7 +111,7 @@ impl SearchIndex {
                     .map(|t| {
                         let mut term = Term::from_field_json_path(self.text, path, false);
                         term.append_type_and_str(t);
-                        (Occur::Must, Box::new(TermQuery::new(term, IndexRecordOption::Basic)) as Box<dyn Query>)
+                        (Occur::Must, Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs)) as Box<dyn Query>)
                     })
                     .collect();
                 Box::new(BooleanQuery::new(clauses))
@@ -159,28 +159,31 @@ impl SearchIndex {
         Ok(term)
     }
 
-    /// Slots of the documents matching all `filters`, sorted.
-    pub fn matching_slots(&self, filters: &[&Filter]) -> Result<Vec<u64>> {
+    /// Slots of the documents matching all `filters`, sorted, with their BM25 relevance when
+    /// `scoring` (else 0).
+    pub fn matching_slots(&self, filters: &[&Filter], scoring: bool) -> Result<Vec<(u64, f32)>> {
         self.refresh()?;
         let clauses = filters.iter().map(|f| Ok((Occur::Must, self.query(f)?))).collect::<Result<Vec<_>>>()?;
         let query = BooleanQuery::new(clauses);
         let searcher = self.reader.searcher();
-        let mut slots = searcher.search(&query, &SlotCollector).map_err(tantivy_err)?;
-        slots.sort_unstable();
+        let mut slots = searcher.search(&query, &SlotCollector { scoring }).map_err(tantivy_err)?;
+        slots.sort_unstable_by_key(|(slot, _)| *slot);
         Ok(slots)
     }
 }
 
-/// Collects the `_slot` fast field of every hit.
-struct SlotCollector;
+/// Collects the `_slot` fast field (and the score) of every hit.
+struct SlotCollector {
+    scoring: bool,
+}
 
 struct SlotSegmentCollector {
     column: tantivy::columnar::Column<u64>,
-    slots: Vec<u64>,
+    slots: Vec<(u64, f32)>,
 }
 
 impl Collector for SlotCollector {
-    type Fruit = Vec<u64>;
+    type Fruit = Vec<(u64, f32)>;
     type Child = SlotSegmentCollector;
 
     fn for_segment(&self, _ord: u32, segment: &SegmentReader) -> tantivy::Result<Self::Child> {
@@ -188,24 +191,24 @@ impl Collector for SlotCollector {
     }
 
     fn requires_scoring(&self) -> bool {
-        false
+        self.scoring
     }
 
-    fn merge_fruits(&self, fruits: Vec<Vec<u64>>) -> tantivy::Result<Vec<u64>> {
+    fn merge_fruits(&self, fruits: Vec<Vec<(u64, f32)>>) -> tantivy::Result<Vec<(u64, f32)>> {
         Ok(fruits.into_iter().flatten().collect())
     }
 }
 
 impl SegmentCollector for SlotSegmentCollector {
-    type Fruit = Vec<u64>;
+    type Fruit = Vec<(u64, f32)>;
 
-    fn collect(&mut self, doc: DocId, _score: Score) {
+    fn collect(&mut self, doc: DocId, score: Score) {
         if let Some(slot) = self.column.first(doc) {
-            self.slots.push(slot);
+            self.slots.push((slot, score));
         }
     }
 
-    fn harvest(self) -> Vec<u64> {
+    fn harvest(self) -> Vec<(u64, f32)> {
         self.slots
     }
 }
@@ -214,6 +217,22 @@ impl SegmentCollector for SlotSegmentCollector {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn slots(idx: &SearchIndex, f: &Filter) -> Vec<u64> {
+        idx.matching_slots(&[f], false).unwrap().into_iter().map(|(s, _)| s).collect()
+    }
+
+    #[test]
+    fn scores_rank_better_matches_higher() {
+        let idx = SearchIndex::new().unwrap();
+        let d = |v: serde_json::Value| v.as_object().unwrap().clone();
+        idx.upsert("a", Some(0), Some(&d(json!({"t": "coffee and tea and more words here"})))).unwrap();
+        idx.upsert("b", Some(1), Some(&d(json!({"t": "coffee coffee coffee"})))).unwrap();
+        let q = Filter::Search { path: "t".into(), query: "coffee".into() };
+        let hits = idx.matching_slots(&[&q], true).unwrap();
+        assert_eq!(hits.len(), 2);
+        assert!(hits[1].1 > hits[0].1, "{hits:?}");
+    }
 
     #[test]
     fn finds_terms_text_and_replaces_versions() {
@@ -228,18 +247,18 @@ mod tests {
         idx.upsert("u2", Some(1), Some(&d(json!({"_id": "u2", "name": "Alan Turing", "age": 41, "ok": true}))))
             .unwrap();
         let search = Filter::Search { path: "name".into(), query: "ada".into() };
-        assert_eq!(idx.matching_slots(&[&search]).unwrap(), vec![0]);
+        assert_eq!(slots(&idx, &search), vec![0]);
         let city = Filter::Cmp { path: "address.city".into(), op: CmpOp::Eq, value: Scalar::Str("London".into()) };
-        assert_eq!(idx.matching_slots(&[&city]).unwrap(), vec![0]);
+        assert_eq!(slots(&idx, &city), vec![0]);
         let age = Filter::In { path: "age".into(), values: vec![Scalar::Int(41), Scalar::Int(36)] };
-        assert_eq!(idx.matching_slots(&[&age]).unwrap(), vec![0, 1]);
+        assert_eq!(slots(&idx, &age), vec![0, 1]);
         let ok = Filter::Cmp { path: "ok".into(), op: CmpOp::Eq, value: Scalar::Bool(true) };
-        assert_eq!(idx.matching_slots(&[&ok]).unwrap(), vec![1]);
+        assert_eq!(slots(&idx, &ok), vec![1]);
         idx.upsert("u1", Some(2), Some(&d(json!({"_id": "u1", "name": "Ada King"})))).unwrap();
-        assert_eq!(idx.matching_slots(&[&search]).unwrap(), vec![2]);
+        assert_eq!(slots(&idx, &search), vec![2]);
         idx.upsert("u1", None, None).unwrap();
-        assert!(idx.matching_slots(&[&search]).unwrap().is_empty());
+        assert!(slots(&idx, &search).is_empty());
         let id = Filter::Cmp { path: "_id".into(), op: CmpOp::Eq, value: Scalar::Str("u2".into()) };
-        assert_eq!(idx.matching_slots(&[&id]).unwrap(), vec![1]);
+        assert_eq!(slots(&idx, &id), vec![1]);
     }
 }

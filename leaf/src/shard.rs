@@ -8,10 +8,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch};
 use arrow::compute::{and, filter_record_batch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
-use basalt_common::api::{DocStatus, ScanRequest, ShardWriteResult, WriteOp};
+use basalt_common::api::{DocStatus, SCORE_COLUMN, ScanRequest, ShardWriteResult, WriteOp};
 use basalt_common::doc::{Doc, DocLimits, apply_patch};
 use basalt_common::filter::{AccessPath, Filter, choose_access_path, id_lookup, index_answerable};
 use basalt_common::schema::SchemaStats;
@@ -187,15 +187,18 @@ impl Shard {
         }
         let snapshot = self.columns.write().snapshot()?;
         let access = self.access_path(req, &snapshot.stats);
-        let mut out = |block: &Block, rows: Option<Vec<u32>>, filters: &[&Filter]| -> Result<bool> {
-            let batch = project_filter(block, rows, filters, &schema, Some(&snapshot.deletions))?;
-            if batch.num_rows() == 0 {
-                return Ok(true);
-            }
-            let batch = if batch.num_rows() > remaining { batch.slice(0, remaining) } else { batch };
-            remaining -= batch.num_rows();
-            Ok(emit(batch) && remaining > 0)
-        };
+        let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
+        let mut scores: HashMap<u64, f32> = HashMap::new();
+        let mut out =
+            |block: &Block, rows: Option<Vec<u32>>, filters: &[&Filter], scores: &HashMap<u64, f32>| -> Result<bool> {
+                let batch = project_filter(block, rows, filters, &schema, Some(&snapshot.deletions), scores)?;
+                if batch.num_rows() == 0 {
+                    return Ok(true);
+                }
+                let batch = if batch.num_rows() > remaining { batch.slice(0, remaining) } else { batch };
+                remaining -= batch.num_rows();
+                Ok(emit(batch) && remaining > 0)
+            };
         let all: Vec<&Filter> = req.filters.iter().collect();
         match access {
             AccessPath::RowLookup => {
@@ -209,7 +212,7 @@ impl Shard {
                 if !docs.is_empty() {
                     // Row-store documents are current by definition: no deletion check.
                     let block = Block::build(0, &docs)?;
-                    let batch = project_filter(&block, None, &all, &schema, None)?;
+                    let batch = project_filter(&block, None, &all, &schema, None, &scores)?;
                     let batch = if batch.num_rows() > remaining { batch.slice(0, remaining) } else { batch };
                     if batch.num_rows() > 0 {
                         emit(batch);
@@ -219,7 +222,11 @@ impl Shard {
             AccessPath::SearchIndex => {
                 let (indexed, rest): (Vec<&Filter>, Vec<&Filter>) =
                     req.filters.iter().partition(|f| index_answerable(f, &snapshot.stats));
-                let slots = self.search.matching_slots(&indexed)?;
+                let hits = self.search.matching_slots(&indexed, wants_score)?;
+                if wants_score {
+                    scores = hits.iter().copied().collect();
+                }
+                let slots: Vec<u64> = hits.into_iter().map(|(slot, _)| slot).collect();
                 let mut i = 0;
                 for block in &snapshot.blocks {
                     let end = block.base_slot + block.rows as u64;
@@ -230,7 +237,7 @@ impl Shard {
                         }
                         i += 1;
                     }
-                    if !rows.is_empty() && !out(block, Some(rows), &rest)? {
+                    if !rows.is_empty() && !out(block, Some(rows), &rest, &scores)? {
                         break;
                     }
                 }
@@ -240,7 +247,7 @@ impl Shard {
                     if block_excluded(&req.filters, block) {
                         continue;
                     }
-                    if !out(block, None, &all)? {
+                    if !out(block, None, &all, &scores)? {
                         break;
                     }
                 }
@@ -275,6 +282,7 @@ fn project_filter(
     filters: &[&Filter],
     schema: &SchemaRef,
     deletions: Option<&Deletions>,
+    scores: &HashMap<u64, f32>,
 ) -> Result<RecordBatch> {
     let mut mask = None;
     if !filters.is_empty() {
@@ -298,8 +306,18 @@ fn project_filter(
         }
         keep = and(&keep, &arrow::array::BooleanArray::from(sel))?;
     }
-    let arrays: Vec<ArrayRef> =
-        schema.fields().iter().map(|f| block.column_as(f.name(), f.data_type())).collect::<Result<_>>()?;
+    let arrays: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if f.name() == SCORE_COLUMN {
+                let values: Float64Array =
+                    (0..block.rows as u64).map(|r| scores.get(&(block.base_slot + r)).map(|s| f64::from(*s))).collect();
+                return Ok(Arc::new(values) as ArrayRef);
+            }
+            block.column_as(f.name(), f.data_type())
+        })
+        .collect::<Result<_>>()?;
     let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(block.rows));
     let batch = RecordBatch::try_new_with_options(schema.clone(), arrays, &options)?;
     Ok(filter_record_batch(&batch, &keep)?)

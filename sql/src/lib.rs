@@ -169,6 +169,7 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
     }
     let mut stmt = p.parse_statement().map_err(err)?;
     rewrite_paths(&mut stmt);
+    rewrite_score(&mut stmt);
     Ok(match stmt {
         Statement::Insert(insert) => {
             let TableObject::TableName(table) = &insert.table else {
@@ -303,6 +304,34 @@ pub fn rewrite_paths(stmt: &mut Statement) {
     });
 }
 
+/// The column a statement reads for `score()`: leaves fill it with the search relevance.
+pub const SCORE_COLUMN: &str = "_score";
+
+/// Replace `score()` with the `_score` column.
+fn rewrite_score(stmt: &mut Statement) {
+    let _ = visit_expressions_mut(stmt, |expr| {
+        if let Expr::Function(f) = expr
+            && f.name.to_string().eq_ignore_ascii_case("score")
+            && matches!(&f.args, sqlparser::ast::FunctionArguments::List(l) if l.args.is_empty())
+        {
+            *expr = Expr::Identifier(Ident::with_quote('"', SCORE_COLUMN));
+        }
+        ControlFlow::<()>::Continue(())
+    });
+}
+
+/// Whether a statement reads `score()` (after rewriting).
+pub fn uses_score(stmt: &Statement) -> bool {
+    let mut found = false;
+    let _ = sqlparser::ast::visit_expressions(stmt, |expr| {
+        if matches!(expr, Expr::Identifier(i) if i.value == SCORE_COLUMN) {
+            found = true;
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    found
+}
+
 /// A SQL string literal, for building statements.
 pub fn string_literal(s: &str) -> Expr {
     Expr::Value(Value::SingleQuotedString(s.to_string()).into())
@@ -370,6 +399,18 @@ mod tests {
         }
         assert!(matches!(one("INSERT INTO users VALUES ('{}')"), BasaltStatement::Insert { .. }));
         assert!(matches!(one("DELETE FROM users WHERE age > 3"), BasaltStatement::Delete { .. }));
+    }
+
+    #[test]
+    fn rewrites_score_calls() {
+        let BasaltStatement::Query(q) = one("SELECT _id, score() FROM t WHERE search(x, 'a') ORDER BY score() DESC")
+        else {
+            panic!()
+        };
+        assert_eq!(q.to_string(), "SELECT _id, \"_score\" FROM t WHERE search(x, 'a') ORDER BY \"_score\" DESC");
+        assert!(uses_score(&q));
+        let BasaltStatement::Query(q) = one("SELECT 1") else { panic!() };
+        assert!(!uses_score(&q));
     }
 
     #[test]
