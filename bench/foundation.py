@@ -292,8 +292,9 @@ def patch_throughput(system, doc_bytes, n_docs, n_patches, batch):
         if blob:
             d["blob"] = blob
         lines.append(json.dumps(d, separators=(",", ":")))
-    for i in range(0, n_docs, 200):
-        system.write_batch(name, lines[i:i + 200])
+    per_request = max(1, (8 << 20) // doc_bytes)  # stay under the 10 MiB request limit
+    for i in range(0, n_docs, per_request):
+        system.write_batch(name, lines[i:i + per_request])
     ids = [f"p{rng.randrange(n_docs)}" for _ in range(n_patches)]
     started = time.perf_counter()
     for i in range(0, n_patches, batch):

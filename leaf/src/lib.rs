@@ -40,6 +40,9 @@ static SCANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// How often the background thread commits search indexes that have new writes.
+const INDEX_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Capacity of the channel between a scan thread and its consumer (batches of up to 8192 rows).
 const SCAN_CHANNEL_BATCHES: usize = 4;
 
@@ -71,7 +74,7 @@ impl Leaf {
     pub fn open(config: &LeafConfig) -> Result<Leaf> {
         let dir: &Path = &config.data_dir;
         std::fs::create_dir_all(dir).map_err(store_err)?;
-        let db = fjall::Database::builder(dir.join("rows")).open().map_err(store_err)?;
+        let db = open_database(&dir.join("rows"))?;
         let meta = db.keyspace("leaf_meta", fjall::KeyspaceCreateOptions::default).map_err(store_err)?;
         let leaf = LeafInner {
             db,
@@ -95,7 +98,31 @@ impl Leaf {
             leaf.shards.write().insert(key, Arc::new(shard));
         }
         tracing::info!(dir = %dir.display(), shards = leaf.shards.read().len(), "leaf open");
-        Ok(Leaf(Arc::new(leaf)))
+        let leaf = Leaf(Arc::new(leaf));
+        leaf.spawn_index_refresher();
+        Ok(leaf)
+    }
+
+    /// Commit search indexes in the background so a query rarely pays for a commit itself
+    /// (a query still commits first if anything is uncommitted: read-your-writes). The thread
+    /// holds only a weak handle and ends with the leaf.
+    fn spawn_index_refresher(&self) {
+        let weak = Arc::downgrade(&self.0);
+        let spawned = std::thread::Builder::new().name("index-refresh".into()).spawn(move || {
+            while let Some(inner) = weak.upgrade() {
+                let shards: Vec<Arc<Shard>> = inner.shards.read().values().cloned().collect();
+                drop(inner);
+                for shard in shards {
+                    if let Err(e) = shard.refresh_index() {
+                        tracing::warn!(shard = %keyspace_name(shard.key), error = %e, "search index refresh failed");
+                    }
+                }
+                std::thread::sleep(INDEX_REFRESH_INTERVAL);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no background index refresh; queries will commit");
+        }
     }
 
     fn shard(&self, key: ShardKey) -> Option<Arc<Shard>> {
@@ -138,6 +165,20 @@ impl Leaf {
     /// Live documents per shard, for tests and diagnostics.
     pub fn live_docs(&self, collection_id: u64) -> usize {
         self.0.shards.read().iter().filter(|(k, _)| k.0 == collection_id).map(|(_, s)| s.live_docs()).sum()
+    }
+}
+
+/// Open the row store, waiting up to five seconds for a previous holder of its lock (a process
+/// that is exiting, or a background thread of a leaf being dropped) to let go.
+fn open_database(path: &Path) -> Result<fjall::Database> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match fjall::Database::builder(path).open() {
+            Err(fjall::Error::Locked) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.map_err(store_err),
+        }
     }
 }
 

@@ -265,6 +265,11 @@ impl Shard {
         chosen
     }
 
+    /// Commit the search index if it has uncommitted writes.
+    pub fn refresh_index(&self) -> Result<()> {
+        self.search.refresh()
+    }
+
     pub fn live_docs(&self) -> usize {
         self.columns.read().live_docs()
     }
