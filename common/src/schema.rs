@@ -85,7 +85,12 @@ pub struct SchemaStats {
 
 impl SchemaStats {
     pub fn add(&mut self, path: &str, kind: Kind, delta: i64) {
-        let kinds = self.fields.entry(path.to_string()).or_default();
+        // Look up before inserting: the path is almost always there, and a new key allocates.
+        let kinds = match self.fields.get_mut(path) {
+            Some(kinds) => kinds,
+            None if delta <= 0 => return,
+            None => self.fields.entry(path.to_string()).or_default(),
+        };
         let count = kinds.entry(kind).or_insert(0);
         *count = count.saturating_add_signed(delta);
         if *count == 0 {

@@ -64,6 +64,17 @@ impl Block {
         }
     }
 
+    /// A block of only the given rows (in that order); statistics are not kept.
+    pub fn take(&self, rows: &[u32]) -> Result<Block> {
+        let indices = arrow::array::UInt32Array::from(rows.to_vec());
+        let columns = self
+            .columns
+            .iter()
+            .map(|(path, array)| Ok((path.clone(), arrow::compute::take(array.as_ref(), &indices, None)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(Block { base_slot: self.base_slot, rows: rows.len(), columns, min_max: HashMap::new() })
+    }
+
     pub fn ids(&self) -> Result<&StringArray> {
         self.columns
             .get(ID_FIELD)

@@ -63,10 +63,13 @@ impl SearchIndex {
         Ok(Self { writer: Mutex::new(writer), reader, dirty: AtomicBool::new(false), id, slot, text, raw })
     }
 
-    /// Replace the indexed version of a document (`doc == None` deletes it).
-    pub fn upsert(&self, id: &str, slot: Option<u64>, doc: Option<&Doc>) -> Result<()> {
+    /// Index a document version (`doc == None` deletes it). `replaces` says whether an earlier
+    /// version is indexed: only then is a delete needed (deletes cost work in every segment).
+    pub fn upsert(&self, id: &str, replaces: bool, slot: Option<u64>, doc: Option<&Doc>) -> Result<()> {
         let writer = self.writer.lock();
-        writer.delete_term(Term::from_field_text(self.id, id));
+        if replaces {
+            writer.delete_term(Term::from_field_text(self.id, id));
+        }
         if let (Some(slot), Some(doc)) = (slot, doc) {
             let object: BTreeMap<String, OwnedValue> = doc
                 .iter()
@@ -226,8 +229,8 @@ mod tests {
     fn scores_rank_better_matches_higher() {
         let idx = SearchIndex::new().unwrap();
         let d = |v: serde_json::Value| v.as_object().unwrap().clone();
-        idx.upsert("a", Some(0), Some(&d(json!({"t": "coffee and tea and more words here"})))).unwrap();
-        idx.upsert("b", Some(1), Some(&d(json!({"t": "coffee coffee coffee"})))).unwrap();
+        idx.upsert("a", false, Some(0), Some(&d(json!({"t": "coffee and tea and more words here"})))).unwrap();
+        idx.upsert("b", false, Some(1), Some(&d(json!({"t": "coffee coffee coffee"})))).unwrap();
         let q = Filter::Search { path: "t".into(), query: "coffee".into() };
         let hits = idx.matching_slots(&[&q], true).unwrap();
         assert_eq!(hits.len(), 2);
@@ -240,11 +243,12 @@ mod tests {
         let d = |v: serde_json::Value| v.as_object().unwrap().clone();
         idx.upsert(
             "u1",
+            false,
             Some(0),
             Some(&d(json!({"_id": "u1", "name": "Ada Lovelace", "age": 36, "address": {"city": "London"}}))),
         )
         .unwrap();
-        idx.upsert("u2", Some(1), Some(&d(json!({"_id": "u2", "name": "Alan Turing", "age": 41, "ok": true}))))
+        idx.upsert("u2", false, Some(1), Some(&d(json!({"_id": "u2", "name": "Alan Turing", "age": 41, "ok": true}))))
             .unwrap();
         let search = Filter::Search { path: "name".into(), query: "ada".into() };
         assert_eq!(slots(&idx, &search), vec![0]);
@@ -254,9 +258,9 @@ mod tests {
         assert_eq!(slots(&idx, &age), vec![0, 1]);
         let ok = Filter::Cmp { path: "ok".into(), op: CmpOp::Eq, value: Scalar::Bool(true) };
         assert_eq!(slots(&idx, &ok), vec![1]);
-        idx.upsert("u1", Some(2), Some(&d(json!({"_id": "u1", "name": "Ada King"})))).unwrap();
+        idx.upsert("u1", true, Some(2), Some(&d(json!({"_id": "u1", "name": "Ada King"})))).unwrap();
         assert_eq!(slots(&idx, &search), vec![2]);
-        idx.upsert("u1", None, None).unwrap();
+        idx.upsert("u1", true, None, None).unwrap();
         assert!(slots(&idx, &search).is_empty());
         let id = Filter::Cmp { path: "_id".into(), op: CmpOp::Eq, value: Scalar::Str("u2".into()) };
         assert_eq!(slots(&idx, &id), vec![1]);

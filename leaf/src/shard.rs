@@ -76,7 +76,7 @@ impl Shard {
             let doc: Doc = serde_json::from_slice(&v).map_err(store_err)?;
             let doc = Arc::new(doc);
             let slot = columns.append(&id, doc.clone())?;
-            self.search.upsert(&id, Some(slot), Some(&doc))?;
+            self.search.upsert(&id, false, Some(slot), Some(&doc))?;
             n += 1;
             if n.is_multiple_of(100_000) {
                 tracing::info!(shard = %keyspace_name(self.key), docs = n, "recovering shard");
@@ -136,14 +136,15 @@ impl Shard {
             };
             statuses.push(status);
         }
-        let changed: Vec<&String> = order.iter().filter(|id| touched.get(*id).is_some_and(|(a, b)| a != b)).collect();
+        let changed: Vec<String> =
+            order.into_iter().filter(|id| touched.get(id).is_some_and(|(a, b)| a != b)).collect();
         if changed.is_empty() {
             return Ok(ShardWriteResult { statuses, seq: *seq });
         }
         let next = *seq + 1;
         let mut batch = self.db.batch().durability(Some(fjall::PersistMode::SyncAll));
         for id in &changed {
-            match &touched[*id].1 {
+            match &touched[id].1 {
                 Some(doc) => batch.insert(&self.docs, id.as_bytes(), serde_json::to_vec(doc).map_err(store_err)?),
                 None => batch.remove(&self.docs, id.as_bytes()),
             }
@@ -154,15 +155,16 @@ impl Shard {
 
         let mut columns = self.columns.write();
         for id in changed {
-            let (old, new) = &touched[id];
-            columns.remove(id, old.as_ref());
+            let Some((old, new)) = touched.remove(&id) else { continue };
+            columns.remove(&id, old.as_ref());
+            let replaces = old.is_some();
             match new {
                 Some(doc) => {
-                    let doc = Arc::new(doc.clone());
-                    let slot = columns.append(id, doc.clone())?;
-                    self.search.upsert(id, Some(slot), Some(&doc))?;
+                    let doc = Arc::new(doc);
+                    let slot = columns.append(&id, doc.clone())?;
+                    self.search.upsert(&id, replaces, Some(slot), Some(&doc))?;
                 }
-                None => self.search.upsert(id, None, None)?,
+                None => self.search.upsert(&id, replaces, None, None)?,
             }
         }
         Ok(ShardWriteResult { statuses, seq: next })
@@ -280,7 +282,8 @@ fn seq_key(key: ShardKey) -> Vec<u8> {
 }
 
 /// Select rows of a block (all, or the given row numbers), drop deleted ones, apply filters,
-/// and project to the requested columns and types.
+/// and project to the requested columns and types. With row numbers (index hits), the block is
+/// first narrowed to those rows, so the work is proportional to the hits, not the block.
 fn project_filter(
     block: &Block,
     rows: Option<Vec<u32>>,
@@ -289,35 +292,34 @@ fn project_filter(
     deletions: Option<&Deletions>,
     scores: &HashMap<u64, f32>,
 ) -> Result<RecordBatch> {
-    let mut mask = None;
+    let is_live = |slot: u64| deletions.is_none_or(|d| !d.is_deleted(slot));
+    let narrowed;
+    let (block, slots): (&Block, Vec<u64>) = match rows {
+        Some(rows) => {
+            let live: Vec<u32> = rows
+                .into_iter()
+                .filter(|r| (*r as usize) < block.rows && is_live(block.base_slot + u64::from(*r)))
+                .collect();
+            let slots = live.iter().map(|r| block.base_slot + u64::from(*r)).collect();
+            narrowed = block.take(&live)?;
+            (&narrowed, slots)
+        }
+        None => (block, (0..block.rows as u64).map(|r| block.base_slot + r).collect()),
+    };
+    let mut keep = arrow::array::BooleanArray::from(slots.iter().map(|s| is_live(*s)).collect::<Vec<bool>>());
     if !filters.is_empty() {
         let owned: Vec<Filter> = filters.iter().map(|f| (*f).clone()).collect();
-        mask = Some(eval(&Filter::And(owned), block)?);
-    }
-    let live: Vec<bool> =
-        (0..block.rows).map(|r| deletions.is_none_or(|d| !d.is_deleted(block.base_slot + r as u64))).collect();
-    let mut keep = arrow::array::BooleanArray::from(live);
-    if let Some(m) = mask {
+        let m = eval(&Filter::And(owned), block)?;
         // Unknown (null) counts as false.
         let m = if m.null_count() > 0 { arrow::compute::prep_null_mask_filter(&m) } else { m };
         keep = and(&keep, &m)?;
-    }
-    if let Some(rows) = rows {
-        let mut sel = vec![false; block.rows];
-        for r in rows {
-            if let Some(s) = sel.get_mut(r as usize) {
-                *s = true;
-            }
-        }
-        keep = and(&keep, &arrow::array::BooleanArray::from(sel))?;
     }
     let arrays: Vec<ArrayRef> = schema
         .fields()
         .iter()
         .map(|f| {
             if f.name() == SCORE_COLUMN {
-                let values: Float64Array =
-                    (0..block.rows as u64).map(|r| scores.get(&(block.base_slot + r)).map(|s| f64::from(*s))).collect();
+                let values: Float64Array = slots.iter().map(|s| scores.get(s).map(|v| f64::from(*v))).collect();
                 return Ok(Arc::new(values) as ArrayRef);
             }
             block.column_as(f.name(), f.data_type())
