@@ -94,6 +94,23 @@ def batches(path: str, size: int):
         yield batch
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children that were waited for (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, limit_s: float = 180.0):
+    """Wait until the process uses under 5% of a core over a second (at most `limit_s`)."""
+    started = time.time()
+    while time.time() - started < limit_s:
+        before = cpu_seconds(pid)
+        time.sleep(1.0)
+        if cpu_seconds(pid) - before < 0.05:
+            return
+    print(f"  process {pid} still busy after {limit_s:.0f} s", file=sys.stderr)
+
+
 def percentile(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
@@ -119,6 +136,10 @@ class Basalt:
 
     def dsn(self):
         return f"host=127.0.0.1 port={self.pg_port} user=basalt dbname=basalt"
+
+    def settle(self):
+        """Wait until background work after ingest (index commits and merges) is done."""
+        wait_idle(self.proc.pid)
 
     def url(self, path):
         return f"http://127.0.0.1:{self.http_port}{path}"
@@ -193,6 +214,11 @@ class Postgres:
 
     def dsn(self):
         return f"host=127.0.0.1 port={self.port} user=bench dbname=postgres"
+
+    def settle(self):
+        """What a PostgreSQL user does after a bulk load: statistics, visibility map, checkpoint."""
+        self.conn.execute("VACUUM ANALYZE bench")
+        self.conn.execute("CHECKPOINT")
 
     def create(self, name):
         self.conn.execute(f"CREATE TABLE {name} (id text PRIMARY KEY, doc jsonb NOT NULL)")
@@ -324,6 +350,8 @@ def main():
             r["ingest_docs_per_s"] = ingest(s, path, args.docs, args.batch, args.workers)
             r["ingest_mb_per_s"] = r["ingest_docs_per_s"] * avg_bytes / 1e6
             print(f"{s.name}: ingest {r['ingest_docs_per_s']:,.0f} docs/s", file=sys.stderr)
+        for s in systems:
+            s.settle()
         for s in systems:
             r = results[s.name]
             r["lookup_p50_ms"], r["lookup_p99_ms"] = lookups(s, args.docs, args.lookups)

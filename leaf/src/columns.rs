@@ -64,12 +64,13 @@ impl Block {
         }
     }
 
-    /// A block of only the given rows (in that order); statistics are not kept.
-    pub fn take(&self, rows: &[u32]) -> Result<Block> {
+    /// A block of only the given rows (in that order) and only the named columns; statistics
+    /// are not kept.
+    pub fn take(&self, rows: &[u32], paths: &[&str]) -> Result<Block> {
         let indices = arrow::array::UInt32Array::from(rows.to_vec());
-        let columns = self
-            .columns
+        let columns = paths
             .iter()
+            .filter_map(|p| self.columns.get_key_value(*p))
             .map(|(path, array)| Ok((path.clone(), arrow::compute::take(array.as_ref(), &indices, None)?)))
             .collect::<Result<HashMap<_, _>>>()?;
         Ok(Block { base_slot: self.base_slot, rows: rows.len(), columns, min_max: HashMap::new() })

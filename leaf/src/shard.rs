@@ -281,6 +281,16 @@ fn seq_key(key: ShardKey) -> Vec<u8> {
     format!("seq/{}", keyspace_name(key)).into_bytes()
 }
 
+/// Every path a filter reads.
+fn filter_paths<'a>(f: &'a Filter, out: &mut Vec<&'a str>) {
+    match f {
+        Filter::And(items) | Filter::Or(items) => items.iter().for_each(|i| filter_paths(i, out)),
+        Filter::Not(inner) => filter_paths(inner, out),
+        Filter::Cmp { path, .. } | Filter::In { path, .. } | Filter::Search { path, .. } => out.push(path),
+        Filter::IsNull(path) | Filter::IsNotNull(path) => out.push(path),
+    }
+}
+
 /// Select rows of a block (all, or the given row numbers), drop deleted ones, apply filters,
 /// and project to the requested columns and types. With row numbers (index hits), the block is
 /// first narrowed to those rows, so the work is proportional to the hits, not the block.
@@ -301,7 +311,9 @@ fn project_filter(
                 .filter(|r| (*r as usize) < block.rows && is_live(block.base_slot + u64::from(*r)))
                 .collect();
             let slots = live.iter().map(|r| block.base_slot + u64::from(*r)).collect();
-            narrowed = block.take(&live)?;
+            let mut paths: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            filters.iter().for_each(|f| filter_paths(f, &mut paths));
+            narrowed = block.take(&live, &paths)?;
             (&narrowed, slots)
         }
         None => (block, (0..block.rows as u64).map(|r| block.base_slot + r).collect()),
