@@ -87,16 +87,17 @@ impl SearchIndex {
         Ok(())
     }
 
-    /// Make every write so far visible to searches.
+    /// Make every write so far visible to searches. The flag is checked and cleared under the
+    /// writer lock, after the reader is reloaded: a caller that finds the index clean knows the
+    /// reader already has every write (a commit in progress by another thread is waited for).
     pub fn refresh(&self) -> Result<()> {
-        if self.dirty.swap(false, Ordering::AcqRel) {
-            let mut writer = self.writer.lock();
-            if let Err(e) = writer.commit() {
-                self.dirty.store(true, Ordering::Release);
-                return Err(tantivy_err(e));
-            }
-            self.reader.reload().map_err(tantivy_err)?;
+        let mut writer = self.writer.lock();
+        if !self.dirty.load(Ordering::Acquire) {
+            return Ok(());
         }
+        writer.commit().map_err(tantivy_err)?;
+        self.reader.reload().map_err(tantivy_err)?;
+        self.dirty.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -223,6 +224,30 @@ mod tests {
 
     fn slots(idx: &SearchIndex, f: &Filter) -> Vec<u64> {
         idx.matching_slots(&[f], false).unwrap().into_iter().map(|(s, _)| s).collect()
+    }
+
+    #[test]
+    fn searches_see_every_write_while_a_background_refresh_runs() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let idx = Arc::new(SearchIndex::new().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let background = {
+            let (idx, stop) = (idx.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    idx.refresh().unwrap();
+                }
+            })
+        };
+        for i in 0..100u64 {
+            let doc = json!({"k": format!("v{i}")}).as_object().unwrap().clone();
+            idx.upsert(&format!("d{i}"), false, Some(i), Some(&doc)).unwrap();
+            let f = Filter::Cmp { path: "k".into(), op: CmpOp::Eq, value: Scalar::Str(format!("v{i}")) };
+            assert_eq!(slots(&idx, &f), vec![i], "write {i} is not visible to the next search");
+        }
+        stop.store(true, Ordering::Relaxed);
+        background.join().unwrap();
     }
 
     #[test]
