@@ -14,10 +14,10 @@ use arrow::array::{
 };
 use arrow::compute::{CastOptions, can_cast_types, cast_with_options};
 use arrow::datatypes::DataType;
-use basalt_common::doc::{Doc, ID_FIELD, get_path, visit_kinds};
+use basalt_common::Result;
+use basalt_common::doc::{Doc, get_path, visit_kinds};
 use basalt_common::filter::Scalar;
 use basalt_common::schema::{ColumnType, SchemaStats, TIMEZONE};
-use basalt_common::{BasaltError, Result};
 use serde_json::Value;
 
 pub const BLOCK_ROWS: usize = 8192;
@@ -74,13 +74,6 @@ impl Block {
             .map(|(path, array)| Ok((path.clone(), arrow::compute::take(array.as_ref(), &indices, None)?)))
             .collect::<Result<HashMap<_, _>>>()?;
         Ok(Block { base_slot: self.base_slot, rows: rows.len(), columns, min_max: HashMap::new() })
-    }
-
-    pub fn ids(&self) -> Result<&StringArray> {
-        self.columns
-            .get(ID_FIELD)
-            .and_then(|a| a.as_any().downcast_ref::<StringArray>())
-            .ok_or_else(|| BasaltError::internal("block without _id column"))
     }
 }
 

@@ -174,10 +174,6 @@ impl Shard {
         self.columns.read().stats().clone()
     }
 
-    pub fn seq(&self) -> u64 {
-        *self.seq.lock()
-    }
-
     /// Run a scan, sending batches to `emit` until it returns false.
     pub fn scan(&self, req: &ScanRequest, mut emit: impl FnMut(RecordBatch) -> bool) -> Result<AccessPath> {
         let schema: SchemaRef = Arc::new(Schema::new(

@@ -12,7 +12,7 @@ use basalt_common::api::{CollectionName, DEFAULT_SHARDS, DEFAULT_WORKSPACE};
 use basalt_common::{BasaltError, Result};
 use sqlparser::ast::{
     AssignmentTarget, Expr, FromTable, Ident, ObjectName, ObjectNamePart, Query, Statement, TableFactor, TableObject,
-    Value, Visit, Visitor, visit_expressions_mut,
+    Visit, Visitor, visit_expressions_mut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -330,11 +330,6 @@ pub fn uses_score(stmt: &Statement) -> bool {
         ControlFlow::<()>::Continue(())
     });
     found
-}
-
-/// A SQL string literal, for building statements.
-pub fn string_literal(s: &str) -> Expr {
-    Expr::Value(Value::SingleQuotedString(s.to_string()).into())
 }
 
 #[cfg(test)]
