@@ -83,7 +83,12 @@ pub fn eval(filter: &Filter, block: &Block) -> Result<BooleanArray> {
     }
 }
 
-fn fold(items: &[Filter], block: &Block, conjunction: bool) -> Result<BooleanArray> {
+/// The conjunction of filters over every row of a block (SQL semantics).
+pub fn eval_all(filters: &[&Filter], block: &Block) -> Result<BooleanArray> {
+    fold(filters.iter().copied(), block, true)
+}
+
+fn fold<'a>(items: impl IntoIterator<Item = &'a Filter>, block: &Block, conjunction: bool) -> Result<BooleanArray> {
     let mut acc = BooleanArray::from(vec![conjunction; block.rows]);
     for item in items {
         let m = eval(item, block)?;

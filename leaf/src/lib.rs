@@ -24,20 +24,12 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::shard::{Shard, ShardKey, keyspace_name};
 
-static WRITES: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("basalt_leaf_write_ops_total", "Document operations applied by leaves", &["result"])
-        .unwrap_or_else(|_| {
-            IntCounterVec::new(prometheus::Opts::new("basalt_leaf_write_ops_total_unregistered", "x"), &["result"])
-                .unwrap_or_else(|e| panic!("metric definition is static: {e}"))
-        })
+// Registration fails only if a metric of the same name exists; then the leaf just does not count.
+static WRITES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!("basalt_leaf_write_ops_total", "Document operations applied by leaves", &["result"]).ok()
 });
-static SCANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    register_int_counter_vec!("basalt_leaf_scans_total", "Shard scans by access path", &["access_path"]).unwrap_or_else(
-        |_| {
-            IntCounterVec::new(prometheus::Opts::new("basalt_leaf_scans_total_unregistered", "x"), &["access_path"])
-                .unwrap_or_else(|e| panic!("metric definition is static: {e}"))
-        },
-    )
+static SCANS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!("basalt_leaf_scans_total", "Shard scans by access path", &["access_path"]).ok()
 });
 
 /// How often the background thread commits search indexes that have new writes.
@@ -196,8 +188,10 @@ impl LeafApi for Leaf {
         })
         .await?;
         let ok = result.statuses.iter().filter(|s| s.is_ok()).count() as u64;
-        WRITES.with_label_values(&["ok"]).inc_by(ok);
-        WRITES.with_label_values(&["error"]).inc_by(result.statuses.len() as u64 - ok);
+        if let Some(writes) = WRITES.as_ref() {
+            writes.with_label_values(&["ok"]).inc_by(ok);
+            writes.with_label_values(&["error"]).inc_by(result.statuses.len() as u64 - ok);
+        }
         Ok(result)
     }
 
@@ -208,7 +202,11 @@ impl LeafApi for Leaf {
             let Some(shard) = shard else { return }; // never written: empty
             let result = shard.scan(&request, |batch| tx.blocking_send(Ok(batch)).is_ok());
             match result {
-                Ok(access) => SCANS.with_label_values(&[access.name()]).inc(),
+                Ok(access) => {
+                    if let Some(scans) = SCANS.as_ref() {
+                        scans.with_label_values(&[access.name()]).inc();
+                    }
+                }
                 Err(e) => {
                     let _ = tx.blocking_send(Err(e));
                 }

@@ -19,7 +19,7 @@ use basalt_common::{BasaltError, Result};
 use parking_lot::{Mutex, RwLock};
 
 use crate::columns::{Block, ColumnStore, Deletions};
-use crate::eval::{block_excluded, eval};
+use crate::eval::{block_excluded, eval_all};
 use crate::search::SearchIndex;
 
 pub type ShardKey = (u64, u32);
@@ -316,8 +316,7 @@ fn project_filter(
     };
     let mut keep = arrow::array::BooleanArray::from(slots.iter().map(|s| is_live(*s)).collect::<Vec<bool>>());
     if !filters.is_empty() {
-        let owned: Vec<Filter> = filters.iter().map(|f| (*f).clone()).collect();
-        let m = eval(&Filter::And(owned), block)?;
+        let m = eval_all(filters, block)?;
         // Unknown (null) counts as false.
         let m = if m.null_count() > 0 { arrow::compute::prep_null_mask_filter(&m) } else { m };
         keep = and(&keep, &m)?;
