@@ -6,14 +6,12 @@ use std::sync::Arc;
 use arrow::util::pretty::pretty_format_batches;
 use basalt_aggregator::engine::{Engine, Output, Session};
 use basalt_common::api::{Leaf, Meta, Tailer};
-use basalt_common::doc::DocLimits;
 use futures::TryStreamExt;
 
 async fn setup(dir: &std::path::Path) -> Session {
     let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&dir.join("meta")).unwrap());
     let leaf: Leaf = Arc::new(
-        basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: dir.join("leaf"), limits: DocLimits::default() })
-            .unwrap(),
+        basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: dir.join("leaf"), ..Default::default() }).unwrap(),
     );
     let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(meta.clone(), leaf.clone(), Default::default()));
     Engine::new(meta, tailer, leaf).session()

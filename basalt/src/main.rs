@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use basalt_aggregator::engine::Engine;
 use basalt_common::api::{CollectionName, Leaf, Meta, Tailer, WriteInput, WriteRequest};
-use basalt_common::doc::DocLimits;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -59,6 +58,14 @@ struct DevArgs {
     /// HTTP API address [default: 127.0.0.1:8088]
     #[arg(long, env = "BASALT_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
+    /// Where immutable segments are stored: a directory, file:///dir, or s3://bucket/prefix
+    /// (credentials, region and endpoint from AWS_* variables) [default: <data-dir>/leaf/segments]
+    #[arg(long, env = "BASALT_SEGMENT_STORE")]
+    segment_store: Option<String>,
+    /// Flush writes to segments once they are this old (also after 65,536 new documents per
+    /// shard) [default: 10000]
+    #[arg(long, env = "BASALT_FLUSH_INTERVAL_MS")]
+    flush_interval_ms: Option<u64>,
     /// Load the demo dataset into demo.events (once; kept across restarts)
     #[arg(long, env = "BASALT_DEMO")]
     #[serde(default)]
@@ -71,6 +78,14 @@ struct LeafArgs {
     /// Directory for the leaf's shards and the catalog [default: ./basalt-data]
     #[arg(long, env = "BASALT_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Where immutable segments are stored: a directory, file:///dir, or s3://bucket/prefix
+    /// (credentials, region and endpoint from AWS_* variables) [default: <data-dir>/leaf/segments]
+    #[arg(long, env = "BASALT_SEGMENT_STORE")]
+    segment_store: Option<String>,
+    /// Flush writes to segments once they are this old (also after 65,536 new documents per
+    /// shard) [default: 10000]
+    #[arg(long, env = "BASALT_FLUSH_INTERVAL_MS")]
+    flush_interval_ms: Option<u64>,
     /// Arrow Flight RPC address [default: 127.0.0.1:50061]
     #[arg(long, env = "BASALT_RPC_ADDR")]
     rpc_addr: Option<SocketAddr>,
@@ -169,25 +184,40 @@ fn print_connect(pg: SocketAddr, http: SocketAddr) {
     println!("  Metrics: http://{http}/metrics");
 }
 
-fn open_local(data_dir: &std::path::Path) -> Result<(Meta, basalt_leaf::Leaf), String> {
+fn open_local(
+    data_dir: &std::path::Path,
+    segment_store: Option<String>,
+    flush_interval_ms: Option<u64>,
+) -> Result<(Meta, basalt_leaf::Leaf), String> {
     let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&data_dir.join("meta")).map_err(|e| e.to_string())?);
     let leaf = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig {
         data_dir: data_dir.join("leaf"),
-        limits: DocLimits::default(),
+        segment_store,
+        flush: basalt_leaf::FlushPolicy {
+            max_age: std::time::Duration::from_millis(flush_interval_ms.unwrap_or(10_000)),
+            ..Default::default()
+        },
+        ..Default::default()
     })
     .map_err(|e| e.to_string())?;
     Ok((meta, leaf))
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
+    let mut local_leaf: Option<basalt_leaf::Leaf> = None;
     match cli.command {
         Command::Dev(args) => {
             let file: DevArgs = file_options(cli.config.as_ref())?;
             let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("basalt-data"));
             let pg_addr = args.pg_addr.or(file.pg_addr).unwrap_or_else(|| addr("127.0.0.1:5433"));
             let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8088"));
-            let (meta, leaf) = open_local(&data_dir)?;
-            let leaf: Leaf = Arc::new(leaf);
+            let (meta, leaf_impl) = open_local(
+                &data_dir,
+                args.segment_store.or(file.segment_store),
+                args.flush_interval_ms.or(file.flush_interval_ms),
+            )?;
+            local_leaf = Some(leaf_impl.clone());
+            let leaf: Leaf = Arc::new(leaf_impl);
             let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(meta.clone(), leaf.clone(), Default::default()));
             if args.demo || file.demo {
                 load_demo(&meta, &tailer).await?;
@@ -205,7 +235,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("basalt-data"));
             let rpc_addr = args.rpc_addr.or(file.rpc_addr).unwrap_or_else(|| addr("127.0.0.1:50061"));
             let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8091"));
-            let (meta, leaf) = open_local(&data_dir)?;
+            let (meta, leaf) = open_local(
+                &data_dir,
+                args.segment_store.or(file.segment_store),
+                args.flush_interval_ms.or(file.flush_interval_ms),
+            )?;
+            local_leaf = Some(leaf.clone());
             let services = basalt_rpc::Services { leaf: Some(Arc::new(leaf)), meta: Some(meta), tailer: None };
             let rpc = bind("rpc", rpc_addr).await?;
             let http = bind("http", http_addr).await?;
@@ -247,6 +282,11 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
     shutdown_signal().await;
     tracing::info!("shutting down");
+    if let Some(leaf) = local_leaf {
+        // Not needed for durability (the log has every write); it makes the next start faster.
+        let failed = tokio::task::spawn_blocking(move || leaf.maintain_all(true)).await.unwrap_or(1);
+        tracing::info!(failed_shards = failed, "flushed segments");
+    }
     Ok(())
 }
 

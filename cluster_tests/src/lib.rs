@@ -73,8 +73,10 @@ impl Proc {
 
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
+        // Fjall's recovery chatter drowns out the rest.
+        let lines: Vec<&str> = text.lines().filter(|l| !l.contains("lsm_tree")).collect();
+        let keep = std::env::var("BASALT_TEST_LOG_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(40);
+        lines[lines.len().saturating_sub(keep)..].join("\n")
     }
 }
 
@@ -104,12 +106,31 @@ pub async fn wait_http(url: &str, what: &Proc) {
     }
 }
 
-/// A running deployment: where its SQL and HTTP endpoints are.
+/// A running deployment: where its SQL and HTTP endpoints are. When a test fails, the end of
+/// every process log is printed.
 pub struct Deployment {
     pub pg_port: u16,
     pub http_port: u16,
     pub procs: Vec<Proc>,
     pub dir: tempfile::TempDir,
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for p in &self.procs {
+                eprintln!("--- last lines of the {} log ---\n{}", p.name, p.log_tail());
+            }
+            // BASALT_TEST_KEEP=DIR keeps the deployment's data and logs for a post-mortem.
+            if let Ok(keep) = std::env::var("BASALT_TEST_KEEP") {
+                for p in &mut self.procs {
+                    p.kill9();
+                }
+                let _ = std::process::Command::new("cp").arg("-a").arg(self.dir.path()).arg(&keep).status();
+                eprintln!("deployment kept in {keep}");
+            }
+        }
+    }
 }
 
 impl Deployment {
@@ -139,12 +160,18 @@ impl Deployment {
         let (pg_port, http_port) = (free_port(), free_port());
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let data = dir.path().join("leaf-data").display().to_string();
+        let segments = dir.path().join("segments").display().to_string();
         let leaf = Proc::start(
             "leaf",
             &s(&[
                 "leaf",
                 "--data-dir",
                 &data,
+                "--segment-store",
+                &segments,
+                // Flush often, so tests cross segment flushes and merges.
+                "--flush-interval-ms",
+                "200",
                 "--rpc-addr",
                 &format!("127.0.0.1:{leaf_rpc}"),
                 "--http-addr",

@@ -12,12 +12,17 @@ use arrow::array::{
     Array, ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringArray, StringBuilder,
     TimestampMicrosecondBuilder, new_null_array,
 };
+use arrow::array::{RecordBatch, RecordBatchOptions};
 use arrow::compute::{CastOptions, can_cast_types, cast_with_options};
-use arrow::datatypes::DataType;
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
 use basalt_common::Result;
+use basalt_common::doc::Kind;
 use basalt_common::doc::{Doc, get_path, visit_kinds};
 use basalt_common::filter::Scalar;
 use basalt_common::schema::{ColumnType, SchemaStats, TIMEZONE};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub const BLOCK_ROWS: usize = 8192;
@@ -74,6 +79,82 @@ impl Block {
             .map(|(path, array)| Ok((path.clone(), arrow::compute::take(array.as_ref(), &indices, None)?)))
             .collect::<Result<HashMap<_, _>>>()?;
         Ok(Block { base_slot: self.base_slot, rows: rows.len(), columns, min_max: HashMap::new() })
+    }
+}
+
+const BASE_SLOT_KEY: &str = "basalt.base_slot";
+
+impl Block {
+    /// The block as an Arrow IPC file (columns sorted by path, base slot in the metadata).
+    pub fn to_ipc(&self) -> Result<Vec<u8>> {
+        let mut names: Vec<&String> = self.columns.keys().collect();
+        names.sort();
+        let fields: Vec<Field> =
+            names.iter().map(|n| Field::new(n.as_str(), self.columns[*n].data_type().clone(), true)).collect();
+        let metadata = HashMap::from([(BASE_SLOT_KEY.to_string(), self.base_slot.to_string())]);
+        let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
+        let arrays: Vec<ArrayRef> = names.iter().map(|n| self.columns[*n].clone()).collect();
+        let options = RecordBatchOptions::new().with_row_count(Some(self.rows));
+        let batch = RecordBatch::try_new_with_options(schema.clone(), arrays, &options)?;
+        let mut out = Vec::new();
+        let mut writer = FileWriter::try_new(&mut out, &schema)?;
+        writer.write(&batch)?;
+        writer.finish()?;
+        drop(writer);
+        Ok(out)
+    }
+
+    /// Read a block written by [`Block::to_ipc`]; min/max are computed again.
+    pub fn from_ipc(bytes: bytes::Bytes) -> Result<Block> {
+        let bad = |m: &str| basalt_common::BasaltError::internal(format!("block file: {m}"));
+        let reader = FileReader::try_new(std::io::Cursor::new(bytes), None)?;
+        let schema = reader.schema();
+        let base_slot: u64 =
+            schema.metadata().get(BASE_SLOT_KEY).and_then(|v| v.parse().ok()).ok_or_else(|| bad("no base slot"))?;
+        let mut batches = Vec::new();
+        for batch in reader {
+            batches.push(batch?);
+        }
+        let [batch] = batches.as_slice() else { return Err(bad("expected one record batch")) };
+        let mut columns = HashMap::new();
+        let mut min_max = HashMap::new();
+        for (field, array) in schema.fields().iter().zip(batch.columns()) {
+            if let Some(mm) = compute_min_max(array) {
+                min_max.insert(field.name().clone(), mm);
+            }
+            columns.insert(field.name().clone(), array.clone());
+        }
+        Ok(Block { base_slot, rows: batch.num_rows(), columns, min_max })
+    }
+
+    /// Adjacent blocks concatenated into one, or `None` when a path has different types in
+    /// different blocks (such blocks stay apart rather than lose the distinction).
+    pub fn concat(parts: &[Arc<Block>]) -> Result<Option<Block>> {
+        let Some(first) = parts.first() else { return Ok(None) };
+        let mut types: HashMap<&String, &DataType> = HashMap::new();
+        for part in parts {
+            for (name, array) in &part.columns {
+                if *types.entry(name).or_insert(array.data_type()) != array.data_type() {
+                    return Ok(None);
+                }
+            }
+        }
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let mut columns = HashMap::new();
+        let mut min_max = HashMap::new();
+        for (name, ty) in types {
+            let pieces: Vec<ArrayRef> = parts
+                .iter()
+                .map(|p| p.columns.get(name).cloned().unwrap_or_else(|| new_null_array(ty, p.rows)))
+                .collect();
+            let refs: Vec<&dyn Array> = pieces.iter().map(|a| a.as_ref()).collect();
+            let array = arrow::compute::concat(&refs)?;
+            if let Some(mm) = compute_min_max(&array) {
+                min_max.insert(name.clone(), mm);
+            }
+            columns.insert(name.clone(), array);
+        }
+        Ok(Some(Block { base_slot: first.base_slot, rows, columns, min_max }))
     }
 }
 
@@ -251,6 +332,26 @@ impl Deletions {
     pub fn is_deleted(&self, slot: u64) -> bool {
         self.words.get((slot / 64) as usize).is_some_and(|w| w & (1 << (slot % 64)) != 0)
     }
+
+    /// Deleted slots in `start..end`.
+    pub fn count(&self, start: u64, end: u64) -> u64 {
+        (start..end).filter(|s| self.is_deleted(*s)).count() as u64
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Deletions> {
+        if !bytes.len().is_multiple_of(8) {
+            return Err(basalt_common::BasaltError::internal("deletion bitmap has a partial word"));
+        }
+        let words = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        Ok(Deletions { words })
+    }
 }
 
 /// Everything a scan needs, taken under a short read lock and used without it.
@@ -260,7 +361,53 @@ pub struct Snapshot {
     pub stats: SchemaStats,
 }
 
-/// The in-memory column store and id index of one shard.
+/// A change to schema statistics: documents and, per path and kind, how many documents more or
+/// fewer hold it. Written to the shard log with each batch so a restart can replay it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatsDelta {
+    pub docs: i64,
+    pub fields: Vec<(String, Kind, i64)>,
+}
+
+/// Accumulates a [`StatsDelta`] without allocating for paths already seen.
+#[derive(Default)]
+pub struct StatsDeltaBuilder {
+    docs: i64,
+    fields: HashMap<String, HashMap<Kind, i64>>,
+}
+
+impl StatsDeltaBuilder {
+    pub fn add_doc(&mut self, doc: &Doc, sign: i64) {
+        self.docs += sign;
+        visit_kinds(doc, &mut |p, k| {
+            let kinds = match self.fields.get_mut(p) {
+                Some(kinds) => kinds,
+                None => self.fields.entry(p.to_string()).or_default(),
+            };
+            *kinds.entry(k).or_insert(0) += sign;
+        });
+    }
+
+    pub fn build(self) -> StatsDelta {
+        let mut fields: Vec<(String, Kind, i64)> = self
+            .fields
+            .into_iter()
+            .flat_map(|(p, kinds)| kinds.into_iter().filter(|(_, n)| *n != 0).map(move |(k, n)| (p.clone(), k, n)))
+            .collect();
+        fields.sort();
+        StatsDelta { docs: self.docs, fields }
+    }
+}
+
+pub fn apply_delta(stats: &mut SchemaStats, delta: &StatsDelta) {
+    stats.doc_count = stats.doc_count.saturating_add_signed(delta.docs);
+    for (path, kind, n) in &delta.fields {
+        stats.add(path, *kind, *n);
+    }
+}
+
+/// The in-memory column store and id index of one shard. Statistics are maintained by the
+/// caller through [`ColumnStore::apply_stats`] (the same delta goes to the shard log).
 #[derive(Default)]
 pub struct ColumnStore {
     blocks: Vec<Arc<Block>>,
@@ -274,22 +421,54 @@ pub struct ColumnStore {
 }
 
 impl ColumnStore {
+    /// A store over persisted blocks (slots below `next_slot`), with the live slot of every id
+    /// taken from the blocks' `_id` columns.
+    pub fn restore(blocks: Vec<Arc<Block>>, deletions: Deletions, stats: SchemaStats, next_slot: u64) -> Result<Self> {
+        use arrow::array::AsArray;
+        let mut ids = HashMap::new();
+        for block in &blocks {
+            let Some(col) = block.columns.get(basalt_common::doc::ID_FIELD) else { continue };
+            let Some(col) = col.as_string_opt::<i32>() else { continue };
+            for (row, id) in col.iter().enumerate() {
+                let slot = block.base_slot + row as u64;
+                if let Some(id) = id
+                    && !deletions.is_deleted(slot)
+                {
+                    ids.insert(id.to_string(), slot);
+                }
+            }
+        }
+        Ok(ColumnStore { blocks, tail: Vec::new(), tail_block: None, next_slot, deletions, ids, stats })
+    }
+
     pub fn stats(&self) -> &SchemaStats {
         &self.stats
+    }
+
+    pub fn set_stats(&mut self, stats: SchemaStats) {
+        self.stats = stats;
+    }
+
+    pub fn apply_stats(&mut self, delta: &StatsDelta) {
+        apply_delta(&mut self.stats, delta);
     }
 
     pub fn live_docs(&self) -> usize {
         self.ids.len()
     }
 
+    pub fn next_slot(&self) -> u64 {
+        self.next_slot
+    }
+
+    pub fn deletions(&self) -> &Deletions {
+        &self.deletions
+    }
+
     /// Remove the live version of `id`, if any.
-    pub fn remove(&mut self, id: &str, old: Option<&Doc>) {
+    pub fn remove(&mut self, id: &str) {
         if let Some(slot) = self.ids.remove(id) {
             self.deletions.set(slot);
-            if let Some(old) = old {
-                self.stats.doc_count = self.stats.doc_count.saturating_sub(1);
-                visit_kinds(old, &mut |p, k| self.stats.add(p, k, -1));
-            }
         }
     }
 
@@ -297,18 +476,43 @@ impl ColumnStore {
     pub fn append(&mut self, id: &str, doc: Arc<Doc>) -> Result<u64> {
         let slot = self.next_slot;
         self.next_slot += 1;
-        self.stats.doc_count += 1;
-        visit_kinds(&doc, &mut |p, k| self.stats.add(p, k, 1));
         self.ids.insert(id.to_string(), slot);
         self.tail.push(doc);
         self.tail_block = None;
         if self.tail.len() >= BLOCK_ROWS {
-            let base = slot + 1 - self.tail.len() as u64;
-            let block = Block::build(base, &self.tail)?;
-            self.blocks.push(Arc::new(block));
-            self.tail.clear();
+            self.seal_tail()?;
         }
         Ok(slot)
+    }
+
+    /// Turn the tail (however short) into a sealed block.
+    pub fn seal_tail(&mut self) -> Result<()> {
+        if self.tail.is_empty() {
+            return Ok(());
+        }
+        let base = self.next_slot - self.tail.len() as u64;
+        let block = Block::build(base, &self.tail)?;
+        self.blocks.push(Arc::new(block));
+        self.tail.clear();
+        self.tail_block = None;
+        Ok(())
+    }
+
+    /// The sealed blocks, in slot order.
+    pub fn sealed_blocks(&self) -> Vec<Arc<Block>> {
+        self.blocks.clone()
+    }
+
+    /// Replace adjacent sealed blocks (identified by pointer) with one merged block.
+    pub fn replace_blocks(&mut self, parts: &[Arc<Block>], merged: Arc<Block>) -> bool {
+        let Some(first) = parts.first() else { return false };
+        let Some(start) = self.blocks.iter().position(|b| Arc::ptr_eq(b, first)) else { return false };
+        let end = start + parts.len();
+        if end > self.blocks.len() || !self.blocks[start..end].iter().zip(parts).all(|(a, b)| Arc::ptr_eq(a, b)) {
+            return false;
+        }
+        self.blocks.splice(start..end, [merged]);
+        true
     }
 
     pub fn slot_of(&self, id: &str) -> Option<u64> {
@@ -366,13 +570,19 @@ mod tests {
     #[test]
     fn store_tracks_versions_and_seals_blocks() {
         let mut store = ColumnStore::default();
+        let mut delta = StatsDeltaBuilder::default();
         for i in 0..(BLOCK_ROWS + 5) {
             let d = doc(json!({"_id": format!("d{i}"), "v": i}));
+            delta.add_doc(&d, 1);
             store.append(&format!("d{i}"), d).unwrap();
         }
         let old = doc(json!({"_id": "d0", "v": 0}));
-        store.remove("d0", Some(&old));
-        store.append("d0", doc(json!({"_id": "d0", "v": "changed"}))).unwrap();
+        delta.add_doc(&old, -1);
+        store.remove("d0");
+        let new = doc(json!({"_id": "d0", "v": "changed"}));
+        delta.add_doc(&new, 1);
+        store.append("d0", new).unwrap();
+        store.apply_stats(&delta.build());
         let snap = store.snapshot().unwrap();
         assert_eq!(snap.blocks.len(), 2);
         assert!(snap.deletions.is_deleted(0));
@@ -380,5 +590,31 @@ mod tests {
         assert_eq!(snap.stats.fields["v"][&Kind::String], 1);
         assert_eq!(snap.stats.fields["v"][&Kind::Int], (BLOCK_ROWS + 4) as u64);
         assert_eq!(store.slot_of("d0"), Some((BLOCK_ROWS + 5) as u64));
+
+        // Seal the short tail, persist every block, restore, and merge the two short blocks.
+        store.append("e", doc(json!({"_id": "e", "v": 1.5}))).unwrap();
+        store.seal_tail().unwrap();
+        let blocks = store.sealed_blocks();
+        assert_eq!(blocks.iter().map(|b| b.rows).collect::<Vec<_>>(), vec![BLOCK_ROWS, 7]);
+        let copies: Vec<Arc<Block>> = blocks
+            .iter()
+            .map(|b| Arc::new(Block::from_ipc(bytes::Bytes::from(b.to_ipc().unwrap())).unwrap()))
+            .collect();
+        assert_eq!(copies[1].min_max, blocks[1].min_max);
+        assert_eq!(copies[1].base_slot, BLOCK_ROWS as u64);
+        let deletions = Deletions::from_bytes(&store.deletions().to_bytes()).unwrap();
+        let restored =
+            ColumnStore::restore(copies.clone(), deletions, store.stats().clone(), store.next_slot()).unwrap();
+        assert_eq!(restored.live_docs(), BLOCK_ROWS + 6);
+        assert_eq!(restored.slot_of("d0"), Some((BLOCK_ROWS + 5) as u64));
+        assert_eq!(restored.slot_of("d1"), Some(1));
+        // "v" is int in the first block and text in the second: they stay apart.
+        assert!(Block::concat(&copies).unwrap().is_none());
+        let a = Arc::new(Block::build(0, &[doc(json!({"_id": "x", "n": 1}))]).unwrap());
+        let b = Arc::new(Block::build(1, &[doc(json!({"_id": "y", "m": "s"}))]).unwrap());
+        let merged = Block::concat(&[a, b]).unwrap().unwrap();
+        assert_eq!((merged.base_slot, merged.rows), (0, 2));
+        assert_eq!(merged.columns["n"].null_count(), 1);
+        assert_eq!(merged.min_max["_id"], MinMax { min: Scalar::Str("x".into()), max: Scalar::Str("y".into()) });
     }
 }

@@ -7,7 +7,9 @@
 pub mod columns;
 pub mod eval;
 pub mod search;
+pub mod segments;
 pub mod shard;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +24,9 @@ use parking_lot::RwLock;
 use prometheus::{IntCounterVec, register_int_counter_vec};
 use tokio_stream::wrappers::ReceiverStream;
 
+pub use crate::shard::FlushPolicy;
 use crate::shard::{Shard, ShardKey, keyspace_name};
+pub use crate::store::SegmentStore;
 
 // Registration fails only if a metric of the same name exists; then the leaf just does not count.
 static WRITES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
@@ -31,6 +35,19 @@ static WRITES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
 static SCANS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     register_int_counter_vec!("basalt_leaf_scans_total", "Shard scans by access path", &["access_path"]).ok()
 });
+static SEGMENT_OPS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "basalt_leaf_segment_ops_total",
+        "Segment maintenance: flushes, blocks and indexes merged, failed passes",
+        &["op"]
+    )
+    .ok()
+});
+
+/// How often the maintenance thread looks for shards to flush or merge: a quarter of the flush
+/// age, within these bounds.
+const MAINTENANCE_INTERVAL_MIN: std::time::Duration = std::time::Duration::from_millis(20);
+const MAINTENANCE_INTERVAL_MAX: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// How often the background thread commits search indexes that have new writes.
 const INDEX_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
@@ -40,8 +57,24 @@ const SCAN_CHANNEL_BATCHES: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct LeafConfig {
+    /// Row store and write-ahead log (fjall).
     pub data_dir: PathBuf,
+    /// Where immutable segments go: `s3://bucket/prefix`, `file:///dir` or a directory;
+    /// `None` means `<data_dir>/segments`.
+    pub segment_store: Option<String>,
+    pub flush: FlushPolicy,
     pub limits: DocLimits,
+}
+
+impl Default for LeafConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./basalt-data"),
+            segment_store: None,
+            flush: FlushPolicy::default(),
+            limits: DocLimits::default(),
+        }
+    }
 }
 
 /// Handle to a leaf; cheap to clone.
@@ -55,6 +88,8 @@ pub struct LeafInner {
     /// Serializes shard creation and removal.
     lifecycle: parking_lot::Mutex<()>,
     limits: DocLimits,
+    store: SegmentStore,
+    flush: FlushPolicy,
 }
 
 fn store_err(e: impl std::fmt::Display) -> BasaltError {
@@ -68,12 +103,19 @@ impl Leaf {
         std::fs::create_dir_all(dir).map_err(store_err)?;
         let db = open_database(&dir.join("rows"))?;
         let meta = db.keyspace("leaf_meta", fjall::KeyspaceCreateOptions::default).map_err(store_err)?;
+        let location = match &config.segment_store {
+            Some(l) => l.clone(),
+            None => dir.join("segments").to_string_lossy().to_string(),
+        };
+        let store = SegmentStore::open(&location)?;
         let leaf = LeafInner {
             db,
             meta,
             shards: RwLock::new(HashMap::new()),
             lifecycle: parking_lot::Mutex::new(()),
             limits: config.limits.clone(),
+            store,
+            flush: config.flush.clone(),
         };
         let mut keys = Vec::new();
         for item in leaf.meta.prefix("shard/") {
@@ -86,13 +128,68 @@ impl Leaf {
             }
         }
         for key in keys {
-            let shard = Shard::open(&leaf.db, &leaf.meta, key, leaf.limits.clone())?;
+            let shard = Shard::open(&leaf.db, &leaf.meta, &leaf.store, key, leaf.limits.clone())?;
             leaf.shards.write().insert(key, Arc::new(shard));
         }
-        tracing::info!(dir = %dir.display(), shards = leaf.shards.read().len(), "leaf open");
+        tracing::info!(dir = %dir.display(), segments = %location, shards = leaf.shards.read().len(), "leaf open");
         let leaf = Leaf(Arc::new(leaf));
         leaf.spawn_index_refresher();
+        leaf.spawn_maintenance();
         Ok(leaf)
+    }
+
+    /// Flush and merge segments in the background (see [`FlushPolicy`]). Failures are logged
+    /// and retried on the next pass; the write-ahead log keeps everything until a flush lands.
+    fn spawn_maintenance(&self) {
+        let weak = Arc::downgrade(&self.0);
+        let interval = (self.0.flush.max_age / 4).clamp(MAINTENANCE_INTERVAL_MIN, MAINTENANCE_INTERVAL_MAX);
+        let spawned = std::thread::Builder::new().name("segment-maintenance".into()).spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                let Some(inner) = weak.upgrade() else { return };
+                Leaf(inner).maintain_all(false);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no background segment maintenance; data stays in the write-ahead log");
+        }
+    }
+
+    /// One maintenance pass over every shard (`force` flushes all pending writes). Returns the
+    /// number of shards that failed.
+    pub fn maintain_all(&self, force: bool) -> usize {
+        let shards: Vec<Arc<Shard>> = self.0.shards.read().values().cloned().collect();
+        let mut failed = 0;
+        for shard in shards {
+            let started = std::time::Instant::now();
+            match shard.maintain(&self.0.flush, force) {
+                Ok(report) => {
+                    if let Some(ops) = SEGMENT_OPS.as_ref() {
+                        ops.with_label_values(&["flush"]).inc_by(u64::from(report.flushed));
+                        ops.with_label_values(&["block_merge"]).inc_by(report.blocks_merged as u64);
+                        ops.with_label_values(&["index_merge"]).inc_by(report.indexes_merged as u64);
+                    }
+                    if report != shard::Maintenance::default() {
+                        tracing::info!(
+                            shard = %keyspace_name(shard.key),
+                            flushed = report.flushed,
+                            blocks_merged = report.blocks_merged,
+                            indexes_merged = report.indexes_merged,
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "segment maintenance"
+                        );
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    if let Some(ops) = SEGMENT_OPS.as_ref() {
+                        ops.with_label_values(&["failed"]).inc();
+                    }
+                    tracing::warn!(shard = %keyspace_name(shard.key), error = %e, "segment maintenance failed");
+                }
+            }
+        }
+        failed
     }
 
     /// Commit search indexes in the background so a query rarely pays for a commit itself
@@ -132,7 +229,7 @@ impl Leaf {
         let mut batch = self.0.db.batch().durability(Some(fjall::PersistMode::SyncAll));
         batch.insert(&self.0.meta, format!("shard/{}/{}", key.0, key.1).into_bytes(), Vec::<u8>::new());
         batch.commit().map_err(store_err)?;
-        let shard = Arc::new(Shard::open(&self.0.db, &self.0.meta, key, self.0.limits.clone())?);
+        let shard = Arc::new(Shard::open(&self.0.db, &self.0.meta, &self.0.store, key, self.0.limits.clone())?);
         self.0.shards.write().insert(key, shard.clone());
         Ok(shard)
     }
@@ -141,7 +238,10 @@ impl Leaf {
         let _guard = self.0.lifecycle.lock();
         let doomed: Vec<ShardKey> = self.0.shards.read().keys().filter(|k| k.0 == collection_id).copied().collect();
         for key in doomed {
-            self.0.shards.write().remove(&key);
+            let shard = self.0.shards.write().remove(&key);
+            if let Some(shard) = shard {
+                shard.destroy()?;
+            }
             let mut batch = self.0.db.batch().durability(Some(fjall::PersistMode::SyncAll));
             batch.remove(&self.0.meta, format!("shard/{}/{}", key.0, key.1).into_bytes());
             batch.remove(&self.0.meta, format!("seq/{}", keyspace_name(key)).into_bytes());

@@ -2,8 +2,11 @@
 //! field (raw JSON field) and full text on strings (tokenized JSON field). Hits map back to column
 //! store slots through the `_slot` fast field.
 //!
-//! Commits are lazy: writes go to the index writer; a query that needs the index commits first if
-//! anything changed, so a search sees every acknowledged write.
+//! A shard has sealed (immutable) indexes over slot ranges, stored as segment files, and one tail
+//! index for recent slots that takes all writes. Tail commits are lazy: a query that needs the
+//! index commits first if anything changed, so a search sees every acknowledged write. Old
+//! versions are never deleted from an index: the column store's deletion bitmap hides them, and
+//! merging sealed indexes drops them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,9 +14,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use basalt_common::doc::{Doc, ID_FIELD};
 use basalt_common::filter::{CmpOp, Filter, Scalar};
 use basalt_common::{BasaltError, Result};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
+use std::sync::Arc;
+use tantivy::BitSet;
 use tantivy::collector::{Collector, SegmentCollector};
-use tantivy::query::{BooleanQuery, EmptyQuery, Occur, Query, TermQuery};
+use tantivy::directory::{Directory, OwnedBytes, RamDirectory};
+use tantivy::fastfield::{AliveBitSet, write_alive_bitset};
+use tantivy::indexer::{NoMergePolicy, merge_filtered_segments};
+use tantivy::query::{Bm25StatisticsProvider, BooleanQuery, EmptyQuery, Occur, Query, TermQuery};
 use tantivy::schema::{
     FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, OwnedValue, STRING, Schema, TextFieldIndexing,
     TextOptions,
@@ -28,77 +36,263 @@ fn tantivy_err(e: tantivy::TantivyError) -> BasaltError {
     BasaltError::internal(format!("search index: {e}"))
 }
 
-pub struct SearchIndex {
-    writer: Mutex<IndexWriter>,
-    reader: IndexReader,
-    dirty: AtomicBool,
+/// The tantivy fields of every index of a shard.
+#[derive(Clone, Copy)]
+struct Fields {
     id: Field,
     slot: Field,
     text: Field,
     raw: Field,
 }
 
-impl SearchIndex {
-    pub fn new() -> Result<Self> {
-        let mut sb = Schema::builder();
-        let id = sb.add_text_field(ID_FIELD, STRING);
-        let slot = sb.add_u64_field("_slot", INDEXED | FAST);
-        let text_options: JsonObjectOptions = TextOptions::default()
-            .set_indexing_options(
-                TextFieldIndexing::default()
-                    .set_tokenizer("default")
-                    .set_index_option(IndexRecordOption::WithFreqsAndPositions),
-            )
-            .into();
-        let text = sb.add_json_field("text", text_options);
-        let raw_options: JsonObjectOptions = TextOptions::default()
-            .set_indexing_options(
-                TextFieldIndexing::default().set_tokenizer("raw").set_index_option(IndexRecordOption::Basic),
-            )
-            .into();
-        let raw = sb.add_json_field("raw", raw_options);
-        let index = Index::create_in_ram(sb.build());
-        let writer = index.writer_with_num_threads(1, WRITER_MEMORY_BYTES).map_err(tantivy_err)?;
-        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(tantivy_err)?;
-        Ok(Self { writer: Mutex::new(writer), reader, dirty: AtomicBool::new(false), id, slot, text, raw })
+fn schema() -> (Schema, Fields) {
+    let mut sb = Schema::builder();
+    let id = sb.add_text_field(ID_FIELD, STRING);
+    let slot = sb.add_u64_field("_slot", INDEXED | FAST);
+    let text_options: JsonObjectOptions = TextOptions::default()
+        .set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer("default")
+                .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+        )
+        .into();
+    let text = sb.add_json_field("text", text_options);
+    let raw_options: JsonObjectOptions = TextOptions::default()
+        .set_indexing_options(
+            TextFieldIndexing::default().set_tokenizer("raw").set_index_option(IndexRecordOption::Basic),
+        )
+        .into();
+    let raw = sb.add_json_field("raw", raw_options);
+    (sb.build(), Fields { id, slot, text, raw })
+}
+
+fn manual_reader(index: &Index) -> Result<IndexReader> {
+    index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into().map_err(tantivy_err)
+}
+
+/// The index of recent documents (slots from `base_slot` on): the only one that takes writes.
+struct Tail {
+    base_slot: u64,
+    index: Index,
+    writer: IndexWriter,
+    reader: IndexReader,
+    docs: u64,
+}
+
+impl Tail {
+    fn new(schema: &Schema, base_slot: u64) -> Result<Tail> {
+        let index = Index::create_in_ram(schema.clone());
+        let writer: IndexWriter = index.writer_with_num_threads(1, WRITER_MEMORY_BYTES).map_err(tantivy_err)?;
+        // Tail segments are merged once, into one, when the tail is sealed.
+        writer.set_merge_policy(Box::new(NoMergePolicy));
+        let reader = manual_reader(&index)?;
+        Ok(Tail { base_slot, index, writer, reader, docs: 0 })
+    }
+}
+
+/// An immutable index over the slots `base_slot..end_slot` (documents deleted since are
+/// filtered by the column store's deletion bitmap, and dropped when indexes merge).
+pub struct Sealed {
+    pub base_slot: u64,
+    pub end_slot: u64,
+    index: Index,
+    reader: IndexReader,
+    /// Where the segment store holds this index, once it does.
+    stored: Mutex<Option<String>>,
+}
+
+impl Sealed {
+    fn new(base_slot: u64, end_slot: u64, index: Index, reader: IndexReader) -> Sealed {
+        Sealed { base_slot, end_slot, index, reader, stored: Mutex::new(None) }
     }
 
-    /// Index a document version (`doc == None` deletes it). `replaces` says whether an earlier
-    /// version is indexed: only then is a delete needed (deletes cost work in every segment).
-    pub fn upsert(&self, id: &str, replaces: bool, slot: Option<u64>, doc: Option<&Doc>) -> Result<()> {
-        let writer = self.writer.lock();
-        if replaces {
-            writer.delete_term(Term::from_field_text(self.id, id));
+    pub fn stored(&self) -> Option<String> {
+        self.stored.lock().clone()
+    }
+
+    pub fn set_stored(&self, dir: String) {
+        *self.stored.lock() = Some(dir);
+    }
+
+    /// Documents in the index, dead or alive.
+    pub fn max_doc(&self) -> u64 {
+        self.reader.searcher().segment_readers().iter().map(|s| u64::from(s.max_doc())).sum()
+    }
+
+    /// The index's files (name and content), to store as a segment.
+    pub fn files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let metas = self.index.load_metas().map_err(tantivy_err)?;
+        let dir = self.index.directory();
+        let mut names: Vec<std::path::PathBuf> = metas.list_segment_files().into_iter().collect();
+        names.push("meta.json".into());
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            if !dir.exists(&name).map_err(|e| BasaltError::internal(format!("search index: {e}")))? {
+                continue;
+            }
+            let bytes = dir.atomic_read(&name).map_err(|e| BasaltError::internal(format!("search index: {e}")))?;
+            out.push((name.to_string_lossy().to_string(), bytes));
         }
-        if let (Some(slot), Some(doc)) = (slot, doc) {
-            let object: BTreeMap<String, OwnedValue> = doc
-                .iter()
-                .filter(|(k, _)| k.as_str() != ID_FIELD)
-                .map(|(k, v)| (k.clone(), OwnedValue::from(v.clone())))
-                .collect();
-            let mut td = TantivyDocument::default();
-            td.add_text(self.id, id);
-            td.add_u64(self.slot, slot);
-            td.add_object(self.text, object.clone());
-            td.add_object(self.raw, object);
-            writer.add_document(td).map_err(tantivy_err)?;
+        Ok(out)
+    }
+
+    /// Open an index from files written by [`Sealed::files`].
+    pub fn load(base_slot: u64, end_slot: u64, files: Vec<(String, Vec<u8>)>) -> Result<Sealed> {
+        let dir = RamDirectory::create();
+        for (name, bytes) in files {
+            dir.atomic_write(std::path::Path::new(&name), &bytes)
+                .map_err(|e| BasaltError::internal(format!("search index: {e}")))?;
         }
+        let index = Index::open(dir).map_err(tantivy_err)?;
+        let reader = manual_reader(&index)?;
+        Ok(Sealed::new(base_slot, end_slot, index, reader))
+    }
+}
+
+/// A tail that was just sealed: already searchable, its segments still to be merged into one.
+pub struct SealJob {
+    pub sealed: Arc<Sealed>,
+    writer: IndexWriter,
+}
+
+pub struct SearchIndex {
+    schema: Schema,
+    fields: Fields,
+    tail: Mutex<Tail>,
+    sealed: RwLock<Vec<Arc<Sealed>>>,
+    dirty: AtomicBool,
+}
+
+impl SearchIndex {
+    /// An index whose tail starts at `base_slot`, over the given sealed indexes.
+    pub fn new(base_slot: u64, sealed: Vec<Arc<Sealed>>) -> Result<Self> {
+        let (schema, fields) = schema();
+        let tail = Tail::new(&schema, base_slot)?;
+        Ok(Self { schema, fields, tail: Mutex::new(tail), sealed: RwLock::new(sealed), dirty: AtomicBool::new(false) })
+    }
+
+    /// Index a new document version at `slot` (which must be in the tail). Older versions are
+    /// not deleted here: the column store's deletion bitmap hides them, and merges drop them.
+    pub fn add(&self, id: &str, slot: u64, doc: &Doc) -> Result<()> {
+        let object: BTreeMap<String, OwnedValue> = doc
+            .iter()
+            .filter(|(k, _)| k.as_str() != ID_FIELD)
+            .map(|(k, v)| (k.clone(), OwnedValue::from(v.clone())))
+            .collect();
+        let mut td = TantivyDocument::default();
+        td.add_text(self.fields.id, id);
+        td.add_u64(self.fields.slot, slot);
+        td.add_object(self.fields.text, object.clone());
+        td.add_object(self.fields.raw, object);
+        let mut tail = self.tail.lock();
+        tail.writer.add_document(td).map_err(tantivy_err)?;
+        tail.docs += 1;
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Make every write so far visible to searches. The flag is checked and cleared under the
-    /// writer lock, after the reader is reloaded: a caller that finds the index clean knows the
+    /// tail lock, after the reader is reloaded: a caller that finds the index clean knows the
     /// reader already has every write (a commit in progress by another thread is waited for).
     pub fn refresh(&self) -> Result<()> {
-        let mut writer = self.writer.lock();
+        let mut tail = self.tail.lock();
         if !self.dirty.load(Ordering::Acquire) {
             return Ok(());
         }
-        writer.commit().map_err(tantivy_err)?;
-        self.reader.reload().map_err(tantivy_err)?;
+        tail.writer.commit().map_err(tantivy_err)?;
+        tail.reader.reload().map_err(tantivy_err)?;
         self.dirty.store(false, Ordering::Release);
         Ok(())
+    }
+
+    /// Searchers over every index, taken together so a concurrent seal is seen whole.
+    fn searchers(&self) -> Result<Vec<tantivy::Searcher>> {
+        self.refresh()?;
+        let tail = self.tail.lock();
+        let mut out: Vec<tantivy::Searcher> = self.sealed.read().iter().map(|s| s.reader.searcher()).collect();
+        out.push(tail.reader.searcher());
+        Ok(out)
+    }
+
+    /// Seal the tail (slots up to `end_slot`) into an immutable index and start a new tail
+    /// there. Returns `None` when the tail holds nothing. The caller must hold off writers.
+    pub fn seal(&self, end_slot: u64) -> Result<Option<SealJob>> {
+        let mut tail = self.tail.lock();
+        if tail.docs == 0 {
+            tail.base_slot = end_slot;
+            return Ok(None);
+        }
+        tail.writer.commit().map_err(tantivy_err)?;
+        tail.reader.reload().map_err(tantivy_err)?;
+        self.dirty.store(false, Ordering::Release);
+        let fresh = Tail::new(&self.schema, end_slot)?;
+        let old = std::mem::replace(&mut *tail, fresh);
+        let sealed = Arc::new(Sealed::new(old.base_slot, end_slot, old.index, old.reader));
+        self.sealed.write().push(sealed.clone());
+        Ok(Some(SealJob { sealed, writer: old.writer }))
+    }
+
+    /// Merge a sealed tail's segments into one (searches keep working meanwhile).
+    pub fn finish_seal(&self, job: SealJob) -> Result<Arc<Sealed>> {
+        let SealJob { sealed, mut writer } = job;
+        let ids = sealed.index.searchable_segment_ids().map_err(tantivy_err)?;
+        if ids.len() > 1 {
+            writer.merge(&ids).wait().map_err(tantivy_err)?;
+        }
+        writer.wait_merging_threads().map_err(tantivy_err)?;
+        sealed.reader.reload().map_err(tantivy_err)?;
+        Ok(sealed)
+    }
+
+    pub fn sealed(&self) -> Vec<Arc<Sealed>> {
+        self.sealed.read().clone()
+    }
+
+    /// Merge adjacent sealed indexes into one, leaving out documents whose slot `is_dead`.
+    pub fn merge(&self, parts: &[Arc<Sealed>], is_dead: impl Fn(u64) -> bool) -> Result<Arc<Sealed>> {
+        let (Some(first), Some(last)) = (parts.first(), parts.last()) else {
+            return Err(BasaltError::internal("nothing to merge"));
+        };
+        let mut segments = Vec::new();
+        let mut alive = Vec::new();
+        for part in parts {
+            let searcher = part.reader.searcher();
+            for (segment, reader) in
+                part.index.searchable_segments().map_err(tantivy_err)?.into_iter().zip(searcher.segment_readers())
+            {
+                let slots = reader.fast_fields().u64("_slot").map_err(tantivy_err)?;
+                let mut bits = BitSet::with_max_value(reader.max_doc());
+                for doc in 0..reader.max_doc() {
+                    if reader.is_deleted(doc) {
+                        continue;
+                    }
+                    if slots.first(doc).is_some_and(|slot| !is_dead(slot)) {
+                        bits.insert(doc);
+                    }
+                }
+                let mut bytes = Vec::new();
+                write_alive_bitset(&bits, &mut bytes)
+                    .map_err(|e| BasaltError::internal(format!("search index: {e}")))?;
+                alive.push(Some(AliveBitSet::open(OwnedBytes::new(bytes))));
+                segments.push(segment);
+            }
+        }
+        let settings = first.index.settings().clone();
+        let index = merge_filtered_segments(&segments, settings, alive, RamDirectory::create()).map_err(tantivy_err)?;
+        let reader = manual_reader(&index)?;
+        let merged = Arc::new(Sealed::new(first.base_slot, last.end_slot, index, reader));
+        let mut sealed = self.sealed.write();
+        let start = sealed.iter().position(|s| Arc::ptr_eq(s, first));
+        if let Some(start) = start
+            && sealed.len() >= start + parts.len()
+            && sealed[start..start + parts.len()].iter().zip(parts).all(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            sealed.splice(start..start + parts.len(), [merged.clone()]);
+            Ok(merged)
+        } else {
+            Err(BasaltError::internal("sealed indexes changed during a merge"))
+        }
     }
 
     /// Build a tantivy query for a filter the index can answer exactly (see
@@ -113,7 +307,7 @@ impl SearchIndex {
                 let clauses = tokens
                     .iter()
                     .map(|t| {
-                        let mut term = Term::from_field_json_path(self.text, path, false);
+                        let mut term = Term::from_field_json_path(self.fields.text, path, false);
                         term.append_type_and_str(t);
                         (Occur::Must, Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs)) as Box<dyn Query>)
                     })
@@ -151,9 +345,9 @@ impl SearchIndex {
         if path == ID_FIELD
             && let Scalar::Str(s) = value
         {
-            return Ok(Term::from_field_text(self.id, s));
+            return Ok(Term::from_field_text(self.fields.id, s));
         }
-        let mut term = Term::from_field_json_path(self.raw, path, false);
+        let mut term = Term::from_field_json_path(self.fields.raw, path, false);
         match value {
             Scalar::Str(s) => term.append_type_and_str(s),
             Scalar::Int(i) => term.append_type_and_fast_value(*i),
@@ -166,13 +360,35 @@ impl SearchIndex {
     /// Slots of the documents matching all `filters`, sorted, with their BM25 relevance when
     /// `scoring` (else 0).
     pub fn matching_slots(&self, filters: &[&Filter], scoring: bool) -> Result<Vec<(u64, f32)>> {
-        self.refresh()?;
         let clauses = filters.iter().map(|f| Ok((Occur::Must, self.query(f)?))).collect::<Result<Vec<_>>>()?;
         let query = BooleanQuery::new(clauses);
-        let searcher = self.reader.searcher();
-        let mut slots = searcher.search(&query, &SlotCollector { scoring }).map_err(tantivy_err)?;
+        let mut slots = Vec::new();
+        let searchers = self.searchers()?;
+        // Relevance uses statistics over all indexes of the shard, not per index.
+        let stats = AllIndexes(&searchers);
+        for searcher in &searchers {
+            let collector = SlotCollector { scoring };
+            slots.extend(searcher.search_with_statistics_provider(&query, &collector, &stats).map_err(tantivy_err)?);
+        }
         slots.sort_unstable_by_key(|(slot, _)| *slot);
         Ok(slots)
+    }
+}
+
+/// BM25 statistics summed over every index of a shard.
+struct AllIndexes<'a>(&'a [tantivy::Searcher]);
+
+impl Bm25StatisticsProvider for AllIndexes<'_> {
+    fn total_num_tokens(&self, field: Field) -> tantivy::Result<u64> {
+        self.0.iter().map(|s| s.total_num_tokens(field)).sum()
+    }
+
+    fn total_num_docs(&self) -> tantivy::Result<u64> {
+        self.0.iter().map(|s| s.total_num_docs()).sum()
+    }
+
+    fn doc_freq(&self, term: &Term) -> tantivy::Result<u64> {
+        self.0.iter().map(|s| s.doc_freq(term)).sum()
     }
 }
 
@@ -230,7 +446,7 @@ mod tests {
     fn searches_see_every_write_while_a_background_refresh_runs() {
         use std::sync::Arc;
         use std::sync::atomic::AtomicBool;
-        let idx = Arc::new(SearchIndex::new().unwrap());
+        let idx = Arc::new(SearchIndex::new(0, Vec::new()).unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let background = {
             let (idx, stop) = (idx.clone(), stop.clone());
@@ -242,7 +458,7 @@ mod tests {
         };
         for i in 0..100u64 {
             let doc = json!({"k": format!("v{i}")}).as_object().unwrap().clone();
-            idx.upsert(&format!("d{i}"), false, Some(i), Some(&doc)).unwrap();
+            idx.add(&format!("d{i}"), i, &doc).unwrap();
             let f = Filter::Cmp { path: "k".into(), op: CmpOp::Eq, value: Scalar::Str(format!("v{i}")) };
             assert_eq!(slots(&idx, &f), vec![i], "write {i} is not visible to the next search");
         }
@@ -252,29 +468,35 @@ mod tests {
 
     #[test]
     fn scores_rank_better_matches_higher() {
-        let idx = SearchIndex::new().unwrap();
+        let idx = SearchIndex::new(0, Vec::new()).unwrap();
         let d = |v: serde_json::Value| v.as_object().unwrap().clone();
-        idx.upsert("a", false, Some(0), Some(&d(json!({"t": "coffee and tea and more words here"})))).unwrap();
-        idx.upsert("b", false, Some(1), Some(&d(json!({"t": "coffee coffee coffee"})))).unwrap();
+        idx.add("a", 0, &d(json!({"t": "coffee and tea and more words here"}))).unwrap();
+        idx.add("b", 1, &d(json!({"t": "coffee coffee coffee"}))).unwrap();
         let q = Filter::Search { path: "t".into(), query: "coffee".into() };
         let hits = idx.matching_slots(&[&q], true).unwrap();
         assert_eq!(hits.len(), 2);
         assert!(hits[1].1 > hits[0].1, "{hits:?}");
+        // Scores use statistics over all indexes: sealing one part does not change them.
+        idx.finish_seal(idx.seal(2).unwrap().unwrap()).unwrap();
+        idx.add("c", 2, &d(json!({"t": "tea only"}))).unwrap();
+        let before: Vec<f32> = hits.iter().map(|h| h.1).collect();
+        let fresh = SearchIndex::new(0, Vec::new()).unwrap();
+        fresh.add("a", 0, &d(json!({"t": "coffee and tea and more words here"}))).unwrap();
+        fresh.add("b", 1, &d(json!({"t": "coffee coffee coffee"}))).unwrap();
+        fresh.add("c", 2, &d(json!({"t": "tea only"}))).unwrap();
+        let split: Vec<f32> = idx.matching_slots(&[&q], true).unwrap().iter().map(|h| h.1).collect();
+        let whole: Vec<f32> = fresh.matching_slots(&[&q], true).unwrap().iter().map(|h| h.1).collect();
+        assert_eq!(split, whole);
+        assert_ne!(split, before, "a third document changes the statistics");
     }
 
     #[test]
     fn finds_terms_text_and_replaces_versions() {
-        let idx = SearchIndex::new().unwrap();
+        let idx = SearchIndex::new(0, Vec::new()).unwrap();
         let d = |v: serde_json::Value| v.as_object().unwrap().clone();
-        idx.upsert(
-            "u1",
-            false,
-            Some(0),
-            Some(&d(json!({"_id": "u1", "name": "Ada Lovelace", "age": 36, "address": {"city": "London"}}))),
-        )
-        .unwrap();
-        idx.upsert("u2", false, Some(1), Some(&d(json!({"_id": "u2", "name": "Alan Turing", "age": 41, "ok": true}))))
+        idx.add("u1", 0, &d(json!({"_id": "u1", "name": "Ada Lovelace", "age": 36, "address": {"city": "London"}})))
             .unwrap();
+        idx.add("u2", 1, &d(json!({"_id": "u2", "name": "Alan Turing", "age": 41, "ok": true}))).unwrap();
         let search = Filter::Search { path: "name".into(), query: "ada".into() };
         assert_eq!(slots(&idx, &search), vec![0]);
         let city = Filter::Cmp { path: "address.city".into(), op: CmpOp::Eq, value: Scalar::Str("London".into()) };
@@ -283,10 +505,23 @@ mod tests {
         assert_eq!(slots(&idx, &age), vec![0, 1]);
         let ok = Filter::Cmp { path: "ok".into(), op: CmpOp::Eq, value: Scalar::Bool(true) };
         assert_eq!(slots(&idx, &ok), vec![1]);
-        idx.upsert("u1", true, Some(2), Some(&d(json!({"_id": "u1", "name": "Ada King"})))).unwrap();
+        // A new version at slot 2 in a new tail; the old one stays until a merge drops it.
+        let job = idx.seal(2).unwrap().unwrap();
+        idx.add("u1", 2, &d(json!({"_id": "u1", "name": "Ada King"}))).unwrap();
+        assert_eq!(slots(&idx, &search), vec![0, 2]);
+        let first = idx.finish_seal(job).unwrap();
+        // Round trip through segment files.
+        let files = first.files().unwrap();
+        assert!(files.iter().any(|(n, _)| n == "meta.json"));
+        let copy = Sealed::load(first.base_slot, first.end_slot, files).unwrap();
+        assert_eq!(copy.max_doc(), 2);
+        let second = idx.finish_seal(idx.seal(3).unwrap().unwrap()).unwrap();
+        assert!(idx.seal(3).unwrap().is_none(), "an empty tail seals to nothing");
+        let merged = idx.merge(&[first, second], |slot| slot == 0).unwrap();
+        assert_eq!((merged.base_slot, merged.end_slot, merged.max_doc()), (0, 3, 2));
+        assert_eq!(idx.sealed().len(), 1);
         assert_eq!(slots(&idx, &search), vec![2]);
-        idx.upsert("u1", true, None, None).unwrap();
-        assert!(slots(&idx, &search).is_empty());
+        assert_eq!(slots(&idx, &age), vec![1]);
         let id = Filter::Cmp { path: "_id".into(), op: CmpOp::Eq, value: Scalar::Str("u2".into()) };
         assert_eq!(slots(&idx, &id), vec![1]);
     }

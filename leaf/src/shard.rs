@@ -1,12 +1,16 @@
 //! One shard of one collection: the row store (fjall keyspace, document by `_id`), the column
 //! store and the search index, kept in step by one writer at a time.
 //!
-//! Durability: a write batch is committed to fjall's journal with fsync (documents and the shard
-//! sequence number in one atomic batch) before it touches the in-memory indexes and before it is
-//! acknowledged. On open, the column store and search index are rebuilt from the row store.
+//! Durability: a write batch is committed to fjall's journal with fsync (documents, the shard
+//! sequence number and a shard log entry in one atomic batch) before it touches the in-memory
+//! indexes and before it is acknowledged. In the background, the column store and search index
+//! are flushed as immutable segments to the segment store (see `segments`), after which the log
+//! up to the flushed sequence number is dropped. On open, a shard loads its segments and replays
+//! the log; without a manifest it rebuilds from the row store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch};
 use arrow::compute::{and, filter_record_batch};
@@ -17,12 +21,18 @@ use basalt_common::filter::{AccessPath, Filter, choose_access_path, id_lookup, i
 use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
 use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
 
-use crate::columns::{Block, ColumnStore, Deletions};
+use crate::columns::{BLOCK_ROWS, Block, ColumnStore, Deletions, StatsDelta, StatsDeltaBuilder, apply_delta};
 use crate::eval::{block_excluded, eval_all};
 use crate::search::SearchIndex;
+use crate::segments::{Manifest, ShardSegments};
+use crate::store::SegmentStore;
 
 pub type ShardKey = (u64, u32);
+
+/// Marks the in-memory manifest of a dropped shard.
+const DROPPED: u32 = u32::MAX;
 
 pub fn keyspace_name(key: ShardKey) -> String {
     format!("c{}_s{}", key.0, key.1)
@@ -30,6 +40,50 @@ pub fn keyspace_name(key: ShardKey) -> String {
 
 fn store_err(e: impl std::fmt::Display) -> BasaltError {
     BasaltError::internal(format!("row store: {e}"))
+}
+
+/// One entry of the shard log: what a committed batch changed, enough to replay it onto the
+/// segments of an earlier sequence number (documents come from the row store).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LogEntry {
+    ids: Vec<String>,
+    stats: StatsDelta,
+}
+
+fn log_prefix(key: ShardKey) -> Vec<u8> {
+    format!("log/{}/", keyspace_name(key)).into_bytes()
+}
+
+fn log_key(key: ShardKey, seq: u64) -> Vec<u8> {
+    let mut k = log_prefix(key);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// When a shard flushes its tail to a segment, and how segments merge.
+#[derive(Debug, Clone)]
+pub struct FlushPolicy {
+    /// Flush once this many slots were written since the last flush.
+    pub max_rows: u64,
+    /// Flush writes older than this even when few.
+    pub max_age: Duration,
+    /// Merge search indexes when a shard has more than this many.
+    pub max_indexes: usize,
+}
+
+impl Default for FlushPolicy {
+    fn default() -> Self {
+        Self { max_rows: 64 * 1024, max_age: Duration::from_secs(10), max_indexes: 8 }
+    }
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Maintenance {
+    pub flushed: bool,
+    pub blocks_merged: usize,
+    pub indexes_merged: usize,
+    pub bytes_written: u64,
 }
 
 pub struct Shard {
@@ -42,48 +96,150 @@ pub struct Shard {
     columns: RwLock<ColumnStore>,
     search: SearchIndex,
     limits: DocLimits,
+    segments: ShardSegments,
+    /// The manifest last written; its lock serializes flushes and merges.
+    manifest: Mutex<Manifest>,
+    last_flush: Mutex<Instant>,
+    /// How the shard was opened: "segments" or "row store".
+    opened_from: &'static str,
 }
 
 impl Shard {
-    /// Open a shard and rebuild its in-memory indexes from the row store.
-    pub fn open(db: &fjall::Database, meta: &fjall::Keyspace, key: ShardKey, limits: DocLimits) -> Result<Shard> {
+    /// Open a shard: load its segments and replay its log, or rebuild from the row store.
+    pub fn open(
+        db: &fjall::Database,
+        meta: &fjall::Keyspace,
+        store: &SegmentStore,
+        key: ShardKey,
+        limits: DocLimits,
+    ) -> Result<Shard> {
+        let started = Instant::now();
         let docs = db.keyspace(&keyspace_name(key), fjall::KeyspaceCreateOptions::default).map_err(store_err)?;
         let seq = match meta.get(seq_key(key)).map_err(store_err)? {
             Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| store_err("bad sequence number"))?),
             None => 0,
         };
-        let shard = Shard {
+        let segments = ShardSegments::new(store.clone(), keyspace_name(key));
+        let manifest = segments.load_manifest()?;
+        if let Some(m) = &manifest
+            && m.seq > seq
+        {
+            return Err(BasaltError::internal(format!(
+                "segment store {} holds shard {} at sequence {} but the local log ends at {seq}: \
+                 the data directory does not belong to this segment store",
+                store.description(),
+                keyspace_name(key),
+                m.seq
+            )));
+        }
+        let mut shard = Shard {
             key,
             db: db.clone(),
             docs,
             meta: meta.clone(),
             seq: Mutex::new(seq),
             columns: RwLock::new(ColumnStore::default()),
-            search: SearchIndex::new()?,
+            search: SearchIndex::new(0, Vec::new())?,
             limits,
+            segments,
+            manifest: Mutex::new(Manifest::default()),
+            last_flush: Mutex::new(Instant::now()),
+            opened_from: "row store",
         };
-        shard.rebuild()?;
+        let how = match manifest {
+            Some(m) => match shard.restore(&m) {
+                Ok(replayed) => {
+                    if let Err(e) = shard.segments.delete_unreferenced(&m) {
+                        tracing::warn!(shard = %keyspace_name(key), error = %e, "could not delete unreferenced segment objects");
+                    }
+                    *shard.manifest.get_mut() = m;
+                    shard.opened_from = "segments";
+                    format!("segments and {replayed} replayed documents")
+                }
+                Err(e) => {
+                    tracing::error!(shard = %keyspace_name(key), error = %e, "segments unreadable; rebuilding from the row store");
+                    shard.columns = RwLock::new(ColumnStore::default());
+                    shard.search = SearchIndex::new(0, Vec::new())?;
+                    shard.rebuild()?;
+                    "row store (segments unreadable)".to_string()
+                }
+            },
+            None => {
+                shard.rebuild()?;
+                "row store".to_string()
+            }
+        };
+        tracing::info!(
+            shard = %keyspace_name(key),
+            docs = shard.live_docs(),
+            seq,
+            from = %how,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "shard open"
+        );
         Ok(shard)
     }
 
+    /// Load the segments of `manifest` and replay the log after it. Returns the number of
+    /// documents replayed.
+    fn restore(&mut self, manifest: &Manifest) -> Result<usize> {
+        let loaded = self.segments.load(manifest)?;
+        let mut columns =
+            ColumnStore::restore(loaded.blocks, loaded.deletions, manifest.stats.clone(), manifest.next_slot)?;
+        let search = SearchIndex::new(manifest.next_slot, loaded.indexes)?;
+        // Replay: every id touched after the manifest gets its current version (or none).
+        let mut order = Vec::new();
+        let mut seen = HashSet::new();
+        let mut stats = manifest.stats.clone();
+        for item in self.meta.prefix(log_prefix(self.key)) {
+            let (k, v) = item.into_inner().map_err(store_err)?;
+            let seq = k.len().checked_sub(8).and_then(|at| k[at..].try_into().ok()).map(u64::from_be_bytes);
+            let Some(seq) = seq else { return Err(store_err("bad log key")) };
+            if seq <= manifest.seq {
+                continue;
+            }
+            let entry: LogEntry = serde_json::from_slice(&v).map_err(store_err)?;
+            apply_delta(&mut stats, &entry.stats);
+            for id in entry.ids {
+                if seen.insert(id.clone()) {
+                    order.push(id);
+                }
+            }
+        }
+        for id in &order {
+            columns.remove(id);
+            if let Some(doc) = self.get(id)? {
+                let doc = Arc::new(doc);
+                let slot = columns.append(id, doc.clone())?;
+                search.add(id, slot, &doc)?;
+            }
+        }
+        columns.set_stats(stats);
+        search.refresh()?;
+        self.columns = RwLock::new(columns);
+        self.search = search;
+        Ok(order.len())
+    }
+
     fn rebuild(&self) -> Result<()> {
-        let started = std::time::Instant::now();
         let mut columns = self.columns.write();
+        let mut delta = StatsDeltaBuilder::default();
         let mut n = 0u64;
         for item in self.docs.iter() {
             let (k, v) = item.into_inner().map_err(store_err)?;
             let id = String::from_utf8(k.to_vec()).map_err(store_err)?;
             let doc: Doc = serde_json::from_slice(&v).map_err(store_err)?;
+            delta.add_doc(&doc, 1);
             let doc = Arc::new(doc);
             let slot = columns.append(&id, doc.clone())?;
-            self.search.upsert(&id, false, Some(slot), Some(&doc))?;
+            self.search.add(&id, slot, &doc)?;
             n += 1;
             if n.is_multiple_of(100_000) {
-                tracing::info!(shard = %keyspace_name(self.key), docs = n, "recovering shard");
+                tracing::info!(shard = %keyspace_name(self.key), docs = n, "rebuilding shard from the row store");
             }
         }
+        columns.apply_stats(&delta.build());
         self.search.refresh()?;
-        tracing::info!(shard = %keyspace_name(self.key), docs = n, seq = *self.seq.lock(), elapsed_ms = started.elapsed().as_millis() as u64, "shard open");
         Ok(())
     }
 
@@ -143,35 +299,225 @@ impl Shard {
         }
         let next = *seq + 1;
         let mut batch = self.db.batch().durability(Some(fjall::PersistMode::SyncAll));
+        let mut delta = StatsDeltaBuilder::default();
         for id in &changed {
-            match &touched[id].1 {
-                Some(doc) => batch.insert(&self.docs, id.as_bytes(), serde_json::to_vec(doc).map_err(store_err)?),
+            let (old, new) = &touched[id];
+            if let Some(old) = old {
+                delta.add_doc(old, -1);
+            }
+            match new {
+                Some(doc) => {
+                    delta.add_doc(doc, 1);
+                    batch.insert(&self.docs, id.as_bytes(), serde_json::to_vec(doc).map_err(store_err)?)
+                }
                 None => batch.remove(&self.docs, id.as_bytes()),
             }
         }
+        let entry = LogEntry { ids: changed.clone(), stats: delta.build() };
+        batch.insert(&self.meta, log_key(self.key, next), serde_json::to_vec(&entry).map_err(store_err)?);
         batch.insert(&self.meta, seq_key(self.key), next.to_be_bytes());
         batch.commit().map_err(store_err)?;
         *seq = next;
 
         let mut columns = self.columns.write();
         for id in changed {
-            let Some((old, new)) = touched.remove(&id) else { continue };
-            columns.remove(&id, old.as_ref());
-            let replaces = old.is_some();
-            match new {
-                Some(doc) => {
-                    let doc = Arc::new(doc);
-                    let slot = columns.append(&id, doc.clone())?;
-                    self.search.upsert(&id, replaces, Some(slot), Some(&doc))?;
-                }
-                None => self.search.upsert(&id, replaces, None, None)?,
+            let Some((_, new)) = touched.remove(&id) else { continue };
+            columns.remove(&id);
+            if let Some(doc) = new {
+                let doc = Arc::new(doc);
+                let slot = columns.append(&id, doc.clone())?;
+                self.search.add(&id, slot, &doc)?;
             }
         }
+        columns.apply_stats(&entry.stats);
         Ok(ShardWriteResult { statuses, seq: next })
     }
 
     pub fn stats(&self) -> SchemaStats {
         self.columns.read().stats().clone()
+    }
+
+    /// Flush and merge segments when the policy says so (always flush pending writes when
+    /// `force`). Runs in the background; at most one pass per shard at a time.
+    pub fn maintain(&self, policy: &FlushPolicy, force: bool) -> Result<Maintenance> {
+        let mut manifest = self.manifest.lock();
+        let mut report = Maintenance::default();
+        if manifest.format == DROPPED {
+            return Ok(report);
+        }
+        let seq_now = *self.seq.lock();
+        let slots_now = self.columns.read().next_slot();
+        let pending = seq_now > manifest.seq;
+        let due = force
+            || slots_now.saturating_sub(manifest.next_slot) >= policy.max_rows
+            || self.last_flush.lock().elapsed() >= policy.max_age;
+        if pending && due {
+            self.flush(&mut manifest)?;
+            report.flushed = true;
+            *self.last_flush.lock() = Instant::now();
+        }
+        self.compact(&mut manifest, policy, &mut report)?;
+        Ok(report)
+    }
+
+    /// Seal the tails and write every block, index and the deletions not yet in the manifest,
+    /// then the manifest, then drop the log it covers.
+    fn flush(&self, manifest: &mut Manifest) -> Result<()> {
+        let (seq, blocks, deletions, stats, next_slot, job) = {
+            let seq = self.seq.lock();
+            let mut columns = self.columns.write();
+            columns.seal_tail()?;
+            let job = self.search.seal(columns.next_slot())?;
+            (
+                *seq,
+                columns.sealed_blocks(),
+                columns.deletions().clone(),
+                columns.stats().clone(),
+                columns.next_slot(),
+                job,
+            )
+        };
+        if let Some(job) = job {
+            self.search.finish_seal(job)?;
+        }
+        let mut next = manifest.clone();
+        next.generation += 1;
+        next.seq = seq;
+        next.next_slot = next_slot;
+        next.stats = stats;
+        self.write_refs(manifest, &mut next, &blocks)?;
+        next.deletions = Some(self.segments.put_deletions(next.generation, &deletions)?);
+        self.segments.put_manifest(&next)?;
+        self.truncate_log(seq)?;
+        if let Err(e) = self.segments.delete_replaced(manifest, &next) {
+            tracing::warn!(shard = %keyspace_name(self.key), error = %e, "could not delete replaced segment objects");
+        }
+        tracing::debug!(shard = %keyspace_name(self.key), seq, next_slot, "flushed");
+        *manifest = next;
+        Ok(())
+    }
+
+    /// Set `next`'s block and index lists to the in-memory ones below `next.next_slot`, writing
+    /// those `old` does not have (a block's slot range fixes its content; an index knows where
+    /// it is stored).
+    fn write_refs(&self, old: &Manifest, next: &mut Manifest, blocks: &[Arc<Block>]) -> Result<()> {
+        let g = next.generation;
+        next.blocks = Vec::new();
+        for b in blocks.iter().filter(|b| b.base_slot + b.rows as u64 <= next.next_slot) {
+            match old.blocks.iter().find(|r| r.base_slot == b.base_slot && r.rows == b.rows) {
+                Some(r) => next.blocks.push(r.clone()),
+                None => next.blocks.push(self.segments.put_block(g, b)?),
+            }
+        }
+        next.indexes = Vec::new();
+        for ix in self.search.sealed().iter().filter(|ix| ix.end_slot <= next.next_slot) {
+            let stored = ix.stored().and_then(|dir| old.indexes.iter().find(|r| r.dir == dir));
+            match stored {
+                Some(r) => next.indexes.push(r.clone()),
+                None => next.indexes.push(self.segments.put_index(g, ix)?),
+            }
+        }
+        Ok(())
+    }
+
+    /// Merge short adjacent blocks and too many (or mostly dead) search indexes, among those
+    /// the manifest already holds, then write a manifest naming the results.
+    fn compact(&self, manifest: &mut Manifest, policy: &FlushPolicy, report: &mut Maintenance) -> Result<()> {
+        let covered = manifest.next_slot;
+        // Blocks: runs of adjacent sealed blocks that fit in one block together.
+        let blocks: Vec<Arc<Block>> = self
+            .columns
+            .read()
+            .sealed_blocks()
+            .into_iter()
+            .filter(|b| b.base_slot + b.rows as u64 <= covered)
+            .collect();
+        let mut runs: Vec<Vec<Arc<Block>>> = Vec::new();
+        let mut run: Vec<Arc<Block>> = Vec::new();
+        for b in blocks {
+            if run.iter().map(|r| r.rows).sum::<usize>() + b.rows > BLOCK_ROWS {
+                runs.push(std::mem::take(&mut run));
+            }
+            run.push(b);
+        }
+        runs.push(run);
+        for run in runs.into_iter().filter(|r| r.len() > 1) {
+            if let Some(merged) = Block::concat(&run)?
+                && self.columns.write().replace_blocks(&run, Arc::new(merged))
+            {
+                report.blocks_merged += run.len();
+            }
+        }
+        // Indexes: rewrite mostly-dead ones alone, then merge the smallest adjacent pairs.
+        let deletions: Deletions = self.columns.read().deletions().clone();
+        let is_dead = |slot: u64| deletions.is_deleted(slot);
+        let covered_indexes = || -> Vec<Arc<crate::search::Sealed>> {
+            self.search.sealed().into_iter().filter(|ix| ix.end_slot <= covered).collect()
+        };
+        for ix in covered_indexes() {
+            let live = (ix.end_slot - ix.base_slot).saturating_sub(deletions.count(ix.base_slot, ix.end_slot));
+            let docs = ix.max_doc();
+            if docs >= 1024 && docs > 2 * live {
+                self.search.merge(std::slice::from_ref(&ix), is_dead)?;
+                report.indexes_merged += 1;
+            }
+        }
+        loop {
+            let indexes = covered_indexes();
+            if indexes.len() <= policy.max_indexes.max(1) {
+                break;
+            }
+            let sizes: Vec<u64> = indexes.iter().map(|ix| ix.max_doc()).collect();
+            let Some(i) = (0..indexes.len() - 1).min_by_key(|i| sizes[*i] + sizes[*i + 1]) else { break };
+            self.search.merge(&indexes[i..i + 2], is_dead)?;
+            report.indexes_merged += 2;
+        }
+        if report.blocks_merged == 0 && report.indexes_merged == 0 {
+            return Ok(());
+        }
+        let mut next = manifest.clone();
+        next.generation += 1;
+        let blocks = self.columns.read().sealed_blocks();
+        self.write_refs(manifest, &mut next, &blocks)?;
+        self.segments.put_manifest(&next)?;
+        if let Err(e) = self.segments.delete_replaced(manifest, &next) {
+            tracing::warn!(shard = %keyspace_name(self.key), error = %e, "could not delete replaced segment objects");
+        }
+        *manifest = next;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub fn manifest_for_tests(&self) -> Manifest {
+        self.manifest.lock().clone()
+    }
+
+    #[cfg(test)]
+    pub fn opened_from_for_tests(&self) -> &'static str {
+        self.opened_from
+    }
+
+    /// Drop log entries up to `seq` (a later replay would skip them anyway).
+    fn truncate_log(&self, seq: u64) -> Result<()> {
+        let mut batch = self.db.batch();
+        for item in self.meta.prefix(log_prefix(self.key)) {
+            let k = item.key().map_err(store_err)?;
+            let entry_seq = k.len().checked_sub(8).and_then(|at| k[at..].try_into().ok()).map(u64::from_be_bytes);
+            match entry_seq {
+                Some(s) if s > seq => break,
+                _ => batch.remove(&self.meta, k.to_vec()),
+            }
+        }
+        batch.commit().map_err(store_err)
+    }
+
+    /// Delete the shard's segments and log (the collection is being dropped); maintenance
+    /// passes after this do nothing.
+    pub fn destroy(&self) -> Result<()> {
+        let mut manifest = self.manifest.lock();
+        manifest.format = DROPPED;
+        self.segments.delete_all()?;
+        self.truncate_log(u64::MAX)
     }
 
     /// Run a scan, sending batches to `emit` until it returns false.

@@ -343,7 +343,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let leaf = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig {
             data_dir: dir.path().join("leaf"),
-            limits: DocLimits::default(),
+            ..Default::default()
         })
         .unwrap();
         let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&dir.path().join("meta")).unwrap());

@@ -164,7 +164,7 @@ mod tests {
         let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&dir.path().join("meta")).unwrap());
         let leaf_impl = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig {
             data_dir: dir.path().join("leaf"),
-            limits: DocLimits::default(),
+            ..Default::default()
         })
         .unwrap();
         let leaf: Leaf = Arc::new(leaf_impl.clone());
