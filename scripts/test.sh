@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one: installs what the tests need (a Python
-# virtualenv with psycopg and pytest; psql if missing), builds Basalt, runs the Python client
+# virtualenv with psycopg, pytest and moto_server, the S3 API server; psql if missing), builds Basalt, runs the Python client
 # tests, then every Rust test (unit, sqllogictest against dev and a three-process deployment,
 # crash and HTTP tests) with cargo nextest (cargo test if nextest is missing).
 set -euo pipefail
@@ -24,6 +24,8 @@ fi
 step "build"
 cargo build -p basalt
 export BASALT_BIN="$CARGO_TARGET_DIR/debug/basalt"
+# The S3 API server for the segment-store tests (installed into the virtualenv above).
+export BASALT_MOTO_SERVER="$VENV/bin/moto_server"
 
 step "python client tests (psycopg, psql)"
 "$VENV/bin/pytest" -q tests/python

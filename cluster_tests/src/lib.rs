@@ -23,6 +23,68 @@ pub fn basalt_bin() -> PathBuf {
     bin
 }
 
+/// The S3 API server for tests: `moto_server` from `BASALT_MOTO_SERVER`, or from the test
+/// virtualenv the README test command installs it into.
+pub fn moto_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("BASALT_MOTO_SERVER") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let bin = PathBuf::from(home).join(".cache/basalt/venv/bin/moto_server");
+    assert!(bin.exists(), "{} not found: run ./scripts/test.sh (it installs moto[server])", bin.display());
+    bin
+}
+
+/// A running `moto_server` on loopback with one bucket; stopped on drop.
+pub struct S3Server {
+    pub port: u16,
+    pub bucket: String,
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub async fn start(bucket: &str) -> S3Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let args = vec!["-H".to_string(), "127.0.0.1".to_string(), "-p".to_string(), port.to_string()];
+        let proc = Proc::start_program("moto", &moto_server_bin(), &args, &[], dir.path());
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            // Creating the bucket doubles as the readiness check.
+            let put = client.put(format!("http://127.0.0.1:{port}/{bucket}")).send().await;
+            if put.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "moto_server did not start:\n{}", proc.log_tail());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        S3Server { port, bucket: bucket.to_string(), proc, _dir: dir }
+    }
+
+    /// Environment for a process that talks to this server through object_store.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Keys under a prefix (ListObjectsV2, first 1000).
+    pub async fn list(&self, prefix: &str) -> Vec<String> {
+        let url = format!("http://127.0.0.1:{}/{}?list-type=2&prefix={prefix}", self.port, self.bucket);
+        let body = reqwest::get(url).await.expect("list objects").text().await.expect("list body");
+        body.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_string).collect()
+    }
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
@@ -31,15 +93,35 @@ pub fn free_port() -> u16 {
 /// One `basalt` process, restartable with the same arguments. Killed on drop.
 pub struct Proc {
     pub name: String,
+    program: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
 }
 
 impl Proc {
+    /// Start `basalt` with these arguments.
     pub fn start(name: &str, args: &[String], log_dir: &Path) -> Proc {
-        let mut p =
-            Proc { name: name.to_string(), args: args.to_vec(), log: log_dir.join(format!("{name}.log")), child: None };
+        Proc::start_program(name, &basalt_bin(), args, &[], log_dir)
+    }
+
+    /// Start any program, with extra environment variables.
+    pub fn start_program(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log_dir: &Path,
+    ) -> Proc {
+        let mut p = Proc {
+            name: name.to_string(),
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            env: env.to_vec(),
+            log: log_dir.join(format!("{name}.log")),
+            child: None,
+        };
         p.spawn();
         p
     }
@@ -47,8 +129,9 @@ impl Proc {
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open process log");
         let err = log.try_clone().expect("clone log handle");
-        let child = Command::new(basalt_bin())
+        let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().cloned())
             .env("BASALT_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)
@@ -69,6 +152,10 @@ impl Proc {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn log_tail(&self) -> String {
@@ -136,9 +223,14 @@ impl Drop for Deployment {
 impl Deployment {
     /// `basalt dev`: every tier in one process.
     pub async fn dev() -> Deployment {
+        Deployment::dev_with(&[], &[]).await
+    }
+
+    /// `basalt dev` with extra arguments and environment variables.
+    pub async fn dev_with(extra: &[&str], env: &[(String, String)]) -> Deployment {
         let dir = tempfile::tempdir().expect("temp dir");
         let (pg_port, http_port) = (free_port(), free_port());
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "dev".into(),
             "--data-dir".into(),
             dir.path().join("data").display().to_string(),
@@ -147,7 +239,8 @@ impl Deployment {
             "--http-addr".into(),
             format!("127.0.0.1:{http_port}"),
         ];
-        let p = Proc::start("dev", &args, dir.path());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let p = Proc::start_program("dev", &basalt_bin(), &args, env, dir.path());
         wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &p).await;
         Deployment { pg_port, http_port, procs: vec![p], dir }
     }
