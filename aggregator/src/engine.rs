@@ -306,6 +306,14 @@ impl Session {
             Statement::Set(set) => return self.set(set),
             _ => {}
         }
+        let hint = self.options.read().hint;
+        if hint.is_none_or(|h| h == AccessPath::RowLookup)
+            && let Some(lookup) = crate::fastpath::match_point_lookup(&stmt)
+            && let Some((schema, batches)) =
+                crate::fastpath::run(&lookup, params, &self.engine.meta, &self.engine.leaf).await?
+        {
+            return rows_output(schema, batches);
+        }
         Ok(Output::Rows(self.query(stmt, params).await?))
     }
 

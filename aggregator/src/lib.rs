@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod engine;
+pub mod fastpath;
 pub mod http;
 pub mod pg;
 pub mod table;

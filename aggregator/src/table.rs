@@ -53,11 +53,16 @@ impl CollectionTable {
         if with_score {
             columns.push((basalt_common::api::SCORE_COLUMN.to_string(), ColumnType::Float64));
         }
-        let schema = Arc::new(Schema::new(
-            columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), name != ID_FIELD)).collect::<Vec<_>>(),
-        ));
+        let schema = table_schema(&columns);
         Self { info, stats, columns, schema, leaf, hint }
     }
+}
+
+/// The table schema of a collection's columns (every column nullable but `_id`).
+pub fn table_schema(columns: &[(String, ColumnType)]) -> SchemaRef {
+    Arc::new(Schema::new(
+        columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), name != ID_FIELD)).collect::<Vec<_>>(),
+    ))
 }
 
 #[async_trait]

@@ -81,3 +81,63 @@ async fn example_session_from_the_issue() {
     assert!(out.contains("ok1"), "{out}");
     assert!(run(&s, "INSERT INTO nope VALUES ('{}')").await.starts_with("ERROR not_found"));
 }
+
+/// Rows of a query with the schema they came with, rows sorted (to compare result sets).
+async fn rows_with_schema(s: &Session, sql: &str, params: &[datafusion::common::ScalarValue]) -> (String, Vec<String>) {
+    let mut outs = s.execute_sql(sql, params).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    let Some(Output::Rows(stream)) = outs.pop() else { panic!("{sql}: no rows") };
+    let schema = stream.schema();
+    let batches: Vec<_> = stream.try_collect().await.unwrap();
+    let fields: Vec<String> =
+        schema.fields().iter().map(|f| format!("{}:{}:{}", f.name(), f.data_type(), f.is_nullable())).collect();
+    let text = pretty_format_batches(&batches).unwrap().to_string();
+    let mut rows: Vec<String> = text.lines().skip(3).filter(|l| l.starts_with('|')).map(str::to_string).collect();
+    rows.sort();
+    (fields.join(","), rows)
+}
+
+#[tokio::test]
+async fn point_lookups_answer_exactly_like_the_general_plan() {
+    use datafusion::common::ScalarValue;
+    let dir = tempfile::tempdir().unwrap();
+    let s = setup(dir.path()).await;
+    run(&s, "CREATE COLLECTION p WITH (shards = 3)").await;
+    let mut values = Vec::new();
+    for i in 0..60 {
+        let doc = match i % 4 {
+            0 => format!(r#"{{"_id": "k{i}", "n": {i}, "s": "v{i}", "o": {{"x": {i}.5}}, "t": ["a", "b"]}}"#),
+            1 => format!(r#"{{"_id": "k{i}", "n": "text {i}", "flag": true}}"#),
+            2 => format!(r#"{{"_id": "k{i}", "o": {{"x": 1, "y": "deep"}}}}"#),
+            _ => format!(r#"{{"_id": "k{i}", "n": null}}"#),
+        };
+        values.push(format!("('{doc}')"));
+    }
+    assert_eq!(run(&s, &format!("INSERT INTO p VALUES {}", values.join(", "))).await, "INSERT 60");
+    let cases = [
+        "SELECT * FROM p WHERE _id = 'k0'",
+        "SELECT * FROM commons.p WHERE _id = 'k1'",
+        "SELECT n, o.x AS ox, _id FROM p WHERE _id = 'k2'",
+        "SELECT n, n AS again FROM p WHERE 'k4' = _id",
+        "SELECT * FROM p WHERE _id = 'missing'",
+        "SELECT _id, s FROM p WHERE _id IN ('k0', 'k1', 'k0', 'k7', 'nope', 'k8')",
+        "SELECT t, flag, o.y FROM p WHERE _id IN ('k9', 'k10', 'k11')",
+    ];
+    for sql in cases {
+        let before = basalt_aggregator::fastpath::served();
+        let fast = rows_with_schema(&s, sql, &[]).await;
+        assert_eq!(basalt_aggregator::fastpath::served(), before + 1, "{sql} took the fast path");
+        // The same question in a shape the fast path does not take.
+        let general = rows_with_schema(&s, &format!("{sql} AND TRUE"), &[]).await;
+        assert_eq!(basalt_aggregator::fastpath::served(), before + 1, "{sql} AND TRUE took the general plan");
+        assert_eq!(fast, general, "{sql}");
+    }
+    // Parameters, as pgwire passes them.
+    let params = [ScalarValue::Utf8(Some("k5".into())), ScalarValue::Utf8(Some("k6".into()))];
+    let fast = rows_with_schema(&s, "SELECT * FROM p WHERE _id IN ($1, $2)", &params).await;
+    let general = rows_with_schema(&s, "SELECT * FROM p WHERE _id IN ($1, $2) AND TRUE", &params).await;
+    assert_eq!(fast.1.len(), 2);
+    assert_eq!(fast, general);
+    // Names that do not resolve keep the general plan's errors.
+    assert!(run(&s, "SELECT nope FROM p WHERE _id = 'k0'").await.starts_with("ERROR undefined_column"));
+    assert!(run(&s, "SELECT * FROM nope WHERE _id = 'k0'").await.starts_with("ERROR not_found"));
+}

@@ -151,8 +151,10 @@ pub fn id_lookup(filters: &[Filter]) -> Option<Vec<String>> {
                         _ => None,
                     })
                     .collect();
-                if ids.is_some() {
-                    return ids;
+                if let Some(ids) = ids {
+                    // Each document once, however often the list names it.
+                    let mut seen = std::collections::HashSet::new();
+                    return Some(ids.into_iter().filter(|id| seen.insert(id.clone())).collect());
                 }
             }
             Filter::And(inner) => {
@@ -219,6 +221,13 @@ mod tests {
 
     fn eq(path: &str, v: Scalar) -> Filter {
         Filter::Cmp { path: path.into(), op: CmpOp::Eq, value: v }
+    }
+
+    #[test]
+    fn id_lookups_name_each_document_once() {
+        let ids = ["b", "a", "b"].iter().map(|s| Scalar::Str(s.to_string())).collect();
+        let f = Filter::In { path: ID_FIELD.into(), values: ids };
+        assert_eq!(id_lookup(&[f]), Some(vec!["b".to_string(), "a".to_string()]));
     }
 
     #[test]
