@@ -168,13 +168,18 @@ pub fn id_lookup(filters: &[Filter]) -> Option<Vec<String>> {
     None
 }
 
+/// Longest string the search index keeps as an exact term. Longer values (paragraphs, payloads)
+/// are only in the full-text index and the column store: equality with a longer literal scans,
+/// and no shorter literal can equal them.
+pub const MAX_TERM_BYTES: usize = 128;
+
 /// Whether the search index can answer this filter exactly on its own: text search, and term
 /// equality on fields that hold only the literal's kind (a mixed field's SQL value is JSON text,
 /// which raw index terms do not match).
 pub fn index_answerable(f: &Filter, stats: &SchemaStats) -> bool {
     let term_ok = |path: &str, v: &Scalar| {
         let want = match v {
-            Scalar::Str(_) => Kind::String,
+            Scalar::Str(s) if s.len() <= MAX_TERM_BYTES => Kind::String,
             Scalar::Int(_) => Kind::Int,
             Scalar::Bool(_) => Kind::Bool,
             _ => return false,
@@ -182,12 +187,22 @@ pub fn index_answerable(f: &Filter, stats: &SchemaStats) -> bool {
         (path == ID_FIELD && want == Kind::String) || stats.pure_kind(path) == Some(want)
     };
     match f {
-        Filter::Search { .. } => true,
+        Filter::Search { path, .. } => text_indexed(path, stats),
         Filter::Cmp { path, op: CmpOp::Eq, value } => term_ok(path, value),
         Filter::In { path, values } => !values.is_empty() && values.iter().all(|v| term_ok(path, v)),
         Filter::And(items) | Filter::Or(items) => !items.is_empty() && items.iter().all(|i| index_answerable(i, stats)),
         _ => false,
     }
+}
+
+/// Whether the search index holds the full text of every value at `path`: it holds strings (and
+/// arrays of strings) only, so a path where numbers or booleans occur is searched by scanning
+/// (where `search()` reads them as text).
+fn text_indexed(path: &str, stats: &SchemaStats) -> bool {
+    let only = |p: &str, allowed: &[Kind]| {
+        stats.fields.get(p).is_none_or(|kinds| kinds.keys().all(|k| *k == Kind::Null || allowed.contains(k)))
+    };
+    only(path, &[Kind::String]) || (only(path, &[Kind::Array]) && only(&format!("{path}[*]"), &[Kind::String]))
 }
 
 /// The access-path rule: `_id` pins use the row store; text search and term predicates use the
@@ -221,6 +236,30 @@ mod tests {
 
     fn eq(path: &str, v: Scalar) -> Filter {
         Filter::Cmp { path: path.into(), op: CmpOp::Eq, value: v }
+    }
+
+    #[test]
+    fn text_search_uses_the_index_only_where_it_holds_every_value() {
+        let mut stats = SchemaStats::default();
+        stats.add("name", Kind::String, 2);
+        stats.add("name", Kind::Null, 1);
+        stats.add("tags", Kind::Array, 1);
+        stats.add("tags[*]", Kind::String, 2);
+        stats.add("age", Kind::Int, 1);
+        stats.add("mixed", Kind::String, 1);
+        stats.add("mixed", Kind::Float, 1);
+        stats.add("nums", Kind::Array, 1);
+        stats.add("nums[*]", Kind::Int, 1);
+        let search = |p: &str| Filter::Search { path: p.into(), query: "x".into() };
+        let long = Filter::Cmp { path: "name".into(), op: CmpOp::Eq, value: Scalar::Str("x".repeat(129)) };
+        assert!(!index_answerable(&long, &stats));
+        let short = Filter::Cmp { path: "name".into(), op: CmpOp::Eq, value: Scalar::Str("x".repeat(128)) };
+        assert!(index_answerable(&short, &stats));
+        for (path, indexed) in
+            [("name", true), ("tags", true), ("absent", true), ("age", false), ("mixed", false), ("nums", false)]
+        {
+            assert_eq!(index_answerable(&search(path), &stats), indexed, "{path}");
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use basalt_common::doc::{Doc, ID_FIELD};
-use basalt_common::filter::{CmpOp, Filter, Scalar};
+use basalt_common::filter::{CmpOp, Filter, MAX_TERM_BYTES, Scalar};
 use basalt_common::{BasaltError, Result};
 use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
@@ -175,16 +175,20 @@ impl SearchIndex {
     /// Index a new document version at `slot` (which must be in the tail). Older versions are
     /// not deleted here: the column store's deletion bitmap hides them, and merges drop them.
     pub fn add(&self, id: &str, slot: u64, doc: &Doc) -> Result<()> {
-        let object: BTreeMap<String, OwnedValue> = doc
-            .iter()
-            .filter(|(k, _)| k.as_str() != ID_FIELD)
-            .map(|(k, v)| (k.clone(), OwnedValue::from(v.clone())))
-            .collect();
+        // Full text holds strings only; exact terms hold strings up to MAX_TERM_BYTES, integers
+        // and booleans (what term filters use). Floats, nulls and long strings are not exact
+        // terms: no index query reads them, and long unique keys are most of the cost of
+        // building a segment's term dictionary.
+        let text = pick(doc, &|v| v.is_string());
+        let raw = pick(doc, &|v| match v {
+            serde_json::Value::String(s) => s.len() <= MAX_TERM_BYTES,
+            v => v.is_i64() || v.is_u64() || v.is_boolean(),
+        });
         let mut td = TantivyDocument::default();
         td.add_text(self.fields.id, id);
         td.add_u64(self.fields.slot, slot);
-        td.add_object(self.fields.text, object.clone());
-        td.add_object(self.fields.raw, object);
+        td.add_object(self.fields.text, text);
+        td.add_object(self.fields.raw, raw);
         let mut tail = self.tail.lock();
         tail.writer.add_document(td).map_err(tantivy_err)?;
         tail.docs += 1;
@@ -373,6 +377,27 @@ impl SearchIndex {
         slots.sort_unstable_by_key(|(slot, _)| *slot);
         Ok(slots)
     }
+}
+
+/// The document's fields (but `_id`) with only the scalars `keep` accepts, as tantivy values;
+/// objects and arrays left empty are dropped.
+fn pick(doc: &Doc, keep: &dyn Fn(&serde_json::Value) -> bool) -> BTreeMap<String, OwnedValue> {
+    fn walk(v: &serde_json::Value, keep: &dyn Fn(&serde_json::Value) -> bool) -> Option<OwnedValue> {
+        match v {
+            serde_json::Value::Object(map) => {
+                let inner: Vec<(String, OwnedValue)> =
+                    map.iter().filter_map(|(k, v)| Some((k.clone(), walk(v, keep)?))).collect();
+                (!inner.is_empty()).then_some(OwnedValue::Object(inner))
+            }
+            serde_json::Value::Array(items) => {
+                let inner: Vec<OwnedValue> = items.iter().filter_map(|v| walk(v, keep)).collect();
+                (!inner.is_empty()).then_some(OwnedValue::Array(inner))
+            }
+            scalar if keep(scalar) => Some(OwnedValue::from(scalar.clone())),
+            _ => None,
+        }
+    }
+    doc.iter().filter(|(k, _)| k.as_str() != ID_FIELD).filter_map(|(k, v)| Some((k.clone(), walk(v, keep)?))).collect()
 }
 
 /// BM25 statistics summed over every index of a shard.
