@@ -94,15 +94,36 @@ pub fn validate_value(value: Value, limits: &DocLimits) -> Result<Doc> {
     };
     let mut fields = 0usize;
     check_depth(&doc, 1, limits, &mut fields)?;
-    // Serialized size is checked on the canonical form so every input path shares one rule.
-    let size = serde_json::to_vec(&doc).map(|v| v.len()).unwrap_or(usize::MAX);
-    if size > limits.doc_size_bytes_max {
+    // Serialized size is checked on the canonical form so every input path shares one rule;
+    // counted, not written out, and given up on as soon as it is over the limit.
+    let mut counter = SizeCounter { bytes: 0, max: limits.doc_size_bytes_max };
+    if serde_json::to_writer(&mut counter, &doc).is_err() {
         return Err(BasaltError::limit(format!(
-            "document is {size} bytes, over the limit of {} bytes",
-            limits.doc_size_bytes_max
+            "document is {} bytes or more, over the limit of {} bytes",
+            counter.bytes, limits.doc_size_bytes_max
         )));
     }
     Ok(doc)
+}
+
+/// Counts bytes written; fails once they pass `max`.
+struct SizeCounter {
+    bytes: usize,
+    max: usize,
+}
+
+impl std::io::Write for SizeCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.bytes += buf.len();
+        if self.bytes > self.max {
+            return Err(std::io::Error::other("over the size limit"));
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn check_depth(obj: &Doc, depth: usize, limits: &DocLimits, fields: &mut usize) -> Result<()> {

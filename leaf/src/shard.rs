@@ -31,6 +31,9 @@ use crate::store::SegmentStore;
 
 pub type ShardKey = (u64, u32);
 
+/// Documents at least this large are stored apart from the row store's tree.
+const DOC_SEPARATION_BYTES: u32 = 4096;
+
 /// Marks the in-memory manifest of a dropped shard.
 const DROPPED: u32 = u32::MAX;
 
@@ -114,7 +117,14 @@ impl Shard {
         limits: DocLimits,
     ) -> Result<Shard> {
         let started = Instant::now();
-        let docs = db.keyspace(&keyspace_name(key), fjall::KeyspaceCreateOptions::default).map_err(store_err)?;
+        // Large documents live in blob files beside the tree (key-value separation), so
+        // compactions move only keys and pointers for them, not the documents again.
+        let docs_options = || {
+            fjall::KeyspaceCreateOptions::default().with_kv_separation(Some(
+                fjall::KvSeparationOptions::default().separation_threshold(DOC_SEPARATION_BYTES),
+            ))
+        };
+        let docs = db.keyspace(&keyspace_name(key), docs_options).map_err(store_err)?;
         let seq = match meta.get(seq_key(key)).map_err(store_err)? {
             Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| store_err("bad sequence number"))?),
             None => 0,
