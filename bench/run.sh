@@ -2,6 +2,7 @@
 # Run a benchmark with its dependencies: a release build of Basalt and a virtualenv with psycopg.
 #   bench/run.sh foundation [--docs N] [--out results.json]
 #   bench/run.sh recovery [--docs N] [--out results.json]
+#   bench/run.sh fresh_reads [--out results.json]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/basalt/target}"

@@ -412,7 +412,11 @@ pub fn apply_delta(stats: &mut SchemaStats, delta: &StatsDelta) {
 pub struct ColumnStore {
     blocks: Vec<Arc<Block>>,
     tail: Vec<Arc<Doc>>,
-    tail_block: Option<Arc<Block>>,
+    /// Blocks built from the tail for scans, covering `tail[..n]` in order. New documents get a
+    /// block of their own at the next scan; a block at least half the size of the one before it
+    /// is rebuilt together with it (a binary counter), so each document is built O(log n) times
+    /// per block instead of once per scan that follows a write.
+    tail_blocks: Vec<Arc<Block>>,
     next_slot: u64,
     deletions: Deletions,
     /// Live slot of each document id.
@@ -438,7 +442,7 @@ impl ColumnStore {
                 }
             }
         }
-        Ok(ColumnStore { blocks, tail: Vec::new(), tail_block: None, next_slot, deletions, ids, stats })
+        Ok(ColumnStore { blocks, tail: Vec::new(), tail_blocks: Vec::new(), next_slot, deletions, ids, stats })
     }
 
     pub fn stats(&self) -> &SchemaStats {
@@ -478,7 +482,6 @@ impl ColumnStore {
         self.next_slot += 1;
         self.ids.insert(id.to_string(), slot);
         self.tail.push(doc);
-        self.tail_block = None;
         if self.tail.len() >= BLOCK_ROWS {
             self.seal_tail()?;
         }
@@ -494,7 +497,7 @@ impl ColumnStore {
         let block = Block::build(base, &self.tail)?;
         self.blocks.push(Arc::new(block));
         self.tail.clear();
-        self.tail_block = None;
+        self.tail_blocks.clear();
         Ok(())
     }
 
@@ -519,18 +522,24 @@ impl ColumnStore {
         self.ids.get(id).copied()
     }
 
-    /// Blocks to scan: sealed blocks plus the tail built into a block (cached until it changes).
+    /// Blocks to scan: sealed blocks plus the tail built into blocks (see `tail_blocks`).
     pub fn snapshot(&mut self) -> Result<Snapshot> {
-        let mut blocks = self.blocks.clone();
-        if !self.tail.is_empty() {
-            if self.tail_block.is_none() {
-                let base = self.next_slot - self.tail.len() as u64;
-                self.tail_block = Some(Arc::new(Block::build(base, &self.tail)?));
-            }
-            if let Some(t) = &self.tail_block {
-                blocks.push(t.clone());
+        let covered: usize = self.tail_blocks.iter().map(|b| b.rows).sum();
+        if covered < self.tail.len() {
+            let tail_base = self.next_slot - self.tail.len() as u64;
+            self.tail_blocks.push(Arc::new(Block::build(tail_base + covered as u64, &self.tail[covered..])?));
+            while let [.., before, last] = self.tail_blocks.as_slice()
+                && last.rows * 2 >= before.rows
+            {
+                let start = (before.base_slot - tail_base) as usize;
+                let end = start + before.rows + last.rows;
+                let merged = Arc::new(Block::build(before.base_slot, &self.tail[start..end])?);
+                self.tail_blocks.truncate(self.tail_blocks.len() - 2);
+                self.tail_blocks.push(merged);
             }
         }
+        let mut blocks = self.blocks.clone();
+        blocks.extend(self.tail_blocks.iter().cloned());
         Ok(Snapshot { blocks, deletions: self.deletions.clone(), stats: self.stats.clone() })
     }
 }
@@ -565,6 +574,27 @@ mod tests {
         let missing = b.column_as("zz", &DataType::Int64).unwrap();
         assert_eq!(missing.null_count(), 3);
         assert_eq!(b.column_as("n", &DataType::Float64).unwrap().data_type(), &DataType::Float64);
+    }
+
+    #[test]
+    fn tail_blocks_stay_few_and_cover_the_tail_in_order() {
+        let mut store = ColumnStore::default();
+        for i in 0..1000u64 {
+            store.append(&format!("d{i}"), doc(json!({"_id": format!("d{i}"), "n": i}))).unwrap();
+            // A scan after every write, as a real-time dashboard would.
+            let snap = store.snapshot().unwrap();
+            assert!(snap.blocks.len() <= 11, "{} tail blocks after {i} writes", snap.blocks.len());
+            let mut next = 0u64;
+            for b in &snap.blocks {
+                assert_eq!(b.base_slot, next);
+                let n = b.columns["n"].as_any().downcast_ref::<Int64Array>().unwrap();
+                assert_eq!(n.value(0) as u64, next);
+                next += b.rows as u64;
+            }
+            assert_eq!(next, i + 1);
+        }
+        store.seal_tail().unwrap();
+        assert_eq!(store.snapshot().unwrap().blocks.len(), 1);
     }
 
     #[test]
