@@ -543,6 +543,7 @@ impl Shard {
         let access = self.access_path(req, &snapshot.stats);
         let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
         let mut scores: HashMap<u64, f32> = HashMap::new();
+        let mut sink = Batcher { schema: schema.clone(), pending: Vec::new(), rows: 0, emit, open: true };
         let mut out =
             |block: &Block, rows: Option<Vec<u32>>, filters: &[&Filter], scores: &HashMap<u64, f32>| -> Result<bool> {
                 let batch = project_filter(block, rows, filters, &schema, Some(&snapshot.deletions), scores)?;
@@ -551,7 +552,7 @@ impl Shard {
                 }
                 let batch = if batch.num_rows() > remaining { batch.slice(0, remaining) } else { batch };
                 remaining -= batch.num_rows();
-                Ok(emit(batch) && remaining > 0)
+                Ok(sink.push(batch)? && remaining > 0)
             };
         let all: Vec<&Filter> = req.filters.iter().collect();
         match access {
@@ -569,7 +570,7 @@ impl Shard {
                     let batch = project_filter(&block, None, &all, &schema, None, &scores)?;
                     let batch = if batch.num_rows() > remaining { batch.slice(0, remaining) } else { batch };
                     if batch.num_rows() > 0 {
-                        emit(batch);
+                        sink.push(batch)?;
                     }
                 }
             }
@@ -607,6 +608,7 @@ impl Shard {
                 }
             }
         }
+        sink.finish()?;
         Ok(access)
     }
 
@@ -631,6 +633,50 @@ impl Shard {
 
 fn seq_key(key: ShardKey) -> Vec<u8> {
     format!("seq/{}", keyspace_name(key)).into_bytes()
+}
+
+/// Rows per batch a scan aims for: small batches (index hits, selective filters) are gathered
+/// up to this before they go to the consumer, so a scan with hits in many blocks sends a few
+/// batches, not one per block.
+const SCAN_BATCH_ROWS: usize = 8192;
+
+struct Batcher<F: FnMut(RecordBatch) -> bool> {
+    schema: SchemaRef,
+    pending: Vec<RecordBatch>,
+    rows: usize,
+    emit: F,
+    /// False once the consumer is gone.
+    open: bool,
+}
+
+impl<F: FnMut(RecordBatch) -> bool> Batcher<F> {
+    /// Queue a batch; false once the consumer is gone.
+    fn push(&mut self, batch: RecordBatch) -> Result<bool> {
+        self.rows += batch.num_rows();
+        self.pending.push(batch);
+        if self.rows >= SCAN_BATCH_ROWS {
+            self.flush()?;
+        }
+        Ok(self.open)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let batch = match self.pending.len() {
+            0 => return Ok(()),
+            1 => self.pending.remove(0),
+            _ => arrow::compute::concat_batches(&self.schema, &self.pending)?,
+        };
+        self.pending.clear();
+        self.rows = 0;
+        if self.open {
+            self.open = (self.emit)(batch);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.flush()
+    }
 }
 
 /// Every path a filter reads.
