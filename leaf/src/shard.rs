@@ -531,7 +531,7 @@ impl Shard {
     }
 
     /// Run a scan, sending batches to `emit` until it returns false.
-    pub fn scan(&self, req: &ScanRequest, mut emit: impl FnMut(RecordBatch) -> bool) -> Result<AccessPath> {
+    pub fn scan(&self, req: &ScanRequest, emit: impl FnMut(RecordBatch) -> bool) -> Result<AccessPath> {
         let schema: SchemaRef = Arc::new(Schema::new(
             req.columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), true)).collect::<Vec<_>>(),
         ));
