@@ -63,6 +63,11 @@ fn log_key(key: ShardKey, seq: u64) -> Vec<u8> {
     k
 }
 
+/// The sequence number at the end of a log key.
+fn log_seq(key: &[u8]) -> Option<u64> {
+    key.len().checked_sub(8).and_then(|at| key[at..].try_into().ok()).map(u64::from_be_bytes)
+}
+
 /// When a shard flushes its tail to a segment, and how segments merge.
 #[derive(Debug, Clone)]
 pub struct FlushPolicy {
@@ -203,8 +208,7 @@ impl Shard {
         let mut stats = manifest.stats.clone();
         for item in self.meta.prefix(log_prefix(self.key)) {
             let (k, v) = item.into_inner().map_err(store_err)?;
-            let seq = k.len().checked_sub(8).and_then(|at| k[at..].try_into().ok()).map(u64::from_be_bytes);
-            let Some(seq) = seq else { return Err(store_err("bad log key")) };
+            let Some(seq) = log_seq(&k) else { return Err(store_err("bad log key")) };
             if seq <= manifest.seq {
                 continue;
             }
@@ -512,8 +516,7 @@ impl Shard {
         let mut batch = self.db.batch();
         for item in self.meta.prefix(log_prefix(self.key)) {
             let k = item.key().map_err(store_err)?;
-            let entry_seq = k.len().checked_sub(8).and_then(|at| k[at..].try_into().ok()).map(u64::from_be_bytes);
-            match entry_seq {
+            match log_seq(&k) {
                 Some(s) if s > seq => break,
                 _ => batch.remove(&self.meta, k.to_vec()),
             }
