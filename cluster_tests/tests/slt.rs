@@ -3,7 +3,10 @@
 use basalt_cluster_tests::{Deployment, slt};
 
 fn slt_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("slt")
+    // The test runner sets the package directory at run time; the compile-time one can be stale
+    // when a shared target directory holds a binary built from another checkout.
+    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    std::path::Path::new(&dir).join("slt")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,14 +89,26 @@ pub fn parse_doc(bytes: &[u8], limits: &DocLimits) -> Result<Doc> {
 
 /// Validate an already parsed value as a document: an object within the limits.
 pub fn validate_value(value: Value, limits: &DocLimits) -> Result<Doc> {
+    validate_with(value, limits, Outside::default())
+}
+
+/// The part of a document a partial version (some top-level fields only) does not hold: its
+/// serialized bytes and its field count, so limits apply to the whole document.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outside {
+    pub bytes: usize,
+    pub fields: usize,
+}
+
+fn validate_with(value: Value, limits: &DocLimits, outside: Outside) -> Result<Doc> {
     let Value::Object(doc) = value else {
         return Err(BasaltError::invalid(format!("a document must be a json object, got {}", Kind::of(&value).name())));
     };
-    let mut fields = 0usize;
+    let mut fields = outside.fields;
     check_depth(&doc, 1, limits, &mut fields)?;
     // Serialized size is checked on the canonical form so every input path shares one rule;
     // counted, not written out, and given up on as soon as it is over the limit.
-    let mut counter = SizeCounter { bytes: 0, max: limits.doc_size_bytes_max };
+    let mut counter = SizeCounter { bytes: outside.bytes, max: limits.doc_size_bytes_max };
     if serde_json::to_writer(&mut counter, &doc).is_err() {
         return Err(BasaltError::limit(format!(
             "document is {} bytes or more, over the limit of {} bytes",
@@ -212,6 +224,30 @@ pub fn now_micros() -> i64 {
 /// Visit every (path, kind) pair of a document once, for schema statistics. Objects report their
 /// own path with kind `object` and then their children (`a.b`); arrays report `array` and their
 /// elements under `path[*]`.
+/// [`visit_kinds`] for one top-level field: what that field contributes to a document's paths.
+pub fn visit_field_kinds(name: &str, value: &Value, f: &mut impl FnMut(&str, Kind)) {
+    let mut seen = std::collections::HashSet::new();
+    let mut path = name.to_string();
+    visit_value(&mut path, value, &mut |p, kind| {
+        if seen.insert((p.to_string(), kind)) {
+            f(p, kind);
+        }
+    });
+}
+
+/// How many fields a value counts for against [`DocLimits::fields_max`] as a top-level field
+/// (itself and every object member inside it).
+pub fn field_count(value: &Value) -> usize {
+    fn inner(v: &Value) -> usize {
+        match v {
+            Value::Object(o) => o.values().map(|v| 1 + inner(v)).sum(),
+            Value::Array(items) => items.iter().map(inner).sum(),
+            _ => 0,
+        }
+    }
+    1 + inner(value)
+}
+
 pub fn visit_kinds(doc: &Doc, f: &mut impl FnMut(&str, Kind)) {
     let mut seen = std::collections::HashSet::new();
     let mut path = String::new();
@@ -295,13 +331,26 @@ fn pointer_parts(pointer: &str) -> Result<Vec<String>> {
 
 /// Apply patch operations to a document in order. On error the document is left unchanged.
 pub fn apply_patch(doc: &mut Doc, ops: &[PatchOp], limits: &DocLimits) -> Result<()> {
+    apply_patch_partial(doc, ops, limits, Outside::default())
+}
+
+/// The top-level fields patch operations touch (the first segment of each path).
+pub fn patched_fields(ops: &[PatchOp]) -> Result<std::collections::BTreeSet<String>> {
+    ops.iter().map(|op| Ok(pointer_parts(&op.path)?.swap_remove(0))).collect()
+}
+
+/// [`apply_patch`] on a partial document: `doc` holds at least every top-level field the
+/// operations touch (see [`patched_fields`]); `outside` is what the rest of the document adds to
+/// its size and field count, so the limits hold for the whole document. The work is
+/// proportional to `doc`, not to the fields left outside.
+pub fn apply_patch_partial(doc: &mut Doc, ops: &[PatchOp], limits: &DocLimits, outside: Outside) -> Result<()> {
     // Work on a copy so a failing op leaves the document as it was.
     let mut work = Value::Object(doc.clone());
     ops.iter().try_for_each(|op| apply_one(&mut work, op))?;
     let Value::Object(patched) = work else {
         return Err(BasaltError::internal("patched document is not an object"));
     };
-    let mut patched = validate_value(Value::Object(patched), limits)?;
+    let mut patched = validate_with(Value::Object(patched), limits, outside)?;
     if let Some(v) = patched.get(EVENT_TIME_FIELD).cloned() {
         let micros = match &v {
             Value::Number(n) if n.is_i64() => n.as_i64().unwrap_or_default(),
@@ -519,6 +568,7 @@ mod tests {
         assert_eq!(d, before);
         let id = vec![PatchOp { op: PatchKind::Add, path: "/_id".into(), value: Some(json!("2")) }];
         assert!(apply_patch(&mut d, &id, &l).is_err());
+        assert_eq!(patched_fields(&ops).unwrap().into_iter().collect::<Vec<_>>(), ["a", "n", "t", "x"]);
         assert!(apply_patch(&mut d, &[PatchOp { op: PatchKind::Add, path: "nope".into(), value: None }], &l).is_err());
     }
 
@@ -537,5 +587,23 @@ mod tests {
             assert!(s < 4);
             assert_eq!(s, shard_for_id(&id, 4));
         }
+    }
+
+    #[test]
+    fn partial_patches_check_limits_against_the_whole_document() {
+        let l = DocLimits { doc_size_bytes_max: 100, fields_max: 5, ..limits() };
+        let mut d = validate_value(json!({"_id": "1", "a": 1}), &l).unwrap();
+        let set = |v: Value| vec![PatchOp { op: PatchKind::Add, path: "/b".into(), value: Some(v) }];
+        // Fits alone, not with 80 bytes outside the partial document.
+        let mut alone = d.clone();
+        apply_patch_partial(&mut alone, &set(json!("x".repeat(40))), &l, Outside::default()).unwrap();
+        let outside = Outside { bytes: 80, fields: 1 };
+        let err = apply_patch_partial(&mut d, &set(json!("x".repeat(40))), &l, outside).unwrap_err();
+        assert!(err.message.contains("over the limit"), "{}", err.message);
+        assert_eq!(d.len(), 2, "a failed patch leaves the document as it was");
+        let err = apply_patch_partial(&mut d, &set(json!({"p": 1, "q": 2})), &l, Outside { bytes: 0, fields: 2 })
+            .unwrap_err();
+        assert!(err.message.contains("more than 5 fields"), "{}", err.message);
+        assert_eq!(field_count(&json!({"p": 1, "q": {"r": [{"s": 1}]}})), 5);
     }
 }

@@ -1,11 +1,14 @@
 //! The column store of a shard: immutable Arrow blocks of up to [`BLOCK_ROWS`] rows with min/max
 //! per column, a mutable tail of recent documents, and a deletion bitmap over row slots.
 //!
-//! A row slot is the position of one document version; an upsert or patch deletes the old slot
-//! and appends a new one. Blocks keep the column types their own documents need; scans cast to
-//! the collection-wide type.
+//! A row slot is the position of one document version; an upsert deletes the old slot and
+//! appends a new one. A patch keeps the slot and records an overlay: the new values of the
+//! top-level fields it touched. Scans apply overlays to the columns they read (see
+//! [`Block::overlaid`]), so a patch costs the size of the fields it changed, not of the
+//! document. Blocks keep the column types their own documents need; scans cast to the
+//! collection-wide type.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{
@@ -354,11 +357,73 @@ impl Deletions {
     }
 }
 
+/// New values of the top-level fields patches changed in one live slot (`None`: removed).
+pub type Overlay = BTreeMap<String, Option<Value>>;
+
+/// Overlays by slot.
+pub type Overlays = BTreeMap<u64, Arc<Overlay>>;
+
 /// Everything a scan needs, taken under a short read lock and used without it.
 pub struct Snapshot {
     pub blocks: Vec<Arc<Block>>,
     pub deletions: Deletions,
     pub stats: SchemaStats,
+    pub overlays: Arc<Overlays>,
+}
+
+/// The top-level field a column path belongs to.
+pub fn top_field(path: &str) -> &str {
+    path.split('.').next().unwrap_or(path)
+}
+
+/// The value at the rest of a dotted path inside a top-level field's value.
+fn value_at<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut cur = value;
+    for part in path.split('.').skip(1) {
+        cur = cur.as_object()?.get(part)?;
+    }
+    Some(cur)
+}
+
+impl Block {
+    /// The block with `overlays` applied to the columns at `paths` (as the collection-wide
+    /// types in `stats`), or `None` when no overlay falls in the block. Other columns are left
+    /// out; min/max are not kept.
+    pub fn overlaid(&self, overlays: &Overlays, paths: &[&str], stats: &SchemaStats) -> Result<Option<Block>> {
+        let end = self.base_slot + self.rows as u64;
+        let patched: Vec<(usize, &Overlay)> = overlays
+            .range(self.base_slot..end)
+            .map(|(slot, o)| ((slot - self.base_slot) as usize, o.as_ref()))
+            .collect();
+        if patched.is_empty() {
+            return Ok(None);
+        }
+        let mut columns = HashMap::new();
+        for path in paths.iter().copied().collect::<BTreeSet<&str>>() {
+            let top = top_field(path);
+            let changed: Vec<(usize, Option<&Value>)> = patched
+                .iter()
+                .filter_map(|(row, o)| o.get(top).map(|v| (*row, v.as_ref().and_then(|v| value_at(v, path)))))
+                .collect();
+            if changed.is_empty() {
+                if let Some(array) = self.columns.get(path) {
+                    columns.insert(path.to_string(), array.clone());
+                }
+                continue;
+            }
+            let Some(ty) = stats.column_type(path) else { continue };
+            let dt = ty.to_arrow();
+            let base = self.column_as(path, &dt)?;
+            let new = cast_to(&build_from_values(&ty, changed.iter().map(|(_, v)| *v), changed.len()), &dt)?;
+            let mut indices: Vec<(usize, usize)> = (0..self.rows).map(|r| (0, r)).collect();
+            for (i, (row, _)) in changed.iter().enumerate() {
+                indices[*row] = (1, i);
+            }
+            let merged = arrow::compute::interleave(&[base.as_ref(), new.as_ref()], &indices)?;
+            columns.insert(path.to_string(), merged);
+        }
+        Ok(Some(Block { base_slot: self.base_slot, rows: self.rows, columns, min_max: HashMap::new() }))
+    }
 }
 
 /// A change to schema statistics: documents and, per path and kind, how many documents more or
@@ -377,6 +442,18 @@ pub struct StatsDeltaBuilder {
 }
 
 impl StatsDeltaBuilder {
+    /// What one top-level field adds to (`sign` 1) or takes from (-1) the statistics; the
+    /// document count is unchanged (a patch).
+    pub fn add_field(&mut self, name: &str, value: &Value, sign: i64) {
+        basalt_common::doc::visit_field_kinds(name, value, &mut |p, k| {
+            let kinds = match self.fields.get_mut(p) {
+                Some(kinds) => kinds,
+                None => self.fields.entry(p.to_string()).or_default(),
+            };
+            *kinds.entry(k).or_insert(0) += sign;
+        });
+    }
+
     pub fn add_doc(&mut self, doc: &Doc, sign: i64) {
         self.docs += sign;
         visit_kinds(doc, &mut |p, k| {
@@ -422,6 +499,10 @@ pub struct ColumnStore {
     /// Live slot of each document id.
     ids: HashMap<String, u64>,
     stats: SchemaStats,
+    /// Overlays of live slots (copied on write while a scan holds a snapshot).
+    overlays: Arc<Overlays>,
+    /// Slots whose overlay changed since the last flush took them.
+    dirty: BTreeSet<u64>,
 }
 
 impl ColumnStore {
@@ -442,7 +523,44 @@ impl ColumnStore {
                 }
             }
         }
-        Ok(ColumnStore { blocks, tail: Vec::new(), tail_blocks: Vec::new(), next_slot, deletions, ids, stats })
+        Ok(ColumnStore { blocks, next_slot, deletions, ids, stats, ..Default::default() })
+    }
+
+    /// Set the overlay of a slot (restoring persisted overlays; dead slots are skipped).
+    pub fn restore_overlay(&mut self, slot: u64, overlay: Overlay) {
+        if slot < self.next_slot && !self.deletions.is_deleted(slot) {
+            Arc::make_mut(&mut self.overlays).insert(slot, Arc::new(overlay));
+        }
+    }
+
+    /// Record a patch of the live version of `id`: the new values of the top-level fields it
+    /// changed. Returns the slot, or `None` when `id` has no live version.
+    pub fn patch(&mut self, id: &str, fields: Overlay) -> Option<u64> {
+        let slot = *self.ids.get(id)?;
+        let overlays = Arc::make_mut(&mut self.overlays);
+        Arc::make_mut(overlays.entry(slot).or_default()).extend(fields);
+        self.dirty.insert(slot);
+        Some(slot)
+    }
+
+    /// Overlays changed since the last call (for a flush to persist).
+    pub fn take_dirty_overlays(&mut self) -> Vec<(u64, Arc<Overlay>)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty.into_iter().filter_map(|slot| Some((slot, self.overlays.get(&slot)?.clone()))).collect()
+    }
+
+    /// Mark overlays to be taken by the next flush again (the flush that took them failed).
+    pub fn mark_dirty(&mut self, slots: impl Iterator<Item = u64>) {
+        for slot in slots {
+            if self.overlays.contains_key(&slot) {
+                self.dirty.insert(slot);
+            }
+        }
+    }
+
+    /// Every overlay of a live slot.
+    pub fn overlays(&self) -> Arc<Overlays> {
+        self.overlays.clone()
     }
 
     pub fn stats(&self) -> &SchemaStats {
@@ -473,6 +591,10 @@ impl ColumnStore {
     pub fn remove(&mut self, id: &str) {
         if let Some(slot) = self.ids.remove(id) {
             self.deletions.set(slot);
+            if self.overlays.contains_key(&slot) {
+                Arc::make_mut(&mut self.overlays).remove(&slot);
+            }
+            self.dirty.remove(&slot);
         }
     }
 
@@ -540,7 +662,12 @@ impl ColumnStore {
         }
         let mut blocks = self.blocks.clone();
         blocks.extend(self.tail_blocks.iter().cloned());
-        Ok(Snapshot { blocks, deletions: self.deletions.clone(), stats: self.stats.clone() })
+        Ok(Snapshot {
+            blocks,
+            deletions: self.deletions.clone(),
+            stats: self.stats.clone(),
+            overlays: self.overlays.clone(),
+        })
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod columns;
 pub mod eval;
+pub mod rows;
 pub mod search;
 pub mod segments;
 pub mod shard;

@@ -8,7 +8,7 @@
 //! versions are never deleted from an index: the column store's deletion bitmap hides them, and
 //! merging sealed indexes drops them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use basalt_common::doc::{Doc, ID_FIELD};
@@ -99,11 +99,27 @@ pub struct Sealed {
     reader: IndexReader,
     /// Where the segment store holds this index, once it does.
     stored: Mutex<Option<String>>,
+    /// Documents for slots outside `base_slot..end_slot`: patches of older slots.
+    outside: u64,
 }
 
 impl Sealed {
     fn new(base_slot: u64, end_slot: u64, index: Index, reader: IndexReader) -> Sealed {
-        Sealed { base_slot, end_slot, index, reader, stored: Mutex::new(None) }
+        let mut outside = 0;
+        for segment in reader.searcher().segment_readers() {
+            if let Ok(slots) = segment.fast_fields().u64("_slot") {
+                outside += segment
+                    .doc_ids_alive()
+                    .filter(|doc| slots.first(*doc).is_some_and(|s| s < base_slot || s >= end_slot))
+                    .count() as u64;
+            }
+        }
+        Sealed { base_slot, end_slot, index, reader, stored: Mutex::new(None), outside }
+    }
+
+    /// Documents for slots outside the index's slot range (patches of older slots).
+    pub fn outside(&self) -> u64 {
+        self.outside
     }
 
     pub fn stored(&self) -> Option<String> {
@@ -179,13 +195,27 @@ impl SearchIndex {
         // and booleans (what term filters use). Floats, nulls and long strings are not exact
         // terms: no index query reads them, and long unique keys are most of the cost of
         // building a segment's term dictionary.
+        self.add_document(Some(id), slot, doc)
+    }
+
+    /// Index the new values of the top-level fields a patch changed in `slot`, which keeps
+    /// its earlier documents. A search for a new value finds the slot through this document,
+    /// one for an old value through an earlier one: once a shard has patches, the index gives
+    /// candidates that the caller checks exactly (see [`SearchIndex::candidate_slots`]).
+    pub fn add_patch(&self, slot: u64, fields: &Doc) -> Result<()> {
+        self.add_document(None, slot, fields)
+    }
+
+    fn add_document(&self, id: Option<&str>, slot: u64, doc: &Doc) -> Result<()> {
         let text = pick(doc, &|v| v.is_string());
         let raw = pick(doc, &|v| match v {
             serde_json::Value::String(s) => s.len() <= MAX_TERM_BYTES,
             v => v.is_i64() || v.is_u64() || v.is_boolean(),
         });
         let mut td = TantivyDocument::default();
-        td.add_text(self.fields.id, id);
+        if let Some(id) = id {
+            td.add_text(self.fields.id, id);
+        }
         td.add_u64(self.fields.slot, slot);
         td.add_object(self.fields.text, text);
         td.add_object(self.fields.raw, raw);
@@ -377,6 +407,78 @@ impl SearchIndex {
         slots.sort_unstable_by_key(|(slot, _)| *slot);
         Ok(slots)
     }
+}
+
+type SlotHits = HashMap<u64, f32>;
+
+impl SearchIndex {
+    /// Slots that may match all `filters`, with relevance when `scoring`: each conjunct and
+    /// disjunct is searched alone and the slot sets intersected or joined, so a slot whose
+    /// documents match different parts (an earlier version and a patch) is found. Slots
+    /// matching only through values a patch replaced are included too: the caller evaluates
+    /// the filters exactly on the current values.
+    pub fn candidate_slots(&self, filters: &[&Filter], scoring: bool) -> Result<Vec<(u64, f32)>> {
+        let searchers = self.searchers()?;
+        let stats = AllIndexes(&searchers);
+        let mut acc: Option<SlotHits> = None;
+        for f in filters {
+            let hits = self.slot_set(f, &searchers, &stats, scoring)?;
+            acc = Some(match acc {
+                None => hits,
+                Some(a) => intersect(a, hits),
+            });
+        }
+        let mut out: Vec<(u64, f32)> = acc.unwrap_or_default().into_iter().collect();
+        out.sort_unstable_by_key(|(slot, _)| *slot);
+        Ok(out)
+    }
+
+    fn slot_set(
+        &self,
+        f: &Filter,
+        searchers: &[tantivy::Searcher],
+        stats: &AllIndexes,
+        scoring: bool,
+    ) -> Result<SlotHits> {
+        match f {
+            Filter::And(items) | Filter::Or(items) if !items.is_empty() => {
+                let mut acc: Option<SlotHits> = None;
+                for item in items {
+                    let hits = self.slot_set(item, searchers, stats, scoring)?;
+                    acc = Some(match (acc, matches!(f, Filter::And(_))) {
+                        (None, _) => hits,
+                        (Some(a), true) => intersect(a, hits),
+                        (Some(mut a), false) => {
+                            for (slot, score) in hits {
+                                *a.entry(slot).or_insert(0.0) += score;
+                            }
+                            a
+                        }
+                    });
+                }
+                Ok(acc.unwrap_or_default())
+            }
+            _ => {
+                let query = self.query(f)?;
+                let mut hits = SlotHits::new();
+                for searcher in searchers {
+                    let collector = SlotCollector { scoring };
+                    for (slot, score) in
+                        searcher.search_with_statistics_provider(&query, &collector, stats).map_err(tantivy_err)?
+                    {
+                        let best = hits.entry(slot).or_insert(score);
+                        *best = best.max(score);
+                    }
+                }
+                Ok(hits)
+            }
+        }
+    }
+}
+
+fn intersect(a: SlotHits, b: SlotHits) -> SlotHits {
+    let (small, large) = if a.len() <= b.len() { (a, b) } else { (b, a) };
+    small.into_iter().filter_map(|(slot, score)| Some((slot, score + large.get(&slot)?))).collect()
 }
 
 /// The document's fields (but `_id`) with only the scalars `keep` accepts, as tantivy values;

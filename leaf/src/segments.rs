@@ -15,7 +15,7 @@ use basalt_common::{BasaltError, Result};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::columns::{Block, Deletions};
+use crate::columns::{Block, Deletions, Overlay};
 use crate::search::Sealed;
 use crate::store::SegmentStore;
 
@@ -47,6 +47,10 @@ pub struct Manifest {
     pub blocks: Vec<BlockRef>,
     pub indexes: Vec<IndexRef>,
     pub deletions: Option<String>,
+    /// Files of patch overlays (slot and new top-level field values), applied in order; a
+    /// later entry for a slot replaces an earlier one.
+    #[serde(default)]
+    pub patches: Vec<String>,
     pub stats: SchemaStats,
 }
 
@@ -58,6 +62,7 @@ impl Manifest {
             out.extend(index.files.iter().map(|f| format!("{}/{f}", index.dir)));
         }
         out.extend(self.deletions.clone());
+        out.extend(self.patches.iter().cloned());
         out.insert(MANIFEST.to_string());
         out
     }
@@ -148,6 +153,19 @@ impl ShardSegments {
         Deletions::from_bytes(&bytes)
     }
 
+    pub fn put_patches(&self, generation: u64, entries: &[(u64, Arc<Overlay>)]) -> Result<String> {
+        let path = format!("patches-{generation}.json");
+        let entries: Vec<(u64, &Overlay)> = entries.iter().map(|(slot, o)| (*slot, o.as_ref())).collect();
+        let bytes = serde_json::to_vec(&entries).map_err(|e| corrupt(&path, e))?;
+        self.store.put(&self.path(&path), Bytes::from(bytes))?;
+        Ok(path)
+    }
+
+    pub fn load_patches(&self, path: &str) -> Result<Vec<(u64, Overlay)>> {
+        let bytes = self.store.get(&self.path(path))?.ok_or_else(|| corrupt(path, "missing"))?;
+        serde_json::from_slice(&bytes).map_err(|e| corrupt(path, e))
+    }
+
     /// Delete objects named by `old` but not by `new`.
     pub fn delete_replaced(&self, old: &Manifest, new: &Manifest) -> Result<()> {
         let keep = new.objects();
@@ -182,6 +200,8 @@ pub struct Loaded {
     pub blocks: Vec<Arc<Block>>,
     pub indexes: Vec<Arc<Sealed>>,
     pub deletions: Deletions,
+    /// Patch overlays in the order to apply them.
+    pub patches: Vec<(u64, Overlay)>,
 }
 
 impl ShardSegments {
@@ -209,6 +229,10 @@ impl ShardSegments {
             Some(path) => self.load_deletions(path)?,
             None => Deletions::default(),
         };
-        Ok(Loaded { blocks, indexes, deletions })
+        let mut patches = Vec::new();
+        for path in &manifest.patches {
+            patches.extend(self.load_patches(path)?);
+        }
+        Ok(Loaded { blocks, indexes, deletions, patches })
     }
 }

@@ -8,7 +8,7 @@
 //! up to the flushed sequence number is dropped. On open, a shard loads its segments and replays
 //! the log; without a manifest it rebuilds from the row store.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,15 +16,18 @@ use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch};
 use arrow::compute::{and, filter_record_batch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use basalt_common::api::{DocStatus, SCORE_COLUMN, ScanRequest, ShardWriteResult, WriteOp};
-use basalt_common::doc::{Doc, DocLimits, apply_patch};
+use basalt_common::doc::{Doc, DocLimits, apply_patch, apply_patch_partial, patched_fields};
 use basalt_common::filter::{AccessPath, Filter, choose_access_path, id_lookup, index_answerable};
 use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use crate::columns::{BLOCK_ROWS, Block, ColumnStore, Deletions, StatsDelta, StatsDeltaBuilder, apply_delta};
+use crate::columns::{
+    BLOCK_ROWS, Block, ColumnStore, Deletions, Overlay, Overlays, StatsDelta, StatsDeltaBuilder, apply_delta,
+};
 use crate::eval::{block_excluded, eval_all};
+use crate::rows::{Head, RowStore};
 use crate::search::SearchIndex;
 use crate::segments::{Manifest, ShardSegments};
 use crate::store::SegmentStore;
@@ -33,6 +36,9 @@ pub type ShardKey = (u64, u32);
 
 /// Documents at least this large are stored apart from the row store's tree.
 const DOC_SEPARATION_BYTES: u32 = 4096;
+
+/// Patch files a manifest may name before they are merged into one.
+const MAX_PATCH_FILES: usize = 8;
 
 /// Marks the in-memory manifest of a dropped shard.
 const DROPPED: u32 = u32::MAX;
@@ -91,13 +97,14 @@ pub struct Maintenance {
     pub flushed: bool,
     pub blocks_merged: usize,
     pub indexes_merged: usize,
+    pub patch_files_merged: usize,
     pub bytes_written: u64,
 }
 
 pub struct Shard {
     pub key: ShardKey,
     db: fjall::Database,
-    docs: fjall::Keyspace,
+    rows: RowStore,
     meta: fjall::Keyspace,
     /// Serializes writers; holds the last durable sequence number.
     seq: Mutex<u64>,
@@ -110,6 +117,33 @@ pub struct Shard {
     last_flush: Mutex<Instant>,
     /// How the shard was opened: "segments" or "row store".
     opened_from: &'static str,
+}
+
+/// A document patched field by field in one batch: its stored head, the fields loaded (those
+/// stored inline, and the touched ones) with their current values, and the touched fields'
+/// values before the batch.
+struct Patching {
+    head: Head,
+    doc: Doc,
+    before: BTreeMap<String, Option<serde_json::Value>>,
+}
+
+/// One id's state while a batch is applied.
+enum Pending {
+    /// Whole versions: the stored one (with its head) and the one after the batch.
+    Whole { old: Option<(Doc, Head)>, new: Option<Doc> },
+    /// Field-level patches (`None`: the document does not exist).
+    Fields(Option<Patching>),
+}
+
+impl Pending {
+    fn changed(&self) -> bool {
+        match self {
+            Pending::Whole { old, new } => old.as_ref().map(|(doc, _)| doc) != new.as_ref(),
+            Pending::Fields(Some(p)) => p.before.iter().any(|(name, before)| p.doc.get(name) != before.as_ref()),
+            Pending::Fields(None) => false,
+        }
+    }
 }
 
 impl Shard {
@@ -150,7 +184,7 @@ impl Shard {
         let mut shard = Shard {
             key,
             db: db.clone(),
-            docs,
+            rows: RowStore::new(docs),
             meta: meta.clone(),
             seq: Mutex::new(seq),
             columns: RwLock::new(ColumnStore::default()),
@@ -201,6 +235,9 @@ impl Shard {
         let loaded = self.segments.load(manifest)?;
         let mut columns =
             ColumnStore::restore(loaded.blocks, loaded.deletions, manifest.stats.clone(), manifest.next_slot)?;
+        for (slot, overlay) in loaded.patches {
+            columns.restore_overlay(slot, overlay);
+        }
         let search = SearchIndex::new(manifest.next_slot, loaded.indexes)?;
         // Replay: every id touched after the manifest gets its current version (or none).
         let mut order = Vec::new();
@@ -239,10 +276,7 @@ impl Shard {
         let mut columns = self.columns.write();
         let mut delta = StatsDeltaBuilder::default();
         let mut n = 0u64;
-        for item in self.docs.iter() {
-            let (k, v) = item.into_inner().map_err(store_err)?;
-            let id = String::from_utf8(k.to_vec()).map_err(store_err)?;
-            let doc: Doc = serde_json::from_slice(&v).map_err(store_err)?;
+        self.rows.for_each(|id, doc| {
             delta.add_doc(&doc, 1);
             let doc = Arc::new(doc);
             let slot = columns.append(&id, doc.clone())?;
@@ -251,25 +285,33 @@ impl Shard {
             if n.is_multiple_of(100_000) {
                 tracing::info!(shard = %keyspace_name(self.key), docs = n, "rebuilding shard from the row store");
             }
-        }
+            Ok(())
+        })?;
         columns.apply_stats(&delta.build());
         self.search.refresh()?;
         Ok(())
     }
 
-    fn get(&self, id: &str) -> Result<Option<Doc>> {
-        match self.docs.get(id).map_err(store_err)? {
-            None => Ok(None),
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(store_err)?)),
-        }
+    /// The current version of a document from the row store.
+    pub fn get(&self, id: &str) -> Result<Option<Doc>> {
+        self.rows.get(id)
     }
 
     /// Apply a batch of operations: per-document validation, one durable commit, then the
     /// in-memory indexes. Operations on the same `_id` apply in order.
+    ///
+    /// An id that only gets patches in the batch is patched field by field: the row store
+    /// reads and writes the document's head and the touched fields only, statistics change by
+    /// the touched fields, the column store records an overlay on the document's slot and the
+    /// search index a document of the new field values. Other ids get whole new versions.
     pub fn apply(&self, ops: Vec<WriteOp>) -> Result<ShardWriteResult> {
         let mut seq = self.seq.lock();
-        // id -> (version before this batch, version after)
-        let mut touched: HashMap<String, (Option<Doc>, Option<Doc>)> = HashMap::new();
+        let mut patch_only: HashMap<String, bool> = HashMap::new();
+        for op in &ops {
+            let only = patch_only.entry(op.id().to_string()).or_insert(true);
+            *only &= matches!(op, WriteOp::Patch { .. });
+        }
+        let mut pending: HashMap<String, Pending> = HashMap::new();
         let mut order: Vec<String> = Vec::new();
         let mut statuses = Vec::with_capacity(ops.len());
         for op in ops {
@@ -278,36 +320,48 @@ impl Shard {
                 statuses.push(DocStatus::error(None, BasaltError::invalid("document has no _id")));
                 continue;
             }
-            if !touched.contains_key(&id) {
-                let old = self.get(&id)?;
-                touched.insert(id.clone(), (old.clone(), old));
+            if !pending.contains_key(&id) {
+                let entry = if patch_only.get(&id).copied().unwrap_or(false) {
+                    Pending::Fields(self.rows.head(&id)?.map(|head| Patching {
+                        doc: head.inline.clone(),
+                        head,
+                        before: BTreeMap::new(),
+                    }))
+                } else {
+                    let old = match self.rows.head(&id)? {
+                        None => None,
+                        Some(head) => Some((self.rows.assemble(&id, head.clone())?, head)),
+                    };
+                    Pending::Whole { new: old.as_ref().map(|(doc, _)| doc.clone()), old }
+                };
+                pending.insert(id.clone(), entry);
                 order.push(id.clone());
             }
-            let Some(entry) = touched.get_mut(&id) else { continue };
-            let status = match op {
-                WriteOp::Upsert { doc } => {
-                    entry.1 = Some(doc);
-                    DocStatus::ok(id)
+            let Some(entry) = pending.get_mut(&id) else { continue };
+            let missing = || BasaltError::not_found(format!("document {id} does not exist"));
+            let result = match (op, entry) {
+                (WriteOp::Upsert { doc }, Pending::Whole { new, .. }) => {
+                    *new = Some(doc);
+                    Ok(())
                 }
-                WriteOp::Delete { .. } => {
-                    entry.1 = None;
-                    DocStatus::ok(id)
+                (WriteOp::Delete { .. }, Pending::Whole { new, .. }) => {
+                    *new = None;
+                    Ok(())
                 }
-                WriteOp::Patch { ops, .. } => match entry.1.as_mut() {
-                    None => DocStatus::error(
-                        Some(id.clone()),
-                        BasaltError::not_found(format!("document {id} does not exist")),
-                    ),
-                    Some(doc) => match apply_patch(doc, &ops, &self.limits) {
-                        Ok(()) => DocStatus::ok(id),
-                        Err(e) => DocStatus::error(Some(id), e),
-                    },
-                },
+                (WriteOp::Patch { ops, .. }, Pending::Whole { new: Some(doc), .. }) => {
+                    apply_patch(doc, &ops, &self.limits)
+                }
+                (WriteOp::Patch { ops, .. }, Pending::Fields(Some(p))) => self.patch_fields(&id, p, &ops),
+                (WriteOp::Patch { .. }, Pending::Whole { new: None, .. } | Pending::Fields(None)) => Err(missing()),
+                (_, Pending::Fields(_)) => Err(BasaltError::internal("a whole write on the field-level path")),
             };
-            statuses.push(status);
+            statuses.push(match result {
+                Ok(()) => DocStatus::ok(id),
+                Err(e) => DocStatus::error(Some(id), e),
+            });
         }
         let changed: Vec<String> =
-            order.into_iter().filter(|id| touched.get(id).is_some_and(|(a, b)| a != b)).collect();
+            order.into_iter().filter(|id| pending.get(id).is_some_and(Pending::changed)).collect();
         if changed.is_empty() {
             return Ok(ShardWriteResult { statuses, seq: *seq });
         }
@@ -315,16 +369,37 @@ impl Shard {
         let mut batch = self.db.batch().durability(Some(fjall::PersistMode::SyncAll));
         let mut delta = StatsDeltaBuilder::default();
         for id in &changed {
-            let (old, new) = &touched[id];
-            if let Some(old) = old {
-                delta.add_doc(old, -1);
-            }
-            match new {
-                Some(doc) => {
-                    delta.add_doc(doc, 1);
-                    batch.insert(&self.docs, id.as_bytes(), serde_json::to_vec(doc).map_err(store_err)?)
+            match &pending[id] {
+                Pending::Whole { old, new } => {
+                    if let Some((old, _)) = old {
+                        delta.add_doc(old, -1);
+                    }
+                    let old_head = old.as_ref().map(|(_, head)| head);
+                    match new {
+                        Some(doc) => {
+                            delta.add_doc(doc, 1);
+                            self.rows.put(&mut batch, id, doc, old_head)?;
+                        }
+                        None => {
+                            if let Some(head) = old_head {
+                                self.rows.delete(&mut batch, id, head);
+                            }
+                        }
+                    }
                 }
-                None => batch.remove(&self.docs, id.as_bytes()),
+                Pending::Fields(Some(p)) => {
+                    for (name, before) in &p.before {
+                        if let Some(v) = before {
+                            delta.add_field(name, v, -1);
+                        }
+                        if let Some(v) = p.doc.get(name) {
+                            delta.add_field(name, v, 1);
+                        }
+                    }
+                    let touched: BTreeSet<String> = p.before.keys().cloned().collect();
+                    self.rows.put_fields(&mut batch, id, &p.head, &p.doc, &touched)?;
+                }
+                Pending::Fields(None) => {}
             }
         }
         let entry = LogEntry { ids: changed.clone(), stats: delta.build() };
@@ -335,9 +410,32 @@ impl Shard {
 
         let mut columns = self.columns.write();
         for id in changed {
-            let Some((_, new)) = touched.remove(&id) else { continue };
+            let mut whole = match pending.remove(&id) {
+                Some(Pending::Whole { new, .. }) => new,
+                Some(Pending::Fields(Some(p))) => {
+                    let Patching { mut doc, before, .. } = p;
+                    let overlay: Overlay = before
+                        .into_keys()
+                        .map(|name| {
+                            let value = doc.remove(&name);
+                            (name, value)
+                        })
+                        .collect();
+                    let fields: Doc = overlay.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect();
+                    match columns.patch(&id, overlay) {
+                        Some(slot) => {
+                            self.search.add_patch(slot, &fields)?;
+                            continue;
+                        }
+                        // No live version in the column store (it always has one when the
+                        // row store does): index the current document whole.
+                        None => self.get(&id)?,
+                    }
+                }
+                Some(Pending::Fields(None)) | None => continue,
+            };
             columns.remove(&id);
-            if let Some(doc) = new {
+            if let Some(doc) = whole.take() {
                 let doc = Arc::new(doc);
                 let slot = columns.append(&id, doc.clone())?;
                 self.search.add(&id, slot, &doc)?;
@@ -345,6 +443,23 @@ impl Shard {
         }
         columns.apply_stats(&entry.stats);
         Ok(ShardWriteResult { statuses, seq: next })
+    }
+
+    /// Apply patch operations to a document being patched field by field: load the touched
+    /// fields stored apart, remember their values before the batch, patch.
+    fn patch_fields(&self, id: &str, p: &mut Patching, ops: &[basalt_common::doc::PatchOp]) -> Result<()> {
+        for name in patched_fields(ops)? {
+            if p.before.contains_key(&name) {
+                continue;
+            }
+            if p.head.apart.contains_key(&name) && !p.doc.contains_key(&name) {
+                let value = self.rows.apart_field(id, &name)?;
+                p.doc.insert(name.clone(), value);
+            }
+            p.before.insert(name.clone(), p.doc.get(&name).cloned());
+        }
+        let outside = p.head.outside(&p.doc);
+        apply_patch_partial(&mut p.doc, ops, &self.limits, outside)
     }
 
     pub fn stats(&self) -> SchemaStats {
@@ -377,7 +492,7 @@ impl Shard {
     /// Seal the tails and write every block, index and the deletions not yet in the manifest,
     /// then the manifest, then drop the log it covers.
     fn flush(&self, manifest: &mut Manifest) -> Result<()> {
-        let (seq, blocks, deletions, stats, next_slot, job) = {
+        let (seq, blocks, deletions, stats, next_slot, job, patches) = {
             let seq = self.seq.lock();
             let mut columns = self.columns.write();
             columns.seal_tail()?;
@@ -389,19 +504,30 @@ impl Shard {
                 columns.stats().clone(),
                 columns.next_slot(),
                 job,
+                columns.take_dirty_overlays(),
             )
         };
-        if let Some(job) = job {
-            self.search.finish_seal(job)?;
-        }
         let mut next = manifest.clone();
         next.generation += 1;
         next.seq = seq;
         next.next_slot = next_slot;
         next.stats = stats;
-        self.write_refs(manifest, &mut next, &blocks)?;
-        next.deletions = Some(self.segments.put_deletions(next.generation, &deletions)?);
-        self.segments.put_manifest(&next)?;
+        let written = (|| -> Result<()> {
+            if let Some(job) = job {
+                self.search.finish_seal(job)?;
+            }
+            self.write_refs(manifest, &mut next, &blocks)?;
+            next.deletions = Some(self.segments.put_deletions(next.generation, &deletions)?);
+            if !patches.is_empty() {
+                next.patches.push(self.segments.put_patches(next.generation, &patches)?);
+            }
+            self.segments.put_manifest(&next)
+        })();
+        if let Err(e) = written {
+            // The overlays taken must go into the next flush's patch file.
+            self.columns.write().mark_dirty(patches.iter().map(|(slot, _)| *slot));
+            return Err(e);
+        }
         self.truncate_log(seq)?;
         if let Err(e) = self.segments.delete_replaced(manifest, &next) {
             tracing::warn!(shard = %keyspace_name(self.key), error = %e, "could not delete replaced segment objects");
@@ -471,7 +597,9 @@ impl Shard {
         for ix in covered_indexes() {
             let live = (ix.end_slot - ix.base_slot).saturating_sub(deletions.count(ix.base_slot, ix.end_slot));
             let docs = ix.max_doc();
-            if docs >= 1024 && docs > 2 * live {
+            // Patch documents of older slots count as live: only deletions make an index
+            // worth rewriting alone.
+            if docs >= 1024 && docs > 2 * (live + ix.outside()) {
                 self.search.merge(std::slice::from_ref(&ix), is_dead)?;
                 report.indexes_merged += 1;
             }
@@ -486,11 +614,20 @@ impl Shard {
             self.search.merge(&indexes[i..i + 2], is_dead)?;
             report.indexes_merged += 2;
         }
-        if report.blocks_merged == 0 && report.indexes_merged == 0 {
+        // Patch files: once there are many, one file of every live overlay replaces them. It
+        // may hold overlays newer than the manifest; their ids are in the log after it, and
+        // replay writes those documents whole, dropping the overlay.
+        let patches = (manifest.patches.len() > MAX_PATCH_FILES).then(|| self.columns.read().overlays());
+        if report.blocks_merged == 0 && report.indexes_merged == 0 && patches.is_none() {
             return Ok(());
         }
         let mut next = manifest.clone();
         next.generation += 1;
+        if let Some(overlays) = patches {
+            let entries: Vec<(u64, Arc<Overlay>)> = overlays.iter().map(|(slot, o)| (*slot, o.clone())).collect();
+            next.patches = vec![self.segments.put_patches(next.generation, &entries)?];
+            report.patch_files_merged = manifest.patches.len();
+        }
         let blocks = self.columns.read().sealed_blocks();
         self.write_refs(manifest, &mut next, &blocks)?;
         self.segments.put_manifest(&next)?;
@@ -547,8 +684,19 @@ impl Shard {
         let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
         let mut scores: HashMap<u64, f32> = HashMap::new();
         let mut sink = Batcher { schema: schema.clone(), pending: Vec::new(), rows: 0, emit, open: true };
+        // Patched slots: their overlays are applied to the columns the scan reads.
+        let overlays: &Overlays = &snapshot.overlays;
+        let mut paths: Vec<&str> =
+            schema.fields().iter().map(|f| f.name().as_str()).filter(|n| *n != SCORE_COLUMN).collect();
+        req.filters.iter().for_each(|f| filter_paths(f, &mut paths));
+        let patched = |block: &Block| {
+            !overlays.is_empty()
+                && overlays.range(block.base_slot..block.base_slot + block.rows as u64).next().is_some()
+        };
         let mut out =
             |block: &Block, rows: Option<Vec<u32>>, filters: &[&Filter], scores: &HashMap<u64, f32>| -> Result<bool> {
+                let view = if patched(block) { block.overlaid(overlays, &paths, &snapshot.stats)? } else { None };
+                let block = view.as_ref().unwrap_or(block);
                 let batch = project_filter(block, rows, filters, &schema, Some(&snapshot.deletions), scores)?;
                 if batch.num_rows() == 0 {
                     return Ok(true);
@@ -578,9 +726,16 @@ impl Shard {
                 }
             }
             AccessPath::SearchIndex => {
-                let (indexed, rest): (Vec<&Filter>, Vec<&Filter>) =
+                let (indexed, mut rest): (Vec<&Filter>, Vec<&Filter>) =
                     req.filters.iter().partition(|f| index_answerable(f, &snapshot.stats));
-                let hits = self.search.matching_slots(&indexed, wants_score)?;
+                let hits = if overlays.is_empty() {
+                    self.search.matching_slots(&indexed, wants_score)?
+                } else {
+                    // With patches the index gives candidates; every filter is checked on the
+                    // current values.
+                    rest = all.clone();
+                    self.search.candidate_slots(&indexed, wants_score)?
+                };
                 if wants_score {
                     scores = hits.iter().copied().collect();
                 }
@@ -602,7 +757,7 @@ impl Shard {
             }
             AccessPath::ColumnScan => {
                 for block in &snapshot.blocks {
-                    if block_excluded(&req.filters, block) {
+                    if !patched(block) && block_excluded(&req.filters, block) {
                         continue;
                     }
                     if !out(block, None, &all, &scores)? {

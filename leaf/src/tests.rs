@@ -2,7 +2,7 @@ use super::*;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::compute::concat_batches;
 use basalt_common::api::WriteOp;
-use basalt_common::doc::{PatchKind, PatchOp, validate_value};
+use basalt_common::doc::{Doc, PatchKind, PatchOp, apply_patch, validate_value};
 use basalt_common::filter::{AccessPath, CmpOp, Filter, Scalar};
 use basalt_common::schema::ColumnType;
 use futures::StreamExt;
@@ -243,4 +243,221 @@ async fn unreadable_segments_fall_back_to_the_row_store() {
     let leaf = Leaf::open(&config).unwrap();
     assert_eq!(leaf.shard((1, 0)).unwrap().opened_from_for_tests(), "row store");
     assert_eq!(observe(&leaf).await, before);
+}
+
+/// A small deterministic generator (xorshift) so the test needs no extra crate.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+fn big_text(k: usize) -> String {
+    format!("big{k} {}", "filler words ".repeat(200))
+}
+
+fn patched_doc(i: usize, rng: &mut Rng) -> serde_json::Value {
+    json!({
+        "_id": format!("d{i}"),
+        "n": rng.below(10),
+        "kind": format!("k{}", rng.below(3)),
+        "text": format!("word{} shared", rng.below(5)),
+        "blob": big_text(rng.below(4)),
+        "o": {"x": rng.below(3), "y": "why"},
+        "tags": ["a", "b"],
+    })
+}
+
+fn random_patch(rng: &mut Rng) -> Vec<PatchOp> {
+    let op = |op, path: &str, value: Option<serde_json::Value>| PatchOp { op, path: path.into(), value };
+    let mut ops = Vec::new();
+    for _ in 0..1 + rng.below(2) {
+        ops.push(match rng.below(11) {
+            0 => op(PatchKind::Replace, "/n", Some(json!(rng.below(10)))),
+            1 => op(PatchKind::Increment, "/n", Some(json!(1))),
+            2 => op(PatchKind::Replace, "/n", Some(json!(format!("{}", rng.below(10))))),
+            3 => op(PatchKind::Replace, "/kind", Some(json!(format!("k{}", rng.below(4))))),
+            4 => op(PatchKind::Replace, "/text", Some(json!(format!("word{} fresh", rng.below(6))))),
+            5 => op(PatchKind::Replace, "/blob", Some(json!(big_text(rng.below(6))))),
+            6 => op(PatchKind::Replace, "/blob", Some(json!(format!("small{}", rng.below(3))))),
+            7 => op(PatchKind::Add, "/o/x", Some(json!(rng.below(4)))),
+            8 => op(PatchKind::Remove, "/o/y", None),
+            9 => op(PatchKind::Add, "/tags/-", Some(json!(format!("t{}", rng.below(3))))),
+            _ => op(PatchKind::Add, "/extra", Some(json!({"deep": rng.below(3)}))),
+        });
+    }
+    ops
+}
+
+/// Rows, per-filter results under every access path and statistics of collection 1, for
+/// comparing two leaves.
+async fn observe_all(leaf: &Leaf) -> (Vec<String>, Vec<Vec<String>>, SchemaStats) {
+    let stats = leaf.stats(1, vec![0]).await.unwrap();
+    let columns: Vec<(String, ColumnType)> = stats.columns();
+    let shard = leaf.shard((1, 0)).unwrap();
+    let run = |filters: Vec<Filter>, hint: Option<AccessPath>, columns: Vec<(String, ColumnType)>| {
+        let mut batches = Vec::new();
+        let req = ScanRequest { collection_id: 1, shard: 0, columns, filters, limit: None, hint };
+        shard
+            .scan(&req, |b| {
+                batches.push(b);
+                true
+            })
+            .unwrap();
+        let mut rows = Vec::new();
+        for b in batches {
+            let options = arrow::util::display::FormatOptions::default().with_null("NULL");
+            // Timestamps as integers (display needs a timezone database for "UTC").
+            let columns: Vec<arrow::array::ArrayRef> = b
+                .columns()
+                .iter()
+                .map(|c| match c.data_type() {
+                    arrow::datatypes::DataType::Timestamp(..) => {
+                        arrow::compute::cast(c, &arrow::datatypes::DataType::Int64).unwrap()
+                    }
+                    _ => c.clone(),
+                })
+                .collect();
+            let formatters: Vec<_> = columns
+                .iter()
+                .map(|c| arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+                .collect();
+            for r in 0..b.num_rows() {
+                rows.push(formatters.iter().map(|f| f.value(r).to_string()).collect::<Vec<_>>().join("|"));
+            }
+        }
+        rows.sort();
+        rows
+    };
+    let all = run(vec![], None, columns.clone());
+    let s = |v: &str| Scalar::Str(v.into());
+    let filters = vec![
+        Filter::Cmp { path: "kind".into(), op: CmpOp::Eq, value: s("k1") },
+        Filter::Cmp { path: "n".into(), op: CmpOp::Eq, value: Scalar::Int(3) },
+        Filter::Cmp { path: "n".into(), op: CmpOp::Gt, value: Scalar::Int(5) },
+        Filter::Search { path: "text".into(), query: "word3".into() },
+        Filter::Search { path: "blob".into(), query: "big2".into() },
+        Filter::Cmp { path: "o.x".into(), op: CmpOp::Eq, value: Scalar::Int(2) },
+        Filter::IsNull("o.y".into()),
+        Filter::In { path: "tags".into(), values: vec![s("t1")] },
+        Filter::And(vec![
+            Filter::Cmp { path: "kind".into(), op: CmpOp::Eq, value: s("k1") },
+            Filter::Search { path: "text".into(), query: "word3".into() },
+        ]),
+        Filter::Or(vec![
+            Filter::Cmp { path: "n".into(), op: CmpOp::Eq, value: Scalar::Int(3) },
+            Filter::Cmp { path: "kind".into(), op: CmpOp::Eq, value: s("k2") },
+        ]),
+    ];
+    let mut results = Vec::new();
+    for f in filters {
+        let ids = vec![("_id".to_string(), ColumnType::Utf8)];
+        let plain = run(vec![f.clone()], None, ids.clone());
+        for hint in [AccessPath::ColumnScan, AccessPath::SearchIndex] {
+            assert_eq!(run(vec![f.clone()], Some(hint), ids.clone()), plain, "{f} via {hint:?}");
+        }
+        results.push(plain);
+    }
+    (all, results, stats)
+}
+
+/// Field-level patches (overlays on slots, fields stored apart, patch documents in the search
+/// index, patch files in segments) must answer every query exactly like the same documents
+/// written whole, through flushes, patch-file merges and restarts.
+#[tokio::test]
+async fn patches_answer_exactly_like_whole_writes() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let never = FlushPolicy { max_rows: u64::MAX, max_age: std::time::Duration::from_secs(3600), max_indexes: 4 };
+    let config = |dir: &tempfile::TempDir| LeafConfig {
+        data_dir: dir.path().to_path_buf(),
+        flush: never.clone(),
+        ..Default::default()
+    };
+    let mut a = Leaf::open(&config(&dir_a)).unwrap();
+    let b = Leaf::open(&config(&dir_b)).unwrap();
+    let write = |leaf: &Leaf, ops: Vec<WriteOp>| {
+        let leaf = leaf.clone();
+        async move { leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops }).await.unwrap() }
+    };
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut model: std::collections::BTreeMap<String, Doc> = std::collections::BTreeMap::new();
+    let limits = DocLimits::default();
+    for i in 0..60 {
+        let doc = validate_value(patched_doc(i, &mut rng), &limits).unwrap();
+        model.insert(format!("d{i}"), doc);
+    }
+    let initial: Vec<WriteOp> = model.values().map(|d| WriteOp::Upsert { doc: d.clone() }).collect();
+    write(&a, initial.clone()).await;
+    write(&b, initial).await;
+    for round in 0..24 {
+        // A: field-level patches (some ids twice in a batch, some failing); B: the resulting
+        // documents written whole.
+        let mut ops_a = Vec::new();
+        let mut expect_ok = Vec::new();
+        let mut touched = std::collections::BTreeSet::new();
+        for _ in 0..25 {
+            let id = format!("d{}", rng.below(70)); // some ids do not exist
+            let ops = random_patch(&mut rng);
+            let ok = match model.get_mut(&id) {
+                Some(doc) => apply_patch(doc, &ops, &limits).is_ok(),
+                None => false,
+            };
+            expect_ok.push(ok);
+            touched.insert(id.clone());
+            ops_a.push(WriteOp::Patch { id, ops });
+        }
+        // Whole writes mixed in: a patched id also upserted in the same batch, a delete, a new doc.
+        if round % 3 == 1 {
+            let id = format!("d{}", rng.below(60));
+            if let Some(doc) = model.get(&id) {
+                let mut doc = doc.clone();
+                doc.insert("kind".into(), json!("k9"));
+                model.insert(id.clone(), doc.clone());
+                ops_a.push(WriteOp::Upsert { doc });
+                expect_ok.push(true);
+                touched.insert(id);
+            }
+            let gone = format!("d{}", rng.below(60));
+            model.remove(&gone);
+            ops_a.push(WriteOp::Delete { id: gone.clone() });
+            expect_ok.push(true);
+            touched.insert(gone);
+        }
+        let r = write(&a, ops_a).await;
+        assert_eq!(r.statuses.iter().map(|s| s.is_ok()).collect::<Vec<_>>(), expect_ok, "round {round}");
+        let ops_b: Vec<WriteOp> = touched
+            .iter()
+            .map(|id| match model.get(id) {
+                Some(doc) => WriteOp::Upsert { doc: doc.clone() },
+                None => WriteOp::Delete { id: id.clone() },
+            })
+            .collect();
+        write(&b, ops_b).await;
+        if round % 2 == 0 {
+            a.maintain_all(true);
+        }
+        if round % 7 == 6 {
+            drop(a);
+            a = Leaf::open(&config(&dir_a)).unwrap();
+        }
+        let ((rows_a, found_a, stats_a), (rows_b, found_b, stats_b)) = (observe_all(&a).await, observe_all(&b).await);
+        assert_eq!(stats_a, stats_b, "statistics, round {round}");
+        assert_eq!(found_a, found_b, "filter results, round {round}");
+        if let Some(i) = (0..rows_a.len().max(rows_b.len())).find(|i| rows_a.get(*i) != rows_b.get(*i)) {
+            let short = |r: Option<&String>| r.map(|r| r.replace(&"filler words ".repeat(200), "…"));
+            panic!("round {round}: row {i} differs: {:?} vs {:?}", short(rows_a.get(i)), short(rows_b.get(i)));
+        }
+    }
+    let manifest = a.shard((1, 0)).unwrap().manifest_for_tests();
+    assert!(!manifest.patches.is_empty() && manifest.patches.len() <= 9, "patch files: {:?}", manifest.patches);
+    // The row store answers lookups with the assembled documents.
+    for (id, doc) in &model {
+        let got = a.shard((1, 0)).unwrap().get(id).unwrap();
+        assert_eq!(got.as_ref(), Some(doc), "{id}");
+    }
 }
