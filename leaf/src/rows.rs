@@ -156,7 +156,18 @@ impl RowStore {
         doc: &Doc,
         touched: Option<&BTreeSet<String>>,
     ) -> Result<()> {
-        // `None`: a whole new version, every field written.
+        // `None`: a whole new version, every field written. A document smaller than the
+        // threshold has no field to store apart: one serialization, one entry.
+        if touched.is_none() {
+            let bytes = serde_json::to_vec(doc).map_err(store_err)?;
+            if bytes.len() < APART_FIELD_BYTES {
+                for name in old.apart.keys() {
+                    batch.remove(&self.ks, apart_key(id, name));
+                }
+                batch.insert(&self.ks, id.as_bytes(), bytes);
+                return Ok(());
+            }
+        }
         let is_touched = |name: &str| touched.is_none_or(|t| t.contains(name));
         let mut apart = match touched {
             None => BTreeMap::new(),
