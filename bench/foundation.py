@@ -327,7 +327,9 @@ def patch_throughput(system, doc_bytes, n_docs, n_patches, batch):
     per_request = max(1, (8 << 20) // doc_bytes)  # stay under the 10 MiB request limit
     for i in range(0, n_docs, per_request):
         system.write_batch(name, lines[i:i + per_request])
-    ids = [f"p{rng.randrange(n_docs)}" for _ in range(n_patches)]
+    # Distinct ids within a batch: PostgreSQL's UPDATE ... WHERE id = ANY(...) changes a row once
+    # however often its id repeats, Basalt applies every patch; this way both do the same work.
+    ids = [f"p{n}" for _ in range(0, n_patches, batch) for n in rng.sample(range(n_docs), batch)][:n_patches]
     started = time.perf_counter()
     for i in range(0, n_patches, batch):
         system.patch_batch(name, ids[i:i + batch])
