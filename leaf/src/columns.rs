@@ -360,8 +360,59 @@ impl Deletions {
 /// New values of the top-level fields patches changed in one live slot (`None`: removed).
 pub type Overlay = BTreeMap<String, Option<Value>>;
 
-/// Overlays by slot.
-pub type Overlays = BTreeMap<u64, Arc<Overlay>>;
+/// Overlays by slot, in chunks of [`BLOCK_ROWS`] slots so that copying on write (a patch while a
+/// scan holds a snapshot) copies one chunk and the chunk index, not every overlay.
+#[derive(Debug, Clone, Default)]
+pub struct Overlays {
+    chunks: BTreeMap<u64, Arc<BTreeMap<u64, Arc<Overlay>>>>,
+}
+
+impl Overlays {
+    fn chunk(slot: u64) -> u64 {
+        slot / BLOCK_ROWS as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    pub fn get(&self, slot: u64) -> Option<&Arc<Overlay>> {
+        self.chunks.get(&Self::chunk(slot))?.get(&slot)
+    }
+
+    /// Overlays of slots in `start..end`, in slot order.
+    pub fn range(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, &Arc<Overlay>)> {
+        let chunks = (start < end).then(|| self.chunks.range(Self::chunk(start)..=Self::chunk(end - 1)));
+        chunks.into_iter().flatten().flat_map(move |(_, c)| c.range(start..end).map(|(slot, o)| (*slot, o)))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Arc<Overlay>)> {
+        self.chunks.values().flat_map(|c| c.iter().map(|(slot, o)| (*slot, o)))
+    }
+
+    /// The overlay of `slot` to change (created empty).
+    fn entry(&mut self, slot: u64) -> &mut Overlay {
+        let chunk = Arc::make_mut(self.chunks.entry(Self::chunk(slot)).or_default());
+        Arc::make_mut(chunk.entry(slot).or_default())
+    }
+
+    fn insert(&mut self, slot: u64, overlay: Overlay) {
+        *self.entry(slot) = overlay;
+    }
+
+    fn remove(&mut self, slot: u64) {
+        let key = Self::chunk(slot);
+        let Some(chunk) = self.chunks.get_mut(&key) else { return };
+        if !chunk.contains_key(&slot) {
+            return;
+        }
+        let chunk = Arc::make_mut(chunk);
+        chunk.remove(&slot);
+        if chunk.is_empty() {
+            self.chunks.remove(&key);
+        }
+    }
+}
 
 /// Everything a scan needs, taken under a short read lock and used without it.
 pub struct Snapshot {
@@ -392,7 +443,7 @@ impl Block {
     pub fn overlaid(&self, overlays: &Overlays, paths: &[&str], stats: &SchemaStats) -> Result<Option<Block>> {
         let end = self.base_slot + self.rows as u64;
         let patched: Vec<(usize, &Overlay)> = overlays
-            .range(self.base_slot..end)
+            .range(self.base_slot, end)
             .map(|(slot, o)| ((slot - self.base_slot) as usize, o.as_ref()))
             .collect();
         if patched.is_empty() {
@@ -529,7 +580,7 @@ impl ColumnStore {
     /// Set the overlay of a slot (restoring persisted overlays; dead slots are skipped).
     pub fn restore_overlay(&mut self, slot: u64, overlay: Overlay) {
         if slot < self.next_slot && !self.deletions.is_deleted(slot) {
-            Arc::make_mut(&mut self.overlays).insert(slot, Arc::new(overlay));
+            Arc::make_mut(&mut self.overlays).insert(slot, overlay);
         }
     }
 
@@ -537,8 +588,7 @@ impl ColumnStore {
     /// changed. Returns the slot, or `None` when `id` has no live version.
     pub fn patch(&mut self, id: &str, fields: Overlay) -> Option<u64> {
         let slot = *self.ids.get(id)?;
-        let overlays = Arc::make_mut(&mut self.overlays);
-        Arc::make_mut(overlays.entry(slot).or_default()).extend(fields);
+        Arc::make_mut(&mut self.overlays).entry(slot).extend(fields);
         self.dirty.insert(slot);
         Some(slot)
     }
@@ -546,13 +596,13 @@ impl ColumnStore {
     /// Overlays changed since the last call (for a flush to persist).
     pub fn take_dirty_overlays(&mut self) -> Vec<(u64, Arc<Overlay>)> {
         let dirty = std::mem::take(&mut self.dirty);
-        dirty.into_iter().filter_map(|slot| Some((slot, self.overlays.get(&slot)?.clone()))).collect()
+        dirty.into_iter().filter_map(|slot| Some((slot, self.overlays.get(slot)?.clone()))).collect()
     }
 
     /// Mark overlays to be taken by the next flush again (the flush that took them failed).
     pub fn mark_dirty(&mut self, slots: impl Iterator<Item = u64>) {
         for slot in slots {
-            if self.overlays.contains_key(&slot) {
+            if self.overlays.get(slot).is_some() {
                 self.dirty.insert(slot);
             }
         }
@@ -591,8 +641,8 @@ impl ColumnStore {
     pub fn remove(&mut self, id: &str) {
         if let Some(slot) = self.ids.remove(id) {
             self.deletions.set(slot);
-            if self.overlays.contains_key(&slot) {
-                Arc::make_mut(&mut self.overlays).remove(&slot);
+            if self.overlays.get(slot).is_some() {
+                Arc::make_mut(&mut self.overlays).remove(slot);
             }
             self.dirty.remove(&slot);
         }
@@ -773,5 +823,25 @@ mod tests {
         assert_eq!((merged.base_slot, merged.rows), (0, 2));
         assert_eq!(merged.columns["n"].null_count(), 1);
         assert_eq!(merged.min_max["_id"], MinMax { min: Scalar::Str("x".into()), max: Scalar::Str("y".into()) });
+    }
+
+    #[test]
+    fn overlays_copy_one_chunk_on_write_and_range_across_chunks() {
+        let mut o = Overlays::default();
+        let value = |v: i64| Overlay::from([("n".to_string(), Some(Value::from(v)))]);
+        for slot in [3, 8191, 8192, 20_000] {
+            o.insert(slot, value(slot as i64));
+        }
+        let snapshot = o.clone();
+        o.entry(8192).insert("n".into(), None);
+        o.remove(20_000);
+        assert_eq!(snapshot.get(8192).unwrap()["n"], Some(Value::from(8192)), "the snapshot is unchanged");
+        assert_eq!(o.get(8192).unwrap()["n"], None);
+        assert!(Arc::ptr_eq(&o.chunks[&0], &snapshot.chunks[&0]), "untouched chunks are shared");
+        assert_eq!(o.range(0, 8193).map(|(s, _)| s).collect::<Vec<_>>(), vec![3, 8191, 8192]);
+        assert_eq!(o.range(8191, 8192).map(|(s, _)| s).collect::<Vec<_>>(), vec![8191]);
+        assert_eq!(o.range(5, 5).count(), 0);
+        assert_eq!(o.iter().count(), 3);
+        assert_eq!(snapshot.range(10_000, 30_000).map(|(s, _)| s).collect::<Vec<_>>(), vec![20_000]);
     }
 }

@@ -624,7 +624,7 @@ impl Shard {
         let mut next = manifest.clone();
         next.generation += 1;
         if let Some(overlays) = patches {
-            let entries: Vec<(u64, Arc<Overlay>)> = overlays.iter().map(|(slot, o)| (*slot, o.clone())).collect();
+            let entries: Vec<(u64, Arc<Overlay>)> = overlays.iter().map(|(slot, o)| (slot, o.clone())).collect();
             next.patches = vec![self.segments.put_patches(next.generation, &entries)?];
             report.patch_files_merged = manifest.patches.len();
         }
@@ -691,7 +691,7 @@ impl Shard {
         req.filters.iter().for_each(|f| filter_paths(f, &mut paths));
         let patched = |block: &Block| {
             !overlays.is_empty()
-                && overlays.range(block.base_slot..block.base_slot + block.rows as u64).next().is_some()
+                && overlays.range(block.base_slot, block.base_slot + block.rows as u64).next().is_some()
         };
         let mut out =
             |block: &Block, rows: Option<Vec<u32>>, filters: &[&Filter], scores: &HashMap<u64, f32>| -> Result<bool> {
