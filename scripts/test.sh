@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one: installs what the tests need (a Python
-# virtualenv with psycopg, pytest and moto_server, the S3 API server; psql if missing), builds Basalt, runs the Python client
-# tests, then every Rust test (unit, sqllogictest against dev and a three-process deployment,
-# crash and HTTP tests) with cargo nextest (cargo test if nextest is missing).
+# virtualenv with psycopg, pytest and moto_server, the S3 API server; the Kafka-protocol broker
+# tansu, built once into ~/.cache/basalt/tools; psql if missing), builds Basalt, runs the Python
+# client tests, then every Rust test (unit, sqllogictest against dev and a three-process
+# deployment, crash, HTTP, S3 and Kafka tests) with cargo nextest (cargo test if nextest is
+# missing). Test servers run on loopback ports and stop with their tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+TOOLS="${BASALT_TOOLS:-$HOME/.cache/basalt/tools}"
+if [ ! -x "$TOOLS/bin/tansu" ]; then
+  # About 15 minutes on two cores, once per machine; its build directory is removed afterwards.
+  echo "building the tansu Kafka broker (once)"
+  CARGO_TARGET_DIR="$HOME/.cache/basalt/tansu-target" \
+    cargo install -q tansu --version 0.6.0 --features dynostore,libsql --locked --root "$TOOLS"
+  rm -rf "$HOME/.cache/basalt/tansu-target"
+fi
+export BASALT_TANSU="$TOOLS/bin/tansu"
 
 step "build"
 cargo build -p basalt

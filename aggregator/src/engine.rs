@@ -248,11 +248,20 @@ impl Session {
             }
             BasaltStatement::ShowWorkspaces => {
                 let names = engine.meta.list_workspaces().await?;
-                let schema = Arc::new(Schema::new(vec![Field::new("workspace", DataType::Utf8, false)]));
+                let schema = show_workspaces_schema();
                 let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(names)) as ArrayRef])?;
                 rows_output(schema, vec![batch])
             }
             BasaltStatement::ShowCollections { workspace } => self.show_collections(workspace).await,
+            BasaltStatement::CreateSource { name, collection, spec, if_not_exists } => {
+                engine.meta.create_source(name, collection, spec, if_not_exists).await?;
+                Ok(command("CREATE SOURCE", 0))
+            }
+            BasaltStatement::DropSource { name, if_exists } => {
+                engine.meta.drop_source(name, if_exists).await?;
+                Ok(command("DROP SOURCE", 0))
+            }
+            BasaltStatement::ShowSources => self.show_sources().await,
             BasaltStatement::Describe { name } => self.describe_collection(name).await,
             BasaltStatement::Insert { name, source } => {
                 let batches = self.collect(Statement::Query(source), params).await?;
@@ -381,12 +390,7 @@ impl Session {
         for info in &infos {
             docs.push(self.engine.leaf.stats(info.id, (0..info.shards).collect()).await?.doc_count);
         }
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("workspace", DataType::Utf8, false),
-            Field::new("collection", DataType::Utf8, false),
-            Field::new("shards", DataType::UInt64, false),
-            Field::new("documents", DataType::UInt64, false),
-        ]));
+        let schema = show_collections_schema();
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
@@ -394,6 +398,53 @@ impl Session {
                 Arc::new(StringArray::from_iter_values(infos.iter().map(|i| i.name.name.as_str()))),
                 Arc::new(UInt64Array::from_iter_values(infos.iter().map(|i| u64::from(i.shards)))),
                 Arc::new(UInt64Array::from(docs)),
+            ],
+        )?;
+        rows_output(schema, vec![batch])
+    }
+
+    /// One row per source partition a tailer reports (a source no tailer works on yet: one
+    /// row with the state `unassigned`).
+    async fn show_sources(&self) -> Result<Output> {
+        use arrow::array::{Int32Array, Int64Array};
+        let sources = self.engine.meta.list_sources().await?;
+        let mut status = self.engine.meta.source_status().await?;
+        status.sort_by_key(|s| (s.source_id, s.partition));
+        let mut rows = Vec::new();
+        for src in &sources {
+            let basalt_common::api::SourceSpec::Kafka(k) = &src.spec;
+            let mine: Vec<_> = status.iter().filter(|s| s.source_id == src.id).collect();
+            if mine.is_empty() {
+                rows.push((src, k, None));
+            }
+            rows.extend(mine.into_iter().map(|s| (src, k, Some(s))));
+        }
+        let schema = show_sources_schema();
+        let known = |v: i64| (v >= 0).then_some(v);
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|(s, _, _)| s.name.to_string()))) as ArrayRef,
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "kafka"))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, k, _)| k.topic.as_str()))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|(s, _, _)| s.collection.to_string()))),
+                Arc::new(Int32Array::from_iter(rows.iter().map(|(_, _, st)| st.map(|st| st.partition)))),
+                Arc::new(StringArray::from_iter(rows.iter().map(|(_, _, st)| st.map(|st| st.member.as_str())))),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|(_, _, st)| st.map_or("unassigned", |st| st.state.as_str())),
+                )),
+                Arc::new(Int64Array::from_iter(rows.iter().map(|(_, _, st)| st.and_then(|st| known(st.next_offset))))),
+                Arc::new(Int64Array::from_iter(rows.iter().map(|(_, _, st)| {
+                    st.and_then(|st| {
+                        (st.high_watermark >= 0 && st.next_offset >= 0)
+                            .then(|| (st.high_watermark - st.next_offset).max(0))
+                    })
+                }))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, _, st)| st.map_or(0, |st| st.documents)))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, _, st)| st.map_or(0, |st| st.errors)))),
+                Arc::new(StringArray::from_iter(
+                    rows.iter().map(|(_, _, st)| st.and_then(|st| st.last_error.as_deref())),
+                )),
             ],
         )?;
         rows_output(schema, vec![batch])
@@ -438,11 +489,46 @@ fn describe_schema() -> SchemaRef {
     ]))
 }
 
+/// What a Basalt command returns, for the extended protocol's Describe (the same schema its
+/// execution produces).
 fn command_schema(stmt: &BasaltStatement) -> Option<SchemaRef> {
     match stmt {
         BasaltStatement::Describe { .. } => Some(describe_schema()),
+        BasaltStatement::ShowWorkspaces => Some(show_workspaces_schema()),
+        BasaltStatement::ShowCollections { .. } => Some(show_collections_schema()),
+        BasaltStatement::ShowSources => Some(show_sources_schema()),
         _ => None,
     }
+}
+
+fn show_workspaces_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![Field::new("workspace", DataType::Utf8, false)]))
+}
+
+fn show_collections_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("workspace", DataType::Utf8, false),
+        Field::new("collection", DataType::Utf8, false),
+        Field::new("shards", DataType::UInt64, false),
+        Field::new("documents", DataType::UInt64, false),
+    ]))
+}
+
+fn show_sources_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("collection", DataType::Utf8, false),
+        Field::new("partition", DataType::Int32, true),
+        Field::new("tailer", DataType::Utf8, true),
+        Field::new("state", DataType::Utf8, false),
+        Field::new("next_offset", DataType::Int64, true),
+        Field::new("lag", DataType::Int64, true),
+        Field::new("documents", DataType::UInt64, false),
+        Field::new("errors", DataType::UInt64, false),
+        Field::new("last_error", DataType::Utf8, true),
+    ]))
 }
 
 fn returns_rows_statement(s: &Statement) -> bool {

@@ -225,6 +225,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             if args.demo || file.demo {
                 load_demo(&meta, &tailer).await?;
             }
+            basalt_tailer::sources::SourceRunner::spawn(meta.clone(), leaf.clone(), Default::default());
             let engine = Engine::new(meta, tailer, leaf);
             let pg = bind("postgres wire protocol", pg_addr).await?;
             let http = bind("http", http_addr).await?;
@@ -257,8 +258,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             let leaf_addr = args.leaf_addr.or(file.leaf_addr).unwrap_or_else(|| addr("127.0.0.1:50061"));
             let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8092"));
             let client = basalt_rpc::Client::connect(leaf_addr).map_err(|e| e.to_string())?;
-            let tailer: Tailer =
-                Arc::new(basalt_tailer::Tailer::new(Arc::new(client.clone()), Arc::new(client), Default::default()));
+            let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(
+                Arc::new(client.clone()),
+                Arc::new(client.clone()),
+                Default::default(),
+            ));
+            basalt_tailer::sources::SourceRunner::spawn(Arc::new(client.clone()), Arc::new(client), Default::default());
             let services = basalt_rpc::Services { leaf: None, meta: None, tailer: Some(tailer) };
             let rpc = bind("rpc", rpc_addr).await?;
             let http = bind("http", http_addr).await?;

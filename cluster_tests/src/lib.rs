@@ -85,6 +85,96 @@ impl S3Server {
     }
 }
 
+/// The `tansu` Kafka-protocol broker: `BASALT_TANSU`, else the one `scripts/test.sh` installs.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("BASALT_TANSU") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let bin = PathBuf::from(home).join(".cache/basalt/tools/bin/tansu");
+    assert!(bin.exists(), "{} not found: run ./scripts/test.sh (it installs tansu)", bin.display());
+    bin
+}
+
+/// A running `tansu` broker on loopback with in-memory storage; stopped on drop.
+pub struct Kafka {
+    pub port: u16,
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Kafka {
+    pub async fn start() -> Kafka {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let args: Vec<String> = vec![
+            "broker".into(),
+            "--listener-url".into(),
+            url.clone(),
+            "--advertised-listener-url".into(),
+            url,
+            "--storage-engine".into(),
+            "memory://tansu/".into(),
+        ];
+        let proc = Proc::start_program("tansu", &tansu_bin(), &args, &[], dir.path());
+        let started = Instant::now();
+        let kafka = Kafka { port, proc, _dir: dir };
+        loop {
+            let brokers = kafka.brokers();
+            let ready = tokio::task::spawn_blocking(move || {
+                let admin: rdkafka::consumer::BaseConsumer =
+                    rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().ok()?;
+                rdkafka::consumer::Consumer::fetch_metadata(&admin, None, Duration::from_secs(1)).ok()
+            })
+            .await
+            .ok()
+            .flatten();
+            if ready.is_some() {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "tansu did not start:\n{}", kafka.proc.log_tail());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        kafka
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", self.brokers()).create().expect("admin client");
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let result = admin.create_topics([&topic], &AdminOptions::new()).await.expect("create topic");
+        for r in result {
+            r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+        }
+    }
+
+    /// Produce `(partition, key, value)` records and wait until each is acknowledged.
+    pub async fn produce(&self, topic: &str, records: Vec<(i32, Option<String>, String)>) {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        let sends = records.iter().map(|(partition, key, value)| {
+            let mut record = FutureRecord::to(topic).partition(*partition).payload(value.as_str());
+            if let Some(k) = key {
+                record = record.key(k.as_str());
+            }
+            producer.send(record, Duration::from_secs(30))
+        });
+        for r in futures::future::join_all(sends).await {
+            r.unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+        }
+    }
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")

@@ -128,6 +128,91 @@ pub struct ShardWrite {
     pub collection_id: u64,
     pub shard: u32,
     pub ops: Vec<WriteOp>,
+    /// Set for writes from an ordered source (a Kafka partition): the leaf applies each record
+    /// at most once and records how far the source got in the same commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<SourcePosition>,
+}
+
+/// Where the operations of a [`ShardWrite`] come from in one partition of a source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourcePosition {
+    /// The source's id (never reused).
+    pub stream: u64,
+    pub partition: i32,
+    /// The offset of each operation, ascending.
+    pub offsets: Vec<i64>,
+    /// Every record of the partition up to this offset has been routed: the ones for this
+    /// shard are in `ops` (or were in an earlier write).
+    pub through: i64,
+}
+
+/// How far a shard has applied one partition of a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPosition {
+    pub shard: u32,
+    pub partition: i32,
+    pub through: i64,
+}
+
+/// Where a source starts in a partition no shard has a position for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartAt {
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceFormat {
+    Json,
+}
+
+/// A Kafka topic to ingest. Credentials are not part of it: they come from the tailer's
+/// environment or config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KafkaSource {
+    pub brokers: String,
+    pub topic: String,
+    pub format: SourceFormat,
+    pub start: StartAt,
+    /// Use the message key as `_id` when the document has none.
+    pub key_as_id: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum SourceSpec {
+    Kafka(KafkaSource),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// Never reused (shares the id sequence of collections).
+    pub id: u64,
+    pub name: CollectionName,
+    pub collection: CollectionName,
+    pub spec: SourceSpec,
+    pub created_at_us: i64,
+}
+
+/// What a tailer reports about one partition it ingests.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub source_id: u64,
+    pub partition: i32,
+    /// The tailer process working on it.
+    pub member: String,
+    /// `running`, `starting` or `retrying`.
+    pub state: String,
+    /// Next offset to read.
+    pub next_offset: i64,
+    /// The partition's high watermark when last asked (-1: unknown).
+    pub high_watermark: i64,
+    pub documents: u64,
+    pub errors: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,6 +274,8 @@ pub trait LeafApi: Send + Sync + 'static {
     /// Merged statistics of the given shards of one collection.
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats>;
     async fn drop_collection(&self, collection_id: u64) -> Result<()>;
+    /// How far each of the given shards has applied each partition of a source.
+    async fn positions(&self, collection_id: u64, shards: Vec<u32>, stream: u64) -> Result<Vec<ShardPosition>>;
 }
 
 /// What a tailer serves: validated, routed writes.
@@ -208,6 +295,21 @@ pub trait MetaApi: Send + Sync + 'static {
     async fn drop_collection(&self, name: CollectionName, if_exists: bool) -> Result<Option<CollectionInfo>>;
     async fn get_collection(&self, name: CollectionName) -> Result<CollectionInfo>;
     async fn list_collections(&self, workspace: Option<String>) -> Result<Vec<CollectionInfo>>;
+    async fn create_source(
+        &self,
+        name: CollectionName,
+        collection: CollectionName,
+        spec: SourceSpec,
+        if_not_exists: bool,
+    ) -> Result<SourceInfo>;
+    async fn drop_source(&self, name: CollectionName, if_exists: bool) -> Result<Option<SourceInfo>>;
+    async fn list_sources(&self) -> Result<Vec<SourceInfo>>;
+    /// A tailer's lease renewal with what it reports about its partitions; returns the live
+    /// tailers (those heard from within the lease), sorted: sources' partitions are split
+    /// among them.
+    async fn source_heartbeat(&self, member: String, report: Vec<PartitionStatus>) -> Result<Vec<String>>;
+    /// The latest reports of live tailers.
+    async fn source_status(&self) -> Result<Vec<PartitionStatus>>;
 }
 
 macro_rules! opaque_debug {

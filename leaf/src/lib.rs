@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
-use basalt_common::api::{BatchStream, LeafApi, ScanRequest, ShardWrite, ShardWriteResult};
+use basalt_common::api::{BatchStream, LeafApi, ScanRequest, ShardPosition, ShardWrite, ShardWriteResult};
 use basalt_common::doc::DocLimits;
 use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
@@ -285,7 +285,7 @@ impl LeafApi for Leaf {
         let leaf = self.clone();
         let result = blocking(move || {
             let shard = leaf.shard_or_create((write.collection_id, write.shard))?;
-            shard.apply(write.ops)
+            shard.apply(write.ops, write.position)
         })
         .await?;
         let ok = result.statuses.iter().filter(|s| s.is_ok()).count() as u64;
@@ -329,6 +329,20 @@ impl LeafApi for Leaf {
     async fn drop_collection(&self, collection_id: u64) -> Result<()> {
         let leaf = self.clone();
         blocking(move || leaf.drop_collection_blocking(collection_id)).await
+    }
+
+    async fn positions(&self, collection_id: u64, shards: Vec<u32>, stream: u64) -> Result<Vec<ShardPosition>> {
+        let mut out = Vec::new();
+        for s in shards {
+            if let Some(shard) = self.shard((collection_id, s)) {
+                out.extend(shard.positions(stream).into_iter().map(|(partition, through)| ShardPosition {
+                    shard: s,
+                    partition,
+                    through,
+                }));
+            }
+        }
+        Ok(out)
     }
 }
 

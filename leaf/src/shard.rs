@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch};
 use arrow::compute::{and, filter_record_batch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
-use basalt_common::api::{DocStatus, SCORE_COLUMN, ScanRequest, ShardWriteResult, WriteOp};
+use basalt_common::api::{DocStatus, SCORE_COLUMN, ScanRequest, ShardWriteResult, SourcePosition, WriteOp};
 use basalt_common::doc::{Doc, DocLimits, apply_patch, apply_patch_partial, patched_fields};
 use basalt_common::filter::{AccessPath, Filter, choose_access_path, id_lookup, index_answerable};
 use basalt_common::schema::SchemaStats;
@@ -117,6 +117,8 @@ pub struct Shard {
     last_flush: Mutex<Instant>,
     /// How the shard was opened: "segments" or "row store".
     opened_from: &'static str,
+    /// How far the shard applied each (source, partition); durable in `meta`.
+    positions: Mutex<HashMap<(u64, i32), i64>>,
 }
 
 /// A document patched field by field in one batch: its stored head, the fields loaded (those
@@ -194,6 +196,7 @@ impl Shard {
             manifest: Mutex::new(Manifest::default()),
             last_flush: Mutex::new(Instant::now()),
             opened_from: "row store",
+            positions: Mutex::new(load_positions(meta, key)?),
         };
         let how = match manifest {
             Some(m) => match shard.restore(&m) {
@@ -304,8 +307,64 @@ impl Shard {
     /// reads and writes the document's head and the touched fields only, statistics change by
     /// the touched fields, the column store records an overlay on the document's slot and the
     /// search index a document of the new field values. Other ids get whole new versions.
-    pub fn apply(&self, ops: Vec<WriteOp>) -> Result<ShardWriteResult> {
+    ///
+    /// With a source position, operations at offsets this shard already applied for that
+    /// partition are skipped (reported ok), and the position moves to `through` in the same
+    /// commit as the operations: a source resent from an older offset applies nothing twice.
+    pub fn apply(&self, ops: Vec<WriteOp>, position: Option<SourcePosition>) -> Result<ShardWriteResult> {
         let mut seq = self.seq.lock();
+        let (ops, kept, advance) = match &position {
+            None => (ops, None, None),
+            Some(p) => {
+                if p.offsets.len() != ops.len() {
+                    return Err(BasaltError::invalid(format!(
+                        "a source write has {} operations but {} offsets",
+                        ops.len(),
+                        p.offsets.len()
+                    )));
+                }
+                let done = self.positions.lock().get(&(p.stream, p.partition)).copied().unwrap_or(-1);
+                let kept: Vec<bool> = p.offsets.iter().map(|o| *o > done).collect();
+                let mut ids = Vec::new();
+                let mut out = Vec::new();
+                for (op, keep) in ops.into_iter().zip(&kept) {
+                    if *keep {
+                        out.push(op);
+                    } else {
+                        ids.push(op.id().to_string());
+                    }
+                }
+                let advance = (p.through > done).then_some((p.stream, p.partition, p.through));
+                (out, Some((kept, ids)), advance)
+            }
+        };
+        let result = self.apply_locked(&mut seq, ops, advance)?;
+        let Some((kept, skipped_ids)) = kept else { return Ok(result) };
+        // Statuses in input order: skipped operations were applied by an earlier write.
+        let mut applied = result.statuses.into_iter();
+        let mut skipped = skipped_ids.into_iter();
+        let statuses = kept
+            .into_iter()
+            .map(|k| if k { applied.next() } else { skipped.next().map(DocStatus::ok) })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| BasaltError::internal("statuses do not match operations"))?;
+        Ok(ShardWriteResult { statuses, seq: result.seq })
+    }
+
+    /// How far this shard applied each partition of a source.
+    pub fn positions(&self, stream: u64) -> Vec<(i32, i64)> {
+        let mut out: Vec<(i32, i64)> =
+            self.positions.lock().iter().filter(|((s, _), _)| *s == stream).map(|((_, p), t)| (*p, *t)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    fn apply_locked(
+        &self,
+        seq: &mut parking_lot::MutexGuard<'_, u64>,
+        ops: Vec<WriteOp>,
+        advance: Option<(u64, i32, i64)>,
+    ) -> Result<ShardWriteResult> {
         let mut patch_only: HashMap<String, bool> = HashMap::new();
         for op in &ops {
             let only = patch_only.entry(op.id().to_string()).or_insert(true);
@@ -362,11 +421,18 @@ impl Shard {
         }
         let changed: Vec<String> =
             order.into_iter().filter(|id| pending.get(id).is_some_and(Pending::changed)).collect();
-        if changed.is_empty() {
-            return Ok(ShardWriteResult { statuses, seq: *seq });
-        }
-        let next = *seq + 1;
         let mut batch = self.db.batch().durability(Some(fjall::PersistMode::SyncAll));
+        if let Some((stream, partition, through)) = advance {
+            batch.insert(&self.meta, position_key(self.key, stream, partition), through.to_be_bytes());
+        }
+        if changed.is_empty() {
+            if let Some((stream, partition, through)) = advance {
+                batch.commit().map_err(store_err)?;
+                self.positions.lock().insert((stream, partition), through);
+            }
+            return Ok(ShardWriteResult { statuses, seq: **seq });
+        }
+        let next = **seq + 1;
         let mut delta = StatsDeltaBuilder::default();
         for id in &changed {
             match &pending[id] {
@@ -406,7 +472,10 @@ impl Shard {
         batch.insert(&self.meta, log_key(self.key, next), serde_json::to_vec(&entry).map_err(store_err)?);
         batch.insert(&self.meta, seq_key(self.key), next.to_be_bytes());
         batch.commit().map_err(store_err)?;
-        *seq = next;
+        **seq = next;
+        if let Some((stream, partition, through)) = advance {
+            self.positions.lock().insert((stream, partition), through);
+        }
 
         let mut columns = self.columns.write();
         for id in changed {
@@ -667,7 +736,12 @@ impl Shard {
         let mut manifest = self.manifest.lock();
         manifest.format = DROPPED;
         self.segments.delete_all()?;
-        self.truncate_log(u64::MAX)
+        self.truncate_log(u64::MAX)?;
+        let mut batch = self.db.batch();
+        for item in self.meta.prefix(position_prefix(self.key)) {
+            batch.remove(&self.meta, item.key().map_err(store_err)?.to_vec());
+        }
+        batch.commit().map_err(store_err)
     }
 
     /// Run a scan, sending batches to `emit` until it returns false.
@@ -787,6 +861,36 @@ impl Shard {
     pub fn live_docs(&self) -> usize {
         self.columns.read().live_docs()
     }
+}
+
+fn load_positions(meta: &fjall::Keyspace, key: ShardKey) -> Result<HashMap<(u64, i32), i64>> {
+    let prefix = position_prefix(key);
+    let mut out = HashMap::new();
+    for item in meta.prefix(&prefix) {
+        let (k, v) = item.into_inner().map_err(store_err)?;
+        let rest = &k[prefix.len()..];
+        let (Ok(stream), Ok(partition), Ok(through)) = (
+            rest.get(..8).unwrap_or_default().try_into().map(u64::from_be_bytes),
+            rest.get(8..12).unwrap_or_default().try_into().map(i32::from_be_bytes),
+            v.as_ref().try_into().map(i64::from_be_bytes),
+        ) else {
+            return Err(store_err("bad source position entry"));
+        };
+        out.insert((stream, partition), through);
+    }
+    Ok(out)
+}
+
+fn position_prefix(key: ShardKey) -> Vec<u8> {
+    format!("pos/{}/", keyspace_name(key)).into_bytes()
+}
+
+/// Where a shard records how far it applied one partition of a source.
+fn position_key(key: ShardKey, stream: u64, partition: i32) -> Vec<u8> {
+    let mut k = position_prefix(key);
+    k.extend_from_slice(&stream.to_be_bytes());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
 }
 
 fn seq_key(key: ShardKey) -> Vec<u8> {

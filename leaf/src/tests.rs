@@ -43,7 +43,7 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
         let ops = (0..100)
             .map(|i| upsert(json!({"_id": format!("d{i}"), "n": i, "kind": if i % 10 == 0 { "rare" } else { "common" }, "text": format!("word{i} shared")})))
             .collect();
-        let r = leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops }).await.unwrap();
+        let r = leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
         assert_eq!(r.seq, 1);
         assert!(r.statuses.iter().all(|s| s.is_ok()));
         let patch = WriteOp::Patch {
@@ -60,6 +60,7 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
                 collection_id: 1,
                 shard: 0,
                 ops: vec![patch, bad, missing, WriteOp::Delete { id: "d0".into() }],
+                position: None,
             })
             .await
             .unwrap();
@@ -176,7 +177,7 @@ async fn restart_loads_segments_and_replays_the_log_after_them() {
     let write = |leaf: &Leaf, ops: Vec<WriteOp>| {
         let leaf = leaf.clone();
         async move {
-            let r = leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops }).await.unwrap();
+            let r = leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
             assert!(r.statuses.iter().all(|s| s.is_ok()));
         }
     };
@@ -232,7 +233,7 @@ async fn unreadable_segments_fall_back_to_the_row_store() {
     {
         let leaf = Leaf::open(&config).unwrap();
         let ops = (0..50).map(|i| gen_doc(i, 0)).collect();
-        leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops }).await.unwrap();
+        leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
         assert_eq!(leaf.maintain_all(true), 0);
         before = observe(&leaf).await;
     }
@@ -382,7 +383,7 @@ async fn patches_answer_exactly_like_whole_writes() {
     let b = Leaf::open(&config(&dir_b)).unwrap();
     let write = |leaf: &Leaf, ops: Vec<WriteOp>| {
         let leaf = leaf.clone();
-        async move { leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops }).await.unwrap() }
+        async move { leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap() }
     };
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut model: std::collections::BTreeMap<String, Doc> = std::collections::BTreeMap::new();
@@ -460,4 +461,45 @@ async fn patches_answer_exactly_like_whole_writes() {
         let got = a.shard((1, 0)).unwrap().get(id).unwrap();
         assert_eq!(got.as_ref(), Some(doc), "{id}");
     }
+}
+
+/// A source write resent from an older offset (after a crash or a takeover) applies nothing
+/// twice, also after a restart; the position moves even when a shard gets no documents.
+#[tokio::test]
+async fn source_positions_make_resent_records_apply_once() {
+    use basalt_common::api::SourcePosition;
+    let dir = tempfile::tempdir().unwrap();
+    let config = LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
+    let inc = |id: &str| WriteOp::Patch {
+        id: id.into(),
+        ops: vec![PatchOp { op: PatchKind::Increment, path: "/n".into(), value: Some(json!(1)) }],
+    };
+    let write = |ops: Vec<WriteOp>, offsets: Vec<i64>, through: i64| ShardWrite {
+        collection_id: 1,
+        shard: 0,
+        ops,
+        position: Some(SourcePosition { stream: 7, partition: 2, offsets, through }),
+    };
+    {
+        let leaf = Leaf::open(&config).unwrap();
+        leaf.apply(write(vec![upsert(json!({"_id": "a", "n": 0}))], vec![10], 10)).await.unwrap();
+        leaf.apply(write(vec![inc("a"), inc("a")], vec![11, 12], 12)).await.unwrap();
+        // Resent from offset 11 with one more record: only offset 13 applies.
+        let r = leaf.apply(write(vec![inc("a"), inc("a"), inc("a")], vec![11, 12, 13], 13)).await.unwrap();
+        assert!(r.statuses.iter().all(|s| s.is_ok()), "skipped records report ok");
+        // No documents for this shard, but the partition moved on.
+        leaf.apply(write(vec![], vec![], 20)).await.unwrap();
+        let bad = leaf.apply(write(vec![inc("a")], vec![], 21)).await;
+        assert!(bad.is_err(), "offsets must match operations");
+    }
+    let leaf = Leaf::open(&config).unwrap();
+    assert_eq!(
+        leaf.positions(1, vec![0, 1], 7).await.unwrap(),
+        vec![basalt_common::api::ShardPosition { shard: 0, partition: 2, through: 20 }]
+    );
+    leaf.apply(write(vec![inc("a")], vec![15], 20)).await.unwrap();
+    let shard = leaf.shard((1, 0)).unwrap();
+    assert_eq!(shard.get("a").unwrap().unwrap()["n"], json!(3));
+    leaf.drop_collection(1).await.unwrap();
+    assert!(leaf.positions(1, vec![0], 7).await.unwrap().is_empty());
 }

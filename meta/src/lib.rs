@@ -9,7 +9,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use basalt_common::api::{CollectionInfo, CollectionName, DEFAULT_WORKSPACE, MetaApi, SHARDS_MAX, validate_identifier};
+use basalt_common::api::{
+    CollectionInfo, CollectionName, DEFAULT_WORKSPACE, MetaApi, PartitionStatus, SHARDS_MAX, SourceInfo, SourceSpec,
+    validate_identifier,
+};
 use basalt_common::doc::now_micros;
 use basalt_common::{BasaltError, ErrorCode, Result};
 use serde::{Deserialize, Serialize};
@@ -25,11 +28,30 @@ struct Catalog {
 struct Workspace {
     created_at_us: i64,
     collections: BTreeMap<String, CollectionInfo>,
+    #[serde(default)]
+    sources: BTreeMap<String, SourceInfo>,
+}
+
+/// How long a tailer stays a live member without a heartbeat.
+pub const LEASE: std::time::Duration = std::time::Duration::from_secs(6);
+
+/// Tailer leases and reports: in memory only (tailers renew them every second).
+#[derive(Default)]
+struct Members {
+    seen: BTreeMap<String, (std::time::Instant, Vec<PartitionStatus>)>,
+}
+
+impl Members {
+    fn live(&mut self) -> Vec<String> {
+        self.seen.retain(|_, (at, _)| at.elapsed() < LEASE);
+        self.seen.keys().cloned().collect()
+    }
 }
 
 pub struct LocalMeta {
     path: PathBuf,
     catalog: Mutex<Catalog>,
+    members: parking_lot::Mutex<Members>,
 }
 
 impl LocalMeta {
@@ -49,7 +71,7 @@ impl LocalMeta {
             .workspaces
             .entry(DEFAULT_WORKSPACE.to_string())
             .or_insert_with(|| Workspace { created_at_us: now_micros(), ..Default::default() });
-        let meta = Self { path, catalog: Mutex::new(catalog.clone()) };
+        let meta = Self { path, catalog: Mutex::new(catalog.clone()), members: Default::default() };
         meta.persist(&catalog)?;
         Ok(meta)
     }
@@ -140,6 +162,10 @@ impl MetaApi for LocalMeta {
             let removed = c.workspaces.get_mut(&name.workspace).and_then(|ws| ws.collections.remove(&name.name));
             match removed {
                 Some(info) => {
+                    // Sources that fed it go with it.
+                    for ws in c.workspaces.values_mut() {
+                        ws.sources.retain(|_, s| s.collection != name);
+                    }
                     tracing::info!(collection = %name, id = info.id, "collection dropped");
                     Ok(Some(info))
                 }
@@ -171,6 +197,71 @@ impl MetaApi for LocalMeta {
             .filter(|(name, _)| workspace.as_ref().is_none_or(|w| w == *name))
             .flat_map(|(_, ws)| ws.collections.values().cloned())
             .collect())
+    }
+
+    async fn create_source(
+        &self,
+        name: CollectionName,
+        collection: CollectionName,
+        spec: SourceSpec,
+        if_not_exists: bool,
+    ) -> Result<SourceInfo> {
+        validate_identifier(&name.workspace)?;
+        validate_identifier(&name.name)?;
+        let SourceSpec::Kafka(kafka) = &spec;
+        if kafka.brokers.trim().is_empty() || kafka.topic.trim().is_empty() {
+            return Err(BasaltError::invalid("a kafka source needs brokers and a topic"));
+        }
+        self.update(|c| {
+            let exists =
+                c.workspaces.get(&collection.workspace).is_some_and(|ws| ws.collections.contains_key(&collection.name));
+            if !exists {
+                return Err(BasaltError::not_found(format!("collection {collection} does not exist")));
+            }
+            let id = c.next_collection_id;
+            let ws = c.workspaces.get_mut(&name.workspace).ok_or_else(|| workspace_missing(&name.workspace))?;
+            if let Some(existing) = ws.sources.get(&name.name) {
+                if if_not_exists {
+                    return Ok(existing.clone());
+                }
+                return Err(BasaltError::new(ErrorCode::AlreadyExists, format!("source {name} already exists")));
+            }
+            let info = SourceInfo { id, name: name.clone(), collection, spec, created_at_us: now_micros() };
+            ws.sources.insert(name.name.clone(), info.clone());
+            c.next_collection_id += 1;
+            tracing::info!(source = %name, id, collection = %info.collection, "source created");
+            Ok(info)
+        })
+        .await
+    }
+
+    async fn drop_source(&self, name: CollectionName, if_exists: bool) -> Result<Option<SourceInfo>> {
+        self.update(|c| match c.workspaces.get_mut(&name.workspace).and_then(|ws| ws.sources.remove(&name.name)) {
+            Some(info) => {
+                tracing::info!(source = %name, id = info.id, "source dropped");
+                Ok(Some(info))
+            }
+            None if if_exists => Ok(None),
+            None => Err(BasaltError::not_found(format!("source {name} does not exist"))),
+        })
+        .await
+    }
+
+    async fn list_sources(&self) -> Result<Vec<SourceInfo>> {
+        let c = self.catalog.lock().await;
+        Ok(c.workspaces.values().flat_map(|ws| ws.sources.values().cloned()).collect())
+    }
+
+    async fn source_heartbeat(&self, member: String, report: Vec<PartitionStatus>) -> Result<Vec<String>> {
+        let mut members = self.members.lock();
+        members.seen.insert(member, (std::time::Instant::now(), report));
+        Ok(members.live())
+    }
+
+    async fn source_status(&self) -> Result<Vec<PartitionStatus>> {
+        let mut members = self.members.lock();
+        members.live();
+        Ok(members.seen.values().flat_map(|(_, report)| report.iter().cloned()).collect())
     }
 }
 

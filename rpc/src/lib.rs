@@ -23,8 +23,9 @@ use arrow_flight::{
 };
 use async_trait::async_trait;
 use basalt_common::api::{
-    BatchStream, CollectionInfo, CollectionName, Leaf, LeafApi, Meta, MetaApi, ScanRequest, ShardWrite,
-    ShardWriteResult, Tailer, TailerApi, WriteRequest, WriteResponse,
+    BatchStream, CollectionInfo, CollectionName, Leaf, LeafApi, Meta, MetaApi, PartitionStatus, ScanRequest,
+    ShardPosition, ShardWrite, ShardWriteResult, SourceInfo, SourceSpec, Tailer, TailerApi, WriteRequest,
+    WriteResponse,
 };
 use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
@@ -77,6 +78,27 @@ struct DropCollection {
     if_exists: bool,
 }
 
+#[derive(Serialize, Deserialize)]
+struct Positions {
+    collection_id: u64,
+    shards: Vec<u32>,
+    stream: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CreateSource {
+    name: CollectionName,
+    collection: CollectionName,
+    spec: SourceSpec,
+    if_not_exists: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Heartbeat {
+    member: String,
+    report: Vec<PartitionStatus>,
+}
+
 fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| BasaltError::invalid(format!("rpc body: {e}")))
 }
@@ -100,6 +122,24 @@ impl Services {
                 encode(&leaf()?.stats(s.collection_id, s.shards).await?)
             }
             "leaf.drop_collection" => encode(&leaf()?.drop_collection(decode(body)?).await?),
+            "leaf.positions" => {
+                let a: Positions = decode(body)?;
+                encode(&leaf()?.positions(a.collection_id, a.shards, a.stream).await?)
+            }
+            "meta.create_source" => {
+                let a: CreateSource = decode(body)?;
+                encode(&meta()?.create_source(a.name, a.collection, a.spec, a.if_not_exists).await?)
+            }
+            "meta.drop_source" => {
+                let a: DropCollection = decode(body)?;
+                encode(&meta()?.drop_source(a.name, a.if_exists).await?)
+            }
+            "meta.list_sources" => encode(&meta()?.list_sources().await?),
+            "meta.source_heartbeat" => {
+                let a: Heartbeat = decode(body)?;
+                encode(&meta()?.source_heartbeat(a.member, a.report).await?)
+            }
+            "meta.source_status" => encode(&meta()?.source_status().await?),
             "meta.create_workspace" => {
                 let a: CreateWorkspace = decode(body)?;
                 encode(&meta()?.create_workspace(a.name, a.if_not_exists).await?)
@@ -290,6 +330,10 @@ impl LeafApi for Client {
     async fn drop_collection(&self, collection_id: u64) -> Result<()> {
         self.call("leaf.drop_collection", &collection_id).await
     }
+
+    async fn positions(&self, collection_id: u64, shards: Vec<u32>, stream: u64) -> Result<Vec<ShardPosition>> {
+        self.call("leaf.positions", &Positions { collection_id, shards, stream }).await
+    }
 }
 
 #[async_trait]
@@ -316,6 +360,27 @@ impl MetaApi for Client {
     }
     async fn list_collections(&self, workspace: Option<String>) -> Result<Vec<CollectionInfo>> {
         self.call("meta.list_collections", &workspace).await
+    }
+    async fn create_source(
+        &self,
+        name: CollectionName,
+        collection: CollectionName,
+        spec: SourceSpec,
+        if_not_exists: bool,
+    ) -> Result<SourceInfo> {
+        self.call("meta.create_source", &CreateSource { name, collection, spec, if_not_exists }).await
+    }
+    async fn drop_source(&self, name: CollectionName, if_exists: bool) -> Result<Option<SourceInfo>> {
+        self.call("meta.drop_source", &DropCollection { name, if_exists }).await
+    }
+    async fn list_sources(&self) -> Result<Vec<SourceInfo>> {
+        self.call("meta.list_sources", &()).await
+    }
+    async fn source_heartbeat(&self, member: String, report: Vec<PartitionStatus>) -> Result<Vec<String>> {
+        self.call("meta.source_heartbeat", &Heartbeat { member, report }).await
+    }
+    async fn source_status(&self) -> Result<Vec<PartitionStatus>> {
+        self.call("meta.source_status", &()).await
     }
 }
 
@@ -356,7 +421,7 @@ mod tests {
         assert_eq!(err.code, ErrorCode::AlreadyExists);
         let doc = validate_value(json!({"_id": "a", "n": 1}), &DocLimits::default()).unwrap();
         let r = client
-            .apply(ShardWrite { collection_id: info.id, shard: 0, ops: vec![WriteOp::Upsert { doc }] })
+            .apply(ShardWrite { collection_id: info.id, shard: 0, ops: vec![WriteOp::Upsert { doc }], position: None })
             .await
             .unwrap();
         assert_eq!(r.seq, 1);

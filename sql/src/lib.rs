@@ -8,7 +8,9 @@
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 
-use basalt_common::api::{CollectionName, DEFAULT_SHARDS, DEFAULT_WORKSPACE};
+use basalt_common::api::{
+    CollectionName, DEFAULT_SHARDS, DEFAULT_WORKSPACE, KafkaSource, SourceFormat, SourceSpec, StartAt,
+};
 use basalt_common::{BasaltError, Result};
 use sqlparser::ast::{
     AssignmentTarget, Expr, FromTable, Ident, ObjectName, ObjectNamePart, Query, Statement, TableFactor, TableObject,
@@ -65,6 +67,18 @@ pub enum BasaltStatement {
         alias: Option<String>,
         selection: Option<Expr>,
     },
+    /// `CREATE SOURCE [IF NOT EXISTS] name FROM KAFKA (option = value, ...) INTO collection`.
+    CreateSource {
+        name: CollectionName,
+        collection: CollectionName,
+        spec: SourceSpec,
+        if_not_exists: bool,
+    },
+    DropSource {
+        name: CollectionName,
+        if_exists: bool,
+    },
+    ShowSources,
     /// Anything else goes to the query engine as it is (after path rewriting).
     Query(Box<Statement>),
 }
@@ -98,9 +112,110 @@ pub fn parse(sql: &str) -> Result<Vec<BasaltStatement>> {
     Ok(out)
 }
 
+/// `(key = value, ...)` with string, number, boolean or bare-word values, keys lowercased.
+fn parse_options(p: &mut Parser) -> Result<Vec<(String, String)>> {
+    p.expect_token(&Token::LParen).map_err(err)?;
+    let mut out = Vec::new();
+    loop {
+        let key = p.parse_identifier().map_err(err)?.value.to_lowercase();
+        p.expect_token(&Token::Eq).map_err(err)?;
+        let value = match p.next_token().token {
+            Token::SingleQuotedString(s) => s,
+            Token::Number(n, _) => n,
+            Token::Word(w) => w.value,
+            other => return Err(err(format!("option {key}: expected a value, found {other}"))),
+        };
+        if out.iter().any(|(k, _)| *k == key) {
+            return Err(err(format!("option {key} given twice")));
+        }
+        out.push((key, value));
+        if !p.consume_token(&Token::Comma) {
+            break;
+        }
+    }
+    p.expect_token(&Token::RParen).map_err(err)?;
+    Ok(out)
+}
+
+fn kafka_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
+    let mut brokers = None;
+    let mut topic = None;
+    let mut format = SourceFormat::Json;
+    let mut start = StartAt::Earliest;
+    let mut key_as_id = false;
+    for (key, value) in options {
+        match key.as_str() {
+            "brokers" => brokers = Some(value),
+            "topic" => topic = Some(value),
+            "format" => {
+                format = match value.to_lowercase().as_str() {
+                    "json" => SourceFormat::Json,
+                    other => {
+                        return Err(BasaltError::unsupported(format!("kafka format {other:?} (json is supported)")));
+                    }
+                }
+            }
+            "start" => {
+                start = match value.to_lowercase().as_str() {
+                    "earliest" => StartAt::Earliest,
+                    "latest" => StartAt::Latest,
+                    other => return Err(err(format!("start must be 'earliest' or 'latest', got {other:?}"))),
+                }
+            }
+            "key_as_id" => {
+                key_as_id = match value.to_lowercase().as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(err(format!("key_as_id must be true or false, got {other:?}"))),
+                }
+            }
+            "username" | "password" | "sasl_username" | "sasl_password" => {
+                return Err(err("credentials do not belong in SQL: set BASALT_KAFKA_SASL_USERNAME and \
+                                 BASALT_KAFKA_SASL_PASSWORD in the tailer's environment"));
+            }
+            other => return Err(err(format!("unknown kafka option {other:?}"))),
+        }
+    }
+    let brokers = brokers.ok_or_else(|| err("a kafka source needs brokers = '...'"))?;
+    let topic = topic.ok_or_else(|| err("a kafka source needs topic = '...'"))?;
+    Ok(SourceSpec::Kafka(KafkaSource { brokers, topic, format, start, key_as_id }))
+}
+
 fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
     let t0 = p.peek_nth_token(0).token;
     let t1 = p.peek_nth_token(1).token;
+    if is_word(&t0, "create") && is_word(&t1, "source") {
+        p.next_token();
+        p.next_token();
+        let if_not_exists = p.parse_keywords(&[
+            sqlparser::keywords::Keyword::IF,
+            sqlparser::keywords::Keyword::NOT,
+            sqlparser::keywords::Keyword::EXISTS,
+        ]);
+        let name = collection_name(&p.parse_object_name(false).map_err(err)?)?;
+        p.expect_keyword(sqlparser::keywords::Keyword::FROM).map_err(err)?;
+        let kind = p.parse_identifier().map_err(err)?.value.to_lowercase();
+        let options = parse_options(p)?;
+        let spec = match kind.as_str() {
+            "kafka" => kafka_source(options)?,
+            other => return Err(BasaltError::unsupported(format!("source kind {other:?} (kafka is supported)"))),
+        };
+        p.expect_keyword(sqlparser::keywords::Keyword::INTO).map_err(err)?;
+        let collection = collection_name(&p.parse_object_name(false).map_err(err)?)?;
+        return Ok(BasaltStatement::CreateSource { name, collection, spec, if_not_exists });
+    }
+    if is_word(&t0, "drop") && is_word(&t1, "source") {
+        p.next_token();
+        p.next_token();
+        let if_exists = p.parse_keywords(&[sqlparser::keywords::Keyword::IF, sqlparser::keywords::Keyword::EXISTS]);
+        let name = collection_name(&p.parse_object_name(false).map_err(err)?)?;
+        return Ok(BasaltStatement::DropSource { name, if_exists });
+    }
+    if is_word(&t0, "show") && is_word(&t1, "sources") {
+        p.next_token();
+        p.next_token();
+        return Ok(BasaltStatement::ShowSources);
+    }
     if is_word(&t0, "create") && (is_word(&t1, "workspace") || is_word(&t1, "collection")) {
         p.next_token();
         p.next_token();
@@ -378,6 +493,27 @@ mod tests {
         );
         assert!(parse("CREATE COLLECTION x WITH (replicas = 2)").is_err());
         assert!(parse("CREATE COLLECTION _bad").is_err());
+        let src = one("CREATE SOURCE s1 FROM KAFKA (brokers = '127.0.0.1:9092', topic = 'clicks', format = 'json', \
+                       start = 'latest', key_as_id = true) INTO demo.events");
+        let BasaltStatement::CreateSource { name, collection, spec, if_not_exists: false } = src else { panic!() };
+        assert_eq!((name.to_string(), collection.to_string()), ("commons.s1".into(), "demo.events".into()));
+        let SourceSpec::Kafka(k) = spec;
+        assert_eq!((k.topic.as_str(), k.start, k.key_as_id), ("clicks", StartAt::Latest, true));
+        assert_eq!(
+            one("DROP SOURCE IF EXISTS s1"),
+            BasaltStatement::DropSource { name: CollectionName::new("commons", "s1"), if_exists: true }
+        );
+        assert_eq!(one("SHOW SOURCES"), BasaltStatement::ShowSources);
+        for bad in [
+            "CREATE SOURCE s FROM KAFKA (topic = 't') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', password = 'x') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'avro') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', topic = 'u') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't')",
+            "CREATE SOURCE s FROM FTP (brokers = 'b') INTO c",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
         assert_eq!(parse("select 1; select 2;;").unwrap().len(), 2);
         assert!(parse("SELEC 1").is_err());
     }

@@ -6,6 +6,8 @@
 //! versions of a document land on one shard. The tailer holds no durable state of its own: a
 //! write is acknowledged only when every leaf involved has made it durable.
 
+pub mod sources;
+
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -105,7 +107,7 @@ impl TailerApi for Tailer {
         }
         let writes = per_shard.into_iter().map(|(shard, (positions, ops))| {
             let leaf = self.leaf.clone();
-            let write = ShardWrite { collection_id: info.id, shard, ops };
+            let write = ShardWrite { collection_id: info.id, shard, ops, position: None };
             async move { (shard, positions, leaf.apply(write).await) }
         });
         let mut offsets = Vec::new();

@@ -1,0 +1,97 @@
+//! Kafka sources against the `tansu` broker: a source ingests a 4-partition topic exactly once,
+//! through kill -9 of the process that runs it.
+
+use std::time::{Duration, Instant};
+
+use basalt_cluster_tests::{Deployment, Kafka};
+use serde_json::json;
+
+async fn wait_count(pg: &tokio_postgres::Client, sql: &str, want: i64, what: &str) {
+    let started = Instant::now();
+    loop {
+        let n: i64 = pg.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(-1);
+        if n == want {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "{what}: {n} rows, want {want}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_source_ingests_exactly_once_through_kill_9() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("clicks", 4).await;
+    const N: i64 = 4000;
+    // Records with ids (some from the message key), one bad record per partition.
+    let record = |i: i64| {
+        let partition = (i % 4) as i32;
+        if i % 2 == 0 {
+            (
+                partition,
+                None,
+                json!({"_id": format!("c{i}"), "n": i, "kind": if i % 10 == 0 { "rare" } else { "common" }})
+                    .to_string(),
+            )
+        } else {
+            (partition, Some(format!("c{i}")), json!({"n": i, "kind": "common"}).to_string())
+        }
+    };
+    kafka.produce("clicks", (0..N / 2).map(record).collect()).await;
+    kafka.produce("clicks", (0..4).map(|p| (p, None, "{not json".to_string())).collect()).await;
+
+    let mut d = Deployment::dev().await;
+    let pg = d.pg().await;
+    pg.batch_execute("CREATE COLLECTION clicks").await.unwrap();
+    let create = format!(
+        "CREATE SOURCE clicks_src FROM KAFKA (brokers = '{}', topic = 'clicks', format = 'json', start = 'earliest', \
+         key_as_id = true) INTO clicks",
+        kafka.brokers()
+    );
+    pg.batch_execute(&create).await.unwrap();
+    let err = pg.batch_execute(&create).await.unwrap_err();
+    let msg = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(msg.contains("already exists"), "{err:?}");
+    wait_count(&pg, "SELECT count(*) FROM clicks", N / 2, "first half").await;
+
+    // The second half arrives while the process is killed and restarted twice.
+    for round in 0..2 {
+        let half = N / 2 + round * N / 4;
+        kafka.produce("clicks", (half..half + N / 8).map(record).collect()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        d.proc("dev").kill9();
+        kafka.produce("clicks", (half + N / 8..half + N / 4).map(record).collect()).await;
+        d.proc("dev").restart();
+        basalt_cluster_tests::wait_http(&d.http("/healthz"), d.proc("dev")).await;
+    }
+    let pg = d.pg().await;
+    wait_count(&pg, "SELECT count(*) FROM clicks", N, "all records").await;
+    let row = pg.query_one("SELECT count(DISTINCT _id), sum(n) FROM clicks", &[]).await.unwrap();
+    let (distinct, sum): (i64, i64) = (row.get(0), row.get(1));
+    let rare: i64 = pg.query_one("SELECT count(*) FROM clicks WHERE kind = 'rare'", &[]).await.unwrap().get(0);
+    assert_eq!((distinct, sum, rare), (N, (0..N).sum::<i64>(), N / 10));
+
+    // SHOW SOURCES: four running partitions, nothing left to read, the bad records counted.
+    let started = Instant::now();
+    loop {
+        let rows = pg.query("SHOW SOURCES", &[]).await.unwrap();
+        let states: Vec<String> = rows.iter().map(|r| r.get::<_, String>("state")).collect();
+        let lag: i64 = rows.iter().map(|r| r.get::<_, Option<i64>>("lag").unwrap_or(i64::MAX / 8)).sum();
+        if rows.len() == 4 && states.iter().all(|s| s == "running") && lag == 0 {
+            let errors: i64 = rows.iter().map(|r| r.get::<_, i64>("errors")).sum();
+            // Bad records counted since the last restart (at least those read after it).
+            assert!(errors <= 4, "errors {errors}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "SHOW SOURCES: {states:?}, lag {lag}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // SHOW statements through the extended protocol describe the rows they return.
+    let rows = pg.query("SHOW COLLECTIONS", &[]).await.unwrap();
+    assert!(rows.iter().any(|r| r.get::<_, String>("collection") == "clicks"));
+    assert!(!pg.query("SHOW WORKSPACES", &[]).await.unwrap().is_empty());
+    pg.batch_execute("DROP SOURCE clicks_src").await.unwrap();
+    let rows = pg.query("SHOW SOURCES", &[]).await.unwrap();
+    assert!(rows.is_empty());
+    drop(kafka);
+}

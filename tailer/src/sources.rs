@@ -1,0 +1,467 @@
+//! Sources: Kafka partitions ingested with exactly-once effect.
+//!
+//! **Assignment.** Every tailer process renews a lease in the catalog each second
+//! (`MetaApi::source_heartbeat`); the live members, sorted, split each source's partitions:
+//! partition `p` of source `s` belongs to member `(p + s) mod n`. A member that stops renewing
+//! loses its partitions to the others once its lease runs out.
+//!
+//! **Exactly once.** A partition worker reads a chunk of messages, routes the documents to
+//! shards by `_id`, and sends *every* shard of the collection one write carrying the offsets of
+//! its documents and the chunk's last offset ([`SourcePosition`]). A leaf commits documents and
+//! position in one fsynced batch and skips offsets it already applied. A worker starts from the
+//! lowest position over all shards, so after a crash or a takeover it resends what some shard
+//! may lack, and no shard applies a record twice. Offsets are never committed to Kafka.
+//!
+//! **Back-pressure.** A worker has one chunk in flight: while the leaves have not acknowledged
+//! it, it does not poll, and librdkafka's prefetch queue is bounded (`queued.max.messages.kbytes`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use basalt_common::api::{
+    CollectionInfo, KafkaSource, Leaf, Meta, PartitionStatus, ShardWrite, SourceInfo, SourcePosition, SourceSpec,
+    StartAt, WriteOp,
+};
+use basalt_common::doc::{DocLimits, ID_FIELD, normalize_system_fields, now_micros, parse_doc, shard_for_id};
+use basalt_common::{BasaltError, Result};
+use parking_lot::Mutex;
+use prometheus::{IntCounterVec, IntGaugeVec, register_int_counter_vec, register_int_gauge_vec};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+static SOURCE_DOCS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "basalt_source_documents_total",
+        "Records read from sources, by source and result (ok, error)",
+        &["source", "result"]
+    )
+    .ok()
+});
+static SOURCE_BYTES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
+    register_int_counter_vec!("basalt_source_bytes_total", "Payload bytes read from sources", &["source"]).ok()
+});
+static SOURCE_LAG: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "basalt_source_lag_records",
+        "Records in a source partition not yet ingested (high watermark minus next offset)",
+        &["source", "partition"]
+    )
+    .ok()
+});
+
+/// Records per chunk (one write per shard per chunk).
+const CHUNK_RECORDS: usize = 2000;
+/// A chunk is sent at the latest this long after its first record arrived.
+const CHUNK_WAIT: Duration = Duration::from_millis(100);
+/// How often a tailer renews its lease and reconsiders its partitions.
+const TICK: Duration = Duration::from_secs(1);
+/// librdkafka's prefetch queue per consumer, in KiB.
+const PREFETCH_KIB: &str = "16384";
+
+fn kafka_err(e: impl std::fmt::Display) -> BasaltError {
+    BasaltError::unavailable(format!("kafka: {e}"))
+}
+
+struct Worker {
+    stop: Arc<AtomicBool>,
+    status: Arc<Mutex<PartitionStatus>>,
+}
+
+/// Runs the partitions of every source this tailer process owns.
+pub struct SourceRunner {
+    meta: Meta,
+    leaf: Leaf,
+    member: String,
+    limits: DocLimits,
+    workers: Mutex<HashMap<(u64, i32), Worker>>,
+    /// Partition counts by source, with when they were read.
+    partitions: Mutex<HashMap<u64, (i32, Instant)>>,
+}
+
+impl SourceRunner {
+    /// Start the runner's loop on the current tokio runtime.
+    pub fn spawn(meta: Meta, leaf: Leaf, limits: DocLimits) -> Arc<SourceRunner> {
+        let member = format!("tailer-{}", uuid::Uuid::new_v4().simple());
+        let runner = Arc::new(SourceRunner {
+            meta,
+            leaf,
+            member,
+            limits,
+            workers: Mutex::new(HashMap::new()),
+            partitions: Mutex::new(HashMap::new()),
+        });
+        let r = runner.clone();
+        tokio::spawn(async move {
+            tracing::info!(member = %r.member, "source runner started");
+            loop {
+                if let Err(e) = r.tick().await {
+                    tracing::warn!(error = %e, "source assignment round failed");
+                }
+                tokio::time::sleep(TICK).await;
+            }
+        });
+        runner
+    }
+
+    pub fn member(&self) -> &str {
+        &self.member
+    }
+
+    async fn tick(&self) -> Result<()> {
+        let report: Vec<PartitionStatus> = self.workers.lock().values().map(|w| w.status.lock().clone()).collect();
+        let live = self.meta.source_heartbeat(self.member.clone(), report).await?;
+        let sources = self.meta.list_sources().await?;
+        let mut wanted = HashSet::new();
+        for source in sources {
+            let SourceSpec::Kafka(kafka) = &source.spec;
+            let count = match self.partition_count(source.id, kafka).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(source = %source.name, error = %e, "cannot read the topic's partitions");
+                    continue;
+                }
+            };
+            let n = live.len().max(1) as u64;
+            for p in 0..count {
+                let owner = live.get(((p as u64 + source.id) % n) as usize);
+                if owner.is_some_and(|o| *o == self.member) {
+                    wanted.insert((source.id, p));
+                    self.start(&source, p);
+                }
+            }
+        }
+        let mut workers = self.workers.lock();
+        workers.retain(|key, w| {
+            let keep = wanted.contains(key);
+            if !keep {
+                tracing::info!(source_id = key.0, partition = key.1, "partition released");
+                w.stop.store(true, Ordering::Release);
+            }
+            keep
+        });
+        Ok(())
+    }
+
+    async fn partition_count(&self, source_id: u64, kafka: &KafkaSource) -> Result<i32> {
+        if let Some((n, at)) = self.partitions.lock().get(&source_id)
+            && at.elapsed() < Duration::from_secs(30)
+        {
+            return Ok(*n);
+        }
+        let kafka = kafka.clone();
+        let n = tokio::task::spawn_blocking(move || -> Result<i32> {
+            let consumer: BaseConsumer = client_config(&kafka, source_id).create().map_err(kafka_err)?;
+            let md = consumer.fetch_metadata(Some(&kafka.topic), Duration::from_secs(5)).map_err(kafka_err)?;
+            let topic = md.topics().first().ok_or_else(|| kafka_err("no metadata for the topic"))?;
+            if let Some(e) = topic.error() {
+                return Err(kafka_err(format!("topic {}: {e:?}", kafka.topic)));
+            }
+            Ok(topic.partitions().len() as i32)
+        })
+        .await
+        .map_err(|e| BasaltError::internal(format!("metadata task: {e}")))??;
+        self.partitions.lock().insert(source_id, (n, Instant::now()));
+        Ok(n)
+    }
+
+    fn start(&self, source: &SourceInfo, partition: i32) {
+        let mut workers = self.workers.lock();
+        if workers.contains_key(&(source.id, partition)) {
+            return;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(Mutex::new(PartitionStatus {
+            source_id: source.id,
+            partition,
+            member: self.member.clone(),
+            state: "starting".into(),
+            next_offset: -1,
+            high_watermark: -1,
+            documents: 0,
+            errors: 0,
+            last_error: None,
+        }));
+        let ctx = PartitionWorker {
+            source: source.clone(),
+            partition,
+            meta: self.meta.clone(),
+            leaf: self.leaf.clone(),
+            limits: self.limits.clone(),
+            stop: stop.clone(),
+            status: status.clone(),
+            rt: tokio::runtime::Handle::current(),
+        };
+        let spawned =
+            std::thread::Builder::new().name(format!("source-{}-{partition}", source.id)).spawn(move || ctx.run());
+        match spawned {
+            Ok(_) => {
+                tracing::info!(source = %source.name, partition, "partition taken");
+                workers.insert((source.id, partition), Worker { stop, status });
+            }
+            Err(e) => tracing::error!(source = %source.name, partition, error = %e, "cannot start a source worker"),
+        }
+    }
+}
+
+fn client_config(kafka: &KafkaSource, source_id: u64) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", format!("basalt-source-{source_id}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("queued.max.messages.kbytes", PREFETCH_KIB)
+        .set("socket.timeout.ms", "10000");
+    // Credentials and other client settings come from the environment, never from SQL:
+    // BASALT_KAFKA_<NAME> sets librdkafka's <name> (underscores become dots), e.g.
+    // BASALT_KAFKA_SASL_USERNAME.
+    for (k, v) in std::env::vars() {
+        if let Some(name) = k.strip_prefix("BASALT_KAFKA_") {
+            c.set(name.to_lowercase().replace('_', "."), v);
+        }
+    }
+    c
+}
+
+/// One partition of one source, worked on by its own thread.
+struct PartitionWorker {
+    source: SourceInfo,
+    partition: i32,
+    meta: Meta,
+    leaf: Leaf,
+    limits: DocLimits,
+    stop: Arc<AtomicBool>,
+    status: Arc<Mutex<PartitionStatus>>,
+    rt: tokio::runtime::Handle,
+}
+
+impl PartitionWorker {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Work until stopped; failures are reported and retried with backoff.
+    fn run(self) {
+        let mut backoff = Duration::from_millis(200);
+        while !self.stopped() {
+            match self.ingest() {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(source = %self.source.name, partition = self.partition, error = %e, "source partition failed; retrying");
+                    {
+                        let mut s = self.status.lock();
+                        s.state = "retrying".into();
+                        s.last_error = Some(e.message.clone());
+                    }
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !self.stopped() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        tracing::info!(source = %self.source.name, partition = self.partition, "source worker stopped");
+    }
+
+    fn collection(&self) -> Result<CollectionInfo> {
+        self.rt.block_on(self.meta.get_collection(self.source.collection.clone()))
+    }
+
+    /// Send one write per shard carrying the partition position; retried until every shard
+    /// has it (leaves skip what they already applied, so a retry is harmless).
+    fn send(
+        &self,
+        info: &CollectionInfo,
+        mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)>,
+        through: i64,
+    ) -> Result<(u64, u64)> {
+        let writes: Vec<ShardWrite> = (0..info.shards)
+            .map(|shard| {
+                let (ops, offsets) = per_shard.remove(&shard).unwrap_or_default();
+                ShardWrite {
+                    collection_id: info.id,
+                    shard,
+                    ops,
+                    position: Some(SourcePosition {
+                        stream: self.source.id,
+                        partition: self.partition,
+                        offsets,
+                        through,
+                    }),
+                }
+            })
+            .collect();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let calls = writes.iter().cloned().map(|w| {
+                let leaf = self.leaf.clone();
+                async move { leaf.apply(w).await }
+            });
+            let results = self.rt.block_on(futures::future::join_all(calls));
+            match results.into_iter().collect::<Result<Vec<_>>>() {
+                Ok(results) => {
+                    let statuses = results.iter().flat_map(|r| r.statuses.iter());
+                    let (ok, failed) = statuses
+                        .fold((0, 0), |(ok, failed), s| if s.is_ok() { (ok + 1, failed) } else { (ok, failed + 1) });
+                    return Ok((ok, failed));
+                }
+                Err(e) if self.stopped() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(source = %self.source.name, partition = self.partition, error = %e, "leaf write failed; retrying");
+                    self.status.lock().last_error = Some(e.message.clone());
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Where to start: one past the lowest position over all shards. With no position yet,
+    /// the source's start (earliest or latest) is written to every shard first, so from then on
+    /// every shard has one.
+    fn resume(&self, info: &CollectionInfo, consumer: &BaseConsumer, topic: &str, start: StartAt) -> Result<i64> {
+        let shards: Vec<u32> = (0..info.shards).collect();
+        let positions = self.rt.block_on(self.leaf.positions(info.id, shards, self.source.id))?;
+        let mine: Vec<i64> = positions.iter().filter(|p| p.partition == self.partition).map(|p| p.through).collect();
+        let through = match mine.iter().min() {
+            Some(min) if mine.len() == info.shards as usize => return Ok(min + 1),
+            // A first position reached some shards only: the others get the same one.
+            Some(min) => *min,
+            None => {
+                let (low, high) =
+                    consumer.fetch_watermarks(topic, self.partition, Duration::from_secs(10)).map_err(kafka_err)?;
+                match start {
+                    StartAt::Earliest => low - 1,
+                    StartAt::Latest => high - 1,
+                }
+            }
+        };
+        self.send(info, BTreeMap::new(), through)?;
+        Ok(through + 1)
+    }
+
+    fn ingest(&self) -> Result<()> {
+        let SourceSpec::Kafka(kafka) = &self.source.spec;
+        let info = self.collection()?;
+        let consumer: BaseConsumer = client_config(kafka, self.source.id).create().map_err(kafka_err)?;
+        let next = self.resume(&info, &consumer, &kafka.topic, kafka.start)?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&kafka.topic, self.partition, Offset::Offset(next)).map_err(kafka_err)?;
+        consumer.assign(&tpl).map_err(kafka_err)?;
+        {
+            let mut s = self.status.lock();
+            s.state = "running".into();
+            s.next_offset = next;
+            s.last_error = None;
+        }
+        let name = self.source.name.to_string();
+        let partition_label = self.partition.to_string();
+        let mut watermarks_at = Instant::now() - Duration::from_secs(60);
+        while !self.stopped() {
+            // Gather a chunk.
+            let mut chunk = Vec::new();
+            let mut first_at = None;
+            while chunk.len() < CHUNK_RECORDS && first_at.is_none_or(|t: Instant| t.elapsed() < CHUNK_WAIT) {
+                if self.stopped() {
+                    return Ok(());
+                }
+                match consumer.poll(Duration::from_millis(50)) {
+                    None => {
+                        if first_at.is_none() {
+                            break;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let mut s = self.status.lock();
+                        s.last_error = Some(format!("kafka: {e}"));
+                        s.state = "retrying".into();
+                        drop(s);
+                        if first_at.is_none() {
+                            break;
+                        }
+                    }
+                    Some(Ok(msg)) => {
+                        first_at.get_or_insert_with(Instant::now);
+                        chunk.push((msg.offset(), msg.key().map(<[u8]>::to_vec), msg.payload().map(<[u8]>::to_vec)));
+                    }
+                }
+            }
+            if watermarks_at.elapsed() > Duration::from_secs(2) {
+                watermarks_at = Instant::now();
+                if let Ok((_, high)) = consumer.fetch_watermarks(&kafka.topic, self.partition, Duration::from_secs(2)) {
+                    let mut s = self.status.lock();
+                    s.high_watermark = high;
+                    if let Some(g) = SOURCE_LAG.as_ref() {
+                        g.with_label_values(&[&name, &partition_label]).set((high - s.next_offset).max(0));
+                    }
+                }
+            }
+            let Some(&(through, _, _)) = chunk.last() else { continue };
+            let now = now_micros();
+            let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
+            let mut bad = 0u64;
+            let mut bytes = 0u64;
+            let mut last_error = None;
+            for (offset, key, payload) in chunk {
+                bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
+                match self.decode(offset, key, payload, now) {
+                    Ok(op) => {
+                        let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
+                        entry.0.push(op);
+                        entry.1.push(offset);
+                    }
+                    Err(e) => {
+                        bad += 1;
+                        tracing::debug!(source = %name, partition = self.partition, offset, error = %e, "bad record");
+                        last_error = Some(format!("offset {offset}: {}", e.message));
+                    }
+                }
+            }
+            let (ok, failed) = self.send(&info, per_shard, through)?;
+            if let Some(c) = SOURCE_DOCS.as_ref() {
+                c.with_label_values(&[&name, "ok"]).inc_by(ok);
+                c.with_label_values(&[&name, "error"]).inc_by(bad + failed);
+            }
+            if let Some(c) = SOURCE_BYTES.as_ref() {
+                c.with_label_values(&[&name]).inc_by(bytes);
+            }
+            let mut s = self.status.lock();
+            s.state = "running".into();
+            s.next_offset = through + 1;
+            s.documents += ok;
+            s.errors += bad + failed;
+            if last_error.is_some() {
+                s.last_error = last_error;
+            }
+        }
+        Ok(())
+    }
+
+    /// A message as an upsert: JSON object, within limits, `_id` from the key when the
+    /// document has none and the source says so, else from the record's position (so a record
+    /// read again gets the same `_id`, the same shard, and is recognized as applied).
+    fn decode(&self, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, now: i64) -> Result<WriteOp> {
+        let SourceSpec::Kafka(kafka) = &self.source.spec;
+        let payload = payload.ok_or_else(|| BasaltError::invalid("message has no value"))?;
+        let mut doc = parse_doc(&payload, &self.limits)?;
+        if kafka.key_as_id
+            && !doc.contains_key(ID_FIELD)
+            && let Some(key) = key
+        {
+            let key = String::from_utf8(key).map_err(|_| BasaltError::invalid("message key is not utf-8"))?;
+            doc.insert(ID_FIELD.to_string(), serde_json::Value::String(key));
+        }
+        if !doc.contains_key(ID_FIELD) {
+            let id = format!("{}-{}-{offset}", self.source.id, self.partition);
+            doc.insert(ID_FIELD.to_string(), serde_json::Value::String(id));
+        }
+        normalize_system_fields(&mut doc, now, &self.limits)?;
+        Ok(WriteOp::Upsert { doc })
+    }
+}
