@@ -86,6 +86,18 @@ async fn kafka_source_ingests_exactly_once_through_kill_9() {
         assert!(started.elapsed() < Duration::from_secs(30), "SHOW SOURCES: {states:?}, lag {lag}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // The bad records, one per partition, are in the errors collection with their position.
+    let rows = pg
+        .query("SELECT partition, \"offset\", payload, error FROM clicks_src_errors ORDER BY partition", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 4);
+    for (p, row) in rows.iter().enumerate() {
+        assert_eq!(row.get::<_, i64>(0), p as i64);
+        assert_eq!(row.get::<_, i64>(1), N / 8, "the bad record follows the first half's records");
+        assert_eq!(row.get::<_, String>(2), "{not json");
+        assert!(row.get::<_, String>(3).contains("malformed json"), "{}", row.get::<_, String>(3));
+    }
     // SHOW statements through the extended protocol describe the rows they return.
     let rows = pg.query("SHOW COLLECTIONS", &[]).await.unwrap();
     assert!(rows.iter().any(|r| r.get::<_, String>("collection") == "clicks"));

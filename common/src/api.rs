@@ -195,6 +195,10 @@ pub struct SourceInfo {
     pub collection: CollectionName,
     pub spec: SourceSpec,
     pub created_at_us: i64,
+    /// Where records that fail to decode go (`<source>_errors`, created with the source and
+    /// kept when it is dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors: Option<CollectionName>,
 }
 
 /// What a tailer reports about one partition it ingests.

@@ -226,9 +226,24 @@ impl MetaApi for LocalMeta {
                 }
                 return Err(BasaltError::new(ErrorCode::AlreadyExists, format!("source {name} already exists")));
             }
-            let info = SourceInfo { id, name: name.clone(), collection, spec, created_at_us: now_micros() };
+            let errors = CollectionName::new(name.workspace.clone(), format!("{}_errors", name.name));
+            validate_identifier(&errors.name)?;
+            let info = SourceInfo {
+                id,
+                name: name.clone(),
+                collection,
+                spec,
+                created_at_us: now_micros(),
+                errors: Some(errors.clone()),
+            };
             ws.sources.insert(name.name.clone(), info.clone());
             c.next_collection_id += 1;
+            if !ws.collections.contains_key(&errors.name) {
+                let id = c.next_collection_id;
+                let errors_info = CollectionInfo { id, name: errors.clone(), shards: 1, created_at_us: now_micros() };
+                ws.collections.insert(errors.name.clone(), errors_info);
+                c.next_collection_id += 1;
+            }
             tracing::info!(source = %name, id, collection = %info.collection, "source created");
             Ok(info)
         })

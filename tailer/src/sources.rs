@@ -405,24 +405,30 @@ impl PartitionWorker {
             let Some(&(through, _, _)) = chunk.last() else { continue };
             let now = now_micros();
             let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
-            let mut bad = 0u64;
+            let mut bad = Vec::new();
             let mut bytes = 0u64;
             let mut last_error = None;
             for (offset, key, payload) in chunk {
                 bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
-                match self.decode(offset, key, payload, now) {
+                match self.decode(offset, key.clone(), payload.clone(), now) {
                     Ok(op) => {
                         let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
                         entry.0.push(op);
                         entry.1.push(offset);
                     }
                     Err(e) => {
-                        bad += 1;
                         tracing::debug!(source = %name, partition = self.partition, offset, error = %e, "bad record");
                         last_error = Some(format!("offset {offset}: {}", e.message));
+                        bad.push(self.error_record(offset, key, payload, &e, now));
                     }
                 }
             }
+            // Bad records first: once the chunk's position is committed they are not read again.
+            let bad_count = bad.len() as u64;
+            if !bad.is_empty() {
+                self.record_errors(bad)?;
+            }
+            let bad = bad_count;
             let (ok, failed) = self.send(&info, per_shard, through)?;
             if let Some(c) = SOURCE_DOCS.as_ref() {
                 c.with_label_values(&[&name, "ok"]).inc_by(ok);
@@ -441,6 +447,66 @@ impl PartitionWorker {
             }
         }
         Ok(())
+    }
+
+    /// A document for the errors collection: where the record was, why it failed, and its
+    /// payload (as text, at most 64 KiB). Its `_id` is the record's position, so writing it again
+    /// changes nothing.
+    fn error_record(
+        &self,
+        offset: i64,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        error: &BasaltError,
+        now: i64,
+    ) -> basalt_common::doc::Doc {
+        const PAYLOAD_MAX: usize = 64 * 1024;
+        let text = |b: Vec<u8>| {
+            let mut t = String::from_utf8_lossy(&b[..b.len().min(PAYLOAD_MAX)]).into_owned();
+            if b.len() > PAYLOAD_MAX {
+                t.push_str(" [truncated]");
+            }
+            t
+        };
+        let mut doc = basalt_common::doc::Doc::new();
+        doc.insert(ID_FIELD.into(), format!("{}-{}-{offset}", self.source.id, self.partition).into());
+        doc.insert("source".into(), self.source.name.to_string().into());
+        doc.insert("partition".into(), self.partition.into());
+        doc.insert("offset".into(), offset.into());
+        doc.insert("error".into(), error.message.clone().into());
+        doc.insert("code".into(), serde_json::to_value(error.code).unwrap_or_default());
+        doc.insert("payload".into(), payload.map(text).into());
+        doc.insert("key".into(), key.map(text).into());
+        doc.insert(basalt_common::doc::EVENT_TIME_FIELD.into(), now.into());
+        doc
+    }
+
+    /// Write bad records to the source's errors collection (retried until written).
+    fn record_errors(&self, docs: Vec<basalt_common::doc::Doc>) -> Result<()> {
+        let Some(errors) = self.source.errors.clone() else { return Ok(()) };
+        let info = self.rt.block_on(self.meta.get_collection(errors))?;
+        let mut per_shard: BTreeMap<u32, Vec<WriteOp>> = BTreeMap::new();
+        for doc in docs {
+            let id = doc.get(ID_FIELD).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+            per_shard.entry(shard_for_id(&id, info.shards)).or_default().push(WriteOp::Upsert { doc });
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let calls = per_shard.iter().map(|(shard, ops)| {
+                let write = ShardWrite { collection_id: info.id, shard: *shard, ops: ops.clone(), position: None };
+                let leaf = self.leaf.clone();
+                async move { leaf.apply(write).await }
+            });
+            match self.rt.block_on(futures::future::join_all(calls)).into_iter().collect::<Result<Vec<_>>>() {
+                Ok(_) => return Ok(()),
+                Err(e) if self.stopped() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(source = %self.source.name, error = %e, "writing to the errors collection failed; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// A message as an upsert: JSON object, within limits, `_id` from the key when the
