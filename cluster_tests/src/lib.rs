@@ -156,9 +156,25 @@ impl Kafka {
 
     /// Produce `(partition, key, value)` records and wait until each is acknowledged.
     pub async fn produce(&self, topic: &str, records: Vec<(i32, Option<String>, String)>) {
+        KafkaClient::new(&self.brokers()).produce(topic, records).await
+    }
+}
+
+/// A producer for a broker that runs elsewhere (a spawned task).
+pub struct KafkaClient {
+    brokers: String,
+}
+
+impl KafkaClient {
+    pub fn new(brokers: &str) -> KafkaClient {
+        KafkaClient { brokers: brokers.to_string() }
+    }
+
+    /// Produce `(partition, key, value)` records and wait until each is acknowledged.
+    pub async fn produce(&self, topic: &str, records: Vec<(i32, Option<String>, String)>) {
         use rdkafka::producer::{FutureProducer, FutureRecord};
         let producer: FutureProducer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
+            .set("bootstrap.servers", &self.brokers)
             .set("linger.ms", "5")
             .create()
             .expect("producer");
@@ -290,6 +306,8 @@ pub struct Deployment {
     pub http_port: u16,
     pub procs: Vec<Proc>,
     pub dir: tempfile::TempDir,
+    /// The leaf's RPC port in a cluster deployment (0 for dev).
+    pub leaf_rpc: u16,
 }
 
 impl Drop for Deployment {
@@ -332,7 +350,7 @@ impl Deployment {
         args.extend(extra.iter().map(|a| a.to_string()));
         let p = Proc::start_program("dev", &basalt_bin(), &args, env, dir.path());
         wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &p).await;
-        Deployment { pg_port, http_port, procs: vec![p], dir }
+        Deployment { pg_port, http_port, procs: vec![p], dir, leaf_rpc: 0 }
     }
 
     /// Leaf, tailer and aggregator as three processes on loopback.
@@ -393,7 +411,28 @@ impl Deployment {
         wait_http(&format!("http://127.0.0.1:{leaf_http}/healthz"), &leaf).await;
         wait_http(&format!("http://127.0.0.1:{tailer_http}/healthz"), &tailer).await;
         wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &aggregator).await;
-        Deployment { pg_port, http_port, procs: vec![leaf, tailer, aggregator], dir }
+        Deployment { pg_port, http_port, procs: vec![leaf, tailer, aggregator], dir, leaf_rpc }
+    }
+
+    /// Start one more tailer process (cluster deployments), named `name`.
+    pub async fn add_tailer(&mut self, name: &str) {
+        assert!(self.leaf_rpc != 0, "add_tailer needs a cluster deployment");
+        let (rpc, http) = (free_port(), free_port());
+        let args: Vec<String> = [
+            "tailer",
+            "--rpc-addr",
+            &format!("127.0.0.1:{rpc}"),
+            "--leaf-addr",
+            &format!("127.0.0.1:{}", self.leaf_rpc),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        let tailer = Proc::start(name, &args, self.dir.path());
+        wait_http(&format!("http://127.0.0.1:{http}/healthz"), &tailer).await;
+        self.procs.push(tailer);
     }
 
     pub fn proc(&mut self, name: &str) -> &mut Proc {
