@@ -216,6 +216,76 @@ async fn drop_collection(State(engine): State<Arc<Engine>>, Path(c): Path<String
     Ok(axum::Json(json!({"data": dropped})))
 }
 
+/// `POST /v1/sources`: `{"name": "...", "collection": "...", "kafka": {"brokers": "...",
+/// "topic": "...", "format": "json", "start": "earliest", "key_as_id": false}}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSourceBody {
+    name: String,
+    collection: String,
+    kafka: KafkaBody,
+    #[serde(default)]
+    if_not_exists: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KafkaBody {
+    brokers: String,
+    topic: String,
+    #[serde(default = "json_format")]
+    format: basalt_common::api::SourceFormat,
+    #[serde(default = "earliest")]
+    start: basalt_common::api::StartAt,
+    #[serde(default)]
+    key_as_id: bool,
+}
+
+fn json_format() -> basalt_common::api::SourceFormat {
+    basalt_common::api::SourceFormat::Json
+}
+
+fn earliest() -> basalt_common::api::StartAt {
+    basalt_common::api::StartAt::Earliest
+}
+
+async fn create_source(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiResult {
+    let body: CreateSourceBody = parse_body(&body)?;
+    let k = body.kafka;
+    let spec = basalt_common::api::SourceSpec::Kafka(basalt_common::api::KafkaSource {
+        brokers: k.brokers,
+        topic: k.topic,
+        format: k.format,
+        start: k.start,
+        key_as_id: k.key_as_id,
+    });
+    let info = engine
+        .meta
+        .create_source(collection(&body.name)?, collection(&body.collection)?, spec, body.if_not_exists)
+        .await?;
+    Ok(axum::Json(json!({"data": info})))
+}
+
+/// `GET /v1/sources`: every source with the partitions tailers report on.
+async fn list_sources(State(engine): State<Arc<Engine>>) -> ApiResult {
+    let sources = engine.meta.list_sources().await?;
+    let status = engine.meta.source_status().await?;
+    let data: Vec<serde_json::Value> = sources
+        .iter()
+        .map(|s| {
+            let partitions: Vec<&basalt_common::api::PartitionStatus> =
+                status.iter().filter(|p| p.source_id == s.id).collect();
+            json!({"source": s, "partitions": partitions})
+        })
+        .collect();
+    Ok(axum::Json(json!({"data": data})))
+}
+
+async fn drop_source(State(engine): State<Arc<Engine>>, Path(name): Path<String>) -> ApiResult {
+    let dropped = engine.meta.drop_source(collection(&name)?, false).await?;
+    Ok(axum::Json(json!({"data": dropped})))
+}
+
 async fn metrics() -> Response {
     let mut out = String::new();
     match prometheus::TextEncoder::new().encode_utf8(&prometheus::gather(), &mut out) {
@@ -254,6 +324,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/collections", get(list_collections).post(create_collection))
         .route("/v1/collections/{c}", get(get_collection).delete(drop_collection))
         .route("/v1/collections/{c}/docs", post(add_docs).patch(patch_docs).delete(delete_docs))
+        .route("/v1/sources", get(list_sources).post(create_source))
+        .route("/v1/sources/{name}", axum::routing::delete(drop_source))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(fallback)

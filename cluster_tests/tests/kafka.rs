@@ -105,6 +105,42 @@ async fn kafka_source_ingests_exactly_once_through_kill_9() {
     pg.batch_execute("DROP SOURCE clicks_src").await.unwrap();
     let rows = pg.query("SHOW SOURCES", &[]).await.unwrap();
     assert!(rows.is_empty());
+
+    // The same over HTTP: create (bad requests get JSON errors), list with partitions, drop.
+    let http = reqwest::Client::new();
+    let kafka_spec = json!({"brokers": kafka.brokers(), "topic": "clicks", "start": "latest"});
+    for (body, code) in [
+        (json!({"name": "h", "collection": "clicks", "kafka": {"topic": "clicks"}}), 400),
+        (json!({"name": "h", "collection": "clicks", "kafka": {"brokers": "b", "topic": "t", "password": "x"}}), 400),
+        (json!({"name": "h", "collection": "nope", "kafka": kafka_spec.clone()}), 404),
+    ] {
+        let r = http.post(d.http("/v1/sources")).json(&body).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), code, "{body}");
+        let err: serde_json::Value = r.json().await.unwrap();
+        assert!(err["error"]["code"].is_string(), "{err}");
+    }
+    let r = http
+        .post(d.http("/v1/sources"))
+        .json(&json!({"name": "h", "collection": "clicks", "kafka": kafka_spec}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let started = Instant::now();
+    loop {
+        let list: serde_json::Value = http.get(d.http("/v1/sources")).send().await.unwrap().json().await.unwrap();
+        let data = list["data"].as_array().unwrap();
+        assert_eq!(data.len(), 1);
+        assert_eq!(data[0]["source"]["name"]["name"], "h");
+        if data[0]["partitions"].as_array().unwrap().len() == 4 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{list}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = http.delete(d.http("/v1/sources/h")).send().await.unwrap();
+    assert!(r.status().is_success());
+    assert!(pg.query("SHOW SOURCES", &[]).await.unwrap().is_empty());
     drop(kafka);
 }
 
