@@ -239,6 +239,9 @@ struct KafkaBody {
     start: basalt_common::api::StartAt,
     #[serde(default)]
     key_as_id: bool,
+    /// `SELECT ... FROM _input [WHERE ...]`.
+    #[serde(default)]
+    transform: Option<String>,
 }
 
 fn json_format() -> basalt_common::api::SourceFormat {
@@ -252,12 +255,16 @@ fn earliest() -> basalt_common::api::StartAt {
 async fn create_source(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiResult {
     let body: CreateSourceBody = parse_body(&body)?;
     let k = body.kafka;
+    if let Some(t) = &k.transform {
+        basalt_sql::check_transform(t)?;
+    }
     let spec = basalt_common::api::SourceSpec::Kafka(basalt_common::api::KafkaSource {
         brokers: k.brokers,
         topic: k.topic,
         format: k.format,
         start: k.start,
         key_as_id: k.key_as_id,
+        transform: k.transform,
     });
     let info = engine
         .meta

@@ -217,3 +217,56 @@ async fn two_tailers_and_the_leaf_killed_six_times_lose_and_duplicate_nothing() 
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// An ingest transformation computes `_id` and `_event_time`, renames, casts, drops fields and
+/// filters records; a record the transformation fails on goes to the errors collection alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_source_transforms_records_on_the_way_in() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("raw", 2).await;
+    let mut records: Vec<(i32, Option<String>, String)> = (0..200)
+        .map(|i| {
+            let doc = json!({"user": format!("u{i}"), "n": i, "ts": 1_700_000_000 + i,
+                             "address": {"city": format!("c{}", i % 3)}, "secret": "x"});
+            (i % 2, None, doc.to_string())
+        })
+        .collect();
+    records.push((1, None, json!({"user": "bad", "n": "oops", "ts": 1}).to_string()));
+    kafka.produce("raw", records).await;
+    let d = Deployment::dev().await;
+    let pg = d.pg().await;
+    pg.batch_execute("CREATE COLLECTION people").await.unwrap();
+    pg.batch_execute(&format!(
+        "CREATE SOURCE people_src FROM KAFKA (brokers = '{}', topic = 'raw') INTO people \
+         TRANSFORM SELECT concat('p-', user) AS _id, CAST(n AS BIGINT) AS n, upper(address.city) AS city, \
+         to_timestamp(ts) AS _event_time FROM _input WHERE CAST(n AS BIGINT) % 2 = 0",
+        kafka.brokers()
+    ))
+    .await
+    .unwrap();
+    wait_count(&pg, "SELECT count(*) FROM people", 100, "even records").await;
+    wait_count(&pg, "SELECT count(*) FROM people_src_errors", 1, "the bad record").await;
+    let row = pg
+        .query_one("SELECT _id, n, city, to_unixtime(_event_time) FROM people WHERE _id = 'p-u4'", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "p-u4");
+    assert_eq!(row.get::<_, i64>(1), 4);
+    assert_eq!(row.get::<_, String>(2), "C1");
+    assert_eq!(row.get::<_, i64>(3), 1_700_000_004);
+    // Fields the transformation leaves out are not stored.
+    let fields: Vec<String> = pg.query("DESCRIBE people", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(!fields.iter().any(|f| f == "secret" || f == "user" || f.starts_with("address")), "{fields:?}");
+    let err: String = pg.query_one("SELECT error FROM people_src_errors", &[]).await.unwrap().get(0);
+    assert!(err.contains("transform"), "{err}");
+    // A transformation that is not a plain SELECT ... FROM _input is refused up front.
+    let bad = pg
+        .batch_execute(&format!(
+            "CREATE SOURCE s2 FROM KAFKA (brokers = '{}', topic = 'raw') INTO people \
+             TRANSFORM SELECT count(*) FROM _input GROUP BY n",
+            kafka.brokers()
+        ))
+        .await
+        .unwrap_err();
+    assert!(bad.as_db_error().is_some_and(|e| e.message().contains("GROUP BY")), "{bad:?}");
+}

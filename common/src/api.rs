@@ -179,6 +179,9 @@ pub struct KafkaSource {
     pub start: StartAt,
     /// Use the message key as `_id` when the document has none.
     pub key_as_id: bool,
+    /// `SELECT ... FROM _input [WHERE ...]` applied to every record on the way in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 //! tantivy, fjall, pgwire, tonic or DataFusion.
 
 pub mod api;
+pub mod arrays;
 pub mod doc;
 pub mod error;
 pub mod filter;

@@ -178,7 +178,34 @@ fn kafka_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
     }
     let brokers = brokers.ok_or_else(|| err("a kafka source needs brokers = '...'"))?;
     let topic = topic.ok_or_else(|| err("a kafka source needs topic = '...'"))?;
-    Ok(SourceSpec::Kafka(KafkaSource { brokers, topic, format, start, key_as_id }))
+    Ok(SourceSpec::Kafka(KafkaSource { brokers, topic, format, start, key_as_id, transform: None }))
+}
+
+/// The table an ingest transformation reads: the records of one chunk.
+pub const TRANSFORM_INPUT: &str = "_input";
+
+/// Check an ingest transformation: one `SELECT ... FROM _input [WHERE ...]`, without grouping,
+/// joins, set operations or other tables. Returns the statement with paths rewritten.
+pub fn check_transform(sql: &str) -> Result<Box<Query>> {
+    let bad = |m: &str| BasaltError::invalid(format!("transform: {m}"));
+    let mut statements = parse(sql)?;
+    let (Some(BasaltStatement::Query(stmt)), true) = (statements.pop(), statements.is_empty()) else {
+        return Err(bad("expected one SELECT ... FROM _input"));
+    };
+    let Statement::Query(query) = *stmt else { return Err(bad("expected one SELECT ... FROM _input")) };
+    let sqlparser::ast::SetExpr::Select(select) = query.body.as_ref() else {
+        return Err(bad("expected a plain SELECT (no UNION, VALUES or nesting)"));
+    };
+    let [from] = select.from.as_slice() else { return Err(bad("read from _input only")) };
+    let TableFactor::Table { name, .. } = &from.relation else { return Err(bad("read from _input only")) };
+    if !from.joins.is_empty() || name.to_string() != TRANSFORM_INPUT {
+        return Err(bad("read from _input only (no joins, no other tables)"));
+    }
+    let grouped = !matches!(&select.group_by, sqlparser::ast::GroupByExpr::Expressions(e, _) if e.is_empty());
+    if grouped || select.having.is_some() || query.order_by.is_some() || query.limit_clause.is_some() {
+        return Err(bad("no GROUP BY, HAVING, ORDER BY or LIMIT (use a rollup to aggregate)"));
+    }
+    Ok(query)
 }
 
 fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
@@ -202,6 +229,15 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
         };
         p.expect_keyword(sqlparser::keywords::Keyword::INTO).map_err(err)?;
         let collection = collection_name(&p.parse_object_name(false).map_err(err)?)?;
+        let mut spec = spec;
+        if is_word(&p.peek_token().token, "transform") {
+            p.next_token();
+            let query = p.parse_query().map_err(err)?;
+            let text = query.to_string();
+            check_transform(&text)?;
+            let SourceSpec::Kafka(k) = &mut spec;
+            k.transform = Some(text);
+        }
         return Ok(BasaltStatement::CreateSource { name, collection, spec, if_not_exists });
     }
     if is_word(&t0, "drop") && is_word(&t1, "source") {
@@ -504,6 +540,20 @@ mod tests {
             BasaltStatement::DropSource { name: CollectionName::new("commons", "s1"), if_exists: true }
         );
         assert_eq!(one("SHOW SOURCES"), BasaltStatement::ShowSources);
+        let t = one("CREATE SOURCE t FROM KAFKA (brokers = 'b', topic = 't') INTO c \
+                     TRANSFORM SELECT concat(user, '-', n) AS _id, n * 2 AS n2 FROM _input WHERE n > 1");
+        let BasaltStatement::CreateSource { spec: SourceSpec::Kafka(k), .. } = t else { panic!() };
+        assert!(k.transform.unwrap().contains("FROM _input WHERE n > 1"));
+        for bad in [
+            "SELECT n FROM other",
+            "SELECT n FROM _input JOIN x ON true",
+            "SELECT count(*) FROM _input GROUP BY n",
+            "SELECT n FROM _input ORDER BY n",
+            "SELECT 1 UNION SELECT 2",
+            "DELETE FROM _input",
+        ] {
+            assert!(check_transform(bad).is_err(), "{bad}");
+        }
         for bad in [
             "CREATE SOURCE s FROM KAFKA (topic = 't') INTO c",
             "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', password = 'x') INTO c",

@@ -7,6 +7,7 @@
 //! write is acknowledged only when every leaf involved has made it durable.
 
 pub mod sources;
+pub mod transform;
 
 use std::collections::BTreeMap;
 use std::sync::LazyLock;

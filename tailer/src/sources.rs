@@ -24,7 +24,7 @@ use basalt_common::api::{
     CollectionInfo, KafkaSource, Leaf, Meta, PartitionStatus, ShardWrite, SourceInfo, SourcePosition, SourceSpec,
     StartAt, WriteOp,
 };
-use basalt_common::doc::{DocLimits, ID_FIELD, normalize_system_fields, now_micros, parse_doc, shard_for_id};
+use basalt_common::doc::{Doc, DocLimits, ID_FIELD, normalize_system_fields, now_micros, parse_doc, shard_for_id};
 use basalt_common::{BasaltError, Result};
 use parking_lot::Mutex;
 use prometheus::{IntCounterVec, IntGaugeVec, register_int_counter_vec, register_int_gauge_vec};
@@ -194,7 +194,25 @@ impl SourceRunner {
             stop: stop.clone(),
             status: status.clone(),
             rt: tokio::runtime::Handle::current(),
+            transform: None,
         };
+        let SourceSpec::Kafka(kafka) = &source.spec;
+        let mut ctx = ctx;
+        if let Some(sql) = &kafka.transform {
+            match crate::transform::Transform::new(sql) {
+                Ok(t) => ctx.transform = Some(t),
+                Err(e) => {
+                    // Checked when the source was created; a catalog edited by hand gets here.
+                    tracing::error!(source = %source.name, error = %e, "bad transform; the source does not run");
+                    let mut s = status.lock();
+                    s.state = "failed".into();
+                    s.last_error = Some(e.message);
+                    drop(s);
+                    workers.insert((source.id, partition), Worker { stop, status });
+                    return;
+                }
+            }
+        }
         let spawned =
             std::thread::Builder::new().name(format!("source-{}-{partition}", source.id)).spawn(move || ctx.run());
         match spawned {
@@ -238,6 +256,7 @@ struct PartitionWorker {
     stop: Arc<AtomicBool>,
     status: Arc<Mutex<PartitionStatus>>,
     rt: tokio::runtime::Handle,
+    transform: Option<crate::transform::Transform>,
 }
 
 impl PartitionWorker {
@@ -408,20 +427,51 @@ impl PartitionWorker {
             let mut bad = Vec::new();
             let mut bytes = 0u64;
             let mut last_error = None;
+            let mut decoded = Vec::with_capacity(chunk.len());
+            let mut raw: HashMap<i64, (Option<Vec<u8>>, Option<Vec<u8>>)> = HashMap::new();
+            let mut fail = |offset: i64, key, payload, e: &BasaltError, last_error: &mut Option<String>| {
+                tracing::debug!(source = %name, partition = self.partition, offset, error = %e, "bad record");
+                *last_error = Some(format!("offset {offset}: {}", e.message));
+                bad.push(self.error_record(offset, key, payload, e, now));
+            };
             for (offset, key, payload) in chunk {
                 bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
                 match self.decode(offset, key.clone(), payload.clone(), now) {
-                    Ok(op) => {
-                        let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
-                        entry.0.push(op);
-                        entry.1.push(offset);
+                    Ok(doc) => {
+                        decoded.push((offset, doc));
+                        if self.transform.is_some() {
+                            raw.insert(offset, (key, payload));
+                        }
                     }
-                    Err(e) => {
-                        tracing::debug!(source = %name, partition = self.partition, offset, error = %e, "bad record");
-                        last_error = Some(format!("offset {offset}: {}", e.message));
-                        bad.push(self.error_record(offset, key, payload, &e, now));
+                    Err(e) => fail(offset, key, payload, &e, &mut last_error),
+                }
+            }
+            if let Some(t) = &self.transform {
+                let (rows, failed) = self.rt.block_on(t.apply(decoded));
+                for (offset, e) in failed {
+                    let (key, payload) = raw.remove(&offset).unwrap_or_default();
+                    fail(offset, key, payload, &e, &mut last_error);
+                }
+                decoded = Vec::with_capacity(rows.len());
+                for (offset, mut doc) in rows {
+                    // Output without `_id` gets the record's position: read again, same document.
+                    if !doc.get(ID_FIELD).is_some_and(|v| !v.is_null()) {
+                        doc.insert(ID_FIELD.to_string(), self.position_id(offset).into());
+                    }
+                    match normalize_system_fields(&mut doc, now, &self.limits) {
+                        Ok(_) => decoded.push((offset, doc)),
+                        Err(e) => {
+                            let (key, payload) = raw.remove(&offset).unwrap_or_default();
+                            fail(offset, key, payload, &e, &mut last_error);
+                        }
                     }
                 }
+            }
+            for (offset, doc) in decoded {
+                let op = WriteOp::Upsert { doc };
+                let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
+                entry.0.push(op);
+                entry.1.push(offset);
             }
             // Bad records first: once the chunk's position is committed they are not read again.
             let bad_count = bad.len() as u64;
@@ -512,7 +562,11 @@ impl PartitionWorker {
     /// A message as an upsert: JSON object, within limits, `_id` from the key when the
     /// document has none and the source says so, else from the record's position (so a record
     /// read again gets the same `_id`, the same shard, and is recognized as applied).
-    fn decode(&self, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, now: i64) -> Result<WriteOp> {
+    fn position_id(&self, offset: i64) -> String {
+        format!("{}-{}-{offset}", self.source.id, self.partition)
+    }
+
+    fn decode(&self, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, now: i64) -> Result<Doc> {
         let SourceSpec::Kafka(kafka) = &self.source.spec;
         let payload = payload.ok_or_else(|| BasaltError::invalid("message has no value"))?;
         let mut doc = parse_doc(&payload, &self.limits)?;
@@ -524,10 +578,9 @@ impl PartitionWorker {
             doc.insert(ID_FIELD.to_string(), serde_json::Value::String(key));
         }
         if !doc.contains_key(ID_FIELD) {
-            let id = format!("{}-{}-{offset}", self.source.id, self.partition);
-            doc.insert(ID_FIELD.to_string(), serde_json::Value::String(id));
+            doc.insert(ID_FIELD.to_string(), serde_json::Value::String(self.position_id(offset)));
         }
         normalize_system_fields(&mut doc, now, &self.limits)?;
-        Ok(WriteOp::Upsert { doc })
+        Ok(doc)
     }
 }
