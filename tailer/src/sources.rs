@@ -246,6 +246,9 @@ fn client_config(kafka: &KafkaSource, source_id: u64) -> ClientConfig {
     c
 }
 
+/// A record's key and payload as read, kept for the errors collection.
+type KeyAndPayload = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// One partition of one source, worked on by its own thread.
 struct PartitionWorker {
     source: SourceInfo,
@@ -428,7 +431,7 @@ impl PartitionWorker {
             let mut bytes = 0u64;
             let mut last_error = None;
             let mut decoded = Vec::with_capacity(chunk.len());
-            let mut raw: HashMap<i64, (Option<Vec<u8>>, Option<Vec<u8>>)> = HashMap::new();
+            let mut raw: HashMap<i64, KeyAndPayload> = HashMap::new();
             let mut fail = |offset: i64, key, payload, e: &BasaltError, last_error: &mut Option<String>| {
                 tracing::debug!(source = %name, partition = self.partition, offset, error = %e, "bad record");
                 *last_error = Some(format!("offset {offset}: {}", e.message));
@@ -455,7 +458,7 @@ impl PartitionWorker {
                 decoded = Vec::with_capacity(rows.len());
                 for (offset, mut doc) in rows {
                     // Output without `_id` gets the record's position: read again, same document.
-                    if !doc.get(ID_FIELD).is_some_and(|v| !v.is_null()) {
+                    if doc.get(ID_FIELD).is_none_or(|v| v.is_null()) {
                         doc.insert(ID_FIELD.to_string(), self.position_id(offset).into());
                     }
                     match normalize_system_fields(&mut doc, now, &self.limits) {
