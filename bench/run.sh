@@ -3,12 +3,14 @@
 #   bench/run.sh foundation [--docs N] [--out results.json]
 #   bench/run.sh recovery [--docs N] [--out results.json]
 #   bench/run.sh fresh_reads [--out results.json]
+#   bench/run.sh kafka_latency [--rates 1000,5000] [--seconds 20] [--backlog 200000] [--out results.json]
+#     (needs the tansu broker that scripts/test.sh installs into ~/.cache/basalt/tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/basalt/target}"
 VENV="${BASALT_VENV:-$HOME/.cache/basalt/venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+"$VENV/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt -r bench/requirements.txt
 cargo build --release -p basalt
 which="$1"; shift
 exec "$VENV/bin/python" "bench/$which.py" --basalt-bin "$CARGO_TARGET_DIR/release/basalt" "$@"

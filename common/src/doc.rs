@@ -320,6 +320,10 @@ pub enum PatchKind {
     Replace,
     Remove,
     Increment,
+    /// Set the value if the field is missing, null or smaller (numbers, or strings).
+    Max,
+    /// Set the value if the field is missing, null or larger.
+    Min,
 }
 
 fn pointer_parts(pointer: &str) -> Result<Vec<String>> {
@@ -368,7 +372,7 @@ fn apply_one(root: &mut Value, op: &PatchOp) -> Result<()> {
         return Err(BasaltError::invalid("_id cannot be patched"));
     }
     let (last, parents) = parts.split_last().ok_or_else(|| BasaltError::invalid("empty patch path"))?;
-    let create = matches!(op.op, PatchKind::Add | PatchKind::Increment);
+    let create = matches!(op.op, PatchKind::Add | PatchKind::Increment | PatchKind::Max | PatchKind::Min);
     let mut cur = root;
     for part in parents {
         cur = match cur {
@@ -407,6 +411,12 @@ fn apply_one(root: &mut Value, op: &PatchOp) -> Result<()> {
                 let current = o.get(last).cloned().unwrap_or(Value::from(0));
                 o.insert(last.clone(), increment(&current, &by, &op.path)?);
             }
+            PatchKind::Max | PatchKind::Min => {
+                let v = value()?;
+                if extreme_replaces(o.get(last), &v, op.op, &op.path)? {
+                    o.insert(last.clone(), v);
+                }
+            }
         },
         Value::Array(items) => {
             let len = items.len();
@@ -431,6 +441,13 @@ fn apply_one(root: &mut Value, op: &PatchOp) -> Result<()> {
                     let idx = array_index(last, len, &op.path)?;
                     items[idx] = increment(&items[idx], &value()?, &op.path)?;
                 }
+                PatchKind::Max | PatchKind::Min => {
+                    let idx = array_index(last, len, &op.path)?;
+                    let v = value()?;
+                    if extreme_replaces(Some(&items[idx]), &v, op.op, &op.path)? {
+                        items[idx] = v;
+                    }
+                }
             }
         }
         _ => {
@@ -447,6 +464,28 @@ fn array_index(part: &str, len: usize, path: &str) -> Result<usize> {
         return Err(BasaltError::invalid(format!("patch path {path}: index {idx} out of bounds")));
     }
     Ok(idx)
+}
+
+/// Whether a `max`/`min` patch with `new` replaces `current`.
+fn extreme_replaces(current: Option<&Value>, new: &Value, kind: PatchKind, path: &str) -> Result<bool> {
+    use std::cmp::Ordering;
+    let Some(current) = current.filter(|c| !c.is_null()) else { return Ok(true) };
+    let order = match (current, new) {
+        (Value::Number(a), Value::Number(b)) => match (a.as_i64(), b.as_i64()) {
+            (Some(a), Some(b)) => b.cmp(&a),
+            _ => b.as_f64().partial_cmp(&a.as_f64()).unwrap_or(Ordering::Equal),
+        },
+        (Value::String(a), Value::String(b)) => b.as_str().cmp(a.as_str()),
+        _ => {
+            return Err(BasaltError::invalid(format!(
+                "{} of {path} needs two numbers or two strings, found {} and {}",
+                if kind == PatchKind::Max { "max" } else { "min" },
+                Kind::of(current).name(),
+                Kind::of(new).name()
+            )));
+        }
+    };
+    Ok(if kind == PatchKind::Max { order == Ordering::Greater } else { order == Ordering::Less })
 }
 
 fn increment(current: &Value, by: &Value, path: &str) -> Result<Value> {
@@ -605,5 +644,25 @@ mod tests {
             .unwrap_err();
         assert!(err.message.contains("more than 5 fields"), "{}", err.message);
         assert_eq!(field_count(&json!({"p": 1, "q": {"r": [{"s": 1}]}})), 5);
+    }
+
+    #[test]
+    fn max_and_min_keep_the_extreme() {
+        let l = limits();
+        let mut d = validate_value(json!({"_id": "1", "hi": 5, "s": "m", "t": [1, 9]}), &l).unwrap();
+        let op = |op, path: &str, v: Value| PatchOp { op, path: path.into(), value: Some(v) };
+        let ops = vec![
+            op(PatchKind::Max, "/hi", json!(3)),
+            op(PatchKind::Max, "/lo", json!(2)),
+            op(PatchKind::Min, "/lo", json!(1)),
+            op(PatchKind::Min, "/s", json!("a")),
+            op(PatchKind::Max, "/t/0", json!(4.5)),
+            op(PatchKind::Max, "/new/deep", json!(7)),
+        ];
+        apply_patch(&mut d, &ops, &l).unwrap();
+        assert_eq!((&d["hi"], &d["lo"], &d["s"], &d["t"]), (&json!(5), &json!(1), &json!("a"), &json!([4.5, 9])));
+        assert_eq!(d["new"], json!({"deep": 7}));
+        let err = apply_patch(&mut d, &[op(PatchKind::Max, "/hi", json!("x"))], &l).unwrap_err();
+        assert!(err.message.contains("two numbers or two strings"), "{}", err.message);
     }
 }

@@ -55,8 +55,8 @@ static SOURCE_LAG: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
 
 /// Records per chunk (one write per shard per chunk).
 const CHUNK_RECORDS: usize = 2000;
-/// A chunk is sent at the latest this long after its first record arrived.
-const CHUNK_WAIT: Duration = Duration::from_millis(100);
+/// How long a worker waits for the first record of a chunk.
+const FIRST_RECORD_WAIT: Duration = Duration::from_millis(10);
 /// How often a tailer renews its lease and reconsiders its partitions.
 const TICK: Duration = Duration::from_secs(1);
 /// librdkafka's prefetch queue per consumer, in KiB.
@@ -234,6 +234,9 @@ fn client_config(kafka: &KafkaSource, source_id: u64) -> ClientConfig {
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
         .set("queued.max.messages.kbytes", PREFETCH_KIB)
+        // The broker answers a fetch when data arrives or after this long: it bounds how stale
+        // an idle partition's first new record can be (librdkafka's default is 500 ms).
+        .set("fetch.wait.max.ms", "10")
         .set("socket.timeout.ms", "10000");
     // Credentials and other client settings come from the environment, never from SQL:
     // BASALT_KAFKA_<NAME> sets librdkafka's <name> (underscores become dots), e.g.
@@ -386,30 +389,24 @@ impl PartitionWorker {
         let partition_label = self.partition.to_string();
         let mut watermarks_at = Instant::now() - Duration::from_secs(60);
         while !self.stopped() {
-            // Gather a chunk.
+            // Gather a chunk: wait briefly for a first record, then take what is already
+            // prefetched. No fixed delay: records that arrive while a chunk is being written
+            // form the next one, so chunks grow with the load and latency stays one write.
             let mut chunk = Vec::new();
-            let mut first_at = None;
-            while chunk.len() < CHUNK_RECORDS && first_at.is_none_or(|t: Instant| t.elapsed() < CHUNK_WAIT) {
+            while chunk.len() < CHUNK_RECORDS {
                 if self.stopped() {
                     return Ok(());
                 }
-                match consumer.poll(Duration::from_millis(50)) {
-                    None => {
-                        if first_at.is_none() {
-                            break;
-                        }
-                    }
+                let wait = if chunk.is_empty() { FIRST_RECORD_WAIT } else { Duration::ZERO };
+                match consumer.poll(wait) {
+                    None => break,
                     Some(Err(e)) => {
                         let mut s = self.status.lock();
                         s.last_error = Some(format!("kafka: {e}"));
                         s.state = "retrying".into();
-                        drop(s);
-                        if first_at.is_none() {
-                            break;
-                        }
+                        break;
                     }
                     Some(Ok(msg)) => {
-                        first_at.get_or_insert_with(Instant::now);
                         chunk.push((msg.offset(), msg.key().map(<[u8]>::to_vec), msg.payload().map(<[u8]>::to_vec)));
                     }
                 }
