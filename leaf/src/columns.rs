@@ -587,11 +587,42 @@ impl ColumnStore {
             return Ok(());
         }
         let base = self.next_slot - self.tail.len() as u64;
-        let block = Block::build(base, &self.tail)?;
-        self.blocks.push(Arc::new(block));
+        // Blocks already built for the tail (see `prebuild_tail`) are concatenated; only the
+        // documents after them are built here.
+        let covered: usize = self.tail_blocks.iter().map(|b| b.rows).sum();
+        let mut parts = self.tail_blocks.clone();
+        if covered < self.tail.len() {
+            parts.push(Arc::new(Block::build(base + covered as u64, &self.tail[covered..])?));
+        }
+        let block = match parts.as_slice() {
+            [one] if one.base_slot == base => Arc::clone(one),
+            _ => match Block::concat(&parts)? {
+                Some(b) => Arc::new(b),
+                None => Arc::new(Block::build(base, &self.tail)?),
+            },
+        };
+        self.blocks.push(block);
         self.tail.clear();
         self.tail_blocks.clear();
         Ok(())
+    }
+
+    /// The tail documents no tail block covers yet, with the slot of the first (to build a
+    /// block from without holding the store's lock; see [`ColumnStore::add_tail_block`]).
+    pub fn unbuilt_tail(&self) -> (u64, Vec<Arc<Doc>>) {
+        let covered: usize = self.tail_blocks.iter().map(|b| b.rows).sum();
+        let tail_base = self.next_slot - self.tail.len() as u64;
+        (tail_base + covered as u64, self.tail[covered.min(self.tail.len())..].to_vec())
+    }
+
+    /// Add a block built from [`ColumnStore::unbuilt_tail`] if it still continues the tail's
+    /// blocks (the tail was not sealed or extended in a way that moved them meanwhile).
+    pub fn add_tail_block(&mut self, block: Block) {
+        let covered: usize = self.tail_blocks.iter().map(|b| b.rows).sum();
+        let tail_base = self.next_slot - self.tail.len() as u64;
+        if block.rows > 0 && block.base_slot == tail_base + covered as u64 && covered + block.rows <= self.tail.len() {
+            self.tail_blocks.push(Arc::new(block));
+        }
     }
 
     /// The sealed blocks, in slot order.

@@ -561,6 +561,15 @@ impl Shard {
     /// Seal the tails and write every block, index and the deletions not yet in the manifest,
     /// then the manifest, then drop the log it covers.
     fn flush(&self, manifest: &mut Manifest) -> Result<()> {
+        // The expensive part of sealing, done before taking the writer lock so writes do not
+        // stall behind it: commit the search tail (the seal then commits only what arrives
+        // meanwhile) and build the column tail into a block (the seal concatenates).
+        self.search.refresh()?;
+        let (base, docs) = self.columns.read().unbuilt_tail();
+        if !docs.is_empty() {
+            let block = Block::build(base, &docs)?;
+            self.columns.write().add_tail_block(block);
+        }
         let (seq, blocks, deletions, stats, next_slot, job, patches) = {
             let seq = self.seq.lock();
             let mut columns = self.columns.write();
