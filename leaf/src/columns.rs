@@ -617,12 +617,14 @@ impl ColumnStore {
 
     /// Add a block built from [`ColumnStore::unbuilt_tail`] if it still continues the tail's
     /// blocks (the tail was not sealed or extended in a way that moved them meanwhile).
-    pub fn add_tail_block(&mut self, block: Block) {
+    pub fn add_tail_block(&mut self, block: Block) -> Result<()> {
         let covered: usize = self.tail_blocks.iter().map(|b| b.rows).sum();
         let tail_base = self.next_slot - self.tail.len() as u64;
         if block.rows > 0 && block.base_slot == tail_base + covered as u64 && covered + block.rows <= self.tail.len() {
             self.tail_blocks.push(Arc::new(block));
+            self.merge_tail_blocks()?;
         }
+        Ok(())
     }
 
     /// The sealed blocks, in slot order.
@@ -652,15 +654,7 @@ impl ColumnStore {
         if covered < self.tail.len() {
             let tail_base = self.next_slot - self.tail.len() as u64;
             self.tail_blocks.push(Arc::new(Block::build(tail_base + covered as u64, &self.tail[covered..])?));
-            while let [.., before, last] = self.tail_blocks.as_slice()
-                && last.rows * 2 >= before.rows
-            {
-                let start = (before.base_slot - tail_base) as usize;
-                let end = start + before.rows + last.rows;
-                let merged = Arc::new(Block::build(before.base_slot, &self.tail[start..end])?);
-                self.tail_blocks.truncate(self.tail_blocks.len() - 2);
-                self.tail_blocks.push(merged);
-            }
+            self.merge_tail_blocks()?;
         }
         let mut blocks = self.blocks.clone();
         blocks.extend(self.tail_blocks.iter().cloned());
@@ -670,6 +664,30 @@ impl ColumnStore {
             stats: self.stats.clone(),
             overlays: self.overlays.clone(),
         })
+    }
+
+    /// A block at least half the size of the one before it merges with it (a binary counter).
+    fn merge_tail_blocks(&mut self) -> Result<()> {
+        let tail_base = self.next_slot - self.tail.len() as u64;
+        {
+            while let [.., before, last] = self.tail_blocks.as_slice()
+                && last.rows * 2 >= before.rows
+            {
+                // Concatenating arrays is cheaper than building from the documents again;
+                // blocks whose types for a path differ are built again together.
+                let merged = match Block::concat(&[before.clone(), last.clone()])? {
+                    Some(b) => Arc::new(b),
+                    None => {
+                        let start = (before.base_slot - tail_base) as usize;
+                        let end = start + before.rows + last.rows;
+                        Arc::new(Block::build(before.base_slot, &self.tail[start..end])?)
+                    }
+                };
+                self.tail_blocks.truncate(self.tail_blocks.len() - 2);
+                self.tail_blocks.push(merged);
+            }
+        }
+        Ok(())
     }
 }
 

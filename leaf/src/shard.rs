@@ -568,7 +568,7 @@ impl Shard {
         let (base, docs) = self.columns.read().unbuilt_tail();
         if !docs.is_empty() {
             let block = Block::build(base, &docs)?;
-            self.columns.write().add_tail_block(block);
+            self.columns.write().add_tail_block(block)?;
         }
         let (seq, blocks, deletions, stats, next_slot, job, patches) = {
             let seq = self.seq.lock();
@@ -761,6 +761,13 @@ impl Shard {
         let mut remaining = req.limit.unwrap_or(usize::MAX);
         if remaining == 0 {
             return Ok(AccessPath::ColumnScan);
+        }
+        // New tail documents are built into a block without the writer-blocking lock first;
+        // the snapshot then only merges blocks.
+        let (base, docs) = self.columns.read().unbuilt_tail();
+        if !docs.is_empty() {
+            let block = Block::build(base, &docs)?;
+            self.columns.write().add_tail_block(block)?;
         }
         let snapshot = self.columns.write().snapshot()?;
         let access = self.access_path(req, &snapshot.stats);
