@@ -71,6 +71,16 @@ async fn kafka_source_ingests_exactly_once_through_kill_9() {
     let rare: i64 = pg.query_one("SELECT count(*) FROM clicks WHERE kind = 'rare'", &[]).await.unwrap().get(0);
     assert_eq!((distinct, sum, rare), (N, (0..N).sum::<i64>(), N / 10));
 
+    // Prometheus: documents, lag and data latency per source.
+    let metrics = reqwest::get(d.http("/metrics")).await.unwrap().text().await.unwrap();
+    for name in [
+        "basalt_source_documents_total{result=\"ok\",source=\"commons.clicks_src\"}",
+        "basalt_source_data_latency_seconds{source=\"commons.clicks_src\"}",
+        "basalt_source_newest_event_time_seconds{source=\"commons.clicks_src\"}",
+        "basalt_source_lag_records{",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
     // SHOW SOURCES: four running partitions, nothing left to read, the bad records counted.
     let started = Instant::now();
     loop {

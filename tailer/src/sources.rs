@@ -27,7 +27,9 @@ use basalt_common::api::{
 use basalt_common::doc::{Doc, DocLimits, ID_FIELD, normalize_system_fields, now_micros, parse_doc, shard_for_id};
 use basalt_common::{BasaltError, Result};
 use parking_lot::Mutex;
-use prometheus::{IntCounterVec, IntGaugeVec, register_int_counter_vec, register_int_gauge_vec};
+use prometheus::{
+    GaugeVec, IntCounterVec, IntGaugeVec, register_gauge_vec, register_int_counter_vec, register_int_gauge_vec,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -43,6 +45,22 @@ static SOURCE_DOCS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
 });
 static SOURCE_BYTES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     register_int_counter_vec!("basalt_source_bytes_total", "Payload bytes read from sources", &["source"]).ok()
+});
+static SOURCE_NEWEST: LazyLock<Option<GaugeVec>> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "basalt_source_newest_event_time_seconds",
+        "_event_time (unix seconds) of the newest document a source made visible; data latency is time() minus this",
+        &["source"]
+    )
+    .ok()
+});
+static SOURCE_LATENCY: LazyLock<Option<GaugeVec>> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "basalt_source_data_latency_seconds",
+        "When a source's last chunk became visible: that moment minus the newest _event_time in it",
+        &["source"]
+    )
+    .ok()
 });
 static SOURCE_LAG: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     register_int_gauge_vec!(
@@ -467,6 +485,10 @@ impl PartitionWorker {
                     }
                 }
             }
+            let newest_us = decoded
+                .iter()
+                .filter_map(|(_, d)| d.get(basalt_common::doc::EVENT_TIME_FIELD).and_then(|v| v.as_i64()))
+                .max();
             for (offset, doc) in decoded {
                 let op = WriteOp::Upsert { doc };
                 let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
@@ -480,6 +502,16 @@ impl PartitionWorker {
             }
             let bad = bad_count;
             let (ok, failed) = self.send(&info, per_shard, through)?;
+            if let Some(newest) = newest_us {
+                let visible_us = now_micros();
+                if let Some(g) = SOURCE_NEWEST.as_ref() {
+                    let g = g.with_label_values(&[&name]);
+                    g.set(g.get().max(newest as f64 / 1e6));
+                }
+                if let Some(g) = SOURCE_LATENCY.as_ref() {
+                    g.with_label_values(&[&name]).set((visible_us - newest) as f64 / 1e6);
+                }
+            }
             if let Some(c) = SOURCE_DOCS.as_ref() {
                 c.with_label_values(&[&name, "ok"]).inc_by(ok);
                 c.with_label_values(&[&name, "error"]).inc_by(bad + failed);
