@@ -285,7 +285,7 @@ impl Session {
                             value: Some(row.get(&format!("v{i}")).cloned().unwrap_or(serde_json::Value::Null)),
                         })
                         .collect();
-                    inputs.push(WriteInput::Patch { id, ops });
+                    inputs.push(WriteInput::Patch { id, ops, upsert: false });
                 }
                 let written = self.write(name, inputs).await?;
                 Ok(command("UPDATE", written))

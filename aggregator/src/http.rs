@@ -117,6 +117,9 @@ struct PatchItem {
     #[serde(rename = "_id")]
     id: String,
     patch: Vec<PatchOp>,
+    /// Create the document first when it does not exist.
+    #[serde(default)]
+    upsert: bool,
 }
 
 #[derive(Deserialize)]
@@ -146,7 +149,7 @@ async fn patch_docs(State(engine): State<Arc<Engine>>, Path(c): Path<String>, bo
     let mut inputs = Vec::with_capacity(body.data.len());
     for item in body.data {
         match serde_json::from_value::<PatchItem>(item) {
-            Ok(p) => inputs.push(WriteInput::Patch { id: p.id, ops: p.patch }),
+            Ok(p) => inputs.push(WriteInput::Patch { id: p.id, ops: p.patch, upsert: p.upsert }),
             Err(e) => inputs.push(WriteInput::Invalid { message: format!("bad patch item: {e}") }),
         }
     }

@@ -59,7 +59,19 @@ async fn write_query_and_errors_over_http() {
         send(c.post(d.http("/v1/query")).json(&json!({"sql": "SELECT ms, geo.city FROM web.hits WHERE _id = 'h1'"})))
             .await;
     assert_eq!(body["rows"], json!([[17, "Oslo"]]));
-    let (s, _) = send(c.delete(d.http("/v1/collections/web.hits/docs")).json(&json!({"data": [{"_id": "h1"}]}))).await;
+    // An upsert patch creates a missing document (a counter starting at zero).
+    let counter = json!({"data": [
+        {"_id": "ctr", "upsert": true, "patch": [{"op": "increment", "path": "/n", "value": 2}, {"op": "max", "path": "/hi", "value": 7}]},
+        {"_id": "ctr", "upsert": true, "patch": [{"op": "increment", "path": "/n", "value": 3}, {"op": "max", "path": "/hi", "value": 4}]}
+    ]});
+    let (s, body) = send(c.patch(d.http("/v1/collections/web.hits/docs")).json(&counter)).await;
+    assert_eq!(s, 200, "{body}");
+    let (_, body) =
+        send(c.post(d.http("/v1/query")).json(&json!({"sql": "SELECT n, hi FROM web.hits WHERE _id = 'ctr'"}))).await;
+    assert_eq!(body["rows"], json!([[5, 7]]));
+    let (s, _) =
+        send(c.delete(d.http("/v1/collections/web.hits/docs")).json(&json!({"data": [{"_id": "h1"}, {"_id": "ctr"}]})))
+            .await;
     assert_eq!(s, 200);
     let (_, body) = send(c.post(d.http("/v1/query")).json(&json!({"sql": "SELECT count(*) AS n FROM web.hits"}))).await;
     assert_eq!(body["rows"], json!([[1]]));

@@ -89,6 +89,10 @@ pub enum WriteInput {
     Patch {
         id: String,
         ops: Vec<PatchOp>,
+        /// Create the document (`_id` and the ingest time only) when it does not exist, then
+        /// patch it: counters and aggregates that start at zero.
+        #[serde(default)]
+        upsert: bool,
     },
     Delete {
         id: String,
@@ -109,16 +113,28 @@ pub struct WriteRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum WriteOp {
-    Upsert { doc: Doc },
-    Patch { id: String, ops: Vec<PatchOp> },
-    Delete { id: String },
+    Upsert {
+        doc: Doc,
+    },
+    Patch {
+        id: String,
+        ops: Vec<PatchOp>,
+    },
+    /// [`WriteOp::Patch`] that creates a missing document first (`_id` and `_event_time`).
+    Merge {
+        id: String,
+        ops: Vec<PatchOp>,
+    },
+    Delete {
+        id: String,
+    },
 }
 
 impl WriteOp {
     pub fn id(&self) -> &str {
         match self {
             WriteOp::Upsert { doc } => doc.get(crate::doc::ID_FIELD).and_then(Value::as_str).unwrap_or(""),
-            WriteOp::Patch { id, .. } | WriteOp::Delete { id } => id,
+            WriteOp::Patch { id, .. } | WriteOp::Merge { id, .. } | WriteOp::Delete { id } => id,
         }
     }
 }

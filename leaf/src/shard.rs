@@ -381,11 +381,13 @@ impl Shard {
             }
             if !pending.contains_key(&id) {
                 let entry = if patch_only.get(&id).copied().unwrap_or(false) {
-                    Pending::Fields(self.rows.head(&id)?.map(|head| Patching {
-                        doc: head.inline.clone(),
-                        head,
-                        before: BTreeMap::new(),
-                    }))
+                    match self.rows.head(&id)? {
+                        Some(head) => {
+                            Pending::Fields(Some(Patching { doc: head.inline.clone(), head, before: BTreeMap::new() }))
+                        }
+                        // A missing document: patches fail, merges create it (whole path).
+                        None => Pending::Whole { old: None, new: None },
+                    }
                 } else {
                     let old = match self.rows.head(&id)? {
                         None => None,
@@ -410,8 +412,20 @@ impl Shard {
                 (WriteOp::Patch { ops, .. }, Pending::Whole { new: Some(doc), .. }) => {
                     apply_patch(doc, &ops, &self.limits)
                 }
-                (WriteOp::Patch { ops, .. }, Pending::Fields(Some(p))) => self.patch_fields(&id, p, &ops),
+                (WriteOp::Patch { ops, .. } | WriteOp::Merge { ops, .. }, Pending::Fields(Some(p))) => {
+                    self.patch_fields(&id, p, &ops)
+                }
+                (WriteOp::Merge { ops, .. }, Pending::Whole { new, .. }) => {
+                    let mut doc = new.clone().unwrap_or_else(|| {
+                        let mut d = Doc::new();
+                        d.insert(basalt_common::doc::ID_FIELD.into(), id.clone().into());
+                        d.insert(basalt_common::doc::EVENT_TIME_FIELD.into(), basalt_common::doc::now_micros().into());
+                        d
+                    });
+                    apply_patch(&mut doc, &ops, &self.limits).map(|()| *new = Some(doc))
+                }
                 (WriteOp::Patch { .. }, Pending::Whole { new: None, .. } | Pending::Fields(None)) => Err(missing()),
+                (WriteOp::Merge { .. }, Pending::Fields(None)) => Err(missing()),
                 (_, Pending::Fields(_)) => Err(BasaltError::internal("a whole write on the field-level path")),
             };
             statuses.push(match result {

@@ -503,3 +503,48 @@ async fn source_positions_make_resent_records_apply_once() {
     leaf.drop_collection(1).await.unwrap();
     assert!(leaf.positions(1, vec![0], 7).await.unwrap().is_empty());
 }
+
+/// A merge creates a missing document before patching it (counters that start at zero), and
+/// patches an existing one field by field; a failing merge creates nothing.
+#[tokio::test]
+async fn merges_create_missing_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = Leaf::open(&LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() }).unwrap();
+    let op = |op, path: &str, v: serde_json::Value| PatchOp { op, path: path.into(), value: Some(v) };
+    let merge = |id: &str, ops: Vec<PatchOp>| WriteOp::Merge { id: id.into(), ops };
+    let write = |ops: Vec<WriteOp>| ShardWrite { collection_id: 1, shard: 0, ops, position: None };
+    let counts = |v: i64| {
+        vec![
+            op(PatchKind::Increment, "/clicks", json!(1)),
+            op(PatchKind::Max, "/top", json!(v)),
+            op(PatchKind::Min, "/low", json!(v)),
+        ]
+    };
+    let r =
+        leaf.apply(write(vec![merge("g1", counts(5)), merge("g1", counts(9)), merge("g2", counts(1))])).await.unwrap();
+    assert!(r.statuses.iter().all(|s| s.is_ok()));
+    let r = leaf.apply(write(vec![merge("g1", counts(2))])).await.unwrap();
+    assert!(r.statuses.iter().all(|s| s.is_ok()));
+    let bad = leaf.apply(write(vec![merge("g3", vec![op(PatchKind::Increment, "/x", json!("a"))])])).await.unwrap();
+    assert!(!bad.statuses[0].is_ok());
+    let plain = leaf.apply(write(vec![WriteOp::Patch { id: "g4".into(), ops: counts(1) }])).await.unwrap();
+    assert!(!plain.statuses[0].is_ok(), "a plain patch of a missing document fails");
+    let shard = leaf.shard((1, 0)).unwrap();
+    let g1 = shard.get("g1").unwrap().unwrap();
+    assert_eq!((&g1["clicks"], &g1["top"], &g1["low"]), (&json!(3), &json!(9), &json!(2)));
+    assert!(g1["_event_time"].is_i64());
+    assert!(shard.get("g3").unwrap().is_none() && shard.get("g4").unwrap().is_none());
+    assert_eq!(leaf.stats(1, vec![0]).await.unwrap().doc_count, 2);
+    // Scans see the merged values (the second write was a field-level overlay).
+    let got = scan(&leaf, vec![], &[("_id", ColumnType::Utf8), ("clicks", ColumnType::Int64)]).await;
+    let mut rows: Vec<(String, i64)> = (0..got.num_rows())
+        .map(|i| {
+            (
+                got.column(0).as_string::<i32>().value(i).to_string(),
+                got.column(1).as_primitive::<arrow::datatypes::Int64Type>().value(i),
+            )
+        })
+        .collect();
+    rows.sort();
+    assert_eq!(rows, vec![("g1".to_string(), 3), ("g2".to_string(), 1)]);
+}

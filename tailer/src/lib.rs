@@ -60,14 +60,14 @@ impl Tailer {
                 normalize_system_fields(&mut doc, now_us, &self.limits.doc)?;
                 Ok(WriteOp::Upsert { doc })
             }
-            WriteInput::Patch { id, ops } => {
+            WriteInput::Patch { id, ops, upsert } => {
                 if id.is_empty() {
                     return Err(BasaltError::invalid("patch needs an _id"));
                 }
                 if ops.is_empty() {
                     return Err(BasaltError::invalid("patch needs at least one operation"));
                 }
-                Ok(WriteOp::Patch { id, ops })
+                Ok(if upsert { WriteOp::Merge { id, ops } } else { WriteOp::Patch { id, ops } })
             }
             WriteInput::Invalid { message } => Err(BasaltError::invalid(message)),
             WriteInput::Delete { id } => {
@@ -180,6 +180,7 @@ mod tests {
         inputs.push(WriteInput::UpsertRaw { json: "{bad".into() });
         inputs.push(WriteInput::Upsert { doc: json!({"no_id": true}) });
         inputs.push(WriteInput::Patch {
+            upsert: false,
             id: "d3".into(),
             ops: vec![PatchOp { op: PatchKind::Increment, path: "/v".into(), value: Some(json!(10)) }],
         });
