@@ -36,13 +36,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every tier in this process (local storage, the embedded default).
+    /// Run every tier in this process (local storage, the embedded default), Kafka sources
+    /// included (see `basalt tailer --help` for their settings).
     Dev(DevArgs),
     /// Run a leaf: stores shards (row store, column store, search index) and hosts the catalog.
     /// Serves Arrow Flight RPC on --rpc-addr to tailers and aggregators.
     Leaf(LeafArgs),
-    /// Run a tailer: validates writes and routes each document to the shard that owns its _id.
-    /// Reaches the leaf (and the catalog it hosts) at --leaf-addr; serves RPC on --rpc-addr.
+    /// Run a tailer: validates writes and routes each document to the shard that owns its _id,
+    /// and ingests the partitions of Kafka sources (CREATE SOURCE) it is assigned; tailers split
+    /// partitions among themselves through leases in the catalog. Reaches the leaf (and the
+    /// catalog it hosts) at --leaf-addr; serves RPC on --rpc-addr. Kafka client settings such as
+    /// credentials come from BASALT_KAFKA_<SETTING> environment variables (librdkafka names,
+    /// dots as underscores, e.g. BASALT_KAFKA_SASL_USERNAME), never from SQL.
     Tailer(TailerArgs),
     /// Run an aggregator: SQL over the PostgreSQL wire protocol and the HTTP API. Reaches the
     /// leaf at --leaf-addr and the tailer at --tailer-addr.
