@@ -572,26 +572,9 @@ fn batches_to_documents(batches: &[RecordBatch]) -> Result<Vec<WriteInput>> {
         .map(|row| {
             let mut doc = serde_json::Map::new();
             for (k, v) in row {
-                insert_path(&mut doc, &k, v);
+                basalt_common::doc::insert_path(&mut doc, &k, v);
             }
             WriteInput::Upsert { doc: serde_json::Value::Object(doc) }
         })
         .collect())
-}
-
-fn insert_path(doc: &mut serde_json::Map<String, serde_json::Value>, path: &str, value: serde_json::Value) {
-    match path.split_once('.') {
-        None => {
-            doc.insert(path.to_string(), value);
-        }
-        Some((head, rest)) => {
-            let child = doc.entry(head.to_string()).or_insert_with(|| serde_json::Value::Object(Default::default()));
-            if !child.is_object() {
-                *child = serde_json::Value::Object(Default::default());
-            }
-            if let serde_json::Value::Object(m) = child {
-                insert_path(m, rest, value);
-            }
-        }
-    }
 }

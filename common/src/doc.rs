@@ -287,6 +287,25 @@ fn visit_value(path: &mut String, value: &Value, f: &mut impl FnMut(&str, Kind))
     }
 }
 
+/// Set the value at a dotted path (`a.b.c`), creating objects on the way (a non-object in the
+/// way is replaced): how a column named by a path becomes a document field.
+pub fn insert_path(doc: &mut Doc, path: &str, value: Value) {
+    match path.split_once('.') {
+        None => {
+            doc.insert(path.to_string(), value);
+        }
+        Some((head, rest)) => {
+            let child = doc.entry(head.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            if !child.is_object() {
+                *child = Value::Object(Map::new());
+            }
+            if let Value::Object(m) = child {
+                insert_path(m, rest, value);
+            }
+        }
+    }
+}
+
 /// The value at a dotted path (`a.b.c`), not descending into arrays.
 pub fn get_path<'a>(doc: &'a Doc, path: &str) -> Option<&'a Value> {
     let mut parts = path.split('.');

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch, new_null_array};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use basalt_common::arrays::build_array;
-use basalt_common::doc::{Doc, visit_kinds};
+use basalt_common::doc::{Doc, insert_path, visit_kinds};
 use basalt_common::schema::{ColumnType, SchemaStats};
 use basalt_common::{BasaltError, Result};
 use datafusion::datasource::MemTable;
@@ -173,23 +173,6 @@ fn rows(batch: &RecordBatch) -> Result<Vec<(i64, Doc)>> {
             (offsets.value(row), doc)
         })
         .collect())
-}
-
-fn insert_path(doc: &mut Doc, path: &str, value: serde_json::Value) {
-    match path.split_once('.') {
-        None => {
-            doc.insert(path.to_string(), value);
-        }
-        Some((head, rest)) => {
-            let child = doc.entry(head.to_string()).or_insert_with(|| serde_json::Value::Object(Default::default()));
-            if !child.is_object() {
-                *child = serde_json::Value::Object(Default::default());
-            }
-            if let serde_json::Value::Object(m) = child {
-                insert_path(m, rest, value);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
