@@ -112,6 +112,18 @@ pub fn parse(sql: &str) -> Result<Vec<BasaltStatement>> {
     Ok(out)
 }
 
+/// Consume `IF NOT EXISTS` if it comes next.
+fn if_not_exists(p: &mut Parser) -> bool {
+    use sqlparser::keywords::Keyword;
+    p.parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS])
+}
+
+/// Consume `IF EXISTS` if it comes next.
+fn if_exists(p: &mut Parser) -> bool {
+    use sqlparser::keywords::Keyword;
+    p.parse_keywords(&[Keyword::IF, Keyword::EXISTS])
+}
+
 /// `(key = value, ...)` with string, number, boolean or bare-word values, keys lowercased.
 fn parse_options(p: &mut Parser) -> Result<Vec<(String, String)>> {
     p.expect_token(&Token::LParen).map_err(err)?;
@@ -214,11 +226,7 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
     if is_word(&t0, "create") && is_word(&t1, "source") {
         p.next_token();
         p.next_token();
-        let if_not_exists = p.parse_keywords(&[
-            sqlparser::keywords::Keyword::IF,
-            sqlparser::keywords::Keyword::NOT,
-            sqlparser::keywords::Keyword::EXISTS,
-        ]);
+        let if_not_exists = if_not_exists(p);
         let name = collection_name(&p.parse_object_name(false).map_err(err)?)?;
         p.expect_keyword(sqlparser::keywords::Keyword::FROM).map_err(err)?;
         let kind = p.parse_identifier().map_err(err)?.value.to_lowercase();
@@ -243,7 +251,7 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
     if is_word(&t0, "drop") && is_word(&t1, "source") {
         p.next_token();
         p.next_token();
-        let if_exists = p.parse_keywords(&[sqlparser::keywords::Keyword::IF, sqlparser::keywords::Keyword::EXISTS]);
+        let if_exists = if_exists(p);
         let name = collection_name(&p.parse_object_name(false).map_err(err)?)?;
         return Ok(BasaltStatement::DropSource { name, if_exists });
     }
@@ -255,11 +263,7 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
     if is_word(&t0, "create") && (is_word(&t1, "workspace") || is_word(&t1, "collection")) {
         p.next_token();
         p.next_token();
-        let if_not_exists = p.parse_keywords(&[
-            sqlparser::keywords::Keyword::IF,
-            sqlparser::keywords::Keyword::NOT,
-            sqlparser::keywords::Keyword::EXISTS,
-        ]);
+        let if_not_exists = if_not_exists(p);
         let name = p.parse_object_name(false).map_err(err)?;
         if is_word(&t1, "workspace") {
             let name = single_ident(&name)?;
@@ -293,7 +297,7 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
     if is_word(&t0, "drop") && is_word(&t1, "collection") {
         p.next_token();
         p.next_token();
-        let if_exists = p.parse_keywords(&[sqlparser::keywords::Keyword::IF, sqlparser::keywords::Keyword::EXISTS]);
+        let if_exists = if_exists(p);
         let name = collection_name(&p.parse_object_name(false).map_err(err)?)?;
         return Ok(BasaltStatement::DropCollection { name, if_exists });
     }
