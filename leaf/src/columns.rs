@@ -589,7 +589,7 @@ impl ColumnStore {
         let base = self.next_slot - self.tail.len() as u64;
         // Blocks already built for the tail (see `prebuild_tail`) are concatenated; only the
         // documents after them are built here.
-        let covered: usize = self.tail_blocks.iter().map(|b| b.rows).sum();
+        let covered = self.tail_covered();
         let mut parts = self.tail_blocks.clone();
         if covered < self.tail.len() {
             parts.push(Arc::new(Block::build(base + covered as u64, &self.tail[covered..])?));
@@ -610,7 +610,7 @@ impl ColumnStore {
     /// The tail documents no tail block covers yet, with the slot of the first (to build a
     /// block from without holding the store's lock; see [`ColumnStore::add_tail_block`]).
     pub fn unbuilt_tail(&self) -> (u64, Vec<Arc<Doc>>) {
-        let covered: usize = self.tail_blocks.iter().map(|b| b.rows).sum();
+        let covered = self.tail_covered();
         let tail_base = self.next_slot - self.tail.len() as u64;
         (tail_base + covered as u64, self.tail[covered.min(self.tail.len())..].to_vec())
     }
@@ -618,7 +618,7 @@ impl ColumnStore {
     /// Add a block built from [`ColumnStore::unbuilt_tail`] if it still continues the tail's
     /// blocks (the tail was not sealed or extended in a way that moved them meanwhile).
     pub fn add_tail_block(&mut self, block: Block) -> Result<()> {
-        let covered: usize = self.tail_blocks.iter().map(|b| b.rows).sum();
+        let covered = self.tail_covered();
         let tail_base = self.next_slot - self.tail.len() as u64;
         if block.rows > 0 && block.base_slot == tail_base + covered as u64 && covered + block.rows <= self.tail.len() {
             self.tail_blocks.push(Arc::new(block));
@@ -650,7 +650,7 @@ impl ColumnStore {
 
     /// Blocks to scan: sealed blocks plus the tail built into blocks (see `tail_blocks`).
     pub fn snapshot(&mut self) -> Result<Snapshot> {
-        let covered: usize = self.tail_blocks.iter().map(|b| b.rows).sum();
+        let covered = self.tail_covered();
         if covered < self.tail.len() {
             let tail_base = self.next_slot - self.tail.len() as u64;
             self.tail_blocks.push(Arc::new(Block::build(tail_base + covered as u64, &self.tail[covered..])?));
@@ -666,26 +666,29 @@ impl ColumnStore {
         })
     }
 
+    /// Tail documents the tail blocks cover (a prefix of the tail).
+    fn tail_covered(&self) -> usize {
+        self.tail_blocks.iter().map(|b| b.rows).sum()
+    }
+
     /// A block at least half the size of the one before it merges with it (a binary counter).
     fn merge_tail_blocks(&mut self) -> Result<()> {
         let tail_base = self.next_slot - self.tail.len() as u64;
+        while let [.., before, last] = self.tail_blocks.as_slice()
+            && last.rows * 2 >= before.rows
         {
-            while let [.., before, last] = self.tail_blocks.as_slice()
-                && last.rows * 2 >= before.rows
-            {
-                // Concatenating arrays is cheaper than building from the documents again;
-                // blocks whose types for a path differ are built again together.
-                let merged = match Block::concat(&[before.clone(), last.clone()])? {
-                    Some(b) => Arc::new(b),
-                    None => {
-                        let start = (before.base_slot - tail_base) as usize;
-                        let end = start + before.rows + last.rows;
-                        Arc::new(Block::build(before.base_slot, &self.tail[start..end])?)
-                    }
-                };
-                self.tail_blocks.truncate(self.tail_blocks.len() - 2);
-                self.tail_blocks.push(merged);
-            }
+            // Concatenating arrays is cheaper than building from the documents again;
+            // blocks whose types for a path differ are built again together.
+            let merged = match Block::concat(&[before.clone(), last.clone()])? {
+                Some(b) => Arc::new(b),
+                None => {
+                    let start = (before.base_slot - tail_base) as usize;
+                    let end = start + before.rows + last.rows;
+                    Arc::new(Block::build(before.base_slot, &self.tail[start..end])?)
+                }
+            };
+            self.tail_blocks.truncate(self.tail_blocks.len() - 2);
+            self.tail_blocks.push(merged);
         }
         Ok(())
     }

@@ -134,16 +134,15 @@ struct Patching {
 enum Pending {
     /// Whole versions: the stored one (with its head) and the one after the batch.
     Whole { old: Option<(Doc, Head)>, new: Option<Doc> },
-    /// Field-level patches (`None`: the document does not exist).
-    Fields(Option<Patching>),
+    /// Field-level patches of a stored document.
+    Fields(Patching),
 }
 
 impl Pending {
     fn changed(&self) -> bool {
         match self {
             Pending::Whole { old, new } => old.as_ref().map(|(doc, _)| doc) != new.as_ref(),
-            Pending::Fields(Some(p)) => p.before.iter().any(|(name, before)| p.doc.get(name) != before.as_ref()),
-            Pending::Fields(None) => false,
+            Pending::Fields(p) => p.before.iter().any(|(name, before)| p.doc.get(name) != before.as_ref()),
         }
     }
 }
@@ -383,7 +382,7 @@ impl Shard {
                 let entry = if patch_only.get(&id).copied().unwrap_or(false) {
                     match self.rows.head(&id)? {
                         Some(head) => {
-                            Pending::Fields(Some(Patching { doc: head.inline.clone(), head, before: BTreeMap::new() }))
+                            Pending::Fields(Patching { doc: head.inline.clone(), head, before: BTreeMap::new() })
                         }
                         // A missing document: patches fail, merges create it (whole path).
                         None => Pending::Whole { old: None, new: None },
@@ -412,7 +411,7 @@ impl Shard {
                 (WriteOp::Patch { ops, .. }, Pending::Whole { new: Some(doc), .. }) => {
                     apply_patch(doc, &ops, &self.limits)
                 }
-                (WriteOp::Patch { ops, .. } | WriteOp::Merge { ops, .. }, Pending::Fields(Some(p))) => {
+                (WriteOp::Patch { ops, .. } | WriteOp::Merge { ops, .. }, Pending::Fields(p)) => {
                     self.patch_fields(&id, p, &ops)
                 }
                 (WriteOp::Merge { ops, .. }, Pending::Whole { new, .. }) => {
@@ -424,8 +423,7 @@ impl Shard {
                     });
                     apply_patch(&mut doc, &ops, &self.limits).map(|()| *new = Some(doc))
                 }
-                (WriteOp::Patch { .. }, Pending::Whole { new: None, .. } | Pending::Fields(None)) => Err(missing()),
-                (WriteOp::Merge { .. }, Pending::Fields(None)) => Err(missing()),
+                (WriteOp::Patch { .. }, Pending::Whole { new: None, .. }) => Err(missing()),
                 (_, Pending::Fields(_)) => Err(BasaltError::internal("a whole write on the field-level path")),
             };
             statuses.push(match result {
@@ -467,7 +465,7 @@ impl Shard {
                         }
                     }
                 }
-                Pending::Fields(Some(p)) => {
+                Pending::Fields(p) => {
                     for (name, before) in &p.before {
                         if let Some(v) = before {
                             delta.add_field(name, v, -1);
@@ -479,7 +477,6 @@ impl Shard {
                     let touched: BTreeSet<String> = p.before.keys().cloned().collect();
                     self.rows.put_fields(&mut batch, id, &p.head, &p.doc, &touched)?;
                 }
-                Pending::Fields(None) => {}
             }
         }
         let entry = LogEntry { ids: changed.clone(), stats: delta.build() };
@@ -495,7 +492,7 @@ impl Shard {
         for id in changed {
             let mut whole = match pending.remove(&id) {
                 Some(Pending::Whole { new, .. }) => new,
-                Some(Pending::Fields(Some(p))) => {
+                Some(Pending::Fields(p)) => {
                     let Patching { mut doc, before, .. } = p;
                     let overlay: Overlay = before
                         .into_keys()
@@ -515,7 +512,7 @@ impl Shard {
                         None => self.get(&id)?,
                     }
                 }
-                Some(Pending::Fields(None)) | None => continue,
+                None => continue,
             };
             columns.remove(&id);
             if let Some(doc) = whole.take() {
@@ -579,11 +576,7 @@ impl Shard {
         // stall behind it: commit the search tail (the seal then commits only what arrives
         // meanwhile) and build the column tail into a block (the seal concatenates).
         self.search.refresh()?;
-        let (base, docs) = self.columns.read().unbuilt_tail();
-        if !docs.is_empty() {
-            let block = Block::build(base, &docs)?;
-            self.columns.write().add_tail_block(block)?;
-        }
+        self.prebuild_tail()?;
         let (seq, blocks, deletions, stats, next_slot, job, patches) = {
             let seq = self.seq.lock();
             let mut columns = self.columns.write();
@@ -767,6 +760,17 @@ impl Shard {
         batch.commit().map_err(store_err)
     }
 
+    /// Build the column tail's new documents into a block holding only a read lock (writers
+    /// go on meanwhile), then add it under the write lock.
+    fn prebuild_tail(&self) -> Result<()> {
+        let (base, docs) = self.columns.read().unbuilt_tail();
+        if !docs.is_empty() {
+            let block = Block::build(base, &docs)?;
+            self.columns.write().add_tail_block(block)?;
+        }
+        Ok(())
+    }
+
     /// Run a scan, sending batches to `emit` until it returns false.
     pub fn scan(&self, req: &ScanRequest, emit: impl FnMut(RecordBatch) -> bool) -> Result<AccessPath> {
         let schema: SchemaRef = Arc::new(Schema::new(
@@ -776,13 +780,8 @@ impl Shard {
         if remaining == 0 {
             return Ok(AccessPath::ColumnScan);
         }
-        // New tail documents are built into a block without the writer-blocking lock first;
-        // the snapshot then only merges blocks.
-        let (base, docs) = self.columns.read().unbuilt_tail();
-        if !docs.is_empty() {
-            let block = Block::build(base, &docs)?;
-            self.columns.write().add_tail_block(block)?;
-        }
+        // The snapshot then only merges blocks under the writer-blocking lock.
+        self.prebuild_tail()?;
         let snapshot = self.columns.write().snapshot()?;
         let access = self.access_path(req, &snapshot.stats);
         let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
