@@ -21,8 +21,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use basalt_common::api::{
-    CollectionInfo, KafkaSource, Leaf, Meta, PartitionStatus, ShardWrite, SourceInfo, SourcePosition, SourceSpec,
-    StartAt, WriteOp,
+    CollectionInfo, KafkaSource, Leaf, Meta, PartitionStatus, ShardWrite, ShardWriteResult, SourceInfo, SourcePosition,
+    SourceSpec, StartAt, WriteOp,
 };
 use basalt_common::doc::{Doc, DocLimits, ID_FIELD, normalize_system_fields, now_micros, parse_doc, shard_for_id};
 use basalt_common::{BasaltError, Result};
@@ -340,20 +340,23 @@ impl PartitionWorker {
                 }
             })
             .collect();
+        let results = self.apply_all(&writes)?;
+        let statuses = results.iter().flat_map(|r| r.statuses.iter());
+        Ok(statuses.fold((0, 0), |(ok, failed), s| if s.is_ok() { (ok + 1, failed) } else { (ok, failed + 1) }))
+    }
+
+    /// Apply writes to their shards concurrently, retried with backoff until all succeed or
+    /// the worker is stopped. Writes here are idempotent (positions, or `_id`s that are
+    /// record positions), so a retry after a partial failure is harmless.
+    fn apply_all(&self, writes: &[ShardWrite]) -> Result<Vec<ShardWriteResult>> {
         let mut backoff = Duration::from_millis(100);
         loop {
             let calls = writes.iter().cloned().map(|w| {
                 let leaf = self.leaf.clone();
                 async move { leaf.apply(w).await }
             });
-            let results = self.rt.block_on(futures::future::join_all(calls));
-            match results.into_iter().collect::<Result<Vec<_>>>() {
-                Ok(results) => {
-                    let statuses = results.iter().flat_map(|r| r.statuses.iter());
-                    let (ok, failed) = statuses
-                        .fold((0, 0), |(ok, failed), s| if s.is_ok() { (ok + 1, failed) } else { (ok, failed + 1) });
-                    return Ok((ok, failed));
-                }
+            match self.rt.block_on(futures::future::join_all(calls)).into_iter().collect::<Result<Vec<_>>>() {
+                Ok(results) => return Ok(results),
                 Err(e) if self.stopped() => return Err(e),
                 Err(e) => {
                     tracing::warn!(source = %self.source.name, partition = self.partition, error = %e, "leaf write failed; retrying");
@@ -392,6 +395,10 @@ impl PartitionWorker {
     fn ingest(&self) -> Result<()> {
         let SourceSpec::Kafka(kafka) = &self.source.spec;
         let info = self.collection()?;
+        let errors = match &self.source.errors {
+            Some(name) => Some(self.rt.block_on(self.meta.get_collection(name.clone()))?),
+            None => None,
+        };
         let consumer: BaseConsumer = client_config(kafka, self.source.id).create().map_err(kafka_err)?;
         let next = self.resume(&info, &consumer, &kafka.topic, kafka.start)?;
         let mut tpl = TopicPartitionList::new();
@@ -498,7 +505,7 @@ impl PartitionWorker {
             // Bad records first: once the chunk's position is committed they are not read again.
             let bad_count = bad.len() as u64;
             if !bad.is_empty() {
-                self.record_errors(bad)?;
+                self.record_errors(errors.as_ref(), bad)?;
             }
             let bad = bad_count;
             let (ok, failed) = self.send(&info, per_shard, through)?;
@@ -541,7 +548,7 @@ impl PartitionWorker {
         payload: Option<Vec<u8>>,
         error: &BasaltError,
         now: i64,
-    ) -> basalt_common::doc::Doc {
+    ) -> Doc {
         const PAYLOAD_MAX: usize = 64 * 1024;
         let text = |b: Vec<u8>| {
             let mut t = String::from_utf8_lossy(&b[..b.len().min(PAYLOAD_MAX)]).into_owned();
@@ -550,8 +557,8 @@ impl PartitionWorker {
             }
             t
         };
-        let mut doc = basalt_common::doc::Doc::new();
-        doc.insert(ID_FIELD.into(), format!("{}-{}-{offset}", self.source.id, self.partition).into());
+        let mut doc = Doc::new();
+        doc.insert(ID_FIELD.into(), self.position_id(offset).into());
         doc.insert("source".into(), self.source.name.to_string().into());
         doc.insert("partition".into(), self.partition.into());
         doc.insert("offset".into(), offset.into());
@@ -564,40 +571,28 @@ impl PartitionWorker {
     }
 
     /// Write bad records to the source's errors collection (retried until written).
-    fn record_errors(&self, docs: Vec<basalt_common::doc::Doc>) -> Result<()> {
-        let Some(errors) = self.source.errors.clone() else { return Ok(()) };
-        let info = self.rt.block_on(self.meta.get_collection(errors))?;
+    fn record_errors(&self, errors: Option<&CollectionInfo>, docs: Vec<Doc>) -> Result<()> {
+        let Some(info) = errors else { return Ok(()) };
         let mut per_shard: BTreeMap<u32, Vec<WriteOp>> = BTreeMap::new();
         for doc in docs {
             let id = doc.get(ID_FIELD).and_then(|v| v.as_str()).unwrap_or_default().to_string();
             per_shard.entry(shard_for_id(&id, info.shards)).or_default().push(WriteOp::Upsert { doc });
         }
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let calls = per_shard.iter().map(|(shard, ops)| {
-                let write = ShardWrite { collection_id: info.id, shard: *shard, ops: ops.clone(), position: None };
-                let leaf = self.leaf.clone();
-                async move { leaf.apply(write).await }
-            });
-            match self.rt.block_on(futures::future::join_all(calls)).into_iter().collect::<Result<Vec<_>>>() {
-                Ok(_) => return Ok(()),
-                Err(e) if self.stopped() => return Err(e),
-                Err(e) => {
-                    tracing::warn!(source = %self.source.name, error = %e, "writing to the errors collection failed; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        let writes: Vec<ShardWrite> = per_shard
+            .into_iter()
+            .map(|(shard, ops)| ShardWrite { collection_id: info.id, shard, ops, position: None })
+            .collect();
+        self.apply_all(&writes).map(|_| ())
+    }
+
+    /// The `_id` of a record at `offset` that has none of its own (also its errors document).
+    fn position_id(&self, offset: i64) -> String {
+        format!("{}-{}-{offset}", self.source.id, self.partition)
     }
 
     /// A message as an upsert: JSON object, within limits, `_id` from the key when the
     /// document has none and the source says so, else from the record's position (so a record
     /// read again gets the same `_id`, the same shard, and is recognized as applied).
-    fn position_id(&self, offset: i64) -> String {
-        format!("{}-{}-{offset}", self.source.id, self.partition)
-    }
-
     fn decode(&self, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, now: i64) -> Result<Doc> {
         let SourceSpec::Kafka(kafka) = &self.source.spec;
         let payload = payload.ok_or_else(|| BasaltError::invalid("message has no value"))?;
