@@ -26,14 +26,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 import psycopg
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, os.path.dirname(__file__))
-from foundation import free_port, make_doc, machine  # noqa: E402
+from foundation import Basalt, free_port, make_doc, machine  # noqa: E402
 
 
 def percentile(values, p):
@@ -67,32 +66,6 @@ class Tansu:
     def close(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
-
-
-class Basalt:
-    def __init__(self, binary, workdir):
-        self.pg_port, self.http_port = free_port(), free_port()
-        self.log = open(os.path.join(workdir, "basalt.log"), "w")
-        self.proc = subprocess.Popen(
-            [binary, "dev", "--data-dir", os.path.join(workdir, "data"),
-             "--pg-addr", f"127.0.0.1:{self.pg_port}", "--http-addr", f"127.0.0.1:{self.http_port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        self.dsn = f"host=127.0.0.1 port={self.pg_port} user=basalt dbname=basalt"
-        self.conn = psycopg.connect(self.dsn, autocommit=True)
-
-    def count(self, collection):
-        return self.conn.execute(f"SELECT count(*) FROM {collection}").fetchone()[0]
-
-    def close(self):
-        self.conn.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
 
 
 def documents(n, offset):
@@ -133,7 +106,7 @@ def latency_run(basalt, tansu, collection, topic, rate, seconds, offset):
     stop = threading.Event()
 
     def poll():
-        conn = psycopg.connect(basalt.dsn, autocommit=True)
+        conn = psycopg.connect(basalt.dsn(), autocommit=True)
         while not stop.is_set():
             t = time.time()
             row = conn.execute(f"SELECT max(_event_time) FROM {collection}").fetchone()
@@ -182,7 +155,7 @@ def backlog_run(basalt, tansu, n, offset, workdir):
                         f"topic = '{topic}') INTO backlog")
     last = 0
     while True:
-        c = basalt.count("backlog")
+        c = basalt.conn.execute("SELECT count(*) FROM backlog").fetchone()[0]
         if c >= n:
             break
         if c // 50_000 > last // 50_000:
