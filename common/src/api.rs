@@ -161,6 +161,11 @@ pub struct SourcePosition {
     /// Every record of the partition up to this offset has been routed: the ones for this
     /// shard are in `ops` (or were in an earlier write).
     pub through: i64,
+    /// Set when the operations aggregate records (rollups): the first offset they include. Such
+    /// a write applies whole or not at all, so a shard whose position lies in
+    /// `first..through` (it has part of the records) refuses it with a conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<i64>,
 }
 
 /// How far a shard has applied one partition of a source.
@@ -218,6 +223,17 @@ pub struct SourceInfo {
     /// kept when it is dropped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errors: Option<CollectionName>,
+    /// Collections that aggregate this source's records at ingest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollups: Vec<RollupInfo>,
+}
+
+/// A collection maintained by a source's records grouped at ingest: `sql` is
+/// `SELECT keys..., aggregates... FROM _input [WHERE ...] GROUP BY ...`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollupInfo {
+    pub collection: CollectionName,
+    pub sql: String,
 }
 
 /// What a tailer reports about one partition it ingests.
@@ -327,6 +343,15 @@ pub trait MetaApi: Send + Sync + 'static {
     ) -> Result<SourceInfo>;
     async fn drop_source(&self, name: CollectionName, if_exists: bool) -> Result<Option<SourceInfo>>;
     async fn list_sources(&self) -> Result<Vec<SourceInfo>>;
+    /// Create collection `name` kept up to date by `source`'s records aggregated with `sql`.
+    async fn create_rollup(
+        &self,
+        name: CollectionName,
+        shards: u32,
+        source: CollectionName,
+        sql: String,
+        if_not_exists: bool,
+    ) -> Result<CollectionInfo>;
     /// A tailer's lease renewal with what it reports about its partitions; returns the live
     /// tailers (those heard from within the lease), sorted: sources' partitions are split
     /// among them.

@@ -343,6 +343,9 @@ pub enum PatchKind {
     Max,
     /// Set the value if the field is missing, null or larger.
     Min,
+    /// Merge a distinct-count sketch (text, see [`crate::sketch`]) into the field, which becomes
+    /// `{"estimate": n, "sketch": "..."}`.
+    SketchMerge,
 }
 
 fn pointer_parts(pointer: &str) -> Result<Vec<String>> {
@@ -391,7 +394,10 @@ fn apply_one(root: &mut Value, op: &PatchOp) -> Result<()> {
         return Err(BasaltError::invalid("_id cannot be patched"));
     }
     let (last, parents) = parts.split_last().ok_or_else(|| BasaltError::invalid("empty patch path"))?;
-    let create = matches!(op.op, PatchKind::Add | PatchKind::Increment | PatchKind::Max | PatchKind::Min);
+    let create = matches!(
+        op.op,
+        PatchKind::Add | PatchKind::Increment | PatchKind::Max | PatchKind::Min | PatchKind::SketchMerge
+    );
     let mut cur = root;
     for part in parents {
         cur = match cur {
@@ -436,6 +442,14 @@ fn apply_one(root: &mut Value, op: &PatchOp) -> Result<()> {
                     o.insert(last.clone(), v);
                 }
             }
+            PatchKind::SketchMerge => {
+                let v = value()?;
+                let text = v
+                    .as_str()
+                    .ok_or_else(|| BasaltError::invalid(format!("sketch_merge on {} needs text", op.path)))?;
+                let merged = crate::sketch::merge_into(o.get(last), text)?;
+                o.insert(last.clone(), merged);
+            }
         },
         Value::Array(items) => {
             let len = items.len();
@@ -466,6 +480,9 @@ fn apply_one(root: &mut Value, op: &PatchOp) -> Result<()> {
                     if extreme_replaces(Some(&items[idx]), &v, op.op, &op.path)? {
                         items[idx] = v;
                     }
+                }
+                PatchKind::SketchMerge => {
+                    return Err(BasaltError::invalid(format!("sketch_merge on {}: not into an array", op.path)));
                 }
             }
         }

@@ -24,6 +24,9 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an unexpected storage failure.
     Internal,
+    /// The write conflicts with state another writer created (a source write that straddles a
+    /// shard's position); the writer re-reads the state and tries again.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -38,6 +41,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Conflict => "conflict",
         }
     }
 
@@ -53,6 +57,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "0A000",
             ErrorCode::Unavailable => "08006",
             ErrorCode::Internal => "XX000",
+            ErrorCode::Conflict => "40001",
         }
     }
 
@@ -61,7 +66,7 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidInput | ErrorCode::Syntax | ErrorCode::UndefinedColumn => 400,
             ErrorCode::NotFound => 404,
-            ErrorCode::AlreadyExists => 409,
+            ErrorCode::AlreadyExists | ErrorCode::Conflict => 409,
             ErrorCode::LimitExceeded => 413,
             ErrorCode::Unsupported => 501,
             ErrorCode::Unavailable => 503,
@@ -99,6 +104,9 @@ impl BasaltError {
     }
     pub fn unsupported(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unsupported, message)
+    }
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Conflict, message)
     }
 }
 

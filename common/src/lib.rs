@@ -10,6 +10,7 @@ pub mod doc;
 pub mod error;
 pub mod filter;
 pub mod schema;
+pub mod sketch;
 pub mod text;
 
 pub use error::{BasaltError, ErrorCode, Result};

@@ -323,6 +323,16 @@ impl Shard {
                     )));
                 }
                 let done = self.positions.lock().get(&(p.stream, p.partition)).copied().unwrap_or(-1);
+                if let Some(first) = p.first
+                    && done >= first
+                    && done < p.through
+                {
+                    return Err(BasaltError::conflict(format!(
+                        "source {} partition {}: the write aggregates offsets {first}..={} but this shard applied \
+                         through {done}",
+                        p.stream, p.partition, p.through
+                    )));
+                }
                 let kept: Vec<bool> = p.offsets.iter().map(|o| *o > done).collect();
                 let mut ids = Vec::new();
                 let mut out = Vec::new();

@@ -478,7 +478,7 @@ async fn source_positions_make_resent_records_apply_once() {
         collection_id: 1,
         shard: 0,
         ops,
-        position: Some(SourcePosition { stream: 7, partition: 2, offsets, through }),
+        position: Some(SourcePosition { stream: 7, partition: 2, offsets, through, first: None }),
     };
     {
         let leaf = Leaf::open(&config).unwrap();
@@ -500,6 +500,20 @@ async fn source_positions_make_resent_records_apply_once() {
     leaf.apply(write(vec![inc("a")], vec![15], 20)).await.unwrap();
     let shard = leaf.shard((1, 0)).unwrap();
     assert_eq!(shard.get("a").unwrap().unwrap()["n"], json!(3));
+    // Aggregated writes (rollups) apply whole or not at all: one that includes offsets this
+    // shard has (through 20) and offsets it lacks is refused; wholly applied ones are skipped.
+    let aggregated = |first: i64, through: i64| ShardWrite {
+        collection_id: 1,
+        shard: 0,
+        ops: vec![inc("a")],
+        position: Some(SourcePosition { stream: 7, partition: 2, offsets: vec![through], through, first: Some(first) }),
+    };
+    let straddle = leaf.apply(aggregated(18, 25)).await.unwrap_err();
+    assert_eq!(straddle.code, basalt_common::ErrorCode::Conflict, "{straddle}");
+    leaf.apply(aggregated(15, 20)).await.unwrap();
+    leaf.apply(aggregated(21, 25)).await.unwrap();
+    assert_eq!(shard.get("a").unwrap().unwrap()["n"], json!(4));
+    assert_eq!(leaf.positions(1, vec![0], 7).await.unwrap()[0].through, 25);
     leaf.drop_collection(1).await.unwrap();
     assert!(leaf.positions(1, vec![0], 7).await.unwrap().is_empty());
 }

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use basalt_common::api::{
-    CollectionInfo, CollectionName, DEFAULT_WORKSPACE, MetaApi, PartitionStatus, SHARDS_MAX, SourceInfo, SourceSpec,
-    validate_identifier,
+    CollectionInfo, CollectionName, DEFAULT_WORKSPACE, MetaApi, PartitionStatus, RollupInfo, SHARDS_MAX, SourceInfo,
+    SourceSpec, validate_identifier,
 };
 use basalt_common::doc::now_micros;
 use basalt_common::{BasaltError, ErrorCode, Result};
@@ -165,6 +165,9 @@ impl MetaApi for LocalMeta {
                     // Sources that fed it go with it.
                     for ws in c.workspaces.values_mut() {
                         ws.sources.retain(|_, s| s.collection != name);
+                        for s in ws.sources.values_mut() {
+                            s.rollups.retain(|r| r.collection != name);
+                        }
                     }
                     tracing::info!(collection = %name, id = info.id, "collection dropped");
                     Ok(Some(info))
@@ -235,6 +238,7 @@ impl MetaApi for LocalMeta {
                 spec,
                 created_at_us: now_micros(),
                 errors: Some(errors.clone()),
+                rollups: Vec::new(),
             };
             ws.sources.insert(name.name.clone(), info.clone());
             c.next_collection_id += 1;
@@ -265,6 +269,51 @@ impl MetaApi for LocalMeta {
     async fn list_sources(&self) -> Result<Vec<SourceInfo>> {
         let c = self.catalog.lock().await;
         Ok(c.workspaces.values().flat_map(|ws| ws.sources.values().cloned()).collect())
+    }
+
+    async fn create_rollup(
+        &self,
+        name: CollectionName,
+        shards: u32,
+        source: CollectionName,
+        sql: String,
+        if_not_exists: bool,
+    ) -> Result<CollectionInfo> {
+        validate_identifier(&name.workspace)?;
+        validate_identifier(&name.name)?;
+        if shards == 0 || shards > SHARDS_MAX {
+            return Err(BasaltError::invalid(format!("shards must be between 1 and {SHARDS_MAX}")));
+        }
+        self.update(|c| {
+            let id = c.next_collection_id;
+            let src = c
+                .workspaces
+                .get(&source.workspace)
+                .and_then(|ws| ws.sources.get(&source.name))
+                .ok_or_else(|| BasaltError::not_found(format!("source {source} does not exist")))?;
+            if src.collection == name {
+                return Err(BasaltError::invalid("a rollup cannot be its own source's collection"));
+            }
+            let ws = c.workspaces.get_mut(&name.workspace).ok_or_else(|| workspace_missing(&name.workspace))?;
+            if let Some(existing) = ws.collections.get(&name.name) {
+                if if_not_exists {
+                    return Ok(existing.clone());
+                }
+                return Err(BasaltError::new(ErrorCode::AlreadyExists, format!("collection {name} already exists")));
+            }
+            let info = CollectionInfo { id, name: name.clone(), shards, created_at_us: now_micros() };
+            ws.collections.insert(name.name.clone(), info.clone());
+            c.next_collection_id += 1;
+            let src = c
+                .workspaces
+                .get_mut(&source.workspace)
+                .and_then(|ws| ws.sources.get_mut(&source.name))
+                .ok_or_else(|| BasaltError::internal("source vanished"))?;
+            src.rollups.push(RollupInfo { collection: name.clone(), sql: sql.clone() });
+            tracing::info!(collection = %name, id, source = %source, "rollup created");
+            Ok(info)
+        })
+        .await
     }
 
     async fn source_heartbeat(&self, member: String, report: Vec<PartitionStatus>) -> Result<Vec<String>> {

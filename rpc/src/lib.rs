@@ -94,6 +94,15 @@ struct CreateSource {
 }
 
 #[derive(Serialize, Deserialize)]
+struct CreateRollup {
+    name: CollectionName,
+    shards: u32,
+    source: CollectionName,
+    sql: String,
+    if_not_exists: bool,
+}
+
+#[derive(Serialize, Deserialize)]
 struct Heartbeat {
     member: String,
     report: Vec<PartitionStatus>,
@@ -135,6 +144,10 @@ impl Services {
                 encode(&meta()?.drop_source(a.name, a.if_exists).await?)
             }
             "meta.list_sources" => encode(&meta()?.list_sources().await?),
+            "meta.create_rollup" => {
+                let a: CreateRollup = decode(body)?;
+                encode(&meta()?.create_rollup(a.name, a.shards, a.source, a.sql, a.if_not_exists).await?)
+            }
             "meta.source_heartbeat" => {
                 let a: Heartbeat = decode(body)?;
                 encode(&meta()?.source_heartbeat(a.member, a.report).await?)
@@ -375,6 +388,16 @@ impl MetaApi for Client {
     }
     async fn list_sources(&self) -> Result<Vec<SourceInfo>> {
         self.call("meta.list_sources", &()).await
+    }
+    async fn create_rollup(
+        &self,
+        name: CollectionName,
+        shards: u32,
+        source: CollectionName,
+        sql: String,
+        if_not_exists: bool,
+    ) -> Result<CollectionInfo> {
+        self.call("meta.create_rollup", &CreateRollup { name, shards, source, sql, if_not_exists }).await
     }
     async fn source_heartbeat(&self, member: String, report: Vec<PartitionStatus>) -> Result<Vec<String>> {
         self.call("meta.source_heartbeat", &Heartbeat { member, report }).await

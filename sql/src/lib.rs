@@ -79,6 +79,15 @@ pub enum BasaltStatement {
         if_exists: bool,
     },
     ShowSources,
+    /// `CREATE COLLECTION name [WITH (shards = n)] AS ROLLUP SELECT ... FROM _input [WHERE ...]
+    /// GROUP BY ... FROM SOURCE source`: `sql` is the checked query.
+    CreateRollup {
+        name: CollectionName,
+        shards: u32,
+        source: CollectionName,
+        sql: String,
+        if_not_exists: bool,
+    },
     /// Anything else goes to the query engine as it is (after path rewriting).
     Query(Box<Statement>),
 }
@@ -220,6 +229,190 @@ pub fn check_transform(sql: &str) -> Result<Box<Query>> {
     Ok(query)
 }
 
+/// What a rollup's select item is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollupColumn {
+    /// A grouping key: its value is set on the group's document.
+    Key,
+    /// `count(*)` or `count(x)`: incremented.
+    Count,
+    /// `sum(x)`: incremented.
+    Sum,
+    Min,
+    Max,
+    /// `approx_distinct(x)` (or `approx_count_distinct`): a mergeable sketch.
+    ApproxDistinct,
+}
+
+/// A checked rollup query and the name and role of each select item, in order.
+#[derive(Debug, Clone)]
+pub struct RollupPlan {
+    pub query: Box<Query>,
+    pub columns: Vec<(String, RollupColumn)>,
+}
+
+/// Aggregate functions: the ones a rollup maintains, and others it must refuse.
+const ROLLUP_AGGREGATES: &[&str] = &["count", "sum", "min", "max", "approx_distinct", "approx_count_distinct"];
+const OTHER_AGGREGATES: &[&str] = &[
+    "avg",
+    "mean",
+    "median",
+    "array_agg",
+    "string_agg",
+    "stddev",
+    "stddev_samp",
+    "stddev_pop",
+    "variance",
+    "var",
+    "var_samp",
+    "var_pop",
+    "first_value",
+    "last_value",
+    "nth_value",
+    "bool_and",
+    "bool_or",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "corr",
+    "covar",
+    "covar_samp",
+    "covar_pop",
+    "approx_median",
+    "approx_percentile_cont",
+    "approx_percentile_cont_with_weight",
+    "grouping",
+    "regr_slope",
+    "regr_intercept",
+    "regr_count",
+    "regr_r2",
+];
+
+struct FindAggregate(Option<String>);
+
+impl Visitor for FindAggregate {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = expr {
+            let name = f.name.to_string().to_lowercase();
+            if ROLLUP_AGGREGATES.contains(&name.as_str()) || OTHER_AGGREGATES.contains(&name.as_str()) {
+                self.0 = Some(name);
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Check a rollup: `SELECT keys..., aggregates... FROM _input [WHERE ...] GROUP BY ...` where
+/// every aggregate is `count`, `sum`, `min`, `max` or `approx_distinct` over a scalar
+/// expression, is a select item of its own and has a name; every other item is a grouping key.
+/// Names are top-level fields of the rollup's documents.
+pub fn check_rollup(sql: &str) -> Result<RollupPlan> {
+    use sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments, SelectItem};
+    let bad = |m: String| BasaltError::invalid(format!("rollup: {m}"));
+    let mut statements = parse(sql)?;
+    let (Some(BasaltStatement::Query(stmt)), true) = (statements.pop(), statements.is_empty()) else {
+        return Err(bad("expected one SELECT ... FROM _input GROUP BY ...".into()));
+    };
+    let Statement::Query(query) = *stmt else { return Err(bad("expected one SELECT ... FROM _input".into())) };
+    let sqlparser::ast::SetExpr::Select(select) = query.body.as_ref() else {
+        return Err(bad("expected a plain SELECT (no UNION, VALUES or nesting)".into()));
+    };
+    let [from] = select.from.as_slice() else { return Err(bad("read from _input only".into())) };
+    let TableFactor::Table { name, .. } = &from.relation else { return Err(bad("read from _input only".into())) };
+    if !from.joins.is_empty() || name.to_string() != TRANSFORM_INPUT {
+        return Err(bad("read from _input only (no joins, no other tables)".into()));
+    }
+    let grouped =
+        matches!(&select.group_by, sqlparser::ast::GroupByExpr::Expressions(e, m) if !e.is_empty() && m.is_empty());
+    if !grouped {
+        return Err(bad("needs GROUP BY with one or more expressions".into()));
+    }
+    if select.having.is_some() || query.order_by.is_some() || query.limit_clause.is_some() || select.distinct.is_some()
+    {
+        return Err(bad("no HAVING, DISTINCT, ORDER BY or LIMIT: the rollup keeps every group".into()));
+    }
+    let mut columns = Vec::new();
+    let mut names = HashSet::new();
+    for item in &select.projection {
+        let (expr, alias) = match item {
+            SelectItem::UnnamedExpr(e) => (e, None),
+            SelectItem::ExprWithAlias { expr, alias } => (expr, Some(alias.value.clone())),
+            _ => return Err(bad("name each select item (no *)".into())),
+        };
+        let role = match expr {
+            Expr::Function(f) if ROLLUP_AGGREGATES.contains(&f.name.to_string().to_lowercase().as_str()) => {
+                let fname = f.name.to_string().to_lowercase();
+                let FunctionArguments::List(list) = &f.args else {
+                    return Err(bad(format!("{fname} needs an argument")));
+                };
+                if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
+                    return Err(bad(format!(
+                        "{fname}(DISTINCT ...) cannot be maintained incrementally; use approx_distinct(...)"
+                    )));
+                }
+                if f.filter.is_some() || f.over.is_some() || !f.within_group.is_empty() {
+                    return Err(bad(format!("{fname} with FILTER, OVER or WITHIN GROUP")));
+                }
+                let star = matches!(list.args.as_slice(), [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)]);
+                let one = match list.args.as_slice() {
+                    [FunctionArg::Unnamed(FunctionArgExpr::Expr(e))] => Some(e),
+                    _ => None,
+                };
+                if !(one.is_some() || star && fname == "count") {
+                    return Err(bad(format!("{fname} takes one expression")));
+                }
+                if let Some(e) = one {
+                    let mut find = FindAggregate(None);
+                    let _ = e.visit(&mut find);
+                    if let Some(inner) = find.0 {
+                        return Err(bad(format!("{inner} inside {fname}")));
+                    }
+                }
+                match fname.as_str() {
+                    "count" => RollupColumn::Count,
+                    "sum" => RollupColumn::Sum,
+                    "min" => RollupColumn::Min,
+                    "max" => RollupColumn::Max,
+                    _ => RollupColumn::ApproxDistinct,
+                }
+            }
+            other => {
+                let mut find = FindAggregate(None);
+                let _ = other.visit(&mut find);
+                if let Some(f) = find.0 {
+                    return Err(bad(format!(
+                        "{f} is not maintained incrementally here: aggregates are count, sum, min, max and \
+                         approx_distinct, each a select item of its own (avg: keep sum and count)"
+                    )));
+                }
+                RollupColumn::Key
+            }
+        };
+        let name = match (alias, expr) {
+            (Some(a), _) => a,
+            (None, Expr::Identifier(id)) if role == RollupColumn::Key => id.value.clone(),
+            _ => return Err(bad(format!("name {expr} with AS"))),
+        };
+        if name == basalt_common::doc::ID_FIELD || name.contains('.') || name.is_empty() {
+            return Err(bad(format!("{name:?} cannot name a rollup field (no _id, no dots)")));
+        }
+        if !names.insert(name.clone()) {
+            return Err(bad(format!("two select items are named {name}")));
+        }
+        columns.push((name, role));
+    }
+    if !columns.iter().any(|(_, r)| *r == RollupColumn::Key) {
+        return Err(bad("select at least one grouping key".into()));
+    }
+    if !columns.iter().any(|(_, r)| *r != RollupColumn::Key) {
+        return Err(bad("select at least one aggregate".into()));
+    }
+    Ok(RollupPlan { query, columns })
+}
+
 fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
     let t0 = p.peek_nth_token(0).token;
     let t1 = p.peek_nth_token(1).token;
@@ -291,6 +484,20 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
                 }
             }
             p.expect_token(&Token::RParen).map_err(err)?;
+        }
+        if p.parse_keyword(sqlparser::keywords::Keyword::AS) {
+            if !is_word(&p.next_token().token, "rollup") {
+                return Err(err("expected ROLLUP after AS (CREATE COLLECTION name AS ROLLUP SELECT ...)"));
+            }
+            let query = p.parse_query().map_err(err)?;
+            p.expect_keyword(sqlparser::keywords::Keyword::FROM).map_err(err)?;
+            if !is_word(&p.next_token().token, "source") {
+                return Err(err("expected FROM SOURCE name after the rollup's query"));
+            }
+            let source = collection_name(&p.parse_object_name(false).map_err(err)?)?;
+            let sql = query.to_string();
+            check_rollup(&sql)?;
+            return Ok(BasaltStatement::CreateRollup { name, shards, source, sql, if_not_exists });
         }
         return Ok(BasaltStatement::CreateCollection { name, shards, if_not_exists });
     }
@@ -609,5 +816,48 @@ mod tests {
             q.to_string(),
             "SELECT name, \"address.city\", u.\"address.city\", u.age, tags[1] FROM users u WHERE \"address.geo.lat\" > 1"
         );
+    }
+
+    #[test]
+    fn parses_and_checks_rollups() {
+        let st = one("CREATE COLLECTION clicks_per_minute AS ROLLUP \
+             SELECT user_id, date_trunc('minute', _event_time) AS minute, count(*) AS clicks, sum(price) AS spend, \
+             max(price) AS top, approx_distinct(page.url) AS pages FROM _input WHERE kind = 'click' \
+             GROUP BY user_id, minute FROM SOURCE clicks_src");
+        let BasaltStatement::CreateRollup { name, source, sql, shards, .. } = st else { panic!("{st:?}") };
+        assert_eq!(
+            (name.name.as_str(), source.name.as_str(), shards),
+            ("clicks_per_minute", "clicks_src", DEFAULT_SHARDS)
+        );
+        let plan = check_rollup(&sql).unwrap();
+        let roles: Vec<(&str, RollupColumn)> = plan.columns.iter().map(|(n, r)| (n.as_str(), *r)).collect();
+        assert_eq!(
+            roles,
+            vec![
+                ("user_id", RollupColumn::Key),
+                ("minute", RollupColumn::Key),
+                ("clicks", RollupColumn::Count),
+                ("spend", RollupColumn::Sum),
+                ("top", RollupColumn::Max),
+                ("pages", RollupColumn::ApproxDistinct),
+            ]
+        );
+        for bad in [
+            "SELECT a, count(*) AS n FROM _input",
+            "SELECT a, avg(x) AS m FROM _input GROUP BY a",
+            "SELECT a, sum(x) * 2 AS m FROM _input GROUP BY a",
+            "SELECT a, count(DISTINCT x) AS m FROM _input GROUP BY a",
+            "SELECT a, count(*) FROM _input GROUP BY a",
+            "SELECT a, count(*) AS a FROM _input GROUP BY a",
+            "SELECT a, count(*) AS n FROM other GROUP BY a",
+            "SELECT a, count(*) AS n FROM _input GROUP BY a HAVING count(*) > 1",
+            "SELECT a FROM _input GROUP BY a",
+            "SELECT a AS _id, count(*) AS n FROM _input GROUP BY a",
+            "SELECT *, count(*) AS n FROM _input GROUP BY a",
+        ] {
+            assert!(check_rollup(bad).is_err(), "{bad}");
+        }
+        assert!(parse("CREATE COLLECTION r AS ROLLUP SELECT a, count(*) AS n FROM _input GROUP BY a").is_err());
+        assert!(parse("CREATE COLLECTION r AS SELECT 1").is_err());
     }
 }

@@ -336,6 +336,7 @@ impl PartitionWorker {
                         partition: self.partition,
                         offsets,
                         through,
+                        first: None,
                     }),
                 }
             })
