@@ -20,12 +20,12 @@ use basalt_common::schema::{ColumnType, SchemaStats};
 use basalt_common::{BasaltError, Result};
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::sqlparser::ast::{Expr, Ident, SelectItem, SetExpr, Statement, Visit, Visitor};
+use datafusion::sql::sqlparser::ast::{Expr, Ident, Query, SelectItem, SetExpr, Statement, Visit, Visitor};
 
 /// The column that carries each record's offset through the query.
 const OFFSET_COLUMN: &str = "__basalt_offset";
 
-fn transform_err(e: impl std::fmt::Display) -> BasaltError {
+pub(crate) fn transform_err(e: impl std::fmt::Display) -> BasaltError {
     BasaltError::invalid(format!("transform: {e}"))
 }
 
@@ -61,8 +61,7 @@ impl Visitor for Names<'_> {
 impl Transform {
     pub fn new(sql: &str) -> Result<Transform> {
         let mut query = basalt_sql::check_transform(sql)?;
-        let mut paths = BTreeSet::new();
-        let _ = query.visit(&mut Names(&mut paths));
+        let paths = named_paths(&query);
         let SetExpr::Select(select) = query.body.as_mut() else {
             return Err(transform_err("expected a plain SELECT"));
         };
@@ -75,16 +74,17 @@ impl Transform {
     /// and its document (records a WHERE drops have no row), and the records that failed with
     /// their error.
     pub async fn apply(&self, records: Vec<(i64, Doc)>) -> (Vec<(i64, Doc)>, Vec<(i64, BasaltError)>) {
-        match self.run(&records).await {
+        let docs: Vec<&Doc> = records.iter().map(|(_, d)| d).collect();
+        let columns = chunk_columns(&docs);
+        match self.run(&records, &columns).await {
             Ok(rows) => (rows, Vec::new()),
             Err(_) if records.len() > 1 => {
                 // Find the records that fail: each alone.
                 let (mut rows, mut failed) = (Vec::new(), Vec::new());
-                for record in records {
-                    let offset = record.0;
-                    match self.run(std::slice::from_ref(&record)).await {
+                for record in &records {
+                    match self.run(std::slice::from_ref(record), &columns).await {
                         Ok(r) => rows.extend(r),
-                        Err(e) => failed.push((offset, e)),
+                        Err(e) => failed.push((record.0, e)),
                     }
                 }
                 (rows, failed)
@@ -93,54 +93,112 @@ impl Transform {
         }
     }
 
-    async fn run(&self, records: &[(i64, Doc)]) -> Result<Vec<(i64, Doc)>> {
-        let batch = self.input(records)?;
-        let ctx = SessionContext::new();
-        let table = MemTable::try_new(batch.schema(), vec![vec![batch]]).map_err(transform_err)?;
-        ctx.register_table(basalt_sql::TRANSFORM_INPUT, Arc::new(table)).map_err(transform_err)?;
-        let batches = ctx.sql(&self.sql).await.map_err(transform_err)?.collect().await.map_err(transform_err)?;
+    async fn run(&self, records: &[(i64, Doc)], columns: &[(String, ColumnType)]) -> Result<Vec<(i64, Doc)>> {
+        let docs: Vec<&Doc> = records.iter().map(|(_, d)| d).collect();
+        let offsets: Vec<i64> = records.iter().map(|(o, _)| *o).collect();
         let mut out = Vec::new();
-        for batch in batches {
+        for batch in query(&self.sql, &self.paths, columns, &docs, Some(&offsets)).await? {
             out.extend(rows(&batch)?);
         }
         Ok(out)
     }
-
-    /// The chunk as one batch: a column per path the records have or the query names.
-    fn input(&self, records: &[(i64, Doc)]) -> Result<RecordBatch> {
-        let mut stats = SchemaStats::default();
-        for (_, doc) in records {
-            visit_kinds(doc, &mut |p, k| stats.add(p, k, 1));
-        }
-        let docs: Vec<&Doc> = records.iter().map(|(_, d)| d).collect();
-        let mut fields = Vec::new();
-        let mut arrays: Vec<ArrayRef> = Vec::new();
-        let mut have = BTreeSet::new();
-        for (path, ty) in stats.columns() {
-            arrays.push(build_array(&path, &ty, &docs)?);
-            fields.push(Field::new(&path, ty.to_arrow(), true));
-            have.insert(path);
-        }
-        for path in self.paths.iter().filter(|p| !have.contains(*p) && p.as_str() != OFFSET_COLUMN) {
-            fields.push(Field::new(path, ColumnType::Utf8.to_arrow(), true));
-            arrays.push(new_null_array(&DataType::Utf8, records.len()));
-        }
-        fields.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
-        arrays.push(Arc::new(Int64Array::from_iter_values(records.iter().map(|(o, _)| *o))));
-        Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
-    }
 }
 
-/// Output rows as documents with their offsets; timestamps become RFC 3339 text in UTC (what a
-/// document's `_event_time` may hold), `a.b` names nest.
+/// The paths a query names (`_input.a` names `a`).
+pub(crate) fn named_paths(query: &Query) -> BTreeSet<String> {
+    let mut paths = BTreeSet::new();
+    let _ = query.visit(&mut Names(&mut paths));
+    paths
+}
+
+/// The column types of a chunk's records (what smart schemas would give). Computed once per
+/// chunk and used for the records run alone too, so one record gets the chunk's types.
+pub(crate) fn chunk_columns(docs: &[&Doc]) -> Vec<(String, ColumnType)> {
+    let mut stats = SchemaStats::default();
+    for doc in docs {
+        visit_kinds(doc, &mut |p, k| stats.add(p, k, 1));
+    }
+    stats.columns()
+}
+
+/// Run `sql` over `docs` as `_input`: a column per chunk column and per path the query names,
+/// plus each record's offset when given. A named path the chunk lacks is a null column of type
+/// Null; if the query cannot take that (`sum`), Int64, then Utf8.
+pub(crate) async fn query(
+    sql: &str,
+    paths: &BTreeSet<String>,
+    columns: &[(String, ColumnType)],
+    docs: &[&Doc],
+    offsets: Option<&[i64]>,
+) -> Result<Vec<RecordBatch>> {
+    let have: BTreeSet<&str> = columns.iter().map(|(p, _)| p.as_str()).collect();
+    let missing: Vec<&String> = paths.iter().filter(|p| !have.contains(p.as_str()) && *p != OFFSET_COLUMN).collect();
+    let mut fields = Vec::new();
+    let mut arrays: Vec<ArrayRef> = Vec::new();
+    for (path, ty) in columns {
+        arrays.push(build_array(path, ty, docs)?);
+        fields.push(Field::new(path, ty.to_arrow(), true));
+    }
+    if let Some(offsets) = offsets {
+        fields.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
+        arrays.push(Arc::new(Int64Array::from_iter_values(offsets.iter().copied())));
+    }
+    let tries: &[DataType] =
+        if missing.is_empty() { &[DataType::Null] } else { &[DataType::Null, DataType::Int64, DataType::Utf8] };
+    let mut last = None;
+    for ty in tries {
+        let mut fields = fields.clone();
+        let mut arrays = arrays.clone();
+        for path in &missing {
+            fields.push(Field::new(*path, ty.clone(), true));
+            arrays.push(new_null_array(ty, docs.len()));
+        }
+        let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(docs.len()));
+        let batch = RecordBatch::try_new_with_options(Arc::new(Schema::new(fields)), arrays, &options)?;
+        match run_sql(sql, batch).await {
+            Ok(out) => return Ok(out),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| BasaltError::internal("query was not run")))
+}
+
+/// Run a query over one `_input` batch.
+async fn run_sql(sql: &str, batch: RecordBatch) -> Result<Vec<RecordBatch>> {
+    let ctx = SessionContext::new();
+    let table = MemTable::try_new(batch.schema(), vec![vec![batch]]).map_err(transform_err)?;
+    ctx.register_table(basalt_sql::TRANSFORM_INPUT, Arc::new(table)).map_err(transform_err)?;
+    ctx.sql(sql).await.map_err(transform_err)?.collect().await.map_err(transform_err)
+}
+
+/// Output rows as documents with their offsets; `a.b` names nest.
 fn rows(batch: &RecordBatch) -> Result<Vec<(i64, Doc)>> {
-    let schema = batch.schema();
-    let offset_at = schema.index_of(OFFSET_COLUMN).map_err(transform_err)?;
+    let offset_at = batch.schema().index_of(OFFSET_COLUMN).map_err(transform_err)?;
     let offsets = arrow::compute::cast(batch.column(offset_at), &DataType::Int64)?;
     let offsets = offsets.as_primitive::<Int64Type>();
+    Ok(objects(batch, Some(offset_at))?
+        .into_iter()
+        .enumerate()
+        .map(|(row, object)| {
+            let mut doc = Doc::new();
+            for (k, v) in object {
+                insert_path(&mut doc, &k, v);
+            }
+            (offsets.value(row), doc)
+        })
+        .collect())
+}
+
+/// Rows as JSON objects (null columns left out), without column `skip`; timestamps become
+/// RFC 3339 text in UTC (what a document's `_event_time` may hold).
+pub(crate) fn objects(
+    batch: &RecordBatch,
+    skip: Option<usize>,
+) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let schema = batch.schema();
     let mut fields = Vec::new();
     let mut arrays = Vec::new();
-    for (i, f) in schema.fields().iter().enumerate().filter(|(i, _)| *i != offset_at) {
+    for (i, f) in schema.fields().iter().enumerate().filter(|(i, _)| Some(*i) != skip) {
         let array = match f.data_type() {
             DataType::Timestamp(..) | DataType::Date32 | DataType::Date64 => arrow::compute::cast(
                 batch.column(i),
@@ -157,22 +215,10 @@ fn rows(batch: &RecordBatch) -> Result<Vec<(i64, Doc)>> {
     writer.write(&plain)?;
     writer.finish()?;
     let bytes = writer.into_inner();
-    let objects: Vec<serde_json::Map<String, serde_json::Value>> = if bytes.is_empty() {
-        vec![serde_json::Map::new(); batch.num_rows()]
-    } else {
-        serde_json::from_slice(&bytes).map_err(transform_err)?
-    };
-    Ok(objects
-        .into_iter()
-        .enumerate()
-        .map(|(row, object)| {
-            let mut doc = Doc::new();
-            for (k, v) in object {
-                insert_path(&mut doc, &k, v);
-            }
-            (offsets.value(row), doc)
-        })
-        .collect())
+    if bytes.is_empty() {
+        return Ok(vec![serde_json::Map::new(); batch.num_rows()]);
+    }
+    serde_json::from_slice(&bytes).map_err(transform_err)
 }
 
 #[cfg(test)]
