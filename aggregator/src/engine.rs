@@ -262,6 +262,10 @@ impl Session {
                 Ok(command("DROP SOURCE", 0))
             }
             BasaltStatement::ShowSources => self.show_sources().await,
+            BasaltStatement::CreateRollup { name, shards, source, sql, if_not_exists } => {
+                engine.meta.create_rollup(name, shards, source, sql, if_not_exists).await?;
+                Ok(command("CREATE COLLECTION", 0))
+            }
             BasaltStatement::Describe { name } => self.describe_collection(name).await,
             BasaltStatement::Insert { name, source } => {
                 let batches = self.collect(Statement::Query(source), params).await?;
@@ -428,6 +432,10 @@ impl Session {
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "kafka"))),
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, k, _)| k.topic.as_str()))),
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|(s, _, _)| s.collection.to_string()))),
+                Arc::new(StringArray::from_iter(rows.iter().map(|(s, _, _)| {
+                    let names: Vec<String> = s.rollups.iter().map(|r| r.collection.to_string()).collect();
+                    (!names.is_empty()).then(|| names.join(", "))
+                }))),
                 Arc::new(Int32Array::from_iter(rows.iter().map(|(_, _, st)| st.map(|st| st.partition)))),
                 Arc::new(StringArray::from_iter(rows.iter().map(|(_, _, st)| st.map(|st| st.member.as_str())))),
                 Arc::new(StringArray::from_iter_values(
@@ -520,6 +528,7 @@ fn show_sources_schema() -> SchemaRef {
         Field::new("kind", DataType::Utf8, false),
         Field::new("topic", DataType::Utf8, false),
         Field::new("collection", DataType::Utf8, false),
+        Field::new("rollups", DataType::Utf8, true),
         Field::new("partition", DataType::Int32, true),
         Field::new("tailer", DataType::Utf8, true),
         Field::new("state", DataType::Utf8, false),

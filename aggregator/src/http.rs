@@ -276,6 +276,32 @@ async fn create_source(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiRes
     Ok(axum::Json(json!({"data": info})))
 }
 
+/// `POST /v1/rollups`: `{"name": "...", "source": "...", "sql": "SELECT ... FROM _input GROUP BY
+/// ...", "shards": 4}` creates collection `name` maintained by the source's records.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRollupBody {
+    name: String,
+    source: String,
+    sql: String,
+    #[serde(default)]
+    shards: Option<u32>,
+    #[serde(default)]
+    if_not_exists: bool,
+}
+
+async fn create_rollup(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiResult {
+    let body: CreateRollupBody = parse_body(&body)?;
+    let plan = basalt_sql::check_rollup(&body.sql)?;
+    let sql = plan.query.to_string();
+    let shards = body.shards.unwrap_or(basalt_common::api::DEFAULT_SHARDS);
+    let info = engine
+        .meta
+        .create_rollup(collection(&body.name)?, shards, collection(&body.source)?, sql, body.if_not_exists)
+        .await?;
+    Ok(axum::Json(json!({"data": info})))
+}
+
 /// `GET /v1/sources`: every source with the partitions tailers report on.
 async fn list_sources(State(engine): State<Arc<Engine>>) -> ApiResult {
     let sources = engine.meta.list_sources().await?;
@@ -336,6 +362,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/collections/{c}/docs", post(add_docs).patch(patch_docs).delete(delete_docs))
         .route("/v1/sources", get(list_sources).post(create_source))
         .route("/v1/sources/{name}", axum::routing::delete(drop_source))
+        .route("/v1/rollups", post(create_rollup))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(fallback)

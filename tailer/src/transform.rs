@@ -82,7 +82,8 @@ impl Transform {
                 // Find the records that fail: each alone.
                 let (mut rows, mut failed) = (Vec::new(), Vec::new());
                 for record in &records {
-                    match self.run(std::slice::from_ref(record), &columns).await {
+                    // Alone, with its own types: a value of another type fails only its record.
+                    match self.run(std::slice::from_ref(record), &chunk_columns(&[&record.1])).await {
                         Ok(r) => rows.extend(r),
                         Err(e) => failed.push((record.0, e)),
                     }
@@ -111,8 +112,7 @@ pub(crate) fn named_paths(query: &Query) -> BTreeSet<String> {
     paths
 }
 
-/// The column types of a chunk's records (what smart schemas would give). Computed once per
-/// chunk and used for the records run alone too, so one record gets the chunk's types.
+/// The column types of records (what smart schemas would give).
 pub(crate) fn chunk_columns(docs: &[&Doc]) -> Vec<(String, ColumnType)> {
     let mut stats = SchemaStats::default();
     for doc in docs {
