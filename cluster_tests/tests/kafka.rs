@@ -172,10 +172,20 @@ async fn two_tailers_and_the_leaf_killed_six_times_lose_and_duplicate_nothing() 
     ))
     .await
     .unwrap();
+    // A rollup makes the test sensitive to duplicates: a record applied twice counts twice.
+    pg.batch_execute(
+        "CREATE COLLECTION events_by_bucket WITH (shards = 2) AS ROLLUP SELECT bucket, count(*) AS n, sum(v) AS total, \
+         min(v) AS lo, max(v) AS hi FROM _input GROUP BY bucket FROM SOURCE events_src",
+    )
+    .await
+    .unwrap();
     drop(pg);
     const N: i64 = 12_000;
     const BATCHES: i64 = 24;
-    let record = |i: i64| ((i % 4) as i32, None, json!({"_id": format!("e{i}"), "v": i, "text": "event"}).to_string());
+    let record = |i: i64| {
+        let doc = json!({"_id": format!("e{i}"), "v": i, "bucket": (i * 7) % 13, "text": "event"});
+        ((i % 4) as i32, None, doc.to_string())
+    };
     // Production runs alongside the kills.
     let producer = {
         let brokers = kafka.brokers();
@@ -214,6 +224,14 @@ async fn two_tailers_and_the_leaf_killed_six_times_lose_and_duplicate_nothing() 
     let row = pg.query_one("SELECT count(*), count(DISTINCT _id), sum(v) FROM events", &[]).await.unwrap();
     let (count, distinct, sum): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!((count, distinct, sum), (N, N, (0..N).sum::<i64>()));
+    // The rollup equals the GROUP BY over the raw records: nothing counted twice or lost.
+    wait_groups_match(
+        &pg,
+        "SELECT CAST(bucket AS VARCHAR), n, total, lo, hi FROM events_by_bucket",
+        "SELECT CAST(bucket AS VARCHAR), count(*), sum(v), min(v), max(v) FROM events GROUP BY bucket",
+        None,
+    )
+    .await;
     // Both tailers work: partitions are split between the two live members.
     let started = Instant::now();
     loop {
@@ -279,4 +297,167 @@ async fn kafka_source_transforms_records_on_the_way_in() {
         .await
         .unwrap_err();
     assert!(bad.as_db_error().is_some_and(|e| e.message().contains("GROUP BY")), "{bad:?}");
+}
+
+/// xorshift: reproducible random input without another dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Rows of a query as text, keyed by their first `keys` columns, for comparing rollups with
+/// the same GROUP BY over raw records.
+async fn groups(pg: &tokio_postgres::Client, sql: &str) -> std::collections::BTreeMap<String, Vec<i64>> {
+    let rows = pg.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    rows.iter()
+        .map(|r| {
+            let key: String = r.get(0);
+            let values: Vec<i64> = (1..r.len()).map(|i| r.get::<_, Option<i64>>(i).unwrap_or(i64::MIN)).collect();
+            (key, values)
+        })
+        .collect()
+}
+
+/// Distinct counts from sketches: within 2 (or 5%) of the exact count; every other value exact.
+fn groups_match(
+    rollup: &std::collections::BTreeMap<String, Vec<i64>>,
+    raw: &std::collections::BTreeMap<String, Vec<i64>>,
+    approx_column: Option<usize>,
+) -> Result<(), String> {
+    if rollup.keys().ne(raw.keys()) {
+        return Err(format!("groups differ: rollup {:?}, raw {:?}", rollup.keys(), raw.keys()));
+    }
+    for (key, want) in raw {
+        let got = &rollup[key];
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let ok = if Some(i) == approx_column { (g - w).abs() <= 2.max(w / 20) } else { g == w };
+            if !ok {
+                return Err(format!("group {key} column {i}: rollup {got:?}, raw {want:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Wait until the rollup query's groups match the raw query's (rollups trail the raw
+/// collection by at most a chunk).
+async fn wait_groups_match(pg: &tokio_postgres::Client, rollup_sql: &str, raw_sql: &str, approx: Option<usize>) {
+    let raw = groups(pg, raw_sql).await;
+    let started = Instant::now();
+    loop {
+        let rollup = groups(pg, rollup_sql).await;
+        match groups_match(&rollup, &raw, approx) {
+            Ok(()) => return,
+            Err(e) if started.elapsed() > Duration::from_secs(30) => panic!("{e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+/// Rollups on randomized, out-of-order input equal the same GROUP BY over the raw records:
+/// counts, sums, minima, maxima and approximate distinct counts, late events in the minute
+/// their `_event_time` names; a rollup added after the source has run covers the records
+/// before it too; a record the rollup fails on goes to the errors collection; through a kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_equal_group_by_over_randomized_out_of_order_records() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("clicks", 3).await;
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let base = 1_700_000_000_000i64; // ms
+    let mut record = |i: i64| {
+        let mut doc = json!({
+            "_id": format!("k{i}"),
+            "who": format!("u{}", rng.next(6)),
+            "kind": if rng.next(5) == 0 { "view" } else { "click" },
+            "page": format!("p{}", rng.next(40)),
+            // Up to 8 minutes, in no order.
+            "_event_time": base + rng.next(8 * 60_000) as i64,
+        });
+        if rng.next(10) != 0 {
+            doc["price"] = json!(rng.next(500));
+        }
+        ((i % 3) as i32, None, doc.to_string())
+    };
+    let first: Vec<_> = (0..1500).map(&mut record).collect();
+    let second: Vec<_> = (1500..3000).map(&mut record).collect();
+    kafka.produce("clicks", first).await;
+    // A record every rollup below fails on (a price that is no number), and one without `who`.
+    let bad = json!({"_id": "bad-1", "who": "u1", "kind": "click", "page": "p1", "price": "n/a", "_event_time": base});
+    let no_who = json!({"_id": "k-none", "kind": "click", "page": "p2", "price": 7, "_event_time": base + 1});
+    kafka.produce("clicks", vec![(0, None, bad.to_string()), (1, None, no_who.to_string())]).await;
+
+    let mut d = Deployment::dev().await;
+    let pg = d.pg().await;
+    pg.batch_execute("CREATE COLLECTION events").await.unwrap();
+    pg.batch_execute(&format!(
+        "CREATE SOURCE clicks_src FROM KAFKA (brokers = '{}', topic = 'clicks') INTO events",
+        kafka.brokers()
+    ))
+    .await
+    .unwrap();
+    pg.batch_execute(
+        "CREATE COLLECTION clicks_per_minute WITH (shards = 3) AS ROLLUP \
+         SELECT who, date_trunc('minute', _event_time) AS minute, count(*) AS clicks, \
+         sum(CAST(price AS BIGINT)) AS spend, min(CAST(price AS BIGINT)) AS low, max(CAST(price AS BIGINT)) AS high, \
+         count(price) AS priced, approx_distinct(page) AS pages \
+         FROM _input WHERE kind = 'click' GROUP BY who, minute FROM SOURCE clicks_src",
+    )
+    .await
+    .unwrap();
+    wait_count(&pg, "SELECT count(*) FROM events", 1502, "first records").await;
+    // A rollup added later (over HTTP) starts from the source's start like the source did.
+    let r = reqwest::Client::new()
+        .post(d.http("/v1/rollups"))
+        .json(&json!({"name": "per_user", "source": "clicks_src", "shards": 2,
+                      "sql": "SELECT who, count(*) AS n, approx_distinct(page) AS pages FROM _input GROUP BY who"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let rows = pg.query("SHOW SOURCES", &[]).await.unwrap();
+    assert!(rows.iter().all(|r| r.get::<_, Option<String>>("rollups").is_some()), "rollups listed");
+    // Bad rollups are refused up front.
+    for bad_sql in [
+        "CREATE COLLECTION r1 AS ROLLUP SELECT who, avg(price) AS a FROM _input GROUP BY who FROM SOURCE clicks_src",
+        "CREATE COLLECTION r2 AS ROLLUP SELECT who, count(*) AS n FROM _input GROUP BY who FROM SOURCE nope",
+    ] {
+        assert!(pg.batch_execute(bad_sql).await.is_err(), "{bad_sql}");
+    }
+
+    // The rest arrives across a kill -9.
+    kafka.produce("clicks", second[..700].to_vec()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.proc("dev").kill9();
+    kafka.produce("clicks", second[700..].to_vec()).await;
+    d.proc("dev").restart();
+    basalt_cluster_tests::wait_http(&d.http("/healthz"), d.proc("dev")).await;
+    let pg = d.pg().await;
+    wait_count(&pg, "SELECT count(*) FROM events", 3002, "all records").await;
+
+    let raw_sql = "SELECT concat(coalesce(who, '-'), ' ', CAST(to_unixtime(date_trunc('minute', _event_time)) AS VARCHAR)), \
+                   count(*), sum(CAST(price AS BIGINT)), min(CAST(price AS BIGINT)), max(CAST(price AS BIGINT)), \
+                   count(price), count(DISTINCT page) FROM events WHERE kind = 'click' AND _id <> 'bad-1' GROUP BY 1";
+    let rollup_sql = "SELECT concat(coalesce(who, '-'), ' ', CAST(to_unixtime(minute) AS VARCHAR)), clicks, spend, low, \
+                      high, priced, \"pages.estimate\" FROM clicks_per_minute";
+    assert!(groups(&pg, raw_sql).await.len() > 40, "enough groups to mean something");
+    wait_groups_match(&pg, rollup_sql, raw_sql, Some(5)).await;
+    // per_user has no CAST: the bad record counts there too.
+    wait_groups_match(
+        &pg,
+        "SELECT coalesce(who, '-'), n, \"pages.estimate\" FROM per_user",
+        "SELECT coalesce(who, '-'), count(*), count(DISTINCT page) FROM events GROUP BY 1",
+        Some(1),
+    )
+    .await;
+    // The record clicks_per_minute failed on is in the errors collection, under the rollup.
+    let rows = pg.query("SELECT _id, error FROM clicks_src_errors", &[]).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (id, error): (String, String) = (rows[0].get(0), rows[0].get(1));
+    assert!(id.ends_with("-clicks_per_minute") && error.contains("clicks_per_minute"), "{id}: {error}");
 }
