@@ -218,7 +218,9 @@ mod tests {
         }
         assert_eq!(whole, chunked);
         // Against a direct computation.
-        let mut expected: BTreeMap<(String, i64), (i64, i64, i64, i64, BTreeSet<String>, i64)> = BTreeMap::new();
+        // (who, minute) -> (count, sum, min, max, pages, priced)
+        type Expected = (i64, i64, i64, i64, BTreeSet<String>, i64);
+        let mut expected: BTreeMap<(String, i64), Expected> = BTreeMap::new();
         for (_, d) in &records {
             if d["kind"] != "click" {
                 continue;
