@@ -23,7 +23,7 @@ use futures::TryStreamExt;
 use parking_lot::RwLock;
 
 use crate::catalog::{BasaltCatalog, CATALOG, PlanOptions};
-use crate::udf::search_udf;
+use crate::udf::{approx_distinct_merge_udaf, search_udf};
 
 /// Rows sent to the tailer per write call when a statement writes many documents.
 const WRITE_CHUNK_DOCS: usize = 5_000;
@@ -70,6 +70,7 @@ impl Engine {
         let catalog = Arc::new(BasaltCatalog::new(self.meta.clone(), self.leaf.clone(), options.clone()));
         ctx.register_catalog(CATALOG, catalog.clone());
         ctx.register_udf(search_udf());
+        ctx.register_udaf(approx_distinct_merge_udaf());
         Session { engine: self.clone(), ctx, catalog, options }
     }
 }

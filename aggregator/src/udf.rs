@@ -60,3 +60,83 @@ impl ScalarUDFImpl for SearchUdf {
         Ok(ColumnarValue::Array(Arc::new(out)))
     }
 }
+
+/// `approx_distinct_merge(sketch)`: the distinct count of the union of rollup sketches
+/// (`<field>.sketch` of a rollup's `approx_distinct` field), for re-aggregating groups, e.g.
+/// distinct users per hour from a per-minute rollup.
+pub fn approx_distinct_merge_udaf() -> datafusion::logical_expr::AggregateUDF {
+    datafusion::logical_expr::AggregateUDF::from(SketchMerge {
+        signature: Signature::exact(vec![DataType::Utf8], Volatility::Immutable),
+    })
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct SketchMerge {
+    signature: Signature,
+}
+
+impl datafusion::logical_expr::AggregateUDFImpl for SketchMerge {
+    fn name(&self) -> &str {
+        "approx_distinct_merge"
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int64)
+    }
+
+    fn accumulator(
+        &self,
+        _args: datafusion::logical_expr::function::AccumulatorArgs,
+    ) -> Result<Box<dyn datafusion::logical_expr::Accumulator>> {
+        Ok(Box::new(SketchAccumulator(basalt_common::sketch::Sketch::default())))
+    }
+
+    fn state_fields(
+        &self,
+        args: datafusion::logical_expr::function::StateFieldsArgs,
+    ) -> Result<Vec<arrow::datatypes::FieldRef>> {
+        Ok(vec![Arc::new(arrow::datatypes::Field::new(format!("{}_sketch", args.name), DataType::Utf8, true))])
+    }
+}
+
+#[derive(Debug)]
+struct SketchAccumulator(basalt_common::sketch::Sketch);
+
+impl SketchAccumulator {
+    fn merge_texts(&mut self, array: &ArrayRef) -> Result<()> {
+        let array = cast(array, &DataType::Utf8)?;
+        for text in array.as_string::<i32>().iter().flatten() {
+            match basalt_common::sketch::Sketch::decode(text) {
+                Ok(s) => self.0.merge(&s),
+                Err(e) => return exec_err!("approx_distinct_merge: {e}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl datafusion::logical_expr::Accumulator for SketchAccumulator {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        values.first().map_or(Ok(()), |a| self.merge_texts(a))
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        states.first().map_or(Ok(()), |a| self.merge_texts(a))
+    }
+
+    fn state(&mut self) -> Result<Vec<datafusion::scalar::ScalarValue>> {
+        Ok(vec![datafusion::scalar::ScalarValue::Utf8(Some(self.0.encode()))])
+    }
+
+    fn evaluate(&mut self) -> Result<datafusion::scalar::ScalarValue> {
+        Ok(datafusion::scalar::ScalarValue::Int64(Some(self.0.estimate() as i64)))
+    }
+
+    fn size(&self) -> usize {
+        std::mem::size_of_val(self) + 4096
+    }
+}

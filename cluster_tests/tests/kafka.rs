@@ -447,6 +447,15 @@ async fn rollups_equal_group_by_over_randomized_out_of_order_records() {
                       high, priced, \"pages.estimate\" FROM clicks_per_minute";
     assert!(groups(&pg, raw_sql).await.len() > 40, "enough groups to mean something");
     wait_groups_match(&pg, rollup_sql, raw_sql, Some(5)).await;
+    // Sketches merge across groups: distinct pages per user over all minutes.
+    wait_groups_match(
+        &pg,
+        "SELECT coalesce(who, '-'), approx_distinct_merge(\"pages.sketch\") FROM clicks_per_minute GROUP BY 1",
+        "SELECT coalesce(who, '-'), count(DISTINCT page) FROM events WHERE kind = 'click' AND _id <> 'bad-1' \
+         GROUP BY 1",
+        Some(0),
+    )
+    .await;
     // per_user has no CAST: the bad record counts there too.
     wait_groups_match(
         &pg,
