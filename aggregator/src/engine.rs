@@ -412,47 +412,70 @@ impl Session {
     /// row with the state `unassigned`).
     async fn show_sources(&self) -> Result<Output> {
         use arrow::array::{Int32Array, Int64Array};
+        use basalt_common::api::{PartitionStatus, SourceInfo, SourceSpec};
         let sources = self.engine.meta.list_sources().await?;
         let mut status = self.engine.meta.source_status().await?;
         status.sort_by_key(|s| (s.source_id, s.partition));
-        let mut rows = Vec::new();
+        // One row per partition (Kafka) or object being read (S3), one per source without any.
+        // (source, partition or object being read, (objects done, objects found) for S3)
+        type Row<'a> = (&'a SourceInfo, Option<&'a PartitionStatus>, Option<(i64, i64)>);
+        let mut rows: Vec<Row> = Vec::new();
         for src in &sources {
-            let basalt_common::api::SourceSpec::Kafka(k) = &src.spec;
-            let mine: Vec<_> = status.iter().filter(|s| s.source_id == src.id).collect();
+            let objects = match &src.spec {
+                SourceSpec::S3(_) => {
+                    let objects = self.engine.meta.source_objects(src.id, Vec::new()).await?;
+                    Some((objects.iter().filter(|o| o.done).count() as i64, objects.len() as i64))
+                }
+                SourceSpec::Kafka(_) => None,
+            };
+            let mine: Vec<_> = status.iter().filter(|s| s.source_id == src.id && s.state != "done").collect();
             if mine.is_empty() {
-                rows.push((src, k, None));
+                rows.push((src, None, objects));
             }
-            rows.extend(mine.into_iter().map(|s| (src, k, Some(s))));
+            rows.extend(mine.into_iter().map(|s| (src, Some(s), objects)));
         }
         let schema = show_sources_schema();
         let known = |v: i64| (v >= 0).then_some(v);
+        let idle = |src: &SourceInfo, objects: Option<(i64, i64)>| match objects {
+            Some((done, total)) if done == total && total > 0 => "done",
+            Some(_) if src.spec.location().is_empty() => "unassigned",
+            Some(_) => "waiting",
+            None => "unassigned",
+        };
         let batch = RecordBatch::try_new(
             schema.clone(),
             vec![
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|(s, _, _)| s.name.to_string()))) as ArrayRef,
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|_| "kafka"))),
-                Arc::new(StringArray::from_iter_values(rows.iter().map(|(_, k, _)| k.topic.as_str()))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|(s, _, _)| match s.spec {
+                    SourceSpec::Kafka(_) => "kafka",
+                    SourceSpec::S3(_) => "s3",
+                }))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|(s, _, _)| s.spec.location()))),
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|(s, _, _)| s.collection.to_string()))),
                 Arc::new(StringArray::from_iter(rows.iter().map(|(s, _, _)| {
                     let names: Vec<String> = s.rollups.iter().map(|r| r.collection.to_string()).collect();
                     (!names.is_empty()).then(|| names.join(", "))
                 }))),
-                Arc::new(Int32Array::from_iter(rows.iter().map(|(_, _, st)| st.map(|st| st.partition)))),
-                Arc::new(StringArray::from_iter(rows.iter().map(|(_, _, st)| st.map(|st| st.member.as_str())))),
+                Arc::new(Int32Array::from_iter(rows.iter().map(|(_, st, _)| st.map(|st| st.partition)))),
+                Arc::new(StringArray::from_iter(rows.iter().map(|(_, st, _)| st.and_then(|st| st.object.as_deref())))),
+                Arc::new(StringArray::from_iter(rows.iter().map(|(_, st, _)| st.map(|st| st.member.as_str())))),
                 Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|(_, _, st)| st.map_or("unassigned", |st| st.state.as_str())),
+                    rows.iter().map(|(s, st, o)| st.map_or(idle(s, *o), |st| st.state.as_str())),
                 )),
-                Arc::new(Int64Array::from_iter(rows.iter().map(|(_, _, st)| st.and_then(|st| known(st.next_offset))))),
-                Arc::new(Int64Array::from_iter(rows.iter().map(|(_, _, st)| {
+                Arc::new(Int64Array::from_iter(rows.iter().map(|(_, st, _)| st.and_then(|st| known(st.next_offset))))),
+                Arc::new(Int64Array::from_iter(rows.iter().map(|(_, st, _)| {
                     st.and_then(|st| {
                         (st.high_watermark >= 0 && st.next_offset >= 0)
                             .then(|| (st.high_watermark - st.next_offset).max(0))
                     })
                 }))),
-                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, _, st)| st.map_or(0, |st| st.documents)))),
-                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, _, st)| st.map_or(0, |st| st.errors)))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, st, _)| st.map_or(0, |st| st.documents)))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, st, _)| st.map_or(0, |st| st.errors)))),
+                Arc::new(UInt64Array::from_iter_values(rows.iter().map(|(_, st, _)| st.map_or(0, |st| st.bytes)))),
+                Arc::new(Int64Array::from_iter(rows.iter().map(|(_, _, o)| o.map(|o| o.0)))),
+                Arc::new(Int64Array::from_iter(rows.iter().map(|(_, _, o)| o.map(|o| o.1)))),
                 Arc::new(StringArray::from_iter(
-                    rows.iter().map(|(_, _, st)| st.and_then(|st| st.last_error.as_deref())),
+                    rows.iter().map(|(_, st, _)| st.and_then(|st| st.last_error.as_deref())),
                 )),
             ],
         )?;
@@ -527,16 +550,20 @@ fn show_sources_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("source", DataType::Utf8, false),
         Field::new("kind", DataType::Utf8, false),
-        Field::new("topic", DataType::Utf8, false),
+        Field::new("location", DataType::Utf8, false),
         Field::new("collection", DataType::Utf8, false),
         Field::new("rollups", DataType::Utf8, true),
         Field::new("partition", DataType::Int32, true),
+        Field::new("object", DataType::Utf8, true),
         Field::new("tailer", DataType::Utf8, true),
         Field::new("state", DataType::Utf8, false),
         Field::new("next_offset", DataType::Int64, true),
         Field::new("lag", DataType::Int64, true),
         Field::new("documents", DataType::UInt64, false),
         Field::new("errors", DataType::UInt64, false),
+        Field::new("bytes", DataType::UInt64, false),
+        Field::new("objects_done", DataType::Int64, true),
+        Field::new("objects_total", DataType::Int64, true),
         Field::new("last_error", DataType::Utf8, true),
     ]))
 }

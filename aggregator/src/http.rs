@@ -220,13 +220,18 @@ async fn drop_collection(State(engine): State<Arc<Engine>>, Path(c): Path<String
 }
 
 /// `POST /v1/sources`: `{"name": "...", "collection": "...", "kafka": {"brokers": "...",
-/// "topic": "...", "format": "json", "start": "earliest", "key_as_id": false}}`.
+/// "topic": "...", "format": "json", "start": "earliest", "key_as_id": false}}`, or with `"s3":
+/// {"bucket": "...", "prefix": "...", "format": "json" | "csv" | "parquet", "endpoint": "...",
+/// "region": "...", "poll_interval_ms": 10000}`; either with `"transform": "SELECT ..."`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateSourceBody {
     name: String,
     collection: String,
-    kafka: KafkaBody,
+    #[serde(default)]
+    kafka: Option<KafkaBody>,
+    #[serde(default)]
+    s3: Option<S3Body>,
     #[serde(default)]
     if_not_exists: bool,
 }
@@ -247,6 +252,24 @@ struct KafkaBody {
     transform: Option<String>,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3Body {
+    bucket: String,
+    #[serde(default)]
+    prefix: String,
+    #[serde(default = "json_format")]
+    format: basalt_common::api::SourceFormat,
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    region: Option<String>,
+    #[serde(default = "poll_interval")]
+    poll_interval_ms: u64,
+    #[serde(default)]
+    transform: Option<String>,
+}
+
 fn json_format() -> basalt_common::api::SourceFormat {
     basalt_common::api::SourceFormat::Json
 }
@@ -255,20 +278,41 @@ fn earliest() -> basalt_common::api::StartAt {
     basalt_common::api::StartAt::Earliest
 }
 
+fn poll_interval() -> u64 {
+    basalt_sql::S3_POLL_INTERVAL_MS
+}
+
 async fn create_source(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiResult {
+    use basalt_common::api::{KafkaSource, S3Source, SourceFormat, SourceSpec};
     let body: CreateSourceBody = parse_body(&body)?;
-    let k = body.kafka;
-    if let Some(t) = &k.transform {
+    let spec = match (body.kafka, body.s3) {
+        (Some(k), None) => {
+            if k.format != SourceFormat::Json {
+                return Err(BasaltError::unsupported("kafka format must be json").into());
+            }
+            SourceSpec::Kafka(KafkaSource {
+                brokers: k.brokers,
+                topic: k.topic,
+                format: k.format,
+                start: k.start,
+                key_as_id: k.key_as_id,
+                transform: k.transform,
+            })
+        }
+        (None, Some(s)) => SourceSpec::S3(S3Source {
+            bucket: s.bucket,
+            prefix: s.prefix,
+            format: s.format,
+            endpoint: s.endpoint,
+            region: s.region,
+            poll_interval_ms: s.poll_interval_ms,
+            transform: s.transform,
+        }),
+        _ => return Err(BasaltError::invalid("a source needs exactly one of \"kafka\" and \"s3\"").into()),
+    };
+    if let Some(t) = spec.transform() {
         basalt_sql::check_transform(t)?;
     }
-    let spec = basalt_common::api::SourceSpec::Kafka(basalt_common::api::KafkaSource {
-        brokers: k.brokers,
-        topic: k.topic,
-        format: k.format,
-        start: k.start,
-        key_as_id: k.key_as_id,
-        transform: k.transform,
-    });
     let info = engine
         .meta
         .create_source(collection(&body.name)?, collection(&body.collection)?, spec, body.if_not_exists)

@@ -77,11 +77,51 @@ impl S3Server {
         .collect()
     }
 
+    /// Put an object.
+    pub async fn put(&self, key: &str, body: Vec<u8>) {
+        self.handle().put(key, body).await
+    }
+
+    /// A handle to the bucket that can move into a task.
+    pub fn handle(&self) -> S3Bucket {
+        S3Bucket { port: self.port, bucket: self.bucket.clone() }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
     /// Keys under a prefix (ListObjectsV2, first 1000).
     pub async fn list(&self, prefix: &str) -> Vec<String> {
         let url = format!("http://127.0.0.1:{}/{}?list-type=2&prefix={prefix}", self.port, self.bucket);
         let body = reqwest::get(url).await.expect("list objects").text().await.expect("list body");
         body.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_string).collect()
+    }
+}
+
+/// A bucket on a running [`S3Server`].
+#[derive(Clone)]
+pub struct S3Bucket {
+    pub port: u16,
+    pub bucket: String,
+}
+
+impl S3Bucket {
+    pub async fn put(&self, key: &str, body: Vec<u8>) {
+        let url = format!("http://127.0.0.1:{}/{}/{key}", self.port, self.bucket);
+        // moto refuses an anonymous overwrite of an existing key (403); it does not check
+        // signatures, so any SigV4-shaped authorization will do.
+        let auth = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, \
+                    Signature=0";
+        let r = reqwest::Client::new()
+            .put(url)
+            .header("authorization", auth)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+            .expect("put object");
+        assert!(r.status().is_success(), "put {key}: {}", r.status());
     }
 }
 
@@ -308,6 +348,8 @@ pub struct Deployment {
     pub dir: tempfile::TempDir,
     /// The leaf's RPC port in a cluster deployment (0 for dev).
     pub leaf_rpc: u16,
+    /// Environment for tailer processes (cluster deployments).
+    pub tailer_env: Vec<(String, String)>,
 }
 
 impl Drop for Deployment {
@@ -350,11 +392,16 @@ impl Deployment {
         args.extend(extra.iter().map(|a| a.to_string()));
         let p = Proc::start_program("dev", &basalt_bin(), &args, env, dir.path());
         wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &p).await;
-        Deployment { pg_port, http_port, procs: vec![p], dir, leaf_rpc: 0 }
+        Deployment { pg_port, http_port, procs: vec![p], dir, leaf_rpc: 0, tailer_env: env.to_vec() }
     }
 
     /// Leaf, tailer and aggregator as three processes on loopback.
     pub async fn cluster() -> Deployment {
+        Deployment::cluster_with(&[]).await
+    }
+
+    /// A cluster whose tailers get these environment variables.
+    pub async fn cluster_with(tailer_env: &[(String, String)]) -> Deployment {
         let dir = tempfile::tempdir().expect("temp dir");
         let (leaf_rpc, tailer_rpc) = (free_port(), free_port());
         let (leaf_http, tailer_http) = (free_port(), free_port());
@@ -380,8 +427,9 @@ impl Deployment {
             ]),
             dir.path(),
         );
-        let tailer = Proc::start(
+        let tailer = Proc::start_program(
             "tailer",
+            &basalt_bin(),
             &s(&[
                 "tailer",
                 "--rpc-addr",
@@ -391,6 +439,7 @@ impl Deployment {
                 "--http-addr",
                 &format!("127.0.0.1:{tailer_http}"),
             ]),
+            tailer_env,
             dir.path(),
         );
         let aggregator = Proc::start(
@@ -411,7 +460,14 @@ impl Deployment {
         wait_http(&format!("http://127.0.0.1:{leaf_http}/healthz"), &leaf).await;
         wait_http(&format!("http://127.0.0.1:{tailer_http}/healthz"), &tailer).await;
         wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &aggregator).await;
-        Deployment { pg_port, http_port, procs: vec![leaf, tailer, aggregator], dir, leaf_rpc }
+        Deployment {
+            pg_port,
+            http_port,
+            procs: vec![leaf, tailer, aggregator],
+            dir,
+            leaf_rpc,
+            tailer_env: tailer_env.to_vec(),
+        }
     }
 
     /// Start one more tailer process (cluster deployments), named `name`.
@@ -430,7 +486,7 @@ impl Deployment {
         .iter()
         .map(|x| x.to_string())
         .collect();
-        let tailer = Proc::start(name, &args, self.dir.path());
+        let tailer = Proc::start_program(name, &basalt_bin(), &args, &self.tailer_env, self.dir.path());
         wait_http(&format!("http://127.0.0.1:{http}/healthz"), &tailer).await;
         self.procs.push(tailer);
     }

@@ -187,7 +187,12 @@ pub enum StartAt {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceFormat {
+    /// One JSON object per Kafka message, or per line of an object (JSON lines).
     Json,
+    /// Objects: comma-separated values with a header line.
+    Csv,
+    /// Objects: Apache Parquet.
+    Parquet,
 }
 
 /// A Kafka topic to ingest. Credentials are not part of it: they come from the tailer's
@@ -205,10 +210,73 @@ pub struct KafkaSource {
     pub transform: Option<String>,
 }
 
+/// Objects under a prefix of an S3 bucket. Credentials come from the tailer's environment
+/// (`AWS_ACCESS_KEY_ID`, ...), never from SQL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct S3Source {
+    pub bucket: String,
+    #[serde(default)]
+    pub prefix: String,
+    pub format: SourceFormat,
+    /// The S3 API endpoint (another service than AWS), e.g. `http://127.0.0.1:9000`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// How often the prefix is listed for new objects; 0: list once (a one-off load).
+    pub poll_interval_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum SourceSpec {
     Kafka(KafkaSource),
+    S3(S3Source),
+}
+
+impl SourceSpec {
+    pub fn transform(&self) -> Option<&str> {
+        match self {
+            SourceSpec::Kafka(k) => k.transform.as_deref(),
+            SourceSpec::S3(s) => s.transform.as_deref(),
+        }
+    }
+
+    pub fn set_transform(&mut self, sql: Option<String>) {
+        match self {
+            SourceSpec::Kafka(k) => k.transform = sql,
+            SourceSpec::S3(s) => s.transform = sql,
+        }
+    }
+
+    /// Where the source reads: the topic, or `s3://bucket/prefix`.
+    pub fn location(&self) -> String {
+        match self {
+            SourceSpec::Kafka(k) => k.topic.clone(),
+            SourceSpec::S3(s) => format!("s3://{}/{}", s.bucket, s.prefix),
+        }
+    }
+}
+
+/// An object an S3 source found: ingested once per (key, ETag). Its number is the "partition"
+/// its records' positions are kept under (record = line or row index).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceObject {
+    pub number: i32,
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
+    pub done: bool,
+}
+
+/// An object seen in a listing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FoundObject {
+    pub key: String,
+    pub etag: String,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,6 +320,12 @@ pub struct PartitionStatus {
     pub documents: u64,
     pub errors: u64,
     pub last_error: Option<String>,
+    /// Payload bytes read (objects: of the object so far).
+    #[serde(default)]
+    pub bytes: u64,
+    /// S3 sources: the object's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -358,6 +432,11 @@ pub trait MetaApi: Send + Sync + 'static {
     async fn source_heartbeat(&self, member: String, report: Vec<PartitionStatus>) -> Result<Vec<String>>;
     /// The latest reports of live tailers.
     async fn source_status(&self) -> Result<Vec<PartitionStatus>>;
+    /// Record the objects an S3 source's listing found (new (key, ETag) pairs get the next
+    /// number) and return all its objects, oldest first.
+    async fn source_objects(&self, source_id: u64, found: Vec<FoundObject>) -> Result<Vec<SourceObject>>;
+    /// Mark an object ingested (every shard has its end position).
+    async fn source_object_done(&self, source_id: u64, number: i32) -> Result<()>;
 }
 
 macro_rules! opaque_debug {

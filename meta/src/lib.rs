@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use basalt_common::api::{
-    CollectionInfo, CollectionName, DEFAULT_WORKSPACE, MetaApi, PartitionStatus, RollupInfo, SHARDS_MAX, SourceInfo,
-    SourceSpec, validate_identifier,
+    CollectionInfo, CollectionName, DEFAULT_WORKSPACE, FoundObject, MetaApi, PartitionStatus, RollupInfo, SHARDS_MAX,
+    SourceInfo, SourceObject, SourceSpec, validate_identifier,
 };
 use basalt_common::doc::now_micros;
 use basalt_common::{BasaltError, ErrorCode, Result};
@@ -22,6 +22,10 @@ use tokio::sync::Mutex;
 struct Catalog {
     next_collection_id: u64,
     workspaces: BTreeMap<String, Workspace>,
+    /// Objects S3 sources found, by source id (kept while the source exists, so an object is
+    /// ingested once per (key, ETag)).
+    #[serde(default)]
+    objects: BTreeMap<u64, Vec<SourceObject>>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -211,9 +215,14 @@ impl MetaApi for LocalMeta {
     ) -> Result<SourceInfo> {
         validate_identifier(&name.workspace)?;
         validate_identifier(&name.name)?;
-        let SourceSpec::Kafka(kafka) = &spec;
-        if kafka.brokers.trim().is_empty() || kafka.topic.trim().is_empty() {
-            return Err(BasaltError::invalid("a kafka source needs brokers and a topic"));
+        match &spec {
+            SourceSpec::Kafka(kafka) if kafka.brokers.trim().is_empty() || kafka.topic.trim().is_empty() => {
+                return Err(BasaltError::invalid("a kafka source needs brokers and a topic"));
+            }
+            SourceSpec::S3(s3) if s3.bucket.trim().is_empty() => {
+                return Err(BasaltError::invalid("an s3 source needs a bucket"));
+            }
+            _ => {}
         }
         self.update(|c| {
             let exists =
@@ -257,6 +266,7 @@ impl MetaApi for LocalMeta {
     async fn drop_source(&self, name: CollectionName, if_exists: bool) -> Result<Option<SourceInfo>> {
         self.update(|c| match c.workspaces.get_mut(&name.workspace).and_then(|ws| ws.sources.remove(&name.name)) {
             Some(info) => {
+                c.objects.remove(&info.id);
                 tracing::info!(source = %name, id = info.id, "source dropped");
                 Ok(Some(info))
             }
@@ -326,6 +336,54 @@ impl MetaApi for LocalMeta {
         let mut members = self.members.lock();
         members.live();
         Ok(members.seen.values().flat_map(|(_, report)| report.iter().cloned()).collect())
+    }
+
+    async fn source_objects(&self, source_id: u64, found: Vec<FoundObject>) -> Result<Vec<SourceObject>> {
+        let exists = |c: &Catalog| c.workspaces.values().any(|ws| ws.sources.values().any(|s| s.id == source_id));
+        let new = {
+            let c = self.catalog.lock().await;
+            if !exists(&c) {
+                return Err(BasaltError::not_found(format!("source {source_id} does not exist")));
+            }
+            let known = c.objects.get(&source_id);
+            found
+                .into_iter()
+                .filter(|f| !known.is_some_and(|k| k.iter().any(|o| o.key == f.key && o.etag == f.etag)))
+                .collect::<Vec<_>>()
+        };
+        if new.is_empty() {
+            return Ok(self.catalog.lock().await.objects.get(&source_id).cloned().unwrap_or_default());
+        }
+        self.update(|c| {
+            if !exists(c) {
+                return Err(BasaltError::not_found(format!("source {source_id} does not exist")));
+            }
+            let objects = c.objects.entry(source_id).or_default();
+            for f in new {
+                if objects.iter().any(|o| o.key == f.key && o.etag == f.etag) {
+                    continue;
+                }
+                let number = i32::try_from(objects.len())
+                    .map_err(|_| BasaltError::limit("a source can track at most 2^31 objects"))?;
+                tracing::info!(source_id, key = %f.key, number, "object found");
+                objects.push(SourceObject { number, key: f.key, etag: f.etag, size: f.size, done: false });
+            }
+            Ok(objects.clone())
+        })
+        .await
+    }
+
+    async fn source_object_done(&self, source_id: u64, number: i32) -> Result<()> {
+        self.update(|c| {
+            let object = c
+                .objects
+                .get_mut(&source_id)
+                .and_then(|o| o.get_mut(number as usize))
+                .ok_or_else(|| BasaltError::not_found(format!("object {number} of source {source_id}")))?;
+            object.done = true;
+            Ok(())
+        })
+        .await
     }
 }
 

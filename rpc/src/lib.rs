@@ -103,6 +103,18 @@ struct CreateRollup {
 }
 
 #[derive(Serialize, Deserialize)]
+struct SourceObjects {
+    source_id: u64,
+    found: Vec<basalt_common::api::FoundObject>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ObjectDone {
+    source_id: u64,
+    number: i32,
+}
+
+#[derive(Serialize, Deserialize)]
 struct Heartbeat {
     member: String,
     report: Vec<PartitionStatus>,
@@ -153,6 +165,14 @@ impl Services {
                 encode(&meta()?.source_heartbeat(a.member, a.report).await?)
             }
             "meta.source_status" => encode(&meta()?.source_status().await?),
+            "meta.source_objects" => {
+                let a: SourceObjects = decode(body)?;
+                encode(&meta()?.source_objects(a.source_id, a.found).await?)
+            }
+            "meta.source_object_done" => {
+                let a: ObjectDone = decode(body)?;
+                encode(&meta()?.source_object_done(a.source_id, a.number).await?)
+            }
             "meta.create_workspace" => {
                 let a: CreateWorkspace = decode(body)?;
                 encode(&meta()?.create_workspace(a.name, a.if_not_exists).await?)
@@ -404,6 +424,16 @@ impl MetaApi for Client {
     }
     async fn source_status(&self) -> Result<Vec<PartitionStatus>> {
         self.call("meta.source_status", &()).await
+    }
+    async fn source_objects(
+        &self,
+        source_id: u64,
+        found: Vec<basalt_common::api::FoundObject>,
+    ) -> Result<Vec<basalt_common::api::SourceObject>> {
+        self.call("meta.source_objects", &SourceObjects { source_id, found }).await
+    }
+    async fn source_object_done(&self, source_id: u64, number: i32) -> Result<()> {
+        self.call("meta.source_object_done", &ObjectDone { source_id, number }).await
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use basalt_common::api::{
-    CollectionName, DEFAULT_SHARDS, DEFAULT_WORKSPACE, KafkaSource, SourceFormat, SourceSpec, StartAt,
+    CollectionName, DEFAULT_SHARDS, DEFAULT_WORKSPACE, KafkaSource, S3Source, SourceFormat, SourceSpec, StartAt,
 };
 use basalt_common::{BasaltError, Result};
 use sqlparser::ast::{
@@ -200,6 +200,49 @@ fn kafka_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
     let brokers = brokers.ok_or_else(|| err("a kafka source needs brokers = '...'"))?;
     let topic = topic.ok_or_else(|| err("a kafka source needs topic = '...'"))?;
     Ok(SourceSpec::Kafka(KafkaSource { brokers, topic, format, start, key_as_id, transform: None }))
+}
+
+/// Default listing interval of an S3 source.
+pub const S3_POLL_INTERVAL_MS: u64 = 10_000;
+
+pub fn s3_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
+    let mut spec = S3Source {
+        bucket: String::new(),
+        prefix: String::new(),
+        format: SourceFormat::Json,
+        endpoint: None,
+        region: None,
+        poll_interval_ms: S3_POLL_INTERVAL_MS,
+        transform: None,
+    };
+    let mut bucket = None;
+    for (key, value) in options {
+        match key.as_str() {
+            "bucket" => bucket = Some(value),
+            "prefix" => spec.prefix = value,
+            "format" => {
+                spec.format = match value.to_lowercase().as_str() {
+                    "json" | "jsonl" | "ndjson" => SourceFormat::Json,
+                    "csv" => SourceFormat::Csv,
+                    "parquet" => SourceFormat::Parquet,
+                    other => return Err(err(format!("s3 format must be json, csv or parquet, got {other:?}"))),
+                }
+            }
+            "endpoint" => spec.endpoint = Some(value),
+            "region" => spec.region = Some(value),
+            "poll_interval_ms" => {
+                spec.poll_interval_ms =
+                    value.parse().map_err(|_| err(format!("poll_interval_ms must be a number, got {value:?}")))?;
+            }
+            "access_key_id" | "secret_access_key" | "session_token" | "password" => {
+                return Err(err("credentials do not belong in SQL: set AWS_ACCESS_KEY_ID and \
+                                 AWS_SECRET_ACCESS_KEY in the tailer's environment"));
+            }
+            other => return Err(err(format!("unknown s3 option {other:?}"))),
+        }
+    }
+    spec.bucket = bucket.ok_or_else(|| err("an s3 source needs bucket = '...'"))?;
+    Ok(SourceSpec::S3(spec))
 }
 
 /// The table an ingest transformation reads: the records of one chunk.
@@ -426,7 +469,10 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
         let options = parse_options(p)?;
         let spec = match kind.as_str() {
             "kafka" => kafka_source(options)?,
-            other => return Err(BasaltError::unsupported(format!("source kind {other:?} (kafka is supported)"))),
+            "s3" => s3_source(options)?,
+            other => {
+                return Err(BasaltError::unsupported(format!("source kind {other:?} (kafka and s3 are supported)")));
+            }
         };
         p.expect_keyword(sqlparser::keywords::Keyword::INTO).map_err(err)?;
         let collection = collection_name(&p.parse_object_name(false).map_err(err)?)?;
@@ -436,8 +482,7 @@ fn parse_one(p: &mut Parser) -> Result<BasaltStatement> {
             let query = p.parse_query().map_err(err)?;
             let text = query.to_string();
             check_transform(&text)?;
-            let SourceSpec::Kafka(k) = &mut spec;
-            k.transform = Some(text);
+            spec.set_transform(Some(text));
         }
         return Ok(BasaltStatement::CreateSource { name, collection, spec, if_not_exists });
     }
@@ -744,8 +789,24 @@ mod tests {
                        start = 'latest', key_as_id = true) INTO demo.events");
         let BasaltStatement::CreateSource { name, collection, spec, if_not_exists: false } = src else { panic!() };
         assert_eq!((name.to_string(), collection.to_string()), ("commons.s1".into(), "demo.events".into()));
-        let SourceSpec::Kafka(k) = spec;
+        let SourceSpec::Kafka(k) = spec else { panic!("{spec:?}") };
         assert_eq!((k.topic.as_str(), k.start, k.key_as_id), ("clicks", StartAt::Latest, true));
+        let s3 = one("CREATE SOURCE s2 FROM S3 (bucket = 'logs', prefix = '2026/', format = 'parquet', \
+                      endpoint = 'http://127.0.0.1:9000', region = 'us-east-1', poll_interval_ms = 0) INTO events \
+                      TRANSFORM SELECT v FROM _input");
+        let BasaltStatement::CreateSource { spec: SourceSpec::S3(s), .. } = s3 else { panic!("{s3:?}") };
+        assert_eq!((s.bucket.as_str(), s.prefix.as_str(), s.format), ("logs", "2026/", SourceFormat::Parquet));
+        assert_eq!((s.endpoint.as_deref(), s.poll_interval_ms), (Some("http://127.0.0.1:9000"), 0));
+        assert!(s.transform.is_some());
+        for bad in [
+            "CREATE SOURCE x FROM S3 (prefix = 'a') INTO c",
+            "CREATE SOURCE x FROM S3 (bucket = 'b', format = 'avro') INTO c",
+            "CREATE SOURCE x FROM S3 (bucket = 'b', secret_access_key = 'k') INTO c",
+            "CREATE SOURCE x FROM S3 (bucket = 'b', poll_interval_ms = soon) INTO c",
+            "CREATE SOURCE x FROM FTP (bucket = 'b') INTO c",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
         assert_eq!(
             one("DROP SOURCE IF EXISTS s1"),
             BasaltStatement::DropSource { name: CollectionName::new("commons", "s1"), if_exists: true }

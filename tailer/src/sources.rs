@@ -21,11 +21,12 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use basalt_common::api::{
-    CollectionInfo, KafkaSource, Leaf, Meta, PartitionStatus, ShardWrite, ShardWriteResult, SourceInfo, SourcePosition,
-    SourceSpec, StartAt, WriteOp,
+    CollectionInfo, KafkaSource, Leaf, Meta, PartitionStatus, S3Source, ShardWrite, ShardWriteResult, SourceInfo,
+    SourceObject, SourcePosition, SourceSpec, StartAt, WriteOp,
 };
 use basalt_common::doc::{Doc, DocLimits, ID_FIELD, normalize_system_fields, now_micros, parse_doc, shard_for_id};
 use basalt_common::{BasaltError, Result};
+use object_store::ObjectStore;
 use parking_lot::Mutex;
 use prometheus::{
     GaugeVec, IntCounterVec, IntGaugeVec, register_gauge_vec, register_int_counter_vec, register_int_gauge_vec,
@@ -71,6 +72,10 @@ static SOURCE_LAG: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
     .ok()
 });
 
+/// The position of a partition that is an object read to its end.
+pub const OBJECT_END: i64 = i64::MAX / 2;
+/// Objects one tailer ingests at a time per source.
+const OBJECT_WORKERS: usize = 2;
 /// Records per chunk (one write per shard per chunk).
 const CHUNK_RECORDS: usize = 2000;
 /// How long a worker waits for the first record of a chunk.
@@ -100,6 +105,18 @@ pub struct SourceRunner {
     workers: Mutex<HashMap<(u64, i32), Worker>>,
     /// Partition counts by source, with when they were read.
     partitions: Mutex<HashMap<u64, (i32, Instant)>>,
+    /// S3 sources: the store per source id, and this member's listing state.
+    stores: Mutex<HashMap<u64, Arc<dyn ObjectStore>>>,
+    listings: Mutex<HashMap<u64, Listing>>,
+}
+
+/// When an S3 source's prefix was listed, how the last listing went (a row in SHOW SOURCES
+/// while it fails), and the backoff after failures.
+struct Listing {
+    at: Instant,
+    ok: bool,
+    backoff: Duration,
+    status: PartitionStatus,
 }
 
 impl SourceRunner {
@@ -113,6 +130,8 @@ impl SourceRunner {
             limits,
             workers: Mutex::new(HashMap::new()),
             partitions: Mutex::new(HashMap::new()),
+            stores: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
         });
         let r = runner.clone();
         tokio::spawn(async move {
@@ -132,12 +151,24 @@ impl SourceRunner {
     }
 
     async fn tick(&self) -> Result<()> {
-        let report: Vec<PartitionStatus> = self.workers.lock().values().map(|w| w.status.lock().clone()).collect();
+        let mut report: Vec<PartitionStatus> = self.workers.lock().values().map(|w| w.status.lock().clone()).collect();
+        report.extend(self.listings.lock().values().filter(|l| !l.ok).map(|l| l.status.clone()));
         let live = self.meta.source_heartbeat(self.member.clone(), report).await?;
         let sources = self.meta.list_sources().await?;
         let mut wanted = HashSet::new();
+        let ids: HashSet<u64> = sources.iter().map(|s| s.id).collect();
+        self.listings.lock().retain(|id, _| ids.contains(id));
+        self.stores.lock().retain(|id, _| ids.contains(id));
         for source in sources {
-            let SourceSpec::Kafka(kafka) = &source.spec;
+            let kafka = match &source.spec {
+                SourceSpec::Kafka(kafka) => kafka,
+                SourceSpec::S3(s3) => {
+                    if let Err(e) = self.tick_s3(&source, s3, &live, &mut wanted).await {
+                        tracing::warn!(source = %source.name, error = %e, "s3 source round failed");
+                    }
+                    continue;
+                }
+            };
             let count = match self.partition_count(source.id, kafka).await {
                 Ok(n) => n,
                 Err(e) => {
@@ -150,7 +181,7 @@ impl SourceRunner {
                 let owner = live.get(((p as u64 + source.id) % n) as usize);
                 if owner.is_some_and(|o| *o == self.member) {
                     wanted.insert((source.id, p));
-                    self.start(&source, p);
+                    self.start(&source, p, None);
                 }
             }
         }
@@ -164,6 +195,87 @@ impl SourceRunner {
             keep
         });
         Ok(())
+    }
+
+    /// An S3 source: list the prefix when due (one member does, the one the source id picks),
+    /// then work on this member's share of the objects not done yet, a few at a time.
+    async fn tick_s3(
+        &self,
+        source: &SourceInfo,
+        s3: &S3Source,
+        live: &[String],
+        wanted: &mut HashSet<(u64, i32)>,
+    ) -> Result<()> {
+        let existing = self.stores.lock().get(&source.id).cloned();
+        let store = match existing {
+            Some(s) => s,
+            None => {
+                let s = crate::objects::store(s3)?;
+                self.stores.lock().insert(source.id, s.clone());
+                s
+            }
+        };
+        let n = live.len().max(1) as u64;
+        let lister = live.get((source.id % n) as usize).is_some_and(|m| *m == self.member);
+        let due = {
+            let listings = self.listings.lock();
+            match listings.get(&source.id) {
+                None => true,
+                Some(l) if !l.ok => l.at.elapsed() >= l.backoff,
+                Some(_) if s3.poll_interval_ms == 0 => false,
+                Some(l) => l.at.elapsed() >= Duration::from_millis(s3.poll_interval_ms),
+            }
+        };
+        let found = if lister && due {
+            match crate::objects::list(store.as_ref(), s3).await {
+                Ok(found) => {
+                    let mut listings = self.listings.lock();
+                    let status = self.listing_status(source, "running", None);
+                    listings.insert(source.id, Listing { at: Instant::now(), ok: true, backoff: TICK, status });
+                    found
+                }
+                Err(e) => {
+                    tracing::warn!(source = %source.name, error = %e, "cannot list the bucket; retrying");
+                    let mut listings = self.listings.lock();
+                    let backoff =
+                        listings.get(&source.id).map_or(TICK, |l| (l.backoff * 2).min(Duration::from_secs(30)));
+                    let status = self.listing_status(source, "retrying", Some(e.message));
+                    listings.insert(source.id, Listing { at: Instant::now(), ok: false, backoff, status });
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let objects = self.meta.source_objects(source.id, found).await?;
+        let mine = objects
+            .iter()
+            .filter(|o| {
+                !o.done && live.get(((o.number as u64 + source.id) % n) as usize).is_some_and(|m| *m == self.member)
+            })
+            .take(OBJECT_WORKERS);
+        for object in mine {
+            wanted.insert((source.id, object.number));
+            self.start(source, object.number, Some(object.clone()));
+        }
+        Ok(())
+    }
+
+    /// The row SHOW SOURCES shows for a source's listing (partition -1).
+    fn listing_status(&self, source: &SourceInfo, state: &str, error: Option<String>) -> PartitionStatus {
+        PartitionStatus {
+            source_id: source.id,
+            partition: -1,
+            member: self.member.clone(),
+            state: state.into(),
+            next_offset: -1,
+            high_watermark: -1,
+            documents: 0,
+            errors: 0,
+            last_error: error,
+            bytes: 0,
+            object: None,
+        }
     }
 
     async fn partition_count(&self, source_id: u64, kafka: &KafkaSource) -> Result<i32> {
@@ -188,7 +300,8 @@ impl SourceRunner {
         Ok(n)
     }
 
-    fn start(&self, source: &SourceInfo, partition: i32) {
+    /// Start the worker for a partition (an object's number for S3 sources).
+    fn start(&self, source: &SourceInfo, partition: i32, object: Option<SourceObject>) {
         let mut workers = self.workers.lock();
         if let Some(w) = workers.get(&(source.id, partition)) {
             if w.source == *source {
@@ -212,6 +325,8 @@ impl SourceRunner {
             documents: 0,
             errors: 0,
             last_error: None,
+            bytes: 0,
+            object: object.as_ref().map(|o| o.key.clone()),
         }));
         let ctx = PartitionWorker {
             source: source.clone(),
@@ -224,11 +339,12 @@ impl SourceRunner {
             rt: tokio::runtime::Handle::current(),
             transform: None,
             rollups: Vec::new(),
+            store: self.stores.lock().get(&source.id).cloned(),
+            object,
         };
-        let SourceSpec::Kafka(kafka) = &source.spec;
         let mut ctx = ctx;
         let prepared = (|| -> Result<()> {
-            if let Some(sql) = &kafka.transform {
+            if let Some(sql) = source.spec.transform() {
                 ctx.transform = Some(crate::transform::Transform::new(sql)?);
             }
             for rollup in &source.rollups {
@@ -284,8 +400,6 @@ fn client_config(kafka: &KafkaSource, source_id: u64) -> ClientConfig {
 
 /// A record's key and payload as read, kept for the errors collection.
 type KeyAndPayload = (Option<Vec<u8>>, Option<Vec<u8>>);
-/// A record as read: offset, key, payload.
-type RawRecord = (i64, Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// One partition of one source, worked on by its own thread.
 struct PartitionWorker {
@@ -299,6 +413,60 @@ struct PartitionWorker {
     rt: tokio::runtime::Handle,
     transform: Option<crate::transform::Transform>,
     rollups: Vec<crate::rollup::Rollup>,
+    /// S3 sources: the bucket and the object this worker ingests.
+    store: Option<Arc<dyn ObjectStore>>,
+    object: Option<SourceObject>,
+}
+
+/// What a worker reads: a Kafka partition or one object.
+enum Input {
+    Kafka { consumer: Box<BaseConsumer>, topic: String },
+    Object(Box<crate::objects::ObjectReader>),
+}
+
+enum Next {
+    Record(RawRecord),
+    /// Nothing more for now (Kafka).
+    Idle,
+    /// The end of the object.
+    End,
+}
+
+/// A record as read: offset (or line/row index), key, payload, and the error when it could not
+/// even be read as a record (a CSV row with too many cells).
+struct RawRecord {
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    error: Option<BasaltError>,
+}
+
+impl Input {
+    fn next(&mut self, wait: Duration, status: &Mutex<PartitionStatus>) -> Result<Next> {
+        match self {
+            Input::Kafka { consumer, .. } => Ok(match consumer.poll(wait) {
+                None => Next::Idle,
+                Some(Err(e)) => {
+                    let mut s = status.lock();
+                    s.last_error = Some(format!("kafka: {e}"));
+                    s.state = "retrying".into();
+                    Next::Idle
+                }
+                Some(Ok(msg)) => Next::Record(RawRecord {
+                    offset: msg.offset(),
+                    key: msg.key().map(<[u8]>::to_vec),
+                    payload: msg.payload().map(<[u8]>::to_vec),
+                    error: None,
+                }),
+            }),
+            Input::Object(reader) => Ok(match reader.next_record()? {
+                None => Next::End,
+                Some(r) => {
+                    Next::Record(RawRecord { offset: r.index, key: None, payload: Some(r.payload), error: r.error })
+                }
+            }),
+        }
+    }
 }
 
 impl PartitionWorker {
@@ -393,9 +561,7 @@ impl PartitionWorker {
     fn resume(
         &self,
         targets: &[&CollectionInfo],
-        consumer: &BaseConsumer,
-        topic: &str,
-        start: StartAt,
+        start: &mut dyn FnMut() -> Result<i64>,
     ) -> Result<(i64, BTreeSet<i64>)> {
         let mut start_at = None;
         let mut known = Vec::new();
@@ -414,13 +580,7 @@ impl PartitionWorker {
                 None => match start_at {
                     Some(s) => s,
                     None => {
-                        let (low, high) = consumer
-                            .fetch_watermarks(topic, self.partition, Duration::from_secs(10))
-                            .map_err(kafka_err)?;
-                        let s = match start {
-                            StartAt::Earliest => low - 1,
-                            StartAt::Latest => high - 1,
-                        };
+                        let s = start()?;
                         start_at = Some(s);
                         s
                     }
@@ -443,7 +603,6 @@ impl PartitionWorker {
     }
 
     fn ingest(&self) -> Result<()> {
-        let SourceSpec::Kafka(kafka) = &self.source.spec;
         let info = self.collection()?;
         let rollups = self
             .rollups
@@ -454,12 +613,45 @@ impl PartitionWorker {
             Some(name) => Some(self.rt.block_on(self.meta.get_collection(name.clone()))?),
             None => None,
         };
-        let consumer: BaseConsumer = client_config(kafka, self.source.id).create().map_err(kafka_err)?;
         let targets: Vec<&CollectionInfo> = std::iter::once(&info).chain(&rollups).collect();
-        let (next, mut boundaries) = self.resume(&targets, &consumer, &kafka.topic, kafka.start)?;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&kafka.topic, self.partition, Offset::Offset(next)).map_err(kafka_err)?;
-        consumer.assign(&tpl).map_err(kafka_err)?;
+        let (mut input, next, mut boundaries) = match &self.source.spec {
+            SourceSpec::Kafka(kafka) => {
+                let consumer: BaseConsumer = client_config(kafka, self.source.id).create().map_err(kafka_err)?;
+                let mut start = || -> Result<i64> {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&kafka.topic, self.partition, Duration::from_secs(10))
+                        .map_err(kafka_err)?;
+                    Ok(match kafka.start {
+                        StartAt::Earliest => low - 1,
+                        StartAt::Latest => high - 1,
+                    })
+                };
+                let (next, boundaries) = self.resume(&targets, &mut start)?;
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&kafka.topic, self.partition, Offset::Offset(next)).map_err(kafka_err)?;
+                consumer.assign(&tpl).map_err(kafka_err)?;
+                (Input::Kafka { consumer: Box::new(consumer), topic: kafka.topic.clone() }, next, boundaries)
+            }
+            SourceSpec::S3(s3) => {
+                let (Some(object), Some(store)) = (&self.object, &self.store) else {
+                    return Err(BasaltError::internal("an s3 worker without its object"));
+                };
+                let (next, boundaries) = self.resume(&targets, &mut || Ok(-1))?;
+                if next > OBJECT_END {
+                    return self.finish_object(&targets);
+                }
+                let reader = crate::objects::ObjectReader::open(
+                    self.rt.clone(),
+                    store.clone(),
+                    &object.key,
+                    object.size,
+                    s3.format,
+                    next,
+                    self.limits.doc_size_bytes_max,
+                )?;
+                (Input::Object(Box::new(reader)), next, boundaries)
+            }
+        };
         {
             let mut s = self.status.lock();
             s.state = "running".into();
@@ -471,6 +663,7 @@ impl PartitionWorker {
         let mut watermarks_at = Instant::now() - Duration::from_secs(60);
         // A record read past a chunk's end (a shard position) starts the next chunk.
         let mut held: Option<RawRecord> = None;
+        let mut ended = false;
         while !self.stopped() {
             // Gather a chunk: wait briefly for a first record, then take what is already
             // prefetched. No fixed delay: records that arrive while a chunk is being written
@@ -479,7 +672,7 @@ impl PartitionWorker {
             let mut chunk: Vec<RawRecord> = Vec::new();
             let mut cap: Option<i64> = None;
             let mut capped = false;
-            while chunk.len() < CHUNK_RECORDS {
+            while chunk.len() < CHUNK_RECORDS && !ended {
                 if self.stopped() {
                     return Ok(());
                 }
@@ -487,47 +680,55 @@ impl PartitionWorker {
                     Some(r) => r,
                     None => {
                         let wait = if chunk.is_empty() { FIRST_RECORD_WAIT } else { Duration::ZERO };
-                        match consumer.poll(wait) {
-                            None => break,
-                            Some(Err(e)) => {
-                                let mut s = self.status.lock();
-                                s.last_error = Some(format!("kafka: {e}"));
-                                s.state = "retrying".into();
+                        match input.next(wait, &self.status)? {
+                            Next::Record(r) => r,
+                            Next::Idle => break,
+                            Next::End => {
+                                ended = true;
                                 break;
-                            }
-                            Some(Ok(msg)) => {
-                                (msg.offset(), msg.key().map(<[u8]>::to_vec), msg.payload().map(<[u8]>::to_vec))
                             }
                         }
                     }
                 };
                 if chunk.is_empty() {
-                    boundaries = boundaries.split_off(&record.0);
+                    boundaries = boundaries.split_off(&record.offset);
                     cap = boundaries.first().copied();
                 }
-                if cap.is_some_and(|c| record.0 > c) {
+                if cap.is_some_and(|c| record.offset > c) {
                     held = Some(record);
                     capped = true;
                     break;
                 }
-                let at_cap = cap == Some(record.0);
+                let at_cap = cap == Some(record.offset);
                 chunk.push(record);
                 if at_cap {
                     capped = true;
                     break;
                 }
             }
-            if watermarks_at.elapsed() > Duration::from_secs(2) {
-                watermarks_at = Instant::now();
-                if let Ok((_, high)) = consumer.fetch_watermarks(&kafka.topic, self.partition, Duration::from_secs(2)) {
-                    let mut s = self.status.lock();
-                    s.high_watermark = high;
-                    if let Some(g) = SOURCE_LAG.as_ref() {
-                        g.with_label_values(&[&name, &partition_label]).set((high - s.next_offset).max(0));
+            match &input {
+                Input::Kafka { consumer, topic } if watermarks_at.elapsed() > Duration::from_secs(2) => {
+                    watermarks_at = Instant::now();
+                    if let Ok((_, high)) = consumer.fetch_watermarks(topic, self.partition, Duration::from_secs(2)) {
+                        let mut s = self.status.lock();
+                        s.high_watermark = high;
+                        if let Some(g) = SOURCE_LAG.as_ref() {
+                            g.with_label_values(&[&name, &partition_label]).set((high - s.next_offset).max(0));
+                        }
                     }
                 }
+                Input::Object(reader) => self.status.lock().bytes = reader.bytes_read(),
+                Input::Kafka { .. } => {}
             }
-            let (Some(&(first, _, _)), Some(&(last, _, _))) = (chunk.first(), chunk.last()) else { continue };
+            if chunk.is_empty() {
+                if ended {
+                    return self.finish_object(&targets);
+                }
+                continue;
+            }
+            let (Some(first), Some(last)) = (chunk.first().map(|r| r.offset), chunk.last().map(|r| r.offset)) else {
+                continue;
+            };
             let through = match (capped, cap) {
                 (true, Some(c)) => c,
                 _ => last,
@@ -551,9 +752,13 @@ impl PartitionWorker {
                     }
                     bad.push(doc);
                 };
-            for (offset, key, payload) in chunk {
+            for RawRecord { offset, key, payload, error } in chunk {
                 bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
-                match self.decode(offset, key.clone(), payload.clone(), now) {
+                let decoded_doc = match error {
+                    Some(e) => Err(e),
+                    None => self.decode(offset, key.clone(), payload.clone(), now),
+                };
+                match decoded_doc {
                     Ok(doc) => {
                         decoded.push((offset, doc));
                         if keep_raw {
@@ -652,15 +857,34 @@ impl PartitionWorker {
             if let Some(c) = SOURCE_BYTES.as_ref() {
                 c.with_label_values(&[&name]).inc_by(bytes);
             }
-            let mut s = self.status.lock();
-            s.state = "running".into();
-            s.next_offset = through + 1;
-            s.documents += ok;
-            s.errors += bad + failed;
-            if last_error.is_some() {
-                s.last_error = last_error;
+            {
+                let mut s = self.status.lock();
+                s.state = "running".into();
+                s.next_offset = through + 1;
+                s.documents += ok;
+                s.errors += bad + failed;
+                if last_error.is_some() {
+                    s.last_error = last_error;
+                }
+            }
+            if ended && held.is_none() {
+                return self.finish_object(&targets);
             }
         }
+        Ok(())
+    }
+
+    /// The object is read to its end: every shard gets the end position, then the catalog
+    /// marks the object done (a crash in between: the next worker finds the end everywhere
+    /// and only marks it).
+    fn finish_object(&self, targets: &[&CollectionInfo]) -> Result<()> {
+        let writes: Vec<ShardWrite> =
+            targets.iter().flat_map(|info| self.shard_writes(info, BTreeMap::new(), OBJECT_END, None)).collect();
+        self.apply_all(&writes)?;
+        self.rt.block_on(self.meta.source_object_done(self.source.id, self.partition))?;
+        let mut s = self.status.lock();
+        s.state = "done".into();
+        tracing::info!(source = %self.source.name, object = ?self.object.as_ref().map(|o| &o.key), documents = s.documents, "object ingested");
         Ok(())
     }
 
@@ -687,6 +911,10 @@ impl PartitionWorker {
         doc.insert(ID_FIELD.into(), self.position_id(offset).into());
         doc.insert("source".into(), self.source.name.to_string().into());
         doc.insert("partition".into(), self.partition.into());
+        // Objects: the key, and the line (JSON lines; CSV rows after the header) or row index.
+        if let Some(object) = &self.object {
+            doc.insert("object".into(), object.key.clone().into());
+        }
         doc.insert("offset".into(), offset.into());
         doc.insert("error".into(), error.message.clone().into());
         doc.insert("code".into(), serde_json::to_value(error.code).unwrap_or_default());
@@ -720,10 +948,10 @@ impl PartitionWorker {
     /// document has none and the source says so, else from the record's position (so a record
     /// read again gets the same `_id`, the same shard, and is recognized as applied).
     fn decode(&self, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, now: i64) -> Result<Doc> {
-        let SourceSpec::Kafka(kafka) = &self.source.spec;
+        let key_as_id = matches!(&self.source.spec, SourceSpec::Kafka(k) if k.key_as_id);
         let payload = payload.ok_or_else(|| BasaltError::invalid("message has no value"))?;
         let mut doc = parse_doc(&payload, &self.limits)?;
-        if kafka.key_as_id
+        if key_as_id
             && !doc.contains_key(ID_FIELD)
             && let Some(key) = key
         {

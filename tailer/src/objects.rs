@@ -1,0 +1,358 @@
+//! S3 objects as record streams: JSON lines, CSV with a header line, Parquet. An object is read
+//! as a stream (never whole into memory), record by record; a record's offset is its line or row
+//! index, so reading the object again gives every record the same offset (positions work as
+//! for Kafka partitions).
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::sync::Arc;
+
+use basalt_common::api::{FoundObject, S3Source, SourceFormat};
+use basalt_common::{BasaltError, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+pub(crate) fn s3_err(e: impl std::fmt::Display) -> BasaltError {
+    BasaltError::unavailable(format!("s3: {e}"))
+}
+
+/// A store for the source's bucket: credentials and defaults from the environment (`AWS_*`),
+/// endpoint and region from the source.
+pub fn store(spec: &S3Source) -> Result<Arc<dyn ObjectStore>> {
+    let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&spec.bucket);
+    if let Some(endpoint) = &spec.endpoint {
+        b = b.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+    }
+    if let Some(region) = &spec.region {
+        b = b.with_region(region);
+    }
+    Ok(Arc::new(b.build().map_err(s3_err)?))
+}
+
+/// The objects under the source's prefix (directory markers and empty objects left out).
+pub async fn list(store: &dyn ObjectStore, spec: &S3Source) -> Result<Vec<FoundObject>> {
+    let prefix = (!spec.prefix.is_empty()).then(|| ObjectPath::from(spec.prefix.as_str()));
+    let mut out = Vec::new();
+    let mut listing = store.list(prefix.as_ref());
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(s3_err)?;
+        let key = meta.location.to_string();
+        // A prefix "2026/" lists "2026/..." only, not "2026-old/...".
+        if !key.starts_with(spec.prefix.trim_start_matches('/')) || meta.size == 0 || key.ends_with('/') {
+            continue;
+        }
+        out.push(FoundObject { key, etag: meta.e_tag.unwrap_or_default(), size: meta.size });
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+/// One record of an object: its index, its payload as JSON text (or the raw text when it could
+/// not be read, with the error).
+pub struct ObjectRecord {
+    pub index: i64,
+    pub payload: Vec<u8>,
+    pub error: Option<BasaltError>,
+}
+
+/// Blocking reads from an object's byte stream (the worker thread drives the async stream).
+struct StreamRead {
+    rt: tokio::runtime::Handle,
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    current: Bytes,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Read for StreamRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rt.block_on(self.stream.next()) {
+                None => return Ok(0),
+                Some(Ok(b)) => {
+                    self.bytes.fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    self.current = b;
+                }
+                Some(Err(e)) => return Err(std::io::Error::other(e.to_string())),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current = self.current.slice(n..);
+        Ok(n)
+    }
+}
+
+enum Inner {
+    Lines(std::io::BufReader<StreamRead>),
+    Csv { reader: csv::Reader<StreamRead>, headers: Vec<String> },
+    Parquet(BoxStream<'static, parquet::errors::Result<arrow::array::RecordBatch>>, VecDeque<Vec<u8>>),
+}
+
+/// Reads an object's records from a given index on.
+pub struct ObjectReader {
+    inner: Inner,
+    next_index: i64,
+    /// The largest record accepted (a longer line is an error record; reading goes on).
+    record_bytes_max: usize,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    rt: tokio::runtime::Handle,
+}
+
+impl ObjectReader {
+    /// Open `key` and skip to record `from`.
+    pub fn open(
+        rt: tokio::runtime::Handle,
+        store: Arc<dyn ObjectStore>,
+        key: &str,
+        size: u64,
+        format: SourceFormat,
+        from: i64,
+        record_bytes_max: usize,
+    ) -> Result<ObjectReader> {
+        let path = ObjectPath::from(key);
+        let bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let from = from.max(0);
+        let inner = match format {
+            SourceFormat::Json | SourceFormat::Csv => {
+                let get = rt.block_on(store.get(&path)).map_err(s3_err)?;
+                let read = StreamRead {
+                    rt: rt.clone(),
+                    stream: get.into_stream(),
+                    current: Bytes::new(),
+                    bytes: bytes.clone(),
+                };
+                if format == SourceFormat::Json {
+                    Inner::Lines(std::io::BufReader::with_capacity(256 * 1024, read))
+                } else {
+                    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(read);
+                    let headers = reader
+                        .headers()
+                        .map_err(|e| BasaltError::invalid(format!("csv header of {key}: {e}")))?
+                        .iter()
+                        .map(str::to_string)
+                        .collect();
+                    Inner::Csv { reader, headers }
+                }
+            }
+            SourceFormat::Parquet => {
+                use parquet::arrow::ParquetRecordBatchStreamBuilder;
+                let reader = ParquetObject { store, path, size };
+                let builder = rt
+                    .block_on(ParquetRecordBatchStreamBuilder::new(reader))
+                    .map_err(|e| BasaltError::invalid(format!("parquet {key}: {e}")))?;
+                bytes.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                let stream = builder
+                    .with_batch_size(1024)
+                    .with_offset(from as usize)
+                    .build()
+                    .map_err(|e| BasaltError::invalid(format!("parquet {key}: {e}")))?;
+                Inner::Parquet(stream.boxed(), VecDeque::new())
+            }
+        };
+        let mut reader = ObjectReader { inner, next_index: 0, record_bytes_max, bytes, rt };
+        if matches!(reader.inner, Inner::Parquet(..)) {
+            reader.next_index = from;
+        }
+        while reader.next_index < from {
+            if reader.next_record()?.is_none() {
+                break;
+            }
+        }
+        Ok(reader)
+    }
+
+    /// Bytes of the object read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The next record, or None at the end of the object. An error is a failure to read the
+    /// object (retried by the worker); a record that cannot be decoded is an error record.
+    pub fn next_record(&mut self) -> Result<Option<ObjectRecord>> {
+        let index = self.next_index;
+        let record = match &mut self.inner {
+            Inner::Lines(reader) => match read_line(reader, self.record_bytes_max)? {
+                None => return Ok(None),
+                Some(Ok(line)) => ObjectRecord { index, payload: line, error: None },
+                Some(Err(prefix)) => ObjectRecord {
+                    index,
+                    payload: prefix,
+                    error: Some(BasaltError::limit(format!("line is over {} bytes", self.record_bytes_max))),
+                },
+            },
+            Inner::Csv { reader, headers } => {
+                let mut row = csv::StringRecord::new();
+                match reader.read_record(&mut row) {
+                    Ok(false) => return Ok(None),
+                    Ok(true) => csv_record(index, headers, &row, self.record_bytes_max),
+                    Err(e) if e.is_io_error() => return Err(s3_err(e)),
+                    Err(e) => ObjectRecord {
+                        index,
+                        payload: Vec::new(),
+                        error: Some(BasaltError::invalid(format!("csv: {e}"))),
+                    },
+                }
+            }
+            Inner::Parquet(stream, rows) => {
+                while rows.is_empty() {
+                    match self.rt.block_on(stream.next()) {
+                        None => return Ok(None),
+                        Some(Err(e)) => return Err(s3_err(format!("parquet: {e}"))),
+                        Some(Ok(batch)) => {
+                            for object in crate::transform::objects(&batch, None)? {
+                                rows.push_back(serde_json::to_vec(&object).map_err(s3_err)?);
+                            }
+                        }
+                    }
+                }
+                let payload = rows.pop_front().unwrap_or_default();
+                ObjectRecord { index, payload, error: None }
+            }
+        };
+        self.next_index += 1;
+        Ok(Some(record))
+    }
+}
+
+/// A Parquet file in the store, read by byte ranges (footer first, then the column chunks).
+struct ParquetObject {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    size: u64,
+}
+
+impl parquet::arrow::async_reader::AsyncFileReader for ParquetObject {
+    fn get_bytes(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> futures::future::BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        Box::pin(async move {
+            self.store
+                .get_range(&self.path, range)
+                .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        _options: Option<&'a parquet::arrow::arrow_reader::ArrowReaderOptions>,
+    ) -> futures::future::BoxFuture<'a, parquet::errors::Result<Arc<parquet::file::metadata::ParquetMetaData>>> {
+        Box::pin(async move {
+            let size = self.size;
+            let metadata = parquet::file::metadata::ParquetMetaDataReader::new()
+                .with_prefetch_hint(Some(64 * 1024))
+                .load_and_finish(self, size)
+                .await?;
+            Ok(Arc::new(metadata))
+        })
+    }
+}
+
+/// The next line without its line end: Err(first bytes) when it is longer than `max` (the rest
+/// is skipped), None at the end.
+fn read_line(reader: &mut impl std::io::BufRead, max: usize) -> Result<Option<Result<Vec<u8>, Vec<u8>>>> {
+    let mut line = Vec::new();
+    let mut over = false;
+    let mut any = false;
+    loop {
+        let buf = reader.fill_buf().map_err(s3_err)?;
+        if buf.is_empty() {
+            break;
+        }
+        any = true;
+        let (chunk, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if !over {
+            if line.len() + chunk.len() > max {
+                over = true;
+                let keep = 1024usize.saturating_sub(line.len()).min(chunk.len());
+                line.extend_from_slice(&chunk[..keep]);
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        let consumed = done.unwrap_or(buf.len());
+        reader.consume(consumed);
+        if done.is_some() {
+            break;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(Some(if over { Err(line) } else { Ok(line) }))
+}
+
+/// A CSV row as a JSON object: header names as fields; integers, floats and `true`/`false`
+/// typed, empty cells left out, everything else text.
+fn csv_record(index: i64, headers: &[String], row: &csv::StringRecord, max: usize) -> ObjectRecord {
+    let raw = || row.iter().collect::<Vec<_>>().join(",").into_bytes();
+    if row.as_slice().len() > max {
+        let mut p = raw();
+        p.truncate(1024);
+        return ObjectRecord { index, payload: p, error: Some(BasaltError::limit(format!("row is over {max} bytes"))) };
+    }
+    if row.len() > headers.len() {
+        return ObjectRecord {
+            index,
+            payload: raw(),
+            error: Some(BasaltError::invalid(format!("csv row has {} cells, the header {}", row.len(), headers.len()))),
+        };
+    }
+    let mut object = serde_json::Map::new();
+    for (name, cell) in headers.iter().zip(row.iter()) {
+        if cell.is_empty() {
+            continue;
+        }
+        let value = if let Ok(i) = cell.parse::<i64>() {
+            serde_json::Value::from(i)
+        } else if let Some(f) = cell.parse::<f64>().ok().filter(|f| f.is_finite()) {
+            serde_json::Value::from(f)
+        } else if cell == "true" || cell == "false" {
+            serde_json::Value::Bool(cell == "true")
+        } else {
+            serde_json::Value::String(cell.to_string())
+        };
+        object.insert(name.clone(), value);
+    }
+    ObjectRecord { index, payload: serde_json::Value::Object(object).to_string().into_bytes(), error: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_and_long_lines_become_errors() {
+        let text = b"{\"a\":1}\r\n\n{\"b\":2}\nxxxxxxxxxxxxxxxxxxxx\n{\"c\":3}";
+        let mut r = std::io::BufReader::with_capacity(4, &text[..]);
+        let mut out = Vec::new();
+        while let Some(l) = read_line(&mut r, 10).unwrap() {
+            out.push(l.map(|b| String::from_utf8(b).unwrap()).map_err(|b| b.len() >= 10));
+        }
+        assert_eq!(
+            out,
+            vec![Ok("{\"a\":1}".into()), Ok(String::new()), Ok("{\"b\":2}".into()), Err(true), Ok("{\"c\":3}".into())]
+        );
+    }
+
+    #[test]
+    fn csv_cells_are_typed() {
+        let headers: Vec<String> = ["id", "n", "x", "ok", "name", "empty"].iter().map(|s| s.to_string()).collect();
+        let row = csv::StringRecord::from(vec!["7", "-3", "2.5", "true", "Ada, L.", ""]);
+        let r = csv_record(0, &headers, &row, 1000);
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_eq!(v, serde_json::json!({"id": 7, "n": -3, "x": 2.5, "ok": true, "name": "Ada, L."}));
+        let long = csv::StringRecord::from(vec!["1", "2", "3", "4", "5", "6", "7"]);
+        assert!(csv_record(1, &headers, &long, 1000).error.is_some());
+    }
+}
