@@ -350,14 +350,24 @@ async fn create_rollup(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiRes
 async fn list_sources(State(engine): State<Arc<Engine>>) -> ApiResult {
     let sources = engine.meta.list_sources().await?;
     let status = engine.meta.source_status().await?;
-    let data: Vec<serde_json::Value> = sources
-        .iter()
-        .map(|s| {
-            let partitions: Vec<&basalt_common::api::PartitionStatus> =
-                status.iter().filter(|p| p.source_id == s.id).collect();
-            json!({"source": s, "partitions": partitions})
-        })
-        .collect();
+    let mut data = Vec::new();
+    for s in &sources {
+        let partitions: Vec<&basalt_common::api::PartitionStatus> =
+            status.iter().filter(|p| p.source_id == s.id).collect();
+        let mut entry = json!({"source": s, "partitions": partitions});
+        if matches!(s.spec, basalt_common::api::SourceSpec::S3(_)) {
+            // Progress of the objects found so far (a bulk load's progress bar reads this).
+            let objects = engine.meta.source_objects(s.id, Vec::new()).await?;
+            let done = objects.iter().filter(|o| o.done);
+            entry["objects"] = json!({
+                "found": objects.len(),
+                "done": done.clone().count(),
+                "bytes_found": objects.iter().map(|o| o.size).sum::<u64>(),
+                "bytes_done": done.map(|o| o.size).sum::<u64>(),
+            });
+        }
+        data.push(entry);
+    }
     Ok(axum::Json(json!({"data": data})))
 }
 

@@ -3,6 +3,7 @@
 //! variable, or a key in the TOML file given with `--config` (flag and environment win).
 
 mod demo;
+mod load;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -52,6 +53,10 @@ enum Command {
     /// Run an aggregator: SQL over the PostgreSQL wire protocol and the HTTP API. Reaches the
     /// leaf at --leaf-addr and the tailer at --tailer-addr.
     Aggregator(AggregatorArgs),
+    /// Bulk-load the objects under an S3 prefix (JSON lines, CSV, Parquet) into a collection
+    /// through a running Basalt, with progress; S3 credentials come from the tailers' AWS_*
+    /// environment.
+    Load(load::LoadArgs),
 }
 
 #[derive(Args, Default, Deserialize)]
@@ -214,6 +219,7 @@ fn open_local(
 async fn run(cli: Cli) -> Result<(), String> {
     let mut local_leaf: Option<basalt_leaf::Leaf> = None;
     match cli.command {
+        Command::Load(args) => return load::run(args).await,
         Command::Dev(args) => {
             let file: DevArgs = file_options(cli.config.as_ref())?;
             let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("basalt-data"));

@@ -193,6 +193,27 @@ async fn s3_source_ingests_json_csv_and_parquet_exactly_once() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // `basalt load`: a one-off bulk load with progress, through the running deployment.
+    s3.put("bulk/b.parquet", parquet_file(10_000, 3000)).await;
+    let out = std::process::Command::new(basalt_cluster_tests::basalt_bin())
+        .args(["load", "--url", &d.http(""), "--collection", "bulk", "--bucket", "landing", "--prefix", "bulk/"])
+        .args(["--format", "parquet", "--endpoint", &s3.endpoint(), "--region", "us-east-1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("loaded 1 objects") && stdout.contains("3000 documents"), "{stdout}");
+    let n: i64 = pg.query_one("SELECT count(*) FROM bulk", &[]).await.unwrap().get(0);
+    assert_eq!(n, 3000);
+    let rows = pg.query("SHOW SOURCES", &[]).await.unwrap();
+    assert!(!rows.iter().any(|r| r.get::<_, String>("source").contains("load_")), "the load's source is dropped");
+    // An empty prefix is an error, not a wait forever.
+    let out = std::process::Command::new(basalt_cluster_tests::basalt_bin())
+        .args(["load", "--url", &d.http(""), "--collection", "bulk", "--bucket", "landing", "--prefix", "none/"])
+        .args(["--endpoint", &s3.endpoint(), "--region", "us-east-1", "--empty-timeout-s", "3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no objects"));
     // An object rewritten with new content is a new object (key + ETag).
     s3.put("csv/people.csv", b"id,name\n5,Eve\n".to_vec()).await;
     wait_count(&pg, "SELECT count(*) FROM people", 4, "the rewritten object").await;
