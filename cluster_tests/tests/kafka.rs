@@ -297,6 +297,25 @@ async fn kafka_source_transforms_records_on_the_way_in() {
         .await
         .unwrap_err();
     assert!(bad.as_db_error().is_some_and(|e| e.message().contains("GROUP BY")), "{bad:?}");
+    // A broker that cannot be reached: retried with backoff, shown in SHOW SOURCES, no crash.
+    pg.batch_execute("CREATE SOURCE dead_src FROM KAFKA (brokers = '127.0.0.1:1', topic = 'raw') INTO people")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let rows = pg.query("SHOW SOURCES", &[]).await.unwrap();
+        let dead = rows.iter().find(|r| r.get::<_, String>("source") == "commons.dead_src");
+        let state = dead.map(|r| (r.get::<_, String>("state"), r.get::<_, Option<String>>("last_error")));
+        if let Some((state, Some(error))) = &state {
+            assert_eq!(state, "retrying");
+            assert!(error.contains("kafka"), "{error}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{state:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The other source goes on.
+    assert_eq!(pg.query_one("SELECT count(*) FROM people", &[]).await.unwrap().get::<_, i64>(0), 100);
 }
 
 /// xorshift: reproducible random input without another dependency.

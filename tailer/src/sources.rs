@@ -110,8 +110,8 @@ pub struct SourceRunner {
     listings: Mutex<HashMap<u64, Listing>>,
 }
 
-/// When an S3 source's prefix was listed, how the last listing went (a row in SHOW SOURCES
-/// while it fails), and the backoff after failures.
+/// A source-level step (listing an S3 prefix, reading a topic's partitions): when it last ran,
+/// whether it worked (a failure is a row in SHOW SOURCES), and the backoff after failures.
 struct Listing {
     at: Instant,
     ok: bool,
@@ -169,10 +169,24 @@ impl SourceRunner {
                     continue;
                 }
             };
+            // A broker that cannot be reached is asked again after a backoff (the metadata call
+            // blocks this loop, which also renews the lease) and shown in SHOW SOURCES.
+            let waiting = self.listings.lock().get(&source.id).is_some_and(|l| !l.ok && l.at.elapsed() < l.backoff);
+            if waiting {
+                continue;
+            }
             let count = match self.partition_count(source.id, kafka).await {
-                Ok(n) => n,
+                Ok(n) => {
+                    self.listings.lock().remove(&source.id);
+                    n
+                }
                 Err(e) => {
-                    tracing::warn!(source = %source.name, error = %e, "cannot read the topic's partitions");
+                    tracing::warn!(source = %source.name, error = %e, "cannot read the topic's partitions; retrying");
+                    let mut listings = self.listings.lock();
+                    let backoff =
+                        listings.get(&source.id).map_or(TICK * 2, |l| (l.backoff * 2).min(Duration::from_secs(30)));
+                    let status = self.listing_status(&source, "retrying", Some(e.message));
+                    listings.insert(source.id, Listing { at: Instant::now(), ok: false, backoff, status });
                     continue;
                 }
             };
@@ -287,7 +301,7 @@ impl SourceRunner {
         let kafka = kafka.clone();
         let n = tokio::task::spawn_blocking(move || -> Result<i32> {
             let consumer: BaseConsumer = client_config(&kafka, source_id).create().map_err(kafka_err)?;
-            let md = consumer.fetch_metadata(Some(&kafka.topic), Duration::from_secs(5)).map_err(kafka_err)?;
+            let md = consumer.fetch_metadata(Some(&kafka.topic), Duration::from_secs(3)).map_err(kafka_err)?;
             let topic = md.topics().first().ok_or_else(|| kafka_err("no metadata for the topic"))?;
             if let Some(e) = topic.error() {
                 return Err(kafka_err(format!("topic {}: {e:?}", kafka.topic)));
