@@ -130,7 +130,21 @@ async fn s3_source_ingests_json_csv_and_parquet_exactly_once() {
 
     let good: Vec<i64> = (0..3020).chain(4000..7000).collect();
     let n = good.len() as i64;
-    wait_count(&pg, "SELECT count(*) FROM logs", n, "every good line").await;
+    let started = Instant::now();
+    loop {
+        let have: Vec<i64> =
+            pg.query("SELECT v FROM logs ORDER BY v", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        if have.len() as i64 == n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let missing: Vec<&i64> = good.iter().filter(|v| have.binary_search(v).is_err()).collect();
+            let sources = pg.query("SHOW SOURCES", &[]).await.unwrap();
+            let status: Vec<String> = sources.iter().map(|r| format!("{r:?}")).collect();
+            panic!("{} of {n} lines; missing {missing:?}; SHOW SOURCES {status:#?}", have.len());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let row = pg.query_one("SELECT count(DISTINCT _id), sum(v) FROM logs", &[]).await.unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (n, good.iter().sum::<i64>()));
     // The rollup saw each line once too.

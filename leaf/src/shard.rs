@@ -322,7 +322,8 @@ impl Shard {
                         p.offsets.len()
                     )));
                 }
-                let done = self.positions.lock().get(&(p.stream, p.partition)).copied().unwrap_or(-1);
+                let known = self.positions.lock().get(&(p.stream, p.partition)).copied();
+                let done = known.unwrap_or(-1);
                 if let Some(first) = p.first
                     && done >= first
                     && done < p.through
@@ -343,7 +344,10 @@ impl Shard {
                         ids.push(op.id().to_string());
                     }
                 }
-                let advance = (p.through > done).then_some((p.stream, p.partition, p.through));
+                // A first position is recorded even at -1 (nothing applied yet): "no position"
+                // means the shard never heard of the partition, and a source resuming treats
+                // that differently.
+                let advance = (known.is_none() || p.through > done).then_some((p.stream, p.partition, p.through));
                 (out, Some((kept, ids)), advance)
             }
         };

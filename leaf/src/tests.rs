@@ -482,6 +482,13 @@ async fn source_positions_make_resent_records_apply_once() {
     };
     {
         let leaf = Leaf::open(&config).unwrap();
+        // A first position of -1 (nothing yet, as an empty topic or a new object starts) is
+        // recorded: a shard that has it differs from one that never heard of the partition.
+        leaf.apply(write(vec![], vec![], -1)).await.unwrap();
+        assert_eq!(
+            leaf.positions(1, vec![0], 7).await.unwrap(),
+            vec![basalt_common::api::ShardPosition { shard: 0, partition: 2, through: -1 }]
+        );
         leaf.apply(write(vec![upsert(json!({"_id": "a", "n": 0}))], vec![10], 10)).await.unwrap();
         leaf.apply(write(vec![inc("a"), inc("a")], vec![11, 12], 12)).await.unwrap();
         // Resent from offset 11 with one more record: only offset 13 applies.

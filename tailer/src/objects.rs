@@ -50,11 +50,12 @@ pub async fn list(store: &dyn ObjectStore, spec: &S3Source) -> Result<Vec<FoundO
     Ok(out)
 }
 
-/// One record of an object: its index, its payload as JSON text (or the raw text when it could
-/// not be read, with the error).
+/// One record of an object: its index, and its payload as JSON text (JSON lines) or as a
+/// document already (CSV, Parquet), or the raw text when it could not be read, with the error.
 pub struct ObjectRecord {
     pub index: i64,
     pub payload: Vec<u8>,
+    pub doc: Option<serde_json::Map<String, serde_json::Value>>,
     pub error: Option<BasaltError>,
 }
 
@@ -87,8 +88,14 @@ impl Read for StreamRead {
 
 enum Inner {
     Lines(std::io::BufReader<StreamRead>),
-    Csv { reader: csv::Reader<StreamRead>, headers: Vec<String> },
-    Parquet(BoxStream<'static, parquet::errors::Result<arrow::array::RecordBatch>>, VecDeque<Vec<u8>>),
+    Csv {
+        reader: csv::Reader<StreamRead>,
+        headers: Vec<String>,
+    },
+    Parquet(
+        BoxStream<'static, parquet::errors::Result<arrow::array::RecordBatch>>,
+        VecDeque<serde_json::Map<String, serde_json::Value>>,
+    ),
 }
 
 /// Reads an object's records from a given index on.
@@ -176,10 +183,11 @@ impl ObjectReader {
         let record = match &mut self.inner {
             Inner::Lines(reader) => match read_line(reader, self.record_bytes_max)? {
                 None => return Ok(None),
-                Some(Ok(line)) => ObjectRecord { index, payload: line, error: None },
+                Some(Ok(line)) => ObjectRecord { index, payload: line, doc: None, error: None },
                 Some(Err(prefix)) => ObjectRecord {
                     index,
                     payload: prefix,
+                    doc: None,
                     error: Some(BasaltError::limit(format!("line is over {} bytes", self.record_bytes_max))),
                 },
             },
@@ -192,6 +200,7 @@ impl ObjectReader {
                     Err(e) => ObjectRecord {
                         index,
                         payload: Vec::new(),
+                        doc: None,
                         error: Some(BasaltError::invalid(format!("csv: {e}"))),
                     },
                 }
@@ -202,14 +211,11 @@ impl ObjectReader {
                         None => return Ok(None),
                         Some(Err(e)) => return Err(s3_err(format!("parquet: {e}"))),
                         Some(Ok(batch)) => {
-                            for object in crate::transform::objects(&batch, None)? {
-                                rows.push_back(serde_json::to_vec(&object).map_err(s3_err)?);
-                            }
+                            rows.extend(crate::transform::objects(&batch, None)?);
                         }
                     }
                 }
-                let payload = rows.pop_front().unwrap_or_default();
-                ObjectRecord { index, payload, error: None }
+                ObjectRecord { index, payload: Vec::new(), doc: rows.pop_front(), error: None }
             }
         };
         self.next_index += 1;
@@ -299,12 +305,18 @@ fn csv_record(index: i64, headers: &[String], row: &csv::StringRecord, max: usiz
     if row.as_slice().len() > max {
         let mut p = raw();
         p.truncate(1024);
-        return ObjectRecord { index, payload: p, error: Some(BasaltError::limit(format!("row is over {max} bytes"))) };
+        return ObjectRecord {
+            index,
+            payload: p,
+            doc: None,
+            error: Some(BasaltError::limit(format!("row is over {max} bytes"))),
+        };
     }
     if row.len() > headers.len() {
         return ObjectRecord {
             index,
             payload: raw(),
+            doc: None,
             error: Some(BasaltError::invalid(format!("csv row has {} cells, the header {}", row.len(), headers.len()))),
         };
     }
@@ -324,7 +336,7 @@ fn csv_record(index: i64, headers: &[String], row: &csv::StringRecord, max: usiz
         };
         object.insert(name.clone(), value);
     }
-    ObjectRecord { index, payload: serde_json::Value::Object(object).to_string().into_bytes(), error: None }
+    ObjectRecord { index, payload: Vec::new(), doc: Some(object), error: None }
 }
 
 #[cfg(test)]
@@ -350,7 +362,7 @@ mod tests {
         let headers: Vec<String> = ["id", "n", "x", "ok", "name", "empty"].iter().map(|s| s.to_string()).collect();
         let row = csv::StringRecord::from(vec!["7", "-3", "2.5", "true", "Ada, L.", ""]);
         let r = csv_record(0, &headers, &row, 1000);
-        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        let v = serde_json::Value::Object(r.doc.unwrap());
         assert_eq!(v, serde_json::json!({"id": 7, "n": -3, "x": 2.5, "ok": true, "name": "Ada, L."}));
         let long = csv::StringRecord::from(vec!["1", "2", "3", "4", "5", "6", "7"]);
         assert!(csv_record(1, &headers, &long, 1000).error.is_some());

@@ -78,6 +78,8 @@ pub const OBJECT_END: i64 = i64::MAX / 2;
 const OBJECT_WORKERS: usize = 2;
 /// Records per chunk (one write per shard per chunk).
 const CHUNK_RECORDS: usize = 2000;
+/// Records per chunk from an object (a bulk load: fewer, larger commits).
+const OBJECT_CHUNK_RECORDS: usize = 8192;
 /// How long a worker waits for the first record of a chunk.
 const FIRST_RECORD_WAIT: Duration = Duration::from_millis(10);
 /// How often a tailer renews its lease and reconsiders its partitions.
@@ -452,6 +454,8 @@ struct RawRecord {
     offset: i64,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
+    /// Already a document (CSV and Parquet rows): validated, not parsed.
+    doc: Option<Doc>,
     error: Option<BasaltError>,
 }
 
@@ -470,14 +474,19 @@ impl Input {
                     offset: msg.offset(),
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().map(<[u8]>::to_vec),
+                    doc: None,
                     error: None,
                 }),
             }),
             Input::Object(reader) => Ok(match reader.next_record()? {
                 None => Next::End,
-                Some(r) => {
-                    Next::Record(RawRecord { offset: r.index, key: None, payload: Some(r.payload), error: r.error })
-                }
+                Some(r) => Next::Record(RawRecord {
+                    offset: r.index,
+                    key: None,
+                    payload: (r.doc.is_none()).then_some(r.payload),
+                    doc: r.doc,
+                    error: r.error,
+                }),
             }),
         }
     }
@@ -686,7 +695,8 @@ impl PartitionWorker {
             let mut chunk: Vec<RawRecord> = Vec::new();
             let mut cap: Option<i64> = None;
             let mut capped = false;
-            while chunk.len() < CHUNK_RECORDS && !ended {
+            let chunk_records = if matches!(input, Input::Object(_)) { OBJECT_CHUNK_RECORDS } else { CHUNK_RECORDS };
+            while chunk.len() < chunk_records && !ended {
                 if self.stopped() {
                     return Ok(());
                 }
@@ -766,11 +776,27 @@ impl PartitionWorker {
                     }
                     bad.push(doc);
                 };
-            for RawRecord { offset, key, payload, error } in chunk {
+            for RawRecord { offset, key, mut payload, doc, error } in chunk {
                 bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
-                let decoded_doc = match error {
-                    Some(e) => Err(e),
-                    None => self.decode(offset, key.clone(), payload.clone(), now),
+                let decoded_doc = match (error, doc) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(doc)) => {
+                        // As text for the errors collection: kept when transforms or rollups
+                        // may fail the record later, else made only if it fails here.
+                        let text = |d: &Doc| serde_json::to_vec(d).unwrap_or_default();
+                        if keep_raw {
+                            payload = Some(text(&doc));
+                            self.validate(offset, doc, now)
+                        } else {
+                            let copy = doc.clone();
+                            let result = self.validate(offset, doc, now);
+                            if result.is_err() {
+                                payload = Some(text(&copy));
+                            }
+                            result
+                        }
+                    }
+                    (None, None) => self.decode(offset, key.clone(), payload.clone(), now),
                 };
                 match decoded_doc {
                     Ok(doc) => {
@@ -962,9 +988,20 @@ impl PartitionWorker {
     /// document has none and the source says so, else from the record's position (so a record
     /// read again gets the same `_id`, the same shard, and is recognized as applied).
     fn decode(&self, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, now: i64) -> Result<Doc> {
-        let key_as_id = matches!(&self.source.spec, SourceSpec::Kafka(k) if k.key_as_id);
         let payload = payload.ok_or_else(|| BasaltError::invalid("message has no value"))?;
-        let mut doc = parse_doc(&payload, &self.limits)?;
+        let doc = parse_doc(&payload, &self.limits)?;
+        self.with_id(offset, key, doc, now)
+    }
+
+    /// A row read as a document already (CSV, Parquet): checked against the limits.
+    fn validate(&self, offset: i64, doc: Doc, now: i64) -> Result<Doc> {
+        let doc = basalt_common::doc::validate_value(serde_json::Value::Object(doc), &self.limits)?;
+        self.with_id(offset, None, doc, now)
+    }
+
+    /// `_id` from the key (when the source says so) or the record's position, system fields.
+    fn with_id(&self, offset: i64, key: Option<Vec<u8>>, mut doc: Doc, now: i64) -> Result<Doc> {
+        let key_as_id = matches!(&self.source.spec, SourceSpec::Kafka(k) if k.key_as_id);
         if key_as_id
             && !doc.contains_key(ID_FIELD)
             && let Some(key) = key
