@@ -20,6 +20,24 @@ async fn wait_count(pg: &tokio_postgres::Client, sql: &str, want: i64, what: &st
     }
 }
 
+/// Wait until a `kind` rollup (`n`, `total`) equals the GROUP BY over its raw collection.
+async fn wait_rollup_by_kind(pg: &tokio_postgres::Client, raw: &str, rollup: &str) {
+    let rows = |r: &[tokio_postgres::Row]| {
+        r.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))).collect::<Vec<_>>()
+    };
+    let started = Instant::now();
+    loop {
+        let sql = format!("SELECT kind, count(*), sum(v) FROM {raw} GROUP BY kind ORDER BY kind");
+        let want = rows(&pg.query(&sql, &[]).await.unwrap());
+        let got = rows(&pg.query(&format!("SELECT kind, n, total FROM {rollup} ORDER BY kind"), &[]).await.unwrap());
+        if want == got {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "rollup {got:?} raw {want:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// JSON lines: records `first..first+n` with `v` = index; every 3rd without `_id`.
 fn jsonl(first: i64, n: i64) -> Vec<u8> {
     let mut out = String::new();
@@ -148,19 +166,7 @@ async fn s3_source_ingests_json_csv_and_parquet_exactly_once() {
     let row = pg.query_one("SELECT count(DISTINCT _id), sum(v) FROM logs", &[]).await.unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (n, good.iter().sum::<i64>()));
     // The rollup saw each line once too.
-    let started = Instant::now();
-    loop {
-        let raw = pg.query("SELECT kind, count(*), sum(v) FROM logs GROUP BY kind ORDER BY kind", &[]).await.unwrap();
-        let rollup = pg.query("SELECT kind, n, total FROM logs_by_kind ORDER BY kind", &[]).await.unwrap();
-        let rows = |r: &[tokio_postgres::Row]| {
-            r.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))).collect::<Vec<_>>()
-        };
-        if rows(&raw) == rows(&rollup) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "rollup {:?} raw {:?}", rows(&rollup), rows(&raw));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_rollup_by_kind(&pg, "logs", "logs_by_kind").await;
     // The bad and the over-long line are in the errors collection with object and line.
     let rows =
         pg.query("SELECT object, \"offset\", error FROM logs_src_errors ORDER BY \"offset\"", &[]).await.unwrap();
@@ -286,17 +292,5 @@ async fn two_tailers_and_the_leaf_killed_while_objects_arrive_lose_and_duplicate
     let row = pg.query_one("SELECT count(*), count(DISTINCT _id), sum(v) FROM events", &[]).await.unwrap();
     let (count, distinct, sum): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!((count, distinct, sum), (n, n, (0..n).sum::<i64>()));
-    let started = Instant::now();
-    loop {
-        let raw = pg.query("SELECT kind, count(*), sum(v) FROM events GROUP BY kind ORDER BY kind", &[]).await.unwrap();
-        let rollup = pg.query("SELECT kind, n, total FROM events_by_kind ORDER BY kind", &[]).await.unwrap();
-        let rows = |r: &[tokio_postgres::Row]| {
-            r.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))).collect::<Vec<_>>()
-        };
-        if rows(&raw) == rows(&rollup) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "rollup {:?} raw {:?}", rows(&rollup), rows(&raw));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_rollup_by_kind(&pg, "events", "events_by_kind").await;
 }

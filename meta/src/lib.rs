@@ -106,6 +106,39 @@ impl LocalMeta {
     }
 }
 
+/// Names and shard count of a collection to create.
+fn check_new_collection(name: &CollectionName, shards: u32) -> Result<()> {
+    validate_identifier(&name.workspace)?;
+    validate_identifier(&name.name)?;
+    if shards == 0 || shards > SHARDS_MAX {
+        return Err(BasaltError::invalid(format!("shards must be between 1 and {SHARDS_MAX}")));
+    }
+    Ok(())
+}
+
+/// Add a collection to the catalog; with `if_not_exists` an existing one is returned instead
+/// (with `false`: not created).
+fn add_collection(
+    c: &mut Catalog,
+    name: &CollectionName,
+    shards: u32,
+    if_not_exists: bool,
+) -> Result<(CollectionInfo, bool)> {
+    let id = c.next_collection_id;
+    let ws = c.workspaces.get_mut(&name.workspace).ok_or_else(|| workspace_missing(&name.workspace))?;
+    if let Some(existing) = ws.collections.get(&name.name) {
+        if if_not_exists {
+            return Ok((existing.clone(), false));
+        }
+        return Err(BasaltError::new(ErrorCode::AlreadyExists, format!("collection {name} already exists")));
+    }
+    let info = CollectionInfo { id, name: name.clone(), shards, created_at_us: now_micros() };
+    ws.collections.insert(name.name.clone(), info.clone());
+    c.next_collection_id += 1;
+    tracing::info!(collection = %name, id, shards, "collection created");
+    Ok((info, true))
+}
+
 fn workspace_missing(name: &str) -> BasaltError {
     BasaltError::not_found(format!("workspace {name} does not exist"))
 }
@@ -138,27 +171,8 @@ impl MetaApi for LocalMeta {
         shards: u32,
         if_not_exists: bool,
     ) -> Result<CollectionInfo> {
-        validate_identifier(&name.workspace)?;
-        validate_identifier(&name.name)?;
-        if shards == 0 || shards > SHARDS_MAX {
-            return Err(BasaltError::invalid(format!("shards must be between 1 and {SHARDS_MAX}")));
-        }
-        self.update(|c| {
-            let id = c.next_collection_id;
-            let ws = c.workspaces.get_mut(&name.workspace).ok_or_else(|| workspace_missing(&name.workspace))?;
-            if let Some(existing) = ws.collections.get(&name.name) {
-                if if_not_exists {
-                    return Ok(existing.clone());
-                }
-                return Err(BasaltError::new(ErrorCode::AlreadyExists, format!("collection {name} already exists")));
-            }
-            let info = CollectionInfo { id, name: name.clone(), shards, created_at_us: now_micros() };
-            ws.collections.insert(name.name.clone(), info.clone());
-            c.next_collection_id += 1;
-            tracing::info!(collection = %name, id, shards, "collection created");
-            Ok(info)
-        })
-        .await
+        check_new_collection(&name, shards)?;
+        self.update(|c| add_collection(c, &name, shards, if_not_exists).map(|(info, _)| info)).await
     }
 
     async fn drop_collection(&self, name: CollectionName, if_exists: bool) -> Result<Option<CollectionInfo>> {
@@ -289,13 +303,8 @@ impl MetaApi for LocalMeta {
         sql: String,
         if_not_exists: bool,
     ) -> Result<CollectionInfo> {
-        validate_identifier(&name.workspace)?;
-        validate_identifier(&name.name)?;
-        if shards == 0 || shards > SHARDS_MAX {
-            return Err(BasaltError::invalid(format!("shards must be between 1 and {SHARDS_MAX}")));
-        }
+        check_new_collection(&name, shards)?;
         self.update(|c| {
-            let id = c.next_collection_id;
             let src = c
                 .workspaces
                 .get(&source.workspace)
@@ -304,16 +313,11 @@ impl MetaApi for LocalMeta {
             if src.collection == name {
                 return Err(BasaltError::invalid("a rollup cannot be its own source's collection"));
             }
-            let ws = c.workspaces.get_mut(&name.workspace).ok_or_else(|| workspace_missing(&name.workspace))?;
-            if let Some(existing) = ws.collections.get(&name.name) {
-                if if_not_exists {
-                    return Ok(existing.clone());
-                }
-                return Err(BasaltError::new(ErrorCode::AlreadyExists, format!("collection {name} already exists")));
+            let (info, created) = add_collection(c, &name, shards, if_not_exists)?;
+            if !created {
+                return Ok(info);
             }
-            let info = CollectionInfo { id, name: name.clone(), shards, created_at_us: now_micros() };
-            ws.collections.insert(name.name.clone(), info.clone());
-            c.next_collection_id += 1;
+            let id = info.id;
             let src = c
                 .workspaces
                 .get_mut(&source.workspace)
