@@ -491,6 +491,27 @@ impl Deployment {
         self.procs.push(tailer);
     }
 
+    /// `kill -9` and restart the named processes in turn, waiting `first + step * round` before
+    /// each: crashes at different points of whatever the test has running meanwhile.
+    pub async fn kill_in_turn(&mut self, victims: &[&str], first: Duration, step: Duration) {
+        for (round, victim) in victims.iter().enumerate() {
+            tokio::time::sleep(first + step * round as u32).await;
+            let p = self.proc(victim);
+            p.kill9();
+            p.restart();
+        }
+    }
+
+    /// A SQL connection once the aggregator takes one again (after processes were restarted,
+    /// it reconnects to them lazily).
+    pub async fn pg_when_ready(&self) -> tokio_postgres::Client {
+        loop {
+            if let Ok(pg) = tokio::time::timeout(Duration::from_secs(5), self.pg()).await {
+                return pg;
+            }
+        }
+    }
+
     pub fn proc(&mut self, name: &str) -> &mut Proc {
         self.procs.iter_mut().find(|p| p.name == name).unwrap_or_else(|| panic!("no process {name}"))
     }

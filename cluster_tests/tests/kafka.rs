@@ -199,19 +199,9 @@ async fn two_tailers_and_the_leaf_killed_six_times_lose_and_duplicate_nothing() 
         })
     };
     let victims = ["tailer", "leaf", "tailer2", "tailer", "leaf", "tailer2"];
-    for (round, victim) in victims.iter().enumerate() {
-        tokio::time::sleep(Duration::from_millis(400 + 150 * round as u64)).await;
-        let p = d.proc(victim);
-        p.kill9();
-        p.restart();
-    }
+    d.kill_in_turn(&victims, Duration::from_millis(400), Duration::from_millis(150)).await;
     producer.await.unwrap();
-    let pg = loop {
-        // The aggregator reconnects to the restarted leaf lazily.
-        if let Ok(pg) = tokio::time::timeout(Duration::from_secs(5), d.pg()).await {
-            break pg;
-        }
-    };
+    let pg = d.pg_when_ready().await;
     let started = Instant::now();
     loop {
         let n: i64 = pg.query_one("SELECT count(*) FROM events", &[]).await.map(|r| r.get(0)).unwrap_or(-1);

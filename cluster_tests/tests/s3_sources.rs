@@ -275,18 +275,9 @@ async fn two_tailers_and_the_leaf_killed_while_objects_arrive_lose_and_duplicate
         })
     };
     let victims = ["tailer", "leaf", "tailer2", "tailer", "leaf", "tailer2"];
-    for (round, victim) in victims.iter().enumerate() {
-        tokio::time::sleep(Duration::from_millis(300 + 170 * round as u64)).await;
-        let p = d.proc(victim);
-        p.kill9();
-        p.restart();
-    }
+    d.kill_in_turn(&victims, Duration::from_millis(300), Duration::from_millis(170)).await;
     uploader.await.unwrap();
-    let pg = loop {
-        if let Ok(pg) = tokio::time::timeout(Duration::from_secs(5), d.pg()).await {
-            break pg;
-        }
-    };
+    let pg = d.pg_when_ready().await;
     let n = OBJECTS * PER;
     wait_count(&pg, "SELECT count(*) FROM events", n, "every line").await;
     let row = pg.query_one("SELECT count(*), count(DISTINCT _id), sum(v) FROM events", &[]).await.unwrap();
