@@ -436,9 +436,9 @@ impl Session {
         }
         let schema = show_sources_schema();
         let known = |v: i64| (v >= 0).then_some(v);
-        let idle = |src: &SourceInfo, objects: Option<(i64, i64)>| match objects {
+        // A source no tailer reports on: S3 objects all done, or waiting for one.
+        let idle = |objects: Option<(i64, i64)>| match objects {
             Some((done, total)) if done == total && total > 0 => "done",
-            Some(_) if src.spec.location().is_empty() => "unassigned",
             Some(_) => "waiting",
             None => "unassigned",
         };
@@ -460,7 +460,7 @@ impl Session {
                 Arc::new(StringArray::from_iter(rows.iter().map(|(_, st, _)| st.and_then(|st| st.object.as_deref())))),
                 Arc::new(StringArray::from_iter(rows.iter().map(|(_, st, _)| st.map(|st| st.member.as_str())))),
                 Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|(s, st, o)| st.map_or(idle(s, *o), |st| st.state.as_str())),
+                    rows.iter().map(|(_, st, o)| st.map_or(idle(*o), |st| st.state.as_str())),
                 )),
                 Arc::new(Int64Array::from_iter(rows.iter().map(|(_, st, _)| st.and_then(|st| known(st.next_offset))))),
                 Arc::new(Int64Array::from_iter(rows.iter().map(|(_, st, _)| {

@@ -55,6 +55,12 @@ async fn call(req: reqwest::RequestBuilder) -> Result<(u16, Value), String> {
     Ok((status, body))
 }
 
+/// `sql` is a `SELECT count(*) ...`: its number.
+async fn count(client: &reqwest::Client, url: &str, sql: &str) -> Result<i64, String> {
+    let (_, body) = call(client.post(url).json(&json!({"sql": sql}))).await?;
+    body["rows"][0][0].as_i64().ok_or_else(|| format!("{sql}: {}", body["error"]))
+}
+
 pub async fn run(args: LoadArgs) -> Result<(), String> {
     let client = reqwest::Client::new();
     let url = |p: &str| format!("{}{p}", args.url.trim_end_matches('/'));
@@ -81,12 +87,9 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
     if status != 200 {
         return Err(format!("create source: {}", body["error"]));
     }
-    let count = |client: reqwest::Client, sql: String, url: String| async move {
-        let (_, body) = call(client.post(url).json(&json!({"sql": sql}))).await?;
-        Ok::<i64, String>(body["rows"][0][0].as_i64().unwrap_or(0))
-    };
+    let query = url("/v1/query");
     let count_sql = format!("SELECT count(*) FROM {}", args.collection);
-    let docs_before = count(client.clone(), count_sql.clone(), url("/v1/query")).await?;
+    let docs_before = count(&client, &query, &count_sql).await?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -115,7 +118,7 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
             .sum();
         let bytes_found = o["bytes_found"].as_u64().unwrap_or(0);
         let bytes_done = (o["bytes_done"].as_u64().unwrap_or(0) + reading).min(bytes_found);
-        let docs = count(client.clone(), count_sql.clone(), url("/v1/query")).await? - docs_before;
+        let docs = count(&client, &query, &count_sql).await? - docs_before;
         let rate = docs as f64 / started.elapsed().as_secs_f64().max(0.001);
         let error = partitions.iter().find_map(|p| p["last_error"].as_str().map(str::to_string));
         bar.set_length(bytes_found);
@@ -153,7 +156,7 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
     };
     bar.finish();
     let secs = started.elapsed().as_secs_f64();
-    let errors = count(client.clone(), format!("SELECT count(*) FROM {source}_errors"), url("/v1/query")).await?;
+    let errors = count(&client, &query, &format!("SELECT count(*) FROM {source}_errors")).await?;
     if !args.keep_source {
         let (status, body) = call(client.delete(url(&format!("/v1/sources/{source}")))).await?;
         if status != 200 {

@@ -99,6 +99,19 @@ impl S3Server {
     }
 }
 
+/// Wait until `sql` (one count) returns `want`, for at most two minutes.
+pub async fn wait_count(pg: &tokio_postgres::Client, sql: &str, want: i64, what: &str) {
+    let started = Instant::now();
+    loop {
+        let n: i64 = pg.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(-1);
+        if n == want {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{what}: {n} rows, want {want}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A bucket on a running [`S3Server`].
 #[derive(Clone)]
 pub struct S3Bucket {

@@ -3,20 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use basalt_cluster_tests::{Deployment, Kafka};
+use basalt_cluster_tests::{Deployment, Kafka, wait_count};
 use serde_json::json;
-
-async fn wait_count(pg: &tokio_postgres::Client, sql: &str, want: i64, what: &str) {
-    let started = Instant::now();
-    loop {
-        let n: i64 = pg.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(-1);
-        if n == want {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(90), "{what}: {n} rows, want {want}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_source_ingests_exactly_once_through_kill_9() {

@@ -5,20 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use basalt_cluster_tests::{Deployment, S3Server};
+use basalt_cluster_tests::{Deployment, S3Server, wait_count};
 use serde_json::json;
-
-async fn wait_count(pg: &tokio_postgres::Client, sql: &str, want: i64, what: &str) {
-    let started = Instant::now();
-    loop {
-        let n: i64 = pg.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(-1);
-        if n == want {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "{what}: {n} rows, want {want}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// Wait until a `kind` rollup (`n`, `total`) equals the GROUP BY over its raw collection.
 async fn wait_rollup_by_kind(pg: &tokio_postgres::Client, raw: &str, rollup: &str) {

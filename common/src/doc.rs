@@ -104,18 +104,29 @@ fn validate_with(value: Value, limits: &DocLimits, outside: Outside) -> Result<D
     let Value::Object(doc) = value else {
         return Err(BasaltError::invalid(format!("a document must be a json object, got {}", Kind::of(&value).name())));
     };
+    check_with(&doc, limits, outside)?;
+    Ok(doc)
+}
+
+/// [`validate_value`] for a document already built as an object (rows of CSV or Parquet
+/// objects): the same limits, and the caller keeps the document whatever the outcome.
+pub fn check_doc(doc: &Doc, limits: &DocLimits) -> Result<()> {
+    check_with(doc, limits, Outside::default())
+}
+
+fn check_with(doc: &Doc, limits: &DocLimits, outside: Outside) -> Result<()> {
     let mut fields = outside.fields;
-    check_depth(&doc, 1, limits, &mut fields)?;
+    check_depth(doc, 1, limits, &mut fields)?;
     // Serialized size is checked on the canonical form so every input path shares one rule;
     // counted, not written out, and given up on as soon as it is over the limit.
     let mut counter = SizeCounter { bytes: outside.bytes, max: limits.doc_size_bytes_max };
-    if serde_json::to_writer(&mut counter, &doc).is_err() {
+    if serde_json::to_writer(&mut counter, doc).is_err() {
         return Err(BasaltError::limit(format!(
             "document is {} bytes or more, over the limit of {} bytes",
             counter.bytes, limits.doc_size_bytes_max
         )));
     }
-    Ok(doc)
+    Ok(())
 }
 
 /// Counts bytes written; fails once they pass `max`.

@@ -159,10 +159,9 @@ impl ObjectReader {
                 Inner::Parquet(stream.boxed(), VecDeque::new())
             }
         };
-        let mut reader = ObjectReader { inner, next_index: 0, record_bytes_max, bytes, rt };
-        if matches!(reader.inner, Inner::Parquet(..)) {
-            reader.next_index = from;
-        }
+        // Parquet skipped to `from` already (`with_offset`); lines and CSV rows are read past.
+        let next_index = if matches!(inner, Inner::Parquet(..)) { from } else { 0 };
+        let mut reader = ObjectReader { inner, next_index, record_bytes_max, bytes, rt };
         while reader.next_index < from {
             if reader.next_record()?.is_none() {
                 break;

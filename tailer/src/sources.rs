@@ -110,6 +110,9 @@ pub struct SourceRunner {
     /// S3 sources: the store per source id, and this member's listing state.
     stores: Mutex<HashMap<u64, Arc<dyn ObjectStore>>>,
     listings: Mutex<HashMap<u64, Listing>>,
+    /// S3 sources whose listing is running (in a task of its own: a slow or unreachable
+    /// bucket must not hold up the loop that renews this tailer's lease).
+    listing_now: Mutex<HashSet<u64>>,
 }
 
 /// A source-level step (listing an S3 prefix, reading a topic's partitions): when it last ran,
@@ -134,6 +137,7 @@ impl SourceRunner {
             partitions: Mutex::new(HashMap::new()),
             stores: Mutex::new(HashMap::new()),
             listings: Mutex::new(HashMap::new()),
+            listing_now: Mutex::new(HashSet::new()),
         });
         let r = runner.clone();
         tokio::spawn(async move {
@@ -152,7 +156,7 @@ impl SourceRunner {
         &self.member
     }
 
-    async fn tick(&self) -> Result<()> {
+    async fn tick(self: &Arc<Self>) -> Result<()> {
         let mut report: Vec<PartitionStatus> = self.workers.lock().values().map(|w| w.status.lock().clone()).collect();
         report.extend(self.listings.lock().values().filter(|l| !l.ok).map(|l| l.status.clone()));
         let live = self.meta.source_heartbeat(self.member.clone(), report).await?;
@@ -216,7 +220,7 @@ impl SourceRunner {
     /// An S3 source: list the prefix when due (one member does, the one the source id picks),
     /// then work on this member's share of the objects not done yet, a few at a time.
     async fn tick_s3(
-        &self,
+        self: &Arc<Self>,
         source: &SourceInfo,
         s3: &S3Source,
         live: &[String],
@@ -233,37 +237,20 @@ impl SourceRunner {
         };
         let n = live.len().max(1) as u64;
         let lister = live.get((source.id % n) as usize).is_some_and(|m| *m == self.member);
-        let due = {
-            let listings = self.listings.lock();
-            match listings.get(&source.id) {
-                None => true,
-                Some(l) if !l.ok => l.at.elapsed() >= l.backoff,
-                Some(_) if s3.poll_interval_ms == 0 => false,
-                Some(l) => l.at.elapsed() >= Duration::from_millis(s3.poll_interval_ms),
-            }
+        let due = match self.listings.lock().get(&source.id) {
+            None => true,
+            Some(l) if !l.ok => l.at.elapsed() >= l.backoff,
+            Some(_) if s3.poll_interval_ms == 0 => false,
+            Some(l) => l.at.elapsed() >= Duration::from_millis(s3.poll_interval_ms),
         };
-        let found = if lister && due {
-            match crate::objects::list(store.as_ref(), s3).await {
-                Ok(found) => {
-                    let mut listings = self.listings.lock();
-                    let status = self.listing_status(source, "running", None);
-                    listings.insert(source.id, Listing { at: Instant::now(), ok: true, backoff: TICK, status });
-                    found
-                }
-                Err(e) => {
-                    tracing::warn!(source = %source.name, error = %e, "cannot list the bucket; retrying");
-                    let mut listings = self.listings.lock();
-                    let backoff =
-                        listings.get(&source.id).map_or(TICK, |l| (l.backoff * 2).min(Duration::from_secs(30)));
-                    let status = self.listing_status(source, "retrying", Some(e.message));
-                    listings.insert(source.id, Listing { at: Instant::now(), ok: false, backoff, status });
-                    Vec::new()
-                }
-            }
-        } else {
-            Vec::new()
-        };
-        let objects = self.meta.source_objects(source.id, found).await?;
+        if lister && due && self.listing_now.lock().insert(source.id) {
+            let (runner, source, s3) = (self.clone(), source.clone(), s3.clone());
+            tokio::spawn(async move {
+                runner.list_objects(&source, &s3, store.as_ref()).await;
+                runner.listing_now.lock().remove(&source.id);
+            });
+        }
+        let objects = self.meta.source_objects(source.id, Vec::new()).await?;
         let mine = objects
             .iter()
             .filter(|o| {
@@ -275,6 +262,29 @@ impl SourceRunner {
             self.start(source, object.number, Some(object.clone()));
         }
         Ok(())
+    }
+
+    /// List an S3 source's prefix and hand what it finds to the catalog; failures are retried
+    /// with backoff and shown in SHOW SOURCES.
+    async fn list_objects(&self, source: &SourceInfo, s3: &S3Source, store: &dyn ObjectStore) {
+        let listed = match crate::objects::list(store, s3).await {
+            Ok(found) => self.meta.source_objects(source.id, found).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let mut listings = self.listings.lock();
+        let listing = match listed {
+            Ok(()) => {
+                let status = self.listing_status(source, "running", None);
+                Listing { at: Instant::now(), ok: true, backoff: TICK, status }
+            }
+            Err(e) => {
+                tracing::warn!(source = %source.name, error = %e, "cannot list the bucket; retrying");
+                let backoff = listings.get(&source.id).map_or(TICK, |l| (l.backoff * 2).min(Duration::from_secs(30)));
+                let status = self.listing_status(source, "retrying", Some(e.message));
+                Listing { at: Instant::now(), ok: false, backoff, status }
+            }
+        };
+        listings.insert(source.id, listing);
     }
 
     /// The row SHOW SOURCES shows for a source's listing (partition -1).
@@ -780,21 +790,15 @@ impl PartitionWorker {
                 bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
                 let decoded_doc = match (error, doc) {
                     (Some(e), _) => Err(e),
-                    (None, Some(doc)) => {
-                        // As text for the errors collection: kept when transforms or rollups
-                        // may fail the record later, else made only if it fails here.
-                        let text = |d: &Doc| serde_json::to_vec(d).unwrap_or_default();
-                        if keep_raw {
-                            payload = Some(text(&doc));
-                            self.validate(offset, doc, now)
-                        } else {
-                            let copy = doc.clone();
-                            let result = self.validate(offset, doc, now);
-                            if result.is_err() {
-                                payload = Some(text(&copy));
-                            }
-                            result
+                    (None, Some(mut doc)) => {
+                        // A row that is a document already: checked in place, made text for the
+                        // errors collection only when it fails (or transforms or rollups may).
+                        let checked = basalt_common::doc::check_doc(&doc, &self.limits)
+                            .and_then(|()| self.with_id(offset, None, &mut doc, now));
+                        if checked.is_err() || keep_raw {
+                            payload = Some(serde_json::to_vec(&doc).unwrap_or_default());
                         }
+                        checked.map(|()| doc)
                     }
                     (None, None) => self.decode(offset, key.clone(), payload.clone(), now),
                 };
@@ -989,18 +993,13 @@ impl PartitionWorker {
     /// read again gets the same `_id`, the same shard, and is recognized as applied).
     fn decode(&self, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, now: i64) -> Result<Doc> {
         let payload = payload.ok_or_else(|| BasaltError::invalid("message has no value"))?;
-        let doc = parse_doc(&payload, &self.limits)?;
-        self.with_id(offset, key, doc, now)
-    }
-
-    /// A row read as a document already (CSV, Parquet): checked against the limits.
-    fn validate(&self, offset: i64, doc: Doc, now: i64) -> Result<Doc> {
-        let doc = basalt_common::doc::validate_value(serde_json::Value::Object(doc), &self.limits)?;
-        self.with_id(offset, None, doc, now)
+        let mut doc = parse_doc(&payload, &self.limits)?;
+        self.with_id(offset, key, &mut doc, now)?;
+        Ok(doc)
     }
 
     /// `_id` from the key (when the source says so) or the record's position, system fields.
-    fn with_id(&self, offset: i64, key: Option<Vec<u8>>, mut doc: Doc, now: i64) -> Result<Doc> {
+    fn with_id(&self, offset: i64, key: Option<Vec<u8>>, doc: &mut Doc, now: i64) -> Result<()> {
         let key_as_id = matches!(&self.source.spec, SourceSpec::Kafka(k) if k.key_as_id);
         if key_as_id
             && !doc.contains_key(ID_FIELD)
@@ -1012,7 +1011,7 @@ impl PartitionWorker {
         if !doc.contains_key(ID_FIELD) {
             doc.insert(ID_FIELD.to_string(), serde_json::Value::String(self.position_id(offset)));
         }
-        normalize_system_fields(&mut doc, now, &self.limits)?;
-        Ok(doc)
+        normalize_system_fields(doc, now, &self.limits)?;
+        Ok(())
     }
 }
