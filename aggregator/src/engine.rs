@@ -2,6 +2,7 @@
 //! either a result stream planned by DataFusion or a Basalt command (DDL, DESCRIBE, field-level
 //! writes through the tailer).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, AsArray, RecordBatch, StringArray, UInt64Array};
@@ -421,14 +422,19 @@ impl Session {
         type Row<'a> = (&'a SourceInfo, Option<&'a PartitionStatus>, Option<(i64, i64)>);
         let mut rows: Vec<Row> = Vec::new();
         for src in &sources {
-            let objects = match &src.spec {
+            let (objects, done) = match &src.spec {
                 SourceSpec::S3(_) => {
                     let objects = self.engine.meta.source_objects(src.id, Vec::new()).await?;
-                    Some((objects.iter().filter(|o| o.done).count() as i64, objects.len() as i64))
+                    let done: HashSet<i32> = objects.iter().filter(|o| o.done).map(|o| o.number).collect();
+                    (Some((done.len() as i64, objects.len() as i64)), done)
                 }
-                SourceSpec::Kafka(_) => None,
+                SourceSpec::Kafka(_) => (None, HashSet::new()),
             };
-            let mine: Vec<_> = status.iter().filter(|s| s.source_id == src.id && s.state != "done").collect();
+            // Tailers report once a second; the catalog knows at once when an object is done.
+            let mine: Vec<_> = status
+                .iter()
+                .filter(|s| s.source_id == src.id && s.state != "done" && !done.contains(&s.partition))
+                .collect();
             if mine.is_empty() {
                 rows.push((src, None, objects));
             }

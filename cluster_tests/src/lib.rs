@@ -371,6 +371,10 @@ impl Drop for Deployment {
             for p in &self.procs {
                 eprintln!("--- last lines of the {} log ---\n{}", p.name, p.log_tail());
             }
+            // Again after the logs: CI shows the end of a failing test's output.
+            if let Some(message) = LAST_PANIC.lock().ok().and_then(|m| m.clone()) {
+                eprintln!("--- the test failed: {message}");
+            }
             // BASALT_TEST_KEEP=DIR keeps the deployment's data and logs for a post-mortem.
             if let Ok(keep) = std::env::var("BASALT_TEST_KEEP") {
                 for p in &mut self.procs {
@@ -383,6 +387,22 @@ impl Drop for Deployment {
     }
 }
 
+/// The message and place of the last panic, printed again after a failed deployment's logs.
+static LAST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn remember_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Ok(mut last) = LAST_PANIC.lock() {
+                *last = Some(info.to_string());
+            }
+            default(info);
+        }));
+    });
+}
+
 impl Deployment {
     /// `basalt dev`: every tier in one process.
     pub async fn dev() -> Deployment {
@@ -391,6 +411,7 @@ impl Deployment {
 
     /// `basalt dev` with extra arguments and environment variables.
     pub async fn dev_with(extra: &[&str], env: &[(String, String)]) -> Deployment {
+        remember_panics();
         let dir = tempfile::tempdir().expect("temp dir");
         let (pg_port, http_port) = (free_port(), free_port());
         let mut args: Vec<String> = vec![
@@ -415,6 +436,7 @@ impl Deployment {
 
     /// A cluster whose tailers get these environment variables.
     pub async fn cluster_with(tailer_env: &[(String, String)]) -> Deployment {
+        remember_panics();
         let dir = tempfile::tempdir().expect("temp dir");
         let (leaf_rpc, tailer_rpc) = (free_port(), free_port());
         let (leaf_http, tailer_http) = (free_port(), free_port());

@@ -190,14 +190,14 @@ async fn s3_source_ingests_json_csv_and_parquet_exactly_once() {
         let done =
             logs.first().map(|r| (r.get::<_, Option<i64>>("objects_done"), r.get::<_, Option<i64>>("objects_total")));
         let missing_error = missing.iter().find_map(|r| r.get::<_, Option<String>>("last_error"));
-        if done == Some((Some(7), Some(7))) && missing_error.is_some() {
-            assert_eq!(logs[0].get::<_, String>("state"), "done");
+        let states: Vec<String> = logs.iter().map(|r| r.get("state")).collect();
+        if done == Some((Some(7), Some(7))) && missing_error.is_some() && states == ["done"] {
             assert_eq!(logs[0].get::<_, String>("location"), "s3://landing/logs/2026/");
             break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "SHOW SOURCES: {done:?}, missing bucket: {missing_error:?}"
+            "SHOW SOURCES: {done:?}, states {states:?}, missing bucket: {missing_error:?}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
