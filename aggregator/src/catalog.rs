@@ -10,7 +10,7 @@ use basalt_common::api::{CollectionName, Leaf, Meta};
 use basalt_common::filter::AccessPath;
 use basalt_common::{ErrorCode, Result as BResult};
 use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
-use datafusion::common::Result;
+use datafusion::common::{DataFusionError, Result};
 use parking_lot::RwLock;
 
 use crate::table::{CollectionTable, to_df_error};
@@ -36,11 +36,13 @@ pub struct BasaltCatalog {
     meta: Meta,
     leaf: Leaf,
     options: Arc<RwLock<PlanOptions>>,
+    /// Schemas a session adds (`pg_catalog`); never workspaces.
+    extra: RwLock<BTreeMap<String, Arc<dyn SchemaProvider>>>,
 }
 
 impl BasaltCatalog {
     pub fn new(meta: Meta, leaf: Leaf, options: Arc<RwLock<PlanOptions>>) -> Self {
-        Self { names: Arc::new(Names::default()), meta, leaf, options }
+        Self { names: Arc::new(Names::default()), meta, leaf, options, extra: RwLock::new(BTreeMap::new()) }
     }
 
     pub async fn refresh(&self) -> BResult<()> {
@@ -58,10 +60,22 @@ impl BasaltCatalog {
 
 impl CatalogProvider for BasaltCatalog {
     fn schema_names(&self) -> Vec<String> {
-        self.names.0.read().keys().cloned().collect()
+        let mut names: Vec<String> = self.names.0.read().keys().cloned().collect();
+        names.extend(self.extra.read().keys().cloned());
+        names
+    }
+
+    fn register_schema(&self, name: &str, schema: Arc<dyn SchemaProvider>) -> Result<Option<Arc<dyn SchemaProvider>>> {
+        if self.names.0.read().contains_key(name) {
+            return Err(DataFusionError::Plan(format!("{name} is a workspace")));
+        }
+        Ok(self.extra.write().insert(name.to_string(), schema))
     }
 
     fn schema(&self, name: &str) -> Option<Arc<dyn SchemaProvider>> {
+        if let Some(extra) = self.extra.read().get(name) {
+            return Some(extra.clone());
+        }
         self.names.0.read().contains_key(name).then(|| {
             Arc::new(Workspace {
                 name: name.to_string(),

@@ -72,7 +72,8 @@ impl Engine {
         ctx.register_catalog(CATALOG, catalog.clone());
         ctx.register_udf(search_udf());
         ctx.register_udaf(approx_distinct_merge_udaf());
-        Session { engine: self.clone(), ctx, catalog, options }
+        crate::compat::register_functions(&ctx);
+        Session { engine: self.clone(), ctx, catalog, options, pg_catalog: std::sync::OnceLock::new() }
     }
 }
 
@@ -81,6 +82,8 @@ pub struct Session {
     ctx: SessionContext,
     catalog: Arc<BasaltCatalog>,
     options: Arc<RwLock<PlanOptions>>,
+    /// Set once `pg_catalog` is installed (on the first statement that names it).
+    pg_catalog: std::sync::OnceLock<()>,
 }
 
 /// Map a DataFusion error to a Basalt error with a fitting code.
@@ -142,8 +145,23 @@ fn select_query(
 
 impl Session {
     /// Run every statement of a SQL string.
+    /// The statements of a SQL text. A text that names the Postgres catalog (a tool's catalog
+    /// query) first gets `pg_catalog` installed and goes through its parser's rewrites.
+    pub fn parse(&self, sql: &str) -> Result<Vec<BasaltStatement>> {
+        if sql.len() <= basalt_sql::SQL_BYTES_MAX && crate::compat::names_the_catalog(sql) {
+            if self.pg_catalog.get().is_none() {
+                crate::compat::setup(&self.ctx, CATALOG)?;
+                let _ = self.pg_catalog.set(());
+            }
+            if let Some(statements) = crate::compat::parse_catalog_query(sql) {
+                return Ok(statements);
+            }
+        }
+        basalt_sql::parse(sql)
+    }
+
     pub async fn execute_sql(&self, sql: &str, params: &[ScalarValue]) -> Result<Vec<Output>> {
-        let statements = basalt_sql::parse(sql)?;
+        let statements = self.parse(sql)?;
         let mut out = Vec::with_capacity(statements.len());
         for stmt in statements {
             out.push(self.execute(stmt, params).await?);
@@ -189,6 +207,15 @@ impl Session {
 
     /// Parameter and result types of a statement, without running it.
     pub async fn describe(&self, stmt: &BasaltStatement) -> Result<Described> {
+        if let BasaltStatement::Query(q) = stmt
+            && let Statement::ShowVariable { variable } = &**q
+        {
+            let name = variable.iter().map(|i| i.value.to_lowercase()).collect::<Vec<_>>().join(" ");
+            if let Some(value) = crate::compat::setting(&name) {
+                let (schema, _) = crate::compat::setting_batch(&name, value)?;
+                return Ok(Described { params: vec![], output: Some(schema) });
+            }
+        }
         let planned = match stmt {
             BasaltStatement::Query(q) => Some(((**q).clone(), true)),
             BasaltStatement::Insert { source, .. } => Some((Statement::Query(source.clone()), false)),
@@ -317,8 +344,20 @@ impl Session {
         match &stmt {
             Statement::StartTransaction { .. } => return Ok(command("BEGIN", 0)),
             Statement::Commit { .. } => return Ok(command("COMMIT", 0)),
+            Statement::Rollback { savepoint: Some(_), .. } => return Ok(command("ROLLBACK TO", 0)),
             Statement::Rollback { .. } => return Ok(command("ROLLBACK", 0)),
+            // Statements apply one by one (no multi-statement transactions); savepoints, which
+            // drivers wrap their own catalog queries in, are accepted like BEGIN and COMMIT.
+            Statement::Savepoint { .. } => return Ok(command("SAVEPOINT", 0)),
+            Statement::ReleaseSavepoint { .. } => return Ok(command("RELEASE", 0)),
             Statement::Set(set) => return self.set(set),
+            Statement::ShowVariable { variable } => {
+                let name = variable.iter().map(|i| i.value.to_lowercase()).collect::<Vec<_>>().join(" ");
+                if let Some(value) = crate::compat::setting(&name) {
+                    let (schema, batch) = crate::compat::setting_batch(&name, value)?;
+                    return rows_output(schema, vec![batch]);
+                }
+            }
             _ => {}
         }
         let hint = self.options.read().hint;
@@ -577,7 +616,12 @@ fn show_sources_schema() -> SchemaRef {
 fn returns_rows_statement(s: &Statement) -> bool {
     !matches!(
         s,
-        Statement::StartTransaction { .. } | Statement::Commit { .. } | Statement::Rollback { .. } | Statement::Set(_)
+        Statement::StartTransaction { .. }
+            | Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. }
+            | Statement::Set(_)
     )
 }
 

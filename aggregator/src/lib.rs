@@ -5,6 +5,7 @@
 //! leaves, tailers and the catalog only through the traits in `basalt_common::api`.
 
 pub mod catalog;
+pub mod compat;
 pub mod engine;
 pub mod fastpath;
 pub mod http;

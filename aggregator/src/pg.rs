@@ -5,6 +5,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
 use arrow::datatypes::{
     DataType, Date32Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, TimeUnit,
     TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt8Type,
@@ -50,6 +51,12 @@ pub fn pg_type(dt: &DataType) -> Type {
         DataType::Date32 => Type::DATE,
         DataType::Timestamp(_, Some(_)) => Type::TIMESTAMPTZ,
         DataType::Timestamp(_, None) => Type::TIMESTAMP,
+        DataType::List(f) | DataType::LargeList(f) => match f.data_type() {
+            DataType::Boolean => Type::BOOL_ARRAY,
+            DataType::Int64 => Type::INT8_ARRAY,
+            DataType::Float64 => Type::FLOAT8_ARRAY,
+            _ => Type::TEXT_ARRAY,
+        },
         _ => Type::TEXT,
     }
 }
@@ -95,6 +102,37 @@ fn float_text(v: f64) -> String {
     }
 }
 
+/// A list value as a Postgres array of the element type [`pg_type`] names (text or binary;
+/// pgwire quotes elements in the `{...}` text form).
+fn encode_list(enc: &mut DataRowEncoder, a: &dyn Array, row: usize) -> PgWireResult<()> {
+    let items = match a.data_type() {
+        DataType::List(_) => a.as_list::<i32>().value(row),
+        DataType::LargeList(_) => a.as_list::<i64>().value(row),
+        _ => return enc.encode_field(&None::<i64>),
+    };
+    let items = items.as_ref();
+    let valid = |i: usize| !items.is_null(i);
+    match items.data_type() {
+        DataType::Boolean => {
+            let b = items.as_boolean();
+            enc.encode_field(&(0..b.len()).map(|i| valid(i).then(|| b.value(i))).collect::<Vec<_>>())
+        }
+        DataType::Int64 => {
+            let v = items.as_primitive::<Int64Type>();
+            enc.encode_field(&(0..v.len()).map(|i| valid(i).then(|| v.value(i))).collect::<Vec<_>>())
+        }
+        DataType::Float64 => {
+            let v = items.as_primitive::<Float64Type>();
+            enc.encode_field(&(0..v.len()).map(|i| valid(i).then(|| v.value(i))).collect::<Vec<_>>())
+        }
+        _ => {
+            let text = cast(items, &DataType::Utf8).map_err(|e| pg_error(BasaltError::from(e)))?;
+            let text = text.as_string::<i32>();
+            enc.encode_field(&text.iter().map(|v| v.map(str::to_string)).collect::<Vec<_>>())
+        }
+    }
+}
+
 fn encode_batch(batch: &RecordBatch, schema: &Arc<Vec<FieldInfo>>) -> Vec<PgWireResult<DataRow>> {
     let options = FormatOptions::default();
     let formatters: Vec<Option<ArrayFormatter>> =
@@ -106,7 +144,8 @@ fn encode_batch(batch: &RecordBatch, schema: &Arc<Vec<FieldInfo>>) -> Vec<PgWire
         let mut result = Ok(());
         for (col_idx, col) in batch.columns().iter().enumerate() {
             let a = col.as_ref();
-            let r = if a.is_null(row) {
+            // A NullArray has no validity buffer: `is_null` says false for its rows.
+            let r = if a.is_null(row) || *a.data_type() == DataType::Null {
                 enc.encode_field(&None::<i64>)
             } else {
                 match a.data_type() {
@@ -153,6 +192,7 @@ fn encode_batch(batch: &RecordBatch, schema: &Arc<Vec<FieldInfo>>) -> Vec<PgWire
                             (None, _) => enc.encode_field(&None::<i64>),
                         }
                     }
+                    DataType::List(_) | DataType::LargeList(_) => encode_list(&mut enc, a, row),
                     _ => {
                         let text = formatters[col_idx].as_ref().map(|f| f.value(row).to_string()).unwrap_or_default();
                         enc.encode_field(&text)
@@ -173,6 +213,8 @@ fn to_response(output: Output, format: &Format) -> Response {
     match output {
         Output::Command { tag: "BEGIN", .. } => Response::TransactionStart(Tag::new("BEGIN")),
         Output::Command { tag: tag @ ("COMMIT" | "ROLLBACK"), .. } => Response::TransactionEnd(Tag::new(tag)),
+        // Rolling back to a savepoint stays in the transaction.
+        Output::Command { tag: "ROLLBACK TO", .. } => Response::Execution(Tag::new("ROLLBACK")),
         Output::Command { tag: "INSERT", rows } => Response::Execution(Tag::new("INSERT").with_oid(0).with_rows(rows)),
         Output::Command { tag: tag @ ("UPDATE" | "DELETE"), rows } => {
             Response::Execution(Tag::new(tag).with_rows(rows))
@@ -214,7 +256,7 @@ impl SimpleQueryHandler for Connection {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let statements = basalt_sql::parse(query).map_err(pg_error)?;
+        let statements = self.session.parse(query).map_err(pg_error)?;
         let mut responses = Vec::with_capacity(statements.len());
         for stmt in statements {
             match self.session.execute(stmt, &[]).await {
@@ -253,7 +295,7 @@ impl QueryParser for Parser {
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
-        let mut statements = basalt_sql::parse(sql).map_err(pg_error)?;
+        let mut statements = self.session.parse(sql).map_err(pg_error)?;
         if statements.len() > 1 {
             return Err(pg_error(BasaltError::new(
                 ErrorCode::Syntax,

@@ -668,8 +668,17 @@ struct Relations(HashSet<String>);
 impl Visitor for Relations {
     type Break = ();
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        if let Some(ObjectNamePart::Identifier(last)) = relation.0.last() {
-            self.0.insert(last.value.clone());
+        // `people`, `commons.people` and `basalt.commons.people` all name it in a column.
+        let parts: Vec<&str> = relation
+            .0
+            .iter()
+            .filter_map(|p| match p {
+                ObjectNamePart::Identifier(i) => Some(i.value.as_str()),
+                _ => None,
+            })
+            .collect();
+        for start in 0..parts.len() {
+            self.0.insert(parts[start..].join("."));
         }
         ControlFlow::Continue(())
     }
@@ -697,10 +706,16 @@ pub fn rewrite_paths(stmt: &mut Statement) {
     let _ = visit_expressions_mut(stmt, |expr| {
         if let Expr::CompoundIdentifier(parts) = expr {
             let quote = |v: String| Ident::with_quote('"', v);
-            if relations.contains(&parts[0].value) {
-                if parts.len() > 2 {
-                    let path = parts[1..].iter().map(|i| i.value.as_str()).collect::<Vec<_>>().join(".");
-                    *expr = Expr::CompoundIdentifier(vec![parts[0].clone(), quote(path)]);
+            // The longest leading run of parts that names a relation (`u`, `commons.people`).
+            let relation = (1..parts.len()).rev().find(|&k| {
+                relations.contains(&parts[..k].iter().map(|i| i.value.as_str()).collect::<Vec<_>>().join("."))
+            });
+            if let Some(k) = relation {
+                if parts.len() > k + 1 {
+                    let path = parts[k..].iter().map(|i| i.value.as_str()).collect::<Vec<_>>().join(".");
+                    let mut qualified = parts[..k].to_vec();
+                    qualified.push(quote(path));
+                    *expr = Expr::CompoundIdentifier(qualified);
                 }
             } else {
                 let path = parts.iter().map(|i| i.value.as_str()).collect::<Vec<_>>().join(".");
@@ -876,6 +891,16 @@ mod tests {
         assert_eq!(
             q.to_string(),
             "SELECT name, \"address.city\", u.\"address.city\", u.age, tags[1] FROM users u WHERE \"address.geo.lat\" > 1"
+        );
+        // Columns qualified with a workspace-qualified collection (SQLAlchemy writes these).
+        let BasaltStatement::Query(q) =
+            one("SELECT commons.people._id, commons.people.address.city, people.age FROM commons.people")
+        else {
+            panic!()
+        };
+        assert_eq!(
+            q.to_string(),
+            "SELECT commons.people._id, commons.people.\"address.city\", people.age FROM commons.people"
         );
     }
 

@@ -58,7 +58,7 @@ def test_type_round_trips(basalt):
             i, f, s, b, t, arr = row
             assert (i, f, s, b) == (42, 2.5, "héllo", True)
             assert t == datetime.datetime(2026, 11, 1, 12, 30, tzinfo=datetime.timezone.utc)
-            assert arr is not None
+            assert arr == [1, 2, 3], (binary, arr)
             types = [d.type_code for d in cur.description]
             assert types[:5] == [20, 701, 25, 16, 1184]  # int8, float8, text, bool, timestamptz
         # Typed parameters of several kinds.
