@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one: installs what the tests need (a Python
-# virtualenv with psycopg, pytest and moto_server, the S3 API server; the Kafka-protocol broker
-# tansu, built once into ~/.cache/basalt/tools; psql if missing), builds Basalt, runs the Python
-# client tests, then every Rust test (unit, sqllogictest against dev and a three-process
+# virtualenv with psycopg, pytest, SQLAlchemy, pandas and moto_server, the S3 API server; the
+# Kafka-protocol broker tansu and the TPC-H generator tpchgen-cli, built once into
+# ~/.cache/basalt/tools; psql if missing), builds Basalt, runs the Python tests (clients, tools,
+# TPC-H against DuckDB's answers), then every Rust test (unit, sqllogictest against dev and a three-process
 # deployment, crash, HTTP, S3 and Kafka tests) with cargo nextest (cargo test if nextest is
 # missing). Test servers run on loopback ports and stop with their tests.
 set -euo pipefail
@@ -31,6 +32,14 @@ if [ ! -x "$TOOLS/bin/tansu" ]; then
   rm -rf "$HOME/.cache/basalt/tansu-target"
 fi
 export BASALT_TANSU="$TOOLS/bin/tansu"
+if [ ! -x "$TOOLS/bin/tpchgen-cli" ]; then
+  # The TPC-H data generator for the TPC-H tests (a few minutes, once per machine).
+  echo "building tpchgen-cli (once)"
+  CARGO_TARGET_DIR="$HOME/.cache/basalt/tpchgen-target" \
+    cargo install -q tpchgen-cli --version 4.0.0 --locked --root "$TOOLS"
+  rm -rf "$HOME/.cache/basalt/tpchgen-target"
+fi
+export BASALT_TPCHGEN="$TOOLS/bin/tpchgen-cli"
 
 step "build"
 cargo build -p basalt

@@ -65,6 +65,8 @@ impl Engine {
             .with_create_default_catalog_and_schema(false);
         // Field names are case-sensitive JSON keys: keep identifiers as written.
         config.options_mut().sql_parser.enable_ident_normalization = false;
+        // Numeric literals are exact, as in PostgreSQL: `0.06 + 0.01` is 0.07, not 0.0699...
+        config.options_mut().sql_parser.parse_float_as_decimal = true;
         // EXPLAIN shows the plan that runs (with leaf access paths), not the logical plan.
         config.options_mut().explain.physical_plan_only = true;
         let ctx = SessionContext::new_with_config(config);
