@@ -1,0 +1,98 @@
+"""Star Schema Benchmark on Basalt: SSB tables derived from tpchgen-cli's TPC-H data by SQL
+(bench/ssb/derive.sql, run in DuckDB), loaded into Basalt's `ssb` workspace through the HTTP
+write API, and the 13 queries in both forms (bench/ssb/queries/star: joins over the star;
+bench/ssb/queries/flat: the denormalized `lineorder_flat`) compared with DuckDB's answers.
+
+    python bench/ssb/ssb.py expected --sf 0.01 --out tests/tpch/ssb-expected-sf0.01.json
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tpch"))
+import tpch  # noqa: E402
+
+TABLES = ["dwdate", "customer", "supplier", "part", "lineorder", "lineorder_flat"]
+KEYS = {
+    "dwdate": ["d_datekey"], "customer": ["c_custkey"], "supplier": ["s_suppkey"], "part": ["p_partkey"],
+    "lineorder": ["lo_orderkey", "lo_linenumber"], "lineorder_flat": ["lo_orderkey", "lo_linenumber"],
+}
+QUERIES = [f"q{g}.{i}" for g, n in ((1, 3), (2, 3), (3, 4), (4, 3)) for i in range(1, n + 1)]
+
+
+def derive(tpch_data: pathlib.Path, out: pathlib.Path):
+    """A DuckDB connection holding the SSB tables, each also written as JSON lines into `out`."""
+    import duckdb
+
+    con = duckdb.connect()
+    for t in tpch.TABLES:
+        con.execute(f"CREATE TABLE {t} AS SELECT * FROM read_csv('{tpch_data / (t + '.csv')}', header = true)")
+    con.execute((HERE / "derive.sql").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for t in TABLES:
+        path = out / f"{t}.jsonl"
+        if not path.exists():
+            con.execute(f"COPY ssb.{t} TO '{path}' (FORMAT json)")
+    return con
+
+
+def load_basalt(http_port: int, data: pathlib.Path, shards: int = 2, batch: int = 5000, progress=print) -> dict:
+    tpch.http(http_port, "POST", "/v1/query", json.dumps({"sql": "CREATE WORKSPACE IF NOT EXISTS ssb"}).encode())
+    counts = {}
+    for t in TABLES:
+        started = time.time()
+        sql = f"CREATE COLLECTION IF NOT EXISTS ssb.{t} WITH (shards = {shards})"
+        tpch.http(http_port, "POST", "/v1/query", json.dumps({"sql": sql}).encode())
+        n, chunk = 0, []
+
+        def flush():
+            result = tpch.http(http_port, "POST", f"/v1/collections/ssb.{t}/docs", json.dumps({"data": chunk}).encode())
+            errors = [r for r in result.get("data", []) if r.get("error")]
+            if errors:
+                raise RuntimeError(f"ssb.{t}: {len(errors)} documents refused, first: {errors[0]}")
+
+        with open(data / f"{t}.jsonl") as f:
+            for line in f:
+                doc = json.loads(line)
+                doc["_id"] = "-".join(str(doc[k]) for k in KEYS[t])
+                chunk.append(doc)
+                n += 1
+                if len(chunk) == batch:
+                    flush()
+                    chunk = []
+        if chunk:
+            flush()
+        counts[t] = n
+        progress(f"loaded ssb.{t}: {n} rows in {time.time() - started:.1f}s")
+    return counts
+
+
+def query_text(form: str, name: str) -> str:
+    return (HERE / "queries" / form / f"{name}.sql").read_text()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("expected", help="write DuckDB's answers for the test")
+    e.add_argument("--sf", type=float, default=0.01)
+    e.add_argument("--out", required=True)
+    args = ap.parse_args()
+    base = pathlib.Path.home() / f".cache/basalt/bench/tpch-sf{args.sf}"
+    tpch.generate(args.sf, base)
+    con = derive(base, base / "ssb")
+    answers = {}
+    for form in ("star", "flat"):
+        for q in QUERIES:
+            rows = con.execute(query_text(form, q)).fetchall()
+            answers[f"{form}/{q}"] = [[tpch.normalize(v) for v in row] for row in rows]
+    pathlib.Path(args.out).write_text(json.dumps({"sf": args.sf, "answers": answers}, indent=1) + "\n")
+    print(f"wrote {args.out}: " + ", ".join(f"{q} {len(r)}" for q, r in answers.items()), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
