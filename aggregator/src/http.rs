@@ -61,7 +61,7 @@ struct QueryBody {
     params: Vec<Value>,
 }
 
-fn param(v: &Value) -> ScalarValue {
+pub(crate) fn param(v: &Value) -> ScalarValue {
     match v {
         Value::Null => ScalarValue::Null,
         Value::Bool(b) => ScalarValue::Boolean(Some(*b)),

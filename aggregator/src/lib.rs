@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod compat;
 pub mod engine;
 pub mod fastpath;
+pub mod flight;
 pub mod http;
 pub mod pg;
 pub mod table;

@@ -71,6 +71,9 @@ struct DevArgs {
     /// HTTP API address [default: 127.0.0.1:8088]
     #[arg(long, env = "BASALT_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
+    /// Arrow Flight SQL address [default: 127.0.0.1:50051]
+    #[arg(long, env = "BASALT_FLIGHT_ADDR")]
+    flight_addr: Option<SocketAddr>,
     /// Where immutable segments are stored: a directory, file:///dir, or s3://bucket/prefix
     /// (credentials, region and endpoint from AWS_* variables) [default: <data-dir>/leaf/segments]
     #[arg(long, env = "BASALT_SEGMENT_STORE")]
@@ -130,6 +133,9 @@ struct AggregatorArgs {
     /// HTTP API address [default: 127.0.0.1:8088]
     #[arg(long, env = "BASALT_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
+    /// Arrow Flight SQL address [default: 127.0.0.1:50051]
+    #[arg(long, env = "BASALT_FLIGHT_ADDR")]
+    flight_addr: Option<SocketAddr>,
     /// Leaf RPC address [default: 127.0.0.1:50061]
     #[arg(long, env = "BASALT_LEAF_ADDR")]
     leaf_addr: Option<SocketAddr>,
@@ -188,9 +194,10 @@ async fn load_demo(meta: &Meta, tailer: &Tailer) -> Result<(), String> {
     Ok(())
 }
 
-fn print_connect(pg: SocketAddr, http: SocketAddr) {
+fn print_connect(pg: SocketAddr, http: SocketAddr, flight: SocketAddr) {
     println!("Basalt is ready.");
     println!("  SQL:  psql -h {} -p {} -U basalt", pg.ip(), pg.port());
+    println!("  Arrow Flight SQL: grpc://{flight} (adbc-driver-flightsql, pyarrow)");
     println!(
         "  HTTP: curl -s http://{http}/v1/query -H 'content-type: application/json' -d '{{\"sql\": \"SELECT count(*) FROM demo.events\"}}'"
     );
@@ -225,6 +232,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("basalt-data"));
             let pg_addr = args.pg_addr.or(file.pg_addr).unwrap_or_else(|| addr("127.0.0.1:5433"));
             let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8088"));
+            let flight_addr = args.flight_addr.or(file.flight_addr).unwrap_or_else(|| addr("127.0.0.1:50051"));
             let (meta, leaf_impl) = open_local(
                 &data_dir,
                 args.segment_store.or(file.segment_store),
@@ -240,10 +248,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             let engine = Engine::new(meta, tailer, leaf);
             let pg = bind("postgres wire protocol", pg_addr).await?;
             let http = bind("http", http_addr).await?;
+            let flight = bind("flight sql", flight_addr).await?;
             spawn_server("pgwire", basalt_aggregator::pg::serve(pg, engine.clone()));
+            spawn_server("flight sql", basalt_aggregator::flight::serve(flight, engine.clone()));
             spawn_server("http", basalt_aggregator::http::serve(http, engine));
-            tracing::info!(data_dir = %data_dir.display(), %pg_addr, %http_addr, "basalt dev running");
-            print_connect(pg_addr, http_addr);
+            tracing::info!(data_dir = %data_dir.display(), %pg_addr, %http_addr, %flight_addr, "basalt dev running");
+            print_connect(pg_addr, http_addr, flight_addr);
         }
         Command::Leaf(args) => {
             let file: LeafArgs = file_options(cli.config.as_ref())?;
@@ -286,6 +296,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let file: AggregatorArgs = file_options(cli.config.as_ref())?;
             let pg_addr = args.pg_addr.or(file.pg_addr).unwrap_or_else(|| addr("127.0.0.1:5433"));
             let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8088"));
+            let flight_addr = args.flight_addr.or(file.flight_addr).unwrap_or_else(|| addr("127.0.0.1:50051"));
             let leaf_addr = args.leaf_addr.or(file.leaf_addr).unwrap_or_else(|| addr("127.0.0.1:50061"));
             let tailer_addr = args.tailer_addr.or(file.tailer_addr).unwrap_or_else(|| addr("127.0.0.1:50062"));
             let leaf = basalt_rpc::Client::connect(leaf_addr).map_err(|e| e.to_string())?;
@@ -293,10 +304,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             let engine = Engine::new(Arc::new(leaf.clone()), Arc::new(tailer), Arc::new(leaf));
             let pg = bind("postgres wire protocol", pg_addr).await?;
             let http = bind("http", http_addr).await?;
+            let flight = bind("flight sql", flight_addr).await?;
             spawn_server("pgwire", basalt_aggregator::pg::serve(pg, engine.clone()));
+            spawn_server("flight sql", basalt_aggregator::flight::serve(flight, engine.clone()));
             spawn_server("http", basalt_aggregator::http::serve(http, engine));
-            tracing::info!(%pg_addr, %http_addr, %leaf_addr, %tailer_addr, "basalt aggregator running");
-            print_connect(pg_addr, http_addr);
+            tracing::info!(%pg_addr, %http_addr, %flight_addr, %leaf_addr, %tailer_addr, "basalt aggregator running");
+            print_connect(pg_addr, http_addr, flight_addr);
         }
     }
     shutdown_signal().await;

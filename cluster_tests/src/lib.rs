@@ -357,6 +357,8 @@ pub async fn wait_http(url: &str, what: &Proc) {
 pub struct Deployment {
     pub pg_port: u16,
     pub http_port: u16,
+    /// Arrow Flight SQL on the aggregator (or dev).
+    pub flight_port: u16,
     pub procs: Vec<Proc>,
     pub dir: tempfile::TempDir,
     /// The leaf's RPC port in a cluster deployment (0 for dev).
@@ -413,7 +415,7 @@ impl Deployment {
     pub async fn dev_with(extra: &[&str], env: &[(String, String)]) -> Deployment {
         remember_panics();
         let dir = tempfile::tempdir().expect("temp dir");
-        let (pg_port, http_port) = (free_port(), free_port());
+        let (pg_port, http_port, flight_port) = (free_port(), free_port(), free_port());
         let mut args: Vec<String> = vec![
             "dev".into(),
             "--data-dir".into(),
@@ -422,11 +424,13 @@ impl Deployment {
             format!("127.0.0.1:{pg_port}"),
             "--http-addr".into(),
             format!("127.0.0.1:{http_port}"),
+            "--flight-addr".into(),
+            format!("127.0.0.1:{flight_port}"),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         let p = Proc::start_program("dev", &basalt_bin(), &args, env, dir.path());
         wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &p).await;
-        Deployment { pg_port, http_port, procs: vec![p], dir, leaf_rpc: 0, tailer_env: env.to_vec() }
+        Deployment { pg_port, http_port, flight_port, procs: vec![p], dir, leaf_rpc: 0, tailer_env: env.to_vec() }
     }
 
     /// Leaf, tailer and aggregator as three processes on loopback.
@@ -440,7 +444,7 @@ impl Deployment {
         let dir = tempfile::tempdir().expect("temp dir");
         let (leaf_rpc, tailer_rpc) = (free_port(), free_port());
         let (leaf_http, tailer_http) = (free_port(), free_port());
-        let (pg_port, http_port) = (free_port(), free_port());
+        let (pg_port, http_port, flight_port) = (free_port(), free_port(), free_port());
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let data = dir.path().join("leaf-data").display().to_string();
         let segments = dir.path().join("segments").display().to_string();
@@ -485,6 +489,8 @@ impl Deployment {
                 &format!("127.0.0.1:{pg_port}"),
                 "--http-addr",
                 &format!("127.0.0.1:{http_port}"),
+                "--flight-addr",
+                &format!("127.0.0.1:{flight_port}"),
                 "--leaf-addr",
                 &format!("127.0.0.1:{leaf_rpc}"),
                 "--tailer-addr",
@@ -498,6 +504,7 @@ impl Deployment {
         Deployment {
             pg_port,
             http_port,
+            flight_port,
             procs: vec![leaf, tailer, aggregator],
             dir,
             leaf_rpc,

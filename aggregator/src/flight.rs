@@ -1,0 +1,417 @@
+//! Arrow Flight SQL on the aggregator (default port 50051): for result sets too large to want row
+//! by row over pgwire, from ADBC (`adbc-driver-flightsql`), pyarrow and JDBC/ODBC Flight SQL
+//! drivers.
+//!
+//! Statements run in a fresh [`Session`](crate::engine::Session) each, like HTTP requests. The
+//! server keeps no state between calls: a statement or prepared-statement handle is the SQL text
+//! (and bound parameters) as JSON, so any aggregator can serve any ticket. Queries plan once for
+//! `GetFlightInfo` (schema) and run at `DoGet`, streaming record batches as the leaves produce
+//! them; statements that return no rows (DDL, writes) run at `GetFlightInfo` and their ticket
+//! carries the command tag and row count.
+
+use std::pin::Pin;
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::ipc::writer::IpcWriteOptions;
+use arrow_flight::decode::FlightRecordBatchStream;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
+use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
+use arrow_flight::sql::{
+    ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
+    CommandGetSqlInfo, CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementQuery,
+    CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
+};
+use arrow_flight::{
+    FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage, SchemaAsIpc, Ticket,
+};
+use basalt_common::{BasaltError, ErrorCode};
+use basalt_sql::BasaltStatement;
+use datafusion::common::ScalarValue;
+use futures::{Stream, TryStreamExt};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::engine::{Engine, Output, Session, from_df};
+
+/// Largest gRPC message in either direction (a batch of results or of parameters).
+pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// What a statement handle or ticket carries.
+#[derive(Serialize, Deserialize, Default)]
+struct Handle {
+    #[serde(default)]
+    sql: String,
+    /// Bound parameters ($1, $2, ...), as JSON values.
+    #[serde(default)]
+    params: Vec<Value>,
+    /// A statement that already ran at GetFlightInfo: its command tag and row count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    done: Option<(String, u64)>,
+}
+
+impl Handle {
+    fn encode(&self) -> bytes::Bytes {
+        serde_json::to_vec(self).unwrap_or_default().into()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, Status> {
+        serde_json::from_slice(bytes).map_err(|e| Status::invalid_argument(format!("bad statement handle: {e}")))
+    }
+
+    fn scalars(&self) -> Vec<ScalarValue> {
+        self.params.iter().map(crate::http::param).collect()
+    }
+}
+
+/// A Basalt error as a gRPC status (the SQLSTATE in the message, as clients show it).
+fn status(e: BasaltError) -> Status {
+    let message = format!("{} (SQLSTATE {})", e.message, e.code.sqlstate());
+    match e.code {
+        ErrorCode::InvalidInput | ErrorCode::Syntax | ErrorCode::UndefinedColumn => Status::invalid_argument(message),
+        ErrorCode::NotFound => Status::not_found(message),
+        ErrorCode::AlreadyExists => Status::already_exists(message),
+        ErrorCode::LimitExceeded => Status::resource_exhausted(message),
+        ErrorCode::Unsupported => Status::unimplemented(message),
+        ErrorCode::Unavailable => Status::unavailable(message),
+        ErrorCode::Conflict => Status::aborted(message),
+        ErrorCode::Internal => Status::internal(message),
+    }
+}
+
+fn command_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("command", DataType::Utf8, false),
+        Field::new("rows", DataType::Int64, false),
+    ]))
+}
+
+fn command_batch(tag: &str, rows: u64) -> Result<RecordBatch, Status> {
+    RecordBatch::try_new(
+        command_schema(),
+        vec![
+            Arc::new(StringArray::from(vec![tag.to_string()])) as ArrayRef,
+            Arc::new(Int64Array::from(vec![i64::try_from(rows).unwrap_or(i64::MAX)])),
+        ],
+    )
+    .map_err(|e| Status::internal(e.to_string()))
+}
+
+fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
+    let message: IpcMessage = SchemaAsIpc::new(schema, &IpcWriteOptions::default())
+        .try_into()
+        .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+    Ok(message.0)
+}
+
+/// A parameter value as JSON (what [`crate::http::param`] reads back).
+fn param_json(v: &ScalarValue) -> Value {
+    if v.is_null() {
+        return Value::Null;
+    }
+    match v {
+        ScalarValue::Boolean(Some(b)) => Value::Bool(*b),
+        ScalarValue::Int8(_)
+        | ScalarValue::Int16(_)
+        | ScalarValue::Int32(_)
+        | ScalarValue::Int64(_)
+        | ScalarValue::UInt8(_)
+        | ScalarValue::UInt16(_)
+        | ScalarValue::UInt32(_) => v.to_string().parse::<i64>().map(Value::from).unwrap_or(Value::Null),
+        ScalarValue::Float32(Some(f)) => serde_json::Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number),
+        ScalarValue::Float64(Some(f)) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
+            Value::String(s.clone())
+        }
+        other => Value::String(other.to_string()),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+pub struct FlightSql {
+    engine: Arc<Engine>,
+}
+
+impl FlightSql {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { engine }
+    }
+
+    fn one_statement(session: &Session, sql: &str) -> Result<BasaltStatement, Status> {
+        let mut statements = session.parse(sql).map_err(status)?;
+        if statements.len() != 1 {
+            return Err(Status::invalid_argument(format!(
+                "a Flight SQL statement is one SQL statement, not {}",
+                statements.len()
+            )));
+        }
+        statements.pop().ok_or_else(|| Status::invalid_argument("empty statement"))
+    }
+
+    /// Plan a query for its schema (it runs at DoGet), or run a statement that returns no rows
+    /// now; either way a FlightInfo with one endpoint whose ticket runs or replays it.
+    async fn flight_info(&self, mut handle: Handle, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+        let session = self.engine.session();
+        let stmt = Self::one_statement(&session, &handle.sql)?;
+        let described = session.describe(&stmt).await.map_err(status)?;
+        let schema = match described.output {
+            Some(schema) => schema,
+            None => {
+                let out = session.execute(stmt, &handle.scalars()).await.map_err(status)?;
+                let (tag, rows) = match out {
+                    Output::Command { tag, rows } => (tag.to_string(), rows as u64),
+                    Output::Rows(stream) => {
+                        let n = stream.try_fold(0u64, |n, b| async move { Ok(n + b.num_rows() as u64) }).await;
+                        ("SELECT".to_string(), n.map_err(|e| status(from_df(e)))?)
+                    }
+                };
+                handle.done = Some((tag, rows));
+                command_schema()
+            }
+        };
+        let ticket = TicketStatementQuery { statement_handle: handle.encode() };
+        let endpoint = FlightEndpoint::new().with_ticket(Ticket { ticket: ticket.as_any().encode_to_vec().into() });
+        FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(|e| Status::internal(e.to_string()))
+            .map(|info| info.with_endpoint(endpoint).with_descriptor(descriptor).with_total_records(-1))
+    }
+
+    /// Run a handle's statement for DoGet, streaming its batches.
+    async fn run(&self, handle: Handle) -> Result<BoxStream<arrow_flight::FlightData>, Status> {
+        let (schema, batches): (SchemaRef, BoxStream<RecordBatch>) = match &handle.done {
+            Some((tag, rows)) => {
+                let batch = command_batch(tag, *rows)?;
+                (batch.schema(), Box::pin(futures::stream::iter([Ok(batch)])))
+            }
+            None => {
+                let session = self.engine.session();
+                let stmt = Self::one_statement(&session, &handle.sql)?;
+                match session.execute(stmt, &handle.scalars()).await.map_err(status)? {
+                    Output::Rows(stream) => {
+                        (stream.schema(), Box::pin(stream.map_err(|e| status(from_df(e)))) as BoxStream<RecordBatch>)
+                    }
+                    Output::Command { tag, rows } => {
+                        let batch = command_batch(tag, rows as u64)?;
+                        (batch.schema(), Box::pin(futures::stream::iter([Ok(batch)])))
+                    }
+                }
+            }
+        };
+        let flight = FlightDataEncoderBuilder::new()
+            .with_schema(schema)
+            .with_max_flight_data_size(4 * 1024 * 1024)
+            .build(batches.map_err(|s| FlightError::Tonic(Box::new(s))))
+            .map_err(|e| match e {
+                FlightError::Tonic(s) => *s,
+                other => Status::internal(other.to_string()),
+            });
+        Ok(Box::pin(flight))
+    }
+
+    async fn update(&self, handle: Handle) -> Result<i64, Status> {
+        let session = self.engine.session();
+        let stmt = Self::one_statement(&session, &handle.sql)?;
+        match session.execute(stmt, &handle.scalars()).await.map_err(status)? {
+            Output::Command { rows, .. } => Ok(i64::try_from(rows).unwrap_or(i64::MAX)),
+            Output::Rows(stream) => {
+                let n = stream.try_fold(0i64, |n, b| async move { Ok(n + b.num_rows() as i64) }).await;
+                n.map_err(|e| status(from_df(e)))
+            }
+        }
+    }
+}
+
+static SQL_INFO: LazyLock<Option<SqlInfoData>> = LazyLock::new(|| {
+    let mut b = SqlInfoDataBuilder::new();
+    b.append(SqlInfo::FlightSqlServerName, "Basalt");
+    b.append(SqlInfo::FlightSqlServerVersion, env!("CARGO_PKG_VERSION"));
+    b.append(SqlInfo::FlightSqlServerArrowVersion, "59");
+    b.append(SqlInfo::FlightSqlServerReadOnly, false);
+    b.append(SqlInfo::FlightSqlServerSql, true);
+    b.append(SqlInfo::FlightSqlServerSubstrait, false);
+    b.append(SqlInfo::FlightSqlServerTransaction, 0i32);
+    b.append(SqlInfo::FlightSqlServerCancel, false);
+    b.append(SqlInfo::SqlIdentifierQuoteChar, "\"");
+    b.build().ok()
+});
+
+fn sql_info() -> Result<&'static SqlInfoData, Status> {
+    SQL_INFO.as_ref().ok_or_else(|| Status::internal("server information is unavailable"))
+}
+
+#[tonic::async_trait]
+impl FlightSqlService for FlightSql {
+    type FlightService = FlightSql;
+
+    async fn do_handshake(
+        &self,
+        _request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Pin<Box<dyn Stream<Item = Result<HandshakeResponse, Status>> + Send>>>, Status> {
+        // No authentication yet (as on pgwire): every handshake is accepted.
+        let response = HandshakeResponse { protocol_version: 0, payload: Default::default() };
+        Ok(Response::new(Box::pin(futures::stream::iter([Ok(response)]))))
+    }
+
+    async fn get_flight_info_statement(
+        &self,
+        query: CommandStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let handle = Handle { sql: query.query, ..Default::default() };
+        Ok(Response::new(self.flight_info(handle, request.into_inner()).await?))
+    }
+
+    async fn get_flight_info_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let handle = Handle::decode(&cmd.prepared_statement_handle)?;
+        Ok(Response::new(self.flight_info(handle, request.into_inner()).await?))
+    }
+
+    async fn do_get_statement(
+        &self,
+        ticket: TicketStatementQuery,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let handle = Handle::decode(&ticket.statement_handle)?;
+        Ok(Response::new(self.run(handle).await?))
+    }
+
+    async fn do_get_prepared_statement(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let handle = Handle::decode(&cmd.prepared_statement_handle)?;
+        Ok(Response::new(self.run(handle).await?))
+    }
+
+    async fn get_flight_info_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let endpoint = FlightEndpoint::new().with_ticket(Ticket { ticket: query.as_any().encode_to_vec().into() });
+        let info = FlightInfo::new()
+            .try_with_schema(sql_info()?.schema().as_ref())
+            .map_err(|e| Status::internal(e.to_string()))?
+            .with_endpoint(endpoint)
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
+    }
+
+    async fn do_get_sql_info(
+        &self,
+        query: CommandGetSqlInfo,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let batch = query.into_builder(sql_info()?).build().map_err(|e| Status::internal(e.to_string()))?;
+        let stream = FlightDataEncoderBuilder::new()
+            .with_schema(batch.schema())
+            .build(futures::stream::iter([Ok(batch)]))
+            .map_err(|e| Status::internal(e.to_string()));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn do_put_statement_update(
+        &self,
+        cmd: CommandStatementUpdate,
+        _request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        self.update(Handle { sql: cmd.query, ..Default::default() }).await
+    }
+
+    async fn do_put_prepared_statement_update(
+        &self,
+        cmd: CommandPreparedStatementUpdate,
+        _request: Request<PeekableFlightDataStream>,
+    ) -> Result<i64, Status> {
+        self.update(Handle::decode(&cmd.prepared_statement_handle)?).await
+    }
+
+    /// Bind parameters: the first row of the batch the client sends becomes $1, $2, ...; the
+    /// returned handle carries them.
+    async fn do_put_prepared_statement_query(
+        &self,
+        cmd: CommandPreparedStatementQuery,
+        request: Request<PeekableFlightDataStream>,
+    ) -> Result<DoPutPreparedStatementResult, Status> {
+        let mut handle = Handle::decode(&cmd.prepared_statement_handle)?;
+        let stream = request.into_inner().map_err(|s| FlightError::Tonic(Box::new(s)));
+        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(stream)
+            .try_collect()
+            .await
+            .map_err(|e| Status::invalid_argument(format!("bad parameters: {e}")))?;
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        if rows > 1 {
+            return Err(Status::invalid_argument(format!("one parameter row per execution is supported, got {rows}")));
+        }
+        handle.params = match batches.iter().find(|b| b.num_rows() == 1) {
+            Some(b) => b
+                .columns()
+                .iter()
+                .map(|c| ScalarValue::try_from_array(c, 0).map(|v| param_json(&v)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            None => Vec::new(),
+        };
+        Ok(DoPutPreparedStatementResult { prepared_statement_handle: Some(handle.encode()) })
+    }
+
+    async fn do_action_create_prepared_statement(
+        &self,
+        query: ActionCreatePreparedStatementRequest,
+        _request: Request<arrow_flight::Action>,
+    ) -> Result<ActionCreatePreparedStatementResult, Status> {
+        let session = self.engine.session();
+        let stmt = Self::one_statement(&session, &query.query)?;
+        let described = session.describe(&stmt).await.map_err(status)?;
+        let dataset = described.output.map(|s| s.as_ref().clone()).unwrap_or_else(Schema::empty);
+        let params = Schema::new(
+            described
+                .params
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Field::new(format!("${}", i + 1), t.clone().unwrap_or(DataType::Utf8), true))
+                .collect::<Vec<_>>(),
+        );
+        Ok(ActionCreatePreparedStatementResult {
+            prepared_statement_handle: Handle { sql: query.query, ..Default::default() }.encode(),
+            dataset_schema: schema_bytes(&dataset)?,
+            parameter_schema: schema_bytes(&params)?,
+        })
+    }
+
+    async fn do_action_close_prepared_statement(
+        &self,
+        _query: ActionClosePreparedStatementRequest,
+        _request: Request<arrow_flight::Action>,
+    ) -> Result<(), Status> {
+        // Handles hold no server state.
+        Ok(())
+    }
+
+    async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
+}
+
+/// Serve Flight SQL on `listener` until it fails.
+pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
+    let svc = FlightServiceServer::new(FlightSql::new(engine))
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .await
+        .map_err(std::io::Error::other)
+}
