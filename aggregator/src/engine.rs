@@ -69,13 +69,27 @@ impl Engine {
         config.options_mut().sql_parser.parse_float_as_decimal = true;
         // EXPLAIN shows the plan that runs (with leaf access paths), not the logical plan.
         config.options_mut().explain.physical_plan_only = true;
-        let ctx = SessionContext::new_with_config(config);
+        let pool = Arc::new(crate::limits::SessionPool::new(crate::limits::DEFAULT_MEMORY_LIMIT));
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_memory_pool(pool.clone())
+            .build_arc()
+            .unwrap_or_default();
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         let catalog = Arc::new(BasaltCatalog::new(self.meta.clone(), self.leaf.clone(), options.clone()));
         ctx.register_catalog(CATALOG, catalog.clone());
         ctx.register_udf(search_udf());
         ctx.register_udaf(approx_distinct_merge_udaf());
         crate::compat::register_functions(&ctx);
-        Session { engine: self.clone(), ctx, catalog, options, pg_catalog: std::sync::OnceLock::new() }
+        Session {
+            engine: self.clone(),
+            ctx,
+            catalog,
+            options,
+            pg_catalog: std::sync::OnceLock::new(),
+            pool,
+            canceler: crate::limits::Canceler::default(),
+            timeout: RwLock::new(None),
+        }
     }
 }
 
@@ -86,6 +100,12 @@ pub struct Session {
     options: Arc<RwLock<PlanOptions>>,
     /// Set once `pg_catalog` is installed (on the first statement that names it).
     pg_catalog: std::sync::OnceLock<()>,
+    /// Memory the session's statement may hold (`SET basalt.memory_limit`).
+    pool: Arc<crate::limits::SessionPool>,
+    /// Stops the running statement (the pgwire cancel request).
+    canceler: crate::limits::Canceler,
+    /// `SET statement_timeout`.
+    timeout: RwLock<Option<std::time::Duration>>,
 }
 
 /// Map a DataFusion error to a Basalt error with a fitting code.
@@ -108,7 +128,7 @@ pub fn from_df(e: DataFusionError) -> BasaltError {
         }
         DataFusionError::ArrowError(..) => ErrorCode::InvalidInput,
         DataFusionError::NotImplemented(_) => ErrorCode::Unsupported,
-        DataFusionError::ResourcesExhausted(_) => ErrorCode::LimitExceeded,
+        DataFusionError::ResourcesExhausted(_) => ErrorCode::OutOfMemory,
         _ => ErrorCode::Internal,
     };
     BasaltError::new(code, message)
@@ -211,12 +231,10 @@ impl Session {
     pub async fn describe(&self, stmt: &BasaltStatement) -> Result<Described> {
         if let BasaltStatement::Query(q) = stmt
             && let Statement::ShowVariable { variable } = &**q
+            && let Some((name, value)) = self.show(variable)
         {
-            let name = variable.iter().map(|i| i.value.to_lowercase()).collect::<Vec<_>>().join(" ");
-            if let Some(value) = crate::compat::setting(&name) {
-                let (schema, _) = crate::compat::setting_batch(&name, value)?;
-                return Ok(Described { params: vec![], output: Some(schema) });
-            }
+            let (schema, _) = crate::compat::setting_batch(&name, value)?;
+            return Ok(Described { params: vec![], output: Some(schema) });
         }
         let planned = match stmt {
             BasaltStatement::Query(q) => Some(((**q).clone(), true)),
@@ -260,7 +278,28 @@ impl Session {
         }
     }
 
+    /// `statement_timeout` for the session's next statements.
+    pub fn set_timeout(&self, timeout: Option<std::time::Duration>) {
+        *self.timeout.write() = timeout;
+    }
+
+    /// What cancels this session's running statement.
+    pub fn canceler(&self) -> crate::limits::Canceler {
+        self.canceler.clone()
+    }
+
+    /// Run a statement within the session's timeout, stoppable by a cancel, while it plans
+    /// and while its result streams.
     pub async fn execute(&self, stmt: BasaltStatement, params: &[ScalarValue]) -> Result<Output> {
+        let stop = self.canceler.stop_signal(*self.timeout.read());
+        // Boxed: planning futures are large, and select! would hold this one on the stack.
+        match stop.run(Box::pin(self.execute_unguarded(stmt, params))).await? {
+            Output::Rows(stream) => Ok(Output::Rows(stop.guard(stream))),
+            command => Ok(command),
+        }
+    }
+
+    async fn execute_unguarded(&self, stmt: BasaltStatement, params: &[ScalarValue]) -> Result<Output> {
         let engine = &self.engine;
         match stmt {
             BasaltStatement::CreateWorkspace { name, if_not_exists } => {
@@ -354,8 +393,7 @@ impl Session {
             Statement::ReleaseSavepoint { .. } => return Ok(command("RELEASE", 0)),
             Statement::Set(set) => return self.set(set),
             Statement::ShowVariable { variable } => {
-                let name = variable.iter().map(|i| i.value.to_lowercase()).collect::<Vec<_>>().join(" ");
-                if let Some(value) = crate::compat::setting(&name) {
+                if let Some((name, value)) = self.show(variable) {
                     let (schema, batch) = crate::compat::setting_batch(&name, value)?;
                     return rows_output(schema, vec![batch]);
                 }
@@ -376,9 +414,44 @@ impl Session {
     /// `SET basalt.access_path = 'row_lookup' | 'search_index' | 'column_scan' | 'auto'` forces
     /// an access path where it can apply (an expert hint, per session). Other client settings
     /// (DateStyle, client_encoding, ...) are accepted and ignored.
+    /// `SHOW name`: the setting's name and value, from the session or the Postgres settings
+    /// clients read.
+    fn show(&self, variable: &[basalt_sql::sqlparser::ast::Ident]) -> Option<(String, String)> {
+        let name = variable.iter().map(|i| i.value.to_lowercase()).collect::<Vec<_>>().join(" ");
+        let dotted = name.replace(' ', ".");
+        match self.setting(&dotted) {
+            Some(value) => Some((dotted, value)),
+            None => crate::compat::setting(&name).map(|value| (name, value)),
+        }
+    }
+
+    /// The session's own settings, for `SHOW`.
+    fn setting(&self, name: &str) -> Option<String> {
+        match name {
+            "statement_timeout" => {
+                Some(self.timeout.read().map_or("0".to_string(), |t| format!("{}ms", t.as_millis())))
+            }
+            "basalt.memory_limit" => Some(crate::limits::human_bytes(self.pool.limit())),
+            _ => None,
+        }
+    }
+
     fn set(&self, set: &Set) -> Result<Output> {
         if let Set::SingleAssignment { variable, values, .. } = set {
             let name = variable.to_string().to_lowercase();
+            let value = values.first().map(|v| v.to_string()).unwrap_or_default();
+            if name == "statement_timeout" {
+                *self.timeout.write() = crate::limits::parse_duration(&value)?;
+                return Ok(command("SET", 0));
+            }
+            if name == "basalt.memory_limit" {
+                let limit = crate::limits::parse_bytes(&value)?;
+                if limit < 1 << 20 {
+                    return Err(BasaltError::invalid("basalt.memory_limit must be at least 1MB"));
+                }
+                self.pool.set_limit(limit);
+                return Ok(command("SET", 0));
+            }
             if name.starts_with("datafusion.") {
                 let value = values.first().map(|v| v.to_string().trim_matches('\'').to_string()).unwrap_or_default();
                 let state = self.ctx.state_ref();

@@ -81,6 +81,8 @@ fn status(e: BasaltError) -> Status {
         ErrorCode::Unsupported => Status::unimplemented(message),
         ErrorCode::Unavailable => Status::unavailable(message),
         ErrorCode::Conflict => Status::aborted(message),
+        ErrorCode::Canceled => Status::cancelled(message),
+        ErrorCode::OutOfMemory => Status::resource_exhausted(message),
         ErrorCode::Internal => Status::internal(message),
     }
 }

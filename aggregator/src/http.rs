@@ -59,6 +59,9 @@ struct QueryBody {
     sql: String,
     #[serde(default)]
     params: Vec<Value>,
+    /// Stop the statement after this long (`statement_timeout`); 0 or absent: no timeout.
+    #[serde(default)]
+    timeout_ms: u64,
 }
 
 pub(crate) fn param(v: &Value) -> ScalarValue {
@@ -79,6 +82,9 @@ async fn query(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiResult {
     let body: QueryBody = parse_body(&body)?;
     let params: Vec<ScalarValue> = body.params.iter().map(param).collect();
     let session = engine.session();
+    if body.timeout_ms > 0 {
+        session.set_timeout(Some(std::time::Duration::from_millis(body.timeout_ms)));
+    }
     let mut outputs = session.execute_sql(&body.sql, &params).await?;
     let Some(last) = outputs.pop() else {
         return Err(ApiError(BasaltError::invalid("empty query")));

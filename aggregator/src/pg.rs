@@ -1,6 +1,7 @@
 //! The PostgreSQL wire protocol (pgwire): simple and extended query protocol, typed parameters,
 //! result types from the plan, rows streamed as they are produced, SQLSTATE errors.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -18,13 +19,19 @@ use basalt_sql::BasaltStatement;
 use datafusion::common::ScalarValue;
 use futures::sink::Sink;
 use futures::{StreamExt, stream};
+use pgwire::api::ConnectionManager;
 use pgwire::api::auth::noop::NoopStartupHandler;
+use pgwire::api::cancel::CancelHandler;
 use pgwire::api::portal::{Format, Portal};
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
 use pgwire::api::stmt::QueryParser;
 use pgwire::api::store::PortalStore;
 use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::messages::PgWireFrontendMessage;
+use pgwire::messages::cancel::CancelRequest;
+
+use crate::limits::Canceler;
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::messages::data::DataRow;
@@ -234,16 +241,64 @@ fn to_response(output: Output, format: &Format) -> Response {
     }
 }
 
+/// The running connections' cancelers by (pid, secret key), for cancel requests that arrive
+/// while a result streams (pgwire itself stops only the statement's planning and execution
+/// call, through its `ConnectionManager`).
+#[derive(Default)]
+pub struct Cancelers(parking_lot::Mutex<HashMap<(i32, bytes::Bytes), Canceler>>);
+
+/// Removes a connection's canceler when the connection ends.
+struct CancelerGuard {
+    key: (i32, bytes::Bytes),
+    cancelers: Arc<Cancelers>,
+}
+
+impl Drop for CancelerGuard {
+    fn drop(&mut self) {
+        self.cancelers.0.lock().remove(&self.key);
+    }
+}
+
+/// A cancel request: pgwire's own (a statement still executing) and the session's (a result
+/// still streaming).
+struct CancelRequests {
+    connections: Arc<ConnectionManager>,
+    cancelers: Arc<Cancelers>,
+}
+
+#[async_trait]
+impl CancelHandler for CancelRequests {
+    async fn on_cancel_request(&self, request: CancelRequest) {
+        let key = (request.pid, request.secret_key.to_bytes());
+        let canceler = self.cancelers.0.lock().get(&key).cloned();
+        if let Some(canceler) = canceler {
+            canceler.cancel();
+        }
+        self.connections.cancel(request.pid, &request.secret_key).await;
+    }
+}
+
 /// One client connection: its own session (settings, hints) over the shared engine.
 pub struct Connection {
     session: Arc<Session>,
     parser: Arc<Parser>,
+    connections: Arc<ConnectionManager>,
+    cancelers: Arc<Cancelers>,
 }
 
 impl Connection {
-    pub fn new(engine: &Arc<Engine>) -> Self {
+    pub fn new(engine: &Arc<Engine>, connections: Arc<ConnectionManager>, cancelers: Arc<Cancelers>) -> Self {
         let session = Arc::new(engine.session());
-        Self { parser: Arc::new(Parser { session: session.clone() }), session }
+        Self { parser: Arc::new(Parser { session: session.clone() }), session, connections, cancelers }
+    }
+
+    fn handler(&self) -> Arc<Connection> {
+        Arc::new(Connection {
+            session: self.session.clone(),
+            parser: self.parser.clone(),
+            connections: self.connections.clone(),
+            cancelers: self.cancelers.clone(),
+        })
     }
 }
 
@@ -393,29 +448,54 @@ impl ExtendedQueryHandler for Connection {
     }
 }
 
-impl NoopStartupHandler for Connection {}
+#[async_trait]
+impl NoopStartupHandler for Connection {
+    fn connection_manager(&self) -> Option<Arc<ConnectionManager>> {
+        Some(self.connections.clone())
+    }
+
+    async fn post_startup<C>(&self, client: &mut C, _message: PgWireFrontendMessage) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (pid, secret) = client.pid_and_secret_key();
+        let key = (pid, secret.to_bytes());
+        self.cancelers.0.lock().insert(key.clone(), self.session.canceler());
+        client.session_extensions().insert(CancelerGuard { key, cancelers: self.cancelers.clone() });
+        Ok(())
+    }
+}
 
 impl PgWireServerHandlers for Connection {
     fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
-        Arc::new(Connection { session: self.session.clone(), parser: self.parser.clone() })
+        self.handler()
     }
 
     fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
-        Arc::new(Connection { session: self.session.clone(), parser: self.parser.clone() })
+        self.handler()
     }
 
     fn startup_handler(&self) -> Arc<impl pgwire::api::auth::StartupHandler> {
-        Arc::new(Connection { session: self.session.clone(), parser: self.parser.clone() })
+        self.handler()
+    }
+
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::new(CancelRequests { connections: self.connections.clone(), cancelers: self.cancelers.clone() })
     }
 }
 
 /// Serve the PostgreSQL wire protocol until the listener fails.
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
+    let connections = Arc::new(ConnectionManager::new());
+    let cancelers = Arc::new(Cancelers::default());
     loop {
         let (socket, peer) = listener.accept().await?;
         let engine = engine.clone();
+        let (connections, cancelers) = (connections.clone(), cancelers.clone());
         tokio::spawn(async move {
-            let handlers = Arc::new(Connection::new(&engine));
+            let handlers = Arc::new(Connection::new(&engine, connections, cancelers));
             if let Err(e) = pgwire::tokio::process_socket(socket, None, handlers).await {
                 tracing::debug!(%peer, error = %e, "pg connection ended with an error");
             }

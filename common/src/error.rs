@@ -27,6 +27,10 @@ pub enum ErrorCode {
     /// The write conflicts with state another writer created (a source write that straddles a
     /// shard's position); the writer re-reads the state and tries again.
     Conflict,
+    /// The statement was stopped: its timeout passed or the client canceled it.
+    Canceled,
+    /// The statement needed more memory than its limit allows.
+    OutOfMemory,
 }
 
 impl ErrorCode {
@@ -42,6 +46,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Canceled => "query_canceled",
+            ErrorCode::OutOfMemory => "out_of_memory",
         }
     }
 
@@ -58,6 +64,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "08006",
             ErrorCode::Internal => "XX000",
             ErrorCode::Conflict => "40001",
+            ErrorCode::Canceled => "57014",
+            ErrorCode::OutOfMemory => "53200",
         }
     }
 
@@ -71,6 +79,8 @@ impl ErrorCode {
             ErrorCode::Unsupported => 501,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
+            ErrorCode::Canceled => 408,
+            ErrorCode::OutOfMemory => 507,
         }
     }
 }
