@@ -1,0 +1,223 @@
+"""TPC-H (22 queries) and SSB (13 queries, star and flat) on Basalt and on the engines a user would
+otherwise pick, on the same data in the same run: DuckDB, chDB and DataFusion-python read
+tpchgen-cli's Parquet files (DuckDB and chDB into their own tables), Basalt loads the same rows
+through its HTTP write API and answers over pgwire. Each query's median of --runs runs; per-query
+ratios Basalt / engine and their geometric mean.
+
+    bench/run.sh analytics [--sf 1] [--runs 3] [--suites tpch,ssb] [--out results.json]
+"""
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "tpch"))
+sys.path.insert(0, str(HERE / "ssb"))
+import ssb  # noqa: E402
+import tpch  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(fn, runs: int):
+    times, result = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+class Basalt:
+    name = "basalt"
+
+    def __init__(self, binary: str, workdir: str):
+        self.pg, self.http, self.flight = free_port(), free_port(), free_port()
+        self.log = open(os.path.join(workdir, "basalt.log"), "w")
+        self.proc = subprocess.Popen(
+            [binary, "dev", "--data-dir", os.path.join(workdir, "basalt-data"), "--pg-addr", f"127.0.0.1:{self.pg}",
+             "--http-addr", f"127.0.0.1:{self.http}", "--flight-addr", f"127.0.0.1:{self.flight}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.http}/healthz", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("basalt did not start")
+                time.sleep(0.1)
+        import psycopg
+
+        self.conn = psycopg.connect(f"host=127.0.0.1 port={self.pg} user=basalt dbname=basalt", autocommit=True)
+
+    def query(self, sql: str):
+        return self.conn.execute(sql).fetchall()
+
+    def close(self):
+        self.conn.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+class DuckDB:
+    name = "duckdb"
+
+    def __init__(self, parquet: pathlib.Path, ssb_dir: pathlib.Path | None):
+        import duckdb
+
+        self.con = duckdb.connect()
+        for t in tpch.TABLES:
+            self.con.execute(f"CREATE TABLE {t} AS SELECT * FROM read_parquet('{parquet / (t + '.parquet')}')")
+        if ssb_dir:
+            self.con.execute("CREATE SCHEMA ssb")
+            for t in ssb.TABLES:
+                self.con.execute(f"CREATE TABLE ssb.{t} AS SELECT * FROM read_json('{ssb_dir / (t + '.jsonl')}')")
+
+    def query(self, sql: str):
+        return self.con.execute(sql).fetchall()
+
+    def close(self):
+        self.con.close()
+
+
+class DataFusionPython:
+    name = "datafusion-python"
+
+    def __init__(self, parquet: pathlib.Path, ssb_dir: pathlib.Path | None):
+        import datafusion
+
+        self.ctx = datafusion.SessionContext()
+        for t in tpch.TABLES:
+            self.ctx.register_parquet(t, str(parquet / f"{t}.parquet"))
+        self.ssb = ssb_dir is not None
+
+    def query(self, sql: str):
+        return self.ctx.sql(sql).to_arrow_table().to_pylist()
+
+    def close(self):
+        pass
+
+
+class ChDB:
+    name = "chdb"
+
+    def __init__(self, parquet: pathlib.Path, ssb_dir: pathlib.Path | None, workdir: str):
+        from chdb import session
+
+        self.s = session.Session(os.path.join(workdir, "chdb"))
+        for t in tpch.TABLES:
+            self.s.query(f"CREATE TABLE {t} ENGINE = MergeTree ORDER BY tuple() AS "
+                         f"SELECT * FROM file('{parquet / (t + '.parquet')}', Parquet)")
+        if ssb_dir:
+            self.s.query("CREATE DATABASE ssb")
+            for t in ssb.TABLES:
+                self.s.query(f"CREATE TABLE ssb.{t} ENGINE = MergeTree ORDER BY tuple() AS "
+                             f"SELECT * FROM file('{ssb_dir / (t + '.jsonl')}', JSONEachRow)")
+
+    def query(self, sql: str):
+        return self.s.query(sql, "CSV").bytes()
+
+    def close(self):
+        self.s.close()
+
+
+def geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--basalt-bin", required=True)
+    ap.add_argument("--sf", type=float, default=1.0)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--suites", default="tpch,ssb")
+    ap.add_argument("--engines", default="duckdb,chdb,datafusion-python")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    suites = args.suites.split(",")
+    cache = pathlib.Path.home() / f".cache/basalt/bench/tpch-sf{args.sf}"
+    csv_dir = tpch.generate(args.sf, cache)
+    parquet_dir = tpch.generate(args.sf, cache / "parquet", fmt="parquet")
+    ssb_dir = None
+    if "ssb" in suites:
+        ssb_dir = cache / "ssb"
+        ssb.derive(csv_dir, ssb_dir).close()
+    workdir = tempfile.mkdtemp(prefix="basalt-analytics-")
+    report = {"sf": args.sf, "runs": args.runs, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "load_s": {}, "queries": {}}
+    try:
+        basalt = Basalt(args.basalt_bin, workdir)
+        started = time.time()
+        tpch.load_basalt(basalt.http, csv_dir, progress=lambda m: print(m, file=sys.stderr))
+        if ssb_dir:
+            ssb.load_basalt(basalt.http, ssb_dir, progress=lambda m: print(m, file=sys.stderr))
+        report["load_s"]["basalt"] = round(time.time() - started, 1)
+        engines = [basalt]
+        wanted = args.engines.split(",") if args.engines else []
+        for name, make in (("duckdb", lambda: DuckDB(parquet_dir, ssb_dir)),
+                           ("chdb", lambda: ChDB(parquet_dir, ssb_dir, workdir)),
+                           ("datafusion-python", lambda: DataFusionPython(parquet_dir, ssb_dir))):
+            if name in wanted:
+                started = time.time()
+                engines.append(make())
+                report["load_s"][name] = round(time.time() - started, 1)
+        cases = []
+        if "tpch" in suites:
+            cases += [(f"tpch/q{n}", tpch.query_text(n)) for n in range(1, 23)]
+        if "ssb" in suites:
+            cases += [(f"ssb-{form}/{q}", ssb.query_text(form, q)) for form in ("star", "flat") for q in ssb.QUERIES]
+        for case, sql in cases:
+            row = {}
+            for e in engines:
+                if isinstance(e, DataFusionPython) and case.startswith("ssb"):
+                    continue  # DataFusion-python reads the Parquet files; SSB exists as JSON only here
+                try:
+                    seconds, _ = timed(lambda: e.query(sql), args.runs)
+                    row[e.name] = round(seconds, 4)
+                except Exception as ex:  # noqa: BLE001 - an engine that cannot run a query is reported
+                    row[e.name] = f"error: {str(ex).splitlines()[0][:120]}"
+            for e in engines[1:]:
+                b, o = row.get("basalt"), row.get(e.name)
+                if isinstance(b, float) and isinstance(o, float) and o > 0:
+                    row[f"ratio_vs_{e.name}"] = round(b / o, 2)
+            report["queries"][case] = row
+            print(case, json.dumps(row), file=sys.stderr)
+        summary = {}
+        for e in engines[1:]:
+            for prefix in ("tpch/", "ssb-star/", "ssb-flat/"):
+                ratios = [r[f"ratio_vs_{e.name}"] for c, r in report["queries"].items()
+                          if c.startswith(prefix) and f"ratio_vs_{e.name}" in r]
+                if ratios:
+                    summary[f"{prefix.rstrip('/')} geomean basalt/{e.name}"] = round(geomean(ratios), 2)
+                    summary[f"{prefix.rstrip('/')} queries compared with {e.name}"] = len(ratios)
+        report["summary"] = summary
+        for e in engines:
+            e.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = json.dumps(report, indent=1)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
