@@ -40,34 +40,22 @@ def derive(tpch_data: pathlib.Path, out: pathlib.Path):
     return con
 
 
-def load_basalt(http_port: int, data: pathlib.Path, shards: int = 2, batch: int = 5000, progress=print) -> dict:
-    tpch.http(http_port, "POST", "/v1/query", json.dumps({"sql": "CREATE WORKSPACE IF NOT EXISTS ssb"}).encode())
+def documents(table: str, path: pathlib.Path):
+    with open(path) as f:
+        for line in f:
+            doc = json.loads(line)
+            doc["_id"] = "-".join(str(doc[k]) for k in KEYS[table])
+            yield doc
+
+
+def load_basalt(http_port: int, data: pathlib.Path, shards: int = 2, progress=print) -> dict:
+    tpch.sql(http_port, "CREATE WORKSPACE IF NOT EXISTS ssb")
     counts = {}
     for t in TABLES:
         started = time.time()
-        sql = f"CREATE COLLECTION IF NOT EXISTS ssb.{t} WITH (shards = {shards})"
-        tpch.http(http_port, "POST", "/v1/query", json.dumps({"sql": sql}).encode())
-        n, chunk = 0, []
-
-        def flush():
-            result = tpch.http(http_port, "POST", f"/v1/collections/ssb.{t}/docs", json.dumps({"data": chunk}).encode())
-            errors = [r for r in result.get("data", []) if r.get("error")]
-            if errors:
-                raise RuntimeError(f"ssb.{t}: {len(errors)} documents refused, first: {errors[0]}")
-
-        with open(data / f"{t}.jsonl") as f:
-            for line in f:
-                doc = json.loads(line)
-                doc["_id"] = "-".join(str(doc[k]) for k in KEYS[t])
-                chunk.append(doc)
-                n += 1
-                if len(chunk) == batch:
-                    flush()
-                    chunk = []
-        if chunk:
-            flush()
-        counts[t] = n
-        progress(f"loaded ssb.{t}: {n} rows in {time.time() - started:.1f}s")
+        tpch.sql(http_port, f"CREATE COLLECTION IF NOT EXISTS ssb.{t} WITH (shards = {shards})")
+        counts[t] = tpch.write_documents(http_port, f"ssb.{t}", documents(t, data / f"{t}.jsonl"))
+        progress(f"loaded ssb.{t}: {counts[t]} rows in {time.time() - started:.1f}s")
     return counts
 
 

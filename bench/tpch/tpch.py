@@ -94,32 +94,40 @@ def http(port: int, method: str, path: str, body: bytes):
         return json.loads(r.read() or b"null")
 
 
-def load_basalt(http_port: int, data: pathlib.Path, shards: int = 2, batch: int = 5000, progress=print) -> dict:
-    """Create the eight collections and write every row through POST /v1/collections/<c>/docs."""
+def sql(port: int, text: str):
+    return http(port, "POST", "/v1/query", json.dumps({"sql": text}).encode())
+
+
+def write_documents(port: int, collection: str, docs, batch: int = 5000) -> int:
+    """POST documents to /v1/collections/<collection>/docs in batches; any refused document
+    fails the load. Returns how many were written."""
+    n, chunk = 0, []
+
+    def flush():
+        result = http(port, "POST", f"/v1/collections/{collection}/docs", json.dumps({"data": chunk}).encode())
+        errors = [r for r in result.get("data", []) if r.get("error")]
+        if errors:
+            raise RuntimeError(f"{collection}: {len(errors)} documents refused, first: {errors[0]}")
+
+    for doc in docs:
+        chunk.append(doc)
+        n += 1
+        if len(chunk) == batch:
+            flush()
+            chunk = []
+    if chunk:
+        flush()
+    return n
+
+
+def load_basalt(http_port: int, data: pathlib.Path, shards: int = 2, progress=print) -> dict:
+    """Create the eight collections and write every row through the HTTP write API."""
     counts = {}
     for table in TABLES:
         started = time.time()
-        sql = f"CREATE COLLECTION IF NOT EXISTS {table} WITH (shards = {shards})"
-        http(http_port, "POST", "/v1/query", json.dumps({"sql": sql}).encode())
-        n, chunk = 0, []
-
-        def flush():
-            body = json.dumps({"data": chunk}).encode()
-            result = http(http_port, "POST", f"/v1/collections/{table}/docs", body)
-            errors = [r for r in result.get("data", []) if r.get("error")]
-            if errors:
-                raise RuntimeError(f"{table}: {len(errors)} documents refused, first: {errors[0]}")
-
-        for doc in documents(table, data / f"{table}.csv"):
-            chunk.append(doc)
-            n += 1
-            if len(chunk) == batch:
-                flush()
-                chunk = []
-        if chunk:
-            flush()
-        counts[table] = n
-        progress(f"loaded {table}: {n} rows in {time.time() - started:.1f}s")
+        sql(http_port, f"CREATE COLLECTION IF NOT EXISTS {table} WITH (shards = {shards})")
+        counts[table] = write_documents(http_port, table, documents(table, data / f"{table}.csv"))
+        progress(f"loaded {table}: {counts[table]} rows in {time.time() - started:.1f}s")
     return counts
 
 
