@@ -185,15 +185,20 @@ def main():
         if "ssb" in suites:
             cases += [(f"ssb-{form}/{q}", ssb.query_text(form, q)) for form in ("star", "flat") for q in ssb.QUERIES]
         for case, sql in cases:
-            row = {}
+            row, answers = {}, {}
             for e in engines:
                 if isinstance(e, DataFusionPython) and case.startswith("ssb"):
                     continue  # DataFusion-python reads the Parquet files; SSB exists as JSON only here
                 try:
-                    seconds, _ = timed(lambda: e.query(sql), args.runs)
+                    seconds, answer = timed(lambda: e.query(sql), args.runs)
                     row[e.name] = round(seconds, 4)
+                    answers[e.name] = answer
                 except Exception as ex:  # noqa: BLE001 - an engine that cannot run a query is reported
                     row[e.name] = f"error: {str(ex).splitlines()[0][:120]}"
+            # Basalt's answer checked against DuckDB's on the same data (rows in order).
+            if "basalt" in answers and "duckdb" in answers:
+                norm = [[[tpch.normalize(v) for v in r] for r in answers[n]] for n in ("basalt", "duckdb")]
+                row["same_answer_as_duckdb"] = tpch.compare(norm[0], norm[1]) is None
             for e in engines[1:]:
                 b, o = row.get("basalt"), row.get(e.name)
                 if isinstance(b, float) and isinstance(o, float) and o > 0:
