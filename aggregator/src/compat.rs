@@ -29,10 +29,10 @@ static PARSER: LazyLock<PostgresCompatibilityParser> = LazyLock::new(PostgresCom
 /// statements go through the emulation's parser and rewrite rules (written for tools'
 /// catalog queries; a user's query is planned as written).
 pub fn names_the_catalog(sql: &str) -> bool {
-    let lower = sql.to_ascii_lowercase();
+    // Without lowering a copy of the text: every statement passes here, INSERTs of megabytes too.
     ["pg_", "information_schema", "current_schema", "current_database", "current_user", "session_user", "::reg"]
         .iter()
-        .any(|needle| lower.contains(needle))
+        .any(|needle| sql.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle.as_bytes())))
 }
 
 /// Statements of a catalog query, parsed and rewritten by the emulation; `None` when the text
@@ -53,13 +53,18 @@ pub fn parse_catalog_query(sql: &str) -> Option<Vec<BasaltStatement>> {
     Some(statements.into_iter().map(|s| BasaltStatement::Query(Box::new(s))).collect())
 }
 
+/// An expression from SQL text the rewrites build (None if it does not parse).
+fn expr(text: &str) -> Option<basalt_sql::sqlparser::ast::Expr> {
+    use basalt_sql::sqlparser::dialect::PostgreSqlDialect;
+    use basalt_sql::sqlparser::parser::Parser;
+    Parser::new(&PostgreSqlDialect {}).try_with_sql(text).and_then(|mut p| p.parse_expr()).ok()
+}
+
 /// `LIKE p ESCAPE 'c'` with another escape character than the backslash (SQLAlchemy's
 /// reflection uses `/`), which DataFusion does not take: the pattern is rewritten to backslash
 /// escapes (`\` doubled first, then `c` turned into `\`).
 fn like_escapes_to_backslash(statement: &mut Statement) {
     use basalt_sql::sqlparser::ast::{Expr, Value, visit_expressions_mut};
-    use basalt_sql::sqlparser::dialect::PostgreSqlDialect;
-    use basalt_sql::sqlparser::parser::Parser;
     let _ = visit_expressions_mut(statement, |e| {
         if let Expr::Like { pattern, escape_char, .. } | Expr::ILike { pattern, escape_char, .. } = e
             && let Some(escape) = escape_char
@@ -68,9 +73,7 @@ fn like_escapes_to_backslash(statement: &mut Statement) {
             && c.chars().count() == 1
         {
             let text = format!("replace(replace(({pattern}), '\\', '\\\\'), '{}', '\\')", c.replace('\'', "''"));
-            if let Ok(rewritten) =
-                Parser::new(&PostgreSqlDialect {}).try_with_sql(&text).and_then(|mut p| p.parse_expr())
-            {
+            if let Some(rewritten) = expr(&text) {
                 **pattern = rewritten;
                 *escape_char = None;
             }
@@ -116,16 +119,13 @@ fn conditions_into_subqueries(statement: &mut Statement) {
 /// `generate_subscripts(c, 1)` over them become the same over the numbers the text holds.
 fn vector_columns_to_arrays(statement: &mut Statement) {
     use basalt_sql::sqlparser::ast::{Expr, FunctionArg, FunctionArgExpr, FunctionArguments, visit_expressions_mut};
-    use basalt_sql::sqlparser::dialect::PostgreSqlDialect;
-    use basalt_sql::sqlparser::parser::Parser;
     const VECTORS: [&str; 7] = ["indkey", "indoption", "indclass", "indcollation", "conkey", "confkey", "stxkeys"];
     let _ = visit_expressions_mut(statement, |e| {
         // Catalog columns the emulation lacks, with the value they would have here.
         if let Expr::CompoundIdentifier(parts) = e
             && parts.len() >= 2
             && parts.last().is_some_and(|i| i.value.eq_ignore_ascii_case("reloptions"))
-            && let Ok(null) =
-                Parser::new(&PostgreSqlDialect {}).try_with_sql("CAST(NULL AS TEXT[])").and_then(|mut p| p.parse_expr())
+            && let Some(null) = expr("CAST(NULL AS TEXT[])")
         {
             *e = null;
             return std::ops::ControlFlow::<()>::Continue(());
@@ -156,7 +156,7 @@ fn vector_columns_to_arrays(statement: &mut Statement) {
             }
             _ => return std::ops::ControlFlow::Continue(()),
         };
-        if let Ok(rewritten) = Parser::new(&PostgreSqlDialect {}).try_with_sql(&text).and_then(|mut p| p.parse_expr()) {
+        if let Some(rewritten) = expr(&text) {
             *e = rewritten;
         }
         std::ops::ControlFlow::Continue(())
@@ -304,7 +304,8 @@ fn scalar_text(v: &ScalarValue) -> Option<String> {
     })
 }
 
-fn scalar_json(v: &ScalarValue) -> serde_json::Value {
+/// A value as JSON (numbers, booleans, text; other types as their text).
+pub(crate) fn scalar_json(v: &ScalarValue) -> serde_json::Value {
     use serde_json::Value;
     if v.is_null() {
         return Value::Null;

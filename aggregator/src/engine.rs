@@ -70,10 +70,16 @@ impl Engine {
         // EXPLAIN shows the plan that runs (with leaf access paths), not the logical plan.
         config.options_mut().explain.physical_plan_only = true;
         let pool = Arc::new(crate::limits::SessionPool::new(crate::limits::DEFAULT_MEMORY_LIMIT));
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        let runtime = match datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(pool.clone())
             .build_arc()
-            .unwrap_or_default();
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build the session runtime; statements run without a memory limit");
+                Default::default()
+            }
+        };
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         let catalog = Arc::new(BasaltCatalog::new(self.meta.clone(), self.leaf.clone(), options.clone()));
         ctx.register_catalog(CATALOG, catalog.clone());
@@ -439,13 +445,14 @@ impl Session {
     fn set(&self, set: &Set) -> Result<Output> {
         if let Set::SingleAssignment { variable, values, .. } = set {
             let name = variable.to_string().to_lowercase();
-            let value = values.first().map(|v| v.to_string()).unwrap_or_default();
+            let text = values.first().map(|v| v.to_string()).unwrap_or_default();
+            let value = text.trim_matches('\'');
             if name == "statement_timeout" {
-                *self.timeout.write() = crate::limits::parse_duration(&value)?;
+                *self.timeout.write() = crate::limits::parse_duration(value)?;
                 return Ok(command("SET", 0));
             }
             if name == "basalt.memory_limit" {
-                let limit = crate::limits::parse_bytes(&value)?;
+                let limit = crate::limits::parse_bytes(value)?;
                 if limit < 1 << 20 {
                     return Err(BasaltError::invalid("basalt.memory_limit must be at least 1MB"));
                 }
@@ -453,14 +460,12 @@ impl Session {
                 return Ok(command("SET", 0));
             }
             if name.starts_with("datafusion.") {
-                let value = values.first().map(|v| v.to_string().trim_matches('\'').to_string()).unwrap_or_default();
                 let state = self.ctx.state_ref();
-                state.write().config_mut().options_mut().set(&name, &value).map_err(from_df)?;
+                state.write().config_mut().options_mut().set(&name, value).map_err(from_df)?;
                 return Ok(command("SET", 0));
             }
             if name == "basalt.access_path" || name == "basalt_access_path" {
-                let value = values.first().map(|v| v.to_string().trim_matches('\'').to_lowercase()).unwrap_or_default();
-                self.options.write().hint = match value.as_str() {
+                self.options.write().hint = match value.to_lowercase().as_str() {
                     "auto" | "default" => None,
                     "row_lookup" => Some(AccessPath::RowLookup),
                     "search_index" => Some(AccessPath::SearchIndex),

@@ -112,29 +112,6 @@ fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
     Ok(message.0)
 }
 
-/// A parameter value as JSON (what [`crate::http::param`] reads back).
-fn param_json(v: &ScalarValue) -> Value {
-    if v.is_null() {
-        return Value::Null;
-    }
-    match v {
-        ScalarValue::Boolean(Some(b)) => Value::Bool(*b),
-        ScalarValue::Int8(_)
-        | ScalarValue::Int16(_)
-        | ScalarValue::Int32(_)
-        | ScalarValue::Int64(_)
-        | ScalarValue::UInt8(_)
-        | ScalarValue::UInt16(_)
-        | ScalarValue::UInt32(_) => v.to_string().parse::<i64>().map(Value::from).unwrap_or(Value::Null),
-        ScalarValue::Float32(Some(f)) => serde_json::Number::from_f64(f64::from(*f)).map_or(Value::Null, Value::Number),
-        ScalarValue::Float64(Some(f)) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
-        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
-            Value::String(s.clone())
-        }
-        other => Value::String(other.to_string()),
-    }
-}
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 pub struct FlightSql {
@@ -166,15 +143,7 @@ impl FlightSql {
         let schema = match described.output {
             Some(schema) => schema,
             None => {
-                let out = session.execute(stmt, &handle.scalars()).await.map_err(status)?;
-                let (tag, rows) = match out {
-                    Output::Command { tag, rows } => (tag.to_string(), rows as u64),
-                    Output::Rows(stream) => {
-                        let n = stream.try_fold(0u64, |n, b| async move { Ok(n + b.num_rows() as u64) }).await;
-                        ("SELECT".to_string(), n.map_err(|e| status(from_df(e)))?)
-                    }
-                };
-                handle.done = Some((tag, rows));
+                handle.done = Some(run_to_end(&session, stmt, &handle.scalars()).await?);
                 command_schema()
             }
         };
@@ -221,12 +190,18 @@ impl FlightSql {
     async fn update(&self, handle: Handle) -> Result<i64, Status> {
         let session = self.engine.session();
         let stmt = Self::one_statement(&session, &handle.sql)?;
-        match session.execute(stmt, &handle.scalars()).await.map_err(status)? {
-            Output::Command { rows, .. } => Ok(i64::try_from(rows).unwrap_or(i64::MAX)),
-            Output::Rows(stream) => {
-                let n = stream.try_fold(0i64, |n, b| async move { Ok(n + b.num_rows() as i64) }).await;
-                n.map_err(|e| status(from_df(e)))
-            }
+        let (_, rows) = run_to_end(&session, stmt, &handle.scalars()).await?;
+        Ok(i64::try_from(rows).unwrap_or(i64::MAX))
+    }
+}
+
+/// Run a statement to its end: its command tag and the rows it affected or returned.
+async fn run_to_end(session: &Session, stmt: BasaltStatement, params: &[ScalarValue]) -> Result<(String, u64), Status> {
+    match session.execute(stmt, params).await.map_err(status)? {
+        Output::Command { tag, rows } => Ok((tag.to_string(), rows as u64)),
+        Output::Rows(stream) => {
+            let n = stream.try_fold(0u64, |n, b| async move { Ok(n + b.num_rows() as u64) }).await;
+            Ok(("SELECT".to_string(), n.map_err(|e| status(from_df(e)))?))
         }
     }
 }
@@ -362,7 +337,7 @@ impl FlightSqlService for FlightSql {
             Some(b) => b
                 .columns()
                 .iter()
-                .map(|c| ScalarValue::try_from_array(c, 0).map(|v| param_json(&v)))
+                .map(|c| ScalarValue::try_from_array(c, 0).map(|v| crate::compat::scalar_json(&v)))
                 .collect::<Result<_, _>>()
                 .map_err(|e| Status::invalid_argument(e.to_string()))?,
             None => Vec::new(),

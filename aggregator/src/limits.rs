@@ -99,14 +99,20 @@ pub fn human_bytes(n: usize) -> String {
     if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
 }
 
-/// `statement_timeout` values as Postgres takes them: milliseconds, or a number with a unit
-/// (`ms`, `s`, `min`, `h`); 0 turns the timeout off.
-pub fn parse_duration(text: &str) -> Result<Option<Duration>> {
+/// A setting's number and its unit (lower case, may be empty): `'5s'` -> (5, "s").
+fn number_and_unit(text: &str, what: &str) -> Result<(f64, String)> {
     let t = text.trim().trim_matches('\'').trim().to_ascii_lowercase();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let n: f64 = number.parse().map_err(|_| BasaltError::invalid(format!("invalid duration {text:?}")))?;
-    let ms = match unit.trim() {
+    let n: f64 = number.parse().map_err(|_| BasaltError::invalid(format!("invalid {what} {text:?}")))?;
+    Ok((n, unit.trim().to_string()))
+}
+
+/// `statement_timeout` values as Postgres takes them: milliseconds, or a number with a unit
+/// (`ms`, `s`, `min`, `h`); 0 turns the timeout off.
+pub fn parse_duration(text: &str) -> Result<Option<Duration>> {
+    let (n, unit) = number_and_unit(text, "duration")?;
+    let ms = match unit.as_str() {
         "" | "ms" => n,
         "s" => n * 1000.0,
         "min" => n * 60_000.0,
@@ -118,11 +124,8 @@ pub fn parse_duration(text: &str) -> Result<Option<Duration>> {
 
 /// Memory sizes: bytes, or a number with kB, MB, GB.
 pub fn parse_bytes(text: &str) -> Result<usize> {
-    let t = text.trim().trim_matches('\'').trim().to_ascii_lowercase();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let n: f64 = number.parse().map_err(|_| BasaltError::invalid(format!("invalid size {text:?}")))?;
-    let scale = match unit.trim() {
+    let (n, unit) = number_and_unit(text, "size")?;
+    let scale = match unit.as_str() {
         "" | "b" => 1.0,
         "kb" => 1024.0,
         "mb" => 1024.0 * 1024.0,
