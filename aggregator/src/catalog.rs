@@ -22,12 +22,49 @@ pub const CATALOG: &str = "basalt";
 pub struct Names(RwLock<BTreeMap<String, Vec<String>>>);
 
 /// Per-session planning options the engine sets before each statement.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PlanOptions {
     /// Forced access path (`SET basalt.access_path`).
     pub hint: Option<AccessPath>,
     /// The statement reads `score()`: tables expose `_score`.
     pub with_score: bool,
+    /// Per-shard work runs on the leaves as plan fragments (`SET basalt.fragments = off` runs
+    /// it on the aggregator, for comparison).
+    pub fragments: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self { hint: None, with_score: false, fragments: true }
+    }
+}
+
+/// The last physical optimizer pass: per-shard work above leaf scans becomes fragments that
+/// run on the leaves (`basalt_fragment::push_fragments`).
+#[derive(Debug)]
+pub struct PushFragments {
+    pub options: Arc<RwLock<PlanOptions>>,
+}
+
+impl datafusion::physical_optimizer::PhysicalOptimizerRule for PushFragments {
+    fn optimize(
+        &self,
+        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+        _config: &datafusion::config::ConfigOptions,
+    ) -> datafusion::common::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        if !self.options.read().fragments {
+            return Ok(plan);
+        }
+        basalt_fragment::push_fragments(plan)
+    }
+
+    fn name(&self) -> &str {
+        "basalt_push_fragments"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug)]

@@ -11,10 +11,10 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use basalt_common::api::{CollectionName, Leaf, Meta, Tailer, WriteInput, WriteRequest, WriteResponse};
 use basalt_common::doc::{ID_FIELD, PatchKind, PatchOp, sql_path_to_pointer};
 use basalt_common::filter::AccessPath;
-use basalt_common::{BasaltError, ErrorCode, Result};
+use basalt_common::{BasaltError, Result};
 use basalt_sql::BasaltStatement;
 use basalt_sql::sqlparser::ast::{Expr, Set, Statement};
-use datafusion::common::{DataFusionError, ParamValues, ScalarValue};
+use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::memory::MemoryStream;
@@ -80,7 +80,13 @@ impl Engine {
                 Default::default()
             }
         };
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
+        let state = datafusion::execution::SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(crate::catalog::PushFragments { options: options.clone() }))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         let catalog = Arc::new(BasaltCatalog::new(self.meta.clone(), self.leaf.clone(), options.clone()));
         ctx.register_catalog(CATALOG, catalog.clone());
         ctx.register_udf(search_udf());
@@ -114,31 +120,7 @@ pub struct Session {
     timeout: RwLock<Option<std::time::Duration>>,
 }
 
-/// Map a DataFusion error to a Basalt error with a fitting code.
-pub fn from_df(e: DataFusionError) -> BasaltError {
-    let root = e.find_root();
-    if let DataFusionError::External(inner) = root
-        && let Some(b) = inner.downcast_ref::<BasaltError>()
-    {
-        return b.clone();
-    }
-    let message = root.to_string();
-    let code = match root {
-        DataFusionError::SQL(..) => ErrorCode::Syntax,
-        DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => ErrorCode::NotFound,
-        DataFusionError::SchemaError(e, _) if matches!(**e, datafusion::common::SchemaError::FieldNotFound { .. }) => {
-            ErrorCode::UndefinedColumn
-        }
-        DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::Execution(_) => {
-            ErrorCode::InvalidInput
-        }
-        DataFusionError::ArrowError(..) => ErrorCode::InvalidInput,
-        DataFusionError::NotImplemented(_) => ErrorCode::Unsupported,
-        DataFusionError::ResourcesExhausted(_) => ErrorCode::OutOfMemory,
-        _ => ErrorCode::Internal,
-    };
-    BasaltError::new(code, message)
-}
+pub use basalt_fragment::from_df;
 
 fn command(tag: &'static str, rows: usize) -> Output {
     Output::Command { tag, rows }
@@ -418,7 +400,8 @@ impl Session {
     }
 
     /// `SET basalt.access_path = 'row_lookup' | 'search_index' | 'column_scan' | 'auto'` forces
-    /// an access path where it can apply (an expert hint, per session). Other client settings
+    /// an access path where it can apply (an expert hint, per session); `SET basalt.fragments =
+    /// off` keeps per-shard work on the aggregator instead of the leaves. Other client settings
     /// (DateStyle, client_encoding, ...) are accepted and ignored.
     /// `SHOW name`: the setting's name and value, from the session or the Postgres settings
     /// clients read.
@@ -438,6 +421,7 @@ impl Session {
                 Some(self.timeout.read().map_or("0".to_string(), |t| format!("{}ms", t.as_millis())))
             }
             "basalt.memory_limit" => Some(crate::limits::human_bytes(self.pool.limit())),
+            "basalt.fragments" => Some(if self.options.read().fragments { "on" } else { "off" }.to_string()),
             _ => None,
         }
     }
@@ -462,6 +446,14 @@ impl Session {
             if name.starts_with("datafusion.") {
                 let state = self.ctx.state_ref();
                 state.write().config_mut().options_mut().set(&name, value).map_err(from_df)?;
+                return Ok(command("SET", 0));
+            }
+            if name == "basalt.fragments" {
+                self.options.write().fragments = match value.to_lowercase().as_str() {
+                    "on" | "true" | "1" | "default" => true,
+                    "off" | "false" | "0" => false,
+                    other => return Err(BasaltError::invalid(format!("basalt.fragments is on or off, not {other:?}"))),
+                };
                 return Ok(command("SET", 0));
             }
             if name == "basalt.access_path" || name == "basalt_access_path" {

@@ -10,9 +10,10 @@ use futures::TryStreamExt;
 
 async fn setup(dir: &std::path::Path) -> Session {
     let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&dir.join("meta")).unwrap());
-    let leaf: Leaf = Arc::new(
+    let storage: Leaf = Arc::new(
         basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: dir.join("leaf"), ..Default::default() }).unwrap(),
     );
+    let leaf: Leaf = Arc::new(basalt_fragment::FragmentLeaf::new(storage));
     let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(meta.clone(), leaf.clone(), Default::default()));
     Engine::new(meta, tailer, leaf).session()
 }

@@ -116,9 +116,10 @@ struct TailerArgs {
     /// Arrow Flight RPC address [default: 127.0.0.1:50062]
     #[arg(long, env = "BASALT_RPC_ADDR")]
     rpc_addr: Option<SocketAddr>,
-    /// Leaf RPC address (the leaf also hosts the catalog) [default: 127.0.0.1:50061]
-    #[arg(long, env = "BASALT_LEAF_ADDR")]
-    leaf_addr: Option<SocketAddr>,
+    /// Leaf RPC addresses, comma-separated, in the same order everywhere: shard `s` lives on
+    /// leaf `s mod n`; the first leaf hosts the catalog [default: 127.0.0.1:50061]
+    #[arg(long, env = "BASALT_LEAF_ADDR", value_delimiter = ',')]
+    leaf_addr: Vec<SocketAddr>,
     /// HTTP address for /metrics and /healthz [default: 127.0.0.1:8092]
     #[arg(long, env = "BASALT_HTTP_ADDR")]
     http_addr: Option<SocketAddr>,
@@ -136,12 +137,37 @@ struct AggregatorArgs {
     /// Arrow Flight SQL address [default: 127.0.0.1:50051]
     #[arg(long, env = "BASALT_FLIGHT_ADDR")]
     flight_addr: Option<SocketAddr>,
-    /// Leaf RPC address [default: 127.0.0.1:50061]
-    #[arg(long, env = "BASALT_LEAF_ADDR")]
-    leaf_addr: Option<SocketAddr>,
+    /// Leaf RPC addresses, comma-separated, in the same order everywhere: shard `s` lives on
+    /// leaf `s mod n`; the first leaf hosts the catalog [default: 127.0.0.1:50061]
+    #[arg(long, env = "BASALT_LEAF_ADDR", value_delimiter = ',')]
+    leaf_addr: Vec<SocketAddr>,
     /// Tailer RPC address [default: 127.0.0.1:50062]
     #[arg(long, env = "BASALT_TAILER_ADDR")]
     tailer_addr: Option<SocketAddr>,
+}
+
+/// Leaf addresses from the flags, else the config file, else the default.
+fn leaf_addrs(flags: Vec<SocketAddr>, file: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    if !flags.is_empty() {
+        flags
+    } else if !file.is_empty() {
+        file
+    } else {
+        vec![addr("127.0.0.1:50061")]
+    }
+}
+
+/// The catalog (on the first leaf) and the leaves, shards placed `s mod n`.
+fn connect_leaves(addrs: &[SocketAddr]) -> Result<(Meta, Leaf), String> {
+    let clients = addrs
+        .iter()
+        .map(|a| basalt_rpc::Client::connect(*a).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, String>>()?;
+    let first = clients.first().cloned().ok_or("at least one leaf address is needed")?;
+    let meta: Meta = Arc::new(first);
+    let leaves: Vec<Leaf> = clients.into_iter().map(|c| Arc::new(c) as Leaf).collect();
+    let leaf = basalt_common::placement::PlacedLeaves::build(leaves).map_err(|e| e.to_string())?;
+    Ok((meta, leaf))
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -239,7 +265,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 args.flush_interval_ms.or(file.flush_interval_ms),
             )?;
             local_leaf = Some(leaf_impl.clone());
-            let leaf: Leaf = Arc::new(leaf_impl);
+            let leaf: Leaf = Arc::new(basalt_fragment::FragmentLeaf::new(Arc::new(leaf_impl)));
             let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(meta.clone(), leaf.clone(), Default::default()));
             if args.demo || file.demo {
                 load_demo(&meta, &tailer).await?;
@@ -266,7 +292,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 args.flush_interval_ms.or(file.flush_interval_ms),
             )?;
             local_leaf = Some(leaf.clone());
-            let services = basalt_rpc::Services { leaf: Some(Arc::new(leaf)), meta: Some(meta), tailer: None };
+            let services = basalt_rpc::Services {
+                leaf: Some(Arc::new(basalt_fragment::FragmentLeaf::new(Arc::new(leaf)))),
+                meta: Some(meta),
+                tailer: None,
+            };
             let rpc = bind("rpc", rpc_addr).await?;
             let http = bind("http", http_addr).await?;
             spawn_server("rpc", basalt_rpc::serve(rpc, services));
@@ -276,39 +306,35 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Tailer(args) => {
             let file: TailerArgs = file_options(cli.config.as_ref())?;
             let rpc_addr = args.rpc_addr.or(file.rpc_addr).unwrap_or_else(|| addr("127.0.0.1:50062"));
-            let leaf_addr = args.leaf_addr.or(file.leaf_addr).unwrap_or_else(|| addr("127.0.0.1:50061"));
+            let leaf_addr = leaf_addrs(args.leaf_addr, file.leaf_addr);
             let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8092"));
-            let client = basalt_rpc::Client::connect(leaf_addr).map_err(|e| e.to_string())?;
-            let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(
-                Arc::new(client.clone()),
-                Arc::new(client.clone()),
-                Default::default(),
-            ));
-            basalt_tailer::sources::SourceRunner::spawn(Arc::new(client.clone()), Arc::new(client), Default::default());
+            let (meta, leaf) = connect_leaves(&leaf_addr)?;
+            let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(meta.clone(), leaf.clone(), Default::default()));
+            basalt_tailer::sources::SourceRunner::spawn(meta, leaf, Default::default());
             let services = basalt_rpc::Services { leaf: None, meta: None, tailer: Some(tailer) };
             let rpc = bind("rpc", rpc_addr).await?;
             let http = bind("http", http_addr).await?;
             spawn_server("rpc", basalt_rpc::serve(rpc, services));
             spawn_server("http", basalt_aggregator::http::serve_ops(http));
-            tracing::info!(%rpc_addr, %leaf_addr, %http_addr, "basalt tailer running");
+            tracing::info!(%rpc_addr, ?leaf_addr, %http_addr, "basalt tailer running");
         }
         Command::Aggregator(args) => {
             let file: AggregatorArgs = file_options(cli.config.as_ref())?;
             let pg_addr = args.pg_addr.or(file.pg_addr).unwrap_or_else(|| addr("127.0.0.1:5433"));
             let http_addr = args.http_addr.or(file.http_addr).unwrap_or_else(|| addr("127.0.0.1:8088"));
             let flight_addr = args.flight_addr.or(file.flight_addr).unwrap_or_else(|| addr("127.0.0.1:50051"));
-            let leaf_addr = args.leaf_addr.or(file.leaf_addr).unwrap_or_else(|| addr("127.0.0.1:50061"));
+            let leaf_addr = leaf_addrs(args.leaf_addr, file.leaf_addr);
             let tailer_addr = args.tailer_addr.or(file.tailer_addr).unwrap_or_else(|| addr("127.0.0.1:50062"));
-            let leaf = basalt_rpc::Client::connect(leaf_addr).map_err(|e| e.to_string())?;
+            let (meta, leaf) = connect_leaves(&leaf_addr)?;
             let tailer = basalt_rpc::Client::connect(tailer_addr).map_err(|e| e.to_string())?;
-            let engine = Engine::new(Arc::new(leaf.clone()), Arc::new(tailer), Arc::new(leaf));
+            let engine = Engine::new(meta, Arc::new(tailer), leaf);
             let pg = bind("postgres wire protocol", pg_addr).await?;
             let http = bind("http", http_addr).await?;
             let flight = bind("flight sql", flight_addr).await?;
             spawn_server("pgwire", basalt_aggregator::pg::serve(pg, engine.clone()));
             spawn_server("flight sql", basalt_aggregator::flight::serve(flight, engine.clone()));
             spawn_server("http", basalt_aggregator::http::serve(http, engine));
-            tracing::info!(%pg_addr, %http_addr, %flight_addr, %leaf_addr, %tailer_addr, "basalt aggregator running");
+            tracing::info!(%pg_addr, %http_addr, %flight_addr, ?leaf_addr, %tailer_addr, "basalt aggregator running");
             print_connect(pg_addr, http_addr, flight_addr);
         }
     }

@@ -361,8 +361,8 @@ pub struct Deployment {
     pub flight_port: u16,
     pub procs: Vec<Proc>,
     pub dir: tempfile::TempDir,
-    /// The leaf's RPC port in a cluster deployment (0 for dev).
-    pub leaf_rpc: u16,
+    /// The leaves' RPC addresses, comma-separated, in a cluster deployment (empty for dev).
+    pub leaf_addrs: String,
     /// Environment for tailer processes (cluster deployments).
     pub tailer_env: Vec<(String, String)>,
 }
@@ -430,42 +430,67 @@ impl Deployment {
         args.extend(extra.iter().map(|a| a.to_string()));
         let p = Proc::start_program("dev", &basalt_bin(), &args, env, dir.path());
         wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &p).await;
-        Deployment { pg_port, http_port, flight_port, procs: vec![p], dir, leaf_rpc: 0, tailer_env: env.to_vec() }
+        Deployment {
+            pg_port,
+            http_port,
+            flight_port,
+            procs: vec![p],
+            dir,
+            leaf_addrs: String::new(),
+            tailer_env: env.to_vec(),
+        }
     }
 
     /// Leaf, tailer and aggregator as three processes on loopback.
     pub async fn cluster() -> Deployment {
-        Deployment::cluster_with(&[]).await
+        Deployment::cluster_of(1, &[]).await
     }
 
     /// A cluster whose tailers get these environment variables.
     pub async fn cluster_with(tailer_env: &[(String, String)]) -> Deployment {
+        Deployment::cluster_of(1, tailer_env).await
+    }
+
+    /// `leaves` leaf processes (`leaf`, `leaf2`, ...; shard `s` on leaf `s mod leaves`, the
+    /// catalog on the first), a tailer and an aggregator, on loopback.
+    pub async fn cluster_of(leaves: usize, tailer_env: &[(String, String)]) -> Deployment {
         remember_panics();
         let dir = tempfile::tempdir().expect("temp dir");
-        let (leaf_rpc, tailer_rpc) = (free_port(), free_port());
-        let (leaf_http, tailer_http) = (free_port(), free_port());
-        let (pg_port, http_port, flight_port) = (free_port(), free_port(), free_port());
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        let data = dir.path().join("leaf-data").display().to_string();
-        let segments = dir.path().join("segments").display().to_string();
-        let leaf = Proc::start(
-            "leaf",
-            &s(&[
-                "leaf",
-                "--data-dir",
-                &data,
-                "--segment-store",
-                &segments,
-                // Flush often, so tests cross segment flushes and merges.
-                "--flush-interval-ms",
-                "200",
-                "--rpc-addr",
-                &format!("127.0.0.1:{leaf_rpc}"),
-                "--http-addr",
-                &format!("127.0.0.1:{leaf_http}"),
-            ]),
-            dir.path(),
-        );
+        let mut procs = vec![];
+        let mut leaf_addrs = vec![];
+        let mut waits = vec![];
+        for i in 0..leaves {
+            let name = if i == 0 { "leaf".to_string() } else { format!("leaf{}", i + 1) };
+            let (rpc, http) = (free_port(), free_port());
+            let data = dir.path().join(format!("{name}-data")).display().to_string();
+            let segments = if i == 0 { "segments".to_string() } else { format!("{name}-segments") };
+            let segments = dir.path().join(segments).display().to_string();
+            let leaf = Proc::start(
+                &name,
+                &s(&[
+                    "leaf",
+                    "--data-dir",
+                    &data,
+                    "--segment-store",
+                    &segments,
+                    // Flush often, so tests cross segment flushes and merges.
+                    "--flush-interval-ms",
+                    "200",
+                    "--rpc-addr",
+                    &format!("127.0.0.1:{rpc}"),
+                    "--http-addr",
+                    &format!("127.0.0.1:{http}"),
+                ]),
+                dir.path(),
+            );
+            leaf_addrs.push(format!("127.0.0.1:{rpc}"));
+            waits.push(format!("http://127.0.0.1:{http}/healthz"));
+            procs.push(leaf);
+        }
+        let leaf_addrs = leaf_addrs.join(",");
+        let (tailer_rpc, tailer_http) = (free_port(), free_port());
+        let (pg_port, http_port, flight_port) = (free_port(), free_port(), free_port());
         let tailer = Proc::start_program(
             "tailer",
             &basalt_bin(),
@@ -474,7 +499,7 @@ impl Deployment {
                 "--rpc-addr",
                 &format!("127.0.0.1:{tailer_rpc}"),
                 "--leaf-addr",
-                &format!("127.0.0.1:{leaf_rpc}"),
+                &leaf_addrs,
                 "--http-addr",
                 &format!("127.0.0.1:{tailer_http}"),
             ]),
@@ -492,36 +517,32 @@ impl Deployment {
                 "--flight-addr",
                 &format!("127.0.0.1:{flight_port}"),
                 "--leaf-addr",
-                &format!("127.0.0.1:{leaf_rpc}"),
+                &leaf_addrs,
                 "--tailer-addr",
                 &format!("127.0.0.1:{tailer_rpc}"),
             ]),
             dir.path(),
         );
-        wait_http(&format!("http://127.0.0.1:{leaf_http}/healthz"), &leaf).await;
+        for (url, leaf) in waits.iter().zip(&procs) {
+            wait_http(url, leaf).await;
+        }
         wait_http(&format!("http://127.0.0.1:{tailer_http}/healthz"), &tailer).await;
         wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &aggregator).await;
-        Deployment {
-            pg_port,
-            http_port,
-            flight_port,
-            procs: vec![leaf, tailer, aggregator],
-            dir,
-            leaf_rpc,
-            tailer_env: tailer_env.to_vec(),
-        }
+        procs.push(tailer);
+        procs.push(aggregator);
+        Deployment { pg_port, http_port, flight_port, procs, dir, leaf_addrs, tailer_env: tailer_env.to_vec() }
     }
 
     /// Start one more tailer process (cluster deployments), named `name`.
     pub async fn add_tailer(&mut self, name: &str) {
-        assert!(self.leaf_rpc != 0, "add_tailer needs a cluster deployment");
+        assert!(!self.leaf_addrs.is_empty(), "add_tailer needs a cluster deployment");
         let (rpc, http) = (free_port(), free_port());
         let args: Vec<String> = [
             "tailer",
             "--rpc-addr",
             &format!("127.0.0.1:{rpc}"),
             "--leaf-addr",
-            &format!("127.0.0.1:{}", self.leaf_rpc),
+            &self.leaf_addrs,
             "--http-addr",
             &format!("127.0.0.1:{http}"),
         ]

@@ -20,3 +20,11 @@ async fn slt_against_three_processes() {
     let d = Deployment::cluster().await;
     slt::run_dir(&slt_dir(), d.pg_port).await;
 }
+
+/// Two leaf processes: a collection's shards are spread over both, and every query over a
+/// multi-shard collection runs fragments on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slt_against_two_leaves() {
+    let d = Deployment::cluster_of(2, &[]).await;
+    slt::run_dir(&slt_dir(), d.pg_port).await;
+}

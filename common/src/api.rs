@@ -378,12 +378,44 @@ pub struct ScanRequest {
 
 pub type BatchStream = BoxStream<'static, Result<RecordBatch>>;
 
+/// A plan fragment to run on one shard: an encoded DataFusion physical plan (datafusion-proto)
+/// whose only leaf is a scan of that shard. The aggregator sends the part of a query that works
+/// shard by shard (filters, projections, partial aggregates, top-k) so only its result moves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FragmentRequest {
+    pub collection_id: u64,
+    pub shard: u32,
+    #[serde(with = "base64_bytes")]
+    pub plan: Vec<u8>,
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// What a leaf serves: shard writes, scans and statistics.
 #[async_trait]
 pub trait LeafApi: Send + Sync + 'static {
     /// Apply a write to one shard; returns after it is durable.
     async fn apply(&self, write: ShardWrite) -> Result<ShardWriteResult>;
     async fn scan(&self, request: ScanRequest) -> Result<BatchStream>;
+    /// Run a plan fragment over one shard. Leaf processes serve this through
+    /// `basalt_fragment::FragmentLeaf`, which wraps the storage leaf (DataFusion stays out of
+    /// the storage crate).
+    async fn execute(&self, request: FragmentRequest) -> Result<BatchStream> {
+        let _ = request;
+        Err(BasaltError::unsupported("this leaf does not run plan fragments"))
+    }
     /// Merged statistics of the given shards of one collection.
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats>;
     async fn drop_collection(&self, collection_id: u64) -> Result<()>;

@@ -9,6 +9,7 @@ pub mod arrays;
 pub mod doc;
 pub mod error;
 pub mod filter;
+pub mod placement;
 pub mod schema;
 pub mod sketch;
 pub mod text;

@@ -2,8 +2,8 @@
 //! it hosts; [`Client`] implements the same traits against a remote process, so callers cannot
 //! tell a remote tier from a local one.
 //!
-//! Wire format: scans are `DoGet` with a JSON [`ScanRequest`] ticket, answered by Arrow IPC
-//! record batches. Every other call is `DoAction` with a JSON body; the single result is the JSON
+//! Wire format: scans and plan fragments are `DoGet` with a JSON ticket (`{"scan": ScanRequest}`
+//! or `{"fragment": FragmentRequest}`), answered by Arrow IPC record batches. Every other call is `DoAction` with a JSON body; the single result is the JSON
 //! value, or `{"err": BasaltError}` on failure, so error codes survive the hop. Transport failures
 //! become `unavailable` errors.
 //!
@@ -23,8 +23,8 @@ use arrow_flight::{
 };
 use async_trait::async_trait;
 use basalt_common::api::{
-    BatchStream, CollectionInfo, CollectionName, Leaf, LeafApi, Meta, MetaApi, PartitionStatus, ScanRequest,
-    ShardPosition, ShardWrite, ShardWriteResult, SourceInfo, SourceSpec, Tailer, TailerApi, WriteRequest,
+    BatchStream, CollectionInfo, CollectionName, FragmentRequest, Leaf, LeafApi, Meta, MetaApi, PartitionStatus,
+    ScanRequest, ShardPosition, ShardWrite, ShardWriteResult, SourceInfo, SourceSpec, Tailer, TailerApi, WriteRequest,
     WriteResponse,
 };
 use basalt_common::schema::SchemaStats;
@@ -51,6 +51,14 @@ pub struct Services {
 #[serde(rename_all = "snake_case")]
 enum Reply {
     Err(BasaltError),
+}
+
+/// What a `DoGet` ticket asks a leaf for.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LeafTicket {
+    Scan(ScanRequest),
+    Fragment(FragmentRequest),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -255,8 +263,12 @@ impl FlightService for Services {
 
     async fn do_get(&self, request: Request<Ticket>) -> std::result::Result<Response<Self::DoGetStream>, Status> {
         let leaf = self.leaf.clone().ok_or_else(|| error_status(missing("leaf")))?;
-        let scan: ScanRequest = decode(&request.into_inner().ticket).map_err(error_status)?;
-        let batches = leaf.scan(scan).await.map_err(error_status)?;
+        let ticket: LeafTicket = decode(&request.into_inner().ticket).map_err(error_status)?;
+        let batches = match ticket {
+            LeafTicket::Scan(scan) => leaf.scan(scan).await,
+            LeafTicket::Fragment(fragment) => leaf.execute(fragment).await,
+        }
+        .map_err(error_status)?;
         let batches = batches.map_err(|e| FlightError::Tonic(Box::new(error_status(e))));
         let stream = FlightDataEncoderBuilder::new().build(batches).map_err(|e| match e {
             FlightError::Tonic(status) => *status,
@@ -321,6 +333,20 @@ impl Client {
         Ok(Client { inner })
     }
 
+    /// A `DoGet`: the leaf's Arrow IPC batches as a stream.
+    async fn get(&self, ticket: &LeafTicket) -> Result<BatchStream> {
+        let ticket = Ticket { ticket: encode(ticket)?.into() };
+        let stream = self.inner.clone().do_get(ticket).await.map_err(status_error)?.into_inner();
+        let batches = FlightRecordBatchStream::new_from_flight_data(
+            stream.map_err(|s| FlightError::Tonic(Box::new(s))),
+        )
+        .map_err(|e| match e {
+            FlightError::Tonic(s) => status_error(*s),
+            other => BasaltError::internal(format!("rpc do_get: {other}")),
+        });
+        Ok(batches.boxed())
+    }
+
     async fn call<A: Serialize, T: DeserializeOwned>(&self, action: &str, arg: &A) -> Result<T> {
         let request = Action { r#type: action.to_string(), body: encode(arg)?.into() };
         let mut stream = self.inner.clone().do_action(request).await.map_err(status_error)?.into_inner();
@@ -344,16 +370,11 @@ impl LeafApi for Client {
     }
 
     async fn scan(&self, request: ScanRequest) -> Result<BatchStream> {
-        let ticket = Ticket { ticket: encode(&request)?.into() };
-        let stream = self.inner.clone().do_get(ticket).await.map_err(status_error)?.into_inner();
-        let batches = FlightRecordBatchStream::new_from_flight_data(
-            stream.map_err(|s| FlightError::Tonic(Box::new(s))),
-        )
-        .map_err(|e| match e {
-            FlightError::Tonic(s) => status_error(*s),
-            other => BasaltError::internal(format!("rpc scan: {other}")),
-        });
-        Ok(batches.boxed())
+        self.get(&LeafTicket::Scan(request)).await
+    }
+
+    async fn execute(&self, request: FragmentRequest) -> Result<BatchStream> {
+        self.get(&LeafTicket::Fragment(request)).await
     }
 
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {

@@ -1,0 +1,658 @@
+//! Distributed plan pieces shared by aggregators and leaves.
+//!
+//! - [`LeafScanExec`]: a scan of a collection's shards on the leaves (one partition per shard)
+//!   with projection, exact filters, limit and access path pushed down.
+//! - [`push_fragments`]: after DataFusion has planned a query, the operators that work shard by
+//!   shard directly above a scan (filters, projections, partial aggregates, top-k sorts, local
+//!   limits; everything when a collection has one shard) become a *fragment*: a
+//!   [`LeafFragmentExec`] sends it, encoded with `datafusion-proto`, to the leaf of each shard, and
+//!   only the fragment's result moves between the tiers. Joins, final aggregation and the final
+//!   merge stay on the aggregator.
+//! - [`FragmentLeaf`]: wraps a storage leaf so it runs fragments: it decodes the plan with the
+//!   scan bound to the local shard and executes it.
+
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{Array, RecordBatchOptions};
+use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use basalt_common::api::{
+    BatchStream, FragmentRequest, Leaf, LeafApi, ScanRequest, ShardPosition, ShardWrite, ShardWriteResult,
+};
+use basalt_common::doc::ID_FIELD;
+use basalt_common::filter::{AccessPath, Filter};
+use basalt_common::schema::{ColumnType, SchemaStats};
+use basalt_common::{BasaltError, ErrorCode, Result as BasaltResult};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::execution_plan::{
+    Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions, SchedulingType,
+};
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
+use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties, displayable,
+};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion_proto::bytes::{
+    physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_extension_codec,
+};
+use datafusion_proto::physical_plan::{PhysicalExtensionCodec, PhysicalProtoConverterExtension};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+pub fn to_df_error(e: BasaltError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+/// Map a DataFusion error to a Basalt error with a fitting code.
+pub fn from_df(e: DataFusionError) -> BasaltError {
+    let root = e.find_root();
+    if let DataFusionError::External(inner) = root
+        && let Some(b) = inner.downcast_ref::<BasaltError>()
+    {
+        return b.clone();
+    }
+    let message = root.to_string();
+    let code = match root {
+        DataFusionError::SQL(..) => ErrorCode::Syntax,
+        DataFusionError::Plan(m) if m.contains("not found") && m.contains("table") => ErrorCode::NotFound,
+        DataFusionError::SchemaError(e, _) if matches!(**e, datafusion::common::SchemaError::FieldNotFound { .. }) => {
+            ErrorCode::UndefinedColumn
+        }
+        DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::Execution(_) => {
+            ErrorCode::InvalidInput
+        }
+        DataFusionError::ArrowError(..) => ErrorCode::InvalidInput,
+        DataFusionError::NotImplemented(_) => ErrorCode::Unsupported,
+        DataFusionError::ResourcesExhausted(_) => ErrorCode::OutOfMemory,
+        _ => ErrorCode::Internal,
+    };
+    BasaltError::new(code, message)
+}
+
+/// The table schema of a collection's columns (every column nullable but `_id`).
+pub fn table_schema(columns: &[(String, ColumnType)]) -> SchemaRef {
+    Arc::new(Schema::new(
+        columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), name != ID_FIELD)).collect::<Vec<_>>(),
+    ))
+}
+
+/// What a scan asks of every shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScanSpec {
+    /// Columns fetched from leaves (at least one, even when the output has none).
+    pub columns: Vec<(String, ColumnType)>,
+    pub filters: Vec<Filter>,
+    pub limit: Option<usize>,
+    pub access: AccessPath,
+}
+
+/// Bytes of a batch's data as it crosses the tiers (the sliced buffers, as Arrow IPC sends them).
+fn batch_bytes(batch: &RecordBatch) -> usize {
+    batch.columns().iter().map(|c| c.to_data().get_slice_memory_size().unwrap_or(0)).sum()
+}
+
+/// Rows and bytes that arrived from leaves, for `EXPLAIN ANALYZE`.
+#[derive(Debug, Clone)]
+struct Moved {
+    output_rows: Count,
+    rows: Count,
+    bytes: Count,
+}
+
+impl Moved {
+    fn new(metrics: &ExecutionPlanMetricsSet, partition: usize) -> Self {
+        Self {
+            output_rows: MetricBuilder::new(metrics).output_rows(partition),
+            rows: MetricBuilder::new(metrics).counter("rows_from_leaves", partition),
+            bytes: MetricBuilder::new(metrics).counter("bytes_from_leaves", partition),
+        }
+    }
+
+    fn record(&self, batch: &RecordBatch) {
+        self.output_rows.add(batch.num_rows());
+        self.rows.add(batch.num_rows());
+        self.bytes.add(batch_bytes(batch));
+    }
+}
+
+/// Re-wrap a batch under the planned schema (nullability and metadata as planned); a schema
+/// with no fields keeps only the row count.
+fn rewrap(schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
+    let columns = if schema.fields().is_empty() { vec![] } else { batch.columns().to_vec() };
+    let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(schema.clone(), columns, &options)?)
+}
+
+/// Scans one collection on the leaves; partition `i` is shard `shards[i]` (all shards on an
+/// aggregator; the one local shard when a leaf runs a fragment).
+#[derive(Debug)]
+pub struct LeafScanExec {
+    collection: String,
+    collection_id: u64,
+    shards: Vec<u32>,
+    leaf: Leaf,
+    /// The columns the plan sees (may be none, for `count(*)`).
+    output_columns: Vec<(String, ColumnType)>,
+    output: SchemaRef,
+    spec: ScanSpec,
+    properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl LeafScanExec {
+    pub fn new(
+        collection: String,
+        collection_id: u64,
+        shards: Vec<u32>,
+        leaf: Leaf,
+        output_columns: Vec<(String, ColumnType)>,
+        spec: ScanSpec,
+    ) -> Self {
+        let output = table_schema(&output_columns);
+        let properties = Arc::new(
+            PlanProperties::new(
+                EquivalenceProperties::new(output.clone()),
+                Partitioning::UnknownPartitioning(shards.len()),
+                EmissionType::Incremental,
+                Boundedness::Bounded,
+            )
+            // Batches arrive through tokio channels (in process) or tonic streams (remote), both of
+            // which consume the task budget: no CooperativeExec wrapper needed.
+            .with_scheduling_type(SchedulingType::Cooperative),
+        );
+        Self {
+            collection,
+            collection_id,
+            shards,
+            leaf,
+            output_columns,
+            output,
+            spec,
+            properties,
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+
+    pub fn access(&self) -> AccessPath {
+        self.spec.access
+    }
+
+    fn shard(&self, partition: usize) -> Result<u32> {
+        self.shards.get(partition).copied().ok_or_else(|| {
+            DataFusionError::Internal(format!(
+                "{}: no partition {partition} (shards {:?})",
+                self.collection, self.shards
+            ))
+        })
+    }
+}
+
+impl DisplayAs for LeafScanExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "LeafScanExec: collection={} shards={} access_path={}",
+            self.collection,
+            self.shards.len(),
+            self.spec.access.name()
+        )?;
+        let names: Vec<&str> = self.output.fields().iter().map(|f| f.name().as_str()).collect();
+        write!(f, " projection=[{}]", names.join(", "))?;
+        if !self.spec.filters.is_empty() {
+            let filters: Vec<String> = self.spec.filters.iter().map(|f| f.to_string()).collect();
+            write!(f, " filters=[{}]", filters.join(" AND "))?;
+        }
+        if let Some(limit) = self.spec.limit {
+            write!(f, " limit={limit}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ExecutionPlan for LeafScanExec {
+    fn name(&self) -> &'static str {
+        "LeafScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+        let request = ScanRequest {
+            collection_id: self.collection_id,
+            shard: self.shard(partition)?,
+            columns: self.spec.columns.clone(),
+            filters: self.spec.filters.clone(),
+            limit: self.spec.limit,
+            hint: Some(self.spec.access),
+        };
+        let leaf = self.leaf.clone();
+        let output = self.output.clone();
+        let moved = Moved::new(&self.metrics, partition);
+        let stream = futures::stream::once(async move { leaf.scan(request).await })
+            .try_flatten()
+            .map_err(to_df_error)
+            .and_then(move |batch: RecordBatch| {
+                moved.record(&batch);
+                let out = rewrap(&output, batch);
+                async move { out }
+            });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(self.output.clone(), stream)))
+    }
+}
+
+/// A fragment of a plan that runs on the leaves: partition `i` is the fragment run by the leaf
+/// of shard `i` over that shard alone.
+#[derive(Debug)]
+pub struct LeafFragmentExec {
+    fragment: Arc<dyn ExecutionPlan>,
+    collection: String,
+    collection_id: u64,
+    shards: Vec<u32>,
+    leaf: Leaf,
+    access: AccessPath,
+    encoded: Arc<Vec<u8>>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl LeafFragmentExec {
+    /// A fragment whose one leaf is a [`LeafScanExec`]; fails if the plan cannot be encoded, or
+    /// decoded again with the functions a leaf knows (a Basalt-only function, for example).
+    pub fn try_new(fragment: Arc<dyn ExecutionPlan>) -> Result<Self> {
+        let mut scans = vec![];
+        let mut other_leaves = 0;
+        fragment.apply(|node| {
+            if let Some(scan) = node.downcast_ref::<LeafScanExec>() {
+                scans.push((
+                    scan.collection.clone(),
+                    scan.collection_id,
+                    scan.shards.clone(),
+                    scan.leaf.clone(),
+                    scan.spec.access,
+                ));
+            } else if node.children().is_empty() {
+                other_leaves += 1;
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let (collection, collection_id, shards, leaf, access) = match (scans.pop(), scans.is_empty(), other_leaves) {
+            (Some(scan), true, 0) => scan,
+            _ => return Err(DataFusionError::Internal("a fragment must read exactly one leaf scan".into())),
+        };
+        let encoded = physical_plan_to_bytes_with_extension_codec(fragment.clone(), &ScanCodec::checking())?;
+        physical_plan_from_bytes_with_extension_codec(&encoded, &checking_context(), &ScanCodec::checking())?;
+        Ok(Self {
+            fragment,
+            collection,
+            collection_id,
+            shards,
+            leaf,
+            access,
+            encoded: Arc::new(encoded.to_vec()),
+            metrics: ExecutionPlanMetricsSet::new(),
+        })
+    }
+
+    pub fn fragment(&self) -> &Arc<dyn ExecutionPlan> {
+        &self.fragment
+    }
+
+    pub fn access(&self) -> AccessPath {
+        self.access
+    }
+}
+
+impl DisplayAs for LeafFragmentExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "LeafFragmentExec: collection={} shards={} fragment=[", self.collection, self.shards.len())?;
+        // The fragment is a chain: print it top-down on one line.
+        let mut node = Some(self.fragment.clone());
+        let mut first = true;
+        while let Some(n) = node {
+            if !first {
+                write!(f, " <- ")?;
+            }
+            first = false;
+            write!(f, "{}", displayable(n.as_ref()).one_line().to_string().trim_end())?;
+            node = n.children().first().map(|c| (*c).clone());
+        }
+        write!(f, "]")
+    }
+}
+
+impl ExecutionPlan for LeafFragmentExec {
+    fn name(&self) -> &'static str {
+        "LeafFragmentExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.fragment.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+        let shard = self.shards.get(partition).copied().ok_or_else(|| {
+            DataFusionError::Internal(format!(
+                "{}: no partition {partition} (shards {:?})",
+                self.collection, self.shards
+            ))
+        })?;
+        let request = FragmentRequest { collection_id: self.collection_id, shard, plan: self.encoded.as_ref().clone() };
+        let leaf = self.leaf.clone();
+        let schema = self.fragment.schema();
+        let moved = Moved::new(&self.metrics, partition);
+        let out = schema.clone();
+        let stream = futures::stream::once(async move { leaf.execute(request).await })
+            .try_flatten()
+            .map_err(to_df_error)
+            .and_then(move |batch: RecordBatch| {
+                moved.record(&batch);
+                let batch = rewrap(&out, batch);
+                async move { batch }
+            });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+}
+
+/// Whether `node` maps each input partition to the same output partition on its own, so it
+/// can run on the leaf that holds that partition's shard.
+fn runs_per_partition(node: &Arc<dyn ExecutionPlan>) -> bool {
+    let children = node.children();
+    let [child] = children.as_slice() else { return false };
+    let input = child.output_partitioning().partition_count();
+    if node.output_partitioning().partition_count() != input {
+        return false;
+    }
+    if node.is::<FilterExec>() || node.is::<ProjectionExec>() || node.is::<LocalLimitExec>() {
+        return true;
+    }
+    // Merging one partition is passing it on.
+    if node.is::<CoalescePartitionsExec>() || node.is::<SortPreservingMergeExec>() {
+        return input == 1;
+    }
+    if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
+        return *aggregate.mode() == AggregateMode::Partial || input == 1;
+    }
+    if let Some(sort) = node.downcast_ref::<SortExec>() {
+        return sort.preserve_partitioning() || input == 1;
+    }
+    node.is::<GlobalLimitExec>() && input == 1
+}
+
+/// Turn the per-shard work directly above each leaf scan into fragments that run on the leaves.
+/// A chain that cannot be encoded for a leaf stays on the aggregator (shorter chains are not
+/// tried).
+pub fn push_fragments(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    let recompute = || ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
+    let pushed = plan.transform_up(|node| {
+        let children = node.children();
+        let [child] = children.as_slice() else { return Ok(Transformed::no(node)) };
+        let child = (*child).clone();
+        // A round-robin repartition straight above a scan only spreads per-partition work over
+        // threads; that work now runs on the leaves, one shard each.
+        let (node, child) = match child.downcast_ref::<RepartitionExec>() {
+            Some(repartition)
+                if matches!(repartition.partitioning(), Partitioning::RoundRobinBatch(_))
+                    && repartition.input().is::<LeafScanExec>() =>
+            {
+                let scan = repartition.input().clone();
+                let candidate = node.clone().replace_children(vec![scan.clone()], recompute())?;
+                if !runs_per_partition(&candidate) {
+                    return Ok(Transformed::no(node));
+                }
+                (candidate, scan)
+            }
+            _ => (node, child),
+        };
+        if !runs_per_partition(&node) {
+            return Ok(Transformed::no(node));
+        }
+        let fragment = if child.is::<LeafScanExec>() {
+            node.clone()
+        } else if let Some(inner) = child.downcast_ref::<LeafFragmentExec>() {
+            node.clone().replace_children(vec![inner.fragment.clone()], recompute())?
+        } else {
+            return Ok(Transformed::no(node));
+        };
+        match LeafFragmentExec::try_new(fragment) {
+            Ok(exec) => Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>)),
+            Err(e) => {
+                tracing::debug!(error = %e, operator = node.name(), "operator stays on the aggregator");
+                Ok(Transformed::no(node))
+            }
+        }
+    })?;
+    Ok(pushed.data)
+}
+
+/// How a [`LeafScanExec`] travels inside an encoded fragment.
+#[derive(Serialize, Deserialize)]
+struct ScanNode {
+    collection: String,
+    collection_id: u64,
+    output_columns: Vec<(String, ColumnType)>,
+    spec: ScanSpec,
+}
+
+/// Encodes [`LeafScanExec`]; decodes it bound to one local shard.
+#[derive(Debug)]
+struct ScanCodec {
+    leaf: Leaf,
+    /// The shard a decoded scan reads and the collection it must belong to (`None` when only
+    /// checking that a fragment decodes).
+    target: Option<(u64, u32)>,
+}
+
+impl ScanCodec {
+    fn checking() -> Self {
+        Self { leaf: Arc::new(NoLeaf), target: None }
+    }
+}
+
+impl PhysicalExtensionCodec for ScanCodec {
+    fn try_decode(
+        &self,
+        buf: &[u8],
+        inputs: &[Arc<dyn ExecutionPlan>],
+        _ctx: &TaskContext,
+        _proto: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if !inputs.is_empty() {
+            return Err(DataFusionError::Internal("a leaf scan has no inputs".into()));
+        }
+        let node: ScanNode =
+            serde_json::from_slice(buf).map_err(|e| DataFusionError::Internal(format!("bad scan node: {e}")))?;
+        let shard = match self.target {
+            Some((collection_id, shard)) if collection_id == node.collection_id => shard,
+            Some((collection_id, _)) => {
+                return Err(DataFusionError::Internal(format!(
+                    "fragment scans collection {} but was sent for collection {collection_id}",
+                    node.collection_id
+                )));
+            }
+            None => 0,
+        };
+        Ok(Arc::new(LeafScanExec::new(
+            node.collection,
+            node.collection_id,
+            vec![shard],
+            self.leaf.clone(),
+            node.output_columns,
+            node.spec,
+        )))
+    }
+
+    fn try_encode(
+        &self,
+        node: Arc<dyn ExecutionPlan>,
+        buf: &mut Vec<u8>,
+        _proto: &dyn PhysicalProtoConverterExtension,
+    ) -> Result<()> {
+        let Some(scan) = node.downcast_ref::<LeafScanExec>() else {
+            return Err(DataFusionError::NotImplemented(format!("{} cannot run on a leaf", node.name())));
+        };
+        let scan_node = ScanNode {
+            collection: scan.collection.clone(),
+            collection_id: scan.collection_id,
+            output_columns: scan.output_columns.clone(),
+            spec: scan.spec.clone(),
+        };
+        serde_json::to_writer(buf, &scan_node).map_err(|e| DataFusionError::Internal(format!("scan node: {e}")))
+    }
+}
+
+/// The functions a leaf knows when it decodes a fragment (DataFusion's built-ins).
+fn checking_context() -> Arc<TaskContext> {
+    static CONTEXT: OnceLock<Arc<TaskContext>> = OnceLock::new();
+    CONTEXT.get_or_init(|| SessionContext::new().task_ctx()).clone()
+}
+
+/// Stands in for a leaf while a fragment is only decoded, never run.
+#[derive(Debug)]
+struct NoLeaf;
+
+#[async_trait]
+impl LeafApi for NoLeaf {
+    async fn apply(&self, _write: ShardWrite) -> BasaltResult<ShardWriteResult> {
+        Err(BasaltError::internal("no leaf"))
+    }
+    async fn scan(&self, _request: ScanRequest) -> BasaltResult<BatchStream> {
+        Err(BasaltError::internal("no leaf"))
+    }
+    async fn stats(&self, _collection_id: u64, _shards: Vec<u32>) -> BasaltResult<SchemaStats> {
+        Err(BasaltError::internal("no leaf"))
+    }
+    async fn drop_collection(&self, _collection_id: u64) -> BasaltResult<()> {
+        Err(BasaltError::internal("no leaf"))
+    }
+    async fn positions(
+        &self,
+        _collection_id: u64,
+        _shards: Vec<u32>,
+        _stream: u64,
+    ) -> BasaltResult<Vec<ShardPosition>> {
+        Err(BasaltError::internal("no leaf"))
+    }
+}
+
+/// A storage leaf that also runs plan fragments over its shards. Everything else passes
+/// through to the wrapped leaf.
+pub struct FragmentLeaf {
+    inner: Leaf,
+    ctx: SessionContext,
+}
+
+/// Memory all fragments running on one leaf process may hold at once.
+pub const LEAF_FRAGMENT_MEMORY: usize = 4 << 30;
+
+impl FragmentLeaf {
+    pub fn new(inner: Leaf) -> Self {
+        let config = SessionConfig::new().with_target_partitions(1);
+        let runtime = RuntimeEnvBuilder::new().with_memory_limit(LEAF_FRAGMENT_MEMORY, 1.0).build_arc();
+        let ctx = match runtime {
+            Ok(runtime) => SessionContext::new_with_config_rt(config, runtime),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot build the fragment runtime; fragments run without a memory limit");
+                SessionContext::new_with_config(config)
+            }
+        };
+        Self { inner, ctx }
+    }
+}
+
+impl fmt::Debug for FragmentLeaf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FragmentLeaf")
+    }
+}
+
+#[async_trait]
+impl LeafApi for FragmentLeaf {
+    async fn apply(&self, write: ShardWrite) -> BasaltResult<ShardWriteResult> {
+        self.inner.apply(write).await
+    }
+
+    async fn scan(&self, request: ScanRequest) -> BasaltResult<BatchStream> {
+        self.inner.scan(request).await
+    }
+
+    async fn execute(&self, request: FragmentRequest) -> BasaltResult<BatchStream> {
+        let codec = ScanCodec { leaf: self.inner.clone(), target: Some((request.collection_id, request.shard)) };
+        let task = self.ctx.task_ctx();
+        let plan = physical_plan_from_bytes_with_extension_codec(&request.plan, &task, &codec)
+            .map_err(|e| BasaltError::invalid(format!("cannot decode the plan fragment: {}", from_df(e).message)))?;
+        let partitions = plan.output_partitioning().partition_count();
+        if partitions != 1 {
+            return Err(BasaltError::invalid(format!(
+                "a fragment must have one partition on a leaf, not {partitions}"
+            )));
+        }
+        let stream = plan.execute(0, task).map_err(from_df)?;
+        Ok(stream.map_err(from_df).boxed())
+    }
+
+    async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> BasaltResult<SchemaStats> {
+        self.inner.stats(collection_id, shards).await
+    }
+
+    async fn drop_collection(&self, collection_id: u64) -> BasaltResult<()> {
+        self.inner.drop_collection(collection_id).await
+    }
+
+    async fn positions(&self, collection_id: u64, shards: Vec<u32>, stream: u64) -> BasaltResult<Vec<ShardPosition>> {
+        self.inner.positions(collection_id, shards, stream).await
+    }
+}
