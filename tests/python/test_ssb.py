@@ -27,12 +27,12 @@ def test_the_checked_in_answers_check_something():
 
 
 @pytest.fixture(scope="module")
-def loaded(basalt, tmp_path_factory):
+def loaded(deployment, tmp_path_factory):
     base = tmp_path_factory.mktemp("ssb")
     data = tpch.generate(EXPECTED["sf"], base / "tpch")
     ssb.derive(data, base / "ssb").close()
-    counts = ssb.load_basalt(basalt.http_port, base / "ssb", progress=lambda _: None)
-    with psycopg.connect(basalt.dsn()) as c:
+    counts = ssb.load_basalt(deployment.http_port, base / "ssb", progress=lambda _: None)
+    with psycopg.connect(deployment.dsn()) as c:
         for table, n in counts.items():
             assert c.execute(f"SELECT count(*) FROM ssb.{table}").fetchone()[0] == n, table
     return counts
@@ -40,8 +40,8 @@ def loaded(basalt, tmp_path_factory):
 
 @pytest.mark.parametrize("form", ["star", "flat"])
 @pytest.mark.parametrize("q", ssb.QUERIES)
-def test_ssb_query_matches_duckdb(basalt, loaded, form, q):
-    with psycopg.connect(basalt.dsn()) as c:
+def test_ssb_query_matches_duckdb(deployment, loaded, form, q):
+    with psycopg.connect(deployment.dsn()) as c:
         rows = c.execute(ssb.query_text(form, q)).fetchall()
     got = [[tpch.normalize(v) for v in row] for row in rows]
     problem = tpch.compare(got, EXPECTED["answers"][f"{form}/{q}"])

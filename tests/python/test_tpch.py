@@ -17,19 +17,19 @@ EXPECTED = json.loads((ROOT / "tests" / "tpch" / "expected-sf0.01.json").read_te
 
 
 @pytest.fixture(scope="module")
-def loaded(basalt, tmp_path_factory):
+def loaded(deployment, tmp_path_factory):
     data = tpch.generate(EXPECTED["sf"], tmp_path_factory.mktemp("tpch"))
-    counts = tpch.load_basalt(basalt.http_port, data, progress=lambda _: None)
+    counts = tpch.load_basalt(deployment.http_port, data, progress=lambda _: None)
     assert counts["lineitem"] > 50_000
-    with psycopg.connect(basalt.dsn()) as c:
+    with psycopg.connect(deployment.dsn()) as c:
         for table, n in counts.items():
             assert c.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == n, table
     return counts
 
 
 @pytest.mark.parametrize("n", range(1, 23))
-def test_tpch_query_matches_duckdb(basalt, loaded, n):
-    with psycopg.connect(basalt.dsn()) as c:
+def test_tpch_query_matches_duckdb(deployment, loaded, n):
+    with psycopg.connect(deployment.dsn()) as c:
         rows = c.execute(tpch.query_text(n)).fetchall()
     got = [[tpch.normalize(v) for v in row] for row in rows]
     want = EXPECTED["answers"][f"q{n}"]
