@@ -1,0 +1,94 @@
+//! Plan fragments across two leaf processes: an aggregate's answer moves from the leaves as
+//! partial results (a few hundred bytes), not as the rows it reads; a killed leaf fails the
+//! query with a clear error, the aggregator stays up, and after the restart nothing is lost.
+
+use std::time::Duration;
+
+use basalt_cluster_tests::Deployment;
+
+/// The sum of a counter over the lines of an `EXPLAIN ANALYZE` plan (DataFusion prints counts
+/// as `123`, `12.34 K`, `1.2 M`).
+fn metric(plan: &str, name: &str) -> f64 {
+    let mut total = 0.0;
+    for part in plan.split(&format!("{name}=")).skip(1) {
+        let value: String = part.chars().take_while(|c| *c != ',' && *c != ']').collect();
+        let mut words = value.split_whitespace();
+        let number: f64 = words.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{name}={value}"));
+        let scale = match words.next() {
+            Some("K") => 1e3,
+            Some("M") => 1e6,
+            Some("B") => 1e9,
+            _ => 1.0,
+        };
+        total += number * scale;
+    }
+    total
+}
+
+async fn explain_analyze(pg: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = pg.query(&format!("EXPLAIN ANALYZE {sql}"), &[]).await.expect("explain analyze");
+    rows.iter().map(|r| r.get::<_, String>(1)).collect::<Vec<_>>().join("\n")
+}
+
+async fn answer(pg: &tokio_postgres::Client, sql: &str) -> Vec<(i64, i64, f64)> {
+    let rows = pg.query(sql, &[]).await.expect("query");
+    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregates_move_partial_results_not_rows() {
+    let mut d = Deployment::cluster_of(2, &[]).await;
+    let pg = d.pg().await;
+    pg.batch_execute(
+        "CREATE WORKSPACE f; CREATE COLLECTION f.events WITH (shards = 4);
+         INSERT INTO f.events SELECT 'e' || value AS _id, value % 10 AS store, CAST(value AS DOUBLE) AS amount,
+             repeat('x', 40) AS note FROM generate_series(1, 40000)",
+    )
+    .await
+    .expect("load");
+    let sql = "SELECT store, count(*), sum(amount) FROM f.events GROUP BY store ORDER BY store";
+    let want: Vec<(i64, i64, f64)> = (0..10)
+        .map(|s| {
+            let values: Vec<i64> = (1..=40000).filter(|v| v % 10 == s).collect();
+            (s, values.len() as i64, values.iter().sum::<i64>() as f64)
+        })
+        .collect();
+    assert_eq!(answer(&pg, sql).await, want);
+
+    let pushed = explain_analyze(&pg, sql).await;
+    assert!(pushed.contains("LeafFragmentExec"), "{pushed}");
+    let (rows_pushed, bytes_pushed) = (metric(&pushed, "rows_from_leaves"), metric(&pushed, "bytes_from_leaves"));
+    // Four shards send at most one partial row per store each.
+    assert!(rows_pushed <= 40.0, "{rows_pushed} rows moved\n{pushed}");
+
+    pg.batch_execute("SET basalt.fragments = off").await.unwrap();
+    assert_eq!(answer(&pg, sql).await, want);
+    let pulled = explain_analyze(&pg, sql).await;
+    assert!(!pulled.contains("LeafFragmentExec"), "{pulled}");
+    let (rows_pulled, bytes_pulled) = (metric(&pulled, "rows_from_leaves"), metric(&pulled, "bytes_from_leaves"));
+    assert_eq!(rows_pulled, 40000.0, "{pulled}");
+    assert!(bytes_pushed * 100.0 < bytes_pulled, "fragments moved {bytes_pushed} bytes, scans {bytes_pulled}");
+    println!("rows moved: {rows_pushed} vs {rows_pulled}; bytes moved: {bytes_pushed} vs {bytes_pulled}");
+    pg.batch_execute("SET basalt.fragments = on").await.unwrap();
+
+    // A leaf dies: the query fails with a clear error and the aggregator keeps serving.
+    d.proc("leaf2").kill9();
+    let err = pg.query(sql, &[]).await.expect_err("a query over a dead leaf fails");
+    let db = err.as_db_error().expect("a database error, not a dropped connection");
+    assert_eq!(db.code().code(), "08006", "{db:?}");
+    assert_eq!(pg.query_one("SELECT 1", &[]).await.unwrap().get::<_, i64>(0), 1);
+
+    // Back again: every acknowledged document is there.
+    d.proc("leaf2").restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match pg.query(sql, &[]).await {
+            Ok(rows) if rows.len() == 10 => break,
+            other => {
+                assert!(std::time::Instant::now() < deadline, "leaf2 did not come back: {other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert_eq!(answer(&pg, sql).await, want);
+}
