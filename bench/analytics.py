@@ -4,7 +4,8 @@ tpchgen-cli's Parquet files (DuckDB and chDB into their own tables), Basalt load
 through its HTTP write API and answers over pgwire. Each query's median of --runs runs; per-query
 ratios Basalt / engine and their geometric mean.
 
-    bench/run.sh analytics [--sf 1] [--runs 3] [--suites tpch,ssb] [--out results.json]
+    bench/run.sh analytics [--sf 1] [--runs 3] [--suites tpch,ssb] [--leaves 0|2] [--shards 2]
+                           [--out results.json]
 """
 
 import argparse
@@ -45,35 +46,58 @@ def timed(fn, runs: int):
 
 
 class Basalt:
+    """`basalt dev` (leaves=0), or `leaves` leaf processes plus a tailer and an aggregator."""
     name = "basalt"
 
-    def __init__(self, binary: str, workdir: str):
+    def __init__(self, binary: str, workdir: str, leaves: int = 0):
         self.pg, self.http, self.flight = free_port(), free_port(), free_port()
-        self.log = open(os.path.join(workdir, "basalt.log"), "w")
-        self.proc = subprocess.Popen(
-            [binary, "dev", "--data-dir", os.path.join(workdir, "basalt-data"), "--pg-addr", f"127.0.0.1:{self.pg}",
-             "--http-addr", f"127.0.0.1:{self.http}", "--flight-addr", f"127.0.0.1:{self.flight}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
+        self.procs = []
+        clients = ["--pg-addr", f"127.0.0.1:{self.pg}", "--http-addr", f"127.0.0.1:{self.http}",
+                   "--flight-addr", f"127.0.0.1:{self.flight}"]
+        if leaves == 0:
+            self.start(binary, workdir, "basalt", ["dev", "--data-dir", os.path.join(workdir, "basalt-data"), *clients])
+            health = [self.http]
+        else:
+            addrs, health = [], []
+            for i in range(leaves):
+                rpc, http = free_port(), free_port()
+                self.start(binary, workdir, f"leaf{i + 1}", ["leaf", "--data-dir", os.path.join(workdir, f"leaf{i + 1}"),
+                                                            "--rpc-addr", f"127.0.0.1:{rpc}", "--http-addr", f"127.0.0.1:{http}"])
+                addrs.append(f"127.0.0.1:{rpc}")
+                health.append(http)
+            tailer_rpc, tailer_http = free_port(), free_port()
+            self.start(binary, workdir, "tailer", ["tailer", "--rpc-addr", f"127.0.0.1:{tailer_rpc}",
+                                                   "--leaf-addr", ",".join(addrs), "--http-addr", f"127.0.0.1:{tailer_http}"])
+            self.start(binary, workdir, "aggregator", ["aggregator", *clients, "--leaf-addr", ",".join(addrs),
+                                                       "--tailer-addr", f"127.0.0.1:{tailer_rpc}"])
+            health += [tailer_http, self.http]
         deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.http}/healthz", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("basalt did not start")
-                time.sleep(0.1)
+        for port in health:
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                    break
+                except OSError:
+                    if time.time() > deadline or any(p.poll() is not None for p in self.procs):
+                        raise RuntimeError(f"basalt did not start (logs in {workdir})")
+                    time.sleep(0.1)
         import psycopg
 
         self.conn = psycopg.connect(f"host=127.0.0.1 port={self.pg} user=basalt dbname=basalt", autocommit=True)
+
+    def start(self, binary: str, workdir: str, name: str, args: list):
+        log = open(os.path.join(workdir, f"{name}.log"), "w")
+        self.procs.append(subprocess.Popen([binary, *args], stdout=log, stderr=subprocess.STDOUT))
 
     def query(self, sql: str):
         return self.conn.execute(sql).fetchall()
 
     def close(self):
         self.conn.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=60)
 
 
 class DuckDB:
@@ -150,6 +174,9 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--suites", default="tpch,ssb")
     ap.add_argument("--engines", default="duckdb,chdb,datafusion-python")
+    ap.add_argument("--leaves", type=int, default=0,
+                    help="0: basalt dev; n: n leaf processes, a tailer and an aggregator")
+    ap.add_argument("--shards", type=int, default=2, help="shards per collection")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     suites = args.suites.split(",")
@@ -162,13 +189,14 @@ def main():
         ssb.derive(csv_dir, ssb_dir).close()
     workdir = tempfile.mkdtemp(prefix="basalt-analytics-")
     report = {"sf": args.sf, "runs": args.runs, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "load_s": {}, "queries": {}}
+              "basalt": "dev" if args.leaves == 0 else f"{args.leaves} leaves, 1 tailer, 1 aggregator",
+              "shards": args.shards, "load_s": {}, "queries": {}}
     try:
-        basalt = Basalt(args.basalt_bin, workdir)
+        basalt = Basalt(args.basalt_bin, workdir, args.leaves)
         started = time.time()
-        tpch.load_basalt(basalt.http, csv_dir, progress=lambda m: print(m, file=sys.stderr))
+        tpch.load_basalt(basalt.http, csv_dir, shards=args.shards, progress=lambda m: print(m, file=sys.stderr))
         if ssb_dir:
-            ssb.load_basalt(basalt.http, ssb_dir, progress=lambda m: print(m, file=sys.stderr))
+            ssb.load_basalt(basalt.http, ssb_dir, shards=args.shards, progress=lambda m: print(m, file=sys.stderr))
         report["load_s"]["basalt"] = round(time.time() - started, 1)
         engines = [basalt]
         wanted = args.engines.split(",") if args.engines else []

@@ -1,8 +1,9 @@
 //! Translation of DataFusion filter expressions into the leaf filter language. A filter that
 //! translates is evaluated completely by leaves (`Exact`); one that does not stays in DataFusion.
 
-use arrow::datatypes::{DataType, Schema, TimeUnit};
-use basalt_common::filter::{CmpOp, Filter, Scalar};
+use arrow::datatypes::Schema;
+use basalt_common::filter::{CmpOp, Filter};
+use basalt_fragment::filters::{cmp_op, column_type, flip, scalar_for_column};
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
 
@@ -77,84 +78,10 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
     }
 }
 
-/// The type of a column leaves can filter on (`_score` is computed by the scan, not stored).
-fn column_type<'a>(schema: &'a Schema, name: &str) -> Option<&'a DataType> {
-    if name == basalt_common::api::SCORE_COLUMN {
-        return None;
-    }
-    schema.field_with_name(name).ok().map(|f| f.data_type())
-}
-
-fn cmp_op(op: Operator) -> Option<CmpOp> {
-    Some(match op {
-        Operator::Eq => CmpOp::Eq,
-        Operator::NotEq => CmpOp::NotEq,
-        Operator::Lt => CmpOp::Lt,
-        Operator::LtEq => CmpOp::LtEq,
-        Operator::Gt => CmpOp::Gt,
-        Operator::GtEq => CmpOp::GtEq,
-        _ => return None,
-    })
-}
-
-fn flip(op: CmpOp) -> CmpOp {
-    match op {
-        CmpOp::Lt => CmpOp::Gt,
-        CmpOp::LtEq => CmpOp::GtEq,
-        CmpOp::Gt => CmpOp::Lt,
-        CmpOp::GtEq => CmpOp::LtEq,
-        other => other,
-    }
-}
-
-/// A literal as the leaf scalar of the column's type; None when the types do not line up
-/// (DataFusion then keeps the filter).
-fn scalar_for_column(v: &ScalarValue, ty: &DataType) -> Option<Scalar> {
-    let int = || -> Option<i64> {
-        Some(match v {
-            ScalarValue::Int8(Some(x)) => i64::from(*x),
-            ScalarValue::Int16(Some(x)) => i64::from(*x),
-            ScalarValue::Int32(Some(x)) => i64::from(*x),
-            ScalarValue::Int64(Some(x)) => *x,
-            ScalarValue::UInt8(Some(x)) => i64::from(*x),
-            ScalarValue::UInt16(Some(x)) => i64::from(*x),
-            ScalarValue::UInt32(Some(x)) => i64::from(*x),
-            ScalarValue::UInt64(Some(x)) => i64::try_from(*x).ok()?,
-            _ => return None,
-        })
-    };
-    match ty {
-        DataType::Int64 => int().map(Scalar::Int),
-        DataType::Float64 => match v {
-            ScalarValue::Float64(Some(x)) => Some(Scalar::Float(*x)),
-            ScalarValue::Float32(Some(x)) => Some(Scalar::Float(f64::from(*x))),
-            _ => int().map(|i| Scalar::Float(i as f64)),
-        },
-        DataType::Utf8 => match v {
-            ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => {
-                Some(Scalar::Str(s.clone()))
-            }
-            _ => None,
-        },
-        DataType::Boolean => match v {
-            ScalarValue::Boolean(Some(b)) => Some(Scalar::Bool(*b)),
-            _ => None,
-        },
-        DataType::Timestamp(TimeUnit::Microsecond, _) => match v {
-            ScalarValue::TimestampMicrosecond(Some(t), _) => Some(Scalar::Timestamp(*t)),
-            ScalarValue::TimestampMillisecond(Some(t), _) => t.checked_mul(1000).map(Scalar::Timestamp),
-            ScalarValue::TimestampSecond(Some(t), _) => t.checked_mul(1_000_000).map(Scalar::Timestamp),
-            ScalarValue::TimestampNanosecond(Some(t), _) if t % 1000 == 0 => Some(Scalar::Timestamp(t / 1000)),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::datatypes::Field;
+    use arrow::datatypes::{DataType, Field};
     use datafusion::logical_expr::{col, lit};
 
     #[test]

@@ -36,7 +36,7 @@ async fn answer(pg: &tokio_postgres::Client, sql: &str) -> Vec<(i64, i64, f64)> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aggregates_move_partial_results_not_rows() {
+async fn fragments_move_little_data_and_lookup_joins_do_not_scan() {
     let mut d = Deployment::cluster_of(2, &[]).await;
     let pg = d.pg().await;
     pg.batch_execute(
@@ -70,6 +70,33 @@ async fn aggregates_move_partial_results_not_rows() {
     assert!(bytes_pushed * 100.0 < bytes_pulled, "fragments moved {bytes_pushed} bytes, scans {bytes_pulled}");
     println!("rows moved: {rows_pushed} vs {rows_pulled}; bytes moved: {bytes_pushed} vs {bytes_pulled}");
     pg.batch_execute("SET basalt.fragments = on").await.unwrap();
+
+    // The feature-store pattern: a few events joined to their users by `_id`. The join's build
+    // side (the filtered events) becomes a runtime filter on the users scan, which turns into
+    // row-store lookups: the users collection is not scanned.
+    pg.batch_execute(
+        "CREATE COLLECTION f.users WITH (shards = 4);
+         INSERT INTO f.users SELECT 'u' || value AS _id, value % 3 AS tier FROM generate_series(1, 30000);
+         CREATE COLLECTION f.clicks WITH (shards = 2);
+         INSERT INTO f.clicks SELECT 'c' || value AS _id, 'u' || (value * 7) AS user_id FROM generate_series(1, 4000)",
+    )
+    .await
+    .expect("load users and clicks");
+    let join = "SELECT c._id, u.tier FROM f.clicks c JOIN f.users u ON c.user_id = u._id \
+                WHERE c._id IN ('c1', 'c2', 'c3', 'c4000') ORDER BY c._id";
+    let rows = pg.query(join, &[]).await.expect("lookup join");
+    let got: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // c4000's user u28000 exists; every user id is 7 * n.
+    assert_eq!(
+        got,
+        vec![("c1".into(), 7 % 3), ("c2".into(), 14 % 3), ("c3".into(), 21 % 3), ("c4000".into(), 28000 % 3)]
+    );
+    let plan = explain_analyze(&pg, join).await;
+    let users_scan =
+        plan.lines().find(|l| l.contains("collection=f.users")).unwrap_or_else(|| panic!("no users scan in\n{plan}"));
+    assert!(users_scan.contains("runtime_filters=1"), "{users_scan}");
+    assert!(metric(users_scan, "runtime_id_lookups") >= 1.0, "{users_scan}");
+    assert!(metric(users_scan, "rows_from_leaves") <= 4.0, "{users_scan}");
 
     // A leaf dies: the query fails with a clear error and the aggregator keeps serving.
     d.proc("leaf2").kill9();

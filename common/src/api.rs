@@ -387,6 +387,10 @@ pub struct FragmentRequest {
     pub shard: u32,
     #[serde(with = "base64_bytes")]
     pub plan: Vec<u8>,
+    /// Filters for the fragment's scan known only once the query runs (a hash join's build-side
+    /// keys and bounds), added to the scan's own.
+    #[serde(default)]
+    pub filters: Vec<Filter>,
 }
 
 mod base64_bytes {

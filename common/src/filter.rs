@@ -135,34 +135,39 @@ impl AccessPath {
     }
 }
 
-/// The ids a conjunction of filters pins the scan to, if any conjunct is `_id = x` or
-/// `_id IN (...)`.
+/// The ids a conjunction of filters pins the scan to, if any conjunct is `_id = x`,
+/// `_id IN (...)`, or a disjunction whose every branch pins ids (the union of theirs: a hash
+/// join's runtime filter has one branch per partition). The list may hold more ids than match:
+/// the scan still evaluates every filter on the documents it finds.
 pub fn id_lookup(filters: &[Filter]) -> Option<Vec<String>> {
-    for f in filters {
-        match f {
-            Filter::Cmp { path, op: CmpOp::Eq, value: Scalar::Str(s) } if path == ID_FIELD => {
-                return Some(vec![s.clone()]);
-            }
-            Filter::In { path, values } if path == ID_FIELD => {
-                let ids: Option<Vec<String>> = values
-                    .iter()
-                    .map(|v| match v {
-                        Scalar::Str(s) => Some(s.clone()),
-                        _ => None,
-                    })
-                    .collect();
-                if let Some(ids) = ids {
-                    // Each document once, however often the list names it.
-                    let mut seen = std::collections::HashSet::new();
-                    return Some(ids.into_iter().filter(|id| seen.insert(id.clone())).collect());
-                }
-            }
-            Filter::And(inner) => {
-                if let Some(ids) = id_lookup(inner) {
-                    return Some(ids);
-                }
-            }
-            _ => {}
+    let mut ids = pinned(filters)?;
+    // Each document once, however often the filters name it.
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(id.clone()));
+    Some(ids)
+}
+
+fn pinned(conjuncts: &[Filter]) -> Option<Vec<String>> {
+    for f in conjuncts {
+        let ids = match f {
+            Filter::Cmp { path, op: CmpOp::Eq, value: Scalar::Str(s) } if path == ID_FIELD => Some(vec![s.clone()]),
+            Filter::In { path, values } if path == ID_FIELD => values
+                .iter()
+                .map(|v| match v {
+                    Scalar::Str(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect(),
+            Filter::And(inner) => pinned(inner),
+            Filter::Or(branches) if !branches.is_empty() => branches
+                .iter()
+                .map(|b| pinned(std::slice::from_ref(b)))
+                .collect::<Option<Vec<_>>>()
+                .map(|lists| lists.concat()),
+            _ => None,
+        };
+        if ids.is_some() {
+            return ids;
         }
     }
     None
@@ -267,6 +272,16 @@ mod tests {
         let ids = ["b", "a", "b"].iter().map(|s| Scalar::Str(s.to_string())).collect();
         let f = Filter::In { path: ID_FIELD.into(), values: ids };
         assert_eq!(id_lookup(&[f]), Some(vec!["b".to_string(), "a".to_string()]));
+    }
+
+    #[test]
+    fn a_disjunction_pins_ids_only_when_every_branch_does() {
+        let id = |s: &str| eq(ID_FIELD, Scalar::Str(s.into()));
+        let other = Filter::Cmp { path: "n".into(), op: CmpOp::Gt, value: Scalar::Int(1) };
+        let both = Filter::Or(vec![Filter::And(vec![other.clone(), id("a")]), id("b")]);
+        assert_eq!(id_lookup(&[other.clone(), both]), Some(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!(id_lookup(&[Filter::Or(vec![id("a"), other])]), None);
+        assert_eq!(id_lookup(&[Filter::Or(vec![])]), None);
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`FragmentLeaf`]: wraps a storage leaf so it runs fragments: it decodes the plan with the
 //!   scan bound to the local shard and executes it.
 
+pub mod filters;
+
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -27,6 +29,7 @@ use basalt_common::schema::{ColumnType, SchemaStats};
 use basalt_common::{BasaltError, ErrorCode, Result as BasaltResult};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result};
+use datafusion::config::ConfigOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
@@ -36,6 +39,9 @@ use datafusion::physical_plan::execution_plan::{
     Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions, SchedulingType,
 };
 use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::filter_pushdown::{
+    ChildPushdownResult, FilterPushdownPhase, FilterPushdownPropagation, PushedDown,
+};
 use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
 use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
 use datafusion::physical_plan::projection::ProjectionExec;
@@ -150,6 +156,9 @@ pub struct LeafScanExec {
     output_columns: Vec<(String, ColumnType)>,
     output: SchemaRef,
     spec: ScanSpec,
+    /// Filters whose value the query learns while it runs (a hash join's build-side keys and
+    /// bounds); applied, relaxed into leaf filters, when the scan starts.
+    dynamic: Vec<Arc<dyn PhysicalExpr>>,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -183,6 +192,7 @@ impl LeafScanExec {
             output_columns,
             output,
             spec,
+            dynamic: vec![],
             properties,
             metrics: ExecutionPlanMetricsSet::new(),
         }
@@ -190,6 +200,39 @@ impl LeafScanExec {
 
     pub fn access(&self) -> AccessPath {
         self.spec.access
+    }
+
+    /// Reads the dynamic filters' values when called (as leaf filters; see
+    /// [`filters::dynamic_to_leaf`]).
+    fn runtime_filters_later(&self) -> impl FnOnce() -> Result<Vec<Filter>> + Send + 'static {
+        let (dynamic, output) = (self.dynamic.clone(), self.output.clone());
+        move || {
+            let mut out = vec![];
+            for expr in &dynamic {
+                let current = datafusion::physical_expr_common::physical_expr::snapshot_physical_expr(expr.clone())?;
+                let leaf = filters::dynamic_to_leaf(expr, &output)?;
+                tracing::debug!(%current, leaf = ?leaf, "runtime filter");
+                out.extend(leaf);
+            }
+            Ok(out)
+        }
+    }
+
+    fn with_extra_filters(mut self, extra: Vec<Filter>) -> Self {
+        let (spec, _) = with_runtime_filters(
+            ScanRequest {
+                collection_id: self.collection_id,
+                shard: 0,
+                columns: vec![],
+                filters: std::mem::take(&mut self.spec.filters),
+                limit: None,
+                hint: Some(self.spec.access),
+            },
+            extra,
+        );
+        self.spec.filters = spec.filters;
+        self.spec.access = spec.hint.unwrap_or(self.spec.access);
+        self
     }
 
     fn shard(&self, partition: usize) -> Result<u32> {
@@ -220,8 +263,26 @@ impl DisplayAs for LeafScanExec {
         if let Some(limit) = self.spec.limit {
             write!(f, " limit={limit}")?;
         }
+        if !self.dynamic.is_empty() {
+            write!(f, " runtime_filters={}", self.dynamic.len())?;
+        }
         Ok(())
     }
+}
+
+/// A scan with runtime filters: they are read when the scan starts (a hash join probes only
+/// after its build side is complete), added to the scan's filters, and an `_id` key list they
+/// yield turns the scan into lookups in the row store.
+fn with_runtime_filters(mut request: ScanRequest, extra: Vec<Filter>) -> (ScanRequest, bool) {
+    if extra.is_empty() {
+        return (request, false);
+    }
+    request.filters.extend(extra);
+    let lookup = basalt_common::filter::id_lookup(&request.filters).is_some();
+    if lookup {
+        request.hint = Some(AccessPath::RowLookup);
+    }
+    (request, lookup)
 }
 
 impl ExecutionPlan for LeafScanExec {
@@ -237,10 +298,17 @@ impl ExecutionPlan for LeafScanExec {
         vec![]
     }
 
+    /// The runtime filters: a hash join computes its filter only when a node below it shows it
+    /// here.
     fn apply_expressions(
         &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
     ) -> Result<TreeNodeRecursion> {
+        for expr in &self.dynamic {
+            if f(expr)? == TreeNodeRecursion::Stop {
+                return Ok(TreeNodeRecursion::Stop);
+            }
+        }
         Ok(TreeNodeRecursion::Continue)
     }
 
@@ -250,6 +318,44 @@ impl ExecutionPlan for LeafScanExec {
 
     fn metrics(&self) -> Option<MetricsSet> {
         Some(self.metrics.clone_inner())
+    }
+
+    /// Accept dynamic filters (a join's build side, a top-k threshold) to apply when the scan
+    /// starts; static filters were pushed down at planning time and stay where DataFusion put
+    /// them.
+    fn handle_child_pushdown_result(
+        &self,
+        _phase: FilterPushdownPhase,
+        child_pushdown_result: ChildPushdownResult,
+        _config: &ConfigOptions,
+    ) -> Result<FilterPushdownPropagation<Arc<dyn ExecutionPlan>>> {
+        let mut accepted = vec![];
+        let verdicts = child_pushdown_result
+            .parent_filters
+            .into_iter()
+            .map(|f| {
+                if filters::is_dynamic(&f.filter) {
+                    accepted.push(f.filter);
+                    PushedDown::Yes
+                } else {
+                    PushedDown::No
+                }
+            })
+            .collect();
+        let mut propagation = FilterPushdownPropagation::with_parent_pushdown_result(verdicts);
+        if !accepted.is_empty() {
+            let mut scan = LeafScanExec::new(
+                self.collection.clone(),
+                self.collection_id,
+                self.shards.clone(),
+                self.leaf.clone(),
+                self.output_columns.clone(),
+                self.spec.clone(),
+            );
+            scan.dynamic = self.dynamic.iter().cloned().chain(accepted).collect();
+            propagation.updated_node = Some(Arc::new(scan) as Arc<dyn ExecutionPlan>);
+        }
+        Ok(propagation)
     }
 
     fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
@@ -264,14 +370,26 @@ impl ExecutionPlan for LeafScanExec {
         let leaf = self.leaf.clone();
         let output = self.output.clone();
         let moved = Moved::new(&self.metrics, partition);
-        let stream = futures::stream::once(async move { leaf.scan(request).await })
-            .try_flatten()
-            .map_err(to_df_error)
-            .and_then(move |batch: RecordBatch| {
-                moved.record(&batch);
-                let out = rewrap(&output, batch);
-                async move { out }
-            });
+        let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
+        let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later());
+        let stream = futures::stream::once(async move {
+            let extra = match dynamic {
+                Some(read) => read().map_err(from_df)?,
+                None => vec![],
+            };
+            let (request, lookup) = with_runtime_filters(request, extra);
+            if lookup {
+                lookups.add(1);
+            }
+            leaf.scan(request).await
+        })
+        .try_flatten()
+        .map_err(to_df_error)
+        .and_then(move |batch: RecordBatch| {
+            moved.record(&batch);
+            let out = rewrap(&output, batch);
+            async move { out }
+        });
         Ok(Box::pin(RecordBatchStreamAdapter::new(self.output.clone(), stream)))
     }
 }
@@ -286,6 +404,8 @@ pub struct LeafFragmentExec {
     shards: Vec<u32>,
     leaf: Leaf,
     access: AccessPath,
+    /// The scan inside the fragment, whose runtime filters are read when the fragment starts.
+    scan: Arc<dyn ExecutionPlan>,
     encoded: Arc<Vec<u8>>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -304,16 +424,18 @@ impl LeafFragmentExec {
                     scan.shards.clone(),
                     scan.leaf.clone(),
                     scan.spec.access,
+                    node.clone(),
                 ));
             } else if node.children().is_empty() {
                 other_leaves += 1;
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
-        let (collection, collection_id, shards, leaf, access) = match (scans.pop(), scans.is_empty(), other_leaves) {
-            (Some(scan), true, 0) => scan,
-            _ => return Err(DataFusionError::Internal("a fragment must read exactly one leaf scan".into())),
-        };
+        let (collection, collection_id, shards, leaf, access, scan) =
+            match (scans.pop(), scans.is_empty(), other_leaves) {
+                (Some(scan), true, 0) => scan,
+                _ => return Err(DataFusionError::Internal("a fragment must read exactly one leaf scan".into())),
+            };
         let encoded = physical_plan_to_bytes_with_extension_codec(fragment.clone(), &ScanCodec::checking())?;
         physical_plan_from_bytes_with_extension_codec(&encoded, &checking_context(), &ScanCodec::checking())?;
         Ok(Self {
@@ -323,6 +445,7 @@ impl LeafFragmentExec {
             shards,
             leaf,
             access,
+            scan,
             encoded: Arc::new(encoded.to_vec()),
             metrics: ExecutionPlanMetricsSet::new(),
         })
@@ -368,11 +491,12 @@ impl ExecutionPlan for LeafFragmentExec {
         vec![]
     }
 
+    /// The runtime filters of the scan inside (see [`LeafScanExec::apply_expressions`]).
     fn apply_expressions(
         &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+        f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
     ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
+        self.scan.apply_expressions(f)
     }
 
     fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
@@ -390,19 +514,34 @@ impl ExecutionPlan for LeafFragmentExec {
                 self.collection, self.shards
             ))
         })?;
-        let request = FragmentRequest { collection_id: self.collection_id, shard, plan: self.encoded.as_ref().clone() };
+        let mut request = FragmentRequest {
+            collection_id: self.collection_id,
+            shard,
+            plan: self.encoded.as_ref().clone(),
+            filters: vec![],
+        };
         let leaf = self.leaf.clone();
         let schema = self.fragment.schema();
         let moved = Moved::new(&self.metrics, partition);
+        let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
+        let dynamic = self.scan.downcast_ref::<LeafScanExec>().map(|s| s.runtime_filters_later());
         let out = schema.clone();
-        let stream = futures::stream::once(async move { leaf.execute(request).await })
-            .try_flatten()
-            .map_err(to_df_error)
-            .and_then(move |batch: RecordBatch| {
-                moved.record(&batch);
-                let batch = rewrap(&out, batch);
-                async move { batch }
-            });
+        let stream = futures::stream::once(async move {
+            if let Some(read) = dynamic {
+                request.filters = read().map_err(from_df)?;
+                if basalt_common::filter::id_lookup(&request.filters).is_some() {
+                    lookups.add(1);
+                }
+            }
+            leaf.execute(request).await
+        })
+        .try_flatten()
+        .map_err(to_df_error)
+        .and_then(move |batch: RecordBatch| {
+            moved.record(&batch);
+            let batch = rewrap(&out, batch);
+            async move { batch }
+        });
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
 }
@@ -467,6 +606,7 @@ pub fn push_fragments(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionP
         } else {
             return Ok(Transformed::no(node));
         };
+        let fragment = without_inner_runtime_filters(fragment)?;
         match LeafFragmentExec::try_new(fragment) {
             Ok(exec) => Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>)),
             Err(e) => {
@@ -476,6 +616,44 @@ pub fn push_fragments(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionP
         }
     })?;
     Ok(pushed.data)
+}
+
+/// A fragment's scan drops the runtime filters that operators inside the fragment produce (a
+/// top-k threshold): those operators run on the leaf, so the aggregator's copies never fill them.
+fn without_inner_runtime_filters(fragment: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    let mut produced = std::collections::HashSet::new();
+    fragment.apply(|node| {
+        if !node.is::<LeafScanExec>() {
+            produced.extend(node.dynamic_expressions_produced().iter().filter_map(|e| e.expression_id()));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    })?;
+    if produced.is_empty() {
+        return Ok(fragment);
+    }
+    let pruned = fragment.transform_up(|node| {
+        let Some(scan) = node.downcast_ref::<LeafScanExec>() else { return Ok(Transformed::no(node)) };
+        let keep: Vec<_> = scan
+            .dynamic
+            .iter()
+            .filter(|e| e.expression_id().is_none_or(|id| !produced.contains(&id)))
+            .cloned()
+            .collect();
+        if keep.len() == scan.dynamic.len() {
+            return Ok(Transformed::no(node));
+        }
+        let mut pruned = LeafScanExec::new(
+            scan.collection.clone(),
+            scan.collection_id,
+            scan.shards.clone(),
+            scan.leaf.clone(),
+            scan.output_columns.clone(),
+            scan.spec.clone(),
+        );
+        pruned.dynamic = keep;
+        Ok(Transformed::yes(Arc::new(pruned) as Arc<dyn ExecutionPlan>))
+    })?;
+    Ok(pruned.data)
 }
 
 /// How a [`LeafScanExec`] travels inside an encoded fragment.
@@ -494,11 +672,13 @@ struct ScanCodec {
     /// The shard a decoded scan reads and the collection it must belong to (`None` when only
     /// checking that a fragment decodes).
     target: Option<(u64, u32)>,
+    /// Runtime filters for the decoded scan.
+    extra: Vec<Filter>,
 }
 
 impl ScanCodec {
     fn checking() -> Self {
-        Self { leaf: Arc::new(NoLeaf), target: None }
+        Self { leaf: Arc::new(NoLeaf), target: None, extra: vec![] }
     }
 }
 
@@ -525,14 +705,15 @@ impl PhysicalExtensionCodec for ScanCodec {
             }
             None => 0,
         };
-        Ok(Arc::new(LeafScanExec::new(
+        let scan = LeafScanExec::new(
             node.collection,
             node.collection_id,
             vec![shard],
             self.leaf.clone(),
             node.output_columns,
             node.spec,
-        )))
+        );
+        Ok(Arc::new(scan.with_extra_filters(self.extra.clone())))
     }
 
     fn try_encode(
@@ -630,7 +811,11 @@ impl LeafApi for FragmentLeaf {
     }
 
     async fn execute(&self, request: FragmentRequest) -> BasaltResult<BatchStream> {
-        let codec = ScanCodec { leaf: self.inner.clone(), target: Some((request.collection_id, request.shard)) };
+        let codec = ScanCodec {
+            leaf: self.inner.clone(),
+            target: Some((request.collection_id, request.shard)),
+            extra: request.filters,
+        };
         let task = self.ctx.task_ctx();
         let plan = physical_plan_from_bytes_with_extension_codec(&request.plan, &task, &codec)
             .map_err(|e| BasaltError::invalid(format!("cannot decode the plan fragment: {}", from_df(e).message)))?;
