@@ -23,8 +23,9 @@ use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
 use arrow_flight::sql::server::{FlightSqlService, PeekableFlightDataStream};
 use arrow_flight::sql::{
     ActionClosePreparedStatementRequest, ActionCreatePreparedStatementRequest, ActionCreatePreparedStatementResult,
-    CommandGetSqlInfo, CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementQuery,
-    CommandStatementUpdate, DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
+    CommandGetCatalogs, CommandGetDbSchemas, CommandGetSqlInfo, CommandGetTableTypes, CommandGetTables,
+    CommandPreparedStatementQuery, CommandPreparedStatementUpdate, CommandStatementQuery, CommandStatementUpdate,
+    DoPutPreparedStatementResult, ProstMessageExt, SqlInfo, TicketStatementQuery,
 };
 use arrow_flight::{
     FlightDescriptor, FlightEndpoint, FlightInfo, HandshakeRequest, HandshakeResponse, IpcMessage, SchemaAsIpc, Ticket,
@@ -220,6 +221,32 @@ static SQL_INFO: LazyLock<Option<SqlInfoData>> = LazyLock::new(|| {
     b.build().ok()
 });
 
+/// FlightInfo for a metadata command: its ticket is the command itself, answered at DoGet.
+fn metadata_info(
+    command: impl ProstMessageExt,
+    schema: &Schema,
+    descriptor: FlightDescriptor,
+) -> Result<FlightInfo, Status> {
+    let endpoint = FlightEndpoint::new().with_ticket(Ticket { ticket: command.as_any().encode_to_vec().into() });
+    Ok(FlightInfo::new()
+        .try_with_schema(schema)
+        .map_err(|e| Status::internal(e.to_string()))?
+        .with_endpoint(endpoint)
+        .with_descriptor(descriptor))
+}
+
+/// One batch as a DoGet answer.
+fn one_batch(batch: Result<RecordBatch, FlightError>) -> <FlightSql as FlightService>::DoGetStream {
+    let batch = batch.map_err(|e| FlightError::ExternalError(Box::new(e)));
+    let stream = FlightDataEncoderBuilder::new()
+        .build(futures::stream::iter([batch]))
+        .map_err(|e| Status::internal(e.to_string()));
+    Box::pin(stream)
+}
+
+/// Collections are tables and workspaces schemas (in the one catalog `basalt`).
+const TABLE_TYPE: &str = "TABLE";
+
 fn sql_info() -> Result<&'static SqlInfoData, Status> {
     SQL_INFO.as_ref().ok_or_else(|| Status::internal("server information is unavailable"))
 }
@@ -278,13 +305,7 @@ impl FlightSqlService for FlightSql {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let endpoint = FlightEndpoint::new().with_ticket(Ticket { ticket: query.as_any().encode_to_vec().into() });
-        let info = FlightInfo::new()
-            .try_with_schema(sql_info()?.schema().as_ref())
-            .map_err(|e| Status::internal(e.to_string()))?
-            .with_endpoint(endpoint)
-            .with_descriptor(request.into_inner());
-        Ok(Response::new(info))
+        Ok(Response::new(metadata_info(query, sql_info()?.schema().as_ref(), request.into_inner())?))
     }
 
     async fn do_get_sql_info(
@@ -292,12 +313,7 @@ impl FlightSqlService for FlightSql {
         query: CommandGetSqlInfo,
         _request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        let batch = query.into_builder(sql_info()?).build().map_err(|e| Status::internal(e.to_string()))?;
-        let stream = FlightDataEncoderBuilder::new()
-            .with_schema(batch.schema())
-            .build(futures::stream::iter([Ok(batch)]))
-            .map_err(|e| Status::internal(e.to_string()));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(one_batch(query.into_builder(sql_info()?).build().map_err(FlightError::from))))
     }
 
     async fn do_put_statement_update(
@@ -376,6 +392,98 @@ impl FlightSqlService for FlightSql {
     ) -> Result<(), Status> {
         // Handles hold no server state.
         Ok(())
+    }
+
+    async fn get_flight_info_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(metadata_info(query, &schema, request.into_inner())?))
+    }
+
+    async fn do_get_catalogs(
+        &self,
+        query: CommandGetCatalogs,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let mut builder = query.into_builder();
+        builder.append(crate::catalog::CATALOG);
+        Ok(Response::new(one_batch(builder.build().map_err(FlightError::from))))
+    }
+
+    async fn get_flight_info_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(metadata_info(query, &schema, request.into_inner())?))
+    }
+
+    async fn do_get_schemas(
+        &self,
+        query: CommandGetDbSchemas,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let mut builder = query.into_builder();
+        for workspace in self.engine.meta.list_workspaces().await.map_err(status)? {
+            builder.append(crate::catalog::CATALOG, workspace);
+        }
+        Ok(Response::new(one_batch(builder.build().map_err(FlightError::from))))
+    }
+
+    async fn get_flight_info_tables(
+        &self,
+        query: CommandGetTables,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(metadata_info(query, &schema, request.into_inner())?))
+    }
+
+    async fn do_get_tables(
+        &self,
+        query: CommandGetTables,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let include_schema = query.include_schema;
+        let mut builder = query.into_builder();
+        for info in self.engine.meta.list_collections(None).await.map_err(status)? {
+            // The table's Arrow schema (the columns the smart schema has seen), only if asked:
+            // it costs a statistics call to every shard.
+            let schema = if include_schema {
+                let shards = (0..info.shards).collect();
+                let stats = self.engine.leaf.stats(info.id, shards).await.map_err(status)?;
+                crate::table::table_schema(&stats.columns())
+            } else {
+                Arc::new(Schema::empty())
+            };
+            builder
+                .append(crate::catalog::CATALOG, &info.name.workspace, &info.name.name, TABLE_TYPE, &schema)
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        Ok(Response::new(one_batch(builder.build().map_err(FlightError::from))))
+    }
+
+    async fn get_flight_info_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let schema = query.clone().into_builder().schema();
+        Ok(Response::new(metadata_info(query, &schema, request.into_inner())?))
+    }
+
+    async fn do_get_table_types(
+        &self,
+        query: CommandGetTableTypes,
+        _request: Request<Ticket>,
+    ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
+        let mut builder = query.into_builder();
+        builder.append(TABLE_TYPE);
+        Ok(Response::new(one_batch(builder.build().map_err(FlightError::from))))
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

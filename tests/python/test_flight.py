@@ -68,3 +68,26 @@ def test_errors_name_the_problem(conn):
         # The connection still works.
         cur.execute("SELECT 1 + 1")
         assert cur.fetchone() == (2,)
+
+
+def test_metadata_calls_list_workspaces_collections_and_columns(conn):
+    """ADBC's catalog calls: workspaces are schemas, collections tables, with their Arrow schema."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE COLLECTION IF NOT EXISTS flight_meta")
+        cur.execute("""INSERT INTO flight_meta VALUES ('{"_id": "m1", "n": 1, "name": "x", "tags": ["a"]}')""")
+    assert "TABLE" in conn.adbc_get_table_types()
+    objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+    assert [c["catalog_name"] for c in objects] == ["basalt"]
+    schemas = {s["db_schema_name"]: s for s in objects[0]["catalog_db_schemas"]}
+    assert {"commons", "demo"} <= set(schemas)
+    tables = {t["table_name"]: t["table_type"] for t in schemas["commons"]["db_schema_tables"]}
+    assert tables.get("flight_meta") == "TABLE"
+    # Patterns narrow the listing on the server.
+    only = conn.adbc_get_objects(depth="tables", db_schema_filter="demo", table_name_filter="ev%").read_all()
+    names = [t["table_name"] for c in only.to_pylist() for s in c["catalog_db_schemas"] for t in s["db_schema_tables"]]
+    assert names == ["events"]
+    schema = conn.adbc_get_table_schema("flight_meta", db_schema_filter="commons")
+    assert schema.field("_id").type == pa.string()
+    assert schema.field("n").type == pa.int64()
+    assert schema.field("name").type == pa.string()
+    assert schema.field("tags").type == pa.list_(pa.string())
