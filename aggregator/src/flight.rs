@@ -313,7 +313,7 @@ impl FlightSqlService for FlightSql {
         query: CommandGetSqlInfo,
         _request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
-        Ok(Response::new(one_batch(query.into_builder(sql_info()?).build().map_err(FlightError::from))))
+        Ok(Response::new(one_batch(query.into_builder(sql_info()?).build())))
     }
 
     async fn do_put_statement_update(
@@ -399,7 +399,7 @@ impl FlightSqlService for FlightSql {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let schema = query.clone().into_builder().schema();
+        let schema = query.into_builder().schema();
         Ok(Response::new(metadata_info(query, &schema, request.into_inner())?))
     }
 
