@@ -410,7 +410,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let mut builder = query.into_builder();
         builder.append(crate::catalog::CATALOG);
-        Ok(Response::new(one_batch(builder.build().map_err(FlightError::from))))
+        Ok(Response::new(one_batch(builder.build())))
     }
 
     async fn get_flight_info_schemas(
@@ -431,7 +431,7 @@ impl FlightSqlService for FlightSql {
         for workspace in self.engine.meta.list_workspaces().await.map_err(status)? {
             builder.append(crate::catalog::CATALOG, workspace);
         }
-        Ok(Response::new(one_batch(builder.build().map_err(FlightError::from))))
+        Ok(Response::new(one_batch(builder.build())))
     }
 
     async fn get_flight_info_tables(
@@ -464,7 +464,7 @@ impl FlightSqlService for FlightSql {
                 .append(crate::catalog::CATALOG, &info.name.workspace, &info.name.name, TABLE_TYPE, &schema)
                 .map_err(|e| Status::internal(e.to_string()))?;
         }
-        Ok(Response::new(one_batch(builder.build().map_err(FlightError::from))))
+        Ok(Response::new(one_batch(builder.build())))
     }
 
     async fn get_flight_info_table_types(
@@ -483,7 +483,7 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let mut builder = query.into_builder();
         builder.append(TABLE_TYPE);
-        Ok(Response::new(one_batch(builder.build().map_err(FlightError::from))))
+        Ok(Response::new(one_batch(builder.build())))
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
