@@ -45,6 +45,7 @@ pub fn parse_catalog_query(sql: &str) -> Option<Vec<BasaltStatement>> {
     for s in &mut statements {
         like_escapes_to_backslash(s);
         conditions_into_subqueries(s);
+        arrays_of_reloptions(s);
         vector_columns_to_arrays(s);
         // Again, now that subqueries under CASE stand in the projection: the emulation answers
         // correlated ones there with NULL (what Basalt has: no defaults, identities, collations).
@@ -114,6 +115,23 @@ fn conditions_into_subqueries(statement: &mut Statement) {
     });
 }
 
+/// `ARRAY(SELECT ... FROM unnest(t.reloptions) ...)` (psql's `\d+`): Basalt keeps no storage
+/// options, so the array is NULL, as `reloptions` itself (DataFusion has no `ARRAY(subquery)`).
+fn arrays_of_reloptions(statement: &mut Statement) {
+    use basalt_sql::sqlparser::ast::{Expr, FunctionArguments, visit_expressions_mut};
+    let _ = visit_expressions_mut(statement, |e| {
+        if let Expr::Function(f) = e
+            && f.name.to_string().eq_ignore_ascii_case("array")
+            && let FunctionArguments::Subquery(q) = &f.args
+            && q.to_string().to_ascii_lowercase().contains("reloptions")
+            && let Some(null) = expr("CAST(NULL AS TEXT[])")
+        {
+            *e = null;
+        }
+        std::ops::ControlFlow::<()>::Continue(())
+    });
+}
+
 /// The emulation keeps `int2vector`/array catalog columns (`pg_index.indkey`,
 /// `pg_constraint.conkey`, ...) as text ("1 2", "[1, 2]"); `unnest(c)` and
 /// `generate_subscripts(c, 1)` over them become the same over the numbers the text holds.
@@ -174,6 +192,8 @@ pub fn setup(ctx: &SessionContext, catalog: &str) -> Result<()> {
     ctx.register_udf(constant_udf("pg_get_serial_sequence", ScalarValue::Utf8(None)));
     ctx.register_udf(constant_udf("pg_get_indexdef", ScalarValue::Utf8(None)));
     ctx.register_udf(constant_udf("pg_get_triggerdef", ScalarValue::Utf8(None)));
+    // Comments on columns and relations: Basalt keeps none.
+    ctx.register_udf(constant_udf("col_description", ScalarValue::Utf8(None)));
     ctx.register_udf(constant_udf("pg_collation_is_visible", ScalarValue::Boolean(Some(true))));
     Ok(())
 }

@@ -48,6 +48,11 @@ def test_psql_meta_commands_list_and_describe_collections(basalt, people):
     assert rows["name"] == "text"
     assert rows["tags"] == "text[]"
     assert rows["address.city"] == "text"
+    # \d+ adds storage, compression, statistics target and description columns.
+    out = psql(basalt, r"\d+ tools.people")
+    assert 'Table "tools.people"' in out and "Storage" in out and "Description" in out
+    plus = {line.split("|")[0].strip(): line.split("|")[1].strip() for line in out.splitlines() if "|" in line}
+    assert plus["age"] == "bigint" and plus["tags"] == "text[]"
     # Demo data is listed too, and an unknown name says so.
     assert "events" in psql(basalt, r"\dt demo.*")
     r = subprocess.run(["psql", "-X", "-h", "127.0.0.1", "-p", str(basalt.pg_port), "-U", "basalt",
