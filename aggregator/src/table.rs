@@ -21,6 +21,18 @@ use crate::translate::translate;
 
 pub use basalt_fragment::{table_schema, to_df_error};
 
+/// The largest share of a collection's documents for which the search index beats scanning the
+/// column store (measured: `bench/access_paths.py`, docs/BENCHMARKS.md).
+pub const INDEX_SELECTIVITY: f64 = 0.01;
+
+/// Below this many documents every path is fast and the rule's choice stands.
+pub const ESTIMATE_MIN_DOCS: u64 = 10_000;
+
+/// Text search needs the index (the column store's fallback tokenizes every value).
+fn contains_search_filter(filters: &[Filter]) -> bool {
+    filters.iter().any(basalt_common::filter::contains_search)
+}
+
 #[derive(Debug)]
 pub struct CollectionTable {
     info: CollectionInfo,
@@ -93,8 +105,22 @@ impl TableProvider for CollectionTable {
                 })
             })
             .collect::<Result<Vec<Filter>>>()?;
-        let access = choose_access_path(&filters, self.hint, &self.stats);
-        let spec = ScanSpec { columns, filters, limit, access };
+        let mut access = choose_access_path(&filters, self.hint, &self.stats);
+        let mut index_matches = None;
+        // The index pays off for selective filters only: ask the leaves how many documents it
+        // would find (posting counts, no documents read) unless an expert forced the path.
+        if access == AccessPath::SearchIndex && self.hint.is_none() {
+            let shards = (0..self.info.shards).collect();
+            let estimate = self.leaf.estimate(self.info.id, shards, filters.clone()).await.map_err(to_df_error)?;
+            if let Some(matches) = estimate.index_matches {
+                index_matches = Some((matches, estimate.live_docs));
+                let broad = matches as f64 > INDEX_SELECTIVITY * estimate.live_docs as f64;
+                if broad && estimate.live_docs >= ESTIMATE_MIN_DOCS && !contains_search_filter(&filters) {
+                    access = AccessPath::ColumnScan;
+                }
+            }
+        }
+        let spec = ScanSpec { columns, filters, limit, access, index_matches };
         let shards = (0..self.info.shards).collect();
         let (name, id) = (self.info.name.to_string(), self.info.id);
         Ok(Arc::new(LeafScanExec::new(name, id, shards, self.leaf.clone(), output_columns, spec)))

@@ -378,6 +378,26 @@ pub struct ScanRequest {
 
 pub type BatchStream = BoxStream<'static, Result<RecordBatch>>;
 
+/// How many documents a scan's filters select, as far as the leaves can tell without reading
+/// them: live documents, and how many the search index finds for the filters it can answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Estimate {
+    pub live_docs: u64,
+    /// Documents the search index matches for the index-answerable filters (an upper bound:
+    /// versions replaced since the index last merged count too); None when no filter is.
+    pub index_matches: Option<u64>,
+}
+
+impl Estimate {
+    pub fn add(&mut self, other: Estimate) {
+        self.live_docs += other.live_docs;
+        self.index_matches = match (self.index_matches, other.index_matches) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+        };
+    }
+}
+
 /// A plan fragment to run on one shard: an encoded DataFusion physical plan (datafusion-proto)
 /// whose only leaf is a scan of that shard. The aggregator sends the part of a query that works
 /// shard by shard (filters, projections, partial aggregates, top-k) so only its result moves.
@@ -422,6 +442,11 @@ pub trait LeafApi: Send + Sync + 'static {
     }
     /// Merged statistics of the given shards of one collection.
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats>;
+    /// How selective `filters` are on the given shards (for the access-path choice).
+    async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> Result<Estimate> {
+        let _ = (collection_id, shards, filters);
+        Err(BasaltError::unsupported("this leaf does not estimate"))
+    }
     async fn drop_collection(&self, collection_id: u64) -> Result<()>;
     /// How far each of the given shards has applied each partition of a source.
     async fn positions(&self, collection_id: u64, shards: Vec<u32>, stream: u64) -> Result<Vec<ShardPosition>>;

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::api::{
-    BatchStream, FragmentRequest, Leaf, LeafApi, ScanRequest, ShardPosition, ShardWrite, ShardWriteResult,
+    BatchStream, Estimate, FragmentRequest, Leaf, LeafApi, ScanRequest, ShardPosition, ShardWrite, ShardWriteResult,
 };
 use crate::error::{BasaltError, Result};
+use crate::filter::Filter;
 use crate::schema::SchemaStats;
 
 pub struct PlacedLeaves {
@@ -71,6 +72,18 @@ impl LeafApi for PlacedLeaves {
         let mut out = SchemaStats::default();
         for stats in futures::future::try_join_all(calls).await? {
             out.merge(&stats);
+        }
+        Ok(out)
+    }
+
+    async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> Result<Estimate> {
+        let calls = self
+            .by_owner(shards)
+            .into_iter()
+            .map(|(owner, shards)| self.leaves[owner].estimate(collection_id, shards, filters.clone()));
+        let mut out = Estimate::default();
+        for e in futures::future::try_join_all(calls).await? {
+            out.add(e);
         }
         Ok(out)
     }

@@ -21,7 +21,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use basalt_common::api::{
-    BatchStream, FragmentRequest, Leaf, LeafApi, ScanRequest, ShardPosition, ShardWrite, ShardWriteResult,
+    BatchStream, Estimate, FragmentRequest, Leaf, LeafApi, ScanRequest, ShardPosition, ShardWrite, ShardWriteResult,
 };
 use basalt_common::doc::ID_FIELD;
 use basalt_common::filter::{AccessPath, Filter};
@@ -105,6 +105,10 @@ pub struct ScanSpec {
     pub filters: Vec<Filter>,
     pub limit: Option<usize>,
     pub access: AccessPath,
+    /// What the search index would match for the filters and the live documents, when the
+    /// planner asked (shown by EXPLAIN).
+    #[serde(default)]
+    pub index_matches: Option<(u64, u64)>,
 }
 
 /// Bytes of a batch's data as it crosses the tiers (the sliced buffers, as Arrow IPC sends them).
@@ -262,6 +266,9 @@ impl DisplayAs for LeafScanExec {
         }
         if let Some(limit) = self.spec.limit {
             write!(f, " limit={limit}")?;
+        }
+        if let Some((matches, live)) = self.spec.index_matches {
+            write!(f, " index_matches={matches}/{live}")?;
         }
         if !self.dynamic.is_empty() {
             write!(f, " runtime_filters={}", self.dynamic.len())?;
@@ -831,6 +838,10 @@ impl LeafApi for FragmentLeaf {
 
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> BasaltResult<SchemaStats> {
         self.inner.stats(collection_id, shards).await
+    }
+
+    async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> BasaltResult<Estimate> {
+        self.inner.estimate(collection_id, shards, filters).await
     }
 
     async fn drop_collection(&self, collection_id: u64) -> BasaltResult<()> {

@@ -326,6 +326,23 @@ impl LeafApi for Leaf {
         Ok(out)
     }
 
+    async fn estimate(
+        &self,
+        collection_id: u64,
+        shards: Vec<u32>,
+        filters: Vec<basalt_common::filter::Filter>,
+    ) -> Result<basalt_common::api::Estimate> {
+        let shards: Vec<_> = shards.into_iter().filter_map(|s| self.shard((collection_id, s))).collect();
+        blocking(move || {
+            let mut out = basalt_common::api::Estimate::default();
+            for shard in shards {
+                out.add(shard.estimate(&filters)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn drop_collection(&self, collection_id: u64) -> Result<()> {
         let leaf = self.clone();
         blocking(move || leaf.drop_collection_blocking(collection_id)).await

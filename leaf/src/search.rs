@@ -391,6 +391,18 @@ impl SearchIndex {
         Ok(term)
     }
 
+    /// How many indexed documents match all `filters` (each filter index-answerable). Counts
+    /// postings only; versions replaced but not yet merged away count too.
+    pub fn count(&self, filters: &[&Filter]) -> Result<u64> {
+        let clauses = filters.iter().map(|f| Ok((Occur::Must, self.query(f)?))).collect::<Result<Vec<_>>>()?;
+        let query = BooleanQuery::new(clauses);
+        let mut total = 0u64;
+        for searcher in self.searchers()? {
+            total += searcher.search(&query, &tantivy::collector::Count).map_err(tantivy_err)? as u64;
+        }
+        Ok(total)
+    }
+
     /// Slots of the documents matching all `filters`, sorted, with their BM25 relevance when
     /// `scoring` (else 0).
     pub fn matching_slots(&self, filters: &[&Filter], scoring: bool) -> Result<Vec<(u64, f32)>> {

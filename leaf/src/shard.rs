@@ -887,6 +887,15 @@ impl Shard {
         Ok(access)
     }
 
+    /// How selective `filters` are here: live documents and the search index's count for the
+    /// filters it can answer.
+    pub fn estimate(&self, filters: &[Filter]) -> Result<basalt_common::api::Estimate> {
+        let stats = self.stats();
+        let indexed: Vec<&Filter> = filters.iter().filter(|f| index_answerable(f, &stats)).collect();
+        let index_matches = if indexed.is_empty() { None } else { Some(self.search.count(&indexed)?) };
+        Ok(basalt_common::api::Estimate { live_docs: self.live_docs() as u64, index_matches })
+    }
+
     /// The access path for a request: the aggregator's choice when this shard can serve it.
     pub fn access_path(&self, req: &ScanRequest, stats: &SchemaStats) -> AccessPath {
         let chosen = choose_access_path(&req.filters, req.hint, stats);

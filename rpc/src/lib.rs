@@ -23,10 +23,11 @@ use arrow_flight::{
 };
 use async_trait::async_trait;
 use basalt_common::api::{
-    BatchStream, CollectionInfo, CollectionName, FragmentRequest, Leaf, LeafApi, Meta, MetaApi, PartitionStatus,
-    ScanRequest, ShardPosition, ShardWrite, ShardWriteResult, SourceInfo, SourceSpec, Tailer, TailerApi, WriteRequest,
-    WriteResponse,
+    BatchStream, CollectionInfo, CollectionName, Estimate, FragmentRequest, Leaf, LeafApi, Meta, MetaApi,
+    PartitionStatus, ScanRequest, ShardPosition, ShardWrite, ShardWriteResult, SourceInfo, SourceSpec, Tailer,
+    TailerApi, WriteRequest, WriteResponse,
 };
+use basalt_common::filter::Filter;
 use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
 use futures::stream::BoxStream;
@@ -65,6 +66,13 @@ enum LeafTicket {
 struct Stats {
     collection_id: u64,
     shards: Vec<u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EstimateArgs {
+    collection_id: u64,
+    shards: Vec<u32>,
+    filters: Vec<Filter>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -149,6 +157,10 @@ impl Services {
             "leaf.stats" => {
                 let s: Stats = decode(body)?;
                 encode(&leaf()?.stats(s.collection_id, s.shards).await?)
+            }
+            "leaf.estimate" => {
+                let a: EstimateArgs = decode(body)?;
+                encode(&leaf()?.estimate(a.collection_id, a.shards, a.filters).await?)
             }
             "leaf.drop_collection" => encode(&leaf()?.drop_collection(decode(body)?).await?),
             "leaf.positions" => {
@@ -379,6 +391,10 @@ impl LeafApi for Client {
 
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
         self.call("leaf.stats", &Stats { collection_id, shards }).await
+    }
+
+    async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> Result<Estimate> {
+        self.call("leaf.estimate", &EstimateArgs { collection_id, shards, filters }).await
     }
 
     async fn drop_collection(&self, collection_id: u64) -> Result<()> {
