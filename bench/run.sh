@@ -7,6 +7,7 @@
 #   bench/run.sh parquet_load [--rows 500000] [--out results.json]   (moto_server and DuckDB, from the venv)
 #   bench/run.sh analytics [--sf 1] [--runs 3] [--suites tpch,ssb] [--leaves 0|2] [--out results.json]
 #   bench/run.sh fragments [--sf 1] [--runs 3] [--leaves 2] [--shards 4] [--out results.json]
+#   bench/run.sh access_paths [--docs 1000000] [--runs 5] [--out results.json]
 #     (TPC-H and SSB vs DuckDB, chDB and DataFusion-python; tpchgen-cli from ~/.cache/basalt/tools)
 #     (needs the tansu broker that scripts/test.sh installs into ~/.cache/basalt/tools)
 set -euo pipefail
