@@ -827,7 +827,7 @@ impl Shard {
             AccessPath::RowLookup => {
                 let ids = id_lookup(&req.filters).unwrap_or_default();
                 let mut docs = Vec::new();
-                for id in ids.iter().take(100_000) {
+                for id in &ids {
                     if let Some(doc) = self.get(id)? {
                         docs.push(Arc::new(doc));
                     }
@@ -902,6 +902,10 @@ impl Shard {
         if chosen == AccessPath::SearchIndex && !req.filters.iter().any(|f| index_answerable(f, stats)) {
             return AccessPath::ColumnScan;
         }
+        // Past this many ids a scan is cheaper than as many lookups (and bounded in memory).
+        if chosen == AccessPath::RowLookup && id_lookup(&req.filters).is_some_and(|ids| ids.len() > MAX_LOOKUP_IDS) {
+            return AccessPath::ColumnScan;
+        }
         chosen
     }
 
@@ -914,6 +918,9 @@ impl Shard {
         self.columns.read().live_docs()
     }
 }
+
+/// The most ids one scan looks up in the row store; more are found by scanning.
+const MAX_LOOKUP_IDS: usize = 100_000;
 
 fn load_positions(meta: &fjall::Keyspace, key: ShardKey) -> Result<HashMap<(u64, i32), i64>> {
     let prefix = position_prefix(key);
