@@ -162,6 +162,14 @@ class ChDB:
         self.s.close()
 
 
+def write_report(report: dict, out: str | None) -> None:
+    """Print the report as JSON and write it to `out` when given."""
+    text = json.dumps(report, indent=1)
+    if out:
+        pathlib.Path(out).write_text(text + "\n")
+    print(text)
+
+
 def geomean(xs):
     xs = [x for x in xs if x and x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
@@ -246,10 +254,7 @@ def main():
             e.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -99,10 +99,7 @@ def main():
         duck.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=1)
-    if args.out:
-        pathlib.Path(args.out).write_text(text + "\n")
-    print(text)
+    analytics.write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,21 @@ impl Moved {
     }
 }
 
+/// The batches a leaf call returns, counted as moved and re-wrapped under the planned schema.
+fn from_leaf(
+    call: impl std::future::Future<Output = BasaltResult<BatchStream>> + Send + 'static,
+    schema: SchemaRef,
+    moved: Moved,
+) -> SendableRecordBatchStream {
+    let out = schema.clone();
+    let stream = futures::stream::once(call).try_flatten().map_err(to_df_error).and_then(move |batch: RecordBatch| {
+        moved.record(&batch);
+        let batch = rewrap(&out, batch);
+        async move { batch }
+    });
+    Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+}
+
 /// Re-wrap a batch under the planned schema (nullability and metadata as planned); a schema
 /// with no fields keeps only the row count.
 fn rewrap(schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
@@ -379,7 +394,7 @@ impl ExecutionPlan for LeafScanExec {
         let moved = Moved::new(&self.metrics, partition);
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later());
-        let stream = futures::stream::once(async move {
+        let call = async move {
             let extra = match dynamic {
                 Some(read) => read().map_err(from_df)?,
                 None => vec![],
@@ -389,15 +404,8 @@ impl ExecutionPlan for LeafScanExec {
                 lookups.add(1);
             }
             leaf.scan(request).await
-        })
-        .try_flatten()
-        .map_err(to_df_error)
-        .and_then(move |batch: RecordBatch| {
-            moved.record(&batch);
-            let out = rewrap(&output, batch);
-            async move { out }
-        });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(self.output.clone(), stream)))
+        };
+        Ok(from_leaf(call, output, moved))
     }
 }
 
@@ -532,8 +540,7 @@ impl ExecutionPlan for LeafFragmentExec {
         let moved = Moved::new(&self.metrics, partition);
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let dynamic = self.scan.downcast_ref::<LeafScanExec>().map(|s| s.runtime_filters_later());
-        let out = schema.clone();
-        let stream = futures::stream::once(async move {
+        let call = async move {
             if let Some(read) = dynamic {
                 request.filters = read().map_err(from_df)?;
                 if basalt_common::filter::id_lookup(&request.filters).is_some() {
@@ -541,15 +548,8 @@ impl ExecutionPlan for LeafFragmentExec {
                 }
             }
             leaf.execute(request).await
-        })
-        .try_flatten()
-        .map_err(to_df_error)
-        .and_then(move |batch: RecordBatch| {
-            moved.record(&batch);
-            let batch = rewrap(&out, batch);
-            async move { batch }
-        });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+        };
+        Ok(from_leaf(call, schema, moved))
     }
 }
 
