@@ -46,6 +46,42 @@ fn compare(col: &ArrayRef, op: CmpOp, value: &Scalar) -> Result<BooleanArray> {
     })
 }
 
+/// `path IN (values)` with one hash lookup per row, when the list is long and of one kind (a
+/// join's runtime key list has up to 150 values; a comparison per value and row would cost
+/// 150 passes). None: evaluate value by value.
+fn in_set(path: &str, values: &[Scalar], block: &Block) -> Result<Option<BooleanArray>> {
+    use std::collections::HashSet;
+    let ints = |want: fn(&Scalar) -> Option<i64>| values.iter().map(want).collect::<Option<HashSet<i64>>>();
+    if values.len() < 8 {
+        return Ok(None);
+    }
+    let Some(first) = values.first() else { return Ok(None) };
+    let out = match first {
+        Scalar::Int(_) => {
+            let Some(set) = ints(|v| if let Scalar::Int(i) = v { Some(*i) } else { None }) else { return Ok(None) };
+            let col = block.column_as(path, &DataType::Int64)?;
+            col.as_primitive::<arrow::datatypes::Int64Type>().iter().map(|v| v.map(|x| set.contains(&x))).collect()
+        }
+        Scalar::Timestamp(_) => {
+            let Some(set) = ints(|v| if let Scalar::Timestamp(t) = v { Some(*t) } else { None }) else {
+                return Ok(None);
+            };
+            let col = block.column_as(path, &scalar_type(first))?;
+            let col = col.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+            col.iter().map(|v| v.map(|x| set.contains(&x))).collect()
+        }
+        Scalar::Str(_) => {
+            let strings = values.iter().map(|v| if let Scalar::Str(s) = v { Some(s.as_str()) } else { None });
+            let Some(set) = strings.collect::<Option<HashSet<&str>>>() else { return Ok(None) };
+            let col = block.column_as(path, &DataType::Utf8)?;
+            col.as_string::<i32>().iter().map(|v| v.map(|x| set.contains(x))).collect()
+        }
+        // Floats (equality with -0.0 and NaN) and booleans: value by value.
+        Scalar::Float(_) | Scalar::Bool(_) => return Ok(None),
+    };
+    Ok(Some(out))
+}
+
 /// Evaluate a filter over every row of a block. Null means unknown (SQL semantics).
 pub fn eval(filter: &Filter, block: &Block) -> Result<BooleanArray> {
     match filter {
@@ -57,6 +93,9 @@ pub fn eval(filter: &Filter, block: &Block) -> Result<BooleanArray> {
             compare(&col, *op, value)
         }
         Filter::In { path, values } => {
+            if let Some(m) = in_set(path, values, block)? {
+                return Ok(m);
+            }
             let mut acc: Option<BooleanArray> = None;
             for v in values {
                 let col = block.column_as(path, &scalar_type(v))?;
@@ -174,6 +213,24 @@ mod tests {
 
     fn rows(f: &Filter) -> Vec<Option<bool>> {
         eval(f, &block()).unwrap().iter().collect()
+    }
+
+    #[test]
+    fn long_in_lists_match_as_the_value_by_value_rule_does() {
+        let ints = |extra: Vec<i64>| Filter::In {
+            path: "age".into(),
+            values: [vec![20], extra].concat().into_iter().map(Scalar::Int).collect(),
+        };
+        // 3 values (value by value) and 12 (hash set): the same answer, NULL for a missing age.
+        assert_eq!(rows(&ints(vec![1, 2])), vec![Some(false), Some(true), None]);
+        assert_eq!(rows(&ints((100..111).collect())), vec![Some(false), Some(true), None]);
+        let names: Vec<Scalar> = ["Bob", "Cy"].iter().chain(&["x"; 8]).map(|s| Scalar::Str(s.to_string())).collect();
+        assert_eq!(rows(&Filter::In { path: "name".into(), values: names }), vec![Some(false), Some(true), Some(true)]);
+        // Mixed kinds fall back to value by value (each value compares in its own type: the
+        // text '36' matches the number 36 read as text).
+        let mut mixed: Vec<Scalar> = (0..9).map(Scalar::Int).collect();
+        mixed.push(Scalar::Str("36".into()));
+        assert_eq!(rows(&Filter::In { path: "age".into(), values: mixed }), vec![Some(true), Some(false), None]);
     }
 
     #[test]
