@@ -93,6 +93,17 @@ pub fn is_dynamic(expr: &Arc<dyn PhysicalExpr>) -> bool {
     snapshot_physical_expr_opt(Arc::clone(expr)).map(|t| t.transformed).unwrap_or(false)
 }
 
+/// Whether an expression reads the column `name`.
+pub fn reads_column(expr: &Arc<dyn PhysicalExpr>, name: &str) -> bool {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut found = false;
+    let _ = expr.apply(|e| {
+        found |= e.downcast_ref::<Column>().is_some_and(|c| c.name() == name);
+        Ok(if found { TreeNodeRecursion::Stop } else { TreeNodeRecursion::Continue })
+    });
+    found
+}
+
 /// What a scan can apply of a dynamic filter right now: its current value, relaxed into the leaf
 /// filter language (conjuncts that do not translate are dropped, so every row the filter keeps
 /// is kept). None when nothing useful translates.

@@ -296,15 +296,14 @@ impl DisplayAs for LeafScanExec {
 /// after its build side is complete), added to the scan's filters, and an `_id` key list they
 /// yield turns the scan into lookups in the row store.
 fn with_runtime_filters(mut request: ScanRequest, extra: Vec<Filter>) -> (ScanRequest, bool) {
-    if extra.is_empty() {
+    // Applied only when they pin `_id`s: the scan becomes lookups. Otherwise evaluating them on
+    // every row costs about what they save.
+    if basalt_common::filter::id_lookup(&extra).is_none() {
         return (request, false);
     }
     request.filters.extend(extra);
-    let lookup = basalt_common::filter::id_lookup(&request.filters).is_some();
-    if lookup {
-        request.hint = Some(AccessPath::RowLookup);
-    }
-    (request, lookup)
+    request.hint = Some(AccessPath::RowLookup);
+    (request, true)
 }
 
 impl ExecutionPlan for LeafScanExec {
@@ -356,7 +355,11 @@ impl ExecutionPlan for LeafScanExec {
             .parent_filters
             .into_iter()
             .map(|f| {
-                if filters::is_dynamic(&f.filter) {
+                // Only a join on `_id` gains from its keys at run time (row-store lookups instead
+                // of a scan). Bounds and key lists on other columns cost more than they saved on
+                // TPC-H (every probe then waits for every build partition, and each leaf
+                // evaluates the filter), so the join does not compute them for us.
+                if filters::is_dynamic(&f.filter) && filters::reads_column(&f.filter, ID_FIELD) {
                     accepted.push(f.filter);
                     PushedDown::Yes
                 } else {
@@ -542,8 +545,10 @@ impl ExecutionPlan for LeafFragmentExec {
         let dynamic = self.scan.downcast_ref::<LeafScanExec>().map(|s| s.runtime_filters_later());
         let call = async move {
             if let Some(read) = dynamic {
-                request.filters = read().map_err(from_df)?;
-                if basalt_common::filter::id_lookup(&request.filters).is_some() {
+                let extra = read().map_err(from_df)?;
+                // As for a scan: only keys that pin `_id`s travel (see `with_runtime_filters`).
+                if basalt_common::filter::id_lookup(&extra).is_some() {
+                    request.filters = extra;
                     lookups.add(1);
                 }
             }
