@@ -217,40 +217,45 @@ impl LeafScanExec {
         }
     }
 
-    pub fn access(&self) -> AccessPath {
-        self.spec.access
+    /// The same scan with these runtime filters.
+    fn with_dynamic(&self, dynamic: Vec<Arc<dyn PhysicalExpr>>) -> Self {
+        let mut scan = LeafScanExec::new(
+            self.collection.clone(),
+            self.collection_id,
+            self.shards.clone(),
+            self.leaf.clone(),
+            self.output_columns.clone(),
+            self.spec.clone(),
+        );
+        scan.dynamic = dynamic;
+        scan
     }
 
-    /// Reads the dynamic filters' values when called (as leaf filters; see
-    /// [`filters::dynamic_to_leaf`]).
+    /// Reads the runtime filters' values when called, as leaf filters (see
+    /// [`filters::dynamic_to_leaf`]). They are kept only when they pin `_id`s, which turns the
+    /// scan into row-store lookups; anything else costs about what it saves when every row is
+    /// checked against it, so the result is then empty.
     fn runtime_filters_later(&self) -> impl FnOnce() -> Result<Vec<Filter>> + Send + 'static {
         let (dynamic, output) = (self.dynamic.clone(), self.output.clone());
         move || {
             let mut out = vec![];
             for expr in &dynamic {
-                let current = datafusion::physical_expr_common::physical_expr::snapshot_physical_expr(expr.clone())?;
-                let leaf = filters::dynamic_to_leaf(expr, &output)?;
-                tracing::debug!(%current, leaf = ?leaf, "runtime filter");
-                out.extend(leaf);
+                out.extend(filters::dynamic_to_leaf(expr, &output)?);
+            }
+            tracing::debug!(filters = ?out, "runtime filters");
+            if basalt_common::filter::id_lookup(&out).is_none() {
+                out.clear();
             }
             Ok(out)
         }
     }
 
+    /// The scan with runtime filters added when they pin `_id`s: it looks documents up.
     fn with_extra_filters(mut self, extra: Vec<Filter>) -> Self {
-        let (spec, _) = with_runtime_filters(
-            ScanRequest {
-                collection_id: self.collection_id,
-                shard: 0,
-                columns: vec![],
-                filters: std::mem::take(&mut self.spec.filters),
-                limit: None,
-                hint: Some(self.spec.access),
-            },
-            extra,
-        );
-        self.spec.filters = spec.filters;
-        self.spec.access = spec.hint.unwrap_or(self.spec.access);
+        if basalt_common::filter::id_lookup(&extra).is_some() {
+            self.spec.filters.extend(extra);
+            self.spec.access = AccessPath::RowLookup;
+        }
         self
     }
 
@@ -290,20 +295,6 @@ impl DisplayAs for LeafScanExec {
         }
         Ok(())
     }
-}
-
-/// A scan with runtime filters: they are read when the scan starts (a hash join probes only
-/// after its build side is complete), added to the scan's filters, and an `_id` key list they
-/// yield turns the scan into lookups in the row store.
-fn with_runtime_filters(mut request: ScanRequest, extra: Vec<Filter>) -> (ScanRequest, bool) {
-    // Applied only when they pin `_id`s: the scan becomes lookups. Otherwise evaluating them on
-    // every row costs about what they save.
-    if basalt_common::filter::id_lookup(&extra).is_none() {
-        return (request, false);
-    }
-    request.filters.extend(extra);
-    request.hint = Some(AccessPath::RowLookup);
-    (request, true)
 }
 
 impl ExecutionPlan for LeafScanExec {
@@ -369,22 +360,14 @@ impl ExecutionPlan for LeafScanExec {
             .collect();
         let mut propagation = FilterPushdownPropagation::with_parent_pushdown_result(verdicts);
         if !accepted.is_empty() {
-            let mut scan = LeafScanExec::new(
-                self.collection.clone(),
-                self.collection_id,
-                self.shards.clone(),
-                self.leaf.clone(),
-                self.output_columns.clone(),
-                self.spec.clone(),
-            );
-            scan.dynamic = self.dynamic.iter().cloned().chain(accepted).collect();
+            let scan = self.with_dynamic(self.dynamic.iter().cloned().chain(accepted).collect());
             propagation.updated_node = Some(Arc::new(scan) as Arc<dyn ExecutionPlan>);
         }
         Ok(propagation)
     }
 
     fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
-        let request = ScanRequest {
+        let mut request = ScanRequest {
             collection_id: self.collection_id,
             shard: self.shard(partition)?,
             columns: self.spec.columns.clone(),
@@ -398,12 +381,14 @@ impl ExecutionPlan for LeafScanExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later());
         let call = async move {
+            // Read when the scan starts: a hash join probes only after its build side is complete.
             let extra = match dynamic {
                 Some(read) => read().map_err(from_df)?,
                 None => vec![],
             };
-            let (request, lookup) = with_runtime_filters(request, extra);
-            if lookup {
+            if !extra.is_empty() {
+                request.filters.extend(extra);
+                request.hint = Some(AccessPath::RowLookup);
                 lookups.add(1);
             }
             leaf.scan(request).await
@@ -417,12 +402,8 @@ impl ExecutionPlan for LeafScanExec {
 #[derive(Debug)]
 pub struct LeafFragmentExec {
     fragment: Arc<dyn ExecutionPlan>,
-    collection: String,
-    collection_id: u64,
-    shards: Vec<u32>,
-    leaf: Leaf,
-    access: AccessPath,
-    /// The scan inside the fragment, whose runtime filters are read when the fragment starts.
+    /// The scan inside the fragment (a [`LeafScanExec`]): its shards are the partitions, its
+    /// runtime filters are read when the fragment starts.
     scan: Arc<dyn ExecutionPlan>,
     encoded: Arc<Vec<u8>>,
     metrics: ExecutionPlanMetricsSet,
@@ -435,52 +416,34 @@ impl LeafFragmentExec {
         let mut scans = vec![];
         let mut other_leaves = 0;
         fragment.apply(|node| {
-            if let Some(scan) = node.downcast_ref::<LeafScanExec>() {
-                scans.push((
-                    scan.collection.clone(),
-                    scan.collection_id,
-                    scan.shards.clone(),
-                    scan.leaf.clone(),
-                    scan.spec.access,
-                    node.clone(),
-                ));
+            if node.is::<LeafScanExec>() {
+                scans.push(node.clone());
             } else if node.children().is_empty() {
                 other_leaves += 1;
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
-        let (collection, collection_id, shards, leaf, access, scan) =
-            match (scans.pop(), scans.is_empty(), other_leaves) {
-                (Some(scan), true, 0) => scan,
-                _ => return Err(DataFusionError::Internal("a fragment must read exactly one leaf scan".into())),
-            };
+        let scan = match (scans.pop(), scans.is_empty(), other_leaves) {
+            (Some(scan), true, 0) => scan,
+            _ => return Err(DataFusionError::Internal("a fragment must read exactly one leaf scan".into())),
+        };
         let encoded = physical_plan_to_bytes_with_extension_codec(fragment.clone(), &ScanCodec::checking())?;
         physical_plan_from_bytes_with_extension_codec(&encoded, &checking_context(), &ScanCodec::checking())?;
-        Ok(Self {
-            fragment,
-            collection,
-            collection_id,
-            shards,
-            leaf,
-            access,
-            scan,
-            encoded: Arc::new(encoded.to_vec()),
-            metrics: ExecutionPlanMetricsSet::new(),
-        })
+        Ok(Self { fragment, scan, encoded: Arc::new(encoded.to_vec()), metrics: ExecutionPlanMetricsSet::new() })
     }
 
-    pub fn fragment(&self) -> &Arc<dyn ExecutionPlan> {
-        &self.fragment
-    }
-
-    pub fn access(&self) -> AccessPath {
-        self.access
+    fn leaf_scan(&self) -> Result<&LeafScanExec> {
+        self.scan
+            .downcast_ref::<LeafScanExec>()
+            .ok_or_else(|| DataFusionError::Internal("a fragment's scan is a LeafScanExec".into()))
     }
 }
 
 impl DisplayAs for LeafFragmentExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "LeafFragmentExec: collection={} shards={} fragment=[", self.collection, self.shards.len())?;
+        if let Ok(scan) = self.leaf_scan() {
+            write!(f, "LeafFragmentExec: collection={} shards={} fragment=[", scan.collection, scan.shards.len())?;
+        }
         // The fragment is a chain: print it top-down on one line.
         let mut node = Some(self.fragment.clone());
         let mut first = true;
@@ -526,29 +489,22 @@ impl ExecutionPlan for LeafFragmentExec {
     }
 
     fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
-        let shard = self.shards.get(partition).copied().ok_or_else(|| {
-            DataFusionError::Internal(format!(
-                "{}: no partition {partition} (shards {:?})",
-                self.collection, self.shards
-            ))
-        })?;
+        let scan = self.leaf_scan()?;
         let mut request = FragmentRequest {
-            collection_id: self.collection_id,
-            shard,
+            collection_id: scan.collection_id,
+            shard: scan.shard(partition)?,
             plan: self.encoded.as_ref().clone(),
             filters: vec![],
         };
-        let leaf = self.leaf.clone();
+        let leaf = scan.leaf.clone();
         let schema = self.fragment.schema();
         let moved = Moved::new(&self.metrics, partition);
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
-        let dynamic = self.scan.downcast_ref::<LeafScanExec>().map(|s| s.runtime_filters_later());
+        let dynamic = (!scan.dynamic.is_empty()).then(|| scan.runtime_filters_later());
         let call = async move {
             if let Some(read) = dynamic {
-                let extra = read().map_err(from_df)?;
-                // As for a scan: only keys that pin `_id`s travel (see `with_runtime_filters`).
-                if basalt_common::filter::id_lookup(&extra).is_some() {
-                    request.filters = extra;
+                request.filters = read().map_err(from_df)?;
+                if !request.filters.is_empty() {
                     lookups.add(1);
                 }
             }
@@ -654,16 +610,7 @@ fn without_inner_runtime_filters(fragment: Arc<dyn ExecutionPlan>) -> Result<Arc
         if keep.len() == scan.dynamic.len() {
             return Ok(Transformed::no(node));
         }
-        let mut pruned = LeafScanExec::new(
-            scan.collection.clone(),
-            scan.collection_id,
-            scan.shards.clone(),
-            scan.leaf.clone(),
-            scan.output_columns.clone(),
-            scan.spec.clone(),
-        );
-        pruned.dynamic = keep;
-        Ok(Transformed::yes(Arc::new(pruned) as Arc<dyn ExecutionPlan>))
+        Ok(Transformed::yes(Arc::new(scan.with_dynamic(keep)) as Arc<dyn ExecutionPlan>))
     })?;
     Ok(pruned.data)
 }
