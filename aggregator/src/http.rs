@@ -249,6 +249,9 @@ struct KafkaBody {
     topic: String,
     #[serde(default = "json_format")]
     format: basalt_common::api::SourceFormat,
+    /// Cell names of a csv source (a list, or one comma-separated string).
+    #[serde(default)]
+    columns: Option<CsvColumns>,
     #[serde(default = "earliest")]
     start: basalt_common::api::StartAt,
     #[serde(default)]
@@ -256,6 +259,13 @@ struct KafkaBody {
     /// `SELECT ... FROM _input [WHERE ...]`.
     #[serde(default)]
     transform: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CsvColumns {
+    List(Vec<String>),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -289,21 +299,26 @@ fn poll_interval() -> u64 {
 }
 
 async fn create_source(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiResult {
-    use basalt_common::api::{KafkaSource, S3Source, SourceFormat, SourceSpec};
+    use basalt_common::api::{KafkaSource, S3Source, SourceSpec};
     let body: CreateSourceBody = parse_body(&body)?;
     let spec = match (body.kafka, body.s3) {
         (Some(k), None) => {
-            if k.format != SourceFormat::Json {
-                return Err(BasaltError::unsupported("kafka format must be json").into());
-            }
-            SourceSpec::Kafka(KafkaSource {
+            let columns = match k.columns {
+                None => Vec::new(),
+                Some(CsvColumns::Text(list)) => basalt_sql::csv_columns(&list)?,
+                Some(CsvColumns::List(names)) => basalt_sql::csv_columns(&names.join(","))?,
+            };
+            let spec = KafkaSource {
                 brokers: k.brokers,
                 topic: k.topic,
                 format: k.format,
+                columns,
                 start: k.start,
                 key_as_id: k.key_as_id,
                 transform: k.transform,
-            })
+            };
+            basalt_sql::check_kafka_source(&spec)?;
+            SourceSpec::Kafka(spec)
         }
         (None, Some(s)) => SourceSpec::S3(S3Source {
             bucket: s.bucket,

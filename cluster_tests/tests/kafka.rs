@@ -296,6 +296,57 @@ async fn kafka_source_transforms_records_on_the_way_in() {
     assert_eq!(pg.query_one("SELECT count(*) FROM people", &[]).await.unwrap().get::<_, i64>(0), 100);
 }
 
+/// CSV messages (one row each, no header: the source names the cells) become typed documents;
+/// a message that is not one row of at most that many cells goes to the errors collection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_source_reads_csv_messages() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("csv", 2).await;
+    let mut records: Vec<(i32, Option<String>, String)> =
+        (0..60).map(|i| (i % 2, None, format!("r{i},\"name, {i}\",{}.5,{}", i, i % 3 == 0))).collect();
+    records.push((0, None, "r60,n,1.5".into())); // fewer cells: `active` is absent
+    records.push((1, None, "r61,n,1,true,extra".into()));
+    records.push((0, None, "r62,n,1,true\nr63,n,2,false".into()));
+    kafka.produce("csv", records).await;
+    let d = Deployment::dev().await;
+    let pg = d.pg().await;
+    pg.batch_execute("CREATE COLLECTION items").await.unwrap();
+    let no_columns = pg
+        .batch_execute(&format!(
+            "CREATE SOURCE bad_src FROM KAFKA (brokers = '{}', topic = 'csv', format = 'csv') INTO items",
+            kafka.brokers()
+        ))
+        .await
+        .unwrap_err();
+    assert!(no_columns.as_db_error().is_some_and(|e| e.message().contains("columns")), "{no_columns:?}");
+    pg.batch_execute(&format!(
+        "CREATE SOURCE items_src FROM KAFKA (brokers = '{}', topic = 'csv', format = 'csv', \
+         columns = '_id, name, price, active') INTO items",
+        kafka.brokers()
+    ))
+    .await
+    .unwrap();
+    wait_count(&pg, "SELECT count(*) FROM items", 61, "csv rows").await;
+    wait_count(&pg, "SELECT count(*) FROM items_src_errors", 2, "the bad messages").await;
+    let row = pg.query_one("SELECT name, price, active FROM items WHERE _id = 'r3'", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "name, 3");
+    assert_eq!(row.get::<_, f64>(1), 3.5);
+    assert!(row.get::<_, bool>(2));
+    let sum: f64 = pg.query_one("SELECT sum(price) FROM items", &[]).await.unwrap().get(0);
+    assert_eq!(sum, (0..60).map(|i| i as f64 + 0.5).sum::<f64>() + 1.5);
+    let absent: i64 = pg.query_one("SELECT count(*) FROM items WHERE active IS NULL", &[]).await.unwrap().get(0);
+    assert_eq!(absent, 1);
+    let errors: Vec<String> = pg
+        .query("SELECT error FROM items_src_errors ORDER BY error", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(errors[0].contains("more than one row"), "{errors:?}");
+    assert!(errors[1].contains("5 cells"), "{errors:?}");
+}
+
 /// xorshift: reproducible random input without another dependency.
 struct Rng(u64);
 

@@ -113,8 +113,11 @@ pub struct WriteRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum WriteOp {
+    /// Shared, so a writer that may have to send it again (a source retrying a leaf) keeps a
+    /// reference instead of a copy, and the leaf indexes the same allocation.
     Upsert {
-        doc: Doc,
+        #[serde(with = "shared_doc")]
+        doc: std::sync::Arc<Doc>,
     },
     Patch {
         id: String,
@@ -128,6 +131,22 @@ pub enum WriteOp {
     Delete {
         id: String,
     },
+}
+
+/// Serde for an `Arc<Doc>` as the document itself (without serde's `rc` feature, which would
+/// rebuild every crate that uses serde).
+mod shared_doc {
+    use super::Doc;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::sync::Arc;
+
+    pub fn serialize<S: Serializer>(doc: &Arc<Doc>, s: S) -> Result<S::Ok, S::Error> {
+        doc.as_ref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Doc>, D::Error> {
+        Doc::deserialize(d).map(Arc::new)
+    }
 }
 
 impl WriteOp {
@@ -202,6 +221,9 @@ pub struct KafkaSource {
     pub brokers: String,
     pub topic: String,
     pub format: SourceFormat,
+    /// Names of the cells of a CSV message (format csv: a message is one row, no header).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
     pub start: StartAt,
     /// Use the message key as `_id` when the document has none.
     pub key_as_id: bool,

@@ -232,18 +232,11 @@ pub fn now_micros() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
-/// Visit every (path, kind) pair of a document once, for schema statistics. Objects report their
-/// own path with kind `object` and then their children (`a.b`); arrays report `array` and their
-/// elements under `path[*]`.
 /// [`visit_kinds`] for one top-level field: what that field contributes to a document's paths.
 pub fn visit_field_kinds(name: &str, value: &Value, f: &mut impl FnMut(&str, Kind)) {
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = KindsSeen::new(is_path_syntax(name) || has_path_syntax(value));
     let mut path = name.to_string();
-    visit_value(&mut path, value, &mut |p, kind| {
-        if seen.insert((p.to_string(), kind)) {
-            f(p, kind);
-        }
-    });
+    visit_value(&mut path, value, false, &mut |p, kind, in_array| seen.report(p, kind, in_array, f));
 }
 
 /// How many fields a value counts for against [`DocLimits::fields_max`] as a top-level field
@@ -259,30 +252,64 @@ pub fn field_count(value: &Value) -> usize {
     1 + inner(value)
 }
 
+/// Visit every (path, kind) pair of a document once, for schema statistics. Objects report their
+/// own path with kind `object` and then their children (`a.b`); arrays report `array` and their
+/// elements under `path[*]`.
 pub fn visit_kinds(doc: &Doc, f: &mut impl FnMut(&str, Kind)) {
-    let mut seen = std::collections::HashSet::new();
+    let ambiguous = doc.iter().any(|(k, v)| is_path_syntax(k) || has_path_syntax(v));
+    let mut seen = KindsSeen::new(ambiguous);
     let mut path = String::new();
     for (k, v) in doc {
         path.clear();
         path.push_str(k);
-        visit_value(&mut path, v, &mut |p, kind| {
-            if seen.insert((p.to_string(), kind)) {
-                f(p, kind);
-            }
-        });
+        visit_value(&mut path, v, false, &mut |p, kind, in_array| seen.report(p, kind, in_array, f));
     }
 }
 
-fn visit_value(path: &mut String, value: &Value, f: &mut impl FnMut(&str, Kind)) {
+/// Reports each (path, kind) pair once. Outside arrays a path occurs once per document (object
+/// keys are unique), so only paths under `[*]` are remembered and the common case allocates
+/// nothing; unless a key itself contains `.` or `[` (`{"a.b": 1, "a": {"b": 2}}` has the path
+/// `a.b` twice), then every path is.
+struct KindsSeen {
+    all: bool,
+    seen: std::collections::HashSet<(String, Kind)>,
+}
+
+impl KindsSeen {
+    fn new(all: bool) -> Self {
+        KindsSeen { all, seen: std::collections::HashSet::new() }
+    }
+
+    fn report(&mut self, path: &str, kind: Kind, in_array: bool, f: &mut impl FnMut(&str, Kind)) {
+        if !(in_array || self.all) || self.seen.insert((path.to_string(), kind)) {
+            f(path, kind);
+        }
+    }
+}
+
+fn is_path_syntax(key: &str) -> bool {
+    key.bytes().any(|b| b == b'.' || b == b'[')
+}
+
+/// Whether an object key inside `value` contains path syntax.
+fn has_path_syntax(value: &Value) -> bool {
+    match value {
+        Value::Object(o) => o.iter().any(|(k, v)| is_path_syntax(k) || has_path_syntax(v)),
+        Value::Array(items) => items.iter().any(has_path_syntax),
+        _ => false,
+    }
+}
+
+fn visit_value(path: &mut String, value: &Value, in_array: bool, f: &mut impl FnMut(&str, Kind, bool)) {
     let kind = if path == EVENT_TIME_FIELD { Kind::Timestamp } else { Kind::of(value) };
-    f(path, kind);
+    f(path, kind, in_array);
     match value {
         Value::Object(o) => {
             for (k, v) in o {
                 let len = path.len();
                 path.push('.');
                 path.push_str(k);
-                visit_value(path, v, f);
+                visit_value(path, v, in_array, f);
                 path.truncate(len);
             }
         }
@@ -290,7 +317,7 @@ fn visit_value(path: &mut String, value: &Value, f: &mut impl FnMut(&str, Kind))
             let len = path.len();
             path.push_str("[*]");
             for item in items {
-                visit_value(path, item, f);
+                visit_value(path, item, true, f);
             }
             path.truncate(len);
         }
@@ -631,6 +658,20 @@ mod tests {
         visit_kinds(&d, &mut |p, k| seen.push(format!("{p}:{}", k.name())));
         seen.sort();
         assert_eq!(seen, ["a.b:int", "a:object", "t:array", "t[*]:int", "t[*]:string"]);
+
+        // Objects inside arrays: each path once however many elements have it.
+        let d = validate_value(json!({"f": [{"n": "a", "g": [1, 2]}, {"n": "b", "g": [3]}]}), &limits()).unwrap();
+        let mut seen = vec![];
+        visit_kinds(&d, &mut |p, k| seen.push(format!("{p}:{}", k.name())));
+        seen.sort();
+        assert_eq!(seen, ["f:array", "f[*].g:array", "f[*].g[*]:int", "f[*].n:string", "f[*]:object"]);
+
+        // A key with a dot names the same path as a nested field: still reported once.
+        let d = validate_value(json!({"a.b": 1, "a": {"b": 2}}), &limits()).unwrap();
+        let mut seen = vec![];
+        visit_kinds(&d, &mut |p, k| seen.push(format!("{p}:{}", k.name())));
+        seen.sort();
+        assert_eq!(seen, ["a.b:int", "a:object"]);
     }
 
     #[test]

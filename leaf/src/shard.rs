@@ -133,7 +133,7 @@ struct Patching {
 /// One id's state while a batch is applied.
 enum Pending {
     /// Whole versions: the stored one (with its head) and the one after the batch.
-    Whole { old: Option<(Doc, Head)>, new: Option<Doc> },
+    Whole { old: Option<(Doc, Head)>, new: Option<Arc<Doc>> },
     /// Field-level patches of a stored document.
     Fields(Patching),
 }
@@ -141,7 +141,7 @@ enum Pending {
 impl Pending {
     fn changed(&self) -> bool {
         match self {
-            Pending::Whole { old, new } => old.as_ref().map(|(doc, _)| doc) != new.as_ref(),
+            Pending::Whole { old, new } => old.as_ref().map(|(doc, _)| doc) != new.as_deref(),
             Pending::Fields(p) => p.before.iter().any(|(name, before)| p.doc.get(name) != before.as_ref()),
         }
     }
@@ -406,7 +406,7 @@ impl Shard {
                         None => None,
                         Some(head) => Some((self.rows.assemble(&id, head.clone())?, head)),
                     };
-                    Pending::Whole { new: old.as_ref().map(|(doc, _)| doc.clone()), old }
+                    Pending::Whole { new: old.as_ref().map(|(doc, _)| Arc::new(doc.clone())), old }
                 };
                 pending.insert(id.clone(), entry);
                 order.push(id.clone());
@@ -423,19 +423,19 @@ impl Shard {
                     Ok(())
                 }
                 (WriteOp::Patch { ops, .. }, Pending::Whole { new: Some(doc), .. }) => {
-                    apply_patch(doc, &ops, &self.limits)
+                    apply_patch(Arc::make_mut(doc), &ops, &self.limits)
                 }
                 (WriteOp::Patch { ops, .. } | WriteOp::Merge { ops, .. }, Pending::Fields(p)) => {
                     self.patch_fields(&id, p, &ops)
                 }
                 (WriteOp::Merge { ops, .. }, Pending::Whole { new, .. }) => {
-                    let mut doc = new.clone().unwrap_or_else(|| {
+                    let mut doc = new.as_deref().cloned().unwrap_or_else(|| {
                         let mut d = Doc::new();
                         d.insert(basalt_common::doc::ID_FIELD.into(), id.clone().into());
                         d.insert(basalt_common::doc::EVENT_TIME_FIELD.into(), basalt_common::doc::now_micros().into());
                         d
                     });
-                    apply_patch(&mut doc, &ops, &self.limits).map(|()| *new = Some(doc))
+                    apply_patch(&mut doc, &ops, &self.limits).map(|()| *new = Some(Arc::new(doc)))
                 }
                 (WriteOp::Patch { .. }, Pending::Whole { new: None, .. }) => Err(missing()),
                 (_, Pending::Fields(_)) => Err(BasaltError::internal("a whole write on the field-level path")),
@@ -523,14 +523,13 @@ impl Shard {
                         }
                         // No live version in the column store (it always has one when the
                         // row store does): index the current document whole.
-                        None => self.get(&id)?,
+                        None => self.get(&id)?.map(Arc::new),
                     }
                 }
                 None => continue,
             };
             columns.remove(&id);
             if let Some(doc) = whole.take() {
-                let doc = Arc::new(doc);
                 let slot = columns.append(&id, doc.clone())?;
                 self.search.add(&id, slot, &doc)?;
             }

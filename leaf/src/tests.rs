@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::json;
 
 fn upsert(v: serde_json::Value) -> WriteOp {
-    WriteOp::Upsert { doc: validate_value(v, &DocLimits::default()).unwrap() }
+    WriteOp::Upsert { doc: validate_value(v, &DocLimits::default()).unwrap().into() }
 }
 
 async fn scan(leaf: &Leaf, filters: Vec<Filter>, cols: &[(&str, ColumnType)]) -> RecordBatch {
@@ -392,7 +392,7 @@ async fn patches_answer_exactly_like_whole_writes() {
         let doc = validate_value(patched_doc(i, &mut rng), &limits).unwrap();
         model.insert(format!("d{i}"), doc);
     }
-    let initial: Vec<WriteOp> = model.values().map(|d| WriteOp::Upsert { doc: d.clone() }).collect();
+    let initial: Vec<WriteOp> = model.values().map(|d| WriteOp::Upsert { doc: d.clone().into() }).collect();
     write(&a, initial.clone()).await;
     write(&b, initial).await;
     for round in 0..24 {
@@ -419,7 +419,7 @@ async fn patches_answer_exactly_like_whole_writes() {
                 let mut doc = doc.clone();
                 doc.insert("kind".into(), json!("k9"));
                 model.insert(id.clone(), doc.clone());
-                ops_a.push(WriteOp::Upsert { doc });
+                ops_a.push(WriteOp::Upsert { doc: doc.into() });
                 expect_ok.push(true);
                 touched.insert(id);
             }
@@ -434,7 +434,7 @@ async fn patches_answer_exactly_like_whole_writes() {
         let ops_b: Vec<WriteOp> = touched
             .iter()
             .map(|id| match model.get(id) {
-                Some(doc) => WriteOp::Upsert { doc: doc.clone() },
+                Some(doc) => WriteOp::Upsert { doc: doc.clone().into() },
                 None => WriteOp::Delete { id: id.clone() },
             })
             .collect();

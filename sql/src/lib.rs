@@ -164,6 +164,7 @@ fn kafka_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
     let mut format = SourceFormat::Json;
     let mut start = StartAt::Earliest;
     let mut key_as_id = false;
+    let mut columns = Vec::new();
     for (key, value) in options {
         match key.as_str() {
             "brokers" => brokers = Some(value),
@@ -171,11 +172,15 @@ fn kafka_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
             "format" => {
                 format = match value.to_lowercase().as_str() {
                     "json" => SourceFormat::Json,
+                    "csv" => SourceFormat::Csv,
                     other => {
-                        return Err(BasaltError::unsupported(format!("kafka format {other:?} (json is supported)")));
+                        return Err(BasaltError::unsupported(format!(
+                            "kafka format {other:?} (json and csv are supported)"
+                        )));
                     }
                 }
             }
+            "columns" => columns = csv_columns(&value)?,
             "start" => {
                 start = match value.to_lowercase().as_str() {
                     "earliest" => StartAt::Earliest,
@@ -199,7 +204,35 @@ fn kafka_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
     }
     let brokers = brokers.ok_or_else(|| err("a kafka source needs brokers = '...'"))?;
     let topic = topic.ok_or_else(|| err("a kafka source needs topic = '...'"))?;
-    Ok(SourceSpec::Kafka(KafkaSource { brokers, topic, format, start, key_as_id, transform: None }))
+    let spec = KafkaSource { brokers, topic, format, columns, start, key_as_id, transform: None };
+    check_kafka_source(&spec)?;
+    Ok(SourceSpec::Kafka(spec))
+}
+
+/// The column list of a CSV Kafka source: `'id, name, price'`.
+pub fn csv_columns(list: &str) -> Result<Vec<String>> {
+    let columns: Vec<String> = list.split(',').map(|c| c.trim().to_string()).collect();
+    if columns.iter().any(String::is_empty) {
+        return Err(err(format!("columns must be a comma-separated list of names, got {list:?}")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = columns.iter().find(|c| !seen.insert(c.as_str())) {
+        return Err(err(format!("column {dup:?} is named twice")));
+    }
+    Ok(columns)
+}
+
+/// What a Kafka source needs for its format: csv names its columns (messages have no header).
+pub fn check_kafka_source(spec: &KafkaSource) -> Result<()> {
+    match spec.format {
+        SourceFormat::Json if !spec.columns.is_empty() => Err(err("columns = '...' is for format = 'csv'")),
+        SourceFormat::Json => Ok(()),
+        SourceFormat::Csv if spec.columns.is_empty() => {
+            Err(err("a csv kafka source needs columns = 'a, b, ...' (a message is one row without a header)"))
+        }
+        SourceFormat::Csv => Ok(()),
+        SourceFormat::Parquet => Err(BasaltError::unsupported("kafka format parquet (json and csv are supported)")),
+    }
 }
 
 /// Default listing interval of an S3 source.
@@ -848,9 +881,16 @@ mod tests {
             "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', topic = 'u') INTO c",
             "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't')",
             "CREATE SOURCE s FROM FTP (brokers = 'b') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'csv') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', columns = 'a') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'csv', columns = 'a,,b') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'csv', columns = 'a, a') INTO c",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+        let csv = one("CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'csv', columns = ' _id, n ') INTO c");
+        let BasaltStatement::CreateSource { spec: SourceSpec::Kafka(k), .. } = csv else { panic!("{csv:?}") };
+        assert_eq!((k.format, k.columns), (SourceFormat::Csv, vec!["_id".to_string(), "n".to_string()]));
         assert_eq!(parse("select 1; select 2;;").unwrap().len(), 2);
         assert!(parse("SELEC 1").is_err());
     }

@@ -55,12 +55,12 @@ impl Tailer {
             WriteInput::Upsert { doc } => {
                 let mut doc = validate_value(doc, &self.limits.doc)?;
                 normalize_system_fields(&mut doc, now_us, &self.limits.doc)?;
-                Ok(WriteOp::Upsert { doc })
+                Ok(WriteOp::Upsert { doc: doc.into() })
             }
             WriteInput::UpsertRaw { json } => {
                 let mut doc = parse_doc(json.as_bytes(), &self.limits.doc)?;
                 normalize_system_fields(&mut doc, now_us, &self.limits.doc)?;
-                Ok(WriteOp::Upsert { doc })
+                Ok(WriteOp::Upsert { doc: doc.into() })
             }
             WriteInput::Patch { id, ops, upsert } => {
                 if id.is_empty() {

@@ -319,8 +319,14 @@ fn csv_record(index: i64, headers: &[String], row: &csv::StringRecord, max: usiz
             error: Some(BasaltError::invalid(format!("csv row has {} cells, the header {}", row.len(), headers.len()))),
         };
     }
+    ObjectRecord { index, payload: Vec::new(), doc: Some(csv_doc(headers, row)), error: None }
+}
+
+/// A CSV row as a document: a field per named cell, typed by its text (integer, float,
+/// `true`/`false`, else string); empty cells are absent fields.
+pub(crate) fn csv_doc(names: &[String], row: &csv::StringRecord) -> basalt_common::doc::Doc {
     let mut object = serde_json::Map::new();
-    for (name, cell) in headers.iter().zip(row.iter()) {
+    for (name, cell) in names.iter().zip(row.iter()) {
         if cell.is_empty() {
             continue;
         }
@@ -335,7 +341,26 @@ fn csv_record(index: i64, headers: &[String], row: &csv::StringRecord, max: usiz
         };
         object.insert(name.clone(), value);
     }
-    ObjectRecord { index, payload: Vec::new(), doc: Some(object), error: None }
+    object
+}
+
+/// A Kafka message holding one CSV row (no header: the source names the columns).
+pub(crate) fn csv_message(names: &[String], payload: &[u8]) -> Result<basalt_common::doc::Doc> {
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(payload);
+    let mut row = csv::StringRecord::new();
+    match reader.read_record(&mut row) {
+        Ok(true) => {}
+        Ok(false) => return Err(BasaltError::invalid("csv message is empty")),
+        Err(e) => return Err(BasaltError::invalid(format!("csv: {e}"))),
+    }
+    if row.len() > names.len() {
+        return Err(BasaltError::invalid(format!("csv row has {} cells, the source names {}", row.len(), names.len())));
+    }
+    let mut more = csv::StringRecord::new();
+    if reader.read_record(&mut more).map_err(|e| BasaltError::invalid(format!("csv: {e}")))? {
+        return Err(BasaltError::invalid("csv message holds more than one row"));
+    }
+    Ok(csv_doc(names, &row))
 }
 
 #[cfg(test)]

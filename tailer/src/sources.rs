@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use basalt_common::api::{
     CollectionInfo, KafkaSource, Leaf, Meta, PartitionStatus, S3Source, ShardWrite, ShardWriteResult, SourceInfo,
-    SourceObject, SourcePosition, SourceSpec, StartAt, WriteOp,
+    SourceFormat, SourceObject, SourcePosition, SourceSpec, StartAt, WriteOp,
 };
 use basalt_common::doc::{Doc, DocLimits, ID_FIELD, normalize_system_fields, now_micros, parse_doc, shard_for_id};
 use basalt_common::{BasaltError, Result};
@@ -857,7 +857,7 @@ impl PartitionWorker {
                 .max();
             let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
             for (offset, doc) in decoded {
-                let op = WriteOp::Upsert { doc };
+                let op = WriteOp::Upsert { doc: doc.into() };
                 let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
                 entry.0.push(op);
                 entry.1.push(offset);
@@ -974,7 +974,7 @@ impl PartitionWorker {
         let mut per_shard: BTreeMap<u32, Vec<WriteOp>> = BTreeMap::new();
         for doc in docs {
             let id = doc.get(ID_FIELD).and_then(|v| v.as_str()).unwrap_or_default().to_string();
-            per_shard.entry(shard_for_id(&id, info.shards)).or_default().push(WriteOp::Upsert { doc });
+            per_shard.entry(shard_for_id(&id, info.shards)).or_default().push(WriteOp::Upsert { doc: doc.into() });
         }
         let writes: Vec<ShardWrite> = per_shard
             .into_iter()
@@ -993,7 +993,20 @@ impl PartitionWorker {
     /// read again gets the same `_id`, the same shard, and is recognized as applied).
     fn decode(&self, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, now: i64) -> Result<Doc> {
         let payload = payload.ok_or_else(|| BasaltError::invalid("message has no value"))?;
-        let mut doc = parse_doc(&payload, &self.limits)?;
+        let mut doc = match &self.source.spec {
+            SourceSpec::Kafka(KafkaSource { format: SourceFormat::Csv, columns, .. }) => {
+                if payload.len() > self.limits.doc_size_bytes_max {
+                    return Err(BasaltError::limit(format!(
+                        "message is over {} bytes",
+                        self.limits.doc_size_bytes_max
+                    )));
+                }
+                let doc = crate::objects::csv_message(columns, &payload)?;
+                basalt_common::doc::check_doc(&doc, &self.limits)?;
+                doc
+            }
+            _ => parse_doc(&payload, &self.limits)?,
+        };
         self.with_id(offset, key, &mut doc, now)?;
         Ok(doc)
     }
