@@ -511,7 +511,12 @@ mod tests {
         assert_eq!(err.code, ErrorCode::AlreadyExists);
         let doc = validate_value(json!({"_id": "a", "n": 1}), &DocLimits::default()).unwrap();
         let r = client
-            .apply(ShardWrite { collection_id: info.id, shard: 0, ops: vec![WriteOp::Upsert { doc: doc.into() }], position: None })
+            .apply(ShardWrite {
+                collection_id: info.id,
+                shard: 0,
+                ops: vec![WriteOp::Upsert { doc: doc.into() }],
+                position: None,
+            })
             .await
             .unwrap();
         assert_eq!(r.seq, 1);

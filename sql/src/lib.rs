@@ -888,7 +888,8 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
-        let csv = one("CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'csv', columns = ' _id, n ') INTO c");
+        let csv =
+            one("CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'csv', columns = ' _id, n ') INTO c");
         let BasaltStatement::CreateSource { spec: SourceSpec::Kafka(k), .. } = csv else { panic!("{csv:?}") };
         assert_eq!((k.format, k.columns), (SourceFormat::Csv, vec!["_id".to_string(), "n".to_string()]));
         assert_eq!(parse("select 1; select 2;;").unwrap().len(), 2);

@@ -222,6 +222,95 @@ impl ObjectReader {
     }
 }
 
+/// Records read ahead by one batch.
+const PREFETCH_RECORDS: usize = 1024;
+/// Payload bytes in one read-ahead batch (JSON lines can be long).
+const PREFETCH_BYTES: usize = 4 * 1024 * 1024;
+/// Batches read ahead: bounds the memory a reader holds to about this many batches.
+const PREFETCH_BATCHES: usize = 4;
+
+enum Prefetched {
+    Records(Vec<ObjectRecord>),
+    Failed(BasaltError),
+    End,
+}
+
+/// An [`ObjectReader`] on a thread of its own, a few batches ahead of the worker: reading and
+/// decoding the object (Parquet pages, Arrow rows to documents) overlaps with the leaves
+/// writing the previous chunk. The queue between them is bounded; the thread ends when the
+/// object does or when the worker drops this.
+pub struct Prefetch {
+    rx: std::sync::mpsc::Receiver<Prefetched>,
+    ready: VecDeque<ObjectRecord>,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    ended: bool,
+}
+
+impl Prefetch {
+    pub fn start(mut reader: ObjectReader) -> Result<Prefetch> {
+        let bytes = reader.bytes.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(PREFETCH_BATCHES);
+        std::thread::Builder::new()
+            .name("object-read".into())
+            .spawn(move || {
+                loop {
+                    let mut batch = Vec::with_capacity(PREFETCH_RECORDS);
+                    let mut size = 0;
+                    let mut end = false;
+                    while batch.len() < PREFETCH_RECORDS && size < PREFETCH_BYTES {
+                        match reader.next_record() {
+                            Ok(Some(r)) => {
+                                size += r.payload.len();
+                                batch.push(r);
+                            }
+                            Ok(None) => {
+                                end = true;
+                                break;
+                            }
+                            Err(e) => {
+                                let _ = tx.send(Prefetched::Failed(e));
+                                return;
+                            }
+                        }
+                    }
+                    if !batch.is_empty() && tx.send(Prefetched::Records(batch)).is_err() {
+                        return;
+                    }
+                    if end {
+                        let _ = tx.send(Prefetched::End);
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| BasaltError::internal(format!("cannot start an object reader: {e}")))?;
+        Ok(Prefetch { rx, ready: VecDeque::new(), bytes, ended: false })
+    }
+
+    /// Bytes of the object read so far (read ahead included).
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The next record, None at the end of the object; an error as [`ObjectReader::next_record`].
+    pub fn next_record(&mut self) -> Result<Option<ObjectRecord>> {
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                return Ok(Some(r));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match self.rx.recv() {
+                Ok(Prefetched::Records(batch)) => self.ready.extend(batch),
+                Ok(Prefetched::End) => self.ended = true,
+                Ok(Prefetched::Failed(e)) => return Err(e),
+                // Not the end of the object: the reader thread died without saying so.
+                Err(_) => return Err(BasaltError::internal("the object reader stopped")),
+            }
+        }
+    }
+}
+
 /// A Parquet file in the store, read by byte ranges (footer first, then the column chunks).
 struct ParquetObject {
     store: Arc<dyn ObjectStore>,
@@ -390,5 +479,37 @@ mod tests {
         assert_eq!(v, serde_json::json!({"id": 7, "n": -3, "x": 2.5, "ok": true, "name": "Ada, L."}));
         let long = csv::StringRecord::from(vec!["1", "2", "3", "4", "5", "6", "7"]);
         assert!(csv_record(1, &headers, &long, 1000).error.is_some());
+    }
+
+    #[test]
+    fn csv_messages_are_one_row() {
+        let names: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        let doc = csv_message(&names, b"1,\"x, y\"").unwrap();
+        assert_eq!(serde_json::Value::Object(doc), serde_json::json!({"a": 1, "b": "x, y"}));
+        assert!(csv_message(&names, b"1,2,3").is_err());
+        assert!(csv_message(&names, b"1,2\n3,4").is_err());
+        assert!(csv_message(&names, b"").is_err());
+    }
+
+    /// A read-ahead reader returns every record from where it starts, in order, across more
+    /// batches than its queue holds, then the end.
+    #[test]
+    fn prefetch_reads_ahead_in_order() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let text: String = (0..5000).map(|i| format!("{{\"n\":{i}}}\n")).collect();
+        let size = text.len() as u64;
+        rt.block_on(store.put(&ObjectPath::from("k.jsonl"), text.into_bytes().into())).unwrap();
+        let reader =
+            ObjectReader::open(rt.handle().clone(), store, "k.jsonl", size, SourceFormat::Json, 10, 1000).unwrap();
+        let mut prefetch = Prefetch::start(reader).unwrap();
+        let mut indexes = Vec::new();
+        while let Some(r) = prefetch.next_record().unwrap() {
+            assert_eq!(r.payload, format!("{{\"n\":{}}}", r.index).into_bytes());
+            indexes.push(r.index);
+        }
+        assert_eq!(indexes, (10..5000).collect::<Vec<i64>>());
+        assert_eq!(prefetch.bytes_read(), size);
+        assert!(prefetch.next_record().unwrap().is_none());
     }
 }

@@ -21,8 +21,8 @@ use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use basalt_common::api::{
-    CollectionInfo, KafkaSource, Leaf, Meta, PartitionStatus, S3Source, ShardWrite, ShardWriteResult, SourceInfo,
-    SourceFormat, SourceObject, SourcePosition, SourceSpec, StartAt, WriteOp,
+    CollectionInfo, KafkaSource, Leaf, Meta, PartitionStatus, S3Source, ShardWrite, ShardWriteResult, SourceFormat,
+    SourceInfo, SourceObject, SourcePosition, SourceSpec, StartAt, WriteOp,
 };
 use basalt_common::doc::{Doc, DocLimits, ID_FIELD, normalize_system_fields, now_micros, parse_doc, shard_for_id};
 use basalt_common::{BasaltError, Result};
@@ -447,7 +447,7 @@ struct PartitionWorker {
 /// What a worker reads: a Kafka partition or one object.
 enum Input {
     Kafka { consumer: Box<BaseConsumer>, topic: String },
-    Object(Box<crate::objects::ObjectReader>),
+    Object(Box<crate::objects::Prefetch>),
 }
 
 enum Next {
@@ -682,7 +682,7 @@ impl PartitionWorker {
                     next,
                     self.limits.doc_size_bytes_max,
                 )?;
-                (Input::Object(Box::new(reader)), next, boundaries)
+                (Input::Object(Box::new(crate::objects::Prefetch::start(reader)?)), next, boundaries)
             }
         };
         {
