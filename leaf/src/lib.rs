@@ -145,9 +145,6 @@ impl Leaf {
         let weak = Arc::downgrade(&self.0);
         let interval = (self.0.flush.max_age / 4).clamp(MAINTENANCE_INTERVAL_MIN, MAINTENANCE_INTERVAL_MAX);
         let spawned = std::thread::Builder::new().name("segment-maintenance".into()).spawn(move || {
-            // Flushes and merges yield the CPU to writes and queries: a burst of background work
-            // must not become a write's or a query's latency.
-            lower_thread_priority();
             loop {
                 std::thread::sleep(interval);
                 let Some(inner) = weak.upgrade() else { return };
@@ -368,17 +365,3 @@ impl LeafApi for Leaf {
 
 #[cfg(test)]
 mod tests;
-
-/// Give the calling thread (and threads it starts later) a lower CPU priority (nice 10 on
-/// Linux; a no-op elsewhere). Threads that serve writes must not be started from it.
-pub fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: gettid and setpriority only read their arguments; PRIO_PROCESS with a thread
-        // id changes that thread alone.
-        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
-        if rc != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "could not lower a background thread's priority");
-        }
-    }
-}

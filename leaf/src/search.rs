@@ -176,9 +176,6 @@ pub struct SearchIndex {
     schema: Schema,
     fields: Fields,
     tail: Mutex<Tail>,
-    /// The next tail, made by a writer's thread: a seal runs on the low-priority maintenance
-    /// thread, and the indexing thread of a tail made there would inherit its priority.
-    spare: Mutex<Option<Tail>>,
     sealed: RwLock<Vec<Arc<Sealed>>>,
     dirty: AtomicBool,
 }
@@ -188,14 +185,7 @@ impl SearchIndex {
     pub fn new(base_slot: u64, sealed: Vec<Arc<Sealed>>) -> Result<Self> {
         let (schema, fields) = schema();
         let tail = Tail::new(&schema, base_slot)?;
-        Ok(Self {
-            schema,
-            fields,
-            tail: Mutex::new(tail),
-            spare: Mutex::new(None),
-            sealed: RwLock::new(sealed),
-            dirty: AtomicBool::new(false),
-        })
+        Ok(Self { schema, fields, tail: Mutex::new(tail), sealed: RwLock::new(sealed), dirty: AtomicBool::new(false) })
     }
 
     /// Index a new document version at `slot` (which must be in the tail). Older versions are
@@ -229,10 +219,6 @@ impl SearchIndex {
         td.add_u64(self.fields.slot, slot);
         td.add_object(self.fields.text, text);
         td.add_object(self.fields.raw, raw);
-        if self.spare.lock().is_none() {
-            let spare = Tail::new(&self.schema, 0)?;
-            *self.spare.lock() = Some(spare);
-        }
         let mut tail = self.tail.lock();
         tail.writer.add_document(td).map_err(tantivy_err)?;
         tail.docs += 1;
@@ -274,13 +260,7 @@ impl SearchIndex {
         tail.writer.commit().map_err(tantivy_err)?;
         tail.reader.reload().map_err(tantivy_err)?;
         self.dirty.store(false, Ordering::Release);
-        let fresh = match self.spare.lock().take() {
-            Some(mut spare) => {
-                spare.base_slot = end_slot;
-                spare
-            }
-            None => Tail::new(&self.schema, end_slot)?,
-        };
+        let fresh = Tail::new(&self.schema, end_slot)?;
         let old = std::mem::replace(&mut *tail, fresh);
         let sealed = Arc::new(Sealed::new(old.base_slot, end_slot, old.index, old.reader));
         self.sealed.write().push(sealed.clone());
