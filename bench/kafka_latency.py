@@ -183,6 +183,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--backlog", type=int, default=200_000)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--log", default=None, help="copy Basalt's log here at the end")
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="basalt-kafka-bench-")
     results = {"machine": machine(), "runs": []}
@@ -206,6 +207,8 @@ def main():
     finally:
         basalt.close()
         tansu.close()
+        if args.log:
+            shutil.copy(os.path.join(workdir, "basalt.log"), args.log)
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(results))
     if args.out:

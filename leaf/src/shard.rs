@@ -21,6 +21,7 @@ use basalt_common::filter::{AccessPath, Filter, choose_access_path, id_lookup, i
 use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
 use parking_lot::{Mutex, RwLock};
+use prometheus::{HistogramVec, register_histogram_vec};
 use serde::{Deserialize, Serialize};
 
 use crate::columns::{
@@ -128,6 +129,56 @@ struct Patching {
     head: Head,
     doc: Doc,
     before: BTreeMap<String, Option<serde_json::Value>>,
+}
+
+/// Time a shard write spends in each phase, by phase: waiting for the shard's writer or column
+/// locks, preparing (reading old versions, validating, building the batch), the durable commit
+/// (fsync), and updating the in-memory indexes.
+static WRITE_PHASES: std::sync::LazyLock<Option<HistogramVec>> = std::sync::LazyLock::new(|| {
+    register_histogram_vec!(
+        "basalt_leaf_write_phase_seconds",
+        "Time shard writes spend per phase",
+        &["phase"],
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .ok()
+});
+
+/// A write slower than this is logged with its phases.
+const SLOW_WRITE: Duration = Duration::from_millis(250);
+
+/// Where one shard write's time went (see [`WRITE_PHASES`]).
+struct WritePhases {
+    started: Instant,
+    last: Instant,
+    spent: Vec<(&'static str, Duration)>,
+}
+
+impl WritePhases {
+    fn new() -> Self {
+        let now = Instant::now();
+        WritePhases { started: now, last: now, spent: Vec::with_capacity(6) }
+    }
+
+    /// The time since the previous mark went to `phase`.
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.spent.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn finish(self, shard: ShardKey) {
+        if let Some(h) = WRITE_PHASES.as_ref() {
+            for (phase, d) in &self.spent {
+                h.with_label_values(&[phase]).observe(d.as_secs_f64());
+            }
+        }
+        let total = self.started.elapsed();
+        if total >= SLOW_WRITE {
+            let phases: Vec<String> = self.spent.iter().map(|(p, d)| format!("{p} {} ms", d.as_millis())).collect();
+            tracing::info!(shard = %keyspace_name(shard), ms = total.as_millis() as u64, phases = %phases.join(", "), "slow shard write");
+        }
+    }
 }
 
 /// One id's state while a batch is applied.
@@ -311,7 +362,9 @@ impl Shard {
     /// partition are skipped (reported ok), and the position moves to `through` in the same
     /// commit as the operations: a source resent from an older offset applies nothing twice.
     pub fn apply(&self, ops: Vec<WriteOp>, position: Option<SourcePosition>) -> Result<ShardWriteResult> {
+        let mut phases = WritePhases::new();
         let mut seq = self.seq.lock();
+        phases.mark("wait");
         let (ops, kept, advance) = match &position {
             None => (ops, None, None),
             Some(p) => {
@@ -351,7 +404,10 @@ impl Shard {
                 (out, Some((kept, ids)), advance)
             }
         };
-        let result = self.apply_locked(&mut seq, ops, advance)?;
+        let result = self.apply_locked(&mut seq, ops, advance, &mut phases);
+        drop(seq);
+        phases.finish(self.key);
+        let result = result?;
         let Some((kept, skipped_ids)) = kept else { return Ok(result) };
         // Statuses in input order: skipped operations were applied by an earlier write.
         let mut applied = result.statuses.into_iter();
@@ -377,6 +433,7 @@ impl Shard {
         seq: &mut parking_lot::MutexGuard<'_, u64>,
         ops: Vec<WriteOp>,
         advance: Option<(u64, i32, i64)>,
+        phases: &mut WritePhases,
     ) -> Result<ShardWriteResult> {
         let mut patch_only: HashMap<String, bool> = HashMap::new();
         for op in &ops {
@@ -496,13 +553,16 @@ impl Shard {
         let entry = LogEntry { ids: changed.clone(), stats: delta.build() };
         batch.insert(&self.meta, log_key(self.key, next), serde_json::to_vec(&entry).map_err(store_err)?);
         batch.insert(&self.meta, seq_key(self.key), next.to_be_bytes());
+        phases.mark("prepare");
         batch.commit().map_err(store_err)?;
+        phases.mark("commit");
         **seq = next;
         if let Some((stream, partition, through)) = advance {
             self.positions.lock().insert((stream, partition), through);
         }
 
         let mut columns = self.columns.write();
+        phases.mark("wait");
         for id in changed {
             let mut whole = match pending.remove(&id) {
                 Some(Pending::Whole { new, .. }) => new,
@@ -535,6 +595,7 @@ impl Shard {
             }
         }
         columns.apply_stats(&entry.stats);
+        phases.mark("index");
         Ok(ShardWriteResult { statuses, seq: next })
     }
 
