@@ -177,6 +177,7 @@ impl Leaf {
                             blocks_merged = report.blocks_merged,
                             indexes_merged = report.indexes_merged,
                             elapsed_ms = started.elapsed().as_millis() as u64,
+                            flush = %report.flush_phases,
                             "segment maintenance"
                         );
                     }
