@@ -84,11 +84,23 @@ pub struct FlushPolicy {
     pub max_age: Duration,
     /// Merge search indexes when a shard has more than this many.
     pub max_indexes: usize,
+    /// Rewrite a search index into one segment when it has more than this many (a sealed tail
+    /// keeps the segments its commits made).
+    pub max_index_segments: usize,
+    /// A shard without writes for this long rewrites its multi-segment indexes into one
+    /// segment each (searches get faster; the work waits for a quiet moment).
+    pub idle: Duration,
 }
 
 impl Default for FlushPolicy {
     fn default() -> Self {
-        Self { max_rows: 64 * 1024, max_age: Duration::from_secs(10), max_indexes: 8 }
+        Self {
+            max_rows: 64 * 1024,
+            max_age: Duration::from_secs(10),
+            max_indexes: 8,
+            max_index_segments: 32,
+            idle: Duration::from_secs(30),
+        }
     }
 }
 
@@ -118,6 +130,8 @@ pub struct Shard {
     /// The manifest last written; its lock serializes flushes and merges.
     manifest: Mutex<Manifest>,
     last_flush: Mutex<Instant>,
+    /// The sequence number maintenance last saw and when it changed (is the shard idle?).
+    last_change: Mutex<(u64, Instant)>,
     /// How the shard was opened: "segments" or "row store".
     opened_from: &'static str,
     /// How far the shard applied each (source, partition); durable in `meta`.
@@ -251,6 +265,7 @@ impl Shard {
             segments,
             manifest: Mutex::new(Manifest::default()),
             last_flush: Mutex::new(Instant::now()),
+            last_change: Mutex::new((0, Instant::now())),
             opened_from: "row store",
             positions: Mutex::new(load_positions(meta, key)?),
         };
@@ -635,6 +650,13 @@ impl Shard {
             return Ok(report);
         }
         let seq_now = *self.seq.lock();
+        let idle = {
+            let mut last = self.last_change.lock();
+            if last.0 != seq_now {
+                *last = (seq_now, Instant::now());
+            }
+            last.1.elapsed() >= policy.idle
+        };
         let slots_now = self.columns.read().next_slot();
         let pending = seq_now > manifest.seq;
         let due = force
@@ -645,7 +667,7 @@ impl Shard {
             report.flushed = true;
             *self.last_flush.lock() = Instant::now();
         }
-        self.compact(&mut manifest, policy, &mut report)?;
+        self.compact(&mut manifest, policy, idle, &mut report)?;
         Ok(report)
     }
 
@@ -733,7 +755,13 @@ impl Shard {
 
     /// Merge short adjacent blocks and too many (or mostly dead) search indexes, among those
     /// the manifest already holds, then write a manifest naming the results.
-    fn compact(&self, manifest: &mut Manifest, policy: &FlushPolicy, report: &mut Maintenance) -> Result<()> {
+    fn compact(
+        &self,
+        manifest: &mut Manifest,
+        policy: &FlushPolicy,
+        idle: bool,
+        report: &mut Maintenance,
+    ) -> Result<()> {
         let covered = manifest.next_slot;
         // Blocks: runs of adjacent sealed blocks that fit in one block together.
         let blocks: Vec<Arc<Block>> = self
@@ -759,7 +787,8 @@ impl Shard {
                 report.blocks_merged += run.len();
             }
         }
-        // Indexes: rewrite mostly-dead ones alone, then merge the smallest adjacent pairs.
+        // Indexes: rewrite mostly-dead ones and ones of too many segments alone (on an idle
+        // shard: any of several segments, one per pass), then merge the smallest adjacent pairs.
         let deletions: Deletions = self.columns.read().deletions().clone();
         let is_dead = |slot: u64| deletions.is_deleted(slot);
         let covered_indexes = || -> Vec<Arc<crate::search::Sealed>> {
@@ -770,10 +799,18 @@ impl Shard {
             let docs = ix.max_doc();
             // Patch documents of older slots count as live: only deletions make an index
             // worth rewriting alone.
-            if docs >= 1024 && docs > 2 * (live + ix.outside()) {
+            let segments = ix.segments();
+            if (docs >= 1024 && docs > 2 * (live + ix.outside())) || segments > policy.max_index_segments.max(1) {
                 self.search.merge(std::slice::from_ref(&ix), is_dead)?;
                 report.indexes_merged += 1;
             }
+        }
+        if idle
+            && report.indexes_merged == 0
+            && let Some(ix) = covered_indexes().into_iter().find(|ix| ix.segments() > 1)
+        {
+            self.search.merge(std::slice::from_ref(&ix), is_dead)?;
+            report.indexes_merged += 1;
         }
         loop {
             let indexes = covered_indexes();
@@ -807,6 +844,16 @@ impl Shard {
         }
         *manifest = next;
         Ok(())
+    }
+
+    #[cfg(test)]
+    pub fn index_segments_for_tests(&self) -> Vec<usize> {
+        self.search.sealed().iter().map(|ix| ix.segments()).collect()
+    }
+
+    #[cfg(test)]
+    pub fn search_slots_for_tests(&self, filter: &Filter) -> Vec<u64> {
+        self.search.candidate_slots(&[filter], false).expect("search").into_iter().map(|(slot, _)| slot).collect()
     }
 
     #[cfg(test)]

@@ -172,7 +172,12 @@ fn gen_doc(i: usize, version: usize) -> WriteOp {
 #[tokio::test]
 async fn restart_loads_segments_and_replays_the_log_after_them() {
     let dir = tempfile::tempdir().unwrap();
-    let never = FlushPolicy { max_rows: u64::MAX, max_age: std::time::Duration::from_secs(3600), max_indexes: 4 };
+    let never = FlushPolicy {
+        max_rows: u64::MAX,
+        max_age: std::time::Duration::from_secs(3600),
+        max_indexes: 4,
+        ..FlushPolicy::default()
+    };
     let config = LeafConfig { data_dir: dir.path().to_path_buf(), flush: never, ..Default::default() };
     let write = |leaf: &Leaf, ops: Vec<WriteOp>| {
         let leaf = leaf.clone();
@@ -373,7 +378,12 @@ async fn observe_all(leaf: &Leaf) -> (Vec<String>, Vec<Vec<String>>, SchemaStats
 #[tokio::test]
 async fn patches_answer_exactly_like_whole_writes() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let never = FlushPolicy { max_rows: u64::MAX, max_age: std::time::Duration::from_secs(3600), max_indexes: 4 };
+    let never = FlushPolicy {
+        max_rows: u64::MAX,
+        max_age: std::time::Duration::from_secs(3600),
+        max_indexes: 4,
+        ..FlushPolicy::default()
+    };
     let config = |dir: &tempfile::TempDir| LeafConfig {
         data_dir: dir.path().to_path_buf(),
         flush: never.clone(),
@@ -568,4 +578,46 @@ async fn merges_create_missing_documents() {
         .collect();
     rows.sort();
     assert_eq!(rows, vec![("g1".to_string(), 3), ("g2".to_string(), 1)]);
+}
+
+/// A flush keeps the segments the tail's commits made; an idle shard's maintenance rewrites
+/// such an index into one segment, and searches find the same documents before and after.
+#[tokio::test]
+async fn idle_shards_merge_multi_segment_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = FlushPolicy {
+        max_rows: u64::MAX,
+        max_age: std::time::Duration::from_secs(3600),
+        idle: std::time::Duration::from_millis(300),
+        ..FlushPolicy::default()
+    };
+    let config = LeafConfig { data_dir: dir.path().to_path_buf(), flush: policy, ..Default::default() };
+    let leaf = Leaf::open(&config).unwrap();
+    for round in 0..3 {
+        let ops = (round * 20..round * 20 + 20).map(|i| gen_doc(i, 0)).collect();
+        leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+        leaf.shard((1, 0)).unwrap().refresh_index().unwrap();
+    }
+    let shard = leaf.shard((1, 0)).unwrap();
+    let blue = |shard: &Shard| {
+        let filter = Filter::Search { path: "text".into(), query: "blue".into() };
+        let mut slots = shard.search_slots_for_tests(&filter);
+        slots.sort_unstable();
+        slots
+    };
+    let before = blue(&shard);
+    assert_eq!(before.len(), 12);
+    // The flush seals three commits' segments as they are (the pass that flushes does not
+    // count as idle: the shard changed since the last one).
+    assert_eq!(leaf.maintain_all(true), 0);
+    assert_eq!(shard.index_segments_for_tests(), vec![3]);
+    assert_eq!(blue(&shard), before);
+    // Nothing written for longer than `idle`: the index becomes one segment, in a new manifest.
+    // (The leaf's own maintenance thread may get there first: same result.)
+    let generation = shard.manifest_for_tests().generation;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(leaf.maintain_all(false), 0);
+    assert_eq!(shard.index_segments_for_tests(), vec![1]);
+    assert!(shard.manifest_for_tests().generation > generation);
+    assert_eq!(blue(&shard), before);
 }
