@@ -306,7 +306,7 @@ async fn create_source(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiRes
             let columns = match k.columns {
                 None => Vec::new(),
                 Some(CsvColumns::Text(list)) => basalt_sql::csv_columns(&list)?,
-                Some(CsvColumns::List(names)) => basalt_sql::csv_columns(&names.join(","))?,
+                Some(CsvColumns::List(names)) => basalt_sql::csv_column_names(names)?,
             };
             let spec = KafkaSource {
                 brokers: k.brokers,

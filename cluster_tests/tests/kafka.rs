@@ -111,6 +111,13 @@ async fn kafka_source_ingests_exactly_once_through_kill_9() {
         (json!({"name": "h", "collection": "clicks", "kafka": {"topic": "clicks"}}), 400),
         (json!({"name": "h", "collection": "clicks", "kafka": {"brokers": "b", "topic": "t", "password": "x"}}), 400),
         (json!({"name": "h", "collection": "nope", "kafka": kafka_spec.clone()}), 404),
+        (json!({"name": "h", "collection": "clicks", "kafka": {"brokers": "b", "topic": "t", "format": "csv"}}), 400),
+        (
+            json!({"name": "h", "collection": "clicks",
+                   "kafka": {"brokers": "b", "topic": "t", "format": "csv", "columns": ["a", " a"]}}),
+            400,
+        ),
+        (json!({"name": "h", "collection": "clicks", "kafka": {"brokers": "b", "topic": "t", "columns": "a, b"}}), 400),
     ] {
         let r = http.post(d.http("/v1/sources")).json(&body).send().await.unwrap();
         assert_eq!(r.status().as_u16(), code, "{body}");

@@ -163,17 +163,18 @@ static WRITE_PHASES: std::sync::LazyLock<Option<HistogramVec>> = std::sync::Lazy
 /// A write slower than this is logged with its phases.
 const SLOW_WRITE: Duration = Duration::from_millis(250);
 
-/// Where one shard write's time went (see [`WRITE_PHASES`]).
-struct WritePhases {
+/// Where one operation's time went, phase by phase (a shard write: see [`WRITE_PHASES`]; a
+/// flush: logged by maintenance).
+struct Phases {
     started: Instant,
     last: Instant,
     spent: Vec<(&'static str, Duration)>,
 }
 
-impl WritePhases {
+impl Phases {
     fn new() -> Self {
         let now = Instant::now();
-        WritePhases { started: now, last: now, spent: Vec::with_capacity(6) }
+        Phases { started: now, last: now, spent: Vec::with_capacity(6) }
     }
 
     /// The time since the previous mark went to `phase`.
@@ -188,7 +189,8 @@ impl WritePhases {
         phases.join(", ")
     }
 
-    fn finish(self, shard: ShardKey) {
+    /// Record a shard write's phases and log it when slow.
+    fn finish_write(self, shard: ShardKey) {
         if let Some(h) = WRITE_PHASES.as_ref() {
             for (phase, d) in &self.spent {
                 h.with_label_values(&[phase]).observe(d.as_secs_f64());
@@ -383,7 +385,7 @@ impl Shard {
     /// partition are skipped (reported ok), and the position moves to `through` in the same
     /// commit as the operations: a source resent from an older offset applies nothing twice.
     pub fn apply(&self, ops: Vec<WriteOp>, position: Option<SourcePosition>) -> Result<ShardWriteResult> {
-        let mut phases = WritePhases::new();
+        let mut phases = Phases::new();
         let mut seq = self.seq.lock();
         phases.mark("wait");
         let (ops, kept, advance) = match &position {
@@ -427,7 +429,7 @@ impl Shard {
         };
         let result = self.apply_locked(&mut seq, ops, advance, &mut phases);
         drop(seq);
-        phases.finish(self.key);
+        phases.finish_write(self.key);
         let result = result?;
         let Some((kept, skipped_ids)) = kept else { return Ok(result) };
         // Statuses in input order: skipped operations were applied by an earlier write.
@@ -454,7 +456,7 @@ impl Shard {
         seq: &mut parking_lot::MutexGuard<'_, u64>,
         ops: Vec<WriteOp>,
         advance: Option<(u64, i32, i64)>,
-        phases: &mut WritePhases,
+        phases: &mut Phases,
     ) -> Result<ShardWriteResult> {
         let mut patch_only: HashMap<String, bool> = HashMap::new();
         for op in &ops {
@@ -674,7 +676,7 @@ impl Shard {
     /// Seal the tails and write every block, index and the deletions not yet in the manifest,
     /// then the manifest, then drop the log it covers.
     fn flush(&self, manifest: &mut Manifest) -> Result<String> {
-        let mut phases = WritePhases::new();
+        let mut phases = Phases::new();
         // The expensive part of sealing, done before taking the writer lock so writes do not
         // stall behind it: commit the search tail (the seal then commits only what arrives
         // meanwhile) and build the column tail into a block (the seal concatenates).

@@ -211,9 +211,14 @@ fn kafka_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
 
 /// The column list of a CSV Kafka source: `'id, name, price'`.
 pub fn csv_columns(list: &str) -> Result<Vec<String>> {
-    let columns: Vec<String> = list.split(',').map(|c| c.trim().to_string()).collect();
+    csv_column_names(list.split(',').map(str::to_string).collect())
+}
+
+/// CSV cell names, trimmed: none empty, none twice.
+pub fn csv_column_names(names: Vec<String>) -> Result<Vec<String>> {
+    let columns: Vec<String> = names.iter().map(|c| c.trim().to_string()).collect();
     if columns.iter().any(String::is_empty) {
-        return Err(err(format!("columns must be a comma-separated list of names, got {list:?}")));
+        return Err(err(format!("columns must be a list of non-empty names, got {names:?}")));
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(dup) = columns.iter().find(|c| !seen.insert(c.as_str())) {

@@ -170,11 +170,6 @@ impl ObjectReader {
         Ok(reader)
     }
 
-    /// Bytes of the object read so far.
-    pub fn bytes_read(&self) -> u64 {
-        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     /// The next record, or None at the end of the object. An error is a failure to read the
     /// object (retried by the worker); a record that cannot be decoded is an error record.
     pub fn next_record(&mut self) -> Result<Option<ObjectRecord>> {
@@ -433,8 +428,12 @@ pub(crate) fn csv_doc(names: &[String], row: &csv::StringRecord) -> basalt_commo
     object
 }
 
-/// A Kafka message holding one CSV row (no header: the source names the columns).
-pub(crate) fn csv_message(names: &[String], payload: &[u8]) -> Result<basalt_common::doc::Doc> {
+/// A Kafka message holding one CSV row (no header: the source names the columns), of at most
+/// `max` bytes.
+pub(crate) fn csv_message(names: &[String], payload: &[u8], max: usize) -> Result<basalt_common::doc::Doc> {
+    if payload.len() > max {
+        return Err(BasaltError::limit(format!("message is over {max} bytes")));
+    }
     let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(payload);
     let mut row = csv::StringRecord::new();
     match reader.read_record(&mut row) {
@@ -484,11 +483,12 @@ mod tests {
     #[test]
     fn csv_messages_are_one_row() {
         let names: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
-        let doc = csv_message(&names, b"1,\"x, y\"").unwrap();
+        let doc = csv_message(&names, b"1,\"x, y\"", 100).unwrap();
         assert_eq!(serde_json::Value::Object(doc), serde_json::json!({"a": 1, "b": "x, y"}));
-        assert!(csv_message(&names, b"1,2,3").is_err());
-        assert!(csv_message(&names, b"1,2\n3,4").is_err());
-        assert!(csv_message(&names, b"").is_err());
+        assert!(csv_message(&names, b"1,2,3", 100).is_err());
+        assert!(csv_message(&names, b"1,2\n3,4", 100).is_err());
+        assert!(csv_message(&names, b"", 100).is_err());
+        assert!(csv_message(&names, b"1,22", 3).is_err());
     }
 
     /// A read-ahead reader returns every record from where it starts, in order, across more

@@ -995,13 +995,7 @@ impl PartitionWorker {
         let payload = payload.ok_or_else(|| BasaltError::invalid("message has no value"))?;
         let mut doc = match &self.source.spec {
             SourceSpec::Kafka(KafkaSource { format: SourceFormat::Csv, columns, .. }) => {
-                if payload.len() > self.limits.doc_size_bytes_max {
-                    return Err(BasaltError::limit(format!(
-                        "message is over {} bytes",
-                        self.limits.doc_size_bytes_max
-                    )));
-                }
-                let doc = crate::objects::csv_message(columns, &payload)?;
+                let doc = crate::objects::csv_message(columns, &payload, self.limits.doc_size_bytes_max)?;
                 basalt_common::doc::check_doc(&doc, &self.limits)?;
                 doc
             }
