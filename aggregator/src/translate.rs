@@ -1,11 +1,52 @@
 //! Translation of DataFusion filter expressions into the leaf filter language. A filter that
 //! translates is evaluated completely by leaves (`Exact`); one that does not stays in DataFusion.
 
-use arrow::datatypes::Schema;
-use basalt_common::filter::{CmpOp, Filter};
+use arrow::datatypes::{DataType, Schema};
+use basalt_common::filter::{CmpOp, Filter, Scalar};
 use basalt_fragment::filters::{cmp_op, column_type, flip, scalar_for_column};
 use datafusion::common::ScalarValue;
-use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
+use datafusion::logical_expr::{BinaryExpr, Cast, Expr, Operator};
+
+/// What a filter compares: a column, or a text column cast to a date (`l_shipdate < DATE
+/// '1995-01-01'` on a text column is `CAST(l_shipdate AS DATE) < ...` after type coercion;
+/// leaves parse each block's text once and keep the dates).
+enum Operand<'a> {
+    Column(&'a str, &'a DataType),
+    TextAsDate(&'a str),
+}
+
+impl<'a> Operand<'a> {
+    fn of(e: &'a Expr, schema: &'a Schema) -> Option<Operand<'a>> {
+        match e {
+            Expr::Column(c) => Some(Operand::Column(c.name.as_str(), column_type(schema, &c.name)?)),
+            Expr::Cast(Cast { expr, field }) if field.data_type() == &DataType::Date32 => match expr.as_ref() {
+                Expr::Column(c) if column_type(schema, &c.name) == Some(&DataType::Utf8) => {
+                    Some(Operand::TextAsDate(c.name.as_str()))
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn path(&self) -> &'a str {
+        match self {
+            Operand::Column(p, _) | Operand::TextAsDate(p) => p,
+        }
+    }
+
+    /// A literal as the leaf scalar this operand compares with.
+    fn scalar(&self, e: &Expr) -> Option<Scalar> {
+        let Expr::Literal(v, _) = e else { return None };
+        match self {
+            Operand::Column(_, ty) => scalar_for_column(v, ty),
+            Operand::TextAsDate(_) => match v {
+                ScalarValue::Date32(Some(d)) => Some(Scalar::Date(*d)),
+                _ => None,
+            },
+        }
+    }
+}
 
 /// Translate one filter, or None when leaves cannot evaluate it exactly.
 pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
@@ -17,13 +58,13 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
             Some(Filter::Or(vec![translate(left, schema)?, translate(right, schema)?]))
         }
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-            let (path, lit, op) = match (left.as_ref(), right.as_ref()) {
-                (Expr::Column(c), Expr::Literal(v, _)) => (c.name.as_str(), v, cmp_op(*op)?),
-                (Expr::Literal(v, _), Expr::Column(c)) => (c.name.as_str(), v, flip(cmp_op(*op)?)),
+            let op = cmp_op(*op)?;
+            let (operand, value, op) = match (Operand::of(left, schema), Operand::of(right, schema)) {
+                (Some(o), None) => (o, right.as_ref(), op),
+                (None, Some(o)) => (o, left.as_ref(), flip(op)),
                 _ => return None,
             };
-            let value = scalar_for_column(lit, column_type(schema, path)?)?;
-            Some(Filter::Cmp { path: path.to_string(), op, value })
+            Some(Filter::Cmp { path: operand.path().to_string(), op, value: operand.scalar(value)? })
         }
         Expr::Not(inner) => Some(Filter::Not(Box::new(translate(inner, schema)?))),
         Expr::IsNull(inner) => match inner.as_ref() {
@@ -35,29 +76,17 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
             _ => None,
         },
         Expr::InList(list) => {
-            let Expr::Column(c) = list.expr.as_ref() else { return None };
-            let ty = column_type(schema, &c.name)?;
-            let values = list
-                .list
-                .iter()
-                .map(|e| match e {
-                    Expr::Literal(v, _) => scalar_for_column(v, ty),
-                    _ => None,
-                })
-                .collect::<Option<Vec<_>>>()?;
-            let f = Filter::In { path: c.name.clone(), values };
+            let operand = Operand::of(&list.expr, schema)?;
+            let values = list.list.iter().map(|e| operand.scalar(e)).collect::<Option<Vec<_>>>()?;
+            let f = Filter::In { path: operand.path().to_string(), values };
             Some(if list.negated { Filter::Not(Box::new(f)) } else { f })
         }
         Expr::Between(b) => {
-            let Expr::Column(c) = b.expr.as_ref() else { return None };
-            let ty = column_type(schema, &c.name)?;
-            let lit = |e: &Expr| match e {
-                Expr::Literal(v, _) => scalar_for_column(v, ty),
-                _ => None,
-            };
+            let operand = Operand::of(&b.expr, schema)?;
+            let path = operand.path().to_string();
             let range = Filter::And(vec![
-                Filter::Cmp { path: c.name.clone(), op: CmpOp::GtEq, value: lit(&b.low)? },
-                Filter::Cmp { path: c.name.clone(), op: CmpOp::LtEq, value: lit(&b.high)? },
+                Filter::Cmp { path: path.clone(), op: CmpOp::GtEq, value: operand.scalar(&b.low)? },
+                Filter::Cmp { path, op: CmpOp::LtEq, value: operand.scalar(&b.high)? },
             ]);
             Some(if b.negated { Filter::Not(Box::new(range)) } else { range })
         }
@@ -102,5 +131,28 @@ mod tests {
             translate(&col("name").in_list(vec![lit("a"), lit("b")], true), &schema).unwrap().to_string(),
             "NOT name IN ('a', 'b')"
         );
+    }
+
+    #[test]
+    fn text_compared_with_a_date_is_pushed_as_a_date_comparison() {
+        use datafusion::logical_expr::cast;
+        let schema = Schema::new(vec![Field::new("day", DataType::Utf8, true), Field::new("n", DataType::Int64, true)]);
+        let date = |d: i32| lit(ScalarValue::Date32(Some(d)));
+        let f = translate(&cast(col("day"), DataType::Date32).lt(date(9131)), &schema).unwrap();
+        assert_eq!(f, Filter::Cmp { path: "day".into(), op: CmpOp::Lt, value: Scalar::Date(9131) });
+        assert_eq!(f.to_string(), "CAST(day AS DATE) < DATE '1995-01-01'");
+        let flipped = translate(&date(9131).lt(cast(col("day"), DataType::Date32)), &schema).unwrap();
+        assert_eq!(flipped.to_string(), "CAST(day AS DATE) > DATE '1995-01-01'");
+        let between = cast(col("day"), DataType::Date32).between(date(0), date(1));
+        assert_eq!(
+            translate(&between, &schema).unwrap().to_string(),
+            "(CAST(day AS DATE) >= DATE '1970-01-01' AND CAST(day AS DATE) <= DATE '1970-01-02')"
+        );
+        // Only text columns, only date literals, only casts to DATE.
+        assert!(translate(&cast(col("n"), DataType::Date32).lt(date(1)), &schema).is_none());
+        assert!(translate(&cast(col("day"), DataType::Date32).lt(lit("1995-01-01")), &schema).is_none());
+        assert!(translate(&cast(col("day"), DataType::Int64).lt(lit(1i64)), &schema).is_none());
+        // Column against column stays in DataFusion.
+        assert!(translate(&col("day").eq(col("day")), &schema).is_none());
     }
 }

@@ -17,6 +17,9 @@ pub enum Scalar {
     Str(String),
     /// Microseconds since the epoch, UTC.
     Timestamp(i64),
+    /// Days since 1970-01-01. A comparison with a date compares the column's text parsed as a
+    /// date, as SQL `CAST(column AS DATE)` does (a value that is not a date is an error).
+    Date(i32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +78,10 @@ impl std::fmt::Display for Scalar {
             Scalar::Float(x) => write!(f, "{x}"),
             Scalar::Str(s) => write!(f, "'{}'", s.replace('\'', "''")),
             Scalar::Timestamp(t) => write!(f, "timestamp_us({t})"),
+            Scalar::Date(d) => match chrono::NaiveDate::from_epoch_days(*d) {
+                Some(day) => write!(f, "DATE '{day}'"),
+                None => write!(f, "date_days({d})"),
+            },
         }
     }
 }
@@ -95,9 +102,16 @@ impl std::fmt::Display for Filter {
             Filter::And(items) => join(f, items, "AND"),
             Filter::Or(items) => join(f, items, "OR"),
             Filter::Not(inner) => write!(f, "NOT {inner}"),
+            Filter::Cmp { path, op, value: value @ Scalar::Date(_) } => {
+                write!(f, "CAST({path} AS DATE) {} {value}", op.symbol())
+            }
             Filter::Cmp { path, op, value } => write!(f, "{path} {} {value}", op.symbol()),
             Filter::In { path, values } => {
-                write!(f, "{path} IN (")?;
+                if matches!(values.first(), Some(Scalar::Date(_))) {
+                    write!(f, "CAST({path} AS DATE) IN (")?;
+                } else {
+                    write!(f, "{path} IN (")?;
+                }
                 for (i, v) in values.iter().enumerate() {
                     if i > 0 {
                         write!(f, ", ")?;

@@ -41,9 +41,35 @@ pub struct Block {
     pub rows: usize,
     pub columns: HashMap<String, ArrayRef>,
     pub min_max: HashMap<String, MinMax>,
+    /// Text columns parsed as dates, kept after the first query that compares them with a date
+    /// (`CAST(col AS DATE) < DATE '...'`): blocks never change, so neither does the parse.
+    dates: parking_lot::Mutex<HashMap<String, ArrayRef>>,
 }
 
 impl Block {
+    pub fn new(
+        base_slot: u64,
+        rows: usize,
+        columns: HashMap<String, ArrayRef>,
+        min_max: HashMap<String, MinMax>,
+    ) -> Block {
+        Block { base_slot, rows, columns, min_max, dates: Default::default() }
+    }
+
+    /// The column at `path` as SQL `CAST(CAST(col AS TEXT) AS DATE)` computes it (Date32; a
+    /// non-null value that is not a date is an error, as in SQL), parsed once per block.
+    pub fn column_as_date(&self, path: &str) -> Result<ArrayRef> {
+        if let Some(a) = self.dates.lock().get(path) {
+            return Ok(a.clone());
+        }
+        let text = self.column_as(path, &DataType::Utf8)?;
+        let options = CastOptions { safe: false, ..Default::default() };
+        let dates = cast_with_options(&text, &DataType::Date32, &options)
+            .map_err(|e| basalt_common::BasaltError::invalid(format!("{path}: {e}")))?;
+        self.dates.lock().insert(path.to_string(), dates.clone());
+        Ok(dates)
+    }
+
     /// Build a block from documents (slot `base_slot + i` for document `i`).
     pub fn build(base_slot: u64, docs: &[Arc<Doc>]) -> Result<Block> {
         let mut stats = SchemaStats::default();
@@ -59,7 +85,7 @@ impl Block {
             }
             columns.insert(path, array);
         }
-        Ok(Block { base_slot, rows: docs.len(), columns, min_max })
+        Ok(Block::new(base_slot, docs.len(), columns, min_max))
     }
 
     /// The column at `path` as `ty` (cast when the block holds another type; nulls when absent).
@@ -79,7 +105,7 @@ impl Block {
             .filter_map(|p| self.columns.get_key_value(*p))
             .map(|(path, array)| Ok((path.clone(), arrow::compute::take(array.as_ref(), &indices, None)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        Ok(Block { base_slot: self.base_slot, rows: rows.len(), columns, min_max: HashMap::new() })
+        Ok(Block::new(self.base_slot, rows.len(), columns, HashMap::new()))
     }
 }
 
@@ -125,7 +151,7 @@ impl Block {
             }
             columns.insert(field.name().clone(), array.clone());
         }
-        Ok(Block { base_slot, rows: batch.num_rows(), columns, min_max })
+        Ok(Block::new(base_slot, batch.num_rows(), columns, min_max))
     }
 
     /// Adjacent blocks concatenated into one, or `None` when a path has different types in
@@ -155,7 +181,7 @@ impl Block {
             }
             columns.insert(name.clone(), array);
         }
-        Ok(Some(Block { base_slot: first.base_slot, rows, columns, min_max }))
+        Ok(Some(Block::new(first.base_slot, rows, columns, min_max)))
     }
 }
 
@@ -255,6 +281,23 @@ impl Deletions {
 
     pub fn is_deleted(&self, slot: u64) -> bool {
         self.words.get((slot / 64) as usize).is_some_and(|w| w & (1 << (slot % 64)) != 0)
+    }
+
+    /// Whether any slot in `start..end` is deleted (a word at a time).
+    pub fn any_in(&self, start: u64, end: u64) -> bool {
+        let mut slot = start;
+        while slot < end {
+            let w = (slot / 64) as usize;
+            let Some(word) = self.words.get(w) else { return false };
+            let lo = slot % 64;
+            let hi = (end - (w as u64) * 64).min(64);
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            if word & mask != 0 {
+                return true;
+            }
+            slot = (w as u64 + 1) * 64;
+        }
+        false
     }
 
     /// Deleted slots in `start..end`.
@@ -394,7 +437,7 @@ impl Block {
             let merged = arrow::compute::interleave(&[base.as_ref(), new.as_ref()], &indices)?;
             columns.insert(path.to_string(), merged);
         }
-        Ok(Some(Block { base_slot: self.base_slot, rows: self.rows, columns, min_max: HashMap::new() }))
+        Ok(Some(Block::new(self.base_slot, self.rows, columns, HashMap::new())))
     }
 }
 

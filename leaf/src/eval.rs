@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, AsArray, BooleanArray, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    ArrayRef, AsArray, BooleanArray, Date32Array, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray,
+};
 use arrow::compute::kernels::boolean::{and_kleene, is_not_null, is_null, not, or_kleene};
 use arrow::compute::kernels::cmp;
 use arrow::datatypes::DataType;
@@ -21,6 +23,16 @@ fn scalar_type(s: &Scalar) -> DataType {
         Scalar::Float(_) => DataType::Float64,
         Scalar::Str(_) => DataType::Utf8,
         Scalar::Timestamp(_) => DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some(TIMEZONE.into())),
+        Scalar::Date(_) => DataType::Date32,
+    }
+}
+
+/// The column a comparison with `value` reads: the column as the literal's type, or for a date
+/// literal the column's text parsed as dates (cached in the block).
+fn column_for(block: &Block, path: &str, value: &Scalar) -> Result<ArrayRef> {
+    match value {
+        Scalar::Date(_) => block.column_as_date(path),
+        other => block.column_as(path, &scalar_type(other)),
     }
 }
 
@@ -31,6 +43,7 @@ fn scalar_array(s: &Scalar) -> ArrayRef {
         Scalar::Float(f) => Arc::new(Float64Array::from(vec![*f])),
         Scalar::Str(s) => Arc::new(StringArray::from(vec![s.as_str()])),
         Scalar::Timestamp(t) => Arc::new(TimestampMicrosecondArray::from(vec![*t]).with_timezone(TIMEZONE)),
+        Scalar::Date(d) => Arc::new(Date32Array::from(vec![*d])),
     }
 }
 
@@ -70,6 +83,14 @@ fn in_set(path: &str, values: &[Scalar], block: &Block) -> Result<Option<Boolean
             let col = col.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
             col.iter().map(|v| v.map(|x| set.contains(&x))).collect()
         }
+        Scalar::Date(_) => {
+            let Some(set) = ints(|v| if let Scalar::Date(d) = v { Some(i64::from(*d)) } else { None }) else {
+                return Ok(None);
+            };
+            let col = block.column_as_date(path)?;
+            let col = col.as_primitive::<arrow::datatypes::Date32Type>();
+            col.iter().map(|v| v.map(|x| set.contains(&i64::from(x)))).collect()
+        }
         Scalar::Str(_) => {
             let strings = values.iter().map(|v| if let Scalar::Str(s) = v { Some(s.as_str()) } else { None });
             let Some(set) = strings.collect::<Option<HashSet<&str>>>() else { return Ok(None) };
@@ -89,7 +110,7 @@ pub fn eval(filter: &Filter, block: &Block) -> Result<BooleanArray> {
         Filter::Or(items) => fold(items, block, false),
         Filter::Not(inner) => Ok(not(&eval(inner, block)?)?),
         Filter::Cmp { path, op, value } => {
-            let col = block.column_as(path, &scalar_type(value))?;
+            let col = column_for(block, path, value)?;
             compare(&col, *op, value)
         }
         Filter::In { path, values } => {
@@ -98,7 +119,7 @@ pub fn eval(filter: &Filter, block: &Block) -> Result<BooleanArray> {
             }
             let mut acc: Option<BooleanArray> = None;
             for v in values {
-                let col = block.column_as(path, &scalar_type(v))?;
+                let col = column_for(block, path, v)?;
                 let m = compare(&col, CmpOp::Eq, v)?;
                 acc = Some(match acc {
                     None => m,
@@ -128,12 +149,17 @@ pub fn eval_all(filters: &[&Filter], block: &Block) -> Result<BooleanArray> {
 }
 
 fn fold<'a>(items: impl IntoIterator<Item = &'a Filter>, block: &Block, conjunction: bool) -> Result<BooleanArray> {
-    let mut acc = BooleanArray::from(vec![conjunction; block.rows]);
+    let mut acc: Option<BooleanArray> = None;
     for item in items {
         let m = eval(item, block)?;
-        acc = if conjunction { and_kleene(&acc, &m)? } else { or_kleene(&acc, &m)? };
+        acc = Some(match acc {
+            None => m,
+            Some(a) if conjunction => and_kleene(&a, &m)?,
+            Some(a) => or_kleene(&a, &m)?,
+        });
     }
-    Ok(acc)
+    // The empty conjunction is true, the empty disjunction false.
+    Ok(acc.unwrap_or_else(|| BooleanArray::from(vec![conjunction; block.rows])))
 }
 
 /// `search()` semantics without the index: every query token occurs in the value.
@@ -213,6 +239,44 @@ mod tests {
 
     fn rows(f: &Filter) -> Vec<Option<bool>> {
         eval(f, &block()).unwrap().iter().collect()
+    }
+
+    #[test]
+    fn text_compares_with_dates_as_parsed_dates() {
+        let docs: Vec<Arc<Doc>> = [json!({"d": "1995-03-15"}), json!({"d": "1994-12-31"}), json!({"x": 1})]
+            .into_iter()
+            .map(|v| Arc::new(v.as_object().unwrap().clone()))
+            .collect();
+        let b = Block::build(0, &docs).unwrap();
+        let day = |s: &str| {
+            let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+            Scalar::Date(d.signed_duration_since(chrono::NaiveDate::default()).num_days() as i32)
+        };
+        let lt = Filter::Cmp { path: "d".into(), op: CmpOp::Lt, value: day("1995-01-01") };
+        assert_eq!(eval(&lt, &b).unwrap().iter().collect::<Vec<_>>(), vec![Some(false), Some(true), None]);
+        // Parsed once: the second comparison reads the same dates.
+        let first = b.column_as_date("d").unwrap();
+        assert!(Arc::ptr_eq(&first, &b.column_as_date("d").unwrap()));
+        let dates: Vec<Scalar> = (0..9).map(Scalar::Date).chain([day("1995-03-15")]).collect();
+        let within = Filter::In { path: "d".into(), values: dates };
+        assert_eq!(eval(&within, &b).unwrap().iter().collect::<Vec<_>>(), vec![Some(true), Some(false), None]);
+        // Text that is not a date is an error, as `CAST('x' AS DATE)` is in SQL.
+        let bad = Block::build(0, &[Arc::new(json!({"d": "soon"}).as_object().unwrap().clone())]).unwrap();
+        let err = eval(&lt, &bad).unwrap_err();
+        assert!(err.to_string().contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn deletions_answer_range_questions_a_word_at_a_time() {
+        let mut d = crate::columns::Deletions::default();
+        assert!(!d.any_in(0, 1000));
+        d.set(130);
+        for (start, end, want) in
+            [(0, 130, false), (0, 131, true), (130, 131, true), (131, 5000, false), (64, 200, true)]
+        {
+            assert_eq!(d.any_in(start, end), want, "{start}..{end}");
+            assert_eq!(d.count(start, end) > 0, want, "{start}..{end}");
+        }
     }
 
     #[test]

@@ -1144,7 +1144,9 @@ fn project_filter(
 ) -> Result<RecordBatch> {
     let is_live = |slot: u64| deletions.is_none_or(|d| !d.is_deleted(slot));
     let narrowed;
-    let (block, slots): (&Block, Vec<u64>) = match rows {
+    // Rows to keep before filters: None when every row of the block is live.
+    let mut keep: Option<arrow::array::BooleanArray> = None;
+    let (block, slots): (&Block, Option<Vec<u64>>) = match rows {
         Some(rows) => {
             let live: Vec<u32> = rows
                 .into_iter()
@@ -1154,23 +1156,33 @@ fn project_filter(
             let mut paths: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
             filters.iter().for_each(|f| filter_paths(f, &mut paths));
             narrowed = block.take(&live, &paths)?;
-            (&narrowed, slots)
+            (&narrowed, Some(slots))
         }
-        None => (block, (0..block.rows as u64).map(|r| block.base_slot + r).collect()),
+        None => {
+            let (start, end) = (block.base_slot, block.base_slot + block.rows as u64);
+            if deletions.is_some_and(|d| d.any_in(start, end)) {
+                keep = Some((start..end).map(|s| Some(is_live(s))).collect());
+            }
+            (block, None)
+        }
     };
-    let mut keep = arrow::array::BooleanArray::from(slots.iter().map(|s| is_live(*s)).collect::<Vec<bool>>());
     if !filters.is_empty() {
         let m = eval_all(filters, block)?;
         // Unknown (null) counts as false.
         let m = if m.null_count() > 0 { arrow::compute::prep_null_mask_filter(&m) } else { m };
-        keep = and(&keep, &m)?;
+        keep = Some(match keep {
+            Some(k) => and(&k, &m)?,
+            None => m,
+        });
     }
     let arrays: Vec<ArrayRef> = schema
         .fields()
         .iter()
         .map(|f| {
             if f.name() == SCORE_COLUMN {
-                let values: Float64Array = slots.iter().map(|s| scores.get(s).map(|v| f64::from(*v))).collect();
+                let slot = |i: usize| slots.as_ref().map_or(block.base_slot + i as u64, |s| s[i]);
+                let values: Float64Array =
+                    (0..block.rows).map(|i| scores.get(&slot(i)).map(|v| f64::from(*v))).collect();
                 return Ok(Arc::new(values) as ArrayRef);
             }
             block.column_as(f.name(), f.data_type())
@@ -1178,5 +1190,8 @@ fn project_filter(
         .collect::<Result<_>>()?;
     let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(block.rows));
     let batch = RecordBatch::try_new_with_options(schema.clone(), arrays, &options)?;
-    Ok(filter_record_batch(&batch, &keep)?)
+    Ok(match keep {
+        Some(keep) => filter_record_batch(&batch, &keep)?,
+        None => batch,
+    })
 }
