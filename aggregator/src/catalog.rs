@@ -31,11 +31,14 @@ pub struct PlanOptions {
     /// Per-shard work runs on the leaves as plan fragments (`SET basalt.fragments = off` runs
     /// it on the aggregator, for comparison).
     pub fragments: bool,
+    /// Inner joins are ordered from leaf statistics (`SET basalt.join_order = off` keeps the
+    /// order the query names them in, for comparison).
+    pub join_order: bool,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        Self { hint: None, with_score: false, fragments: true }
+        Self { hint: None, with_score: false, fragments: true, join_order: true }
     }
 }
 

@@ -85,6 +85,7 @@ impl Engine {
             .with_runtime_env(runtime)
             .with_default_features()
             .with_physical_optimizer_rule(Arc::new(crate::catalog::PushFragments { options: options.clone() }))
+            .with_optimizer_rules(optimizer_rules(options.clone()))
             .build();
         let ctx = SessionContext::new_with_state(state);
         let catalog = Arc::new(BasaltCatalog::new(self.meta.clone(), self.leaf.clone(), options.clone()));
@@ -103,6 +104,17 @@ impl Engine {
             timeout: RwLock::new(None),
         }
     }
+}
+
+/// DataFusion's logical optimizer rules, with join ordering from leaf statistics right after
+/// filters are pushed into scans (the estimates read the scans' filters).
+fn optimizer_rules(
+    options: Arc<RwLock<PlanOptions>>,
+) -> Vec<Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>> {
+    let mut rules = datafusion::optimizer::Optimizer::new().rules;
+    let at = rules.iter().position(|r| r.name() == "push_down_filter").map_or(rules.len(), |i| i + 1);
+    rules.insert(at, Arc::new(crate::joins::ReorderJoins { options }));
+    rules
 }
 
 pub struct Session {
@@ -422,6 +434,7 @@ impl Session {
             }
             "basalt.memory_limit" => Some(crate::limits::human_bytes(self.pool.limit())),
             "basalt.fragments" => Some(if self.options.read().fragments { "on" } else { "off" }.to_string()),
+            "basalt.join_order" => Some(if self.options.read().join_order { "on" } else { "off" }.to_string()),
             _ => None,
         }
     }
@@ -448,12 +461,18 @@ impl Session {
                 state.write().config_mut().options_mut().set(&name, value).map_err(from_df)?;
                 return Ok(command("SET", 0));
             }
-            if name == "basalt.fragments" {
-                self.options.write().fragments = match value.to_lowercase().as_str() {
+            if name == "basalt.fragments" || name == "basalt.join_order" {
+                let on = match value.to_lowercase().as_str() {
                     "on" | "true" | "1" | "default" => true,
                     "off" | "false" | "0" => false,
-                    other => return Err(BasaltError::invalid(format!("basalt.fragments is on or off, not {other:?}"))),
+                    other => return Err(BasaltError::invalid(format!("{name} is on or off, not {other:?}"))),
                 };
+                let mut options = self.options.write();
+                if name == "basalt.fragments" {
+                    options.fragments = on;
+                } else {
+                    options.join_order = on;
+                }
                 return Ok(command("SET", 0));
             }
             if name == "basalt.access_path" || name == "basalt_access_path" {

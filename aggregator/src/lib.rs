@@ -10,6 +10,7 @@ pub mod engine;
 pub mod fastpath;
 pub mod flight;
 pub mod http;
+pub mod joins;
 pub mod limits;
 pub mod pg;
 pub mod table;

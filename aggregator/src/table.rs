@@ -59,6 +59,11 @@ impl CollectionTable {
         let schema = table_schema(&columns);
         Self { info, stats, columns, schema, leaf, hint }
     }
+
+    /// The collection's statistics as the leaves reported them (with distinct-value sketches).
+    pub fn stats(&self) -> &SchemaStats {
+        &self.stats
+    }
 }
 
 #[async_trait]

@@ -81,6 +81,10 @@ fn unify_scalars(kinds: &[Kind]) -> Option<ColumnType> {
 pub struct SchemaStats {
     pub doc_count: u64,
     pub fields: BTreeMap<String, BTreeMap<Kind, u64>>,
+    /// Approximate distinct values per column, for join planning: computed by leaves when asked
+    /// for a collection's statistics (never part of a shard's own, durable statistics).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub distinct: BTreeMap<String, crate::sketch::Sketch>,
 }
 
 impl SchemaStats {
@@ -103,12 +107,25 @@ impl SchemaStats {
 
     pub fn merge(&mut self, other: &SchemaStats) {
         self.doc_count += other.doc_count;
+        for (path, sketch) in &other.distinct {
+            match self.distinct.get_mut(path) {
+                Some(mine) => mine.merge(sketch),
+                None => {
+                    self.distinct.insert(path.clone(), sketch.clone());
+                }
+            }
+        }
         for (path, kinds) in &other.fields {
             let mine = self.fields.entry(path.clone()).or_default();
             for (kind, n) in kinds {
                 *mine.entry(*kind).or_insert(0) += n;
             }
         }
+    }
+
+    /// Estimated distinct non-null values at `path`, when the leaves computed it.
+    pub fn distinct_values(&self, path: &str) -> Option<u64> {
+        self.distinct.get(path).map(|s| s.estimate())
     }
 
     /// The one non-null kind seen at `path`, if exactly one.

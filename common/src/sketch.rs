@@ -46,7 +46,13 @@ pub fn value_key(value: &serde_json::Value) -> Option<String> {
 
 impl Sketch {
     pub fn add_key(&mut self, key: &str) {
-        let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+        self.add_bytes(key.as_bytes());
+    }
+
+    /// Count a value by its bytes (planner statistics hash column values as stored, without
+    /// the canonical text rollups use).
+    pub fn add_bytes(&mut self, bytes: &[u8]) {
+        let h = xxhash_rust::xxh3::xxh3_64(bytes);
         let idx = (h >> (64 - P)) as usize;
         // Rank of the first set bit in the remaining 52 bits (1-based), 53 when all are zero.
         let rest = h << P;
@@ -111,6 +117,19 @@ impl Sketch {
             _ => return Err(bad()),
         }
         Ok(s)
+    }
+}
+
+impl serde::Serialize for Sketch {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.encode())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Sketch {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Sketch::decode(&text).map_err(serde::de::Error::custom)
     }
 }
 

@@ -318,13 +318,18 @@ impl LeafApi for Leaf {
     }
 
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
-        let mut out = SchemaStats::default();
-        for s in shards {
-            if let Some(shard) = self.shard((collection_id, s)) {
-                out.merge(&shard.stats());
+        let shards: Vec<_> = shards.into_iter().filter_map(|s| self.shard((collection_id, s))).collect();
+        // Distinct-value sketches read columns the first time (then they are cached): off the
+        // async workers.
+        tokio::task::spawn_blocking(move || {
+            let mut out = SchemaStats::default();
+            for shard in shards {
+                out.merge(&shard.planner_stats()?);
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
+        .map_err(|e| BasaltError::internal(format!("statistics task: {e}")))?
     }
 
     async fn estimate(

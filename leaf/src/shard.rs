@@ -19,6 +19,7 @@ use basalt_common::api::{DocStatus, SCORE_COLUMN, ScanRequest, ShardWriteResult,
 use basalt_common::doc::{Doc, DocLimits, apply_patch, apply_patch_partial, patched_fields};
 use basalt_common::filter::{AccessPath, Filter, choose_access_path, id_lookup, index_answerable};
 use basalt_common::schema::SchemaStats;
+use basalt_common::sketch::Sketch;
 use basalt_common::{BasaltError, Result};
 use parking_lot::{Mutex, RwLock};
 use prometheus::{HistogramVec, register_histogram_vec};
@@ -136,6 +137,8 @@ pub struct Shard {
     opened_from: &'static str,
     /// How far the shard applied each (source, partition); durable in `meta`.
     positions: Mutex<HashMap<(u64, i32), i64>>,
+    /// Distinct-value sketches per column for the planner, and the live documents they saw.
+    distinct: Mutex<Option<(u64, Arc<Sketches>)>>,
 }
 
 /// A document patched field by field in one batch: its stored head, the fields loaded (those
@@ -270,6 +273,7 @@ impl Shard {
             last_change: Mutex::new((0, Instant::now())),
             opened_from: "row store",
             positions: Mutex::new(load_positions(meta, key)?),
+            distinct: Mutex::new(None),
         };
         let how = match manifest {
             Some(m) => match shard.restore(&m) {
@@ -641,6 +645,26 @@ impl Shard {
 
     pub fn stats(&self) -> SchemaStats {
         self.columns.read().stats().clone()
+    }
+
+    /// Statistics with distinct-value sketches per column, for planning joins. The sketches
+    /// read every column value once, then stay until the live documents change by a tenth.
+    pub fn planner_stats(&self) -> Result<SchemaStats> {
+        let mut stats = self.stats();
+        let live = self.live_docs() as u64;
+        let cached = self.distinct.lock().clone();
+        let sketches = match cached {
+            Some((seen, sketches)) if seen.abs_diff(live) <= seen / 10 => sketches,
+            _ => {
+                self.prebuild_tail()?;
+                let snapshot = self.columns.write().snapshot()?;
+                let sketches = Arc::new(distinct_sketches(&snapshot.blocks, &snapshot.deletions));
+                *self.distinct.lock() = Some((live, sketches.clone()));
+                sketches
+            }
+        };
+        stats.distinct = (*sketches).clone();
+        Ok(stats)
     }
 
     /// Flush and merge segments when the policy says so (always flush pending writes when
@@ -1134,6 +1158,61 @@ fn filter_paths<'a>(f: &'a Filter, out: &mut Vec<&'a str>) {
 /// Select rows of a block (all, or the given row numbers), drop deleted ones, apply filters,
 /// and project to the requested columns and types. With row numbers (index hits), the block is
 /// first narrowed to those rows, so the work is proportional to the hits, not the block.
+/// A distinct-value sketch per column path.
+type Sketches = BTreeMap<String, Sketch>;
+
+/// A distinct-value sketch per scalar column over the live rows of `blocks`.
+fn distinct_sketches(blocks: &[Arc<Block>], deletions: &Deletions) -> Sketches {
+    use arrow::array::AsArray;
+    use arrow::datatypes::{DataType, Float64Type, Int64Type, TimestampMicrosecondType};
+    let mut out = Sketches::new();
+    for block in blocks {
+        let start = block.base_slot;
+        let any_deleted = deletions.any_in(start, start + block.rows as u64);
+        let live = |i: usize| !any_deleted || !deletions.is_deleted(start + i as u64);
+        for (path, array) in &block.columns {
+            let sketch = match out.get_mut(path) {
+                Some(s) => s,
+                None => out.entry(path.clone()).or_default(),
+            };
+            let valid = |i: usize| array.is_valid(i) && live(i);
+            match array.data_type() {
+                DataType::Int64 => {
+                    let a = array.as_primitive::<Int64Type>();
+                    (0..a.len()).filter(|i| valid(*i)).for_each(|i| sketch.add_bytes(&a.value(i).to_le_bytes()));
+                }
+                DataType::Timestamp(_, _) => {
+                    let a = array.as_primitive::<TimestampMicrosecondType>();
+                    (0..a.len()).filter(|i| valid(*i)).for_each(|i| sketch.add_bytes(&a.value(i).to_le_bytes()));
+                }
+                DataType::Float64 => {
+                    let a = array.as_primitive::<Float64Type>();
+                    // An integral float counts as the integer (a block of only integers holds
+                    // the same field as Int64).
+                    (0..a.len()).filter(|i| valid(*i)).for_each(|i| {
+                        let v = a.value(i);
+                        if v.fract() == 0.0 && v.abs() < 9.0e15 {
+                            sketch.add_bytes(&(v as i64).to_le_bytes());
+                        } else {
+                            sketch.add_bytes(&v.to_le_bytes());
+                        }
+                    });
+                }
+                DataType::Utf8 => {
+                    let a = array.as_string::<i32>();
+                    (0..a.len()).filter(|i| valid(*i)).for_each(|i| sketch.add_bytes(a.value(i).as_bytes()));
+                }
+                DataType::Boolean => {
+                    let a = array.as_boolean();
+                    (0..a.len()).filter(|i| valid(*i)).for_each(|i| sketch.add_bytes(&[u8::from(a.value(i))]));
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 fn project_filter(
     block: &Block,
     rows: Option<Vec<u32>>,

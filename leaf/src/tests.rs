@@ -621,3 +621,33 @@ async fn idle_shards_merge_multi_segment_indexes() {
     assert!(shard.manifest_for_tests().generation > generation);
     assert_eq!(blue(&shard), before);
 }
+
+#[tokio::test]
+async fn planner_statistics_estimate_distinct_values_of_live_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = Leaf::open(&LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() }).unwrap();
+    let doc = |i: usize, k: serde_json::Value| upsert(serde_json::json!({"_id": format!("d{i}"), "k": k, "n": i}));
+    let ops = (0..3000).map(|i| doc(i, serde_json::json!(i % 37))).collect();
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+    leaf.maintain_all(true);
+    let stats = leaf.stats(1, vec![0]).await.unwrap();
+    assert_eq!(stats.distinct_values("k"), Some(37));
+    let ids = stats.distinct_values("_id").unwrap();
+    assert!((2900..=3100).contains(&ids), "{ids}");
+    // The sketches are kept until a tenth of the documents changes; then they are read again,
+    // and replaced versions do not count.
+    let ops = (0..400).map(|i| doc(i, serde_json::json!(1000 + i))).collect();
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+    assert_eq!(leaf.stats(1, vec![0]).await.unwrap().distinct_values("k"), Some(37));
+    let ops = (3000..3400).map(|i| doc(i, serde_json::json!(5.0))).collect();
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+    let k = leaf.stats(1, vec![0]).await.unwrap().distinct_values("k").unwrap();
+    // 37 small integers (5.0 counts as 5) and 400 new values.
+    assert!((425..=449).contains(&k), "{k}");
+    // Statistics of several shards merge their sketches (the same values are not counted twice).
+    let ops = (0..100).map(|i| doc(10_000 + i, serde_json::json!(i % 37))).collect();
+    leaf.apply(ShardWrite { collection_id: 1, shard: 1, ops, position: None }).await.unwrap();
+    let both = leaf.stats(1, vec![0, 1]).await.unwrap();
+    assert_eq!(both.distinct_values("k"), Some(k));
+    assert_eq!(both.doc_count, 3500);
+}

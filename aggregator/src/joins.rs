@@ -1,0 +1,406 @@
+//! Join order from leaf statistics.
+//!
+//! DataFusion joins tables in the order the query names them (the FROM list, with WHERE
+//! equalities turned into join keys). This rule takes each tree of inner equi-joins, estimates
+//! every input's rows (the collection's document count, times the selectivity of the filters
+//! pushed into its scan, from the distinct-value sketches leaves keep per column) and joins
+//! greedily: at each step the two connected inputs whose join is estimated smallest, the
+//! smaller of them on the build (left) side. A tree whose inputs cannot all be estimated, or
+//! that would need a cross product, keeps the query's order.
+
+use std::sync::Arc;
+
+use datafusion::catalog::default_table_source::source_as_provider;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, NullEquality, Result};
+use datafusion::logical_expr::utils::{conjunction, split_conjunction_owned};
+use datafusion::logical_expr::{
+    BinaryExpr, Expr, JoinConstraint, JoinType, LogicalPlan, LogicalPlanBuilder, Operator, TableScan,
+};
+use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
+
+use crate::table::CollectionTable;
+
+/// Selectivity of a predicate the estimator knows nothing about.
+const UNKNOWN_SELECTIVITY: f64 = 0.25;
+/// Selectivity of one range comparison (`a < 3`).
+const RANGE_SELECTIVITY: f64 = 1.0 / 3.0;
+/// Selectivity of a pattern match (`LIKE '%x%'`).
+const LIKE_SELECTIVITY: f64 = 0.1;
+/// Most inputs one tree is reordered over (the greedy search is quadratic per step).
+const MAX_INPUTS: usize = 16;
+
+#[derive(Debug)]
+pub struct ReorderJoins {
+    pub options: Arc<parking_lot::RwLock<crate::catalog::PlanOptions>>,
+}
+
+impl OptimizerRule for ReorderJoins {
+    fn name(&self) -> &str {
+        "basalt_reorder_joins"
+    }
+
+    fn apply_order(&self) -> Option<ApplyOrder> {
+        None
+    }
+
+    fn rewrite(&self, plan: LogicalPlan, _config: &dyn OptimizerConfig) -> Result<Transformed<LogicalPlan>> {
+        if !self.options.read().join_order {
+            return Ok(Transformed::no(plan));
+        }
+        rewrite(plan)
+    }
+}
+
+fn is_reorderable(plan: &LogicalPlan) -> bool {
+    matches!(plan, LogicalPlan::Join(j) if j.join_type == JoinType::Inner
+        && j.join_constraint == JoinConstraint::On
+        && j.null_equality == NullEquality::NullEqualsNothing
+        && !j.null_aware)
+}
+
+fn rewrite(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
+    if !is_reorderable(&plan) {
+        return plan.map_children(rewrite);
+    }
+    let mut tree = Tree::default();
+    tree.flatten(plan.clone());
+    let mut changed = false;
+    let mut inputs = Vec::with_capacity(tree.inputs.len());
+    for input in std::mem::take(&mut tree.inputs) {
+        let t = rewrite(input)?;
+        changed |= t.transformed;
+        inputs.push(t.data);
+    }
+    tree.inputs = inputs;
+    match tree.reorder(plan.schema().columns())? {
+        Some(new) if new != plan => Ok(Transformed::yes(new)),
+        _ if changed => Ok(Transformed::yes(tree.rebuild_original(plan)?)),
+        _ => Ok(Transformed::no(plan)),
+    }
+}
+
+/// A tree of inner joins: its inputs, equi-join pairs and other join conditions.
+#[derive(Default)]
+struct Tree {
+    inputs: Vec<LogicalPlan>,
+    on: Vec<(Expr, Expr)>,
+    filters: Vec<Expr>,
+}
+
+/// Inputs joined so far: a bit per tree input, the plan and its estimated rows.
+struct Part {
+    inputs: u64,
+    plan: LogicalPlan,
+    rows: f64,
+}
+
+/// An equi-join pair with the input each side reads and that side's distinct values.
+struct Edge {
+    sides: [(usize, Expr, f64); 2],
+}
+
+impl Tree {
+    fn flatten(&mut self, plan: LogicalPlan) {
+        if self.inputs.len() < MAX_INPUTS
+            && is_reorderable(&plan)
+            && let LogicalPlan::Join(j) = plan
+        {
+            self.flatten(Arc::unwrap_or_clone(j.left));
+            self.flatten(Arc::unwrap_or_clone(j.right));
+            self.on.extend(j.on);
+            if let Some(f) = j.filter {
+                self.filters.extend(split_conjunction_owned(f));
+            }
+            return;
+        }
+        self.inputs.push(plan);
+    }
+
+    /// The original tree with its (rewritten) inputs put back in the same places.
+    fn rebuild_original(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
+        let mut next = self.inputs.iter();
+        rebuild(plan, &mut next, self.inputs.len())
+    }
+
+    /// The input whose schema holds every column `expr` reads (None: several or none).
+    fn input_of(&self, expr: &Expr) -> Option<usize> {
+        let cols = expr.column_refs();
+        let mut found = None;
+        for (i, input) in self.inputs.iter().enumerate() {
+            if !cols.is_empty() && cols.iter().all(|c| input.schema().has_column(c)) {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(i);
+            }
+        }
+        found
+    }
+
+    fn reorder(&self, output: Vec<Column>) -> Result<Option<LogicalPlan>> {
+        let n = self.inputs.len();
+        if !(3..=MAX_INPUTS).contains(&n) {
+            return Ok(None);
+        }
+        let Some(rows) = self.inputs.iter().map(estimate_rows).collect::<Option<Vec<f64>>>() else {
+            return Ok(None);
+        };
+        let mut edges = Vec::with_capacity(self.on.len());
+        for (a, b) in &self.on {
+            let (Some(ia), Some(ib)) = (self.input_of(a), self.input_of(b)) else { return Ok(None) };
+            if ia == ib {
+                return Ok(None);
+            }
+            let ndv = |i: usize, e: &Expr| {
+                let d = match e {
+                    Expr::Column(c) => distinct(&self.inputs[i], c),
+                    _ => None,
+                };
+                d.unwrap_or(rows[i]).min(rows[i]).max(1.0)
+            };
+            edges.push(Edge { sides: [(ia, a.clone(), ndv(ia, a)), (ib, b.clone(), ndv(ib, b))] });
+        }
+        let mut filters: Vec<(u64, Expr)> = Vec::with_capacity(self.filters.len());
+        for f in &self.filters {
+            let mut mask = 0u64;
+            for c in f.column_refs() {
+                match self.inputs.iter().position(|p| p.schema().has_column(c)) {
+                    Some(i) => mask |= 1 << i,
+                    None => return Ok(None),
+                }
+            }
+            filters.push((mask, f.clone()));
+        }
+        let mut parts: Vec<Part> = self
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Part { inputs: 1 << i, plan: p.clone(), rows: rows[i] })
+            .collect();
+        while parts.len() > 1 {
+            // The connected pair with the smallest estimated join.
+            let mut best: Option<(usize, usize, f64)> = None;
+            for i in 0..parts.len() {
+                for j in i + 1..parts.len() {
+                    let Some(est) = join_estimate(&parts[i], &parts[j], &edges) else { continue };
+                    if best.is_none_or(|(_, _, b)| est < b) {
+                        best = Some((i, j, est));
+                    }
+                }
+            }
+            let Some((i, j, est)) = best else { return Ok(None) };
+            let b = parts.swap_remove(j);
+            let a = parts.swap_remove(i);
+            // The smaller input is the build side.
+            let (left, right) = if a.rows <= b.rows { (a, b) } else { (b, a) };
+            let mut lkeys = Vec::new();
+            let mut rkeys = Vec::new();
+            for e in &edges {
+                let [(ia, ea, _), (ib, eb, _)] = &e.sides;
+                let (ba, bb) = (1u64 << ia, 1u64 << ib);
+                if left.inputs & ba != 0 && right.inputs & bb != 0 {
+                    lkeys.push(ea.clone());
+                    rkeys.push(eb.clone());
+                } else if left.inputs & bb != 0 && right.inputs & ba != 0 {
+                    lkeys.push(eb.clone());
+                    rkeys.push(ea.clone());
+                }
+            }
+            let both = left.inputs | right.inputs;
+            let (now, later): (Vec<_>, Vec<_>) = filters.into_iter().partition(|(m, _)| m & !both == 0);
+            filters = later;
+            let filter = conjunction(now.into_iter().map(|(_, f)| f));
+            let plan = LogicalPlanBuilder::from(left.plan)
+                .join_with_expr_keys(right.plan, JoinType::Inner, (lkeys, rkeys), filter)?
+                .build()?;
+            parts.push(Part { inputs: both, plan, rows: est.max(1.0) });
+        }
+        let Some(Part { plan, .. }) = parts.pop() else { return Ok(None) };
+        let plan = match conjunction(filters.into_iter().map(|(_, f)| f)) {
+            Some(f) => LogicalPlanBuilder::from(plan).filter(f)?.build()?,
+            None => plan,
+        };
+        if plan.schema().columns() == output {
+            return Ok(Some(plan));
+        }
+        let project = LogicalPlanBuilder::from(plan).project(output.into_iter().map(Expr::Column))?.build()?;
+        Ok(Some(project))
+    }
+}
+
+fn rebuild(plan: LogicalPlan, next: &mut std::slice::Iter<'_, LogicalPlan>, remaining: usize) -> Result<LogicalPlan> {
+    if remaining > 0
+        && is_reorderable(&plan)
+        && let LogicalPlan::Join(mut j) = plan
+    {
+        j.left = Arc::new(rebuild(Arc::unwrap_or_clone(j.left), next, remaining)?);
+        j.right = Arc::new(rebuild(Arc::unwrap_or_clone(j.right), next, remaining)?);
+        return Ok(LogicalPlan::Join(j));
+    }
+    Ok(next.next().cloned().unwrap_or(plan))
+}
+
+/// Estimated rows of joining two parts on the equi pairs between them: each pair keeps
+/// `1 / max(distinct on either side)` of the cross product; the most selective pair counts.
+/// None when no pair connects them.
+fn join_estimate(a: &Part, b: &Part, edges: &[Edge]) -> Option<f64> {
+    let mut best: Option<f64> = None;
+    for e in edges {
+        let [(ia, _, da), (ib, _, db)] = &e.sides;
+        let (ba, bb) = (1u64 << ia, 1u64 << ib);
+        let connects = (a.inputs & ba != 0 && b.inputs & bb != 0) || (a.inputs & bb != 0 && b.inputs & ba != 0);
+        if !connects {
+            continue;
+        }
+        let (ra, rb) = if a.inputs & ba != 0 { (a.rows, b.rows) } else { (b.rows, a.rows) };
+        let est = ra * rb / da.min(ra).max(db.min(rb)).max(1.0);
+        best = Some(best.map_or(est, |b: f64| b.min(est)));
+    }
+    best
+}
+
+/// `f` applied to the collection a scan reads (None for other tables).
+fn with_table<R>(scan: &TableScan, f: impl FnOnce(&CollectionTable) -> Option<R>) -> Option<R> {
+    let provider = source_as_provider(&scan.source).ok()?;
+    f(provider.downcast_ref::<CollectionTable>()?)
+}
+
+/// Estimated rows a plan produces; None when it cannot tell.
+pub fn estimate_rows(plan: &LogicalPlan) -> Option<f64> {
+    Some(match plan {
+        LogicalPlan::TableScan(scan) => {
+            let mut rows = with_table(scan, |t| Some(t.stats().doc_count as f64))?;
+            for f in &scan.filters {
+                rows *= selectivity(f, plan);
+            }
+            match scan.fetch {
+                Some(n) => rows.min(n as f64),
+                None => rows,
+            }
+        }
+        LogicalPlan::Filter(f) => estimate_rows(&f.input)? * selectivity(&f.predicate, &f.input),
+        LogicalPlan::Projection(p) => estimate_rows(&p.input)?,
+        LogicalPlan::SubqueryAlias(a) => estimate_rows(&a.input)?,
+        LogicalPlan::Limit(l) => {
+            let input = estimate_rows(&l.input)?;
+            match l.get_fetch_type() {
+                Ok(datafusion::logical_expr::logical_plan::FetchType::Literal(Some(n))) => input.min(n as f64),
+                _ => input,
+            }
+        }
+        LogicalPlan::Aggregate(a) => {
+            let input = estimate_rows(&a.input)?;
+            let mut groups = 1.0f64;
+            for g in &a.group_expr {
+                groups *= match g {
+                    Expr::Column(c) => distinct(&a.input, c).unwrap_or(input),
+                    _ => input,
+                };
+            }
+            groups.min(input).max(1.0)
+        }
+        LogicalPlan::Join(j) => match j.join_type {
+            JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark => estimate_rows(&j.left)?,
+            JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark => estimate_rows(&j.right)?,
+            _ => return None,
+        },
+        _ => return None,
+    })
+}
+
+/// Estimated distinct values of a column of a plan's output (from the leaves' sketches).
+fn distinct(plan: &LogicalPlan, col: &Column) -> Option<f64> {
+    let idx = plan.schema().maybe_index_of_column(col)?;
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            let field = scan.projected_schema.field(idx);
+            with_table(scan, |t| t.stats().distinct_values(field.name()).map(|d| d as f64))
+        }
+        LogicalPlan::Filter(f) => distinct(&f.input, col),
+        LogicalPlan::Limit(l) => distinct(&l.input, col),
+        LogicalPlan::SubqueryAlias(a) => {
+            let inner = a.input.schema().columns().into_iter().nth(idx)?;
+            distinct(&a.input, &inner)
+        }
+        LogicalPlan::Projection(p) => match p.expr.get(idx)? {
+            Expr::Column(c) => distinct(&p.input, c),
+            Expr::Alias(a) => match a.expr.as_ref() {
+                Expr::Column(c) => distinct(&p.input, c),
+                _ => None,
+            },
+            _ => None,
+        },
+        LogicalPlan::Aggregate(a) => match a.group_expr.get(idx)? {
+            Expr::Column(c) => distinct(&a.input, c),
+            _ => None,
+        },
+        LogicalPlan::Join(j) => {
+            if j.left.schema().has_column(col) {
+                distinct(&j.left, col)
+            } else {
+                distinct(&j.right, col)
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The column a comparison operand reads (through casts).
+fn column_in(e: &Expr) -> Option<&Column> {
+    match e {
+        Expr::Column(c) => Some(c),
+        Expr::Cast(c) => column_in(&c.expr),
+        Expr::TryCast(c) => column_in(&c.expr),
+        _ => None,
+    }
+}
+
+/// Fraction of `plan`'s rows a predicate over them keeps (independence between conjuncts).
+fn selectivity(expr: &Expr, plan: &LogicalPlan) -> f64 {
+    let ndv = |e: &Expr| column_in(e).and_then(|c| distinct(plan, c)).map(|d| d.max(1.0));
+    let s = match expr {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
+            Operator::And => selectivity(left, plan) * selectivity(right, plan),
+            Operator::Or => {
+                let (a, b) = (selectivity(left, plan), selectivity(right, plan));
+                a + b - a * b
+            }
+            Operator::Eq | Operator::NotEq => {
+                let literal = matches!(left.as_ref(), Expr::Literal(..)) || matches!(right.as_ref(), Expr::Literal(..));
+                let eq = match (literal, ndv(left).or_else(|| ndv(right))) {
+                    (true, Some(d)) => 1.0 / d,
+                    _ => UNKNOWN_SELECTIVITY,
+                };
+                if *op == Operator::Eq { eq } else { 1.0 - eq }
+            }
+            Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq => RANGE_SELECTIVITY,
+            Operator::LikeMatch | Operator::ILikeMatch => LIKE_SELECTIVITY,
+            Operator::NotLikeMatch | Operator::NotILikeMatch => 1.0 - LIKE_SELECTIVITY,
+            _ => UNKNOWN_SELECTIVITY,
+        },
+        Expr::Not(inner) => 1.0 - selectivity(inner, plan),
+        Expr::Between(b) => {
+            let s = RANGE_SELECTIVITY * RANGE_SELECTIVITY * 2.0;
+            if b.negated { 1.0 - s } else { s }
+        }
+        Expr::InList(list) => {
+            let s = match ndv(&list.expr) {
+                Some(d) => (list.list.len() as f64 / d).min(1.0),
+                None => UNKNOWN_SELECTIVITY,
+            };
+            if list.negated { 1.0 - s } else { s }
+        }
+        Expr::Like(l) => {
+            if l.negated {
+                1.0 - LIKE_SELECTIVITY
+            } else {
+                LIKE_SELECTIVITY
+            }
+        }
+        Expr::IsNull(_) => 0.05,
+        Expr::IsNotNull(_) => 0.95,
+        _ => UNKNOWN_SELECTIVITY,
+    };
+    s.clamp(0.0, 1.0)
+}
