@@ -149,7 +149,7 @@ impl SchemaProvider for Workspace {
             Err(e) if e.code == ErrorCode::NotFound => return Ok(None),
             Err(e) => return Err(to_df_error(e)),
         };
-        let stats = self.leaf.stats(info.id, (0..info.shards).collect()).await.map_err(to_df_error)?;
+        let stats = self.leaf.planner_stats(info.id, (0..info.shards).collect()).await.map_err(to_df_error)?;
         let (hint, with_score) = {
             let o = self.options.read();
             (o.hint, o.with_score)

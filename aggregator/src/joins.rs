@@ -75,7 +75,8 @@ fn rewrite(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
     tree.inputs = inputs;
     match tree.reorder(plan.schema().columns())? {
         Some(new) if new != plan => Ok(Transformed::yes(new)),
-        _ if changed => Ok(Transformed::yes(tree.rebuild_original(plan)?)),
+        // The written order, with the rewritten inputs back in their places.
+        _ if changed => Ok(Transformed::yes(rebuild(plan, &mut tree.inputs.into_iter(), &mut 0))),
         _ => Ok(Transformed::no(plan)),
     }
 }
@@ -115,12 +116,6 @@ impl Tree {
             return;
         }
         self.inputs.push(plan);
-    }
-
-    /// The original tree with its (rewritten) inputs put back in the same places.
-    fn rebuild_original(&self, plan: LogicalPlan) -> Result<LogicalPlan> {
-        let mut next = self.inputs.iter();
-        rebuild(plan, &mut next, self.inputs.len())
     }
 
     /// The input whose schema holds every column `expr` reads (None: several or none).
@@ -229,16 +224,19 @@ impl Tree {
     }
 }
 
-fn rebuild(plan: LogicalPlan, next: &mut std::slice::Iter<'_, LogicalPlan>, remaining: usize) -> Result<LogicalPlan> {
-    if remaining > 0
+/// `plan` with the inputs `Tree::flatten` found in it replaced, in the same order: it descends
+/// into exactly the joins `flatten` descended into (`taken` counts the inputs so far).
+fn rebuild(plan: LogicalPlan, inputs: &mut std::vec::IntoIter<LogicalPlan>, taken: &mut usize) -> LogicalPlan {
+    if *taken < MAX_INPUTS
         && is_reorderable(&plan)
         && let LogicalPlan::Join(mut j) = plan
     {
-        j.left = Arc::new(rebuild(Arc::unwrap_or_clone(j.left), next, remaining)?);
-        j.right = Arc::new(rebuild(Arc::unwrap_or_clone(j.right), next, remaining)?);
-        return Ok(LogicalPlan::Join(j));
+        j.left = Arc::new(rebuild(Arc::unwrap_or_clone(j.left), inputs, taken));
+        j.right = Arc::new(rebuild(Arc::unwrap_or_clone(j.right), inputs, taken));
+        return LogicalPlan::Join(j);
     }
-    Ok(next.next().cloned().unwrap_or(plan))
+    *taken += 1;
+    inputs.next().unwrap_or(plan)
 }
 
 /// Estimated rows of joining two parts on the equi pairs between them: each pair keeps

@@ -24,7 +24,16 @@ async fn explain(pg: &tokio_postgres::Client, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_start_from_the_most_selective_input() {
-    let d = Deployment::dev().await;
+    joins_in_order(Deployment::dev().await).await;
+}
+
+/// The same over RPC: statistics with sketches come from two leaf processes and merge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_start_from_the_most_selective_input_on_two_leaves() {
+    joins_in_order(Deployment::cluster_of(2, &[]).await).await;
+}
+
+async fn joins_in_order(d: Deployment) {
     let pg = d.pg().await;
     pg.batch_execute(
         "CREATE WORKSPACE j;

@@ -464,6 +464,11 @@ pub trait LeafApi: Send + Sync + 'static {
     }
     /// Merged statistics of the given shards of one collection.
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats>;
+    /// `stats` with distinct-value sketches per column, for planning joins (reads every column
+    /// once per shard, then cached; the plain statistics never pay for it).
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
+        self.stats(collection_id, shards).await
+    }
     /// How selective `filters` are on the given shards (for the access-path choice).
     async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> Result<Estimate> {
         let _ = (collection_id, shards, filters);

@@ -52,6 +52,17 @@ impl PlacedLeaves {
     }
 }
 
+/// The statistics of several leaves merged into one.
+async fn merged(
+    calls: impl Iterator<Item = impl std::future::Future<Output = Result<SchemaStats>>>,
+) -> Result<SchemaStats> {
+    let mut out = SchemaStats::default();
+    for stats in futures::future::try_join_all(calls).await? {
+        out.merge(&stats);
+    }
+    Ok(out)
+}
+
 #[async_trait]
 impl LeafApi for PlacedLeaves {
     async fn apply(&self, write: ShardWrite) -> Result<ShardWriteResult> {
@@ -69,11 +80,15 @@ impl LeafApi for PlacedLeaves {
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
         let calls =
             self.by_owner(shards).into_iter().map(|(owner, shards)| self.leaves[owner].stats(collection_id, shards));
-        let mut out = SchemaStats::default();
-        for stats in futures::future::try_join_all(calls).await? {
-            out.merge(&stats);
-        }
-        Ok(out)
+        merged(calls).await
+    }
+
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
+        let calls = self
+            .by_owner(shards)
+            .into_iter()
+            .map(|(owner, shards)| self.leaves[owner].planner_stats(collection_id, shards));
+        merged(calls).await
     }
 
     async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> Result<Estimate> {

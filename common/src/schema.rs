@@ -81,8 +81,8 @@ fn unify_scalars(kinds: &[Kind]) -> Option<ColumnType> {
 pub struct SchemaStats {
     pub doc_count: u64,
     pub fields: BTreeMap<String, BTreeMap<Kind, u64>>,
-    /// Approximate distinct values per column, for join planning: computed by leaves when asked
-    /// for a collection's statistics (never part of a shard's own, durable statistics).
+    /// Approximate distinct values per column, for join planning: filled by
+    /// `LeafApi::planner_stats` only (never part of a shard's own, durable statistics).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub distinct: BTreeMap<String, crate::sketch::Sketch>,
 }

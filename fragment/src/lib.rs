@@ -792,6 +792,10 @@ impl LeafApi for FragmentLeaf {
         self.inner.stats(collection_id, shards).await
     }
 
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> BasaltResult<SchemaStats> {
+        self.inner.planner_stats(collection_id, shards).await
+    }
+
     async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> BasaltResult<Estimate> {
         self.inner.estimate(collection_id, shards, filters).await
     }

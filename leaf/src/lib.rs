@@ -318,6 +318,16 @@ impl LeafApi for Leaf {
     }
 
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
+        let mut out = SchemaStats::default();
+        for s in shards {
+            if let Some(shard) = self.shard((collection_id, s)) {
+                out.merge(&shard.stats());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
         let shards: Vec<_> = shards.into_iter().filter_map(|s| self.shard((collection_id, s))).collect();
         // Distinct-value sketches read columns the first time (then they are cached): off the
         // async workers.

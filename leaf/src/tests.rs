@@ -156,15 +156,7 @@ async fn observe(leaf: &Leaf) -> (Vec<String>, Vec<String>, Vec<String>, Vec<Str
     let by_term = strings(&scan(leaf, vec![term], &cols).await, 0);
     let by_text = strings(&scan(leaf, vec![text], &cols).await, 0);
     let by_range = strings(&scan(leaf, vec![range], &cols).await, 0);
-    (all, by_term, by_text, by_range, durable_stats(leaf).await)
-}
-
-/// A leaf's statistics without the planner's distinct-value sketches (estimates: they read the
-/// values blocks hold, not patches' overlays, and are refreshed only after a tenth changes).
-async fn durable_stats(leaf: &Leaf) -> SchemaStats {
-    let mut stats = leaf.stats(1, vec![0]).await.unwrap();
-    stats.distinct.clear();
-    stats
+    (all, by_term, by_text, by_range, leaf.stats(1, vec![0]).await.unwrap())
 }
 
 fn gen_doc(i: usize, version: usize) -> WriteOp {
@@ -311,7 +303,7 @@ fn random_patch(rng: &mut Rng) -> Vec<PatchOp> {
 /// Rows, per-filter results under every access path and statistics of collection 1, for
 /// comparing two leaves.
 async fn observe_all(leaf: &Leaf) -> (Vec<String>, Vec<Vec<String>>, SchemaStats) {
-    let stats = durable_stats(leaf).await;
+    let stats = leaf.stats(1, vec![0]).await.unwrap();
     let columns: Vec<(String, ColumnType)> = stats.columns();
     let shard = leaf.shard((1, 0)).unwrap();
     let run = |filters: Vec<Filter>, hint: Option<AccessPath>, columns: Vec<(String, ColumnType)>| {
@@ -638,7 +630,7 @@ async fn planner_statistics_estimate_distinct_values_of_live_documents() {
     let ops = (0..3000).map(|i| doc(i, serde_json::json!(i % 37))).collect();
     leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
     leaf.maintain_all(true);
-    let stats = leaf.stats(1, vec![0]).await.unwrap();
+    let stats = leaf.planner_stats(1, vec![0]).await.unwrap();
     assert_eq!(stats.distinct_values("k"), Some(37));
     let ids = stats.distinct_values("_id").unwrap();
     assert!((2900..=3100).contains(&ids), "{ids}");
@@ -646,16 +638,18 @@ async fn planner_statistics_estimate_distinct_values_of_live_documents() {
     // and replaced versions do not count.
     let ops = (0..400).map(|i| doc(i, serde_json::json!(1000 + i))).collect();
     leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
-    assert_eq!(leaf.stats(1, vec![0]).await.unwrap().distinct_values("k"), Some(37));
+    assert_eq!(leaf.planner_stats(1, vec![0]).await.unwrap().distinct_values("k"), Some(37));
     let ops = (3000..3400).map(|i| doc(i, serde_json::json!(5.0))).collect();
     leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
-    let k = leaf.stats(1, vec![0]).await.unwrap().distinct_values("k").unwrap();
+    let k = leaf.planner_stats(1, vec![0]).await.unwrap().distinct_values("k").unwrap();
     // 37 small integers (5.0 counts as 5) and 400 new values.
     assert!((425..=449).contains(&k), "{k}");
     // Statistics of several shards merge their sketches (the same values are not counted twice).
     let ops = (0..100).map(|i| doc(10_000 + i, serde_json::json!(i % 37))).collect();
     leaf.apply(ShardWrite { collection_id: 1, shard: 1, ops, position: None }).await.unwrap();
-    let both = leaf.stats(1, vec![0, 1]).await.unwrap();
+    let both = leaf.planner_stats(1, vec![0, 1]).await.unwrap();
     assert_eq!(both.distinct_values("k"), Some(k));
     assert_eq!(both.doc_count, 3500);
+    // Plain statistics (SHOW, describe, the point-lookup path) never carry or compute sketches.
+    assert!(leaf.stats(1, vec![0, 1]).await.unwrap().distinct.is_empty());
 }

@@ -158,6 +158,10 @@ impl Services {
                 let s: Stats = decode(body)?;
                 encode(&leaf()?.stats(s.collection_id, s.shards).await?)
             }
+            "leaf.planner_stats" => {
+                let s: Stats = decode(body)?;
+                encode(&leaf()?.planner_stats(s.collection_id, s.shards).await?)
+            }
             "leaf.estimate" => {
                 let a: EstimateArgs = decode(body)?;
                 encode(&leaf()?.estimate(a.collection_id, a.shards, a.filters).await?)
@@ -391,6 +395,10 @@ impl LeafApi for Client {
 
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
         self.call("leaf.stats", &Stats { collection_id, shards }).await
+    }
+
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
+        self.call("leaf.planner_stats", &Stats { collection_id, shards }).await
     }
 
     async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> Result<Estimate> {
