@@ -3,8 +3,11 @@
 //! store slots through the `_slot` fast field.
 //!
 //! A shard has sealed (immutable) indexes over slot ranges, stored as segment files, and one tail
-//! index for recent slots that takes all writes. Tail commits are lazy: a query that needs the
-//! index commits first if anything changed, so a search sees every acknowledged write. Old
+//! index for recent slots that takes all writes. Writes only queue their documents; the tail
+//! indexes them when it commits (in the background every `INDEX_REFRESH_INTERVAL`, or by a
+//! query first if anything is queued or uncommitted), so a search sees every acknowledged write
+//! and a write never waits for a commit (a write drains the queue into the tail itself only
+//! when the queue is long: see [`QUEUE_DRAIN`] and [`QUEUE_MAX`]). Old
 //! versions are never deleted from an index: the column store's deletion bitmap hides them, and
 //! merging sealed indexes drops them.
 
@@ -31,6 +34,21 @@ use tantivy::{DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, Segme
 use basalt_common::text::tokenize;
 
 const WRITER_MEMORY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Queued documents past which a write hands the queue to the tail's writer itself, when no
+/// commit holds the tail.
+const QUEUE_DRAIN: usize = 8192;
+
+/// Queued documents past which a write waits for the tail (a commit in progress) and hands the
+/// queue over: the bound on memory held by the queue.
+const QUEUE_MAX: usize = 65_536;
+
+/// A document waiting to be indexed: a new version (with its `_id`) or a patch's new fields.
+struct Queued {
+    id: Option<String>,
+    slot: u64,
+    doc: Arc<Doc>,
+}
 
 fn tantivy_err(e: tantivy::TantivyError) -> BasaltError {
     BasaltError::internal(format!("search index: {e}"))
@@ -181,7 +199,12 @@ pub struct SearchIndex {
     schema: Schema,
     fields: Fields,
     tail: Mutex<Tail>,
+    /// Documents written but not yet handed to the tail's writer. Lock order: `tail`, then
+    /// `queue`.
+    queue: Mutex<Vec<Queued>>,
     sealed: RwLock<Vec<Arc<Sealed>>>,
+    /// Set after a document is queued, cleared by a commit (under the tail lock) before it
+    /// takes the queue.
     dirty: AtomicBool,
 }
 
@@ -190,28 +213,67 @@ impl SearchIndex {
     pub fn new(base_slot: u64, sealed: Vec<Arc<Sealed>>) -> Result<Self> {
         let (schema, fields) = schema();
         let tail = Tail::new(&schema, base_slot)?;
-        Ok(Self { schema, fields, tail: Mutex::new(tail), sealed: RwLock::new(sealed), dirty: AtomicBool::new(false) })
+        Ok(Self {
+            schema,
+            fields,
+            tail: Mutex::new(tail),
+            queue: Mutex::new(Vec::new()),
+            sealed: RwLock::new(sealed),
+            dirty: AtomicBool::new(false),
+        })
     }
 
     /// Index a new document version at `slot` (which must be in the tail). Older versions are
     /// not deleted here: the column store's deletion bitmap hides them, and merges drop them.
-    pub fn add(&self, id: &str, slot: u64, doc: &Doc) -> Result<()> {
-        // Full text holds strings only; exact terms hold strings up to MAX_TERM_BYTES, integers
-        // and booleans (what term filters use). Floats, nulls and long strings are not exact
-        // terms: no index query reads them, and long unique keys are most of the cost of
-        // building a segment's term dictionary.
-        self.add_document(Some(id), slot, doc)
+    pub fn add(&self, id: &str, slot: u64, doc: &Arc<Doc>) -> Result<()> {
+        self.enqueue(Queued { id: Some(id.to_string()), slot, doc: doc.clone() })
     }
 
     /// Index the new values of the top-level fields a patch changed in `slot`, which keeps
     /// its earlier documents. A search for a new value finds the slot through this document,
     /// one for an old value through an earlier one: once a shard has patches, the index gives
     /// candidates that the caller checks exactly (see [`SearchIndex::candidate_slots`]).
-    pub fn add_patch(&self, slot: u64, fields: &Doc) -> Result<()> {
-        self.add_document(None, slot, fields)
+    pub fn add_patch(&self, slot: u64, fields: Doc) -> Result<()> {
+        self.enqueue(Queued { id: None, slot, doc: Arc::new(fields) })
     }
 
-    fn add_document(&self, id: Option<&str>, slot: u64, doc: &Doc) -> Result<()> {
+    /// Queue a document for the tail. A long queue is handed to the tail's writer here: when
+    /// the tail is free past [`QUEUE_DRAIN`], always (waiting out a commit) past [`QUEUE_MAX`].
+    fn enqueue(&self, q: Queued) -> Result<()> {
+        let queued = {
+            let mut queue = self.queue.lock();
+            queue.push(q);
+            queue.len()
+        };
+        self.dirty.store(true, Ordering::Release);
+        if queued >= QUEUE_MAX {
+            let mut tail = self.tail.lock();
+            self.drain(&mut tail)?;
+        } else if queued >= QUEUE_DRAIN
+            && let Some(mut tail) = self.tail.try_lock()
+        {
+            self.drain(&mut tail)?;
+        }
+        Ok(())
+    }
+
+    /// Hand every queued document to the tail's writer (indexed by its threads; searchable
+    /// after the next commit).
+    fn drain(&self, tail: &mut Tail) -> Result<()> {
+        let queued = std::mem::take(&mut *self.queue.lock());
+        for q in queued {
+            let td = self.tantivy_document(q.id.as_deref(), q.slot, &q.doc);
+            tail.writer.add_document(td).map_err(tantivy_err)?;
+            tail.docs += 1;
+        }
+        Ok(())
+    }
+
+    fn tantivy_document(&self, id: Option<&str>, slot: u64, doc: &Doc) -> TantivyDocument {
+        // Full text holds strings only; exact terms hold strings up to MAX_TERM_BYTES, integers
+        // and booleans (what term filters use). Floats, nulls and long strings are not exact
+        // terms: no index query reads them, and long unique keys are most of the cost of
+        // building a segment's term dictionary.
         let text = pick(doc, &|v| v.is_string());
         let raw = pick(doc, &|v| match v {
             serde_json::Value::String(s) => s.len() <= MAX_TERM_BYTES,
@@ -224,25 +286,27 @@ impl SearchIndex {
         td.add_u64(self.fields.slot, slot);
         td.add_object(self.fields.text, text);
         td.add_object(self.fields.raw, raw);
-        let mut tail = self.tail.lock();
-        tail.writer.add_document(td).map_err(tantivy_err)?;
-        tail.docs += 1;
-        self.dirty.store(true, Ordering::Release);
-        Ok(())
+        td
     }
 
     /// Make every write so far visible to searches. The flag is checked and cleared under the
-    /// tail lock, after the reader is reloaded: a caller that finds the index clean knows the
-    /// reader already has every write (a commit in progress by another thread is waited for).
+    /// tail lock, before the queue is taken and committed: a caller that finds the index clean
+    /// knows the reader already has every write (a commit in progress by another thread is
+    /// waited for). Writes go on queueing meanwhile.
     pub fn refresh(&self) -> Result<()> {
         let mut tail = self.tail.lock();
-        if !self.dirty.load(Ordering::Acquire) {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        tail.writer.commit().map_err(tantivy_err)?;
-        tail.reader.reload().map_err(tantivy_err)?;
-        self.dirty.store(false, Ordering::Release);
-        Ok(())
+        let committed = (|| {
+            self.drain(&mut tail)?;
+            tail.writer.commit().map_err(tantivy_err)?;
+            tail.reader.reload().map_err(tantivy_err)
+        })();
+        if committed.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        committed
     }
 
     /// Searchers over every index, taken together so a concurrent seal is seen whole.
@@ -258,13 +322,14 @@ impl SearchIndex {
     /// there. Returns `None` when the tail holds nothing. The caller must hold off writers.
     pub fn seal(&self, end_slot: u64) -> Result<Option<SealJob>> {
         let mut tail = self.tail.lock();
+        self.dirty.store(false, Ordering::Release);
+        self.drain(&mut tail)?;
         if tail.docs == 0 {
             tail.base_slot = end_slot;
             return Ok(None);
         }
         tail.writer.commit().map_err(tantivy_err)?;
         tail.reader.reload().map_err(tantivy_err)?;
-        self.dirty.store(false, Ordering::Release);
         let fresh = Tail::new(&self.schema, end_slot)?;
         let old = std::mem::replace(&mut *tail, fresh);
         let sealed = Arc::new(Sealed::new(old.base_slot, end_slot, old.index, old.reader));
@@ -600,7 +665,7 @@ mod tests {
             })
         };
         for i in 0..100u64 {
-            let doc = json!({"k": format!("v{i}")}).as_object().unwrap().clone();
+            let doc = Arc::new(json!({"k": format!("v{i}")}).as_object().unwrap().clone());
             idx.add(&format!("d{i}"), i, &doc).unwrap();
             let f = Filter::Cmp { path: "k".into(), op: CmpOp::Eq, value: Scalar::Str(format!("v{i}")) };
             assert_eq!(slots(&idx, &f), vec![i], "write {i} is not visible to the next search");
@@ -610,9 +675,38 @@ mod tests {
     }
 
     #[test]
+    fn writes_queue_while_a_commit_holds_the_tail_and_long_queues_drain() {
+        let idx = SearchIndex::new(0, Vec::new()).unwrap();
+        let doc = |i: u64| Arc::new(json!({"k": format!("v{i}")}).as_object().unwrap().clone());
+        // A commit in progress holds the tail: writes below the hard bound only queue.
+        {
+            let _commit = idx.tail.lock();
+            for i in 0..(QUEUE_DRAIN as u64 + 10) {
+                idx.add(&format!("d{i}"), i, &doc(i)).unwrap();
+            }
+            assert_eq!(idx.queue.lock().len(), QUEUE_DRAIN + 10);
+        }
+        // With the tail free, the next write past QUEUE_DRAIN hands the queue to the writer.
+        let next = QUEUE_DRAIN as u64 + 10;
+        idx.add(&format!("d{next}"), next, &doc(next)).unwrap();
+        assert_eq!(idx.queue.lock().len(), 0);
+        assert_eq!(idx.tail.lock().docs, next + 1);
+        // Handed over but not committed: a search still commits first and sees every write.
+        for i in [0, next / 2, next] {
+            let f = Filter::Cmp { path: "k".into(), op: CmpOp::Eq, value: Scalar::Str(format!("v{i}")) };
+            assert_eq!(slots(&idx, &f), vec![i]);
+        }
+        // Queued-only writes are sealed with the tail.
+        idx.add("last", next + 1, &doc(next + 1)).unwrap();
+        let sealed = idx.finish_seal(idx.seal(next + 2).unwrap().unwrap()).unwrap();
+        assert_eq!(sealed.max_doc(), next + 2);
+        assert!(idx.queue.lock().is_empty());
+    }
+
+    #[test]
     fn scores_rank_better_matches_higher() {
         let idx = SearchIndex::new(0, Vec::new()).unwrap();
-        let d = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let d = |v: serde_json::Value| Arc::new(v.as_object().unwrap().clone());
         idx.add("a", 0, &d(json!({"t": "coffee and tea and more words here"}))).unwrap();
         idx.add("b", 1, &d(json!({"t": "coffee coffee coffee"}))).unwrap();
         let q = Filter::Search { path: "t".into(), query: "coffee".into() };
@@ -636,7 +730,7 @@ mod tests {
     #[test]
     fn finds_terms_text_and_replaces_versions() {
         let idx = SearchIndex::new(0, Vec::new()).unwrap();
-        let d = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let d = |v: serde_json::Value| Arc::new(v.as_object().unwrap().clone());
         idx.add("u1", 0, &d(json!({"_id": "u1", "name": "Ada Lovelace", "age": 36, "address": {"city": "London"}})))
             .unwrap();
         idx.add("u2", 1, &d(json!({"_id": "u2", "name": "Alan Turing", "age": 41, "ok": true}))).unwrap();

@@ -605,7 +605,7 @@ impl Shard {
                     let fields: Doc = overlay.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect();
                     match columns.patch(&id, overlay) {
                         Some(slot) => {
-                            self.search.add_patch(slot, &fields)?;
+                            self.search.add_patch(slot, fields)?;
                             continue;
                         }
                         // No live version in the column store (it always has one when the
