@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import psycopg
 from confluent_kafka import Producer
@@ -124,9 +125,10 @@ def latency_run(basalt, tansu, collection, topic, rate, seconds, offset):
     stop.set()
     poller.join()
     steady = [lat for (t, lat) in samples if started + 3 <= t <= started + elapsed]
-    return {"rate": rate, "sent": sent, "send_seconds": round(elapsed, 2), "samples": len(steady),
+    return {"rate": rate, "sent": sent, "started": round(started, 3), "send_seconds": round(elapsed, 2), "samples": len(steady),
             "p50_ms": round(percentile(steady, 50), 1), "p95_ms": round(percentile(steady, 95), 1),
-            "p99_ms": round(percentile(steady, 99), 1)}
+            "p99_ms": round(percentile(steady, 99), 1),
+            "series": [[round(t - started, 2), round(lat, 1)] for (t, lat) in samples]}
 
 
 def backlog_run(basalt, tansu, n, offset, workdir):
@@ -183,7 +185,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--backlog", type=int, default=200_000)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--log", default=None, help="copy Basalt's log here at the end")
+    ap.add_argument("--log", default=None, help="copy Basalt's log here at the end (and /metrics to LOG.metrics)")
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="basalt-kafka-bench-")
     results = {"machine": machine(), "runs": []}
@@ -205,6 +207,13 @@ def main():
             results["backlog"] = backlog_run(basalt, tansu, args.backlog, 10_000_000, workdir)
             print(f"backlog: {results['backlog']}", file=sys.stderr)
     finally:
+        if args.log:
+            try:
+                with urllib.request.urlopen(basalt.url("/metrics"), timeout=10) as resp:
+                    with open(args.log + ".metrics", "wb") as f:
+                        f.write(resp.read())
+            except Exception as e:  # the metrics are a diagnostic; the run's results stand
+                print(f"could not read /metrics: {e}", file=sys.stderr)
         basalt.close()
         tansu.close()
         if args.log:

@@ -356,12 +356,19 @@ fn column_in(e: &Expr) -> Option<&Column> {
 
 /// Fraction of `plan`'s rows a predicate over them keeps (independence between conjuncts).
 fn selectivity(expr: &Expr, plan: &LogicalPlan) -> f64 {
-    let ndv = |e: &Expr| column_in(e).and_then(|c| distinct(plan, c)).map(|d| d.max(1.0));
+    filter_selectivity(expr, &|c| distinct(plan, c))
+}
+
+/// Fraction of rows a predicate keeps, given the distinct values of the columns it reads
+/// (independence between conjuncts; constants where distinct counts do not help).
+pub fn filter_selectivity(expr: &Expr, distinct_of: &dyn Fn(&Column) -> Option<f64>) -> f64 {
+    let ndv = |e: &Expr| column_in(e).and_then(distinct_of).map(|d| d.max(1.0));
+    let selectivity = |e: &Expr| filter_selectivity(e, distinct_of);
     let s = match expr {
         Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
-            Operator::And => selectivity(left, plan) * selectivity(right, plan),
+            Operator::And => selectivity(left) * selectivity(right),
             Operator::Or => {
-                let (a, b) = (selectivity(left, plan), selectivity(right, plan));
+                let (a, b) = (selectivity(left), selectivity(right));
                 a + b - a * b
             }
             Operator::Eq | Operator::NotEq => {
@@ -377,7 +384,7 @@ fn selectivity(expr: &Expr, plan: &LogicalPlan) -> f64 {
             Operator::NotLikeMatch | Operator::NotILikeMatch => 1.0 - LIKE_SELECTIVITY,
             _ => UNKNOWN_SELECTIVITY,
         },
-        Expr::Not(inner) => 1.0 - selectivity(inner, plan),
+        Expr::Not(inner) => 1.0 - selectivity(inner),
         Expr::Between(b) => {
             let s = RANGE_SELECTIVITY * RANGE_SELECTIVITY * 2.0;
             if b.negated { 1.0 - s } else { s }

@@ -10,9 +10,9 @@ use basalt_common::api::{CollectionInfo, Leaf};
 use basalt_common::doc::ID_FIELD;
 use basalt_common::filter::{AccessPath, Filter, choose_access_path};
 use basalt_common::schema::{ColumnType, SchemaStats};
-use basalt_fragment::{LeafScanExec, ScanSpec};
+use basalt_fragment::{LeafScanExec, ScanEstimate, ScanSpec};
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::{Column, DataFusionError, Result};
 use datafusion::datasource::TableType;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
@@ -64,6 +64,22 @@ impl CollectionTable {
     pub fn stats(&self) -> &SchemaStats {
         &self.stats
     }
+
+    /// What a scan with these filters returns: documents times the filters' selectivity (see
+    /// [`crate::joins::filter_selectivity`]), capped by the limit; distinct values per column.
+    fn estimate(&self, columns: &[(String, ColumnType)], filters: &[Expr], limit: Option<usize>) -> ScanEstimate {
+        let distinct_of = |c: &Column| self.stats.distinct_values(&c.name).map(|d| d as f64);
+        let mut rows = self.stats.doc_count as f64;
+        for f in filters {
+            rows *= crate::joins::filter_selectivity(f, &distinct_of);
+        }
+        if let Some(n) = limit {
+            rows = rows.min(n as f64);
+        }
+        let rows = rows.ceil() as u64;
+        let distinct = columns.iter().map(|(name, _)| self.stats.distinct_values(name).map(|d| d.min(rows))).collect();
+        ScanEstimate { rows, distinct }
+    }
 }
 
 #[async_trait]
@@ -103,6 +119,7 @@ impl TableProvider for CollectionTable {
         if columns.is_empty() {
             columns.push((ID_FIELD.to_string(), ColumnType::Utf8));
         }
+        let exprs = filters;
         let filters = filters
             .iter()
             .map(|f| {
@@ -126,7 +143,8 @@ impl TableProvider for CollectionTable {
                 }
             }
         }
-        let spec = ScanSpec { columns, filters, limit, access, index_matches };
+        let estimate = Some(self.estimate(&output_columns, exprs, limit));
+        let spec = ScanSpec { columns, filters, limit, access, index_matches, estimate };
         let shards = (0..self.info.shards).collect();
         let (name, id) = (self.info.name.to_string(), self.info.id);
         Ok(Arc::new(LeafScanExec::new(name, id, shards, self.leaf.clone(), output_columns, spec)))

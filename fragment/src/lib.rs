@@ -27,8 +27,9 @@ use basalt_common::doc::ID_FIELD;
 use basalt_common::filter::{AccessPath, Filter};
 use basalt_common::schema::{ColumnType, SchemaStats};
 use basalt_common::{BasaltError, ErrorCode, Result as BasaltResult};
+use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::{ColumnStatistics, DataFusionError, Result, Statistics};
 use datafusion::config::ConfigOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
@@ -109,6 +110,17 @@ pub struct ScanSpec {
     /// planner asked (shown by EXPLAIN).
     #[serde(default)]
     pub index_matches: Option<(u64, u64)>,
+    /// The planner's estimate of what the scan returns, reported to DataFusion as statistics
+    /// (join sides and broadcast of small ones).
+    #[serde(default)]
+    pub estimate: Option<ScanEstimate>,
+}
+
+/// Estimated rows a scan returns (all shards) and distinct values per output column.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ScanEstimate {
+    pub rows: u64,
+    pub distinct: Vec<Option<u64>>,
 }
 
 /// Bytes of a batch's data as it crosses the tiers (the sliced buffers, as Arrow IPC sends them).
@@ -330,6 +342,32 @@ impl ExecutionPlan for LeafScanExec {
 
     fn metrics(&self) -> Option<MetricsSet> {
         Some(self.metrics.clone_inner())
+    }
+
+    /// The planner's estimate (inexact): rows, spread evenly over the shards, and distinct
+    /// values per column. DataFusion puts the smaller side of a hash join on the build side
+    /// and builds a small one once for all partitions instead of repartitioning both sides.
+    fn partition_statistics(&self, partition: Option<usize>) -> Result<Arc<Statistics>> {
+        let Some(estimate) = &self.spec.estimate else {
+            return Ok(Arc::new(Statistics::new_unknown(&self.output)));
+        };
+        let rows = match partition {
+            None => estimate.rows,
+            Some(_) => estimate.rows.div_ceil(self.shards.len().max(1) as u64),
+        };
+        let rows = usize::try_from(rows).unwrap_or(usize::MAX);
+        let columns = (0..self.output.fields().len())
+            .map(|i| match estimate.distinct.get(i).copied().flatten() {
+                Some(d) => ColumnStatistics::new_unknown()
+                    .with_distinct_count(Precision::Inexact(usize::try_from(d).unwrap_or(usize::MAX).min(rows))),
+                None => ColumnStatistics::new_unknown(),
+            })
+            .collect();
+        Ok(Arc::new(Statistics {
+            num_rows: Precision::Inexact(rows),
+            total_byte_size: Precision::Absent,
+            column_statistics: columns,
+        }))
     }
 
     /// Accept dynamic filters (a join's build side, a top-k threshold) to apply when the scan

@@ -29,7 +29,8 @@ use basalt_common::{BasaltError, Result};
 use object_store::ObjectStore;
 use parking_lot::Mutex;
 use prometheus::{
-    GaugeVec, IntCounterVec, IntGaugeVec, register_gauge_vec, register_int_counter_vec, register_int_gauge_vec,
+    GaugeVec, Histogram, HistogramVec, IntCounterVec, IntGaugeVec, register_gauge_vec, register_histogram_vec,
+    register_int_counter_vec, register_int_gauge_vec,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -68,6 +69,18 @@ static SOURCE_LAG: LazyLock<Option<IntGaugeVec>> = LazyLock::new(|| {
         "basalt_source_lag_records",
         "Records in a source partition not yet ingested (high watermark minus next offset)",
         &["source", "partition"]
+    )
+    .ok()
+});
+
+/// Time from a Kafka record's timestamp (set by the producer, or the broker's log-append time)
+/// to the tailer reading it: how much of the data latency is spent before Basalt.
+static SOURCE_FETCH_DELAY: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "basalt_source_fetch_delay_seconds",
+        "Time from a Kafka record's timestamp to the tailer reading it",
+        &["source"],
+        vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
     )
     .ok()
 });
@@ -446,7 +459,7 @@ struct PartitionWorker {
 
 /// What a worker reads: a Kafka partition or one object.
 enum Input {
-    Kafka { consumer: Box<BaseConsumer>, topic: String },
+    Kafka { consumer: Box<BaseConsumer>, topic: String, fetch_delay: Option<Histogram> },
     Object(Box<crate::objects::Prefetch>),
 }
 
@@ -472,7 +485,7 @@ struct RawRecord {
 impl Input {
     fn next(&mut self, wait: Duration, status: &Mutex<PartitionStatus>) -> Result<Next> {
         match self {
-            Input::Kafka { consumer, .. } => Ok(match consumer.poll(wait) {
+            Input::Kafka { consumer, fetch_delay, .. } => Ok(match consumer.poll(wait) {
                 None => Next::Idle,
                 Some(Err(e)) => {
                     let mut s = status.lock();
@@ -480,13 +493,21 @@ impl Input {
                     s.state = "retrying".into();
                     Next::Idle
                 }
-                Some(Ok(msg)) => Next::Record(RawRecord {
-                    offset: msg.offset(),
-                    key: msg.key().map(<[u8]>::to_vec),
-                    payload: msg.payload().map(<[u8]>::to_vec),
-                    doc: None,
-                    error: None,
-                }),
+                Some(Ok(msg)) => {
+                    if let (Some(h), Some(ms)) = (fetch_delay, msg.timestamp().to_millis()) {
+                        let now_ms = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64);
+                        h.observe((now_ms - ms).max(0) as f64 / 1000.0);
+                    }
+                    Next::Record(RawRecord {
+                        offset: msg.offset(),
+                        key: msg.key().map(<[u8]>::to_vec),
+                        payload: msg.payload().map(<[u8]>::to_vec),
+                        doc: None,
+                        error: None,
+                    })
+                }
             }),
             Input::Object(reader) => Ok(match reader.next_record()? {
                 None => Next::End,
@@ -663,7 +684,13 @@ impl PartitionWorker {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(&kafka.topic, self.partition, Offset::Offset(next)).map_err(kafka_err)?;
                 consumer.assign(&tpl).map_err(kafka_err)?;
-                (Input::Kafka { consumer: Box::new(consumer), topic: kafka.topic.clone() }, next, boundaries)
+                let fetch_delay =
+                    SOURCE_FETCH_DELAY.as_ref().map(|h| h.with_label_values(&[self.source.name.to_string()]));
+                (
+                    Input::Kafka { consumer: Box::new(consumer), topic: kafka.topic.clone(), fetch_delay },
+                    next,
+                    boundaries,
+                )
             }
             SourceSpec::S3(s3) => {
                 let (Some(object), Some(store)) = (&self.object, &self.store) else {
@@ -741,7 +768,7 @@ impl PartitionWorker {
                 }
             }
             match &input {
-                Input::Kafka { consumer, topic } if watermarks_at.elapsed() > Duration::from_secs(2) => {
+                Input::Kafka { consumer, topic, .. } if watermarks_at.elapsed() > Duration::from_secs(2) => {
                     watermarks_at = Instant::now();
                     if let Ok((_, high)) = consumer.fetch_watermarks(topic, self.partition, Duration::from_secs(2)) {
                         let mut s = self.status.lock();
