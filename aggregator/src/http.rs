@@ -226,8 +226,9 @@ async fn drop_collection(State(engine): State<Arc<Engine>>, Path(c): Path<String
 }
 
 /// `POST /v1/sources`: `{"name": "...", "collection": "...", "kafka": {"brokers": "...",
-/// "topic": "...", "format": "json", "start": "earliest", "key_as_id": false}}`, or with `"s3":
-/// {"bucket": "...", "prefix": "...", "format": "json" | "csv" | "parquet", "endpoint": "...",
+/// "topic": "...", "format": "json", "start": "earliest", "key_as_id": false}}` (format "avro"
+/// with "schema", "framing" and "schema_id"), or with `"s3":
+/// {"bucket": "...", "prefix": "...", "format": "json" | "csv" | "parquet" | "avro", "endpoint": "...",
 /// "region": "...", "poll_interval_ms": 10000}`; either with `"transform": "SELECT ..."`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -256,6 +257,14 @@ struct KafkaBody {
     start: basalt_common::api::StartAt,
     #[serde(default)]
     key_as_id: bool,
+    /// Format avro: the writer schema (Avro JSON, as text or as a JSON value), the framing
+    /// (`bare`, `confluent`, `single_object`) and the expected Confluent schema id.
+    #[serde(default)]
+    schema: Option<serde_json::Value>,
+    #[serde(default)]
+    framing: basalt_common::api::AvroFraming,
+    #[serde(default)]
+    schema_id: Option<u32>,
     /// `SELECT ... FROM _input [WHERE ...]`.
     #[serde(default)]
     transform: Option<String>,
@@ -315,6 +324,12 @@ async fn create_source(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiRes
                 columns,
                 start: k.start,
                 key_as_id: k.key_as_id,
+                schema: k.schema.map(|v| match v {
+                    serde_json::Value::String(text) => text,
+                    other => other.to_string(),
+                }),
+                framing: k.framing,
+                schema_id: k.schema_id,
                 transform: k.transform,
             };
             basalt_sql::check_kafka_source(&spec)?;

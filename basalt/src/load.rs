@@ -24,7 +24,7 @@ pub struct LoadArgs {
     bucket: String,
     #[arg(long, default_value = "")]
     prefix: String,
-    /// json (JSON lines), csv (with a header line) or parquet
+    /// json (JSON lines), csv (with a header line), parquet or avro (object container files)
     #[arg(long, default_value = "json")]
     format: String,
     /// S3 API endpoint (another service than AWS), e.g. http://127.0.0.1:9000

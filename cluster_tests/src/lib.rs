@@ -211,6 +211,10 @@ impl Kafka {
     pub async fn produce(&self, topic: &str, records: Vec<(i32, Option<String>, String)>) {
         KafkaClient::new(&self.brokers()).produce(topic, records).await
     }
+
+    pub async fn produce_bytes(&self, topic: &str, records: Vec<(i32, Option<String>, Vec<u8>)>) {
+        KafkaClient::new(&self.brokers()).produce_bytes(topic, records).await
+    }
 }
 
 /// A producer for a broker that runs elsewhere (a spawned task).
@@ -225,6 +229,11 @@ impl KafkaClient {
 
     /// Produce `(partition, key, value)` records and wait until each is acknowledged.
     pub async fn produce(&self, topic: &str, records: Vec<(i32, Option<String>, String)>) {
+        self.produce_bytes(topic, records.into_iter().map(|(p, k, v)| (p, k, v.into_bytes())).collect()).await
+    }
+
+    /// Produce records with binary values (Avro, for example).
+    pub async fn produce_bytes(&self, topic: &str, records: Vec<(i32, Option<String>, Vec<u8>)>) {
         use rdkafka::producer::{FutureProducer, FutureRecord};
         let producer: FutureProducer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
@@ -232,7 +241,7 @@ impl KafkaClient {
             .create()
             .expect("producer");
         let sends = records.iter().map(|(partition, key, value)| {
-            let mut record = FutureRecord::to(topic).partition(*partition).payload(value.as_str());
+            let mut record = FutureRecord::to(topic).partition(*partition).payload(value.as_slice());
             if let Some(k) = key {
                 record = record.key(k.as_str());
             }

@@ -273,3 +273,75 @@ async fn two_tailers_and_the_leaf_killed_while_objects_arrive_lose_and_duplicate
     assert_eq!((count, distinct, sum), (n, n, (0..n).sum::<i64>()));
     wait_rollup_by_kind(&pg, "events", "events_by_kind").await;
 }
+
+/// An Avro object container file of records `first..first+n` (`_id`, `v`, an optional
+/// `city`, a date), in blocks of `block` records.
+fn avro_file(first: i64, n: i64, block: i64, codec: apache_avro::Codec) -> Vec<u8> {
+    use apache_avro::types::{Record, Value};
+    let schema = apache_avro::Schema::parse_str(
+        r#"{"type": "record", "name": "Sale", "fields": [
+            {"name": "_id", "type": "string"}, {"name": "v", "type": "long"},
+            {"name": "city", "type": ["null", "string"]},
+            {"name": "day", "type": {"type": "int", "logicalType": "date"}}]}"#,
+    )
+    .unwrap();
+    let mut w = apache_avro::Writer::with_codec(&schema, Vec::new(), codec);
+    for i in first..first + n {
+        let mut r = Record::new(&schema).unwrap();
+        r.put("_id", format!("s{i}"));
+        r.put("v", i);
+        r.put(
+            "city",
+            match i % 4 {
+                0 => Value::Union(0, Box::new(Value::Null)),
+                k => Value::Union(1, Box::new(Value::String(format!("c{k}")))),
+            },
+        );
+        r.put("day", Value::Date(20_000 + (i % 30) as i32));
+        w.append(r).unwrap();
+        if (i - first + 1) % block == 0 {
+            w.flush().unwrap();
+        }
+    }
+    w.into_inner().unwrap()
+}
+
+/// Avro object container files (deflate, snappy, uncompressed) are read block by block into
+/// documents; a file whose second block is corrupt gives its first block's records and one
+/// error entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_source_reads_avro_container_files() {
+    let s3 = S3Server::start("landing").await;
+    s3.put("avro/a.avro", avro_file(0, 3000, 500, apache_avro::Codec::Deflate(Default::default()))).await;
+    s3.put("avro/b.avro", avro_file(3000, 1000, 300, apache_avro::Codec::Snappy)).await;
+    let mut broken = avro_file(10_000, 10, 5, apache_avro::Codec::Null);
+    // The last 16 bytes are the second block's sync marker.
+    let len = broken.len();
+    broken[len - 16..].fill(0xAB);
+    s3.put("avro/c.avro", broken).await;
+    let d = Deployment::dev_with(&[], &s3.env()).await;
+    let pg = d.pg().await;
+    pg.batch_execute("CREATE COLLECTION sales").await.unwrap();
+    pg.batch_execute(&format!(
+        "CREATE SOURCE sales_src FROM S3 (bucket = 'landing', prefix = 'avro/', format = 'avro', \
+         endpoint = '{}', region = 'us-east-1', poll_interval_ms = 300) INTO sales",
+        s3.endpoint()
+    ))
+    .await
+    .unwrap();
+    wait_count(&pg, "SELECT count(*) FROM sales", 4005, "avro records").await;
+    wait_count(&pg, "SELECT count(*) FROM sales_src_errors", 1, "the corrupt block").await;
+    let sum: i64 = pg.query_one("SELECT sum(v) FROM sales WHERE v < 10000", &[]).await.unwrap().get(0);
+    assert_eq!(sum, (0..4000).sum::<i64>());
+    let nulls: i64 = pg.query_one("SELECT count(*) FROM sales WHERE city IS NULL", &[]).await.unwrap().get(0);
+    assert_eq!(nulls, 1000 + 2);
+    // Dates arrive as ISO text, usable as dates in SQL.
+    let day: i64 = pg
+        .query_one("SELECT count(*) FROM sales WHERE CAST(day AS DATE) = DATE '2024-10-29'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(day, (0..4000).filter(|i| i % 30 == 25).count() as i64);
+    let error: String = pg.query_one("SELECT error FROM sales_src_errors", &[]).await.unwrap().get(0);
+    assert!(error.contains("cannot be read"), "{error}");
+}

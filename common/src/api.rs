@@ -212,6 +212,21 @@ pub enum SourceFormat {
     Csv,
     /// Objects: Apache Parquet.
     Parquet,
+    /// Kafka: one Avro datum of the source's schema per message (see [`AvroFraming`]).
+    Avro,
+}
+
+/// How an Avro message frames its datum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AvroFraming {
+    /// The datum alone.
+    #[default]
+    Bare,
+    /// Confluent wire format: a zero byte and a 4-byte schema id, then the datum.
+    Confluent,
+    /// Avro single-object encoding: `C3 01` and the schema's Rabin fingerprint, then the datum.
+    SingleObject,
 }
 
 /// A Kafka topic to ingest. Credentials are not part of it: they come from the tailer's
@@ -227,6 +242,14 @@ pub struct KafkaSource {
     pub start: StartAt,
     /// Use the message key as `_id` when the document has none.
     pub key_as_id: bool,
+    /// Format avro: the writer schema (Avro JSON), how messages frame it, and the schema id
+    /// Confluent-framed messages must carry (unchecked when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    #[serde(default)]
+    pub framing: AvroFraming,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_id: Option<u32>,
     /// `SELECT ... FROM _input [WHERE ...]` applied to every record on the way in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transform: Option<String>,

@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 use basalt_common::api::{
-    CollectionName, DEFAULT_SHARDS, DEFAULT_WORKSPACE, KafkaSource, S3Source, SourceFormat, SourceSpec, StartAt,
+    AvroFraming, CollectionName, DEFAULT_SHARDS, DEFAULT_WORKSPACE, KafkaSource, S3Source, SourceFormat, SourceSpec,
+    StartAt,
 };
 use basalt_common::{BasaltError, Result};
 use sqlparser::ast::{
@@ -165,17 +166,40 @@ fn kafka_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
     let mut start = StartAt::Earliest;
     let mut key_as_id = false;
     let mut columns = Vec::new();
+    let (mut schema, mut framing, mut schema_id) = (None, AvroFraming::Bare, None);
     for (key, value) in options {
         match key.as_str() {
             "brokers" => brokers = Some(value),
+            "schema" => schema = Some(value),
+            "framing" => {
+                framing = match value.to_lowercase().as_str() {
+                    "bare" => AvroFraming::Bare,
+                    "confluent" => AvroFraming::Confluent,
+                    "single_object" => AvroFraming::SingleObject,
+                    other => {
+                        return Err(err(format!(
+                            "framing must be 'bare', 'confluent' or 'single_object', got {other:?}"
+                        )));
+                    }
+                }
+            }
+            "schema_id" => {
+                schema_id = Some(
+                    value
+                        .trim()
+                        .parse::<u32>()
+                        .map_err(|_| err(format!("schema_id must be a number, got {value:?}")))?,
+                )
+            }
             "topic" => topic = Some(value),
             "format" => {
                 format = match value.to_lowercase().as_str() {
                     "json" => SourceFormat::Json,
                     "csv" => SourceFormat::Csv,
+                    "avro" => SourceFormat::Avro,
                     other => {
                         return Err(BasaltError::unsupported(format!(
-                            "kafka format {other:?} (json and csv are supported)"
+                            "kafka format {other:?} (json, csv and avro are supported)"
                         )));
                     }
                 }
@@ -204,7 +228,8 @@ fn kafka_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
     }
     let brokers = brokers.ok_or_else(|| err("a kafka source needs brokers = '...'"))?;
     let topic = topic.ok_or_else(|| err("a kafka source needs topic = '...'"))?;
-    let spec = KafkaSource { brokers, topic, format, columns, start, key_as_id, transform: None };
+    let spec =
+        KafkaSource { brokers, topic, format, columns, start, key_as_id, schema, framing, schema_id, transform: None };
     check_kafka_source(&spec)?;
     Ok(SourceSpec::Kafka(spec))
 }
@@ -236,7 +261,30 @@ pub fn check_kafka_source(spec: &KafkaSource) -> Result<()> {
             Err(err("a csv kafka source needs columns = 'a, b, ...' (a message is one row without a header)"))
         }
         SourceFormat::Csv => Ok(()),
-        SourceFormat::Parquet => Err(BasaltError::unsupported("kafka format parquet (json and csv are supported)")),
+        SourceFormat::Parquet => {
+            Err(BasaltError::unsupported("kafka format parquet (json, csv and avro are supported)"))
+        }
+        SourceFormat::Avro => match &spec.schema {
+            None => Err(err("an avro kafka source needs schema = '<Avro schema JSON>' (the writer schema)")),
+            Some(text) => parse_avro_schema(text).map(|_| ()),
+        },
+    }?;
+    let avro_only = spec.schema.is_some() || spec.schema_id.is_some() || spec.framing != AvroFraming::Bare;
+    if avro_only && spec.format != SourceFormat::Avro {
+        return Err(err("schema, framing and schema_id are for format = 'avro'"));
+    }
+    if spec.schema_id.is_some() && spec.framing != AvroFraming::Confluent {
+        return Err(err("schema_id is checked in framing = 'confluent' only"));
+    }
+    Ok(())
+}
+
+/// An Avro writer schema: valid, and a record (each message is one document).
+pub fn parse_avro_schema(text: &str) -> Result<apache_avro::Schema> {
+    let schema = apache_avro::Schema::parse_str(text).map_err(|e| err(format!("avro schema: {e}")))?;
+    match schema {
+        apache_avro::Schema::Record(_) => Ok(schema),
+        _ => Err(err("the avro schema must be a record (each message is one document)")),
     }
 }
 
@@ -263,6 +311,7 @@ pub fn s3_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
                     "json" | "jsonl" | "ndjson" => SourceFormat::Json,
                     "csv" => SourceFormat::Csv,
                     "parquet" => SourceFormat::Parquet,
+                    "avro" => SourceFormat::Avro,
                     other => return Err(err(format!("s3 format must be json, csv or parquet, got {other:?}"))),
                 }
             }
@@ -853,7 +902,7 @@ mod tests {
         assert!(s.transform.is_some());
         for bad in [
             "CREATE SOURCE x FROM S3 (prefix = 'a') INTO c",
-            "CREATE SOURCE x FROM S3 (bucket = 'b', format = 'avro') INTO c",
+            "CREATE SOURCE x FROM S3 (bucket = 'b', format = 'orc') INTO c",
             "CREATE SOURCE x FROM S3 (bucket = 'b', secret_access_key = 'k') INTO c",
             "CREATE SOURCE x FROM S3 (bucket = 'b', poll_interval_ms = soon) INTO c",
             "CREATE SOURCE x FROM FTP (bucket = 'b') INTO c",
@@ -890,9 +939,27 @@ mod tests {
             "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', columns = 'a') INTO c",
             "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'csv', columns = 'a,,b') INTO c",
             "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'csv', columns = 'a, a') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'avro', schema = '{') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'avro', schema = '\"long\"') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', schema = '{}') INTO c",
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'avro', schema = '...', framing = 'x') \
+             INTO c",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+        let schema = r#"{"type": "record", "name": "r", "fields": [{"name": "n", "type": "long"}]}"#;
+        let avro = one(&format!(
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'avro', schema = '{schema}', \
+             framing = 'confluent', schema_id = '7') INTO c"
+        ));
+        let BasaltStatement::CreateSource { spec: SourceSpec::Kafka(k), .. } = avro else { panic!("{avro:?}") };
+        assert_eq!((k.format, k.framing, k.schema_id), (SourceFormat::Avro, AvroFraming::Confluent, Some(7)));
+        assert_eq!(k.schema.as_deref(), Some(schema));
+        let no_id_check = format!(
+            "CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'avro', schema = '{schema}', \
+             schema_id = '7') INTO c"
+        );
+        assert!(parse(&no_id_check).unwrap_err().message.contains("confluent"));
         let csv =
             one("CREATE SOURCE s FROM KAFKA (brokers = 'b', topic = 't', format = 'csv', columns = ' _id, n ') INTO c");
         let BasaltStatement::CreateSource { spec: SourceSpec::Kafka(k), .. } = csv else { panic!("{csv:?}") };

@@ -6,6 +6,7 @@
 //! versions of a document land on one shard. The tailer holds no durable state of its own: a
 //! write is acknowledged only when every leaf involved has made it durable.
 
+pub mod avro;
 pub mod objects;
 pub mod rollup;
 pub mod sources;

@@ -96,6 +96,13 @@ enum Inner {
         BoxStream<'static, parquet::errors::Result<arrow::array::RecordBatch>>,
         VecDeque<serde_json::Map<String, serde_json::Value>>,
     ),
+    /// An Avro object container file: values block by block, as documents of its schema.
+    /// After a block fails to decode, the rest of the file is unreadable: it ends there.
+    Avro {
+        reader: Box<apache_avro::Reader<'static, std::io::BufReader<StreamRead>>>,
+        decoder: Box<crate::avro::AvroDecoder>,
+        failed: bool,
+    },
 }
 
 /// Reads an object's records from a given index on.
@@ -143,6 +150,23 @@ impl ObjectReader {
                         .collect();
                     Inner::Csv { reader, headers }
                 }
+            }
+            SourceFormat::Avro => {
+                let get = rt.block_on(store.get(&path)).map_err(s3_err)?;
+                let read = StreamRead {
+                    rt: rt.clone(),
+                    stream: get.into_stream(),
+                    current: Bytes::new(),
+                    bytes: bytes.clone(),
+                };
+                let reader = apache_avro::Reader::new(std::io::BufReader::with_capacity(256 * 1024, read))
+                    .map_err(|e| BasaltError::invalid(format!("avro object {key}: {e}")))?;
+                let decoder = crate::avro::AvroDecoder::from_schema(
+                    reader.writer_schema().clone(),
+                    basalt_common::api::AvroFraming::Bare,
+                    None,
+                )?;
+                Inner::Avro { reader: Box::new(reader), decoder: Box::new(decoder), failed: false }
             }
             SourceFormat::Parquet => {
                 use parquet::arrow::ParquetRecordBatchStreamBuilder;
@@ -210,6 +234,35 @@ impl ObjectReader {
                     }
                 }
                 ObjectRecord { index, payload: Vec::new(), doc: rows.pop_front(), error: None }
+            }
+            Inner::Avro { reader, decoder, failed } => {
+                if *failed {
+                    return Ok(None);
+                }
+                match reader.next() {
+                    None => return Ok(None),
+                    Some(Ok(value)) => match decoder.document(value) {
+                        Ok(doc) => ObjectRecord { index, payload: Vec::new(), doc: Some(doc), error: None },
+                        Err(e) => ObjectRecord { index, payload: Vec::new(), doc: None, error: Some(e) },
+                    },
+                    Some(Err(e)) => {
+                        if let apache_avro::error::Details::ReadIntoBuf(io) | apache_avro::error::Details::ReadBytes(io) =
+                            e.details()
+                            && io.kind() != std::io::ErrorKind::UnexpectedEof
+                        {
+                            return Err(s3_err(format!("avro: {e}")));
+                        }
+                        *failed = true;
+                        ObjectRecord {
+                            index,
+                            payload: Vec::new(),
+                            doc: None,
+                            error: Some(BasaltError::invalid(format!(
+                                "avro: {e}; the rest of the object cannot be read"
+                            ))),
+                        }
+                    }
+                }
             }
         };
         self.next_index += 1;

@@ -377,6 +377,7 @@ impl SourceRunner {
             status: status.clone(),
             rt: tokio::runtime::Handle::current(),
             transform: None,
+            avro: None,
             rollups: Vec::new(),
             store: self.stores.lock().get(&source.id).cloned(),
             object,
@@ -386,6 +387,13 @@ impl SourceRunner {
             if let Some(sql) = source.spec.transform() {
                 ctx.transform = Some(crate::transform::Transform::new(sql)?);
             }
+            if let SourceSpec::Kafka(k) = &source.spec
+                && k.format == SourceFormat::Avro
+            {
+                let schema =
+                    k.schema.as_deref().ok_or_else(|| BasaltError::invalid("an avro source without a schema"))?;
+                ctx.avro = Some(crate::avro::AvroDecoder::new(schema, k.framing, k.schema_id)?);
+            }
             for rollup in &source.rollups {
                 ctx.rollups.push(crate::rollup::Rollup::new(rollup)?);
             }
@@ -393,7 +401,7 @@ impl SourceRunner {
         })();
         if let Err(e) = prepared {
             // Checked when created; a catalog edited by hand gets here.
-            tracing::error!(source = %source.name, error = %e, "bad transform or rollup; the source does not run");
+            tracing::error!(source = %source.name, error = %e, "bad transform, rollup or schema; the source does not run");
             let mut s = status.lock();
             s.state = "failed".into();
             s.last_error = Some(e.message);
@@ -451,6 +459,8 @@ struct PartitionWorker {
     status: Arc<Mutex<PartitionStatus>>,
     rt: tokio::runtime::Handle,
     transform: Option<crate::transform::Transform>,
+    /// Avro sources: the decoder of the source's schema.
+    avro: Option<crate::avro::AvroDecoder>,
     rollups: Vec<crate::rollup::Rollup>,
     /// S3 sources: the bucket and the object this worker ingests.
     store: Option<Arc<dyn ObjectStore>>,
@@ -1023,6 +1033,20 @@ impl PartitionWorker {
         let mut doc = match &self.source.spec {
             SourceSpec::Kafka(KafkaSource { format: SourceFormat::Csv, columns, .. }) => {
                 let doc = crate::objects::csv_message(columns, &payload, self.limits.doc_size_bytes_max)?;
+                basalt_common::doc::check_doc(&doc, &self.limits)?;
+                doc
+            }
+            SourceSpec::Kafka(KafkaSource { format: SourceFormat::Avro, .. }) => {
+                if payload.len() > self.limits.doc_size_bytes_max {
+                    return Err(BasaltError::invalid(format!(
+                        "message of {} bytes is over the document size limit of {} bytes",
+                        payload.len(),
+                        self.limits.doc_size_bytes_max
+                    )));
+                }
+                let decoder =
+                    self.avro.as_ref().ok_or_else(|| BasaltError::internal("avro source without a decoder"))?;
+                let doc = decoder.decode(&payload)?;
                 basalt_common::doc::check_doc(&doc, &self.limits)?;
                 doc
             }
