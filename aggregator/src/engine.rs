@@ -52,6 +52,9 @@ pub struct Engine {
     pub leaf: Leaf,
 }
 
+/// Build-side keys a hash join sends to the leaves as a list (DataFusion's default is 150).
+const RUNTIME_IN_LIST_MAX: usize = 4096;
+
 impl Engine {
     pub fn new(meta: Meta, tailer: Tailer, leaf: Leaf) -> Arc<Self> {
         Arc::new(Self { meta, tailer, leaf })
@@ -69,6 +72,9 @@ impl Engine {
         config.options_mut().sql_parser.parse_float_as_decimal = true;
         // EXPLAIN shows the plan that runs (with leaf access paths), not the logical plan.
         config.options_mut().explain.physical_plan_only = true;
+        // A hash join whose build side has up to this many keys hands them to the probe side's
+        // scan as a list, which the leaves apply before sending rows (see `LeafScanExec`).
+        config.options_mut().optimizer.hash_join_inlist_pushdown_max_distinct_values = RUNTIME_IN_LIST_MAX;
         let pool = Arc::new(crate::limits::SessionPool::new(crate::limits::DEFAULT_MEMORY_LIMIT));
         let runtime = match datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_memory_pool(pool.clone())

@@ -1,6 +1,7 @@
 //! Join order from leaf statistics: a filtered small dimension is joined to the fact collection
 //! first, whatever order the query names the tables in, and the answer is the same as in the
-//! query's order.
+//! query's order. Small build sides are built once and send their keys to the probe side's
+//! leaves, which then send only matching rows.
 
 use basalt_cluster_tests::Deployment;
 
@@ -10,6 +11,20 @@ fn largest_join(plan: &str) -> f64 {
         .filter(|l| l.contains("HashJoinExec"))
         .filter_map(|l| {
             let value: String = l.split("output_rows=").nth(1)?.chars().take_while(|c| *c != ',').collect();
+            let mut words = value.split_whitespace();
+            let n: f64 = words.next()?.parse().ok()?;
+            Some(n * if words.next() == Some("K") { 1e3 } else { 1.0 })
+        })
+        .fold(0.0, f64::max)
+}
+
+/// A metric's value on the plan lines that mention `node` (the largest, when several do).
+fn metric(plan: &str, node: &str, name: &str) -> f64 {
+    plan.lines()
+        .filter(|l| l.contains(node))
+        .filter_map(|l| {
+            let value: String =
+                l.split(&format!("{name}=")).nth(1)?.chars().take_while(|c| *c != ',' && *c != ']').collect();
             let mut words = value.split_whitespace();
             let n: f64 = words.next()?.parse().ok()?;
             Some(n * if words.next() == Some("K") { 1e3 } else { 1.0 })
@@ -57,11 +72,23 @@ async fn joins_in_order(d: Deployment) {
 
     let ordered = explain(&pg, sql).await;
     assert!(largest_join(&ordered) <= 400.0, "dim_a (one row) joins the facts first:\n{ordered}");
+    // The small dimensions are built once (no repartitioning of the facts), and the one key
+    // of dim_a reaches the leaves as a runtime filter: 400 of the 20,000 facts leave them.
+    assert!(ordered.contains("mode=CollectLeft"), "{ordered}");
+    assert!(metric(&ordered, "collection=j.facts", "runtime_key_lists") >= 1.0, "{ordered}");
+    assert!(metric(&ordered, "collection=j.facts", "rows_from_leaves") <= 400.0, "{ordered}");
 
+    // In the written order the dimensions' keys still reach the facts' leaves first.
     pg.batch_execute("SET basalt.join_order = off").await.expect("set");
     assert_eq!(answer(pg.query(sql, &[]).await.expect("query")), expected);
     let written = explain(&pg, sql).await;
+    assert!(metric(&written, "collection=j.facts", "rows_from_leaves") <= 400.0, "{written}");
+    // Without runtime filters either, the order as written joins all facts with dim_b first.
+    pg.batch_execute("SET datafusion.optimizer.enable_join_dynamic_filter_pushdown = false").await.expect("set");
+    assert_eq!(answer(pg.query(sql, &[]).await.expect("query")), expected);
+    let written = explain(&pg, sql).await;
     assert!(largest_join(&written) >= 6000.0, "the order as written joins facts and dim_b first:\n{written}");
+    assert!(metric(&written, "collection=j.facts", "rows_from_leaves") >= 20000.0, "{written}");
     let shown = pg.query("SHOW basalt.join_order", &[]).await.expect("show");
     assert_eq!(shown[0].get::<_, String>(0), "off");
     assert!(pg.batch_execute("SET basalt.join_order = sometimes").await.is_err());

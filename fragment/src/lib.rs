@@ -244,9 +244,10 @@ impl LeafScanExec {
     }
 
     /// Reads the runtime filters' values when called, as leaf filters (see
-    /// [`filters::dynamic_to_leaf`]). They are kept only when they pin `_id`s, which turns the
-    /// scan into row-store lookups; anything else costs about what it saves when every row is
-    /// checked against it, so the result is then empty.
+    /// [`filters::dynamic_to_leaf`]). Filters that pin `_id`s turn the scan into row-store
+    /// lookups; key lists on other columns are checked by the leaves before rows leave them
+    /// (and skip blocks whose min/max exclude every key). Bounds alone are dropped: on keys
+    /// spread over the whole table they exclude nothing and cost a comparison per row.
     fn runtime_filters_later(&self) -> impl FnOnce() -> Result<Vec<Filter>> + Send + 'static {
         let (dynamic, output) = (self.dynamic.clone(), self.output.clone());
         move || {
@@ -256,17 +257,20 @@ impl LeafScanExec {
             }
             tracing::debug!(filters = ?out, "runtime filters");
             if basalt_common::filter::id_lookup(&out).is_none() {
-                out.clear();
+                out = key_lists(out);
             }
             Ok(out)
         }
     }
 
-    /// The scan with runtime filters added when they pin `_id`s: it looks documents up.
+    /// The scan with runtime filters added (see [`LeafScanExec::runtime_filters_later`]): when
+    /// they pin `_id`s it looks documents up.
     fn with_extra_filters(mut self, extra: Vec<Filter>) -> Self {
         if basalt_common::filter::id_lookup(&extra).is_some() {
             self.spec.filters.extend(extra);
             self.spec.access = AccessPath::RowLookup;
+        } else {
+            self.spec.filters.extend(key_lists(extra));
         }
         self
     }
@@ -279,6 +283,20 @@ impl LeafScanExec {
             ))
         })
     }
+}
+
+/// The key lists among runtime filters (a join's filter is its bounds and, when the build side
+/// is small, its keys: `a >= 1 AND a <= 9 AND a IN (1, 4, 9)`).
+fn key_lists(filters: Vec<Filter>) -> Vec<Filter> {
+    let mut out = vec![];
+    for f in filters {
+        match f {
+            Filter::In { .. } => out.push(f),
+            Filter::And(parts) => out.extend(key_lists(parts)),
+            _ => {}
+        }
+    }
+    out
 }
 
 impl DisplayAs for LeafScanExec {
@@ -384,11 +402,10 @@ impl ExecutionPlan for LeafScanExec {
             .parent_filters
             .into_iter()
             .map(|f| {
-                // Only a join on `_id` gains from its keys at run time (row-store lookups instead
-                // of a scan). Bounds and key lists on other columns cost more than they saved on
-                // TPC-H (every probe then waits for every build partition, and each leaf
-                // evaluates the filter), so the join does not compute them for us.
-                if filters::is_dynamic(&f.filter) && filters::reads_column(&f.filter, ID_FIELD) {
+                // A join on `_id` looks its keys up in the row store; a join whose build side
+                // has few keys (see `RUNTIME_IN_LIST_MAX` in the engine) has the leaves drop
+                // rows without a match before sending them.
+                if filters::is_dynamic(&f.filter) {
                     accepted.push(f.filter);
                     PushedDown::Yes
                 } else {
@@ -417,6 +434,7 @@ impl ExecutionPlan for LeafScanExec {
         let output = self.output.clone();
         let moved = Moved::new(&self.metrics, partition);
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
+        let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later());
         let call = async move {
             // Read when the scan starts: a hash join probes only after its build side is complete.
@@ -424,10 +442,13 @@ impl ExecutionPlan for LeafScanExec {
                 Some(read) => read().map_err(from_df)?,
                 None => vec![],
             };
-            if !extra.is_empty() {
+            if basalt_common::filter::id_lookup(&extra).is_some() {
                 request.filters.extend(extra);
                 request.hint = Some(AccessPath::RowLookup);
                 lookups.add(1);
+            } else if !extra.is_empty() {
+                request.filters.extend(extra);
+                key_lists.add(1);
             }
             leaf.scan(request).await
         };
@@ -538,12 +559,15 @@ impl ExecutionPlan for LeafFragmentExec {
         let schema = self.fragment.schema();
         let moved = Moved::new(&self.metrics, partition);
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
+        let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let dynamic = (!scan.dynamic.is_empty()).then(|| scan.runtime_filters_later());
         let call = async move {
             if let Some(read) = dynamic {
                 request.filters = read().map_err(from_df)?;
-                if !request.filters.is_empty() {
+                if basalt_common::filter::id_lookup(&request.filters).is_some() {
                     lookups.add(1);
+                } else if !request.filters.is_empty() {
+                    key_lists.add(1);
                 }
             }
             leaf.execute(request).await
