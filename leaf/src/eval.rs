@@ -62,9 +62,62 @@ fn compare(col: &ArrayRef, op: CmpOp, value: &Scalar) -> Result<BooleanArray> {
 /// `path IN (values)` with one hash lookup per row, when the list is long and of one kind (a
 /// join's runtime key list has up to 150 values; a comparison per value and row would cost
 /// 150 passes). None: evaluate value by value.
+/// Membership in a set of integers: a bitmap over the values' span when it is at most
+/// [`BITMAP_SPAN`] wide, else binary search in the sorted values.
+enum IntSet {
+    Bitmap { min: i64, bits: Vec<u64> },
+    Sorted(Vec<i64>),
+}
+
+/// The widest span of values kept as a bitmap (128 KiB).
+const BITMAP_SPAN: u64 = 1 << 20;
+
+impl IntSet {
+    fn new(mut values: Vec<i64>) -> IntSet {
+        values.sort_unstable();
+        values.dedup();
+        let (Some(&min), Some(&max)) = (values.first(), values.last()) else { return IntSet::Sorted(values) };
+        let span = max.abs_diff(min);
+        if span >= BITMAP_SPAN {
+            return IntSet::Sorted(values);
+        }
+        let mut bits = vec![0u64; (span / 64 + 1) as usize];
+        for v in values {
+            let at = v.abs_diff(min);
+            bits[(at / 64) as usize] |= 1 << (at % 64);
+        }
+        IntSet::Bitmap { min, bits }
+    }
+
+    #[inline]
+    fn contains(&self, v: i64) -> bool {
+        match self {
+            IntSet::Bitmap { min, bits } => {
+                if v < *min {
+                    return false;
+                }
+                let at = v.abs_diff(*min);
+                bits.get((at / 64) as usize).is_some_and(|w| w & (1 << (at % 64)) != 0)
+            }
+            IntSet::Sorted(values) => values.binary_search(&v).is_ok(),
+        }
+    }
+}
+
+/// `IN` over a column with a membership test per value: nulls stay null, the rest compare.
+fn membership<T: arrow::datatypes::ArrowPrimitiveType>(
+    col: &ArrayRef,
+    contains: impl Fn(T::Native) -> bool,
+) -> BooleanArray {
+    let col = col.as_primitive::<T>();
+    let values: arrow::buffer::BooleanBuffer = col.values().iter().map(|v| contains(*v)).collect();
+    BooleanArray::new(values, arrow::array::Array::nulls(col).cloned())
+}
+
 fn in_set(path: &str, values: &[Scalar], block: &Block) -> Result<Option<BooleanArray>> {
     use std::collections::HashSet;
-    let ints = |want: fn(&Scalar) -> Option<i64>| values.iter().map(want).collect::<Option<HashSet<i64>>>();
+    let ints =
+        |want: fn(&Scalar) -> Option<i64>| values.iter().map(want).collect::<Option<Vec<i64>>>().map(IntSet::new);
     if values.len() < 8 {
         return Ok(None);
     }
@@ -73,23 +126,21 @@ fn in_set(path: &str, values: &[Scalar], block: &Block) -> Result<Option<Boolean
         Scalar::Int(_) => {
             let Some(set) = ints(|v| if let Scalar::Int(i) = v { Some(*i) } else { None }) else { return Ok(None) };
             let col = block.column_as(path, &DataType::Int64)?;
-            col.as_primitive::<arrow::datatypes::Int64Type>().iter().map(|v| v.map(|x| set.contains(&x))).collect()
+            membership::<arrow::datatypes::Int64Type>(&col, |x| set.contains(x))
         }
         Scalar::Timestamp(_) => {
             let Some(set) = ints(|v| if let Scalar::Timestamp(t) = v { Some(*t) } else { None }) else {
                 return Ok(None);
             };
             let col = block.column_as(path, &scalar_type(first))?;
-            let col = col.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
-            col.iter().map(|v| v.map(|x| set.contains(&x))).collect()
+            membership::<arrow::datatypes::TimestampMicrosecondType>(&col, |x| set.contains(x))
         }
         Scalar::Date(_) => {
             let Some(set) = ints(|v| if let Scalar::Date(d) = v { Some(i64::from(*d)) } else { None }) else {
                 return Ok(None);
             };
             let col = block.column_as_date(path)?;
-            let col = col.as_primitive::<arrow::datatypes::Date32Type>();
-            col.iter().map(|v| v.map(|x| set.contains(&i64::from(x)))).collect()
+            membership::<arrow::datatypes::Date32Type>(&col, |x| set.contains(i64::from(x)))
         }
         Scalar::Str(_) => {
             let strings = values.iter().map(|v| if let Scalar::Str(s) = v { Some(s.as_str()) } else { None });
@@ -197,10 +248,20 @@ fn excluded(filter: &Filter, block: &Block) -> bool {
             }
         }
         Filter::In { path, values } => {
-            !values.is_empty()
-                && values
-                    .iter()
-                    .all(|v| excluded(&Filter::Cmp { path: path.clone(), op: CmpOp::Eq, value: v.clone() }, block))
+            if values.is_empty() {
+                return false;
+            }
+            if !block.columns.contains_key(path) {
+                return true;
+            }
+            let Some(mm) = block.min_max.get(path) else { return false };
+            use std::cmp::Ordering::*;
+            // Excluded when every value is outside the block's range (or not comparable with it,
+            // which `excluded` of an equality treats the same way: not excluded).
+            values.iter().all(|v| match (order(&mm.min, v), order(&mm.max, v)) {
+                (Some(lo), Some(hi)) => lo == Greater || hi == Less,
+                _ => false,
+            })
         }
         Filter::IsNotNull(path) | Filter::Search { path, .. } => !block.columns.contains_key(path),
         _ => false,
@@ -295,6 +356,38 @@ mod tests {
         let mut mixed: Vec<Scalar> = (0..9).map(Scalar::Int).collect();
         mixed.push(Scalar::Str("36".into()));
         assert_eq!(rows(&Filter::In { path: "age".into(), values: mixed }), vec![Some(true), Some(false), None]);
+    }
+
+    #[test]
+    fn integer_sets_agree_with_a_plain_set_dense_or_sparse() {
+        let plain = |values: &[i64], v: i64| values.contains(&v);
+        for values in [
+            vec![-5, 0, 3, 63, 64, 65, 1000],              // bitmap, negative and word edges
+            vec![i64::MIN, -1, 7, i64::MAX],               // span too wide: sorted
+            vec![10, 10, 12, 10 + BITMAP_SPAN as i64 - 1], // widest bitmap, duplicates
+            vec![0, BITMAP_SPAN as i64],                   // just too wide
+        ] {
+            let set = IntSet::new(values.clone());
+            for v in [i64::MIN, -6, -5, -1, 0, 1, 3, 62, 63, 64, 65, 66, 999, 1000, 1001, 10, 11, 12, i64::MAX]
+                .into_iter()
+                .chain(values.iter().copied())
+                .chain([10 + BITMAP_SPAN as i64 - 1, BITMAP_SPAN as i64, BITMAP_SPAN as i64 + 1])
+            {
+                assert_eq!(set.contains(v), plain(&values, v), "{v} in {values:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn in_lists_skip_blocks_outside_every_value() {
+        let b = block();
+        let ages =
+            |values: Vec<i64>| Filter::In { path: "age".into(), values: values.into_iter().map(Scalar::Int).collect() };
+        // The block's ages are 36 and 20 (and a null).
+        assert!(excluded(&ages(vec![1, 2, 50, 60]), &b));
+        assert!(!excluded(&ages(vec![1, 25]), &b), "25 is within the block's range");
+        assert!(!excluded(&Filter::In { path: "age".into(), values: vec![Scalar::Str("x".into())] }, &b));
+        assert!(excluded(&Filter::In { path: "nope".into(), values: vec![Scalar::Int(1)] }, &b));
     }
 
     #[test]
