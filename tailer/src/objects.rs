@@ -67,6 +67,19 @@ struct StreamRead {
     bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
+impl StreamRead {
+    /// Start reading an object's bytes; `bytes` counts what arrives.
+    fn open(
+        rt: &tokio::runtime::Handle,
+        store: &Arc<dyn ObjectStore>,
+        path: &ObjectPath,
+        bytes: &Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<StreamRead> {
+        let get = rt.block_on(store.get(path)).map_err(s3_err)?;
+        Ok(StreamRead { rt: rt.clone(), stream: get.into_stream(), current: Bytes::new(), bytes: bytes.clone() })
+    }
+}
+
 impl Read for StreamRead {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
@@ -131,13 +144,7 @@ impl ObjectReader {
         let from = from.max(0);
         let inner = match format {
             SourceFormat::Json | SourceFormat::Csv => {
-                let get = rt.block_on(store.get(&path)).map_err(s3_err)?;
-                let read = StreamRead {
-                    rt: rt.clone(),
-                    stream: get.into_stream(),
-                    current: Bytes::new(),
-                    bytes: bytes.clone(),
-                };
+                let read = StreamRead::open(&rt, &store, &path, &bytes)?;
                 if format == SourceFormat::Json {
                     Inner::Lines(std::io::BufReader::with_capacity(256 * 1024, read))
                 } else {
@@ -152,13 +159,7 @@ impl ObjectReader {
                 }
             }
             SourceFormat::Avro => {
-                let get = rt.block_on(store.get(&path)).map_err(s3_err)?;
-                let read = StreamRead {
-                    rt: rt.clone(),
-                    stream: get.into_stream(),
-                    current: Bytes::new(),
-                    bytes: bytes.clone(),
-                };
+                let read = StreamRead::open(&rt, &store, &path, &bytes)?;
                 let reader = apache_avro::Reader::new(std::io::BufReader::with_capacity(256 * 1024, read))
                     .map_err(|e| BasaltError::invalid(format!("avro object {key}: {e}")))?;
                 let decoder = crate::avro::AvroDecoder::from_schema(
