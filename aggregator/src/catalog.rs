@@ -34,11 +34,15 @@ pub struct PlanOptions {
     /// Inner joins are ordered from leaf statistics (`SET basalt.join_order = off` keeps the
     /// order the query names them in, for comparison).
     pub join_order: bool,
+    /// The statement names more than one table: tables carry the leaves' distinct-value
+    /// sketches for join planning (a one-table statement never reads them, and computing them
+    /// reads every value of a collection that changed by a tenth).
+    pub planner_stats: bool,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        Self { hint: None, with_score: false, fragments: true, join_order: true }
+        Self { hint: None, with_score: false, fragments: true, join_order: true, planner_stats: true }
     }
 }
 
@@ -149,11 +153,17 @@ impl SchemaProvider for Workspace {
             Err(e) if e.code == ErrorCode::NotFound => return Ok(None),
             Err(e) => return Err(to_df_error(e)),
         };
-        let stats = self.leaf.planner_stats(info.id, (0..info.shards).collect()).await.map_err(to_df_error)?;
-        let (hint, with_score) = {
+        let (hint, with_score, planner_stats) = {
             let o = self.options.read();
-            (o.hint, o.with_score)
+            (o.hint, o.with_score, o.planner_stats)
         };
+        let shards = (0..info.shards).collect();
+        let stats = if planner_stats {
+            self.leaf.planner_stats(info.id, shards).await
+        } else {
+            self.leaf.stats(info.id, shards).await
+        }
+        .map_err(to_df_error)?;
         Ok(Some(Arc::new(CollectionTable::new(info, stats, self.leaf.clone(), hint, with_score))))
     }
 

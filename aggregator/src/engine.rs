@@ -199,9 +199,17 @@ impl Session {
 
     async fn plan(&self, stmt: Statement, params: &[ScalarValue]) -> Result<LogicalPlan> {
         self.catalog.refresh().await?;
-        self.options.write().with_score = basalt_sql::uses_score(&stmt);
         let state = self.ctx.state();
-        let plan = state.statement_to_plan(DfStatement::Statement(Box::new(stmt))).await.map_err(from_df)?;
+        let stmt = DfStatement::Statement(Box::new(stmt));
+        let tables = state.resolve_table_references(&stmt).map_err(from_df)?.len();
+        {
+            let mut options = self.options.write();
+            if let DfStatement::Statement(s) = &stmt {
+                options.with_score = basalt_sql::uses_score(s);
+            }
+            options.planner_stats = tables > 1;
+        }
+        let plan = state.statement_to_plan(stmt).await.map_err(from_df)?;
         let options = datafusion::execution::context::SQLOptions::new().with_allow_ddl(false).with_allow_dml(false);
         options.verify_plan(&plan).map_err(from_df)?;
         if params.is_empty() {

@@ -70,6 +70,23 @@ async fn joins_in_order(d: Deployment) {
     let expected = (want.len() as i64, want.iter().sum::<f64>());
     assert_eq!(answer(pg.query(sql, &[]).await.expect("query")), expected);
 
+    // Statements over one collection never ask the leaves for distinct sketches; joins do.
+    let sketch_builds = || async {
+        let text = reqwest::get(d.http("/metrics")).await.expect("metrics").text().await.expect("metrics body");
+        text.lines()
+            .find_map(|l| l.strip_prefix("basalt_leaf_sketch_builds_total "))
+            .map_or(0.0, |v| v.trim().parse::<f64>().expect("counter"))
+    };
+    // (In dev the leaf's counters are on the same /metrics; leaf processes keep their own.)
+    if d.leaf_addrs.is_empty() {
+        let before = sketch_builds().await;
+        pg.batch_execute("INSERT INTO j.facts SELECT 'g' || value AS _id, 1 AS a FROM generate_series(1, 5000)")
+            .await
+            .expect("grow facts by a tenth");
+        pg.query("SELECT count(*) FROM j.facts WHERE a = 1", &[]).await.expect("one table");
+        assert_eq!(sketch_builds().await, before, "a one-collection statement computed sketches");
+        pg.batch_execute("DELETE FROM j.facts WHERE _id LIKE 'g%'").await.expect("shrink facts back");
+    }
     let ordered = explain(&pg, sql).await;
     assert!(largest_join(&ordered) <= 400.0, "dim_a (one row) joins the facts first:\n{ordered}");
     // The small dimensions are built once (no repartitioning of the facts), and the one key

@@ -22,7 +22,7 @@ use basalt_common::schema::SchemaStats;
 use basalt_common::sketch::Sketch;
 use basalt_common::{BasaltError, Result};
 use parking_lot::{Mutex, RwLock};
-use prometheus::{HistogramVec, register_histogram_vec};
+use prometheus::{HistogramVec, IntCounter, register_histogram_vec, register_int_counter};
 use serde::{Deserialize, Serialize};
 
 use crate::columns::{
@@ -159,6 +159,15 @@ static WRITE_PHASES: std::sync::LazyLock<Option<HistogramVec>> = std::sync::Lazy
         "Time shard writes spend per phase",
         &["phase"],
         vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+    )
+    .ok()
+});
+
+/// Distinct-value sketches computed for the planner (each reads every live value of a shard).
+static SKETCH_BUILDS: std::sync::LazyLock<Option<IntCounter>> = std::sync::LazyLock::new(|| {
+    register_int_counter!(
+        "basalt_leaf_sketch_builds_total",
+        "Distinct-value sketches computed for join planning (every live value of a shard read once)"
     )
     .ok()
 });
@@ -659,6 +668,9 @@ impl Shard {
                 self.prebuild_tail()?;
                 let snapshot = self.columns.write().snapshot()?;
                 let sketches = Arc::new(distinct_sketches(&snapshot.blocks, &snapshot.deletions));
+                if let Some(c) = SKETCH_BUILDS.as_ref() {
+                    c.inc();
+                }
                 *self.distinct.lock() = Some((live, sketches.clone()));
                 sketches
             }
