@@ -253,9 +253,22 @@ impl KafkaClient {
     }
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, and never handed out before by this process: the kernel
+/// may give the same free port to two binds in a row, and two processes of one deployment then
+/// race for it (seen in CI: the aggregator could not listen, and the test reached the tailer).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// One `basalt` process, restartable with the same arguments. Killed on drop.
