@@ -199,6 +199,7 @@ def main():
     report = {"sf": args.sf, "runs": args.runs, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "basalt": "dev" if args.leaves == 0 else f"{args.leaves} leaves, 1 tailer, 1 aggregator",
               "shards": args.shards, "load_s": {}, "queries": {}}
+    basalt = None
     try:
         basalt = Basalt(args.basalt_bin, workdir, args.leaves)
         started = time.time()
@@ -253,6 +254,10 @@ def main():
         for e in engines:
             e.close()
     finally:
+        # A failed load leaves Basalt running: stop it before its files go (deleted files it
+        # still holds open would keep their disk space).
+        if basalt is not None and "summary" not in report:
+            basalt.close()
         shutil.rmtree(workdir, ignore_errors=True)
     write_report(report, args.out)
 
