@@ -199,14 +199,13 @@ impl Session {
 
     async fn plan(&self, stmt: Statement, params: &[ScalarValue]) -> Result<LogicalPlan> {
         self.catalog.refresh().await?;
+        let with_score = basalt_sql::uses_score(&stmt);
         let state = self.ctx.state();
         let stmt = DfStatement::Statement(Box::new(stmt));
         let tables = state.resolve_table_references(&stmt).map_err(from_df)?.len();
         {
             let mut options = self.options.write();
-            if let DfStatement::Statement(s) = &stmt {
-                options.with_score = basalt_sql::uses_score(s);
-            }
+            options.with_score = with_score;
             options.planner_stats = tables > 1;
         }
         let plan = state.statement_to_plan(stmt).await.map_err(from_df)?;

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 
 use apache_avro::Schema;
+use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
 use apache_avro::schema::{Name, ResolvedSchema};
 use apache_avro::types::Value as Avro;
 use basalt_common::api::AvroFraming;
@@ -36,7 +37,8 @@ pub struct AvroDecoder {
     names: HashMap<Name, Schema>,
     framing: AvroFraming,
     schema_id: Option<u32>,
-    fingerprint: [u8; 8],
+    /// `C3 01` and the schema's Rabin fingerprint, as Avro's single-object writers put it.
+    single_object_header: Vec<u8>,
 }
 
 fn invalid(msg: impl std::fmt::Display) -> BasaltError {
@@ -57,12 +59,8 @@ impl AvroDecoder {
             .iter()
             .map(|(name, s)| (name.clone(), (*s).clone()))
             .collect();
-        let mut fingerprint = [0u8; 8];
-        let bytes = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
-        if bytes.len() == 8 {
-            fingerprint.copy_from_slice(&bytes);
-        }
-        Ok(Self { schema, names, framing, schema_id, fingerprint })
+        let single_object_header = RabinFingerprintHeader::from_schema(&schema).build_header();
+        Ok(Self { schema, names, framing, schema_id, single_object_header })
     }
 
     /// One message as a document.
@@ -82,16 +80,14 @@ impl AvroDecoder {
                 rest
             }
             AvroFraming::SingleObject => {
-                let [0xC3, 0x01, rest @ ..] = payload else {
+                let [0xC3, 0x01, ..] = payload else {
                     return Err(invalid("not in Avro single-object encoding (C3 01 header)"));
                 };
-                let (Some(fp), Some(rest)) = (rest.get(..8), rest.get(8..)) else {
+                let header = self.single_object_header.len();
+                let (Some(fp), Some(rest)) = (payload.get(..header), payload.get(header..)) else {
                     return Err(invalid("single-object message shorter than its header"));
                 };
-                // Avro writes the fingerprint little-endian.
-                let mut expected = self.fingerprint;
-                expected.reverse();
-                if fp != self.fingerprint && fp != expected {
+                if fp != self.single_object_header.as_slice() {
                     return Err(invalid("message written with another schema (fingerprint differs)"));
                 }
                 rest
@@ -334,12 +330,16 @@ mod tests {
 
         let single = AvroDecoder::new(SCHEMA, AvroFraming::SingleObject, None).unwrap();
         let schema = Schema::parse_str(SCHEMA).unwrap();
-        let mut fp = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
-        fp.reverse();
-        let framed = [&[0xC3u8, 0x01][..], &fp, &body].concat();
+        let header = RabinFingerprintHeader::from_schema(&schema).build_header();
+        let framed = [&header[..], &body].concat();
         assert_eq!(Value::Object(single.decode(&framed).unwrap()), expected);
         let wrong = [&[0xC3u8, 0x01][..], &[0u8; 8], &body].concat();
         assert!(single.decode(&wrong).unwrap_err().message.contains("fingerprint"));
+        // The fingerprint is little-endian: the same bytes reversed are another fingerprint.
+        let mut swapped = header.clone();
+        swapped[2..].reverse();
+        let swapped = [&swapped[..], &body].concat();
+        assert!(single.decode(&swapped).unwrap_err().message.contains("fingerprint"));
     }
 
     #[test]
