@@ -91,6 +91,7 @@ impl Engine {
             .with_runtime_env(runtime)
             .with_default_features()
             .with_physical_optimizer_rule(Arc::new(crate::catalog::PushFragments { options: options.clone() }))
+            .with_physical_optimizer_rule(Arc::new(crate::limits::YieldInAmplifiers))
             .with_optimizer_rules(optimizer_rules(options.clone()))
             .build();
         let ctx = SessionContext::new_with_state(state);

@@ -234,6 +234,60 @@ impl RecordBatchStream for Guarded {
     }
 }
 
+/// The last physical optimizer pass: operators whose output can be far larger than their
+/// input (joins, unnest) also spend the task's cooperative budget per batch they produce.
+///
+/// DataFusion's `EnsureCooperative` instruments only leaves and exchanges. A cross join of
+/// four 5,000-row inputs consumes a handful of budget units reading them and then computes
+/// 10^14 rows inside one `poll_next`: neither the statement timeout nor a cancel (both checked
+/// between polls, see [`StopSignal::guard`]) could stop it, and the work went on after the
+/// client had its error. Wrapped, the stream returns `Pending` every 128 batches.
+#[derive(Debug, Default)]
+pub struct YieldInAmplifiers;
+
+impl YieldInAmplifiers {
+    fn amplifies(plan: &dyn datafusion::physical_plan::ExecutionPlan) -> bool {
+        use datafusion::physical_plan::joins::{
+            CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PiecewiseMergeJoinExec, SortMergeJoinExec,
+            SymmetricHashJoinExec,
+        };
+        plan.downcast_ref::<CrossJoinExec>().is_some()
+            || plan.downcast_ref::<HashJoinExec>().is_some()
+            || plan.downcast_ref::<NestedLoopJoinExec>().is_some()
+            || plan.downcast_ref::<SortMergeJoinExec>().is_some()
+            || plan.downcast_ref::<SymmetricHashJoinExec>().is_some()
+            || plan.downcast_ref::<PiecewiseMergeJoinExec>().is_some()
+            || plan.downcast_ref::<datafusion::physical_plan::unnest::UnnestExec>().is_some()
+    }
+}
+
+impl datafusion::physical_optimizer::PhysicalOptimizerRule for YieldInAmplifiers {
+    fn optimize(
+        &self,
+        plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+        _config: &datafusion::config::ConfigOptions,
+    ) -> datafusion::common::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        use datafusion::common::tree_node::{Transformed, TreeNode};
+        use datafusion::physical_plan::coop::CooperativeExec;
+        plan.transform_up(|node| {
+            if Self::amplifies(node.as_ref()) {
+                Ok(Transformed::yes(Arc::new(CooperativeExec::new(node)) as _))
+            } else {
+                Ok(Transformed::no(node))
+            }
+        })
+        .map(|t| t.data)
+    }
+
+    fn name(&self) -> &str {
+        "basalt_yield_in_amplifiers"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,5 +323,49 @@ mod tests {
         let stop = c.stop_signal(Some(Duration::from_millis(10)));
         let e = stop.run(async { futures::future::pending::<Result<()>>().await }).await.unwrap_err();
         assert!(e.message.contains("statement timeout"), "{e}");
+    }
+
+    /// A statement whose work is a cross join of small inputs stops at its timeout. Before the
+    /// joins spent budget per batch, the partial aggregate of each partition (a task of its own)
+    /// computed all of it in one poll: the client got its error but the tasks went on, holding
+    /// the runtime's threads. The plan has the shape Basalt's leaf scans give: two partitions.
+    #[test]
+    fn a_timeout_stops_a_cross_join_of_small_inputs() {
+        use arrow::array::Float64Array;
+        use arrow::datatypes::{DataType, Field, Schema};
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let outcome = runtime.block_on(async {
+                let state = datafusion::execution::SessionStateBuilder::new()
+                    .with_config(datafusion::prelude::SessionConfig::new().with_target_partitions(2))
+                    .with_default_features()
+                    .with_physical_optimizer_rule(Arc::new(YieldInAmplifiers))
+                    .build();
+                let ctx = datafusion::prelude::SessionContext::new_with_state(state);
+                let schema = Arc::new(Schema::new(vec![Field::new("price", DataType::Float64, false)]));
+                let part = |from: usize| {
+                    let prices = Float64Array::from_iter_values((from..from + 2500).map(|i| (i % 97) as f64));
+                    vec![RecordBatch::try_new(schema.clone(), vec![Arc::new(prices)]).unwrap()]
+                };
+                let table =
+                    datafusion::datasource::MemTable::try_new(schema.clone(), vec![part(0), part(2500)]).unwrap();
+                ctx.register_table("t", Arc::new(table)).unwrap();
+                let sql = "SELECT count(*) FROM t a, t b, t c, t d WHERE a.price + b.price + c.price = d.price";
+                let plan = ctx.sql(sql).await.unwrap().create_physical_plan().await.unwrap();
+                let stream = datafusion::physical_plan::execute_stream(plan, ctx.task_ctx()).unwrap();
+                let stop = Canceler::default().stop_signal(Some(Duration::from_millis(200)));
+                let result = datafusion::physical_plan::common::collect(stop.guard(stream)).await;
+                // The runtime's threads are free again: a small task finishes promptly.
+                let started = std::time::Instant::now();
+                let free = tokio::time::timeout(Duration::from_secs(5), tokio::spawn(async { 1 })).await;
+                (result.map(|_| ()).map_err(|e| e.to_string()), free.is_ok(), started.elapsed())
+            });
+            let _ = tx.send(outcome);
+        });
+        let (result, free, took) = rx.recv_timeout(Duration::from_secs(30)).expect("the statement did not stop");
+        let error = result.expect_err("10^14 rows cannot finish in time");
+        assert!(error.contains("statement timeout"), "{error}");
+        assert!(free, "a task waited {took:?} for the runtime");
     }
 }
