@@ -203,7 +203,8 @@ def main():
     try:
         basalt = Basalt(args.basalt_bin, workdir, args.leaves)
         started = time.time()
-        tpch.load_basalt(basalt.http, csv_dir, shards=args.shards, progress=lambda m: print(m, file=sys.stderr))
+        if "tpch" in suites:
+            tpch.load_basalt(basalt.http, csv_dir, shards=args.shards, progress=lambda m: print(m, file=sys.stderr))
         if ssb_dir:
             ssb.load_basalt(basalt.http, ssb_dir, shards=args.shards, progress=lambda m: print(m, file=sys.stderr))
         report["load_s"]["basalt"] = round(time.time() - started, 1)
