@@ -114,58 +114,103 @@ fn membership<T: arrow::datatypes::ArrowPrimitiveType>(
     BooleanArray::new(values, arrow::array::Array::nulls(col).cloned())
 }
 
-fn in_set(path: &str, values: &[Scalar], block: &Block) -> Result<Option<BooleanArray>> {
-    use std::collections::HashSet;
-    let ints =
-        |want: fn(&Scalar) -> Option<i64>| values.iter().map(want).collect::<Option<Vec<i64>>>().map(IntSet::new);
-    if values.len() < 8 {
-        return Ok(None);
+/// A long `IN` list prepared for membership tests.
+enum Prepared {
+    Ints(IntSet),
+    Strs(std::collections::HashSet<String>),
+    /// Short, mixed or float lists: value by value.
+    ValueByValue,
+}
+
+impl Prepared {
+    fn new(values: &[Scalar]) -> Prepared {
+        let ints = |want: fn(&Scalar) -> Option<i64>| {
+            values.iter().map(want).collect::<Option<Vec<i64>>>().map_or(Prepared::ValueByValue, |v| {
+                Prepared::Ints(IntSet::new(v))
+            })
+        };
+        if values.len() < 8 {
+            return Prepared::ValueByValue;
+        }
+        match values.first() {
+            Some(Scalar::Int(_)) => ints(|v| if let Scalar::Int(i) = v { Some(*i) } else { None }),
+            Some(Scalar::Timestamp(_)) => ints(|v| if let Scalar::Timestamp(t) = v { Some(*t) } else { None }),
+            Some(Scalar::Date(_)) => ints(|v| if let Scalar::Date(d) = v { Some(i64::from(*d)) } else { None }),
+            Some(Scalar::Str(_)) => values
+                .iter()
+                .map(|v| if let Scalar::Str(s) = v { Some(s.clone()) } else { None })
+                .collect::<Option<std::collections::HashSet<String>>>()
+                .map_or(Prepared::ValueByValue, Prepared::Strs),
+            // Floats (equality with -0.0 and NaN) and booleans: value by value.
+            _ => Prepared::ValueByValue,
+        }
     }
-    let Some(first) = values.first() else { return Ok(None) };
-    let out = match first {
-        Scalar::Int(_) => {
-            let Some(set) = ints(|v| if let Scalar::Int(i) = v { Some(*i) } else { None }) else { return Ok(None) };
+}
+
+/// The `IN` lists of one scan's filters, each prepared (sorted, as a bitmap or a hash set)
+/// the first time a block needs it and reused for every later block. A runtime key list of
+/// 8,000 keys was sorted again for each of a scan's blocks: 70% of the leaf's time.
+///
+/// Keyed by the list's address, so an `InSets` must not outlive the filters it served (a scan
+/// creates one and drops it when it ends).
+#[derive(Default)]
+pub struct InSets {
+    prepared: std::cell::RefCell<std::collections::HashMap<(usize, usize), Arc<Prepared>>>,
+}
+
+impl InSets {
+    fn get(&self, values: &[Scalar]) -> Arc<Prepared> {
+        let key = (values.as_ptr() as usize, values.len());
+        if let Some(p) = self.prepared.borrow().get(&key) {
+            return p.clone();
+        }
+        let p = Arc::new(Prepared::new(values));
+        self.prepared.borrow_mut().insert(key, p.clone());
+        p
+    }
+}
+
+fn in_set(path: &str, values: &[Scalar], block: &Block, sets: &InSets) -> Result<Option<BooleanArray>> {
+    let prepared = sets.get(values);
+    let out = match (prepared.as_ref(), values.first()) {
+        (Prepared::Ints(set), Some(Scalar::Int(_))) => {
             let col = block.column_as(path, &DataType::Int64)?;
             membership::<arrow::datatypes::Int64Type>(&col, |x| set.contains(x))
         }
-        Scalar::Timestamp(_) => {
-            let Some(set) = ints(|v| if let Scalar::Timestamp(t) = v { Some(*t) } else { None }) else {
-                return Ok(None);
-            };
+        (Prepared::Ints(set), Some(first @ Scalar::Timestamp(_))) => {
             let col = block.column_as(path, &scalar_type(first))?;
             membership::<arrow::datatypes::TimestampMicrosecondType>(&col, |x| set.contains(x))
         }
-        Scalar::Date(_) => {
-            let Some(set) = ints(|v| if let Scalar::Date(d) = v { Some(i64::from(*d)) } else { None }) else {
-                return Ok(None);
-            };
+        (Prepared::Ints(set), Some(Scalar::Date(_))) => {
             let col = block.column_as_date(path)?;
             membership::<arrow::datatypes::Date32Type>(&col, |x| set.contains(i64::from(x)))
         }
-        Scalar::Str(_) => {
-            let strings = values.iter().map(|v| if let Scalar::Str(s) = v { Some(s.as_str()) } else { None });
-            let Some(set) = strings.collect::<Option<HashSet<&str>>>() else { return Ok(None) };
+        (Prepared::Strs(set), _) => {
             let col = block.column_as(path, &DataType::Utf8)?;
             col.as_string::<i32>().iter().map(|v| v.map(|x| set.contains(x))).collect()
         }
-        // Floats (equality with -0.0 and NaN) and booleans: value by value.
-        Scalar::Float(_) | Scalar::Bool(_) => return Ok(None),
+        _ => return Ok(None),
     };
     Ok(Some(out))
 }
 
 /// Evaluate a filter over every row of a block. Null means unknown (SQL semantics).
 pub fn eval(filter: &Filter, block: &Block) -> Result<BooleanArray> {
+    eval_with(filter, block, &InSets::default())
+}
+
+/// [`eval`] reusing the prepared `IN` lists of `sets`.
+pub fn eval_with(filter: &Filter, block: &Block, sets: &InSets) -> Result<BooleanArray> {
     match filter {
-        Filter::And(items) => fold(items, block, true),
-        Filter::Or(items) => fold(items, block, false),
-        Filter::Not(inner) => Ok(not(&eval(inner, block)?)?),
+        Filter::And(items) => fold(items, block, true, sets),
+        Filter::Or(items) => fold(items, block, false, sets),
+        Filter::Not(inner) => Ok(not(&eval_with(inner, block, sets)?)?),
         Filter::Cmp { path, op, value } => {
             let col = column_for(block, path, value)?;
             compare(&col, *op, value)
         }
         Filter::In { path, values } => {
-            if let Some(m) = in_set(path, values, block)? {
+            if let Some(m) = in_set(path, values, block, sets)? {
                 return Ok(m);
             }
             let mut acc: Option<BooleanArray> = None;
@@ -195,14 +240,19 @@ pub fn eval(filter: &Filter, block: &Block) -> Result<BooleanArray> {
 }
 
 /// The conjunction of filters over every row of a block (SQL semantics).
-pub fn eval_all(filters: &[&Filter], block: &Block) -> Result<BooleanArray> {
-    fold(filters.iter().copied(), block, true)
+pub fn eval_all(filters: &[&Filter], block: &Block, sets: &InSets) -> Result<BooleanArray> {
+    fold(filters.iter().copied(), block, true, sets)
 }
 
-fn fold<'a>(items: impl IntoIterator<Item = &'a Filter>, block: &Block, conjunction: bool) -> Result<BooleanArray> {
+fn fold<'a>(
+    items: impl IntoIterator<Item = &'a Filter>,
+    block: &Block,
+    conjunction: bool,
+    sets: &InSets,
+) -> Result<BooleanArray> {
     let mut acc: Option<BooleanArray> = None;
     for item in items {
-        let m = eval(item, block)?;
+        let m = eval_with(item, block, sets)?;
         acc = Some(match acc {
             None => m,
             Some(a) if conjunction => and_kleene(&a, &m)?,
@@ -414,5 +464,49 @@ mod tests {
         assert!(!block_excluded(&[cmp(CmpOp::Eq, 25)], &b));
         assert!(block_excluded(&[Filter::Cmp { path: "zz".into(), op: CmpOp::Eq, value: Scalar::Int(1) }], &b));
         assert!(!block_excluded(&[Filter::IsNull("zz".into())], &b));
+    }
+
+    /// A scan's `IN` lists are prepared once and answer every block as value-by-value
+    /// evaluation does (ints, dates in text, strings; nulls stay unknown).
+    #[test]
+    fn in_lists_are_prepared_once_per_scan() {
+        let blocks: Vec<Block> = (0..3)
+            .map(|k| {
+                let docs: Vec<Arc<Doc>> = (0..50)
+                    .map(|i| {
+                        let n = k * 50 + i;
+                        let v = if n % 7 == 0 {
+                            json!({"_id": n.to_string(), "name": format!("n{n}")})
+                        } else {
+                            json!({"_id": n.to_string(), "age": n, "name": format!("n{n}"), "d": format!("2024-01-{:02}", n % 28 + 1)})
+                        };
+                        Arc::new(v.as_object().unwrap().clone())
+                    })
+                    .collect();
+                Block::build(k as u64 * 50, &docs).unwrap()
+            })
+            .collect();
+        let ints = Filter::In { path: "age".into(), values: (0..150).step_by(3).map(Scalar::Int).collect() };
+        let strs =
+            Filter::In { path: "name".into(), values: (0..150).step_by(5).map(|i| Scalar::Str(format!("n{i}"))).collect() };
+        let dates = Filter::In {
+            path: "d".into(),
+            values: (1..=28).step_by(2).map(|d| Scalar::Date(19723 + d - 1)).collect(), // 2024-01-01 is day 19723
+        };
+        let filters = [&ints, &strs, &dates];
+        let sets = InSets::default();
+        for block in &blocks {
+            for f in filters {
+                let prepared: Vec<Option<bool>> = eval_with(f, block, &sets).unwrap().iter().collect();
+                let Filter::In { path, values } = f else { unreachable!() };
+                let one_by_one = Filter::Or(
+                    values.iter().map(|v| Filter::Cmp { path: path.clone(), op: CmpOp::Eq, value: v.clone() }).collect(),
+                );
+                let want: Vec<Option<bool>> = eval(&one_by_one, block).unwrap().iter().collect();
+                assert_eq!(prepared, want, "{f:?}");
+                assert!(prepared.contains(&Some(true)) && prepared.contains(&Some(false)), "{f:?}");
+            }
+        }
+        assert_eq!(sets.prepared.borrow().len(), 3, "one preparation per list, not per block");
     }
 }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::columns::{
     BLOCK_ROWS, Block, ColumnStore, Deletions, Overlay, Overlays, StatsDelta, StatsDeltaBuilder, apply_delta,
 };
-use crate::eval::{block_excluded, eval_all};
+use crate::eval::{InSets, block_excluded, eval_all};
 use crate::rows::{Head, RowStore};
 use crate::search::SearchIndex;
 use crate::segments::{Manifest, ShardSegments};
@@ -958,6 +958,8 @@ impl Shard {
         let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
         let mut scores: HashMap<u64, f32> = HashMap::new();
         let mut sink = Batcher { schema: schema.clone(), pending: Vec::new(), rows: 0, emit, open: true };
+        // Long `IN` lists prepared once for all blocks (`req.filters` outlives it).
+        let sets = InSets::default();
         // Patched slots: their overlays are applied to the columns the scan reads.
         let overlays: &Overlays = &snapshot.overlays;
         let mut paths: Vec<&str> =
@@ -971,7 +973,7 @@ impl Shard {
             |block: &Block, rows: Option<Vec<u32>>, filters: &[&Filter], scores: &HashMap<u64, f32>| -> Result<bool> {
                 let view = if patched(block) { block.overlaid(overlays, &paths, &snapshot.stats)? } else { None };
                 let block = view.as_ref().unwrap_or(block);
-                let batch = project_filter(block, rows, filters, &schema, Some(&snapshot.deletions), scores)?;
+                let batch = project_filter(block, rows, filters, &schema, Some(&snapshot.deletions), scores, &sets)?;
                 if batch.num_rows() == 0 {
                     return Ok(true);
                 }
@@ -992,7 +994,7 @@ impl Shard {
                 if !docs.is_empty() {
                     // Row-store documents are current by definition: no deletion check.
                     let block = Block::build(0, &docs)?;
-                    let batch = project_filter(&block, None, &all, &schema, None, &scores)?;
+                    let batch = project_filter(&block, None, &all, &schema, None, &scores, &sets)?;
                     let batch = if batch.num_rows() > remaining { batch.slice(0, remaining) } else { batch };
                     if batch.num_rows() > 0 {
                         sink.push(batch)?;
@@ -1232,6 +1234,7 @@ fn project_filter(
     schema: &SchemaRef,
     deletions: Option<&Deletions>,
     scores: &HashMap<u64, f32>,
+    sets: &InSets,
 ) -> Result<RecordBatch> {
     let is_live = |slot: u64| deletions.is_none_or(|d| !d.is_deleted(slot));
     let narrowed;
@@ -1258,7 +1261,7 @@ fn project_filter(
         }
     };
     if !filters.is_empty() {
-        let m = eval_all(filters, block)?;
+        let m = eval_all(filters, block, sets)?;
         // Unknown (null) counts as false.
         let m = if m.null_count() > 0 { arrow::compute::prep_null_mask_filter(&m) } else { m };
         keep = Some(match keep {
