@@ -110,7 +110,9 @@ fn membership<T: arrow::datatypes::ArrowPrimitiveType>(
     contains: impl Fn(T::Native) -> bool,
 ) -> BooleanArray {
     let col = col.as_primitive::<T>();
-    let values: arrow::buffer::BooleanBuffer = col.values().iter().map(|v| contains(*v)).collect();
+    let raw = col.values();
+    // 64 results packed per word (collecting an iterator of bools pushes bit by bit).
+    let values = arrow::buffer::BooleanBuffer::collect_bool(raw.len(), |i| contains(raw[i]));
     BooleanArray::new(values, arrow::array::Array::nulls(col).cloned())
 }
 
@@ -125,9 +127,11 @@ enum Prepared {
 impl Prepared {
     fn new(values: &[Scalar]) -> Prepared {
         let ints = |want: fn(&Scalar) -> Option<i64>| {
-            values.iter().map(want).collect::<Option<Vec<i64>>>().map_or(Prepared::ValueByValue, |v| {
-                Prepared::Ints(IntSet::new(v))
-            })
+            values
+                .iter()
+                .map(want)
+                .collect::<Option<Vec<i64>>>()
+                .map_or(Prepared::ValueByValue, |v| Prepared::Ints(IntSet::new(v)))
         };
         if values.len() < 8 {
             return Prepared::ValueByValue;
@@ -487,8 +491,10 @@ mod tests {
             })
             .collect();
         let ints = Filter::In { path: "age".into(), values: (0..150).step_by(3).map(Scalar::Int).collect() };
-        let strs =
-            Filter::In { path: "name".into(), values: (0..150).step_by(5).map(|i| Scalar::Str(format!("n{i}"))).collect() };
+        let strs = Filter::In {
+            path: "name".into(),
+            values: (0..150).step_by(5).map(|i| Scalar::Str(format!("n{i}"))).collect(),
+        };
         let dates = Filter::In {
             path: "d".into(),
             values: (1..=28).step_by(2).map(|d| Scalar::Date(19723 + d - 1)).collect(), // 2024-01-01 is day 19723
@@ -500,7 +506,10 @@ mod tests {
                 let prepared: Vec<Option<bool>> = eval_with(f, block, &sets).unwrap().iter().collect();
                 let Filter::In { path, values } = f else { unreachable!() };
                 let one_by_one = Filter::Or(
-                    values.iter().map(|v| Filter::Cmp { path: path.clone(), op: CmpOp::Eq, value: v.clone() }).collect(),
+                    values
+                        .iter()
+                        .map(|v| Filter::Cmp { path: path.clone(), op: CmpOp::Eq, value: v.clone() })
+                        .collect(),
                 );
                 let want: Vec<Option<bool>> = eval(&one_by_one, block).unwrap().iter().collect();
                 assert_eq!(prepared, want, "{f:?}");
