@@ -1,6 +1,7 @@
 //! Exact evaluation of pushed-down filters on column blocks, with SQL three-valued logic, and
 //! block pruning by min/max.
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -59,9 +60,6 @@ fn compare(col: &ArrayRef, op: CmpOp, value: &Scalar) -> Result<BooleanArray> {
     })
 }
 
-/// `path IN (values)` with one hash lookup per row, when the list is long and of one kind (a
-/// join's runtime key list has up to 150 values; a comparison per value and row would cost
-/// 150 passes). None: evaluate value by value.
 /// Membership in a set of integers: a bitmap over the values' span when it is at most
 /// [`BITMAP_SPAN`] wide, else binary search in the sorted values.
 enum IntSet {
@@ -116,9 +114,12 @@ fn membership<T: arrow::datatypes::ArrowPrimitiveType>(
     BooleanArray::new(values, arrow::array::Array::nulls(col).cloned())
 }
 
-/// A long `IN` list prepared for membership tests.
+/// A long `IN` list prepared for membership tests, by the kind of its values.
 enum Prepared {
     Ints(IntSet),
+    Timestamps(IntSet),
+    /// Days since the epoch, compared with the column's text parsed as dates.
+    Dates(IntSet),
     Strs(std::collections::HashSet<String>),
     /// Short, mixed or float lists: value by value.
     ValueByValue,
@@ -126,74 +127,75 @@ enum Prepared {
 
 impl Prepared {
     fn new(values: &[Scalar]) -> Prepared {
-        let ints = |want: fn(&Scalar) -> Option<i64>| {
-            values
-                .iter()
-                .map(want)
-                .collect::<Option<Vec<i64>>>()
-                .map_or(Prepared::ValueByValue, |v| Prepared::Ints(IntSet::new(v)))
-        };
+        fn ints(values: &[Scalar], want: fn(&Scalar) -> Option<i64>) -> Option<IntSet> {
+            values.iter().map(want).collect::<Option<Vec<i64>>>().map(IntSet::new)
+        }
         if values.len() < 8 {
             return Prepared::ValueByValue;
         }
-        match values.first() {
-            Some(Scalar::Int(_)) => ints(|v| if let Scalar::Int(i) = v { Some(*i) } else { None }),
-            Some(Scalar::Timestamp(_)) => ints(|v| if let Scalar::Timestamp(t) = v { Some(*t) } else { None }),
-            Some(Scalar::Date(_)) => ints(|v| if let Scalar::Date(d) = v { Some(i64::from(*d)) } else { None }),
+        let prepared = match values.first() {
+            Some(Scalar::Int(_)) => {
+                ints(values, |v| if let Scalar::Int(i) = v { Some(*i) } else { None }).map(Prepared::Ints)
+            }
+            Some(Scalar::Timestamp(_)) => {
+                ints(values, |v| if let Scalar::Timestamp(t) = v { Some(*t) } else { None }).map(Prepared::Timestamps)
+            }
+            Some(Scalar::Date(_)) => {
+                ints(values, |v| if let Scalar::Date(d) = v { Some(i64::from(*d)) } else { None }).map(Prepared::Dates)
+            }
             Some(Scalar::Str(_)) => values
                 .iter()
                 .map(|v| if let Scalar::Str(s) = v { Some(s.clone()) } else { None })
                 .collect::<Option<std::collections::HashSet<String>>>()
-                .map_or(Prepared::ValueByValue, Prepared::Strs),
+                .map(Prepared::Strs),
             // Floats (equality with -0.0 and NaN) and booleans: value by value.
-            _ => Prepared::ValueByValue,
-        }
+            _ => None,
+        };
+        prepared.unwrap_or(Prepared::ValueByValue)
     }
 }
 
 /// The `IN` lists of one scan's filters, each prepared (sorted, as a bitmap or a hash set)
 /// the first time a block needs it and reused for every later block. A runtime key list of
-/// 8,000 keys was sorted again for each of a scan's blocks: 70% of the leaf's time.
+/// 8,167 keys was sorted again for each of a scan's blocks: 40% of the process's CPU in SSB
+/// star q2.1.
 ///
 /// Keyed by the list's address, so an `InSets` must not outlive the filters it served (a scan
 /// creates one and drops it when it ends).
 #[derive(Default)]
 pub struct InSets {
-    prepared: std::cell::RefCell<std::collections::HashMap<(usize, usize), Arc<Prepared>>>,
+    prepared: std::cell::RefCell<std::collections::HashMap<(usize, usize), Rc<Prepared>>>,
 }
 
 impl InSets {
-    fn get(&self, values: &[Scalar]) -> Arc<Prepared> {
+    fn get(&self, values: &[Scalar]) -> Rc<Prepared> {
         let key = (values.as_ptr() as usize, values.len());
-        if let Some(p) = self.prepared.borrow().get(&key) {
-            return p.clone();
-        }
-        let p = Arc::new(Prepared::new(values));
-        self.prepared.borrow_mut().insert(key, p.clone());
-        p
+        self.prepared.borrow_mut().entry(key).or_insert_with(|| Rc::new(Prepared::new(values))).clone()
     }
 }
 
+/// `path IN (values)` with one membership test per row when the list is long and of one kind
+/// (a join's runtime key list has up to 4,096 values; a comparison per value and row would
+/// cost as many passes). None: evaluate value by value.
 fn in_set(path: &str, values: &[Scalar], block: &Block, sets: &InSets) -> Result<Option<BooleanArray>> {
-    let prepared = sets.get(values);
-    let out = match (prepared.as_ref(), values.first()) {
-        (Prepared::Ints(set), Some(Scalar::Int(_))) => {
+    let out = match sets.get(values).as_ref() {
+        Prepared::Ints(set) => {
             let col = block.column_as(path, &DataType::Int64)?;
             membership::<arrow::datatypes::Int64Type>(&col, |x| set.contains(x))
         }
-        (Prepared::Ints(set), Some(first @ Scalar::Timestamp(_))) => {
-            let col = block.column_as(path, &scalar_type(first))?;
+        Prepared::Timestamps(set) => {
+            let col = block.column_as(path, &scalar_type(&Scalar::Timestamp(0)))?;
             membership::<arrow::datatypes::TimestampMicrosecondType>(&col, |x| set.contains(x))
         }
-        (Prepared::Ints(set), Some(Scalar::Date(_))) => {
+        Prepared::Dates(set) => {
             let col = block.column_as_date(path)?;
             membership::<arrow::datatypes::Date32Type>(&col, |x| set.contains(i64::from(x)))
         }
-        (Prepared::Strs(set), _) => {
+        Prepared::Strs(set) => {
             let col = block.column_as(path, &DataType::Utf8)?;
             col.as_string::<i32>().iter().map(|v| v.map(|x| set.contains(x))).collect()
         }
-        _ => return Ok(None),
+        Prepared::ValueByValue => return Ok(None),
     };
     Ok(Some(out))
 }
