@@ -26,6 +26,47 @@ pub fn build_array<D: std::ops::Deref<Target = Doc>>(path: &str, ty: &ColumnType
     Ok(build_from_values(ty, values, docs.len()))
 }
 
+/// Build several columns in one pass over the documents: [`build_array`] for each `(path, type)`,
+/// without looking every path up in every document. A document's top-level fields and the
+/// top-level paths are both walked in name order and matched like a merge (a map whose keys do
+/// not come in order is looked up path by path instead); nested paths (`a.b`) are looked up.
+pub fn build_arrays<D: std::ops::Deref<Target = Doc>>(columns: &[(String, ColumnType)], docs: &[D]) -> Vec<ArrayRef> {
+    let mut top: Vec<usize> = (0..columns.len()).filter(|i| !columns[*i].0.contains('.')).collect();
+    top.sort_by(|a, b| columns[*a].0.cmp(&columns[*b].0));
+    let mut values: Vec<Vec<Option<&Value>>> = vec![Vec::with_capacity(docs.len()); columns.len()];
+    for doc in docs {
+        let doc: &Doc = doc;
+        let row = values.first().map_or(0, Vec::len);
+        let mut j = 0;
+        let mut previous: Option<&str> = None;
+        let mut ordered = true;
+        for (key, value) in doc {
+            if previous.is_some_and(|p| p > key.as_str()) {
+                ordered = false;
+                break;
+            }
+            previous = Some(key);
+            while j < top.len() && columns[top[j]].0.as_str() < key.as_str() {
+                j += 1;
+            }
+            if j < top.len() && columns[top[j]].0 == *key {
+                values[top[j]].push(Some(value));
+                j += 1;
+            }
+        }
+        for (i, (path, _)) in columns.iter().enumerate() {
+            let column = &mut values[i];
+            if !ordered || path.contains('.') {
+                column.truncate(row);
+                column.push(get_path(doc, path));
+            } else if column.len() == row {
+                column.push(None);
+            }
+        }
+    }
+    columns.iter().zip(values).map(|((_, ty), values)| build_from_values(ty, values.into_iter(), docs.len())).collect()
+}
+
 pub fn build_from_values<'a>(ty: &ColumnType, values: impl Iterator<Item = Option<&'a Value>>, n: usize) -> ArrayRef {
     match ty {
         ColumnType::Boolean => {
@@ -86,5 +127,45 @@ fn build_list<'a>(inner: &ColumnType, values: impl Iterator<Item = Option<&'a Va
             Value::Null => None,
             other => Some(value_text(other)),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn one_pass_builds_what_building_each_path_builds() {
+        let docs: Vec<Doc> = [
+            json!({"_id": "1", "a": 1, "b": "x", "c": {"d": 2.5, "e": [1, 2]}, "zz": true, "a.b": "literal dot"}),
+            json!({"_id": "2", "b": 7, "c": 3}),
+            json!({}),
+            json!({"a": null, "aa": 5, "c": {"d": "text"}, "m": [{"k": 1}], "zz": false}),
+        ]
+        .into_iter()
+        .map(|v| v.as_object().cloned().unwrap())
+        .collect();
+        let columns: Vec<(String, ColumnType)> = vec![
+            ("zz".into(), ColumnType::Boolean),
+            ("a".into(), ColumnType::Int64),
+            ("b".into(), ColumnType::Utf8),
+            ("c.d".into(), ColumnType::Float64),
+            ("c".into(), ColumnType::Utf8),
+            ("a.b".into(), ColumnType::Utf8),
+            ("missing".into(), ColumnType::Int64),
+            ("_id".into(), ColumnType::Utf8),
+            ("c.e".into(), ColumnType::List(Box::new(ColumnType::Int64))),
+            ("aa".into(), ColumnType::Float64),
+        ];
+        let refs: Vec<&Doc> = docs.iter().collect();
+        let got = build_arrays(&columns, &refs);
+        assert_eq!(got.len(), columns.len());
+        for ((path, ty), got) in columns.iter().zip(&got) {
+            let want = build_array(path, ty, &refs).unwrap();
+            assert_eq!(got.to_data(), want.to_data(), "{path}");
+        }
+        assert_eq!(got[1].null_count(), 3, "a: only the first document's 1");
+        assert!(build_arrays(&[], &refs).is_empty());
     }
 }

@@ -18,11 +18,11 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 use basalt_common::Result;
-pub use basalt_common::arrays::{build_array, build_from_values};
+pub use basalt_common::arrays::{build_array, build_arrays, build_from_values};
 use basalt_common::doc::Kind;
 use basalt_common::doc::{Doc, visit_kinds};
 use basalt_common::filter::Scalar;
-use basalt_common::schema::SchemaStats;
+use basalt_common::schema::{ColumnType, SchemaStats};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -78,8 +78,9 @@ impl Block {
         }
         let mut columns = HashMap::new();
         let mut min_max = HashMap::new();
-        for (path, ty) in stats.columns() {
-            let array = build_array(&path, &ty, docs)?;
+        let paths: Vec<(String, ColumnType)> = stats.columns().into_iter().collect();
+        let arrays = build_arrays(&paths, docs);
+        for ((path, _), array) in paths.into_iter().zip(arrays) {
             if let Some(mm) = compute_min_max(&array) {
                 min_max.insert(path.clone(), mm);
             }

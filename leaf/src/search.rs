@@ -11,7 +11,7 @@
 //! versions are never deleted from an index: the column store's deletion bitmap hides them, and
 //! merging sealed indexes drops them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use basalt_common::doc::{Doc, ID_FIELD};
@@ -26,10 +26,9 @@ use tantivy::fastfield::{AliveBitSet, write_alive_bitset};
 use tantivy::indexer::{NoMergePolicy, merge_filtered_segments};
 use tantivy::query::{Bm25StatisticsProvider, BooleanQuery, EmptyQuery, Occur, Query, TermQuery};
 use tantivy::schema::{
-    FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, OwnedValue, STRING, Schema, TextFieldIndexing,
-    TextOptions,
+    FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions, STRING, Schema, TextFieldIndexing, TextOptions,
 };
-use tantivy::{DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader, TantivyDocument, Term};
+use tantivy::{DocId, Index, IndexReader, IndexWriter, ReloadPolicy, Score, SegmentReader, Term};
 
 use basalt_common::text::tokenize;
 
@@ -92,7 +91,7 @@ fn manual_reader(index: &Index) -> Result<IndexReader> {
 struct Tail {
     base_slot: u64,
     index: Index,
-    writer: IndexWriter,
+    writer: IndexWriter<IndexDoc>,
     reader: IndexReader,
     docs: u64,
 }
@@ -100,7 +99,8 @@ struct Tail {
 impl Tail {
     fn new(schema: &Schema, base_slot: u64) -> Result<Tail> {
         let index = Index::create_in_ram(schema.clone());
-        let writer: IndexWriter = index.writer_with_num_threads(1, WRITER_MEMORY_BYTES).map_err(tantivy_err)?;
+        let writer: IndexWriter<IndexDoc> =
+            index.writer_with_num_threads(1, WRITER_MEMORY_BYTES).map_err(tantivy_err)?;
         // Tail segments are merged once, into one, when the tail is sealed.
         writer.set_merge_policy(Box::new(NoMergePolicy));
         let reader = manual_reader(&index)?;
@@ -192,7 +192,7 @@ impl Sealed {
 /// A tail that was just sealed: already searchable, its segments still to be merged into one.
 pub struct SealJob {
     pub sealed: Arc<Sealed>,
-    writer: IndexWriter,
+    writer: IndexWriter<IndexDoc>,
 }
 
 pub struct SearchIndex {
@@ -262,31 +262,10 @@ impl SearchIndex {
     fn drain(&self, tail: &mut Tail) -> Result<()> {
         let queued = std::mem::take(&mut *self.queue.lock());
         for q in queued {
-            let td = self.tantivy_document(q.id.as_deref(), q.slot, &q.doc);
-            tail.writer.add_document(td).map_err(tantivy_err)?;
+            tail.writer.add_document(IndexDoc { fields: self.fields, queued: q }).map_err(tantivy_err)?;
             tail.docs += 1;
         }
         Ok(())
-    }
-
-    fn tantivy_document(&self, id: Option<&str>, slot: u64, doc: &Doc) -> TantivyDocument {
-        // Full text holds strings only; exact terms hold strings up to MAX_TERM_BYTES, integers
-        // and booleans (what term filters use). Floats, nulls and long strings are not exact
-        // terms: no index query reads them, and long unique keys are most of the cost of
-        // building a segment's term dictionary.
-        let text = pick(doc, &|v| v.is_string());
-        let raw = pick(doc, &|v| match v {
-            serde_json::Value::String(s) => s.len() <= MAX_TERM_BYTES,
-            v => v.is_i64() || v.is_u64() || v.is_boolean(),
-        });
-        let mut td = TantivyDocument::default();
-        if let Some(id) = id {
-            td.add_text(self.fields.id, id);
-        }
-        td.add_u64(self.fields.slot, slot);
-        td.add_object(self.fields.text, text);
-        td.add_object(self.fields.raw, raw);
-        td
     }
 
     /// Make every write so far visible to searches. The flag is checked and cleared under the
@@ -562,25 +541,135 @@ fn intersect(a: SlotHits, b: SlotHits) -> SlotHits {
     small.into_iter().filter_map(|(slot, score)| Some((slot, score + large.get(&slot)?))).collect()
 }
 
-/// The document's fields (but `_id`) with only the scalars `keep` accepts, as tantivy values;
-/// objects and arrays left empty are dropped.
-fn pick(doc: &Doc, keep: &dyn Fn(&serde_json::Value) -> bool) -> BTreeMap<String, OwnedValue> {
-    fn walk(v: &serde_json::Value, keep: &dyn Fn(&serde_json::Value) -> bool) -> Option<OwnedValue> {
-        match v {
-            serde_json::Value::Object(map) => {
-                let inner: Vec<(String, OwnedValue)> =
-                    map.iter().filter_map(|(k, v)| Some((k.clone(), walk(v, keep)?))).collect();
-                (!inner.is_empty()).then_some(OwnedValue::Object(inner))
-            }
-            serde_json::Value::Array(items) => {
-                let inner: Vec<OwnedValue> = items.iter().filter_map(|v| walk(v, keep)).collect();
-                (!inner.is_empty()).then_some(OwnedValue::Array(inner))
-            }
-            scalar if keep(scalar) => Some(OwnedValue::from(scalar.clone())),
-            _ => None,
+/// A queued document as tantivy indexes it, read in place (no copy of its values): `_id`,
+/// `_slot`, and two views of the document's fields (but `_id`): full text holds strings only;
+/// exact terms hold strings up to MAX_TERM_BYTES, integers and booleans (what term filters
+/// use). Floats, nulls and long strings are not exact terms: no index query reads them, and long
+/// unique keys are most of the cost of building a segment's term dictionary. Objects and arrays
+/// with nothing kept are left out. The tantivy writer's thread turns it into its own document
+/// form; building intermediate tantivy values here was a sixth of a bulk load's CPU.
+struct IndexDoc {
+    fields: Fields,
+    queued: Queued,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Keep {
+    Text,
+    Raw,
+}
+
+impl Keep {
+    fn scalar(self, v: &serde_json::Value) -> bool {
+        match (self, v) {
+            (Keep::Text, v) => v.is_string(),
+            (Keep::Raw, serde_json::Value::String(s)) => s.len() <= MAX_TERM_BYTES,
+            (Keep::Raw, v) => v.is_i64() || v.is_u64() || v.is_boolean(),
         }
     }
-    doc.iter().filter(|(k, _)| k.as_str() != ID_FIELD).filter_map(|(k, v)| Some((k.clone(), walk(v, keep)?))).collect()
+
+    /// Whether anything in `v` is kept.
+    fn any(self, v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(map) => map.values().any(|v| self.any(v)),
+            serde_json::Value::Array(items) => items.iter().any(|v| self.any(v)),
+            scalar => self.scalar(scalar),
+        }
+    }
+}
+
+/// A value of an [`IndexDoc`] for tantivy.
+#[derive(Clone, Debug)]
+enum View<'a> {
+    Id(&'a str),
+    Slot(u64),
+    /// The document's top level (without `_id`).
+    Root(&'a Doc, Keep),
+    Json(&'a serde_json::Value, Keep),
+}
+
+impl<'a> tantivy::schema::Value<'a> for View<'a> {
+    type ArrayIter = ViewItems<'a>;
+    type ObjectIter = ViewMembers<'a>;
+
+    fn as_value(&self) -> tantivy::schema::document::ReferenceValue<'a, Self> {
+        use tantivy::schema::document::{ReferenceValue, ReferenceValueLeaf};
+        match *self {
+            View::Id(id) => ReferenceValue::Leaf(ReferenceValueLeaf::Str(id)),
+            View::Slot(slot) => ReferenceValue::Leaf(ReferenceValueLeaf::U64(slot)),
+            View::Root(doc, keep) => ReferenceValue::Object(ViewMembers { members: doc.iter(), keep, root: true }),
+            View::Json(serde_json::Value::Object(map), keep) => {
+                ReferenceValue::Object(ViewMembers { members: map.iter(), keep, root: false })
+            }
+            View::Json(serde_json::Value::Array(items), keep) => {
+                ReferenceValue::Array(ViewItems { items: items.iter(), keep })
+            }
+            // Scalars as tantivy reads serde_json values (text that parses as RFC 3339 is a
+            // date), so the index holds the same terms as with tantivy's own conversion.
+            View::Json(scalar, _) => ReferenceValue::Leaf(json_leaf(scalar)),
+        }
+    }
+}
+
+/// A JSON scalar as tantivy's own conversion reads it.
+fn json_leaf(scalar: &serde_json::Value) -> tantivy::schema::document::ReferenceValueLeaf<'_> {
+    use tantivy::schema::document::{ReferenceValue, ReferenceValueLeaf};
+    match <&serde_json::Value as tantivy::schema::Value>::as_value(&scalar) {
+        ReferenceValue::Leaf(leaf) => leaf,
+        // Not reached: objects and arrays are views of their own.
+        _ => ReferenceValueLeaf::Null,
+    }
+}
+
+struct ViewItems<'a> {
+    items: std::slice::Iter<'a, serde_json::Value>,
+    keep: Keep,
+}
+
+impl<'a> Iterator for ViewItems<'a> {
+    type Item = View<'a>;
+
+    fn next(&mut self) -> Option<View<'a>> {
+        let keep = self.keep;
+        self.items.find(|v| keep.any(v)).map(|v| View::Json(v, keep))
+    }
+}
+
+struct ViewMembers<'a> {
+    members: serde_json::map::Iter<'a>,
+    keep: Keep,
+    root: bool,
+}
+
+impl<'a> Iterator for ViewMembers<'a> {
+    type Item = (&'a str, View<'a>);
+
+    fn next(&mut self) -> Option<(&'a str, View<'a>)> {
+        let (keep, root) = (self.keep, self.root);
+        self.members
+            .find(|(k, v)| !(root && k.as_str() == ID_FIELD) && keep.any(v))
+            .map(|(k, v)| (k.as_str(), View::Json(v, keep)))
+    }
+}
+
+impl tantivy::schema::Document for IndexDoc {
+    type Value<'a> = View<'a>;
+    type FieldsValuesIter<'a> = std::vec::IntoIter<(Field, View<'a>)>;
+
+    fn iter_fields_and_values(&self) -> Self::FieldsValuesIter<'_> {
+        let f = self.fields;
+        let q = &self.queued;
+        let doc = q.doc.as_ref();
+        let mut values = Vec::with_capacity(4);
+        // A patch document has no `_id`.
+        if let Some(id) = &q.id {
+            values.push((f.id, View::Id(id)));
+        }
+        values.push((f.slot, View::Slot(q.slot)));
+        values.push((f.text, View::Root(doc, Keep::Text)));
+        values.push((f.raw, View::Root(doc, Keep::Raw)));
+        values.into_iter()
+    }
 }
 
 /// BM25 statistics summed over every index of a shard.
@@ -648,6 +737,70 @@ mod tests {
 
     fn slots(idx: &SearchIndex, f: &Filter) -> Vec<u64> {
         idx.matching_slots(&[f], false).unwrap().into_iter().map(|(s, _)| s).collect()
+    }
+
+    /// Tantivy's own document for the same values, built by copying them into tantivy values
+    /// (how documents were indexed before [`IndexDoc`] read them in place).
+    fn copied(fields: Fields, id: Option<&str>, slot: u64, doc: &Doc) -> tantivy::TantivyDocument {
+        use std::collections::BTreeMap;
+        use tantivy::schema::OwnedValue;
+        fn walk(v: &serde_json::Value, keep: Keep) -> Option<OwnedValue> {
+            match v {
+                serde_json::Value::Object(map) => {
+                    let inner: Vec<(String, OwnedValue)> =
+                        map.iter().filter_map(|(k, v)| Some((k.clone(), walk(v, keep)?))).collect();
+                    (!inner.is_empty()).then_some(OwnedValue::Object(inner))
+                }
+                serde_json::Value::Array(items) => {
+                    let inner: Vec<OwnedValue> = items.iter().filter_map(|v| walk(v, keep)).collect();
+                    (!inner.is_empty()).then_some(OwnedValue::Array(inner))
+                }
+                scalar if keep.scalar(scalar) => Some(OwnedValue::from(scalar.clone())),
+                _ => None,
+            }
+        }
+        let pick = |keep: Keep| -> BTreeMap<String, OwnedValue> {
+            doc.iter()
+                .filter(|(k, _)| k.as_str() != ID_FIELD)
+                .filter_map(|(k, v)| Some((k.clone(), walk(v, keep)?)))
+                .collect()
+        };
+        let mut td = tantivy::TantivyDocument::default();
+        if let Some(id) = id {
+            td.add_text(fields.id, id);
+        }
+        td.add_u64(fields.slot, slot);
+        td.add_object(fields.text, pick(Keep::Text));
+        td.add_object(fields.raw, pick(Keep::Raw));
+        td
+    }
+
+    #[test]
+    fn documents_are_indexed_in_place_as_tantivy_would_copy_them() {
+        use tantivy::schema::Document;
+        let (schema, fields) = schema();
+        let long = "k".repeat(MAX_TERM_BYTES + 1);
+        let docs = [
+            json!({"_id": "a1", "name": "Ada Lovelace", "n": 7, "big": u64::MAX, "f": 1.5, "ok": true, "none": null,
+                   "when": "2026-01-02T03:04:05Z", "digits": "12 apples", "long": long,
+                   "address": {"city": "London", "geo": {"lat": 51.5, "lon": -0.12}, "empty": {}},
+                   "tags": ["x", 3, 2.5, null, ["nested", 1.0]], "floats": [1.5, 2.5], "objs": [{"f": 1.0}, {"s": "y"}]}),
+            json!({"_id": "only-id"}),
+            json!({"x": {"y": {"z": 0.5}}, "n": -3}),
+        ];
+        for (i, doc) in docs.iter().enumerate() {
+            let doc: Doc = doc.as_object().unwrap().clone();
+            for id in [Some("a1"), None] {
+                let queued = Queued { id: id.map(str::to_string), slot: i as u64, doc: Arc::new(doc.clone()) };
+                let in_place = IndexDoc { fields, queued }.into_tantivy_document();
+                let want = copied(fields, id, i as u64, &doc);
+                let json = in_place.to_json(&schema);
+                assert_eq!(json, want.to_json(&schema), "document {i}, id {id:?}");
+                if i == 0 {
+                    assert!(json.contains("London") && json.contains("nested"), "{json}");
+                }
+            }
+        }
     }
 
     #[test]

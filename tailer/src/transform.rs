@@ -190,35 +190,166 @@ fn rows(batch: &RecordBatch) -> Result<Vec<(i64, Doc)>> {
 }
 
 /// Rows as JSON objects (null columns left out), without column `skip`; timestamps become
-/// RFC 3339 text in UTC (what a document's `_event_time` may hold).
+/// RFC 3339 text in UTC (what a document's `_event_time` may hold), dates `YYYY-MM-DD` text
+/// (what a date in JSON or CSV input is, so a Parquet `DATE` column and a CSV one load alike).
+///
+/// Columns of the common types (integers, floats, booleans, strings, dates, timestamps,
+/// decimals) become values directly; any other column (lists, structs, maps, binary,
+/// dictionaries, ...) goes through Arrow's JSON writer on its own, so every type is written the
+/// way `arrow_json` writes it. Values are the same either way: non-finite floats are null,
+/// decimals are numbers, temporal values are the text Arrow's formatter gives.
 pub(crate) fn objects(
     batch: &RecordBatch,
     skip: Option<usize>,
 ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>> {
     let schema = batch.schema();
-    let mut fields = Vec::new();
-    let mut arrays = Vec::new();
-    for (i, f) in schema.fields().iter().enumerate().filter(|(i, _)| Some(*i) != skip) {
-        let array = match f.data_type() {
-            DataType::Timestamp(..) | DataType::Date32 | DataType::Date64 => arrow::compute::cast(
+    let n = batch.num_rows();
+    // Columns in name order, so each row's map is built from sorted keys.
+    let mut order: Vec<usize> = (0..schema.fields().len()).filter(|i| Some(*i) != skip).collect();
+    order.sort_by(|a, b| schema.field(*a).name().cmp(schema.field(*b).name()));
+    let mut columns = Vec::with_capacity(order.len());
+    for i in order {
+        let name = schema.field(i).name().clone();
+        let array = match schema.field(i).data_type() {
+            DataType::Timestamp(..) | DataType::Date64 => arrow::compute::cast(
                 batch.column(i),
                 &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("+00:00".into())),
             )?,
             _ => batch.column(i).clone(),
         };
-        fields.push(Field::new(f.name(), array.data_type().clone(), true));
-        arrays.push(array);
+        let values = match column_values(&array)? {
+            Some(values) => values,
+            None => column_values_by_json(&name, &array, n)?,
+        };
+        columns.push((name, values.into_iter()));
     }
-    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
-    let plain = RecordBatch::try_new_with_options(Arc::new(Schema::new(fields)), arrays, &options)?;
+    Ok((0..n)
+        .map(|_| {
+            columns.iter_mut().filter_map(|(name, values)| values.next().flatten().map(|v| (name.clone(), v))).collect()
+        })
+        .collect())
+}
+
+/// The values of a column of a common type, `None` for a value that is null; `Ok(None)` for a
+/// type left to the JSON writer.
+fn column_values(array: &ArrayRef) -> Result<Option<Vec<Option<serde_json::Value>>>> {
+    use arrow::array::Array;
+    use arrow::datatypes::{
+        Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+    };
+    use serde_json::Value;
+    fn each<T>(array: &dyn arrow::array::Array, value: impl Fn(usize) -> Option<T>) -> Vec<Option<Value>>
+    where
+        Value: From<T>,
+    {
+        (0..array.len()).map(|i| if array.is_null(i) { None } else { value(i).map(Value::from) }).collect()
+    }
+    macro_rules! primitive {
+        ($t:ty) => {{
+            let p = array.as_primitive::<$t>();
+            each(p, |i| Some(p.value(i)))
+        }};
+    }
+    let a = array.as_ref();
+    let finite = |f: f64| f.is_finite().then_some(f);
+    Ok(Some(match array.data_type() {
+        DataType::Null => vec![None; array.len()],
+        DataType::Boolean => {
+            let b = array.as_boolean();
+            each(b, |i| Some(b.value(i)))
+        }
+        DataType::Int8 => primitive!(Int8Type),
+        DataType::Int16 => primitive!(Int16Type),
+        DataType::Int32 => primitive!(Int32Type),
+        DataType::Int64 => primitive!(Int64Type),
+        DataType::UInt8 => primitive!(UInt8Type),
+        DataType::UInt16 => primitive!(UInt16Type),
+        DataType::UInt32 => primitive!(UInt32Type),
+        DataType::UInt64 => primitive!(UInt64Type),
+        DataType::Float32 => {
+            // The f32's shortest text read as a double (0.1f32 is 0.1, as the JSON writer has it).
+            let p = array.as_primitive::<Float32Type>();
+            each(p, |i| finite(f64::from(p.value(i))).and_then(|_| p.value(i).to_string().parse::<f64>().ok()))
+        }
+        DataType::Float64 => {
+            let p = array.as_primitive::<Float64Type>();
+            each(p, |i| finite(p.value(i)))
+        }
+        DataType::Utf8 => {
+            let s = array.as_string::<i32>();
+            each(s, |i| Some(s.value(i)))
+        }
+        DataType::LargeUtf8 => {
+            let s = array.as_string::<i64>();
+            each(s, |i| Some(s.value(i)))
+        }
+        DataType::Utf8View => {
+            let s = array.as_string_view();
+            each(s, |i| Some(s.value(i)))
+        }
+        DataType::Decimal128(_, scale) if (0..=22).contains(scale) => {
+            // What the JSON writer's text ("12.34") reads back as: scale 0 is an integer, else
+            // the double nearest the decimal, which dividing two exactly representable
+            // numbers gives (IEEE division rounds correctly); past 2^53 the text is parsed.
+            let p = array.as_primitive::<arrow::datatypes::Decimal128Type>();
+            let scale = *scale as i32;
+            let divisor = 10f64.powi(scale);
+            let options = arrow::util::display::FormatOptions::new().with_display_error(true);
+            let f = arrow::util::display::ArrayFormatter::try_new(a, &options)?;
+            (0..p.len())
+                .map(|i| {
+                    if p.is_null(i) {
+                        return Ok(None);
+                    }
+                    let v = p.value(i);
+                    if scale == 0
+                        && let Ok(v) = i64::try_from(v)
+                    {
+                        return Ok(Some(Value::from(v)));
+                    }
+                    if scale > 0 && v.unsigned_abs() < (1u128 << 53) {
+                        return Ok(finite(v as f64 / divisor).map(Value::from));
+                    }
+                    serde_json::from_str::<Value>(&f.value(i).to_string()).map(Some).map_err(transform_err)
+                })
+                .collect::<Result<_>>()?
+        }
+        DataType::Decimal32(..) | DataType::Decimal64(..) | DataType::Decimal128(..) | DataType::Decimal256(..) => {
+            let options = arrow::util::display::FormatOptions::new().with_display_error(true);
+            let f = arrow::util::display::ArrayFormatter::try_new(a, &options)?;
+            (0..a.len())
+                .map(|i| {
+                    if a.is_null(i) {
+                        return Ok(None);
+                    }
+                    serde_json::from_str::<Value>(&f.value(i).to_string()).map(Some).map_err(transform_err)
+                })
+                .collect::<Result<_>>()?
+        }
+        d if d.is_temporal() => {
+            let options = arrow::util::display::FormatOptions::new().with_display_error(true);
+            let f = arrow::util::display::ArrayFormatter::try_new(a, &options)?;
+            each(a, |i| Some(f.value(i).to_string()))
+        }
+        _ => return Ok(None),
+    }))
+}
+
+/// A column's values through Arrow's JSON writer (types without a direct conversion).
+fn column_values_by_json(name: &str, array: &ArrayRef, n: usize) -> Result<Vec<Option<serde_json::Value>>> {
+    let field = Field::new(name, array.data_type().clone(), true);
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(n));
+    let one = RecordBatch::try_new_with_options(Arc::new(Schema::new(vec![field])), vec![array.clone()], &options)?;
     let mut writer = arrow::json::ArrayWriter::new(Vec::new());
-    writer.write(&plain)?;
+    writer.write(&one)?;
     writer.finish()?;
     let bytes = writer.into_inner();
     if bytes.is_empty() {
-        return Ok(vec![serde_json::Map::new(); batch.num_rows()]);
+        return Ok(vec![None; n]);
     }
-    serde_json::from_slice(&bytes).map_err(transform_err)
+    let rows: Vec<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_slice(&bytes).map_err(transform_err)?;
+    Ok(rows.into_iter().map(|mut row| row.remove(name).filter(|v| !v.is_null())).collect())
 }
 
 #[cfg(test)]
@@ -256,6 +387,83 @@ mod tests {
         assert!(!bob.contains_key("secret") && !bob.contains_key("user"), "fields left out are dropped: {bob:?}");
         assert!(bob.get("gone").is_none_or(|v| v.is_null()));
         assert_eq!(rows[1].1.get("city"), None, "a missing path is null (and left out)");
+    }
+
+    #[test]
+    fn direct_conversion_gives_what_the_json_writer_gives() {
+        use arrow::array::{
+            BooleanArray, Date32Array, Decimal128Array, Float32Array, Float64Array, Int32Array, StringArray,
+            StringViewArray, TimestampMillisecondArray, UInt64Array,
+        };
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            ("b", Arc::new(BooleanArray::from(vec![Some(true), None, Some(false)]))),
+            ("i32", Arc::new(Int32Array::from(vec![Some(-7), Some(i32::MAX), None]))),
+            ("i64", Arc::new(Int64Array::from(vec![None, Some(i64::MIN), Some(3)]))),
+            ("u64", Arc::new(UInt64Array::from(vec![Some(u64::MAX), Some(0), None]))),
+            ("f32", Arc::new(Float32Array::from(vec![Some(0.1), Some(f32::NAN), Some(-2.5)]))),
+            ("f64", Arc::new(Float64Array::from(vec![Some(12.34), Some(f64::INFINITY), Some(1e300)]))),
+            ("s", Arc::new(StringArray::from(vec![Some("a \"quoted\" line\n"), None, Some("")]))),
+            ("sv", Arc::new(StringViewArray::from(vec![Some("a longer string than twelve bytes"), Some("x"), None]))),
+            ("d", Arc::new(Date32Array::from(vec![Some(0), Some(9_500), None]))),
+            (
+                "ts",
+                Arc::new(
+                    TimestampMillisecondArray::from(vec![Some(1_700_000_000_123), None, Some(-1)])
+                        .with_timezone("+02:00"),
+                ),
+            ),
+            (
+                "price",
+                Arc::new(
+                    Decimal128Array::from(vec![Some(1234), Some(-5), Some(9_007_199_254_740_993)])
+                        .with_precision_and_scale(38, 2)
+                        .unwrap(),
+                ),
+            ),
+            (
+                "whole",
+                Arc::new(
+                    Decimal128Array::from(vec![Some(42), None, Some(i128::from(i64::MAX) + 1)])
+                        .with_precision_and_scale(38, 0)
+                        .unwrap(),
+                ),
+            ),
+            ("list", {
+                let mut b = arrow::array::ListBuilder::new(arrow::array::Int64Builder::new());
+                b.values().append_value(1);
+                b.values().append_value(2);
+                b.append(true);
+                b.append(false);
+                b.append(true);
+                Arc::new(b.finish())
+            }),
+        ];
+        let batch = RecordBatch::try_from_iter(columns).unwrap();
+        let got = objects(&batch, None).unwrap();
+        // The old conversion: the whole batch through the JSON writer (dates and timestamps
+        // cast the same way first); keys holding null are left out in both.
+        let schema = batch.schema();
+        for (i, f) in schema.fields().iter().enumerate() {
+            let array = match f.data_type() {
+                DataType::Timestamp(..) => arrow::compute::cast(
+                    batch.column(i),
+                    &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("+00:00".into())),
+                )
+                .unwrap(),
+                _ => batch.column(i).clone(),
+            };
+            let want = column_values_by_json(f.name(), &array, batch.num_rows()).unwrap();
+            for (row, want) in want.into_iter().enumerate() {
+                assert_eq!(got[row].get(f.name()), want.as_ref(), "column {} row {row}", f.name());
+            }
+        }
+        assert_eq!(got[0]["price"], json!(12.34));
+        assert_eq!(got[2]["whole"], json!(9_223_372_036_854_775_808u64));
+        assert_eq!(got[0]["d"], json!("1970-01-01"));
+        assert_eq!(got[1]["d"], json!("1996-01-05"));
+        assert_eq!(got[0]["ts"], json!("2023-11-14T22:13:20.123Z"));
+        assert!(!got[1].contains_key("f32"), "NaN is left out like null: {:?}", got[1]);
+        assert_eq!(objects(&batch, Some(0)).unwrap()[0].get("b"), None, "the skipped column");
     }
 
     #[tokio::test]
