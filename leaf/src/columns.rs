@@ -19,8 +19,8 @@ use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 use basalt_common::Result;
 pub use basalt_common::arrays::{build_array, build_arrays, build_from_values};
+use basalt_common::doc::Doc;
 use basalt_common::doc::Kind;
-use basalt_common::doc::{Doc, visit_kinds};
 use basalt_common::filter::Scalar;
 use basalt_common::schema::{ColumnType, SchemaStats};
 use serde::{Deserialize, Serialize};
@@ -73,9 +73,11 @@ impl Block {
     /// Build a block from documents (slot `base_slot + i` for document `i`).
     pub fn build(base_slot: u64, docs: &[Arc<Doc>]) -> Result<Block> {
         let mut stats = SchemaStats::default();
+        let mut runs = basalt_common::doc::KindRuns::default();
         for doc in docs {
-            visit_kinds(doc, &mut |p, k| stats.add(p, k, 1));
+            runs.add(doc, 1, &mut |p, k, n| stats.add(p, k, n));
         }
+        runs.finish(&mut |p, k, n| stats.add(p, k, n));
         let mut columns = HashMap::new();
         let mut min_max = HashMap::new();
         let paths: Vec<(String, ColumnType)> = stats.columns().into_iter().collect();
@@ -455,33 +457,34 @@ pub struct StatsDelta {
 pub struct StatsDeltaBuilder {
     docs: i64,
     fields: HashMap<String, HashMap<Kind, i64>>,
+    runs: basalt_common::doc::KindRuns,
+}
+
+fn add_kind(fields: &mut HashMap<String, HashMap<Kind, i64>>, path: &str, kind: Kind, n: i64) {
+    let kinds = match fields.get_mut(path) {
+        Some(kinds) => kinds,
+        None => fields.entry(path.to_string()).or_default(),
+    };
+    *kinds.entry(kind).or_insert(0) += n;
 }
 
 impl StatsDeltaBuilder {
     /// What one top-level field adds to (`sign` 1) or takes from (-1) the statistics; the
     /// document count is unchanged (a patch).
     pub fn add_field(&mut self, name: &str, value: &Value, sign: i64) {
-        basalt_common::doc::visit_field_kinds(name, value, &mut |p, k| {
-            let kinds = match self.fields.get_mut(p) {
-                Some(kinds) => kinds,
-                None => self.fields.entry(p.to_string()).or_default(),
-            };
-            *kinds.entry(k).or_insert(0) += sign;
-        });
+        let fields = &mut self.fields;
+        basalt_common::doc::visit_field_kinds(name, value, &mut |p, k| add_kind(fields, p, k, sign));
     }
 
     pub fn add_doc(&mut self, doc: &Doc, sign: i64) {
         self.docs += sign;
-        visit_kinds(doc, &mut |p, k| {
-            let kinds = match self.fields.get_mut(p) {
-                Some(kinds) => kinds,
-                None => self.fields.entry(p.to_string()).or_default(),
-            };
-            *kinds.entry(k).or_insert(0) += sign;
-        });
+        let fields = &mut self.fields;
+        self.runs.add(doc, sign, &mut |p, k, n| add_kind(fields, p, k, n));
     }
 
-    pub fn build(self) -> StatsDelta {
+    pub fn build(mut self) -> StatsDelta {
+        let fields = &mut self.fields;
+        self.runs.finish(&mut |p, k, n| add_kind(fields, p, k, n));
         let mut fields: Vec<(String, Kind, i64)> = self
             .fields
             .into_iter()
