@@ -83,8 +83,14 @@ pub struct FlushPolicy {
     pub max_rows: u64,
     /// Flush writes older than this even when few.
     pub max_age: Duration,
-    /// Merge search indexes when a shard has more than this many.
+    /// Merge search indexes when an idle shard (see `idle`) has more than this many.
     pub max_indexes: usize,
+    /// Merge search indexes when a shard taking writes has more than this many: merges compete
+    /// with ingest for the same cores, so a bulk load's indexes mostly wait for it to end.
+    pub max_indexes_busy: usize,
+    /// A merge takes up to this many adjacent indexes at once (tiered: a document is rewritten
+    /// about log_width(n) times, not log_2(n) as with pairs).
+    pub merge_width: usize,
     /// Rewrite a search index into one segment when it has more than this many (a sealed tail
     /// keeps the segments its commits made).
     pub max_index_segments: usize,
@@ -99,6 +105,8 @@ impl Default for FlushPolicy {
             max_rows: 64 * 1024,
             max_age: Duration::from_secs(10),
             max_indexes: 8,
+            max_indexes_busy: 32,
+            merge_width: 8,
             max_index_segments: 32,
             idle: Duration::from_secs(30),
         }
@@ -850,15 +858,27 @@ impl Shard {
             self.search.merge(std::slice::from_ref(&ix), is_dead)?;
             report.indexes_merged += 1;
         }
+        // Too many indexes: merge the adjacent run of up to `merge_width` with the fewest
+        // documents, until an idle shard has `max_indexes` (a busy one, `max_indexes_busy`).
+        let (target, cap) = if idle {
+            (policy.max_indexes.max(1), policy.max_indexes.max(1))
+        } else {
+            (policy.max_indexes.max(1), policy.max_indexes_busy.max(policy.max_indexes).max(1))
+        };
         loop {
             let indexes = covered_indexes();
-            if indexes.len() <= policy.max_indexes.max(1) {
+            if indexes.len() <= cap {
                 break;
             }
+            // Down to `target` at most: a busy shard merges a whole run at once, so it is not
+            // back over its cap at the next flush.
+            let width = policy.merge_width.max(2).min(indexes.len() + 1 - target);
             let sizes: Vec<u64> = indexes.iter().map(|ix| ix.max_doc()).collect();
-            let Some(i) = (0..indexes.len() - 1).min_by_key(|i| sizes[*i] + sizes[*i + 1]) else { break };
-            self.search.merge(&indexes[i..i + 2], is_dead)?;
-            report.indexes_merged += 2;
+            let Some(i) = (0..=indexes.len() - width).min_by_key(|i| sizes[*i..*i + width].iter().sum::<u64>()) else {
+                break;
+            };
+            self.search.merge(&indexes[i..i + width], is_dead)?;
+            report.indexes_merged += width;
         }
         // Patch files: once there are many, one file of every live overlay replaces them. It
         // may hold overlays newer than the manifest; their ids are in the log after it, and

@@ -176,6 +176,7 @@ async fn restart_loads_segments_and_replays_the_log_after_them() {
         max_rows: u64::MAX,
         max_age: std::time::Duration::from_secs(3600),
         max_indexes: 4,
+        max_indexes_busy: 4,
         ..FlushPolicy::default()
     };
     let config = LeafConfig { data_dir: dir.path().to_path_buf(), flush: never, ..Default::default() };
@@ -382,6 +383,7 @@ async fn patches_answer_exactly_like_whole_writes() {
         max_rows: u64::MAX,
         max_age: std::time::Duration::from_secs(3600),
         max_indexes: 4,
+        max_indexes_busy: 4,
         ..FlushPolicy::default()
     };
     let config = |dir: &tempfile::TempDir| LeafConfig {
@@ -652,4 +654,45 @@ async fn planner_statistics_estimate_distinct_values_of_live_documents() {
     assert_eq!(both.doc_count, 3500);
     // Plain statistics (SHOW, describe, the point-lookup path) never carry or compute sketches.
     assert!(leaf.stats(1, vec![0, 1]).await.unwrap().distinct.is_empty());
+}
+
+/// A shard taking writes lets indexes wait up to `max_indexes_busy`, then merges a run of
+/// `merge_width` at once; idle, it merges down to `max_indexes`. Searches find the same
+/// documents throughout.
+#[tokio::test]
+async fn busy_shards_defer_index_merges_and_idle_ones_catch_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = FlushPolicy {
+        max_rows: u64::MAX,
+        max_age: std::time::Duration::from_secs(3600),
+        max_indexes: 2,
+        max_indexes_busy: 6,
+        merge_width: 3,
+        idle: std::time::Duration::from_millis(300),
+        ..FlushPolicy::default()
+    };
+    let config = LeafConfig { data_dir: dir.path().to_path_buf(), flush: policy, ..Default::default() };
+    let leaf = Leaf::open(&config).unwrap();
+    let blue = |shard: &Shard| {
+        let filter = Filter::Search { path: "text".into(), query: "blue".into() };
+        let mut slots = shard.search_slots_for_tests(&filter);
+        slots.sort_unstable();
+        slots
+    };
+    let mut counts = Vec::new();
+    for round in 0..7 {
+        let ops = (round * 20..round * 20 + 20).map(|i| gen_doc(i, 0)).collect();
+        leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+        leaf.maintain_all(true);
+        counts.push(leaf.shard((1, 0)).unwrap().index_segments_for_tests().len());
+    }
+    // Six wait; the seventh makes seven, over the cap: three merge into one.
+    assert_eq!(counts, vec![1, 2, 3, 4, 5, 6, 5]);
+    let shard = leaf.shard((1, 0)).unwrap();
+    let before = blue(&shard);
+    assert_eq!(before.len(), 7 * 4, "{before:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    leaf.maintain_all(false);
+    assert_eq!(shard.index_segments_for_tests().len(), 2);
+    assert_eq!(blue(&shard), before);
 }
