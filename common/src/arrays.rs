@@ -34,9 +34,8 @@ pub fn build_arrays<D: std::ops::Deref<Target = Doc>>(columns: &[(String, Column
     let mut top: Vec<usize> = (0..columns.len()).filter(|i| !columns[*i].0.contains('.')).collect();
     top.sort_by(|a, b| columns[*a].0.cmp(&columns[*b].0));
     let mut values: Vec<Vec<Option<&Value>>> = vec![Vec::with_capacity(docs.len()); columns.len()];
-    for doc in docs {
+    for (row, doc) in docs.iter().enumerate() {
         let doc: &Doc = doc;
-        let row = values.first().map_or(0, Vec::len);
         let mut j = 0;
         let mut previous: Option<&str> = None;
         let mut ordered = true;

@@ -22,7 +22,7 @@ pub use basalt_common::arrays::{build_array, build_arrays, build_from_values};
 use basalt_common::doc::Doc;
 use basalt_common::doc::Kind;
 use basalt_common::filter::Scalar;
-use basalt_common::schema::{ColumnType, SchemaStats};
+use basalt_common::schema::SchemaStats;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -80,7 +80,7 @@ impl Block {
         runs.finish(&mut |p, k, n| stats.add(p, k, n));
         let mut columns = HashMap::new();
         let mut min_max = HashMap::new();
-        let paths: Vec<(String, ColumnType)> = stats.columns().into_iter().collect();
+        let paths = stats.columns();
         let arrays = build_arrays(&paths, docs);
         for ((path, _), array) in paths.into_iter().zip(arrays) {
             if let Some(mm) = compute_min_max(&array) {

@@ -860,11 +860,8 @@ impl Shard {
         }
         // Too many indexes: merge the adjacent run of up to `merge_width` with the fewest
         // documents, until an idle shard has `max_indexes` (a busy one, `max_indexes_busy`).
-        let (target, cap) = if idle {
-            (policy.max_indexes.max(1), policy.max_indexes.max(1))
-        } else {
-            (policy.max_indexes.max(1), policy.max_indexes_busy.max(policy.max_indexes).max(1))
-        };
+        let target = policy.max_indexes.max(1);
+        let cap = if idle { target } else { policy.max_indexes_busy.max(target) };
         loop {
             let indexes = covered_indexes();
             if indexes.len() <= cap {

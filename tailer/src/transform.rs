@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, AsArray, Int64Array, RecordBatch, new_null_array};
 use arrow::datatypes::{DataType, Field, Int64Type, Schema};
-use basalt_common::arrays::build_array;
+use basalt_common::arrays::build_arrays;
 use basalt_common::doc::{Doc, insert_path, visit_kinds};
 use basalt_common::schema::{ColumnType, SchemaStats};
 use basalt_common::{BasaltError, Result};
@@ -133,12 +133,8 @@ pub(crate) async fn query(
 ) -> Result<Vec<RecordBatch>> {
     let have: BTreeSet<&str> = columns.iter().map(|(p, _)| p.as_str()).collect();
     let missing: Vec<&String> = paths.iter().filter(|p| !have.contains(p.as_str()) && *p != OFFSET_COLUMN).collect();
-    let mut fields = Vec::new();
-    let mut arrays: Vec<ArrayRef> = Vec::new();
-    for (path, ty) in columns {
-        arrays.push(build_array(path, ty, docs)?);
-        fields.push(Field::new(path, ty.to_arrow(), true));
-    }
+    let mut fields: Vec<Field> = columns.iter().map(|(path, ty)| Field::new(path, ty.to_arrow(), true)).collect();
+    let mut arrays: Vec<ArrayRef> = build_arrays(columns, docs);
     if let Some(offsets) = offsets {
         fields.push(Field::new(OFFSET_COLUMN, DataType::Int64, false));
         arrays.push(Arc::new(Int64Array::from_iter_values(offsets.iter().copied())));
@@ -269,7 +265,10 @@ fn column_values(array: &ArrayRef) -> Result<Option<Vec<Option<serde_json::Value
         DataType::Float32 => {
             // The f32's shortest text read as a double (0.1f32 is 0.1, as the JSON writer has it).
             let p = array.as_primitive::<Float32Type>();
-            each(p, |i| finite(f64::from(p.value(i))).and_then(|_| p.value(i).to_string().parse::<f64>().ok()))
+            each(p, |i| {
+                let v = p.value(i);
+                if v.is_finite() { v.to_string().parse::<f64>().ok() } else { None }
+            })
         }
         DataType::Float64 => {
             let p = array.as_primitive::<Float64Type>();
@@ -287,52 +286,51 @@ fn column_values(array: &ArrayRef) -> Result<Option<Vec<Option<serde_json::Value
             let s = array.as_string_view();
             each(s, |i| Some(s.value(i)))
         }
-        DataType::Decimal128(_, scale) if (0..=22).contains(scale) => {
-            // What the JSON writer's text ("12.34") reads back as: scale 0 is an integer, else
-            // the double nearest the decimal, which dividing two exactly representable
-            // numbers gives (IEEE division rounds correctly); past 2^53 the text is parsed.
-            let p = array.as_primitive::<arrow::datatypes::Decimal128Type>();
-            let scale = *scale as i32;
-            let divisor = 10f64.powi(scale);
-            let options = arrow::util::display::FormatOptions::new().with_display_error(true);
-            let f = arrow::util::display::ArrayFormatter::try_new(a, &options)?;
-            (0..p.len())
-                .map(|i| {
-                    if p.is_null(i) {
-                        return Ok(None);
-                    }
-                    let v = p.value(i);
-                    if scale == 0
-                        && let Ok(v) = i64::try_from(v)
-                    {
-                        return Ok(Some(Value::from(v)));
-                    }
-                    if scale > 0 && v.unsigned_abs() < (1u128 << 53) {
-                        return Ok(finite(v as f64 / divisor).map(Value::from));
-                    }
-                    serde_json::from_str::<Value>(&f.value(i).to_string()).map(Some).map_err(transform_err)
-                })
-                .collect::<Result<_>>()?
-        }
         DataType::Decimal32(..) | DataType::Decimal64(..) | DataType::Decimal128(..) | DataType::Decimal256(..) => {
-            let options = arrow::util::display::FormatOptions::new().with_display_error(true);
-            let f = arrow::util::display::ArrayFormatter::try_new(a, &options)?;
+            // What the JSON writer's text ("12.34") reads back as. For a Decimal128 of scale
+            // 0 that fits an i64 that is the integer; of scale 1..=22 below 2^53, the double
+            // nearest the decimal, which dividing two exactly representable numbers gives (IEEE
+            // division rounds correctly). Anything else: the text, parsed.
+            let direct = match array.data_type() {
+                DataType::Decimal128(_, scale) if (0..=22).contains(scale) => {
+                    let scale = i32::from(*scale);
+                    Some((array.as_primitive::<arrow::datatypes::Decimal128Type>(), scale, 10f64.powi(scale)))
+                }
+                _ => None,
+            };
+            let f = formatter(a)?;
             (0..a.len())
                 .map(|i| {
                     if a.is_null(i) {
                         return Ok(None);
+                    }
+                    if let Some((p, scale, divisor)) = direct {
+                        let v = p.value(i);
+                        if scale == 0
+                            && let Ok(v) = i64::try_from(v)
+                        {
+                            return Ok(Some(Value::from(v)));
+                        }
+                        if scale > 0 && v.unsigned_abs() < (1u128 << 53) {
+                            return Ok(finite(v as f64 / divisor).map(Value::from));
+                        }
                     }
                     serde_json::from_str::<Value>(&f.value(i).to_string()).map(Some).map_err(transform_err)
                 })
                 .collect::<Result<_>>()?
         }
         d if d.is_temporal() => {
-            let options = arrow::util::display::FormatOptions::new().with_display_error(true);
-            let f = arrow::util::display::ArrayFormatter::try_new(a, &options)?;
+            let f = formatter(a)?;
             each(a, |i| Some(f.value(i).to_string()))
         }
         _ => return Ok(None),
     }))
+}
+
+/// Arrow's text for the values of `array`, as the JSON writer formats decimals and temporal types.
+fn formatter(array: &dyn arrow::array::Array) -> Result<arrow::util::display::ArrayFormatter<'_>> {
+    let options = arrow::util::display::FormatOptions::new().with_display_error(true);
+    Ok(arrow::util::display::ArrayFormatter::try_new(array, &options)?)
 }
 
 /// A column's values through Arrow's JSON writer (types without a direct conversion).
