@@ -15,7 +15,6 @@ use arrow::array::{Array, ArrayRef, StringArray, StringBuilder, new_null_array};
 use arrow::array::{RecordBatch, RecordBatchOptions};
 use arrow::compute::{CastOptions, can_cast_types, cast_with_options};
 use arrow::datatypes::{DataType, Field, Schema};
-use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 use basalt_common::Result;
 pub use basalt_common::arrays::{build_array, build_arrays, build_from_values};
@@ -44,6 +43,8 @@ pub struct Block {
     /// Text columns parsed as dates, kept after the first query that compares them with a date
     /// (`CAST(col AS DATE) < DATE '...'`): blocks never change, so neither does the parse.
     dates: parking_lot::Mutex<HashMap<String, ArrayRef>>,
+    /// Whether the columns point into a mapped segment file rather than the heap.
+    mapped: bool,
 }
 
 impl Block {
@@ -53,7 +54,12 @@ impl Block {
         columns: HashMap<String, ArrayRef>,
         min_max: HashMap<String, MinMax>,
     ) -> Block {
-        Block { base_slot, rows, columns, min_max, dates: Default::default() }
+        Block { base_slot, rows, columns, min_max, dates: Default::default(), mapped: false }
+    }
+
+    /// Whether the columns point into a mapped segment file rather than the heap.
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
     }
 
     /// The column at `path` as SQL `CAST(CAST(col AS TEXT) AS DATE)` computes it (Date32; a
@@ -134,27 +140,61 @@ impl Block {
         Ok(out)
     }
 
-    /// Read a block written by [`Block::to_ipc`]; min/max are computed again.
-    pub fn from_ipc(bytes: bytes::Bytes) -> Result<Block> {
-        let bad = |m: &str| basalt_common::BasaltError::internal(format!("block file: {m}"));
-        let reader = FileReader::try_new(std::io::Cursor::new(bytes), None)?;
-        let schema = reader.schema();
-        let base_slot: u64 =
-            schema.metadata().get(BASE_SLOT_KEY).and_then(|v| v.parse().ok()).ok_or_else(|| bad("no base slot"))?;
-        let mut batches = Vec::new();
-        for batch in reader {
-            batches.push(batch?);
+    /// Open a block file written by [`Block::to_ipc`] mapped into memory: the columns point
+    /// into the file's pages (no copy; Arrow's writer aligns every buffer to 64 bytes), which
+    /// the operating system keeps or drops as memory allows, instead of the process's heap
+    /// holding every block. `min_max` is the one of the block the file was written from when
+    /// the caller has it; otherwise it is computed (reading every value once).
+    pub fn open_mapped(path: &std::path::Path, min_max: Option<HashMap<String, MinMax>>) -> Result<Block> {
+        let bad = |m: String| basalt_common::BasaltError::internal(format!("block file {}: {m}", path.display()));
+        let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+        // SAFETY: segment files are never modified once written (their names carry the
+        // manifest generation); they are only unlinked, which leaves a mapping valid.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(e.to_string()))?;
+        if map.len() < 10 {
+            return Err(bad("too short".into()));
         }
-        let [batch] = batches.as_slice() else { return Err(bad("expected one record batch")) };
+        let buffer = arrow::buffer::Buffer::from(bytes::Bytes::from_owner(map));
+        let trailer = buffer.len() - 10;
+        let mut tail = [0u8; 10];
+        tail.copy_from_slice(&buffer[trailer..]);
+        let footer_len = arrow::ipc::reader::read_footer_length(tail)?;
+        let footer_start = trailer.checked_sub(footer_len).ok_or_else(|| bad("footer past the start".into()))?;
+        let footer =
+            arrow::ipc::root_as_footer(&buffer[footer_start..trailer]).map_err(|e| bad(format!("footer: {e}")))?;
+        let schema = Arc::new(arrow::ipc::convert::fb_to_schema(footer.schema().ok_or_else(|| bad("no schema".into()))?));
+        let base_slot: u64 = schema
+            .metadata()
+            .get(BASE_SLOT_KEY)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("no base slot".into()))?;
+        let decoder = arrow::ipc::reader::FileDecoder::new(schema.clone(), footer.version());
+        let batches = footer.recordBatches().ok_or_else(|| bad("no record batches".into()))?;
+        if batches.len() != 1 || footer.dictionaries().is_some_and(|d| !d.is_empty()) {
+            return Err(bad("expected one record batch and no dictionaries".into()));
+        }
+        let block = batches.get(0);
+        let start = usize::try_from(block.offset()).map_err(|e| bad(e.to_string()))?;
+        let len = usize::try_from(block.bodyLength()).map_err(|e| bad(e.to_string()))?
+            + usize::try_from(block.metaDataLength()).map_err(|e| bad(e.to_string()))?;
+        if start.checked_add(len).is_none_or(|end| end > footer_start) {
+            return Err(bad("record batch past the footer".into()));
+        }
+        let batch = decoder
+            .read_record_batch(block, &buffer.slice_with_length(start, len))?
+            .ok_or_else(|| bad("empty record batch".into()))?;
+        let min_max_known = min_max.is_some();
+        let mut min_max = min_max.unwrap_or_default();
         let mut columns = HashMap::new();
-        let mut min_max = HashMap::new();
         for (field, array) in schema.fields().iter().zip(batch.columns()) {
-            if let Some(mm) = compute_min_max(array) {
+            if !min_max_known && let Some(mm) = compute_min_max(array) {
                 min_max.insert(field.name().clone(), mm);
             }
             columns.insert(field.name().clone(), array.clone());
         }
-        Ok(Block::new(base_slot, batch.num_rows(), columns, min_max))
+        let mut block = Block::new(base_slot, batch.num_rows(), columns, min_max);
+        block.mapped = true;
+        Ok(block)
     }
 
     /// Adjacent blocks concatenated into one, or `None` when a path has different types in
@@ -823,11 +863,36 @@ mod tests {
         store.seal_tail().unwrap();
         let blocks = store.sealed_blocks();
         assert_eq!(blocks.iter().map(|b| b.rows).collect::<Vec<_>>(), vec![BLOCK_ROWS, 7]);
+        let dir = tempfile::tempdir().unwrap();
         let copies: Vec<Arc<Block>> = blocks
             .iter()
-            .map(|b| Arc::new(Block::from_ipc(bytes::Bytes::from(b.to_ipc().unwrap())).unwrap()))
+            .map(|b| {
+                let file = dir.path().join(format!("{}.arrow", b.base_slot));
+                std::fs::write(&file, b.to_ipc().unwrap()).unwrap();
+                Arc::new(Block::open_mapped(&file, None).unwrap())
+            })
             .collect();
         assert_eq!(copies[1].min_max, blocks[1].min_max);
+        for (copy, block) in copies.iter().zip(&blocks) {
+            assert_eq!(copy.rows, block.rows);
+            assert_eq!(copy.columns.len(), block.columns.len());
+            for (name, array) in &block.columns {
+                assert_eq!(&copy.columns[name].to_data(), &array.to_data(), "column {name}");
+            }
+        }
+        // A damaged file is an error, never a crash.
+        let bytes = blocks[1].to_ipc().unwrap();
+        for (name, damaged) in [
+            ("short", bytes[..6].to_vec()),
+            ("cut", bytes[..bytes.len() - 1].to_vec()),
+            ("no body", bytes[bytes.len() - 200..].to_vec()),
+            ("zeros", vec![0u8; bytes.len()]),
+        ] {
+            let file = dir.path().join(name);
+            std::fs::write(&file, &damaged).unwrap();
+            assert!(Block::open_mapped(&file, None).is_err(), "{name}");
+        }
+        assert!(Block::open_mapped(&dir.path().join("missing"), None).is_err());
         assert_eq!(copies[1].base_slot, BLOCK_ROWS as u64);
         let deletions = Deletions::from_bytes(&store.deletions().to_bytes()).unwrap();
         let restored =

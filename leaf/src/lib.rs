@@ -108,7 +108,7 @@ impl Leaf {
             Some(l) => l.clone(),
             None => dir.join("segments").to_string_lossy().to_string(),
         };
-        let store = SegmentStore::open(&location)?;
+        let store = SegmentStore::open(&location, &dir.join("segment-cache"))?;
         let leaf = LeafInner {
             db,
             meta,

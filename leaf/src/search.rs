@@ -21,7 +21,11 @@ use parking_lot::{Mutex, RwLock};
 use std::sync::Arc;
 use tantivy::BitSet;
 use tantivy::collector::{Collector, SegmentCollector};
-use tantivy::directory::{Directory, OwnedBytes, RamDirectory};
+use tantivy::directory::error::{DeleteError, LockError, OpenReadError, OpenWriteError};
+use tantivy::directory::{
+    Directory, DirectoryLock, FileHandle, Lock, MmapDirectory, OwnedBytes, RamDirectory, WatchCallback, WatchHandle,
+    WritePtr,
+};
 use tantivy::fastfield::{AliveBitSet, write_alive_bitset};
 use tantivy::indexer::{NoMergePolicy, merge_filtered_segments};
 use tantivy::query::{Bm25StatisticsProvider, BooleanQuery, EmptyQuery, Occur, Query, TermQuery};
@@ -119,6 +123,8 @@ pub struct Sealed {
     stored: Mutex<Option<String>>,
     /// Documents for slots outside `base_slot..end_slot`: patches of older slots.
     outside: u64,
+    /// Whether the index is read from mapped segment files rather than held in memory.
+    mapped: bool,
 }
 
 impl Sealed {
@@ -132,7 +138,12 @@ impl Sealed {
                     .count() as u64;
             }
         }
-        Sealed { base_slot, end_slot, index, reader, stored: Mutex::new(None), outside }
+        Sealed { base_slot, end_slot, index, reader, stored: Mutex::new(None), outside, mapped: false }
+    }
+
+    /// Whether the index is read from mapped segment files rather than held in memory.
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
     }
 
     /// Documents for slots outside the index's slot range (patches of older slots).
@@ -176,16 +187,94 @@ impl Sealed {
         Ok(out)
     }
 
-    /// Open an index from files written by [`Sealed::files`].
-    pub fn load(base_slot: u64, end_slot: u64, files: Vec<(String, Vec<u8>)>) -> Result<Sealed> {
-        let dir = RamDirectory::create();
-        for (name, bytes) in files {
-            dir.atomic_write(std::path::Path::new(&name), &bytes)
-                .map_err(|e| BasaltError::internal(format!("search index: {e}")))?;
-        }
-        let index = Index::open(dir).map_err(tantivy_err)?;
+    /// Open an index from a directory holding the files [`Sealed::files`] gave (a stored
+    /// index's local copy), mapped into memory: the pages are the operating system's to keep
+    /// or drop, not the process's heap.
+    pub fn open_mapped(base_slot: u64, end_slot: u64, dir: &std::path::Path) -> Result<Sealed> {
+        let index = Index::open(MappedDir::open(dir)?).map_err(tantivy_err)?;
         let reader = manual_reader(&index)?;
-        Ok(Sealed::new(base_slot, end_slot, index, reader))
+        let mut sealed = Sealed::new(base_slot, end_slot, index, reader);
+        sealed.mapped = true;
+        Ok(sealed)
+    }
+
+    /// The same index opened from its stored (mapped) copy; what the segment store holds is
+    /// what was written, so the slot range and the count of outside documents carry over.
+    pub fn reopen_mapped(&self, dir: &std::path::Path) -> Result<Sealed> {
+        let index = Index::open(MappedDir::open(dir)?).map_err(tantivy_err)?;
+        let reader = manual_reader(&index)?;
+        let max_doc: u64 = reader.searcher().segment_readers().iter().map(|s| u64::from(s.max_doc())).sum();
+        if max_doc != self.max_doc() {
+            return Err(BasaltError::internal(format!(
+                "search index: the stored copy in {} has {max_doc} documents, the index {}",
+                dir.display(),
+                self.max_doc()
+            )));
+        }
+        Ok(Sealed {
+            base_slot: self.base_slot,
+            end_slot: self.end_slot,
+            index,
+            reader,
+            stored: Mutex::new(self.stored()),
+            outside: self.outside,
+            mapped: true,
+        })
+    }
+}
+
+/// A stored index's files mapped read-only: tantivy's `MmapDirectory` without its lock files
+/// (a sealed index has no writer, and a lock file would be an object the manifest does not
+/// name) and without the watcher thread of its meta file (which never changes).
+#[derive(Clone, Debug)]
+struct MappedDir(MmapDirectory);
+
+impl MappedDir {
+    fn open(dir: &std::path::Path) -> Result<MappedDir> {
+        MmapDirectory::open(dir).map(MappedDir).map_err(|e| BasaltError::internal(format!("search index: {e}")))
+    }
+}
+
+fn read_only(path: &std::path::Path) -> std::io::Error {
+    std::io::Error::other(format!("{}: a stored search index is read-only", path.display()))
+}
+
+impl Directory for MappedDir {
+    fn get_file_handle(&self, path: &std::path::Path) -> std::result::Result<Arc<dyn FileHandle>, OpenReadError> {
+        self.0.get_file_handle(path)
+    }
+
+    fn delete(&self, path: &std::path::Path) -> std::result::Result<(), DeleteError> {
+        Err(DeleteError::IoError { io_error: Arc::new(read_only(path)), filepath: path.to_path_buf() })
+    }
+
+    fn exists(&self, path: &std::path::Path) -> std::result::Result<bool, OpenReadError> {
+        self.0.exists(path)
+    }
+
+    fn open_write(&self, path: &std::path::Path) -> std::result::Result<WritePtr, OpenWriteError> {
+        Err(OpenWriteError::IoError { io_error: Arc::new(read_only(path)), filepath: path.to_path_buf() })
+    }
+
+    fn atomic_read(&self, path: &std::path::Path) -> std::result::Result<Vec<u8>, OpenReadError> {
+        self.0.atomic_read(path)
+    }
+
+    fn atomic_write(&self, path: &std::path::Path, _data: &[u8]) -> std::io::Result<()> {
+        Err(read_only(path))
+    }
+
+    fn sync_directory(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn acquire_lock(&self, _lock: &Lock) -> std::result::Result<DirectoryLock, LockError> {
+        // Readers take the meta lock while they open segments; nothing here ever writes.
+        Ok(DirectoryLock::from(Box::new(())))
+    }
+
+    fn watch(&self, _callback: WatchCallback) -> tantivy::Result<WatchHandle> {
+        Ok(WatchHandle::empty())
     }
 }
 
@@ -329,6 +418,19 @@ impl SearchIndex {
 
     pub fn sealed(&self) -> Vec<Arc<Sealed>> {
         self.sealed.read().clone()
+    }
+
+    /// Put `new` where `old` is (the same index, reopened from its stored copy). False when
+    /// `old` is no longer there (a merge replaced it meanwhile).
+    pub fn replace_sealed(&self, old: &Arc<Sealed>, new: Arc<Sealed>) -> bool {
+        let mut sealed = self.sealed.write();
+        match sealed.iter_mut().find(|s| Arc::ptr_eq(s, old)) {
+            Some(slot) => {
+                *slot = new;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Merge adjacent sealed indexes into one, leaving out documents whose slot `is_dead`.
@@ -903,9 +1005,29 @@ mod tests {
         // Round trip through segment files.
         let files = first.files().unwrap();
         assert!(files.iter().any(|(n, _)| n == "meta.json"));
-        let copy = Sealed::load(first.base_slot, first.end_slot, files).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in &files {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let copy = Sealed::open_mapped(first.base_slot, first.end_slot, dir.path()).unwrap();
         assert_eq!(copy.max_doc(), 2);
-        let second = idx.finish_seal(idx.seal(3).unwrap().unwrap()).unwrap();
+        // The stored copy answers as the index it was written from, in its place.
+        let mapped = Arc::new(first.reopen_mapped(dir.path()).unwrap());
+        assert!(idx.replace_sealed(&first, mapped.clone()));
+        assert_eq!(slots(&idx, &search), vec![0, 2]);
+        assert_eq!(slots(&idx, &city), vec![0]);
+        assert!(!idx.replace_sealed(&first, mapped.clone()), "first is no longer there");
+        // Read-only: tantivy cannot write into it, and opening it left no lock files.
+        assert!(MappedDir::open(dir.path()).unwrap().atomic_write(std::path::Path::new("x"), b"x").is_err());
+        let mut listed: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+        listed.sort();
+        assert_eq!(listed, files.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+        // A copy that is not this index is refused.
+        let other = idx.finish_seal(idx.seal(3).unwrap().unwrap()).unwrap();
+        assert!(other.reopen_mapped(dir.path()).is_err());
+        let first = mapped;
+        let second = other;
         assert!(idx.seal(3).unwrap().is_none(), "an empty tail seals to nothing");
         let merged = idx.merge(&[first, second], |slot| slot == 0).unwrap();
         assert_eq!((merged.base_slot, merged.end_slot, merged.max_doc()), (0, 3, 2));

@@ -7,7 +7,8 @@
 //! it, none after. Recovery loads it and replays the shard log (kept in the row store) from
 //! `seq + 1`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use basalt_common::schema::SchemaStats;
@@ -15,7 +16,7 @@ use basalt_common::{BasaltError, Result};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::columns::{Block, Deletions, Overlay};
+use crate::columns::{Block, Deletions, MinMax, Overlay};
 use crate::search::Sealed;
 use crate::store::SegmentStore;
 
@@ -110,9 +111,10 @@ impl ShardSegments {
         Ok(BlockRef { base_slot: block.base_slot, rows: block.rows, path })
     }
 
-    pub fn load_block(&self, r: &BlockRef) -> Result<Block> {
-        let bytes = self.store.get(&self.path(&r.path))?.ok_or_else(|| corrupt(&r.path, "missing"))?;
-        let block = Block::from_ipc(bytes)?;
+    /// Open a stored block mapped from its local file (see [`Block::open_mapped`]).
+    pub fn load_block(&self, r: &BlockRef, min_max: Option<HashMap<String, MinMax>>) -> Result<Block> {
+        let file = self.store.local_file(&self.path(&r.path))?.ok_or_else(|| corrupt(&r.path, "missing"))?;
+        let block = Block::open_mapped(&file, min_max)?;
         if block.base_slot != r.base_slot || block.rows != r.rows {
             return Err(corrupt(&r.path, "does not match the manifest"));
         }
@@ -130,16 +132,28 @@ impl ShardSegments {
         Ok(IndexRef { base_slot: index.base_slot, end_slot: index.end_slot, dir, files })
     }
 
-    pub fn load_index(&self, r: &IndexRef) -> Result<Sealed> {
-        let mut files = Vec::with_capacity(r.files.len());
+    /// The local directory holding a stored index's files (for a remote store, its cached
+    /// copies, downloaded first if need be).
+    fn index_dir(&self, r: &IndexRef) -> Result<PathBuf> {
+        let mut dir = None;
         for name in &r.files {
             let path = format!("{}/{name}", r.dir);
-            let bytes = self.store.get(&self.path(&path))?.ok_or_else(|| corrupt(&path, "missing"))?;
-            files.push((name.clone(), bytes.to_vec()));
+            let file = self.store.local_file(&self.path(&path))?.ok_or_else(|| corrupt(&path, "missing"))?;
+            dir = file.parent().map(PathBuf::from);
         }
-        let index = Sealed::load(r.base_slot, r.end_slot, files)?;
+        dir.ok_or_else(|| corrupt(&r.dir, "no files"))
+    }
+
+    /// Open a stored index mapped from its local files.
+    pub fn load_index(&self, r: &IndexRef) -> Result<Sealed> {
+        let index = Sealed::open_mapped(r.base_slot, r.end_slot, &self.index_dir(r)?)?;
         index.set_stored(r.dir.clone());
         Ok(index)
+    }
+
+    /// `index` (just stored as `r`) opened again from its stored copy, mapped.
+    pub fn map_index(&self, r: &IndexRef, index: &Sealed) -> Result<Sealed> {
+        index.reopen_mapped(&self.index_dir(r)?)
     }
 
     pub fn put_deletions(&self, generation: u64, deletions: &Deletions) -> Result<String> {
@@ -187,7 +201,7 @@ impl ShardSegments {
                 n += 1;
             }
         }
-        Ok(n)
+        Ok(n + self.store.prune_cache(&self.prefix, &keep)?)
     }
 
     pub fn delete_all(&self) -> Result<()> {
@@ -217,7 +231,7 @@ impl ShardSegments {
         };
         let mut blocks = Vec::with_capacity(manifest.blocks.len());
         for r in &manifest.blocks {
-            blocks.push(Arc::new(self.load_block(r)?));
+            blocks.push(Arc::new(self.load_block(r, None)?));
             progress("block");
         }
         let mut indexes = Vec::with_capacity(manifest.indexes.len());

@@ -785,7 +785,19 @@ impl Shard {
         for b in blocks.iter().filter(|b| b.base_slot + b.rows as u64 <= next.next_slot) {
             match old.blocks.iter().find(|r| r.base_slot == b.base_slot && r.rows == b.rows) {
                 Some(r) => next.blocks.push(r.clone()),
-                None => next.blocks.push(self.segments.put_block(g, b)?),
+                None => {
+                    let r = self.segments.put_block(g, b)?;
+                    // From now on the block is read from its file's pages, not the heap.
+                    match self.segments.load_block(&r, Some(b.min_max.clone())) {
+                        Ok(mapped) => {
+                            self.columns.write().replace_blocks(std::slice::from_ref(b), Arc::new(mapped));
+                        }
+                        Err(e) => {
+                            tracing::warn!(shard = %keyspace_name(self.key), block = %r.path, error = %e, "stored block could not be mapped; it stays in memory");
+                        }
+                    }
+                    next.blocks.push(r);
+                }
             }
         }
         next.indexes = Vec::new();
@@ -793,7 +805,18 @@ impl Shard {
             let stored = ix.stored().and_then(|dir| old.indexes.iter().find(|r| r.dir == dir));
             match stored {
                 Some(r) => next.indexes.push(r.clone()),
-                None => next.indexes.push(self.segments.put_index(g, ix)?),
+                None => {
+                    let r = self.segments.put_index(g, ix)?;
+                    match self.segments.map_index(&r, ix) {
+                        Ok(mapped) => {
+                            self.search.replace_sealed(ix, Arc::new(mapped));
+                        }
+                        Err(e) => {
+                            tracing::warn!(shard = %keyspace_name(self.key), index = %r.dir, error = %e, "stored search index could not be mapped; it stays in memory");
+                        }
+                    }
+                    next.indexes.push(r);
+                }
             }
         }
         Ok(())
@@ -899,6 +922,13 @@ impl Shard {
         }
         *manifest = next;
         Ok(())
+    }
+
+    /// Whether each sealed block and each sealed index is read from mapped segment files.
+    #[cfg(test)]
+    pub fn mapped_for_tests(&self) -> (Vec<bool>, Vec<bool>) {
+        let blocks = self.columns.read().sealed_blocks().iter().map(|b| b.is_mapped()).collect();
+        (blocks, self.search.sealed().iter().map(|ix| ix.is_mapped()).collect())
     }
 
     #[cfg(test)]

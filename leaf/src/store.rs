@@ -1,6 +1,12 @@
 //! Where a leaf keeps its immutable segments: an `object_store` (a local directory by default,
 //! S3 by configuration). The leaf's shard code is synchronous; this wrapper runs object store
 //! calls on a small runtime of its own, so it can be called from any thread.
+//!
+//! Segments are read through local files ([`SegmentStore::local_file`]), which the leaf maps
+//! into memory: a local store's own files, or for a remote store a cache directory on the
+//! leaf's disk that every put writes through and every read fills. Objects are immutable
+//! (names carry a generation), so a cached file never goes stale; it goes when its object is
+//! deleted.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +30,8 @@ struct Inner {
     /// Root directory when the store is the local file system: puts are fsynced there, since
     /// `LocalFileSystem` does not sync (the write-ahead log is truncated once a manifest is put).
     local_root: Option<PathBuf>,
+    /// For a remote store: where local copies of its objects live.
+    cache: Option<PathBuf>,
     runtime: Option<tokio::runtime::Runtime>,
     description: String,
 }
@@ -39,8 +47,9 @@ impl Drop for Inner {
 
 impl SegmentStore {
     /// Open a store from a URL: `s3://bucket/prefix` (credentials, region and endpoint from the
-    /// usual `AWS_*` environment variables), `file:///path`, or a plain directory path.
-    pub fn open(location: &str) -> Result<SegmentStore> {
+    /// usual `AWS_*` environment variables), `file:///path`, or a plain directory path. A remote
+    /// store keeps local copies of its objects under `cache`.
+    pub fn open(location: &str, cache: &std::path::Path) -> Result<SegmentStore> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("segment-io")
@@ -69,9 +78,17 @@ impl SegmentStore {
                 let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(store_err)?;
                 (Arc::new(fs), Some(dir))
             };
+        let cache = match local_root {
+            Some(_) => None,
+            None => {
+                std::fs::create_dir_all(cache).map_err(store_err)?;
+                Some(cache.to_path_buf())
+            }
+        };
         Ok(SegmentStore(Arc::new(Inner {
             store,
             local_root,
+            cache,
             runtime: Some(runtime),
             description: location.to_string(),
         })))
@@ -99,6 +116,10 @@ impl SegmentStore {
     pub fn put(&self, path: &str, data: Bytes) -> Result<()> {
         let store = self.0.store.clone();
         let location = ObjectPath::from(path);
+        if let Some(cache) = &self.0.cache {
+            // Written through, so a segment just flushed is mapped without a download.
+            write_cache_file(&cache.join(path), &data)?;
+        }
         self.run(async move { store.put(&location, PutPayload::from(data)).await.map(|_| ()) })?;
         if let Some(root) = &self.0.local_root {
             let file = root.join(path);
@@ -123,8 +144,33 @@ impl SegmentStore {
         })
     }
 
+    /// A local file holding the object (for a remote store, its cached copy, downloaded
+    /// first if need be); `None` if the object does not exist. The file never changes; it may
+    /// be unlinked when the object is deleted (a mapping of it stays valid).
+    pub fn local_file(&self, path: &str) -> Result<Option<PathBuf>> {
+        if let Some(root) = &self.0.local_root {
+            let file = root.join(path);
+            return Ok(file.exists().then_some(file));
+        }
+        let Some(cache) = &self.0.cache else { return Err(store_err("no local cache")) };
+        let file = cache.join(path);
+        if file.exists() {
+            return Ok(Some(file));
+        }
+        let Some(bytes) = self.get(path)? else { return Ok(None) };
+        write_cache_file(&file, &bytes)?;
+        Ok(Some(file))
+    }
+
     /// Delete an object (missing objects are fine).
     pub fn delete(&self, path: &str) -> Result<()> {
+        if let Some(cache) = &self.0.cache {
+            match std::fs::remove_file(cache.join(path)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(store_err(e)),
+            }
+        }
         let store = self.0.store.clone();
         let location = ObjectPath::from(path);
         self.run(async move {
@@ -150,8 +196,57 @@ impl SegmentStore {
         for path in self.list(prefix)? {
             self.delete(&path)?;
         }
+        if let Some(cache) = &self.0.cache {
+            match std::fs::remove_dir_all(cache.join(prefix)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(store_err(e)),
+            }
+        }
         Ok(())
     }
+
+    /// Remove cached copies under `prefix` that `keep` (paths relative to the prefix) does not
+    /// name: left by a process that died between a delete of the object and of its copy.
+    pub fn prune_cache(&self, prefix: &str, keep: &std::collections::HashSet<String>) -> Result<usize> {
+        let Some(cache) = &self.0.cache else { return Ok(0) };
+        let root = cache.join(prefix);
+        let mut removed = 0;
+        let mut dirs = vec![root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(store_err(e)),
+            };
+            for entry in entries {
+                let path = entry.map_err(store_err)?.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let rel = path.strip_prefix(&root).map_err(store_err)?.to_string_lossy().to_string();
+                if !keep.contains(&rel) {
+                    std::fs::remove_file(&path).map_err(store_err)?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Write a cache file whole or not at all (a temporary file renamed into place), so a reader
+/// never maps a partial copy.
+fn write_cache_file(file: &std::path::Path, data: &[u8]) -> Result<()> {
+    if let Some(parent) = file.parent() {
+        std::fs::create_dir_all(parent).map_err(store_err)?;
+    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = file.with_extension(format!("tmp-{}-{n}", std::process::id()));
+    std::fs::write(&tmp, data).map_err(store_err)?;
+    std::fs::rename(&tmp, file).map_err(store_err)
 }
 
 #[cfg(test)]
@@ -161,7 +256,7 @@ mod tests {
     #[tokio::test]
     async fn local_store_round_trip_from_async_code() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SegmentStore::open(dir.path().to_str().unwrap()).unwrap();
+        let store = SegmentStore::open(dir.path().to_str().unwrap(), &dir.path().join("cache")).unwrap();
         // Many calls from one async task (this used to exhaust the task's cooperative budget
         // and hang).
         for i in 0..300 {

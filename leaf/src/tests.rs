@@ -204,6 +204,10 @@ async fn restart_loads_segments_and_replays_the_log_after_them() {
         let manifest = shard.manifest_for_tests();
         assert!(manifest.indexes.len() <= 4, "indexes were merged: {}", manifest.indexes.len());
         assert_eq!(manifest.blocks.len(), 1, "short blocks were merged into one");
+        // Once stored, blocks and indexes are read from their files, not held in the heap.
+        let (blocks, indexes) = shard.mapped_for_tests();
+        assert_eq!((blocks.len(), indexes.len()), (manifest.blocks.len(), manifest.indexes.len()));
+        assert!(blocks.iter().chain(&indexes).all(|m| *m), "{blocks:?} {indexes:?}");
         // Writes after the last flush live only in the log.
         write(&leaf, (300..340).map(|i| gen_doc(i, 0)).collect()).await;
         write(&leaf, (0..300).step_by(13).map(|i| gen_doc(i, 99)).collect()).await;
@@ -211,7 +215,7 @@ async fn restart_loads_segments_and_replays_the_log_after_them() {
         before = observe(&leaf).await;
         assert_eq!(before.0.len(), 340 - 2 - 9);
         // Every object in the store is named by the manifest: merges left no garbage.
-        let store = SegmentStore::open(dir.path().join("segments").to_str().unwrap()).unwrap();
+        let store = SegmentStore::open(dir.path().join("segments").to_str().unwrap(), &dir.path().join("segment-cache")).unwrap();
         let mut listed: Vec<String> = store.list("c1_s0").unwrap();
         listed.sort();
         let mut named: Vec<String> = manifest.objects().into_iter().map(|o| format!("c1_s0/{o}")).collect();
@@ -221,6 +225,8 @@ async fn restart_loads_segments_and_replays_the_log_after_them() {
     let leaf = Leaf::open(&config).unwrap();
     let shard = leaf.shard((1, 0)).unwrap();
     assert_eq!(shard.opened_from_for_tests(), "segments");
+    let (blocks, indexes) = shard.mapped_for_tests();
+    assert!(!blocks.is_empty() && !indexes.is_empty() && blocks.iter().chain(&indexes).all(|m| *m));
     let after = observe(&leaf).await;
     assert_eq!(after, before);
     // The replayed writes flush like any others, and a second restart agrees again.
