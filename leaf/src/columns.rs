@@ -162,7 +162,8 @@ impl Block {
         let footer_start = trailer.checked_sub(footer_len).ok_or_else(|| bad("footer past the start".into()))?;
         let footer =
             arrow::ipc::root_as_footer(&buffer[footer_start..trailer]).map_err(|e| bad(format!("footer: {e}")))?;
-        let schema = Arc::new(arrow::ipc::convert::fb_to_schema(footer.schema().ok_or_else(|| bad("no schema".into()))?));
+        let schema =
+            Arc::new(arrow::ipc::convert::fb_to_schema(footer.schema().ok_or_else(|| bad("no schema".into()))?));
         let base_slot: u64 = schema
             .metadata()
             .get(BASE_SLOT_KEY)
@@ -542,6 +543,80 @@ pub fn apply_delta(stats: &mut SchemaStats, delta: &StatsDelta) {
     }
 }
 
+/// Where the id of a live slot is read back from: the `_id` column of the sealed block that
+/// holds the slot, or the tail document.
+struct IdSource<'a> {
+    blocks: &'a [Arc<Block>],
+    tail: &'a [Arc<Doc>],
+    tail_base: u64,
+}
+
+impl IdSource<'_> {
+    fn id(&self, slot: u64) -> Option<&str> {
+        use arrow::array::AsArray;
+        if slot >= self.tail_base {
+            let doc = self.tail.get(usize::try_from(slot - self.tail_base).ok()?)?;
+            return doc.get(basalt_common::doc::ID_FIELD)?.as_str();
+        }
+        let i = self.blocks.partition_point(|b| b.base_slot + b.rows as u64 <= slot);
+        let block = self.blocks.get(i).filter(|b| b.base_slot <= slot)?;
+        let col = block.columns.get(basalt_common::doc::ID_FIELD)?.as_string_opt::<i32>()?;
+        let row = usize::try_from(slot - block.base_slot).ok()?;
+        col.is_valid(row).then(|| col.value(row))
+    }
+}
+
+/// The live slot of each document id, in 8 bytes per id (plus the hash table's control byte):
+/// the ids are not copied into it but read back from the column store (see [`IdSource`]) to
+/// compare on a lookup and to rehash when the table grows. A `HashMap<String, u64>` cost about
+/// 60 bytes per document (the string, its allocation, the table), gigabytes at tens of millions.
+#[derive(Default)]
+struct IdIndex {
+    table: hashbrown::HashTable<u64>,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+impl IdIndex {
+    fn with_capacity(n: usize) -> IdIndex {
+        IdIndex { table: hashbrown::HashTable::with_capacity(n), hasher: Default::default() }
+    }
+
+    fn hash(&self, id: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(id)
+    }
+
+    fn get(&self, id: &str, source: &IdSource) -> Option<u64> {
+        self.table.find(self.hash(id), |slot| source.id(*slot) == Some(id)).copied()
+    }
+
+    /// Set the live slot of `id` (whose document at `slot` must already be in `source`).
+    fn insert(&mut self, id: &str, slot: u64, source: &IdSource) {
+        let hash = self.hash(id);
+        let hasher = &self.hasher;
+        let rehash = |s: &u64| {
+            use std::hash::BuildHasher;
+            hasher.hash_one(source.id(*s).unwrap_or_default())
+        };
+        match self.table.entry(hash, |s| source.id(*s) == Some(id), rehash) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => *e.get_mut() = slot,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert(slot);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &str, source: &IdSource) -> Option<u64> {
+        let hash = self.hash(id);
+        let entry = self.table.find_entry(hash, |s| source.id(*s) == Some(id)).ok()?;
+        Some(entry.remove().0)
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+}
+
 /// The in-memory column store and id index of one shard. Statistics are maintained by the
 /// caller through [`ColumnStore::apply_stats`] (the same delta goes to the shard log).
 #[derive(Default)]
@@ -556,7 +631,7 @@ pub struct ColumnStore {
     next_slot: u64,
     deletions: Deletions,
     /// Live slot of each document id.
-    ids: HashMap<String, u64>,
+    ids: IdIndex,
     stats: SchemaStats,
     /// Overlays of live slots (copied on write while a scan holds a snapshot).
     overlays: Arc<Overlays>,
@@ -569,7 +644,8 @@ impl ColumnStore {
     /// taken from the blocks' `_id` columns.
     pub fn restore(blocks: Vec<Arc<Block>>, deletions: Deletions, stats: SchemaStats, next_slot: u64) -> Result<Self> {
         use arrow::array::AsArray;
-        let mut ids = HashMap::new();
+        let rows: usize = blocks.iter().map(|b| b.rows).sum();
+        let mut ids = IdIndex::with_capacity(rows);
         for block in &blocks {
             let Some(col) = block.columns.get(basalt_common::doc::ID_FIELD) else { continue };
             let Some(col) = col.as_string_opt::<i32>() else { continue };
@@ -578,11 +654,16 @@ impl ColumnStore {
                 if let Some(id) = id
                     && !deletions.is_deleted(slot)
                 {
-                    ids.insert(id.to_string(), slot);
+                    ids.insert(id, slot, &IdSource { blocks: &blocks, tail: &[], tail_base: next_slot });
                 }
             }
         }
         Ok(ColumnStore { blocks, next_slot, deletions, ids, stats, ..Default::default() })
+    }
+
+    /// Where the id of a live slot can be read back.
+    fn id_source(&self) -> IdSource<'_> {
+        IdSource { blocks: &self.blocks, tail: &self.tail, tail_base: self.next_slot - self.tail.len() as u64 }
     }
 
     /// Set the overlay of a slot (restoring persisted overlays; dead slots are skipped).
@@ -595,7 +676,7 @@ impl ColumnStore {
     /// Record a patch of the live version of `id`: the new values of the top-level fields it
     /// changed. Returns the slot, or `None` when `id` has no live version.
     pub fn patch(&mut self, id: &str, fields: Overlay) -> Option<u64> {
-        let slot = *self.ids.get(id)?;
+        let slot = self.ids.get(id, &self.id_source())?;
         Arc::make_mut(&mut self.overlays).entry(slot).extend(fields);
         self.dirty.insert(slot);
         Some(slot)
@@ -647,7 +728,9 @@ impl ColumnStore {
 
     /// Remove the live version of `id`, if any.
     pub fn remove(&mut self, id: &str) {
-        if let Some(slot) = self.ids.remove(id) {
+        let source =
+            IdSource { blocks: &self.blocks, tail: &self.tail, tail_base: self.next_slot - self.tail.len() as u64 };
+        if let Some(slot) = self.ids.remove(id, &source) {
             self.deletions.set(slot);
             if self.overlays.get(slot).is_some() {
                 Arc::make_mut(&mut self.overlays).remove(slot);
@@ -658,10 +741,15 @@ impl ColumnStore {
 
     /// Append a new live version; returns its slot.
     pub fn append(&mut self, id: &str, doc: Arc<Doc>) -> Result<u64> {
+        if doc.get(basalt_common::doc::ID_FIELD).and_then(Value::as_str) != Some(id) {
+            return Err(basalt_common::BasaltError::internal(format!("document appended as {id} has another _id")));
+        }
         let slot = self.next_slot;
         self.next_slot += 1;
-        self.ids.insert(id.to_string(), slot);
         self.tail.push(doc);
+        let source =
+            IdSource { blocks: &self.blocks, tail: &self.tail, tail_base: self.next_slot - self.tail.len() as u64 };
+        self.ids.insert(id, slot, &source);
         if self.tail.len() >= BLOCK_ROWS {
             self.seal_tail()?;
         }
@@ -732,7 +820,7 @@ impl ColumnStore {
     }
 
     pub fn slot_of(&self, id: &str) -> Option<u64> {
-        self.ids.get(id).copied()
+        self.ids.get(id, &self.id_source())
     }
 
     /// Blocks to scan: sealed blocks plus the tail built into blocks (see `tail_blocks`).
@@ -908,6 +996,49 @@ mod tests {
         assert_eq!((merged.base_slot, merged.rows), (0, 2));
         assert_eq!(merged.columns["n"].null_count(), 1);
         assert_eq!(merged.min_max["_id"], MinMax { min: Scalar::Str("x".into()), max: Scalar::Str("y".into()) });
+    }
+
+    #[test]
+    fn the_id_index_finds_what_a_map_of_ids_finds() {
+        // Ids across sealed blocks and the tail, upserted, removed and written again, through
+        // several growths of the table; then restored from the blocks.
+        let mut store = ColumnStore::default();
+        let mut model: HashMap<String, u64> = HashMap::new();
+        let mut state = 7u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        for round in 0..30_000u64 {
+            let id = format!("k{}", next() % 12_000);
+            if next() % 5 == 0 {
+                store.remove(&id);
+                model.remove(&id);
+            } else {
+                store.remove(&id);
+                let slot = store.append(&id, doc(json!({"_id": id, "n": round}))).unwrap();
+                model.insert(id, slot);
+            }
+        }
+        assert_eq!(store.live_docs(), model.len());
+        for n in 0..12_500 {
+            let id = format!("k{n}");
+            assert_eq!(store.slot_of(&id), model.get(&id).copied(), "{id}");
+        }
+        assert!(store.append("x", doc(json!({"_id": "y"}))).is_err(), "the document must carry the id");
+        store.seal_tail().unwrap();
+        let restored = ColumnStore::restore(
+            store.sealed_blocks(),
+            store.deletions().clone(),
+            SchemaStats::default(),
+            store.next_slot(),
+        )
+        .unwrap();
+        assert_eq!(restored.live_docs(), model.len());
+        for (id, slot) in &model {
+            assert_eq!(restored.slot_of(id), Some(*slot));
+        }
+        assert_eq!(restored.slot_of("k99999"), None);
     }
 
     #[test]

@@ -1019,8 +1019,10 @@ mod tests {
         assert!(!idx.replace_sealed(&first, mapped.clone()), "first is no longer there");
         // Read-only: tantivy cannot write into it, and opening it left no lock files.
         assert!(MappedDir::open(dir.path()).unwrap().atomic_write(std::path::Path::new("x"), b"x").is_err());
-        let mut listed: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+        let mut listed: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
         listed.sort();
         assert_eq!(listed, files.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
         // A copy that is not this index is refused.

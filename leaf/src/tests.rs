@@ -215,7 +215,9 @@ async fn restart_loads_segments_and_replays_the_log_after_them() {
         before = observe(&leaf).await;
         assert_eq!(before.0.len(), 340 - 2 - 9);
         // Every object in the store is named by the manifest: merges left no garbage.
-        let store = SegmentStore::open(dir.path().join("segments").to_str().unwrap(), &dir.path().join("segment-cache")).unwrap();
+        let store =
+            SegmentStore::open(dir.path().join("segments").to_str().unwrap(), &dir.path().join("segment-cache"))
+                .unwrap();
         let mut listed: Vec<String> = store.list("c1_s0").unwrap();
         listed.sort();
         let mut named: Vec<String> = manifest.objects().into_iter().map(|o| format!("c1_s0/{o}")).collect();
