@@ -119,6 +119,27 @@ impl Block {
 }
 
 const BASE_SLOT_KEY: &str = "basalt.base_slot";
+/// Schema metadata key of a block file's min/max per column (JSON), so opening the file does
+/// not read every value to compute them. Left out when a bound is a string over
+/// [`MAX_STORED_BOUND`] bytes or does not serialize (the reader then computes them).
+const MIN_MAX_KEY: &str = "basalt.min_max";
+const MAX_STORED_BOUND: usize = 1024;
+
+/// A block's min/max as stored in its file.
+fn encode_min_max(min_max: &HashMap<String, MinMax>) -> Option<String> {
+    let long = |s: &Scalar| matches!(s, Scalar::Str(t) if t.len() > MAX_STORED_BOUND);
+    if min_max.values().any(|mm| long(&mm.min) || long(&mm.max)) {
+        return None;
+    }
+    let entries: BTreeMap<&String, (&Scalar, &Scalar)> =
+        min_max.iter().map(|(k, mm)| (k, (&mm.min, &mm.max))).collect();
+    serde_json::to_string(&entries).ok()
+}
+
+fn decode_min_max(text: &str) -> Option<HashMap<String, MinMax>> {
+    let entries: HashMap<String, (Scalar, Scalar)> = serde_json::from_str(text).ok()?;
+    Some(entries.into_iter().map(|(k, (min, max))| (k, MinMax { min, max })).collect())
+}
 
 impl Block {
     /// The block as an Arrow IPC file (columns sorted by path, base slot in the metadata).
@@ -127,7 +148,10 @@ impl Block {
         names.sort();
         let fields: Vec<Field> =
             names.iter().map(|n| Field::new(n.as_str(), self.columns[*n].data_type().clone(), true)).collect();
-        let metadata = HashMap::from([(BASE_SLOT_KEY.to_string(), self.base_slot.to_string())]);
+        let mut metadata = HashMap::from([(BASE_SLOT_KEY.to_string(), self.base_slot.to_string())]);
+        if let Some(text) = encode_min_max(&self.min_max) {
+            metadata.insert(MIN_MAX_KEY.to_string(), text);
+        }
         let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
         let arrays: Vec<ArrayRef> = names.iter().map(|n| self.columns[*n].clone()).collect();
         let options = RecordBatchOptions::new().with_row_count(Some(self.rows));
@@ -144,7 +168,8 @@ impl Block {
     /// into the file's pages (no copy; Arrow's writer aligns every buffer to 64 bytes), which
     /// the operating system keeps or drops as memory allows, instead of the process's heap
     /// holding every block. `min_max` is the one of the block the file was written from when
-    /// the caller has it; otherwise it is computed (reading every value once).
+    /// the caller has it; otherwise the file's own (see [`Block::to_ipc`]), or computed
+    /// (reading every value once) when the file has none.
     pub fn open_mapped(path: &std::path::Path, min_max: Option<HashMap<String, MinMax>>) -> Result<Block> {
         let bad = |m: String| basalt_common::BasaltError::internal(format!("block file {}: {m}", path.display()));
         let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
@@ -184,6 +209,7 @@ impl Block {
         let batch = decoder
             .read_record_batch(block, &buffer.slice_with_length(start, len))?
             .ok_or_else(|| bad("empty record batch".into()))?;
+        let min_max = min_max.or_else(|| schema.metadata().get(MIN_MAX_KEY).and_then(|t| decode_min_max(t)));
         let min_max_known = min_max.is_some();
         let mut min_max = min_max.unwrap_or_default();
         let mut columns = HashMap::new();
@@ -967,6 +993,15 @@ mod tests {
             for (name, array) in &block.columns {
                 assert_eq!(&copy.columns[name].to_data(), &array.to_data(), "column {name}");
             }
+        }
+        // Min/max come from the file's metadata, or are computed when it has none (a bound
+        // too long to store, a float that JSON cannot hold).
+        for extra in [json!("x".repeat(MAX_STORED_BOUND + 1)), json!(f64::MAX), json!(-0.5)] {
+            let block =
+                Block::build(0, &[doc(json!({"_id": "a", "v": extra})), doc(json!({"_id": "b", "v": 2}))]).unwrap();
+            let file = dir.path().join("extra.arrow");
+            std::fs::write(&file, block.to_ipc().unwrap()).unwrap();
+            assert_eq!(Block::open_mapped(&file, None).unwrap().min_max, block.min_max, "{extra}");
         }
         // A damaged file is an error, never a crash.
         let bytes = blocks[1].to_ipc().unwrap();
