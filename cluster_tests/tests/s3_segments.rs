@@ -60,5 +60,42 @@ async fn segments_on_s3_survive_kill_9() {
     assert_eq!((count, distinct, sum), (2000, 2000, expected_sum));
     let hits: i64 = pg.query_one("SELECT count(*) FROM s3c WHERE search(text, 'rock')", &[]).await.unwrap().get(0);
     assert_eq!(hits, rewritten);
+    // Segments are read through local copies of the bucket's objects, written through on
+    // every put. Without them (a new disk), a restart downloads what the manifests name.
+    let cache = d.dir().join("data").join("leaf").join("segment-cache");
+    let cached = |what: &str| {
+        let mut n = 0;
+        let mut dirs = vec![cache.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.to_string_lossy().contains(what) {
+                    n += 1;
+                }
+            }
+        }
+        n
+    };
+    assert!(cached("/blocks/") > 0 && cached("/index/") > 0, "no local copies in {}", cache.display());
+    drop(pg);
+    d.proc("dev").kill9();
+    std::fs::remove_dir_all(&cache).unwrap();
+    d.proc("dev").restart();
+    let started = Instant::now();
+    while client.get(d.http("/healthz")).send().await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(60), "dev did not restart:\n{}", d.proc("dev").log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pg = d.pg().await;
+    let row = pg.query_one("SELECT count(*), count(DISTINCT _id), sum(v) FROM s3c", &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1), row.get::<_, i64>(2)), (2000, 2000, expected_sum));
+    let hits: i64 = pg.query_one("SELECT count(*) FROM s3c WHERE search(text, 'rock')", &[]).await.unwrap().get(0);
+    assert_eq!(hits, rewritten);
+    assert!(cached("/blocks/") > 0 && cached("/index/") > 0, "the restart did not fill the cache again");
+    let log = d.proc("dev").log();
+    assert!(!log.contains("segments unreadable"), "a shard fell back to its row store:\n{}", d.proc("dev").log_tail());
+    assert_eq!(log.matches("from=segments").count(), 4, "both shards of both restarts load segments");
     drop(s3);
 }
