@@ -167,10 +167,9 @@ impl Block {
     /// Open a block file written by [`Block::to_ipc`] mapped into memory: the columns point
     /// into the file's pages (no copy; Arrow's writer aligns every buffer to 64 bytes), which
     /// the operating system keeps or drops as memory allows, instead of the process's heap
-    /// holding every block. `min_max` is the one of the block the file was written from when
-    /// the caller has it; otherwise the file's own (see [`Block::to_ipc`]), or computed
+    /// holding every block. Min/max are the file's own (see [`Block::to_ipc`]), or computed
     /// (reading every value once) when the file has none.
-    pub fn open_mapped(path: &std::path::Path, min_max: Option<HashMap<String, MinMax>>) -> Result<Block> {
+    pub fn open_mapped(path: &std::path::Path) -> Result<Block> {
         let bad = |m: String| basalt_common::BasaltError::internal(format!("block file {}: {m}", path.display()));
         let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
         // SAFETY: segment files are never modified once written (their names carry the
@@ -209,7 +208,7 @@ impl Block {
         let batch = decoder
             .read_record_batch(block, &buffer.slice_with_length(start, len))?
             .ok_or_else(|| bad("empty record batch".into()))?;
-        let min_max = min_max.or_else(|| schema.metadata().get(MIN_MAX_KEY).and_then(|t| decode_min_max(t)));
+        let min_max = schema.metadata().get(MIN_MAX_KEY).and_then(|t| decode_min_max(t));
         let min_max_known = min_max.is_some();
         let mut min_max = min_max.unwrap_or_default();
         let mut columns = HashMap::new();
@@ -577,7 +576,12 @@ struct IdSource<'a> {
     tail_base: u64,
 }
 
-impl IdSource<'_> {
+impl<'a> IdSource<'a> {
+    /// Over the sealed blocks and the tail documents, which end before `next_slot`.
+    fn new(blocks: &'a [Arc<Block>], tail: &'a [Arc<Doc>], next_slot: u64) -> IdSource<'a> {
+        IdSource { blocks, tail, tail_base: next_slot - tail.len() as u64 }
+    }
+
     fn id(&self, slot: u64) -> Option<&str> {
         use arrow::array::AsArray;
         if slot >= self.tail_base {
@@ -672,6 +676,7 @@ impl ColumnStore {
         use arrow::array::AsArray;
         let rows: usize = blocks.iter().map(|b| b.rows).sum();
         let mut ids = IdIndex::with_capacity(rows);
+        let source = IdSource::new(&blocks, &[], next_slot);
         for block in &blocks {
             let Some(col) = block.columns.get(basalt_common::doc::ID_FIELD) else { continue };
             let Some(col) = col.as_string_opt::<i32>() else { continue };
@@ -680,7 +685,7 @@ impl ColumnStore {
                 if let Some(id) = id
                     && !deletions.is_deleted(slot)
                 {
-                    ids.insert(id, slot, &IdSource { blocks: &blocks, tail: &[], tail_base: next_slot });
+                    ids.insert(id, slot, &source);
                 }
             }
         }
@@ -689,7 +694,7 @@ impl ColumnStore {
 
     /// Where the id of a live slot can be read back.
     fn id_source(&self) -> IdSource<'_> {
-        IdSource { blocks: &self.blocks, tail: &self.tail, tail_base: self.next_slot - self.tail.len() as u64 }
+        IdSource::new(&self.blocks, &self.tail, self.next_slot)
     }
 
     /// Set the overlay of a slot (restoring persisted overlays; dead slots are skipped).
@@ -754,9 +759,7 @@ impl ColumnStore {
 
     /// Remove the live version of `id`, if any.
     pub fn remove(&mut self, id: &str) {
-        let source =
-            IdSource { blocks: &self.blocks, tail: &self.tail, tail_base: self.next_slot - self.tail.len() as u64 };
-        if let Some(slot) = self.ids.remove(id, &source) {
+        if let Some(slot) = self.ids.remove(id, &IdSource::new(&self.blocks, &self.tail, self.next_slot)) {
             self.deletions.set(slot);
             if self.overlays.get(slot).is_some() {
                 Arc::make_mut(&mut self.overlays).remove(slot);
@@ -773,9 +776,7 @@ impl ColumnStore {
         let slot = self.next_slot;
         self.next_slot += 1;
         self.tail.push(doc);
-        let source =
-            IdSource { blocks: &self.blocks, tail: &self.tail, tail_base: self.next_slot - self.tail.len() as u64 };
-        self.ids.insert(id, slot, &source);
+        self.ids.insert(id, slot, &IdSource::new(&self.blocks, &self.tail, self.next_slot));
         if self.tail.len() >= BLOCK_ROWS {
             self.seal_tail()?;
         }
@@ -983,7 +984,7 @@ mod tests {
             .map(|b| {
                 let file = dir.path().join(format!("{}.arrow", b.base_slot));
                 std::fs::write(&file, b.to_ipc().unwrap()).unwrap();
-                Arc::new(Block::open_mapped(&file, None).unwrap())
+                Arc::new(Block::open_mapped(&file).unwrap())
             })
             .collect();
         assert_eq!(copies[1].min_max, blocks[1].min_max);
@@ -1001,7 +1002,7 @@ mod tests {
                 Block::build(0, &[doc(json!({"_id": "a", "v": extra})), doc(json!({"_id": "b", "v": 2}))]).unwrap();
             let file = dir.path().join("extra.arrow");
             std::fs::write(&file, block.to_ipc().unwrap()).unwrap();
-            assert_eq!(Block::open_mapped(&file, None).unwrap().min_max, block.min_max, "{extra}");
+            assert_eq!(Block::open_mapped(&file).unwrap().min_max, block.min_max, "{extra}");
         }
         // A damaged file is an error, never a crash.
         let bytes = blocks[1].to_ipc().unwrap();
@@ -1013,9 +1014,9 @@ mod tests {
         ] {
             let file = dir.path().join(name);
             std::fs::write(&file, &damaged).unwrap();
-            assert!(Block::open_mapped(&file, None).is_err(), "{name}");
+            assert!(Block::open_mapped(&file).is_err(), "{name}");
         }
-        assert!(Block::open_mapped(&dir.path().join("missing"), None).is_err());
+        assert!(Block::open_mapped(&dir.path().join("missing")).is_err());
         assert_eq!(copies[1].base_slot, BLOCK_ROWS as u64);
         let deletions = Deletions::from_bytes(&store.deletions().to_bytes()).unwrap();
         let restored =

@@ -191,8 +191,7 @@ impl Sealed {
     /// index's local copy), mapped into memory: the pages are the operating system's to keep
     /// or drop, not the process's heap.
     pub fn open_mapped(base_slot: u64, end_slot: u64, dir: &std::path::Path) -> Result<Sealed> {
-        let index = Index::open(MappedDir::open(dir)?).map_err(tantivy_err)?;
-        let reader = manual_reader(&index)?;
+        let (index, reader) = MappedDir::open_index(dir)?;
         let mut sealed = Sealed::new(base_slot, end_slot, index, reader);
         sealed.mapped = true;
         Ok(sealed)
@@ -201,8 +200,7 @@ impl Sealed {
     /// The same index opened from its stored (mapped) copy; what the segment store holds is
     /// what was written, so the slot range and the count of outside documents carry over.
     pub fn reopen_mapped(&self, dir: &std::path::Path) -> Result<Sealed> {
-        let index = Index::open(MappedDir::open(dir)?).map_err(tantivy_err)?;
-        let reader = manual_reader(&index)?;
+        let (index, reader) = MappedDir::open_index(dir)?;
         let max_doc: u64 = reader.searcher().segment_readers().iter().map(|s| u64::from(s.max_doc())).sum();
         if max_doc != self.max_doc() {
             return Err(BasaltError::internal(format!(
@@ -232,6 +230,13 @@ struct MappedDir(MmapDirectory);
 impl MappedDir {
     fn open(dir: &std::path::Path) -> Result<MappedDir> {
         MmapDirectory::open(dir).map(MappedDir).map_err(|e| BasaltError::internal(format!("search index: {e}")))
+    }
+
+    /// The index in `dir` with a reader that reloads only when asked.
+    fn open_index(dir: &std::path::Path) -> Result<(Index, IndexReader)> {
+        let index = Index::open(MappedDir::open(dir)?).map_err(tantivy_err)?;
+        let reader = manual_reader(&index)?;
+        Ok((index, reader))
     }
 }
 

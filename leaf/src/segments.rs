@@ -7,7 +7,7 @@
 //! it, none after. Recovery loads it and replays the shard log (kept in the row store) from
 //! `seq + 1`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use basalt_common::{BasaltError, Result};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::columns::{Block, Deletions, MinMax, Overlay};
+use crate::columns::{Block, Deletions, Overlay};
 use crate::search::Sealed;
 use crate::store::SegmentStore;
 
@@ -112,9 +112,9 @@ impl ShardSegments {
     }
 
     /// Open a stored block mapped from its local file (see [`Block::open_mapped`]).
-    pub fn load_block(&self, r: &BlockRef, min_max: Option<HashMap<String, MinMax>>) -> Result<Block> {
+    pub fn load_block(&self, r: &BlockRef) -> Result<Block> {
         let file = self.store.local_file(&self.path(&r.path))?.ok_or_else(|| corrupt(&r.path, "missing"))?;
-        let block = Block::open_mapped(&file, min_max)?;
+        let block = Block::open_mapped(&file)?;
         if block.base_slot != r.base_slot || block.rows != r.rows {
             return Err(corrupt(&r.path, "does not match the manifest"));
         }
@@ -231,7 +231,7 @@ impl ShardSegments {
         };
         let mut blocks = Vec::with_capacity(manifest.blocks.len());
         for r in &manifest.blocks {
-            blocks.push(Arc::new(self.load_block(r, None)?));
+            blocks.push(Arc::new(self.load_block(r)?));
             progress("block");
         }
         let mut indexes = Vec::with_capacity(manifest.indexes.len());

@@ -788,7 +788,7 @@ impl Shard {
                 None => {
                     let r = self.segments.put_block(g, b)?;
                     // From now on the block is read from its file's pages, not the heap.
-                    match self.segments.load_block(&r, Some(b.min_max.clone())) {
+                    match self.segments.load_block(&r) {
                         Ok(mapped) => {
                             self.columns.write().replace_blocks(std::slice::from_ref(b), Arc::new(mapped));
                         }

@@ -165,11 +165,7 @@ impl SegmentStore {
     /// Delete an object (missing objects are fine).
     pub fn delete(&self, path: &str) -> Result<()> {
         if let Some(cache) = &self.0.cache {
-            match std::fs::remove_file(cache.join(path)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(store_err(e)),
-            }
+            missing_is_fine(std::fs::remove_file(cache.join(path)))?;
         }
         let store = self.0.store.clone();
         let location = ObjectPath::from(path);
@@ -197,11 +193,7 @@ impl SegmentStore {
             self.delete(&path)?;
         }
         if let Some(cache) = &self.0.cache {
-            match std::fs::remove_dir_all(cache.join(prefix)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(store_err(e)),
-            }
+            missing_is_fine(std::fs::remove_dir_all(cache.join(prefix)))?;
         }
         Ok(())
     }
@@ -233,6 +225,14 @@ impl SegmentStore {
             }
         }
         Ok(removed)
+    }
+}
+
+/// A removal of something already gone is a success.
+fn missing_is_fine(removed: std::io::Result<()>) -> Result<()> {
+    match removed {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(store_err(e)),
+        _ => Ok(()),
     }
 }
 
