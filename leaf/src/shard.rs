@@ -252,10 +252,14 @@ impl Shard {
         let started = Instant::now();
         // Large documents live in blob files beside the tree (key-value separation), so
         // compactions move only keys and pointers for them, not the documents again.
+        // Every level LZ4-compressed (fjall leaves its first two levels plain): documents are
+        // JSON whose field names repeat in every entry of a block.
         let docs_options = || {
-            fjall::KeyspaceCreateOptions::default().with_kv_separation(Some(
-                fjall::KvSeparationOptions::default().separation_threshold(DOC_SEPARATION_BYTES),
-            ))
+            fjall::KeyspaceCreateOptions::default()
+                .with_kv_separation(Some(
+                    fjall::KvSeparationOptions::default().separation_threshold(DOC_SEPARATION_BYTES),
+                ))
+                .data_block_compression_policy(fjall::config::CompressionPolicy::all(fjall::CompressionType::Lz4))
         };
         let docs = db.keyspace(&keyspace_name(key), docs_options).map_err(store_err)?;
         let seq = match meta.get(seq_key(key)).map_err(store_err)? {
