@@ -1,11 +1,14 @@
 """TPC-H (22 queries) and SSB (13 queries, star and flat) on Basalt and on the engines a user would
 otherwise pick, on the same data in the same run: DuckDB, chDB and DataFusion-python read
-tpchgen-cli's Parquet files (DuckDB and chDB into their own tables), Basalt loads the same rows
-through its HTTP write API and answers over pgwire. Each query's median of --runs runs; per-query
+tpchgen-cli's Parquet files (DuckDB and chDB into their own tables); Basalt bulk-loads the same
+Parquet files from an S3 API server on loopback (`moto_server`) with `basalt load` (`--load s3`,
+the default) or takes the rows from the CSV files through its HTTP write API (`--load http`),
+and answers over pgwire. SSB tables are derived from the TPC-H files in DuckDB and written as
+Parquet, which every engine reads the same way. Each query's median of --runs runs; per-query
 ratios Basalt / engine and their geometric mean.
 
     bench/run.sh analytics [--sf 1] [--runs 3] [--suites tpch,ssb] [--leaves 0|2] [--shards 2]
-                           [--out results.json]
+                           [--load s3|http] [--out results.json]
 """
 
 import argparse
@@ -103,16 +106,18 @@ class Basalt:
 class DuckDB:
     name = "duckdb"
 
-    def __init__(self, parquet: pathlib.Path, ssb_dir: pathlib.Path | None):
+    def __init__(self, parquet: pathlib.Path, ssb_dir: pathlib.Path | None, path: str = ":memory:"):
         import duckdb
 
-        self.con = duckdb.connect()
+        # In memory up to SF 1; above, a database file (its buffer pool caches what queries read),
+        # so DuckDB's copy of SF 10 does not compete with the other engines for memory.
+        self.con = duckdb.connect(path)
         for t in tpch.TABLES:
             self.con.execute(f"CREATE TABLE {t} AS SELECT * FROM read_parquet('{parquet / (t + '.parquet')}')")
         if ssb_dir:
             self.con.execute("CREATE SCHEMA ssb")
             for t in ssb.TABLES:
-                self.con.execute(f"CREATE TABLE ssb.{t} AS SELECT * FROM read_json('{ssb_dir / (t + '.jsonl')}')")
+                self.con.execute(f"CREATE TABLE ssb.{t} AS SELECT * FROM read_parquet('{ssb_dir / (t + '.parquet')}')")
 
     def query(self, sql: str):
         return self.con.execute(sql).fetchall()
@@ -130,7 +135,10 @@ class DataFusionPython:
         self.ctx = datafusion.SessionContext()
         for t in tpch.TABLES:
             self.ctx.register_parquet(t, str(parquet / f"{t}.parquet"))
-        self.ssb = ssb_dir is not None
+        if ssb_dir:
+            self.ctx.sql("CREATE SCHEMA ssb")
+            for t in ssb.TABLES:
+                self.ctx.register_parquet(f"ssb.{t}", str(ssb_dir / f"{t}.parquet"))
 
     def query(self, sql: str):
         return self.ctx.sql(sql).to_arrow_table().to_pylist()
@@ -153,13 +161,48 @@ class ChDB:
             self.s.query("CREATE DATABASE ssb")
             for t in ssb.TABLES:
                 self.s.query(f"CREATE TABLE ssb.{t} ENGINE = MergeTree ORDER BY tuple() AS "
-                             f"SELECT * FROM file('{ssb_dir / (t + '.jsonl')}', JSONEachRow)")
+                             f"SELECT * FROM file('{ssb_dir / (t + '.parquet')}', Parquet)")
 
     def query(self, sql: str):
         return self.s.query(sql, "CSV").bytes()
 
     def close(self):
         self.s.close()
+
+
+def load_parquet(binary: str, http_port: int, files: list, shards: int, workdir: str) -> dict:
+    """Bulk-load each (collection, Parquet file) with `basalt load` from `moto_server` (the S3
+    API on loopback): upload, load, check the row count against the file's, delete the object
+    (moto keeps objects in memory). Returns seconds per collection."""
+    import pyarrow.parquet as pq
+    from parquet_load import moto
+
+    proc, endpoint, s3 = moto(workdir)
+    seconds = {}
+    try:
+        s3.create_bucket(Bucket="bench")
+        if any("." in c for c, _ in files):
+            tpch.sql(http_port, "CREATE WORKSPACE IF NOT EXISTS ssb")
+        for collection, path in files:
+            key = f"{collection}/{path.name}"
+            s3.upload_file(str(path), "bench", key)
+            started = time.time()
+            out = subprocess.run([binary, "load", "--url", f"http://127.0.0.1:{http_port}", "--collection", collection,
+                                  "--shards", str(shards), "--bucket", "bench", "--prefix", f"{collection}/",
+                                  "--format", "parquet", "--endpoint", endpoint, "--region", "us-east-1"],
+                                 stdout=subprocess.PIPE, text=True)
+            seconds[collection] = round(time.time() - started, 1)
+            if out.returncode != 0:
+                raise RuntimeError(f"basalt load {collection} failed: {out.stdout}")
+            s3.delete_object(Bucket="bench", Key=key)
+            want = pq.ParquetFile(path).metadata.num_rows
+            got = tpch.sql(http_port, f"SELECT count(*) FROM {collection}")["rows"][0][0]
+            if got != want:
+                raise RuntimeError(f"{collection}: {got} rows loaded, the file has {want}")
+            print(f"{out.stdout.strip()} [{collection}: {want} rows]", file=sys.stderr)
+    finally:
+        proc.kill()
+    return seconds
 
 
 def write_report(report: dict, out: str | None) -> None:
@@ -185,16 +228,20 @@ def main():
     ap.add_argument("--leaves", type=int, default=0,
                     help="0: basalt dev; n: n leaf processes, a tailer and an aggregator")
     ap.add_argument("--shards", type=int, default=2, help="shards per collection")
+    ap.add_argument("--load", choices=("s3", "http"), default="s3",
+                    help="s3: `basalt load` of the Parquet files from moto_server; http: CSV rows through the write API")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    # The S3 source reads its credentials from the environment of the process running it.
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"})
     suites = args.suites.split(",")
     cache = pathlib.Path.home() / f".cache/basalt/bench/tpch-sf{args.sf}"
-    csv_dir = tpch.generate(args.sf, cache)
     parquet_dir = tpch.generate(args.sf, cache / "parquet", fmt="parquet")
+    csv_dir = tpch.generate(args.sf, cache) if args.load == "http" else None
     ssb_dir = None
     if "ssb" in suites:
         ssb_dir = cache / "ssb"
-        ssb.derive(csv_dir, ssb_dir).close()
+        ssb.derive(parquet_dir, ssb_dir, source="parquet", write="parquet")
     workdir = tempfile.mkdtemp(prefix="basalt-analytics-")
     report = {"sf": args.sf, "runs": args.runs, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "basalt": "dev" if args.leaves == 0 else f"{args.leaves} leaves, 1 tailer, 1 aggregator",
@@ -203,14 +250,23 @@ def main():
     try:
         basalt = Basalt(args.basalt_bin, workdir, args.leaves)
         started = time.time()
-        if "tpch" in suites:
-            tpch.load_basalt(basalt.http, csv_dir, shards=args.shards, progress=lambda m: print(m, file=sys.stderr))
-        if ssb_dir:
-            ssb.load_basalt(basalt.http, ssb_dir, shards=args.shards, progress=lambda m: print(m, file=sys.stderr))
+        if args.load == "s3":
+            files = [(t, parquet_dir / f"{t}.parquet") for t in tpch.TABLES] if "tpch" in suites else []
+            files += [(f"ssb.{t}", ssb_dir / f"{t}.parquet") for t in ssb.TABLES] if ssb_dir else []
+            report["load_s_per_collection"] = load_parquet(args.basalt_bin, basalt.http, files, args.shards, workdir)
+        else:
+            if "tpch" in suites:
+                tpch.load_basalt(basalt.http, csv_dir, shards=args.shards, progress=lambda m: print(m, file=sys.stderr))
+            if ssb_dir:
+                ssb.derive(csv_dir, cache / "ssb-jsonl").close()
+                ssb.load_basalt(basalt.http, cache / "ssb-jsonl", shards=args.shards,
+                                progress=lambda m: print(m, file=sys.stderr))
         report["load_s"]["basalt"] = round(time.time() - started, 1)
+        report["load"] = args.load
         engines = [basalt]
         wanted = args.engines.split(",") if args.engines else []
-        for name, make in (("duckdb", lambda: DuckDB(parquet_dir, ssb_dir)),
+        for name, make in (("duckdb", lambda: DuckDB(parquet_dir, ssb_dir,
+                                                     ":memory:" if args.sf <= 1 else os.path.join(workdir, "duck.db"))),
                            ("chdb", lambda: ChDB(parquet_dir, ssb_dir, workdir)),
                            ("datafusion-python", lambda: DataFusionPython(parquet_dir, ssb_dir))):
             if name in wanted:
@@ -225,8 +281,6 @@ def main():
         for case, sql in cases:
             row, answers = {}, {}
             for e in engines:
-                if isinstance(e, DataFusionPython) and case.startswith("ssb"):
-                    continue  # DataFusion-python reads the Parquet files; SSB exists as JSON only here
                 try:
                     seconds, answer = timed(lambda: e.query(sql), args.runs)
                     row[e.name] = round(seconds, 4)

@@ -8,6 +8,7 @@ bench/ssb/queries/flat: the denormalized `lineorder_flat`) compared with DuckDB'
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -24,19 +25,38 @@ KEYS = {
 QUERIES = [f"q{g}.{i}" for g, n in ((1, 3), (2, 3), (3, 4), (4, 3)) for i in range(1, n + 1)]
 
 
-def derive(tpch_data: pathlib.Path, out: pathlib.Path):
-    """A DuckDB connection holding the SSB tables, each also written as JSON lines into `out`."""
+def derive(tpch_data: pathlib.Path, out: pathlib.Path, source: str = "csv", write: str = "jsonl"):
+    """Derive the SSB tables from TPC-H's and write each into `out` as JSON lines
+    (`write="jsonl"`) or Parquet (`write="parquet"`). `source` says whether the TPC-H tables
+    in `tpch_data` are tpchgen-cli's CSV or Parquet files (Parquet keeps its DECIMAL and DATE
+    types, so prices in the derived tables are decimals; from CSV they are doubles).
+
+    JSON lines (test scale): returns the in-memory DuckDB connection holding the tables.
+    Parquet (benchmark scale, where the tables would not fit in memory): works in a DuckDB file
+    in `out` over views of the Parquet files, removes it afterwards and returns None."""
     import duckdb
 
-    con = duckdb.connect()
-    for t in tpch.TABLES:
-        con.execute(f"CREATE TABLE {t} AS SELECT * FROM read_csv('{tpch_data / (t + '.csv')}', header = true)")
-    con.execute((HERE / "derive.sql").read_text())
     out.mkdir(parents=True, exist_ok=True)
+    if write == "parquet" and all((out / f"{t}.parquet").exists() for t in TABLES):
+        return None
+    scratch = out / "derive.duckdb"
+    con = duckdb.connect(str(scratch) if write == "parquet" else ":memory:")
+    read = {"csv": "read_csv('{}', header = true)", "parquet": "read_parquet('{}')"}[source]
+    kind = "VIEW" if write == "parquet" else "TABLE"
+    for t in tpch.TABLES:
+        con.execute(f"CREATE OR REPLACE {kind} {t} AS SELECT * FROM " + read.format(tpch_data / f"{t}.{source}"))
+    con.execute((HERE / "derive.sql").read_text().replace("CREATE TABLE", "CREATE OR REPLACE TABLE"))
+    fmt = {"jsonl": "FORMAT json", "parquet": "FORMAT parquet, COMPRESSION zstd"}[write]
     for t in TABLES:
-        path = out / f"{t}.jsonl"
+        path = out / f"{t}.{write}"
         if not path.exists():
-            con.execute(f"COPY ssb.{t} TO '{path}' (FORMAT json)")
+            con.execute(f"COPY ssb.{t} TO '{path}.tmp' ({fmt})")
+            os.replace(f"{path}.tmp", path)
+    if write == "parquet":
+        con.close()
+        scratch.unlink(missing_ok=True)
+        pathlib.Path(f"{scratch}.wal").unlink(missing_ok=True)
+        return None
     return con
 
 
