@@ -170,10 +170,46 @@ class ChDB:
         self.s.close()
 
 
+PART_BYTES = 256 << 20
+
+
+def parts(path: pathlib.Path) -> list:
+    """`path`, or for a file over 2 x PART_BYTES its row groups in files of about PART_BYTES
+    each (written once beside it, in `<name>.parts/`). moto_server reads the whole object for
+    every ranged GET, so one 2.5 GB object served by row group costs it more CPU than the
+    load; a prefix of objects of a few hundred MB is also how a data lake is usually laid out."""
+    import pyarrow.parquet as pq
+
+    size = path.stat().st_size
+    if size <= 2 * PART_BYTES:
+        return [path]
+    out = path.parent / f"{path.stem}.parts"
+    done = out / "complete"
+    if not done.exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        src = pq.ParquetFile(path)
+        writer, written, n = None, 0, 0
+        for g in range(src.num_row_groups):
+            if writer is None:
+                writer = pq.ParquetWriter(out / f"part-{n:04}.parquet", src.schema_arrow, compression="snappy")
+            writer.write_table(src.read_row_group(g))
+            written += src.metadata.row_group(g).total_byte_size * size // max(1, sum(
+                src.metadata.row_group(i).total_byte_size for i in range(src.num_row_groups)))
+            if written >= PART_BYTES:
+                writer.close()
+                writer, written, n = None, 0, n + 1
+        if writer is not None:
+            writer.close()
+        done.touch()
+    return sorted(out.glob("part-*.parquet"))
+
+
 def load_parquet(binary: str, http_port: int, files: list, shards: int, workdir: str) -> dict:
     """Bulk-load each (collection, Parquet file) with `basalt load` from `moto_server` (the S3
-    API on loopback): upload, load, check the row count against the file's, delete the object
-    (moto keeps objects in memory). Returns seconds per collection."""
+    API on loopback): upload (large files as several objects, see `parts`), load, check the row
+    count against the file's, delete the objects (moto keeps them in memory). Returns seconds
+    per collection."""
     import pyarrow.parquet as pq
     from parquet_load import moto
 
@@ -184,8 +220,10 @@ def load_parquet(binary: str, http_port: int, files: list, shards: int, workdir:
         if any("." in c for c, _ in files):
             tpch.sql(http_port, "CREATE WORKSPACE IF NOT EXISTS ssb")
         for collection, path in files:
-            key = f"{collection}/{path.name}"
-            s3.upload_file(str(path), "bench", key)
+            keys = []
+            for part in parts(path):
+                keys.append(f"{collection}/{part.name}")
+                s3.upload_file(str(part), "bench", keys[-1])
             started = time.time()
             out = subprocess.run([binary, "load", "--url", f"http://127.0.0.1:{http_port}", "--collection", collection,
                                   "--shards", str(shards), "--bucket", "bench", "--prefix", f"{collection}/",
@@ -194,7 +232,8 @@ def load_parquet(binary: str, http_port: int, files: list, shards: int, workdir:
             seconds[collection] = round(time.time() - started, 1)
             if out.returncode != 0:
                 raise RuntimeError(f"basalt load {collection} failed: {out.stdout}")
-            s3.delete_object(Bucket="bench", Key=key)
+            for key in keys:
+                s3.delete_object(Bucket="bench", Key=key)
             want = pq.ParquetFile(path).metadata.num_rows
             got = tpch.sql(http_port, f"SELECT count(*) FROM {collection}")["rows"][0][0]
             if got != want:
