@@ -5,7 +5,7 @@
 #   bench/run.sh fresh_reads [--out results.json]
 #   bench/run.sh kafka_latency [--rates 1000,5000] [--seconds 20] [--backlog 200000] [--out results.json]
 #   bench/run.sh parquet_load [--rows 500000] [--out results.json]   (moto_server and DuckDB, from the venv)
-#   bench/run.sh analytics [--sf 1] [--runs 3] [--suites tpch,ssb] [--leaves 0|2] [--out results.json]
+#   bench/run.sh analytics [--sf 1] [--runs 3] [--suites tpch,ssb] [--leaves 0|2] [--load s3|http] [--out results.json]
 #   bench/run.sh fragments [--sf 1] [--runs 3] [--leaves 2] [--shards 4] [--out results.json]
 #   bench/run.sh access_paths [--docs 1000000] [--runs 5] [--out results.json]
 #     (TPC-H and SSB vs DuckDB, chDB and DataFusion-python; tpchgen-cli from ~/.cache/basalt/tools)
