@@ -110,3 +110,33 @@ async fn joins_in_order(d: Deployment) {
     assert_eq!(shown[0].get::<_, String>(0), "off");
     assert!(pg.batch_execute("SET basalt.join_order = sometimes").await.is_err());
 }
+
+/// A join in partitioned mode (both sides hashed into partitions, as DataFusion plans a join
+/// whose build side it cannot size) still sends its keys to the probe side's leaves: the scan
+/// waits until every partition's build side is in, then applies the union of their key lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_join_sends_all_partitions_keys_to_the_leaves() {
+    let d = Deployment::dev().await;
+    let pg = d.pg().await;
+    pg.batch_execute(
+        "CREATE WORKSPACE p;
+         CREATE COLLECTION p.facts WITH (shards = 2);
+         CREATE COLLECTION p.dim WITH (shards = 2);
+         INSERT INTO p.facts SELECT 'f' || value AS _id, value % 500 AS k, CAST(value AS DOUBLE) AS amount
+             FROM generate_series(1, 20000);
+         INSERT INTO p.dim SELECT 'd' || value AS _id, value AS id, value % 50 AS grp FROM generate_series(0, 499);
+         SET datafusion.optimizer.hash_join_single_partition_threshold = 0;
+         SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
+    )
+    .await
+    .expect("load");
+    // Ten dimension keys (7, 57, ..., 457), spread over both hash partitions.
+    let sql = "SELECT count(*), sum(f.amount) FROM p.facts f JOIN p.dim d ON f.k = d.id WHERE d.grp = 7";
+    let want: Vec<f64> = (1..=20000).filter(|v| (v % 500) % 50 == 7).map(|v| v as f64).collect();
+    let rows = pg.query(sql, &[]).await.expect("query");
+    assert_eq!((rows[0].get::<_, i64>(0), rows[0].get::<_, f64>(1)), (want.len() as i64, want.iter().sum::<f64>()));
+    let plan = explain(&pg, sql).await;
+    assert!(plan.contains("mode=Partitioned"), "{plan}");
+    assert!(metric(&plan, "collection=p.facts", "runtime_key_lists") >= 1.0, "{plan}");
+    assert!(metric(&plan, "collection=p.facts", "rows_from_leaves") <= want.len() as f64, "{plan}");
+}

@@ -33,6 +33,7 @@ use datafusion::common::{ColumnStatistics, DataFusionError, Result, Statistics};
 use datafusion::config::ConfigOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::expressions::DynamicFilterPhysicalExpr;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
@@ -43,6 +44,7 @@ use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::filter_pushdown::{
     ChildPushdownResult, FilterPushdownPhase, FilterPushdownPropagation, PushedDown,
 };
+use datafusion::physical_plan::joins::{HashJoinExec, PartitionMode};
 use datafusion::physical_plan::limit::{GlobalLimitExec, LocalLimitExec};
 use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
 use datafusion::physical_plan::projection::ProjectionExec;
@@ -190,6 +192,9 @@ pub struct LeafScanExec {
     /// Filters whose value the query learns while it runs (a hash join's build-side keys and
     /// bounds); applied, relaxed into leaf filters, when the scan starts.
     dynamic: Vec<Arc<dyn PhysicalExpr>>,
+    /// Expression ids of the `dynamic` filters to wait for before the scan starts: those of
+    /// hash joins in partitioned mode (see [`awaited_filters`]).
+    awaited: Vec<u64>,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -224,6 +229,7 @@ impl LeafScanExec {
             output,
             spec,
             dynamic: vec![],
+            awaited: vec![],
             properties,
             metrics: ExecutionPlanMetricsSet::new(),
         }
@@ -240,7 +246,29 @@ impl LeafScanExec {
             self.spec.clone(),
         );
         scan.dynamic = dynamic;
+        scan.awaited = self.awaited.clone();
         scan
+    }
+
+    /// Wait (at most [`RUNTIME_FILTER_WAIT`]) until the runtime filters in `awaited` are
+    /// complete. A partitioned hash join probes partition `i` once that partition's build side
+    /// is in, but its filter covers every partition's keys only when all of them are: read
+    /// earlier, it is still the placeholder `true` and the scan sends every row.
+    fn wait_for_filters(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let filters: Vec<Arc<dyn PhysicalExpr>> = self
+            .dynamic
+            .iter()
+            .filter(|e| e.expression_id().is_some_and(|id| self.awaited.contains(&id)))
+            .cloned()
+            .collect();
+        async move {
+            let all = futures::future::join_all(filters.iter().filter_map(|e| {
+                e.downcast_ref::<DynamicFilterPhysicalExpr>().map(DynamicFilterPhysicalExpr::wait_complete)
+            }));
+            if !filters.is_empty() && tokio::time::timeout(RUNTIME_FILTER_WAIT, all).await.is_err() {
+                tracing::debug!("runtime filters still incomplete; the scan goes on without what is missing");
+            }
+        }
     }
 
     /// Reads the runtime filters' values when called, as leaf filters (see
@@ -285,18 +313,60 @@ impl LeafScanExec {
     }
 }
 
+/// The longest a scan waits for a partitioned hash join's runtime filter to be complete; past
+/// it the scan reads the filter as it is (a safety net: every partition's build side runs
+/// concurrently, so the wait ends when the slowest build side does).
+const RUNTIME_FILTER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Expression ids of the runtime filters that partitioned hash joins in `plan` produce. Only
+/// those are worth waiting for: a join in `CollectLeft` mode completes its one filter before it
+/// probes, and a top-k filter completes only when its own input, possibly this scan, ends.
+pub fn awaited_filters(plan: &Arc<dyn ExecutionPlan>) -> Vec<u64> {
+    let mut ids = vec![];
+    let _ = plan.apply(|node| {
+        if let Some(join) = node.downcast_ref::<HashJoinExec>()
+            && *join.partition_mode() == PartitionMode::Partitioned
+        {
+            ids.extend(node.dynamic_expressions_produced().iter().filter_map(|e| e.expression_id()));
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    ids
+}
+
 /// The key lists among runtime filters (a join's filter is its bounds and, when the build side
 /// is small, its keys: `a >= 1 AND a <= 9 AND a IN (1, 4, 9)`).
+///
+/// A partitioned join's filter is one such conjunction per partition, or-ed (see
+/// `filters::relax`): when every branch has a key list on the same column, their union is
+/// the key list.
 fn key_lists(filters: Vec<Filter>) -> Vec<Filter> {
     let mut out = vec![];
     for f in filters {
         match f {
             Filter::In { .. } => out.push(f),
             Filter::And(parts) => out.extend(key_lists(parts)),
+            Filter::Or(branches) => out.extend(union_of_key_lists(branches)),
             _ => {}
         }
     }
     out
+}
+
+/// The union of the branches' key lists when each branch has exactly one, all on one column.
+fn union_of_key_lists(branches: Vec<Filter>) -> Option<Filter> {
+    let mut column: Option<String> = None;
+    let mut union = vec![];
+    for branch in branches {
+        let [Filter::In { path, values }] = <[Filter; 1]>::try_from(key_lists(vec![branch])).ok()? else {
+            return None;
+        };
+        if column.get_or_insert_with(|| path.clone()) != &path {
+            return None;
+        }
+        union.extend(values);
+    }
+    Some(Filter::In { path: column?, values: union })
 }
 
 impl DisplayAs for LeafScanExec {
@@ -436,8 +506,11 @@ impl ExecutionPlan for LeafScanExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later());
+        let wait = self.wait_for_filters();
         let call = async move {
-            // Read when the scan starts: a hash join probes only after its build side is complete.
+            // Read when the scan starts: a hash join probes only after its build side is
+            // complete (all partitions' build sides, for a partitioned join: see `wait`).
+            wait.await;
             let extra = match dynamic {
                 Some(read) => read().map_err(from_df)?,
                 None => vec![],
@@ -561,7 +634,9 @@ impl ExecutionPlan for LeafFragmentExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let dynamic = (!scan.dynamic.is_empty()).then(|| scan.runtime_filters_later());
+        let wait = scan.wait_for_filters();
         let call = async move {
+            wait.await;
             if let Some(read) = dynamic {
                 request.filters = read().map_err(from_df)?;
                 if basalt_common::filter::id_lookup(&request.filters).is_some() {
@@ -606,7 +681,15 @@ fn runs_per_partition(node: &Arc<dyn ExecutionPlan>) -> bool {
 /// tried).
 pub fn push_fragments(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     let recompute = || ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
+    let awaited = awaited_filters(&plan);
     let pushed = plan.transform_up(|node| {
+        if let Some(scan) = node.downcast_ref::<LeafScanExec>()
+            && scan.dynamic.iter().any(|e| e.expression_id().is_some_and(|id| awaited.contains(&id)))
+        {
+            let mut scan = scan.with_dynamic(scan.dynamic.clone());
+            scan.awaited = awaited.clone();
+            return Ok(Transformed::yes(Arc::new(scan) as Arc<dyn ExecutionPlan>));
+        }
         let children = node.children();
         let [child] = children.as_slice() else { return Ok(Transformed::no(node)) };
         let child = (*child).clone();
@@ -868,5 +951,35 @@ impl LeafApi for FragmentLeaf {
 
     async fn positions(&self, collection_id: u64, shards: Vec<u32>, stream: u64) -> BasaltResult<Vec<ShardPosition>> {
         self.inner.positions(collection_id, shards, stream).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use basalt_common::filter::{CmpOp, Scalar};
+
+    fn keys(path: &str, values: &[i64]) -> Filter {
+        Filter::In { path: path.into(), values: values.iter().map(|v| Scalar::Int(*v)).collect() }
+    }
+
+    fn bound(path: &str, op: CmpOp, v: i64) -> Filter {
+        Filter::Cmp { path: path.into(), op, value: Scalar::Int(v) }
+    }
+
+    #[test]
+    fn a_partitioned_join_filter_gives_the_union_of_its_partitions_key_lists() {
+        // What `filters::relax` makes of `CASE hash(k) % 2 WHEN 0 THEN .. WHEN 1 THEN .. END`.
+        let branch = |lo, hi, values: &[i64]| {
+            Filter::And(vec![bound("k", CmpOp::GtEq, lo), bound("k", CmpOp::LtEq, hi), keys("k", values)])
+        };
+        let filter = Filter::Or(vec![branch(1, 9, &[1, 9]), branch(4, 4, &[4])]);
+        assert_eq!(key_lists(vec![filter]), vec![keys("k", &[1, 9, 4])]);
+        // Bounds alone go, and so does an `Or` with a branch that has no key list (that
+        // partition's keys were too many to list) or lists on different columns.
+        let no_list = Filter::And(vec![bound("k", CmpOp::GtEq, 1), bound("k", CmpOp::LtEq, 9)]);
+        assert_eq!(key_lists(vec![Filter::Or(vec![branch(1, 9, &[1, 9]), no_list.clone()])]), vec![]);
+        assert_eq!(key_lists(vec![Filter::Or(vec![keys("k", &[1]), keys("j", &[2])])]), vec![]);
+        assert_eq!(key_lists(vec![no_list, keys("j", &[3])]), vec![keys("j", &[3])]);
     }
 }
