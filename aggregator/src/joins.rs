@@ -141,8 +141,22 @@ impl Tree {
         let Some(rows) = self.inputs.iter().map(estimate_rows).collect::<Option<Vec<f64>>>() else {
             return Ok(None);
         };
-        let mut edges = Vec::with_capacity(self.on.len());
-        for (a, b) in &self.on {
+        // Equalities between two inputs in the join filters are join keys too: a filter pushed
+        // into the joins after DataFusion extracted equi-join keys (above a decorrelated
+        // `EXISTS`, the conditions arrive that way) would otherwise leave the tree unconnected.
+        let mut on = self.on.clone();
+        let mut rest = Vec::with_capacity(self.filters.len());
+        for f in &self.filters {
+            match f {
+                Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) if matches!((self.input_of(left), self.input_of(right)), (Some(a), Some(b)) if a != b) =>
+                {
+                    on.push((left.as_ref().clone(), right.as_ref().clone()));
+                }
+                _ => rest.push(f.clone()),
+            }
+        }
+        let mut edges = Vec::with_capacity(on.len());
+        for (a, b) in &on {
             let (Some(ia), Some(ib)) = (self.input_of(a), self.input_of(b)) else { return Ok(None) };
             if ia == ib {
                 return Ok(None);
@@ -156,8 +170,8 @@ impl Tree {
             };
             edges.push(Edge { sides: [(ia, a.clone(), ndv(ia, a)), (ib, b.clone(), ndv(ib, b))] });
         }
-        let mut filters: Vec<(u64, Expr)> = Vec::with_capacity(self.filters.len());
-        for f in &self.filters {
+        let mut filters: Vec<(u64, Expr)> = Vec::with_capacity(rest.len());
+        for f in &rest {
             let mut mask = 0u64;
             for c in f.column_refs() {
                 match self.inputs.iter().position(|p| p.schema().has_column(c)) {

@@ -109,6 +109,14 @@ async fn joins_in_order(d: Deployment) {
     let shown = pg.query("SHOW basalt.join_order", &[]).await.expect("show");
     assert_eq!(shown[0].get::<_, String>(0), "off");
     assert!(pg.batch_execute("SET basalt.join_order = sometimes").await.is_err());
+
+    // Above a decorrelated EXISTS the join conditions reach the joins as filters, not keys:
+    // they are still reordered (still without runtime filters, so the order shows).
+    pg.batch_execute("SET basalt.join_order = on").await.expect("set");
+    let exists = format!("{sql} AND EXISTS (SELECT 1 FROM j.dim_b b2 WHERE b2.id = f.b)");
+    assert_eq!(answer(pg.query(&exists, &[]).await.expect("query")), expected);
+    let plan = explain(&pg, &exists).await;
+    assert!(largest_join(&plan) <= 400.0, "dim_a joins the facts first under an EXISTS:\n{plan}");
 }
 
 /// A join in partitioned mode (both sides hashed into partitions, as DataFusion plans a join
