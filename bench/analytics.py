@@ -180,8 +180,7 @@ def parts(path: pathlib.Path) -> list:
     load; a prefix of objects of a few hundred MB is also how a data lake is usually laid out."""
     import pyarrow.parquet as pq
 
-    size = path.stat().st_size
-    if size <= 2 * PART_BYTES:
+    if path.stat().st_size <= 2 * PART_BYTES:
         return [path]
     out = path.parent / f"{path.stem}.parts"
     done = out / "complete"
@@ -194,8 +193,8 @@ def parts(path: pathlib.Path) -> list:
             if writer is None:
                 writer = pq.ParquetWriter(out / f"part-{n:04}.parquet", src.schema_arrow, compression="snappy")
             writer.write_table(src.read_row_group(g))
-            written += src.metadata.row_group(g).total_byte_size * size // max(1, sum(
-                src.metadata.row_group(i).total_byte_size for i in range(src.num_row_groups)))
+            group = src.metadata.row_group(g)
+            written += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
             if written >= PART_BYTES:
                 writer.close()
                 writer, written, n = None, 0, n + 1
@@ -217,8 +216,8 @@ def load_parquet(binary: str, http_port: int, files: list, shards: int, workdir:
     seconds = {}
     try:
         s3.create_bucket(Bucket="bench")
-        if any("." in c for c, _ in files):
-            tpch.sql(http_port, "CREATE WORKSPACE IF NOT EXISTS ssb")
+        for workspace in sorted({c.split(".")[0] for c, _ in files if "." in c}):
+            tpch.sql(http_port, f"CREATE WORKSPACE IF NOT EXISTS {workspace}")
         for collection, path in files:
             keys = []
             for part in parts(path):

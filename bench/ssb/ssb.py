@@ -40,12 +40,15 @@ def derive(tpch_data: pathlib.Path, out: pathlib.Path, source: str = "csv", writ
     if write == "parquet" and all((out / f"{t}.parquet").exists() for t in TABLES):
         return None
     scratch = out / "derive.duckdb"
+    scratch_files = [scratch, pathlib.Path(f"{scratch}.wal")]
+    for f in scratch_files:  # left by an interrupted run
+        f.unlink(missing_ok=True)
     con = duckdb.connect(str(scratch) if write == "parquet" else ":memory:")
     read = {"csv": "read_csv('{}', header = true)", "parquet": "read_parquet('{}')"}[source]
     kind = "VIEW" if write == "parquet" else "TABLE"
     for t in tpch.TABLES:
-        con.execute(f"CREATE OR REPLACE {kind} {t} AS SELECT * FROM " + read.format(tpch_data / f"{t}.{source}"))
-    con.execute((HERE / "derive.sql").read_text().replace("CREATE TABLE", "CREATE OR REPLACE TABLE"))
+        con.execute(f"CREATE {kind} {t} AS SELECT * FROM " + read.format(tpch_data / f"{t}.{source}"))
+    con.execute((HERE / "derive.sql").read_text())
     fmt = {"jsonl": "FORMAT json", "parquet": "FORMAT parquet, COMPRESSION zstd"}[write]
     for t in TABLES:
         path = out / f"{t}.{write}"
@@ -54,8 +57,8 @@ def derive(tpch_data: pathlib.Path, out: pathlib.Path, source: str = "csv", writ
             os.replace(f"{path}.tmp", path)
     if write == "parquet":
         con.close()
-        scratch.unlink(missing_ok=True)
-        pathlib.Path(f"{scratch}.wal").unlink(missing_ok=True)
+        for f in scratch_files:
+            f.unlink(missing_ok=True)
         return None
     return con
 

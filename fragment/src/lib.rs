@@ -193,7 +193,7 @@ pub struct LeafScanExec {
     /// bounds); applied, relaxed into leaf filters, when the scan starts.
     dynamic: Vec<Arc<dyn PhysicalExpr>>,
     /// Expression ids of the `dynamic` filters to wait for before the scan starts: those of
-    /// hash joins in partitioned mode (see [`awaited_filters`]).
+    /// hash joins in partitioned mode (see [`awaited_filters`], set by `push_fragments`).
     awaited: Vec<u64>,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
@@ -250,35 +250,30 @@ impl LeafScanExec {
         scan
     }
 
-    /// Wait (at most [`RUNTIME_FILTER_WAIT`]) until the runtime filters in `awaited` are
-    /// complete. A partitioned hash join probes partition `i` once that partition's build side
-    /// is in, but its filter covers every partition's keys only when all of them are: read
-    /// earlier, it is still the placeholder `true` and the scan sends every row.
-    fn wait_for_filters(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let filters: Vec<Arc<dyn PhysicalExpr>> = self
-            .dynamic
-            .iter()
-            .filter(|e| e.expression_id().is_some_and(|id| self.awaited.contains(&id)))
-            .cloned()
-            .collect();
+    /// The runtime filters' values, as leaf filters (see [`filters::dynamic_to_leaf`]), read
+    /// when the returned future runs: the scan's start. Filters that pin `_id`s turn the scan
+    /// into row-store lookups; key lists on other columns are checked by the leaves before rows
+    /// leave them (and skip blocks whose min/max exclude every key). Bounds alone are dropped:
+    /// on keys spread over the whole table they exclude nothing and cost a comparison per row.
+    ///
+    /// A hash join probes only after its build side is complete, but a partitioned join probes
+    /// partition `i` once that partition's build side is in, and its filter covers every
+    /// partition's keys only when all of them are: read earlier, it is still the placeholder
+    /// `true` and the scan sends every row. So the filters in `awaited` are waited for first
+    /// (at most [`RUNTIME_FILTER_WAIT`]).
+    fn runtime_filters_later(&self) -> impl std::future::Future<Output = Result<Vec<Filter>>> + Send + 'static {
+        let (dynamic, output, awaited) = (self.dynamic.clone(), self.output.clone(), self.awaited.clone());
         async move {
-            let all = futures::future::join_all(filters.iter().filter_map(|e| {
-                e.downcast_ref::<DynamicFilterPhysicalExpr>().map(DynamicFilterPhysicalExpr::wait_complete)
-            }));
-            if !filters.is_empty() && tokio::time::timeout(RUNTIME_FILTER_WAIT, all).await.is_err() {
+            let incomplete = futures::future::join_all(
+                dynamic
+                    .iter()
+                    .filter(|e| e.expression_id().is_some_and(|id| awaited.contains(&id)))
+                    .filter_map(|e| e.downcast_ref::<DynamicFilterPhysicalExpr>())
+                    .map(DynamicFilterPhysicalExpr::wait_complete),
+            );
+            if !awaited.is_empty() && tokio::time::timeout(RUNTIME_FILTER_WAIT, incomplete).await.is_err() {
                 tracing::debug!("runtime filters still incomplete; the scan goes on without what is missing");
             }
-        }
-    }
-
-    /// Reads the runtime filters' values when called, as leaf filters (see
-    /// [`filters::dynamic_to_leaf`]). Filters that pin `_id`s turn the scan into row-store
-    /// lookups; key lists on other columns are checked by the leaves before rows leave them
-    /// (and skip blocks whose min/max exclude every key). Bounds alone are dropped: on keys
-    /// spread over the whole table they exclude nothing and cost a comparison per row.
-    fn runtime_filters_later(&self) -> impl FnOnce() -> Result<Vec<Filter>> + Send + 'static {
-        let (dynamic, output) = (self.dynamic.clone(), self.output.clone());
-        move || {
             let mut out = vec![];
             for expr in &dynamic {
                 out.extend(filters::dynamic_to_leaf(expr, &output)?);
@@ -506,13 +501,9 @@ impl ExecutionPlan for LeafScanExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later());
-        let wait = self.wait_for_filters();
         let call = async move {
-            // Read when the scan starts: a hash join probes only after its build side is
-            // complete (all partitions' build sides, for a partitioned join: see `wait`).
-            wait.await;
             let extra = match dynamic {
-                Some(read) => read().map_err(from_df)?,
+                Some(read) => read.await.map_err(from_df)?,
                 None => vec![],
             };
             if basalt_common::filter::id_lookup(&extra).is_some() {
@@ -634,11 +625,9 @@ impl ExecutionPlan for LeafFragmentExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let dynamic = (!scan.dynamic.is_empty()).then(|| scan.runtime_filters_later());
-        let wait = scan.wait_for_filters();
         let call = async move {
-            wait.await;
             if let Some(read) = dynamic {
-                request.filters = read().map_err(from_df)?;
+                request.filters = read.await.map_err(from_df)?;
                 if basalt_common::filter::id_lookup(&request.filters).is_some() {
                     lookups.add(1);
                 } else if !request.filters.is_empty() {
@@ -683,12 +672,14 @@ pub fn push_fragments(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionP
     let recompute = || ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
     let awaited = awaited_filters(&plan);
     let pushed = plan.transform_up(|node| {
-        if let Some(scan) = node.downcast_ref::<LeafScanExec>()
-            && scan.dynamic.iter().any(|e| e.expression_id().is_some_and(|id| awaited.contains(&id)))
-        {
-            let mut scan = scan.with_dynamic(scan.dynamic.clone());
-            scan.awaited = awaited.clone();
-            return Ok(Transformed::yes(Arc::new(scan) as Arc<dyn ExecutionPlan>));
+        if let Some(scan) = node.downcast_ref::<LeafScanExec>() {
+            let own: Vec<u64> =
+                scan.dynamic.iter().filter_map(|e| e.expression_id()).filter(|id| awaited.contains(id)).collect();
+            if !own.is_empty() {
+                let mut scan = scan.with_dynamic(scan.dynamic.clone());
+                scan.awaited = own;
+                return Ok(Transformed::yes(Arc::new(scan) as Arc<dyn ExecutionPlan>));
+            }
         }
         let children = node.children();
         let [child] = children.as_slice() else { return Ok(Transformed::no(node)) };
