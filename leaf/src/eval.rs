@@ -61,44 +61,56 @@ fn compare(col: &ArrayRef, op: CmpOp, value: &Scalar) -> Result<BooleanArray> {
 }
 
 /// Membership in a set of integers: a bitmap over the values' span when it is at most
-/// [`BITMAP_SPAN`] wide, else binary search in the sorted values.
-enum IntSet {
-    Bitmap { min: i64, bits: Vec<u64> },
-    Sorted(Vec<i64>),
+/// [`BITMAP_SPAN`] wide, else binary search in the sorted values (kept in both cases: a block's
+/// min/max is checked against them).
+struct IntSet {
+    sorted: Vec<i64>,
+    bitmap: Option<(i64, Vec<u64>)>,
 }
 
-/// The widest span of values kept as a bitmap (128 KiB).
-const BITMAP_SPAN: u64 = 1 << 20;
+/// The widest span of values kept as a bitmap (8 MiB of bits). A runtime key list of TPC-H's
+/// order keys spans the table's keys (60M at SF 10); binary search in its 227,000 keys (SF 1,
+/// q5) was a quarter of the process's CPU.
+const BITMAP_SPAN: u64 = 1 << 26;
 
 impl IntSet {
     fn new(mut values: Vec<i64>) -> IntSet {
         values.sort_unstable();
         values.dedup();
-        let (Some(&min), Some(&max)) = (values.first(), values.last()) else { return IntSet::Sorted(values) };
+        let (Some(&min), Some(&max)) = (values.first(), values.last()) else {
+            return IntSet { sorted: values, bitmap: None };
+        };
         let span = max.abs_diff(min);
-        if span >= BITMAP_SPAN {
-            return IntSet::Sorted(values);
+        // A bitmap only pays when it is not much sparser than the list itself.
+        if span >= BITMAP_SPAN || span / 64 > (values.len() as u64).saturating_mul(64) {
+            return IntSet { sorted: values, bitmap: None };
         }
         let mut bits = vec![0u64; (span / 64 + 1) as usize];
-        for v in values {
+        for &v in &values {
             let at = v.abs_diff(min);
             bits[(at / 64) as usize] |= 1 << (at % 64);
         }
-        IntSet::Bitmap { min, bits }
+        IntSet { sorted: values, bitmap: Some((min, bits)) }
     }
 
     #[inline]
     fn contains(&self, v: i64) -> bool {
-        match self {
-            IntSet::Bitmap { min, bits } => {
+        match &self.bitmap {
+            Some((min, bits)) => {
                 if v < *min {
                     return false;
                 }
                 let at = v.abs_diff(*min);
                 bits.get((at / 64) as usize).is_some_and(|w| w & (1 << (at % 64)) != 0)
             }
-            IntSet::Sorted(values) => values.binary_search(&v).is_ok(),
+            None => self.sorted.binary_search(&v).is_ok(),
         }
+    }
+
+    /// Whether some value lies in `lo..=hi`.
+    fn any_between(&self, lo: i64, hi: i64) -> bool {
+        let at = self.sorted.partition_point(|v| *v < lo);
+        self.sorted.get(at).is_some_and(|v| *v <= hi)
     }
 }
 
@@ -120,7 +132,8 @@ enum Prepared {
     Timestamps(IntSet),
     /// Days since the epoch, compared with the column's text parsed as dates.
     Dates(IntSet),
-    Strs(std::collections::HashSet<String>),
+    /// A hash set for membership, the sorted values for a block's min/max.
+    Strs(std::collections::HashSet<String>, Vec<String>),
     /// Short, mixed or float lists: value by value.
     ValueByValue,
 }
@@ -146,8 +159,12 @@ impl Prepared {
             Some(Scalar::Str(_)) => values
                 .iter()
                 .map(|v| if let Scalar::Str(s) = v { Some(s.clone()) } else { None })
-                .collect::<Option<std::collections::HashSet<String>>>()
-                .map(Prepared::Strs),
+                .collect::<Option<Vec<String>>>()
+                .map(|mut sorted| {
+                    sorted.sort_unstable();
+                    sorted.dedup();
+                    Prepared::Strs(sorted.iter().cloned().collect(), sorted)
+                }),
             // Floats (equality with -0.0 and NaN) and booleans: value by value.
             _ => None,
         };
@@ -191,7 +208,7 @@ fn in_set(path: &str, values: &[Scalar], block: &Block, sets: &InSets) -> Result
             let col = block.column_as_date(path)?;
             membership::<arrow::datatypes::Date32Type>(&col, |x| set.contains(i64::from(x)))
         }
-        Prepared::Strs(set) => {
+        Prepared::Strs(set, _) => {
             let col = block.column_as(path, &DataType::Utf8)?;
             col.as_string::<i32>().iter().map(|v| v.map(|x| set.contains(x))).collect()
         }
@@ -277,14 +294,16 @@ pub fn text_match(values: &StringArray, query: &str) -> BooleanArray {
 
 /// Whether min/max (or the absence of a column) proves no row of the block can pass a
 /// top-level conjunct.
-pub fn block_excluded(filters: &[Filter], block: &Block) -> bool {
-    filters.iter().any(|f| excluded(f, block))
+/// Long `IN` lists are checked through `sets` (a binary search in the sorted keys instead of a
+/// comparison per key and block).
+pub fn block_excluded(filters: &[Filter], block: &Block, sets: &InSets) -> bool {
+    filters.iter().any(|f| excluded(f, block, sets))
 }
 
-fn excluded(filter: &Filter, block: &Block) -> bool {
+fn excluded(filter: &Filter, block: &Block, sets: &InSets) -> bool {
     match filter {
-        Filter::And(items) => items.iter().any(|f| excluded(f, block)),
-        Filter::Or(items) => !items.is_empty() && items.iter().all(|f| excluded(f, block)),
+        Filter::And(items) => items.iter().any(|f| excluded(f, block, sets)),
+        Filter::Or(items) => !items.is_empty() && items.iter().all(|f| excluded(f, block, sets)),
         Filter::Cmp { path, op, value } => {
             if !block.columns.contains_key(path) {
                 return true; // all null: a comparison is never true
@@ -311,6 +330,19 @@ fn excluded(filter: &Filter, block: &Block) -> bool {
                 return true;
             }
             let Some(mm) = block.min_max.get(path) else { return false };
+            match (sets.get(values).as_ref(), &mm.min, &mm.max) {
+                (Prepared::Ints(set), Scalar::Int(lo), Scalar::Int(hi))
+                | (Prepared::Timestamps(set), Scalar::Timestamp(lo), Scalar::Timestamp(hi)) => {
+                    return !set.any_between(*lo, *hi);
+                }
+                (Prepared::Strs(_, sorted), Scalar::Str(lo), Scalar::Str(hi)) => {
+                    let at = sorted.partition_point(|v| v.as_str() < lo.as_str());
+                    return sorted.get(at).is_none_or(|v| v.as_str() > hi.as_str());
+                }
+                // Statistics of another type than the list's are not comparable with it.
+                (Prepared::Ints(_) | Prepared::Timestamps(_) | Prepared::Strs(..), _, _) => return false,
+                _ => {}
+            }
             use std::cmp::Ordering::*;
             // Excluded when every value is outside the block's range (or not comparable with it,
             // which `excluded` of an equality treats the same way: not excluded).
@@ -417,13 +449,18 @@ mod tests {
     #[test]
     fn integer_sets_agree_with_a_plain_set_dense_or_sparse() {
         let plain = |values: &[i64], v: i64| values.contains(&v);
-        for values in [
-            vec![-5, 0, 3, 63, 64, 65, 1000],              // bitmap, negative and word edges
-            vec![i64::MIN, -1, 7, i64::MAX],               // span too wide: sorted
-            vec![10, 10, 12, 10 + BITMAP_SPAN as i64 - 1], // widest bitmap, duplicates
-            vec![0, BITMAP_SPAN as i64],                   // just too wide
+        // The widest bitmap: enough values that it is not much sparser than the list.
+        let mut widest: Vec<i64> = (0..1 << 15).map(|i| 10 + i * 2047).collect();
+        widest.extend([10, 12, 10 + BITMAP_SPAN as i64 - 1]);
+        for (values, bitmap) in [
+            (vec![-5, 0, 3, 63, 64, 65, 1000], true), // negative and word edges
+            (vec![i64::MIN, -1, 7, i64::MAX], false), // span too wide: sorted
+            (widest, true),                           // duplicates too
+            (vec![0, BITMAP_SPAN as i64], false),     // just too wide
+            (vec![0, 1 << 20], false),                // too sparse
         ] {
             let set = IntSet::new(values.clone());
+            assert_eq!(set.bitmap.is_some(), bitmap, "{:?}", &values[..2]);
             for v in [i64::MIN, -6, -5, -1, 0, 1, 3, 62, 63, 64, 65, 66, 999, 1000, 1001, 10, 11, 12, i64::MAX]
                 .into_iter()
                 .chain(values.iter().copied())
@@ -440,10 +477,30 @@ mod tests {
         let ages =
             |values: Vec<i64>| Filter::In { path: "age".into(), values: values.into_iter().map(Scalar::Int).collect() };
         // The block's ages are 36 and 20 (and a null).
-        assert!(excluded(&ages(vec![1, 2, 50, 60]), &b));
-        assert!(!excluded(&ages(vec![1, 25]), &b), "25 is within the block's range");
-        assert!(!excluded(&Filter::In { path: "age".into(), values: vec![Scalar::Str("x".into())] }, &b));
-        assert!(excluded(&Filter::In { path: "nope".into(), values: vec![Scalar::Int(1)] }, &b));
+        // A fresh `InSets` per check: they are keyed by the list's address, which the
+        // temporaries here reuse.
+        let excluded = |f: &Filter| excluded(f, &b, &InSets::default());
+        assert!(excluded(&ages(vec![1, 2, 50, 60])));
+        assert!(!excluded(&ages(vec![1, 25])), "25 is within the block's range");
+        assert!(!excluded(&Filter::In { path: "age".into(), values: vec![Scalar::Str("x".into())] }));
+        assert!(excluded(&Filter::In { path: "nope".into(), values: vec![Scalar::Int(1)] }));
+        // Long lists are prepared (sorted keys searched for the block's range), with the same
+        // answers: the range's ends count, statistics of another type never exclude.
+        let long = |extra: i64| ages((0..10).chain(40..50).chain([extra]).collect());
+        assert!(excluded(&long(0)));
+        assert!(!excluded(&long(20)) && !excluded(&long(36)) && !excluded(&long(21)));
+        let texts = |extra: &str| Filter::In {
+            path: "name".into(),
+            values: ["A", "Ab", "D", "Zed", "a", "b", "c", "d", extra]
+                .iter()
+                .map(|s| Scalar::Str(s.to_string()))
+                .collect(),
+        };
+        // The block's names are "Ada Lovelace", "Bob" and "Cy".
+        assert!(excluded(&texts("x")));
+        assert!(!excluded(&texts("Bob")) && !excluded(&texts("Bz")));
+        let floats = Filter::In { path: "age".into(), values: (0..10).map(|i| Scalar::Float(f64::from(i))).collect() };
+        assert!(!excluded(&floats), "floats are not comparable with integer statistics");
     }
 
     #[test]
@@ -463,13 +520,15 @@ mod tests {
     fn prunes_blocks_by_min_max() {
         let b = block();
         let cmp = |op, v| Filter::Cmp { path: "age".into(), op, value: Scalar::Int(v) };
-        assert!(block_excluded(&[cmp(CmpOp::Gt, 36)], &b));
-        assert!(!block_excluded(&[cmp(CmpOp::GtEq, 36)], &b));
-        assert!(block_excluded(&[cmp(CmpOp::Lt, 20)], &b));
-        assert!(block_excluded(&[cmp(CmpOp::Eq, 50)], &b));
-        assert!(!block_excluded(&[cmp(CmpOp::Eq, 25)], &b));
-        assert!(block_excluded(&[Filter::Cmp { path: "zz".into(), op: CmpOp::Eq, value: Scalar::Int(1) }], &b));
-        assert!(!block_excluded(&[Filter::IsNull("zz".into())], &b));
+        let sets = InSets::default();
+        let block_excluded = |f: &[Filter]| block_excluded(f, &b, &sets);
+        assert!(block_excluded(&[cmp(CmpOp::Gt, 36)]));
+        assert!(!block_excluded(&[cmp(CmpOp::GtEq, 36)]));
+        assert!(block_excluded(&[cmp(CmpOp::Lt, 20)]));
+        assert!(block_excluded(&[cmp(CmpOp::Eq, 50)]));
+        assert!(!block_excluded(&[cmp(CmpOp::Eq, 25)]));
+        assert!(block_excluded(&[Filter::Cmp { path: "zz".into(), op: CmpOp::Eq, value: Scalar::Int(1) }]));
+        assert!(!block_excluded(&[Filter::IsNull("zz".into())]));
     }
 
     /// A scan's `IN` lists are prepared once and answer every block as value-by-value

@@ -1084,7 +1084,7 @@ impl Shard {
             }
             AccessPath::ColumnScan => {
                 for block in &snapshot.blocks {
-                    if !patched(block) && block_excluded(&req.filters, block) {
+                    if !patched(block) && block_excluded(&req.filters, block, &sets) {
                         continue;
                     }
                     if !out(block, None, &all, &scores)? {
