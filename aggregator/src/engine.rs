@@ -53,13 +53,13 @@ pub struct Engine {
 }
 
 /// Build-side keys a hash join sends to the leaves as a list (DataFusion's default is 150).
-const RUNTIME_IN_LIST_MAX: usize = 4096;
+pub(crate) const RUNTIME_IN_LIST_MAX: usize = 4096;
 
 /// Bytes of build-side key columns (every row, duplicates too) up to which a hash join makes
 /// its list (DataFusion's default is 128 KiB). A semi join's build side repeats keys: TPC-H
 /// q17 at SF 10 builds 30,000 rows per partition over 1,000 distinct parts (240 KB), and
 /// without the list its probe side sent all 60M `lineitem` rows to the aggregator.
-const RUNTIME_IN_LIST_BUILD_BYTES: usize = 1 << 20;
+pub(crate) const RUNTIME_IN_LIST_BUILD_BYTES: usize = 1 << 20;
 
 impl Engine {
     pub fn new(meta: Meta, tailer: Tailer, leaf: Leaf) -> Arc<Self> {
