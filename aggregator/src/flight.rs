@@ -490,13 +490,16 @@ impl FlightSqlService for FlightSql {
 }
 
 /// Serve Flight SQL on `listener` until it fails.
+///
+/// Accepted connections set `TCP_NODELAY` (tonic leaves Nagle's algorithm on): a response's
+/// last small frame otherwise waits for the client's delayed ACK, 40 ms or more per call.
 pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
     let svc = FlightServiceServer::new(FlightSql::new(engine))
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
     tonic::transport::Server::builder()
         .add_service(svc)
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)))
         .await
         .map_err(std::io::Error::other)
 }

@@ -468,6 +468,14 @@ pub async fn serve_ops(listener: tokio::net::TcpListener) -> std::io::Result<()>
     axum::serve(listener, router).await
 }
 
+/// The HTTP API on `listener` until it fails. Accepted connections set `TCP_NODELAY` (axum
+/// leaves Nagle's algorithm on, so a streamed response's small chunks can wait for ACKs).
 pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<Engine>) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(engine)).await
 }
