@@ -3,7 +3,8 @@ otherwise pick, on the same data in the same run: DuckDB, chDB and DataFusion-py
 tpchgen-cli's Parquet files (DuckDB and chDB into their own tables); Basalt bulk-loads the same
 Parquet files from an S3 API server on loopback (`moto_server`) with `basalt load` (`--load s3`,
 the default) or takes the rows from the CSV files through its HTTP write API (`--load http`),
-and answers over pgwire. SSB tables are derived from the TPC-H files in DuckDB and written as
+and answers over pgwire (and, with `--engines basalt-flight,...`, also over Arrow Flight SQL
+through ADBC). SSB tables are derived from the TPC-H files in DuckDB and written as
 Parquet, which every engine reads the same way. Each query's median of --runs runs; per-query
 ratios Basalt / engine and their geometric mean.
 
@@ -101,6 +102,25 @@ class Basalt:
             p.terminate()
         for p in self.procs:
             p.wait(timeout=60)
+
+
+class BasaltFlight:
+    """The same Basalt through Arrow Flight SQL (ADBC): results arrive as Arrow record batches."""
+    name = "basalt-flight"
+
+    def __init__(self, basalt: Basalt):
+        import adbc_driver_flightsql.dbapi as flightsql
+
+        self.conn = flightsql.connect(f"grpc://127.0.0.1:{basalt.flight}", autocommit=True)
+
+    def query(self, sql: str):
+        with self.conn.cursor() as cur:
+            cur.execute(sql)
+            table = cur.fetch_arrow_table()
+        return [tuple(r.values()) for r in table.to_pylist()]
+
+    def close(self):
+        self.conn.close()
 
 
 class DuckDB:
@@ -262,7 +282,9 @@ def main():
     ap.add_argument("--sf", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--suites", default="tpch,ssb")
-    ap.add_argument("--engines", default="duckdb,chdb,datafusion-python")
+    ap.add_argument("--engines", default="basalt-flight,duckdb,chdb,datafusion-python",
+                    help="besides Basalt over pgwire: basalt-flight (the same Basalt over Flight SQL), duckdb, chdb, "
+                         "datafusion-python")
     ap.add_argument("--leaves", type=int, default=0,
                     help="0: basalt dev; n: n leaf processes, a tailer and an aggregator")
     ap.add_argument("--shards", type=int, default=2, help="shards per collection")
@@ -310,7 +332,8 @@ def main():
             report["load"] = args.load
         engines = [basalt]
         wanted = args.engines.split(",") if args.engines else []
-        for name, make in (("duckdb", lambda: DuckDB(parquet_dir, ssb_dir,
+        for name, make in (("basalt-flight", lambda: BasaltFlight(basalt)),
+                           ("duckdb", lambda: DuckDB(parquet_dir, ssb_dir,
                                                      ":memory:" if args.sf <= 1 else os.path.join(workdir, "duck.db"))),
                            ("chdb", lambda: ChDB(parquet_dir, ssb_dir, workdir)),
                            ("datafusion-python", lambda: DataFusionPython(parquet_dir, ssb_dir))):
@@ -332,24 +355,29 @@ def main():
                     answers[e.name] = answer
                 except Exception as ex:  # noqa: BLE001 - an engine that cannot run a query is reported
                     row[e.name] = f"error: {str(ex).splitlines()[0][:120]}"
-            # Basalt's answer checked against DuckDB's on the same data (rows in order).
-            if "basalt" in answers and "duckdb" in answers:
-                norm = [[[tpch.normalize(v) for v in r] for r in answers[n]] for n in ("basalt", "duckdb")]
-                row["same_answer_as_duckdb"] = tpch.compare(norm[0], norm[1]) is None
+            # Basalt's answer (over pgwire, and over Flight) checked against DuckDB's on the same
+            # data (rows in order).
+            for mine, key in (("basalt", "same_answer_as_duckdb"), ("basalt-flight", "flight_same_answer_as_duckdb")):
+                if mine in answers and "duckdb" in answers:
+                    norm = [[[tpch.normalize(v) for v in r] for r in answers[n]] for n in (mine, "duckdb")]
+                    row[key] = tpch.compare(norm[0], norm[1]) is None
             for e in engines[1:]:
-                b, o = row.get("basalt"), row.get(e.name)
-                if isinstance(b, float) and isinstance(o, float) and o > 0:
-                    row[f"ratio_vs_{e.name}"] = round(b / o, 2)
+                if e.name == "basalt-flight":
+                    continue
+                for mine, key in (("basalt", f"ratio_vs_{e.name}"), ("basalt-flight", f"flight_ratio_vs_{e.name}")):
+                    b, o = row.get(mine), row.get(e.name)
+                    if isinstance(b, float) and isinstance(o, float) and o > 0:
+                        row[key] = round(b / o, 2)
             report["queries"][case] = row
             print(case, json.dumps(row), file=sys.stderr)
         summary = {}
         for e in engines[1:]:
             for prefix in ("tpch/", "ssb-star/", "ssb-flat/"):
-                ratios = [r[f"ratio_vs_{e.name}"] for c, r in report["queries"].items()
-                          if c.startswith(prefix) and f"ratio_vs_{e.name}" in r]
-                if ratios:
-                    summary[f"{prefix.rstrip('/')} geomean basalt/{e.name}"] = round(geomean(ratios), 2)
-                    summary[f"{prefix.rstrip('/')} queries compared with {e.name}"] = len(ratios)
+                for mine, key in (("basalt", f"ratio_vs_{e.name}"), ("basalt-flight", f"flight_ratio_vs_{e.name}")):
+                    ratios = [r[key] for c, r in report["queries"].items() if c.startswith(prefix) and key in r]
+                    if ratios:
+                        summary[f"{prefix.rstrip('/')} geomean {mine}/{e.name}"] = round(geomean(ratios), 2)
+                        summary[f"{prefix.rstrip('/')} queries {mine} compared with {e.name}"] = len(ratios)
         report["summary"] = summary
         for e in engines:
             e.close()
