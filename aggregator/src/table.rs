@@ -21,13 +21,7 @@ use crate::translate::translate;
 
 pub use basalt_fragment::{table_schema, to_df_error};
 
-/// The largest share of a collection's documents for which the search index beats scanning the
-/// column store. Measured on TPC-H SF 1 `lineitem` (docs/BENCHMARKS.md): the index wins at 14%
-/// (0.028 s vs 0.038 s), the column store at 25% (0.032 s vs 0.042 s).
-pub const INDEX_SELECTIVITY: f64 = 0.15;
-
-/// Below this many documents every path is fast and the rule's choice stands.
-pub const ESTIMATE_MIN_DOCS: u64 = 10_000;
+pub use basalt_fragment::{ESTIMATE_MIN_DOCS, INDEX_SELECTIVITY};
 
 /// Text search needs the index (the column store's fallback tokenizes every value).
 fn contains_search_filter(filters: &[Filter]) -> bool {
@@ -144,7 +138,7 @@ impl TableProvider for CollectionTable {
             }
         }
         let estimate = Some(self.estimate(&output_columns, exprs, limit));
-        let spec = ScanSpec { columns, filters, limit, access, index_matches, estimate };
+        let spec = ScanSpec { columns, filters, limit, access, index_matches, estimate, forced: self.hint.is_some() };
         let shards = (0..self.info.shards).collect();
         let (name, id) = (self.info.name.to_string(), self.info.id);
         Ok(Arc::new(LeafScanExec::new(name, id, shards, self.leaf.clone(), output_columns, spec)))

@@ -148,3 +148,39 @@ async fn a_partitioned_join_sends_all_partitions_keys_to_the_leaves() {
     assert!(metric(&plan, "collection=p.facts", "runtime_key_lists") >= 1.0, "{plan}");
     assert!(metric(&plan, "collection=p.facts", "rows_from_leaves") <= want.len() as f64, "{plan}");
 }
+
+/// A join whose build side has a few keys out of many distinct values on the probe side finds
+/// the probe side's rows through the search index (its terms for the keys) instead of reading
+/// every block, with the same answer; an expert's forced path stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_selective_key_list_is_found_through_the_index() {
+    let d = Deployment::dev().await;
+    let pg = d.pg().await;
+    pg.batch_execute(
+        "CREATE WORKSPACE x;
+         CREATE COLLECTION x.facts WITH (shards = 2);
+         CREATE COLLECTION x.dim;
+         INSERT INTO x.facts SELECT 'f' || value AS _id, value % 1000 AS k, value % 7 AS q, CAST(value AS DOUBLE) AS amount
+             FROM generate_series(1, 30000);
+         INSERT INTO x.dim SELECT 'd' || value AS _id, value AS id, value % 200 AS grp FROM generate_series(0, 999);",
+    )
+    .await
+    .expect("load");
+    // Five dimension keys (3, 203, ..., 803) of the facts' 1,000; `q < 3` is checked on the rows
+    // the index finds.
+    let sql = "SELECT count(*), sum(f.amount) FROM x.facts f JOIN x.dim d ON f.k = d.id WHERE d.grp = 3 AND f.q < 3";
+    let want: Vec<f64> = (1..=30000).filter(|v| (v % 1000) % 200 == 3 && v % 7 < 3).map(|v| v as f64).collect();
+    let answer = |rows: Vec<tokio_postgres::Row>| (rows[0].get::<_, i64>(0), rows[0].get::<_, f64>(1));
+    let expected = (want.len() as i64, want.iter().sum::<f64>());
+    assert_eq!(answer(pg.query(sql, &[]).await.expect("query")), expected);
+    let plan = explain(&pg, sql).await;
+    assert!(plan.contains("collection=x.facts shards=2 access_path=column_scan"), "{plan}");
+    assert!(metric(&plan, "collection=x.facts", "runtime_index_scans") >= 1.0, "{plan}");
+    assert!(metric(&plan, "collection=x.facts", "rows_from_leaves") <= want.len() as f64, "{plan}");
+
+    pg.batch_execute("SET basalt.access_path = column_scan").await.expect("hint");
+    assert_eq!(answer(pg.query(sql, &[]).await.expect("query")), expected);
+    let forced = explain(&pg, sql).await;
+    assert_eq!(metric(&forced, "collection=x.facts", "runtime_index_scans"), 0.0, "{forced}");
+    assert!(metric(&forced, "collection=x.facts", "runtime_key_lists") >= 1.0, "{forced}");
+}

@@ -116,6 +116,47 @@ pub struct ScanSpec {
     /// (join sides and broadcast of small ones).
     #[serde(default)]
     pub estimate: Option<ScanEstimate>,
+    /// The access path was forced by an expert's hint (`SET basalt.access_path`): runtime
+    /// filters do not change it.
+    #[serde(default)]
+    pub forced: bool,
+}
+
+/// The largest share of a collection's documents for which the search index beats scanning the
+/// column store. Measured on TPC-H SF 1 `lineitem` (docs/BENCHMARKS.md): the index wins at 14%
+/// (0.028 s vs 0.038 s), the column store at 25% (0.032 s vs 0.042 s).
+pub const INDEX_SELECTIVITY: f64 = 0.15;
+
+/// Below this many documents every path is fast and the rule's choice stands.
+pub const ESTIMATE_MIN_DOCS: u64 = 10_000;
+
+/// The largest share of a scan's rows a runtime key list may match for the scan to find them
+/// through the search index (its terms) instead of reading every block; the other filters are
+/// then checked on the rows found. SSB star q1.3 at SF 1: 7 of 2,556 dates (0.3%).
+pub const RUNTIME_INDEX_SELECTIVITY: f64 = 0.02;
+
+/// The longest runtime key list the search index looks up: each key is a walk of the term
+/// dictionary of every sealed index (about 40 per shard for 3M documents), and SSB star q2.2's
+/// 1,600 part keys took longer that way than reading every block.
+pub const RUNTIME_INDEX_MAX_KEYS: usize = 256;
+
+/// Whether a scan planned to read every block should find the rows of its runtime key lists
+/// through the search index instead: one list of at most [`RUNTIME_INDEX_MAX_KEYS`] keys matches
+/// under [`RUNTIME_INDEX_SELECTIVITY`] of the rows, by the planner's distinct-value estimate of
+/// its column (keys / distinct values).
+/// The leaf still scans blocks when the index cannot answer the list (a float column, a
+/// column of mixed types).
+fn index_for_key_lists(spec: &ScanSpec, output: &Schema, lists: &[Filter]) -> bool {
+    let Some(estimate) = &spec.estimate else { return false };
+    if spec.forced || spec.access != AccessPath::ColumnScan || estimate.rows < ESTIMATE_MIN_DOCS {
+        return false;
+    }
+    lists.iter().any(|f| {
+        let Filter::In { path, values } = f else { return false };
+        let distinct = output.index_of(path).ok().and_then(|i| estimate.distinct.get(i).copied().flatten());
+        values.len() <= RUNTIME_INDEX_MAX_KEYS
+            && distinct.is_some_and(|d| (values.len() as f64) < RUNTIME_INDEX_SELECTIVITY * d as f64)
+    })
 }
 
 /// Estimated rows a scan returns (all shards) and distinct values per output column.
@@ -287,13 +328,18 @@ impl LeafScanExec {
     }
 
     /// The scan with runtime filters added (see [`LeafScanExec::runtime_filters_later`]): when
-    /// they pin `_id`s it looks documents up.
+    /// they pin `_id`s it looks documents up; a selective key list is found through the search
+    /// index ([`index_for_key_lists`]).
     fn with_extra_filters(mut self, extra: Vec<Filter>) -> Self {
         if basalt_common::filter::id_lookup(&extra).is_some() {
             self.spec.filters.extend(extra);
             self.spec.access = AccessPath::RowLookup;
         } else {
-            self.spec.filters.extend(key_lists(extra));
+            let extra = key_lists(extra);
+            if index_for_key_lists(&self.spec, &self.output, &extra) {
+                self.spec.access = AccessPath::SearchIndex;
+            }
+            self.spec.filters.extend(extra);
         }
         self
     }
@@ -500,7 +546,9 @@ impl ExecutionPlan for LeafScanExec {
         let moved = Moved::new(&self.metrics, partition);
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
+        let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
         let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later());
+        let (spec, schema) = (self.spec.clone(), self.output.clone());
         let call = async move {
             let extra = match dynamic {
                 Some(read) => read.await.map_err(from_df)?,
@@ -511,6 +559,10 @@ impl ExecutionPlan for LeafScanExec {
                 request.hint = Some(AccessPath::RowLookup);
                 lookups.add(1);
             } else if !extra.is_empty() {
+                if index_for_key_lists(&spec, &schema, &extra) {
+                    request.hint = Some(AccessPath::SearchIndex);
+                    index_scans.add(1);
+                }
                 request.filters.extend(extra);
                 key_lists.add(1);
             }
@@ -624,7 +676,9 @@ impl ExecutionPlan for LeafFragmentExec {
         let moved = Moved::new(&self.metrics, partition);
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
+        let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
         let dynamic = (!scan.dynamic.is_empty()).then(|| scan.runtime_filters_later());
+        let (spec, output) = (scan.spec.clone(), scan.output.clone());
         let call = async move {
             if let Some(read) = dynamic {
                 request.filters = read.await.map_err(from_df)?;
@@ -632,6 +686,10 @@ impl ExecutionPlan for LeafFragmentExec {
                     lookups.add(1);
                 } else if !request.filters.is_empty() {
                     key_lists.add(1);
+                    // The leaf makes the same choice (`LeafScanExec::with_extra_filters`).
+                    if index_for_key_lists(&spec, &output, &request.filters) {
+                        index_scans.add(1);
+                    }
                 }
             }
             leaf.execute(request).await
@@ -956,6 +1014,39 @@ mod tests {
 
     fn bound(path: &str, op: CmpOp, v: i64) -> Filter {
         Filter::Cmp { path: path.into(), op, value: Scalar::Int(v) }
+    }
+
+    /// A planned column scan finds a runtime key list's rows through the index when the list is
+    /// short and matches few rows by the planner's distinct values; never when an expert forced
+    /// the path, the planner chose another, or the collection is small.
+    #[test]
+    fn selective_short_key_lists_use_the_index() {
+        use arrow::datatypes::DataType;
+        let output = Schema::new(vec![Field::new("d", DataType::Int64, true), Field::new("p", DataType::Int64, true)]);
+        let spec = ScanSpec {
+            columns: vec![],
+            filters: vec![],
+            limit: None,
+            access: AccessPath::ColumnScan,
+            index_matches: None,
+            estimate: Some(ScanEstimate { rows: 6_000_000, distinct: vec![Some(2_556), Some(200_000)] }),
+            forced: false,
+        };
+        let seven: Vec<i64> = (0..7).collect();
+        assert!(index_for_key_lists(&spec, &output, &[keys("d", &seven)]));
+        // 365 of 2,556 dates (14%): scan.
+        assert!(!index_for_key_lists(&spec, &output, &[keys("d", &(0..365).collect::<Vec<_>>())]));
+        // 1,600 of 200,000 parts is selective but too many keys to look up.
+        assert!(!index_for_key_lists(&spec, &output, &[keys("p", &(0..1_600).collect::<Vec<_>>())]));
+        assert!(index_for_key_lists(&spec, &output, &[keys("d", &(0..365).collect::<Vec<_>>()), keys("p", &seven)]));
+        // No distinct estimate for the column, a bound instead of a list: scan.
+        assert!(!index_for_key_lists(&spec, &output, &[keys("x", &seven), bound("d", CmpOp::Lt, 3)]));
+        let forced = ScanSpec { forced: true, ..spec.clone() };
+        assert!(!index_for_key_lists(&forced, &output, &[keys("d", &seven)]));
+        let indexed = ScanSpec { access: AccessPath::SearchIndex, ..spec.clone() };
+        assert!(!index_for_key_lists(&indexed, &output, &[keys("d", &seven)]));
+        let small = ScanSpec { estimate: Some(ScanEstimate { rows: 5_000, distinct: vec![Some(2_556)] }), ..spec };
+        assert!(!index_for_key_lists(&small, &output, &[keys("d", &seven)]));
     }
 
     #[test]

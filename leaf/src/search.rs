@@ -302,6 +302,9 @@ pub struct SearchIndex {
     dirty: AtomicBool,
 }
 
+/// Values of an `IN` list whose document frequencies estimate the list's postings.
+const POSTINGS_SAMPLE: usize = 16;
+
 impl SearchIndex {
     /// An index whose tail starts at `base_slot`, over the given sealed indexes.
     pub fn new(base_slot: u64, sealed: Vec<Arc<Sealed>>) -> Result<Self> {
@@ -544,6 +547,31 @@ impl SearchIndex {
             other => return Err(BasaltError::internal(format!("no index term for {other}"))),
         }
         Ok(term)
+    }
+
+    /// For each filter that is an `IN` list, the postings of its terms summed over every index
+    /// (each term's document frequency: no postings are read), from up to [`POSTINGS_SAMPLE`]
+    /// of its values spread over the list and scaled to all of them; None for other filters.
+    /// About its matches (an array holding two of the values counts twice, replaced versions
+    /// count until their index merges).
+    pub fn list_postings(&self, filters: &[&Filter]) -> Result<Vec<Option<u64>>> {
+        let searchers = self.searchers()?;
+        filters
+            .iter()
+            .map(|f| {
+                let Filter::In { path, values } = f else { return Ok(None) };
+                let step = values.len().div_ceil(POSTINGS_SAMPLE).max(1);
+                let (mut total, mut sampled) = (0u64, 0u64);
+                for v in values.iter().step_by(step) {
+                    let term = self.raw_term(path, v)?;
+                    for searcher in &searchers {
+                        total += searcher.doc_freq(&term).map_err(tantivy_err)?;
+                    }
+                    sampled += 1;
+                }
+                Ok(Some(total.saturating_mul(values.len() as u64) / sampled.max(1)))
+            })
+            .collect()
     }
 
     /// How many indexed documents match all `filters` (each filter index-answerable). Counts
@@ -961,6 +989,51 @@ mod tests {
         let sealed = idx.finish_seal(idx.seal(next + 2).unwrap().unwrap()).unwrap();
         assert_eq!(sealed.max_doc(), next + 2);
         assert!(idx.queue.lock().is_empty());
+    }
+
+    /// Long `IN` lists find what one-value lists find, across sealed indexes and the tail, for
+    /// numbers, strings, `_id`s and array elements; the postings summed per list count every
+    /// match. (A `TermSetQuery`, one automaton over each term dictionary, was slower than a term
+    /// query per value for lists of 31 to 485 keys over 40 indexes: TPC-H q19 27 -> 43 ms.)
+    #[test]
+    fn long_in_lists_find_what_short_ones_find() {
+        let idx = SearchIndex::new(0, Vec::new()).unwrap();
+        let d = |v: serde_json::Value| Arc::new(v.as_object().unwrap().clone());
+        for i in 0..40u64 {
+            let doc = json!({"_id": format!("d{i}"), "n": i % 10, "s": format!("v{}", i % 7), "tags": [format!("t{}", i % 3)]});
+            idx.add(&format!("d{i}"), i, &d(doc)).unwrap();
+            if i == 19 {
+                idx.finish_seal(idx.seal(20).unwrap().unwrap()).unwrap();
+            }
+        }
+        let ints = |vs: &[i64]| Filter::In { path: "n".into(), values: vs.iter().map(|v| Scalar::Int(*v)).collect() };
+        let strs = |path: &str, vs: &[&str]| Filter::In {
+            path: path.into(),
+            values: vs.iter().map(|v| Scalar::Str(v.to_string())).collect(),
+        };
+        let one_by_one = |make: &dyn Fn(&[Filter]) -> Filter, parts: Vec<Filter>| {
+            let mut all: Vec<u64> = parts.iter().flat_map(|p| slots(&idx, &make(std::slice::from_ref(p)))).collect();
+            all.sort_unstable();
+            all.dedup();
+            all
+        };
+        let long = ints(&[1, 3, 5, 7, 9, 11, 13, 15]);
+        let expected = one_by_one(&|p| p[0].clone(), [1, 3, 5, 7, 9].iter().map(|v| ints(&[*v])).collect());
+        assert_eq!(slots(&idx, &long), expected);
+        assert_eq!(expected.len(), 20);
+        let long = strs("s", &["v0", "v2", "v4", "v6", "x", "y", "z", "w"]);
+        let expected =
+            one_by_one(&|p| p[0].clone(), ["v0", "v2", "v4", "v6"].iter().map(|v| strs("s", &[v])).collect());
+        assert_eq!(slots(&idx, &long), expected);
+        let ids: Vec<String> = (0..40).step_by(4).map(|i| format!("d{i}")).collect();
+        let long = strs("_id", &ids.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(slots(&idx, &long), (0..40).step_by(4).collect::<Vec<u64>>());
+        let long = strs("tags", &["t1", "a", "b", "c", "d", "e", "f", "g"]);
+        assert_eq!(slots(&idx, &long), (0..40).filter(|i| i % 3 == 1).collect::<Vec<u64>>());
+        // Postings per list: 20 documents have an odd `n`; a term is not a list.
+        let term = Filter::Cmp { path: "n".into(), op: CmpOp::Eq, value: Scalar::Int(1) };
+        let odd = ints(&[1, 3, 5, 7, 9, 11, 13, 15]);
+        assert_eq!(idx.list_postings(&[&odd, &term]).unwrap(), vec![Some(20), None]);
     }
 
     #[test]

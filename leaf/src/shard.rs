@@ -1055,6 +1055,8 @@ impl Shard {
             AccessPath::SearchIndex => {
                 let (indexed, mut rest): (Vec<&Filter>, Vec<&Filter>) =
                     req.filters.iter().partition(|f| index_answerable(f, &snapshot.stats));
+                let (indexed, broad) = self.without_broad_lists(indexed)?;
+                rest.extend(broad);
                 let hits = if overlays.is_empty() {
                     self.search.matching_slots(&indexed, wants_score)?
                 } else {
@@ -1106,6 +1108,28 @@ impl Shard {
         Ok(basalt_common::api::Estimate { live_docs: self.live_docs() as u64, index_matches })
     }
 
+    /// The index-answerable filters to search for, and those (`IN` lists matching many more
+    /// documents than the most selective filter) better checked on the rows found: a union of
+    /// many terms' postings is costly to intersect. SSB star q2.2 at SF 1: 1,600 parts' keys
+    /// (48,000 rows) searched together with 400 suppliers' keys (1.2M rows) took 4x the column
+    /// scan; the supplier list checked on the 48,000 rows costs next to nothing.
+    fn without_broad_lists<'f>(&self, indexed: Vec<&'f Filter>) -> Result<(Vec<&'f Filter>, Vec<&'f Filter>)> {
+        if indexed.len() < 2 || !indexed.iter().any(|f| matches!(f, Filter::In { .. })) {
+            return Ok((indexed, vec![]));
+        }
+        let postings = self.search.list_postings(&indexed)?;
+        let Some(least) = postings.iter().flatten().min().copied() else { return Ok((indexed, vec![])) };
+        let (mut keep, mut broad) = (vec![], vec![]);
+        for (f, n) in indexed.into_iter().zip(postings) {
+            // Filters other than lists (a term, a text search) stay: intersecting them is cheap.
+            match n {
+                Some(n) if n > least.saturating_mul(BROAD_LIST_FACTOR) => broad.push(f),
+                _ => keep.push(f),
+            }
+        }
+        Ok((keep, broad))
+    }
+
     /// The access path for a request: the aggregator's choice when this shard can serve it.
     pub fn access_path(&self, req: &ScanRequest, stats: &SchemaStats) -> AccessPath {
         let chosen = choose_access_path(&req.filters, req.hint, stats);
@@ -1128,6 +1152,10 @@ impl Shard {
         self.columns.read().live_docs()
     }
 }
+
+/// An `IN` list whose postings exceed the most selective list's this many times is checked on
+/// the rows the index finds instead of searched ([`Shard::without_broad_lists`]).
+const BROAD_LIST_FACTOR: u64 = 8;
 
 /// The most ids one scan looks up in the row store; more are found by scanning.
 const MAX_LOOKUP_IDS: usize = 100_000;
