@@ -704,3 +704,61 @@ async fn busy_shards_defer_index_merges_and_idle_ones_catch_up() {
     assert_eq!(shard.index_segments_for_tests().len(), 2);
     assert_eq!(blue(&shard), before);
 }
+
+/// On the search index path, only the most selective `IN` list and short lists about as
+/// selective are searched; broad or long lists are checked on the rows found, with the same
+/// answer as scanning every block.
+#[tokio::test]
+async fn the_index_searches_the_selective_lists_and_checks_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = Leaf::open(&LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() }).unwrap();
+    let ops = (0..1000)
+        .map(|i| upsert(json!({"_id": format!("d{i}"), "a": i % 100, "b": i % 4, "c": i % 200, "k": "x"})))
+        .collect();
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+    let ints =
+        |path: &str, vs: &[i64]| Filter::In { path: path.into(), values: vs.iter().map(|v| Scalar::Int(*v)).collect() };
+    let least = ints("c", &[1, 3, 5]); // 15 documents
+    let close = ints("a", &[1, 3]); // 20: short and within 8x
+    let broad = ints("b", &[1]); // 250
+    let long = ints("c", &(0..70).map(|i| i * 2 + 1).collect::<Vec<_>>()); // 350 over 70 keys
+    let term = Filter::Cmp { path: "k".into(), op: CmpOp::Eq, value: Scalar::Str("x".into()) };
+    let shard = leaf.shard((1, 0)).unwrap();
+    let (keep, checked) = shard.without_broad_lists(vec![&broad, &least, &long, &close, &term]).unwrap();
+    assert_eq!(keep, vec![&least, &close, &term]);
+    assert_eq!(checked, vec![&broad, &long]);
+    let filters = vec![broad.clone(), least.clone(), long.clone(), close.clone(), term.clone()];
+    let ids = |hint| {
+        let mut out = Vec::new();
+        let req = ScanRequest {
+            collection_id: 1,
+            shard: 0,
+            columns: vec![("_id".into(), ColumnType::Utf8)],
+            filters: filters.clone(),
+            limit: None,
+            hint: Some(hint),
+        };
+        let path = shard.scan(&req, |b| {
+            out.push(b);
+            true
+        });
+        assert_eq!(path.unwrap(), hint);
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
+            "_id",
+            arrow::datatypes::DataType::Utf8,
+            true,
+        )]));
+        strings(&concat_batches(&schema, &out).unwrap(), 0)
+    };
+    let want: Vec<String> = {
+        let mut v: Vec<String> = (0..1000)
+            .filter(|i| [1, 3, 5].contains(&(i % 200)) && [1, 3].contains(&(i % 100)) && i % 4 == 1)
+            .map(|i| format!("d{i}"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(!want.is_empty());
+    assert_eq!(ids(AccessPath::SearchIndex), want);
+    assert_eq!(ids(AccessPath::ColumnScan), want);
+}
