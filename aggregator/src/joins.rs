@@ -99,9 +99,27 @@ struct Part {
     rows: f64,
 }
 
+/// One side of an equi-join pair: the input it reads, its expression, its distinct values.
+type Side = (usize, Expr, f64);
+
 /// An equi-join pair with the input each side reads and that side's distinct values.
 struct Edge {
-    sides: [(usize, Expr, f64); 2],
+    sides: [Side; 2],
+}
+
+impl Edge {
+    /// The pair's sides as (the side in part `a`, the side in part `b`) when it connects them.
+    fn between(&self, a: u64, b: u64) -> Option<(&Side, &Side)> {
+        let [x, y] = &self.sides;
+        let (bx, by) = (1u64 << x.0, 1u64 << y.0);
+        if a & bx != 0 && b & by != 0 {
+            Some((x, y))
+        } else if a & by != 0 && b & bx != 0 {
+            Some((y, x))
+        } else {
+            None
+        }
+    }
 }
 
 impl Tree {
@@ -248,38 +266,23 @@ fn rebuild(plan: LogicalPlan, inputs: &mut std::vec::IntoIter<LogicalPlan>, take
 /// `1 / max(distinct on either side)` of the cross product; the most selective pair counts.
 /// None when no pair connects them.
 fn join_estimate(a: (u64, f64), b: (u64, f64), edges: &[Edge]) -> Option<f64> {
-    let mut best: Option<f64> = None;
-    for e in edges {
-        let [(ia, _, da), (ib, _, db)] = &e.sides;
-        let (ba, bb) = (1u64 << ia, 1u64 << ib);
-        let connects = (a.0 & ba != 0 && b.0 & bb != 0) || (a.0 & bb != 0 && b.0 & ba != 0);
-        if !connects {
-            continue;
-        }
-        let (ra, rb) = if a.0 & ba != 0 { (a.1, b.1) } else { (b.1, a.1) };
-        let est = ra * rb / da.min(ra).max(db.min(rb)).max(1.0);
-        best = Some(best.map_or(est, |b: f64| b.min(est)));
-    }
-    best
+    let ((ma, ra), (mb, rb)) = (a, b);
+    edges
+        .iter()
+        .filter_map(|e| e.between(ma, mb))
+        .map(|((_, _, da), (_, _, db))| ra * rb / da.min(ra).max(db.min(rb)).max(1.0))
+        .reduce(f64::min)
 }
 
 /// Two parts joined on the equi pairs between them, the smaller on the build (left) side, with
 /// the filters that first become applicable (all their inputs joined) as the join's filter.
 fn join(a: Part, b: Part, est: f64, edges: &[Edge], filters: &mut [Option<(u64, Expr)>]) -> Result<Part> {
     let (left, right) = if a.rows <= b.rows { (a, b) } else { (b, a) };
-    let mut lkeys = Vec::new();
-    let mut rkeys = Vec::new();
-    for e in edges {
-        let [(ia, ea, _), (ib, eb, _)] = &e.sides;
-        let (ba, bb) = (1u64 << ia, 1u64 << ib);
-        if left.inputs & ba != 0 && right.inputs & bb != 0 {
-            lkeys.push(ea.clone());
-            rkeys.push(eb.clone());
-        } else if left.inputs & bb != 0 && right.inputs & ba != 0 {
-            lkeys.push(eb.clone());
-            rkeys.push(ea.clone());
-        }
-    }
+    let (lkeys, rkeys): (Vec<Expr>, Vec<Expr>) = edges
+        .iter()
+        .filter_map(|e| e.between(left.inputs, right.inputs))
+        .map(|(l, r)| (l.1.clone(), r.1.clone()))
+        .unzip();
     let both = left.inputs | right.inputs;
     let now = filters.iter_mut().filter(|f| f.as_ref().is_some_and(|(m, _)| m & !both == 0)).filter_map(Option::take);
     let filter = conjunction(now.map(|(_, f)| f));
@@ -375,17 +378,7 @@ fn key_list_fraction(build: u64, build_rows: f64, probe: u64, edges: &[Edge]) ->
     if probe.count_ones() != 1 {
         return None;
     }
-    let mut connecting = edges.iter().filter_map(|e| {
-        let [(ia, _, da), (ib, _, db)] = &e.sides;
-        let (ba, bb) = (1u64 << ia, 1u64 << ib);
-        if build & ba != 0 && probe & bb != 0 {
-            Some((*da, *db))
-        } else if build & bb != 0 && probe & ba != 0 {
-            Some((*db, *da))
-        } else {
-            None
-        }
-    });
+    let mut connecting = edges.iter().filter_map(|e| e.between(build, probe)).map(|(b, p)| (b.2, p.2));
     let (build_ndv, probe_ndv) = connecting.next()?;
     if connecting.next().is_some() {
         return None;

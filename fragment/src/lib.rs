@@ -147,10 +147,22 @@ pub const RUNTIME_INDEX_MAX_KEYS: usize = 256;
 /// The leaf still scans blocks when the index cannot answer the list (a float column, a
 /// column of mixed types).
 fn index_for_key_lists(spec: &ScanSpec, output: &Schema, lists: &[Filter]) -> bool {
-    let Some(estimate) = &spec.estimate else { return false };
-    if spec.forced || spec.access != AccessPath::ColumnScan || estimate.rows < ESTIMATE_MIN_DOCS {
-        return false;
+    spec.key_list_estimate().is_some_and(|estimate| selective_key_list(estimate, output, lists))
+}
+
+impl ScanSpec {
+    /// The planner's estimate when runtime key lists may move this scan to the search index:
+    /// a column scan the planner chose (not an expert) over enough rows.
+    fn key_list_estimate(&self) -> Option<&ScanEstimate> {
+        let estimate = self.estimate.as_ref()?;
+        let eligible = !self.forced && self.access == AccessPath::ColumnScan && estimate.rows >= ESTIMATE_MIN_DOCS;
+        eligible.then_some(estimate)
     }
+}
+
+/// Whether one of `lists` is short and selective enough for the index (see
+/// [`index_for_key_lists`]).
+fn selective_key_list(estimate: &ScanEstimate, output: &Schema, lists: &[Filter]) -> bool {
     lists.iter().any(|f| {
         let Filter::In { path, values } = f else { return false };
         let distinct = output.index_of(path).ok().and_then(|i| estimate.distinct.get(i).copied().flatten());
@@ -548,7 +560,7 @@ impl ExecutionPlan for LeafScanExec {
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
         let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later());
-        let (spec, schema) = (self.spec.clone(), self.output.clone());
+        let (estimate, schema) = (self.spec.key_list_estimate().cloned(), self.output.clone());
         let call = async move {
             let extra = match dynamic {
                 Some(read) => read.await.map_err(from_df)?,
@@ -559,7 +571,7 @@ impl ExecutionPlan for LeafScanExec {
                 request.hint = Some(AccessPath::RowLookup);
                 lookups.add(1);
             } else if !extra.is_empty() {
-                if index_for_key_lists(&spec, &schema, &extra) {
+                if estimate.as_ref().is_some_and(|e| selective_key_list(e, &schema, &extra)) {
                     request.hint = Some(AccessPath::SearchIndex);
                     index_scans.add(1);
                 }
@@ -678,7 +690,7 @@ impl ExecutionPlan for LeafFragmentExec {
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
         let dynamic = (!scan.dynamic.is_empty()).then(|| scan.runtime_filters_later());
-        let (spec, output) = (scan.spec.clone(), scan.output.clone());
+        let (estimate, output) = (scan.spec.key_list_estimate().cloned(), scan.output.clone());
         let call = async move {
             if let Some(read) = dynamic {
                 request.filters = read.await.map_err(from_df)?;
@@ -687,7 +699,7 @@ impl ExecutionPlan for LeafFragmentExec {
                 } else if !request.filters.is_empty() {
                     key_lists.add(1);
                     // The leaf makes the same choice (`LeafScanExec::with_extra_filters`).
-                    if index_for_key_lists(&spec, &output, &request.filters) {
+                    if estimate.as_ref().is_some_and(|e| selective_key_list(e, &output, &request.filters)) {
                         index_scans.add(1);
                     }
                 }

@@ -1011,19 +1011,18 @@ mod tests {
             path: path.into(),
             values: vs.iter().map(|v| Scalar::Str(v.to_string())).collect(),
         };
-        let one_by_one = |make: &dyn Fn(&[Filter]) -> Filter, parts: Vec<Filter>| {
-            let mut all: Vec<u64> = parts.iter().flat_map(|p| slots(&idx, &make(std::slice::from_ref(p)))).collect();
+        let one_by_one = |parts: Vec<Filter>| {
+            let mut all: Vec<u64> = parts.iter().flat_map(|p| slots(&idx, p)).collect();
             all.sort_unstable();
             all.dedup();
             all
         };
         let long = ints(&[1, 3, 5, 7, 9, 11, 13, 15]);
-        let expected = one_by_one(&|p| p[0].clone(), [1, 3, 5, 7, 9].iter().map(|v| ints(&[*v])).collect());
+        let expected = one_by_one([1, 3, 5, 7, 9].iter().map(|v| ints(&[*v])).collect());
         assert_eq!(slots(&idx, &long), expected);
         assert_eq!(expected.len(), 20);
         let long = strs("s", &["v0", "v2", "v4", "v6", "x", "y", "z", "w"]);
-        let expected =
-            one_by_one(&|p| p[0].clone(), ["v0", "v2", "v4", "v6"].iter().map(|v| strs("s", &[v])).collect());
+        let expected = one_by_one(["v0", "v2", "v4", "v6"].iter().map(|v| strs("s", &[v])).collect());
         assert_eq!(slots(&idx, &long), expected);
         let ids: Vec<String> = (0..40).step_by(4).map(|i| format!("d{i}")).collect();
         let long = strs("_id", &ids.iter().map(String::as_str).collect::<Vec<_>>());

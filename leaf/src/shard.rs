@@ -1117,7 +1117,8 @@ impl Shard {
         &self,
         indexed: Vec<&'f Filter>,
     ) -> Result<(Vec<&'f Filter>, Vec<&'f Filter>)> {
-        if indexed.len() < 2 || !indexed.iter().any(|f| matches!(f, Filter::In { .. })) {
+        // With fewer than two lists there is nothing to choose between.
+        if indexed.len() < 2 || indexed.iter().filter(|f| matches!(f, Filter::In { .. })).count() < 2 {
             return Ok((indexed, vec![]));
         }
         let postings = self.search.list_postings(&indexed)?;
