@@ -292,6 +292,8 @@ def main():
                     help="s3: `basalt load` of the Parquet files from moto_server; http: CSV rows through the write API")
     ap.add_argument("--basalt-data", default=None,
                     help="run `basalt dev` on this data directory, already loaded by an earlier run, and load nothing")
+    ap.add_argument("--keep-data", default=None,
+                    help="after the run, move `basalt dev`'s loaded data directory here (for --basalt-data later)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     # The S3 source reads its credentials from the environment of the process running it.
@@ -386,6 +388,10 @@ def main():
         # still holds open would keep their disk space).
         if basalt is not None and "summary" not in report:
             basalt.close()
+        loaded = os.path.join(workdir, "basalt-data")
+        if args.keep_data and args.leaves == 0 and not args.basalt_data and os.path.isdir(loaded):
+            shutil.move(loaded, args.keep_data)
+            print(f"loaded data kept in {args.keep_data}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
     write_report(report, args.out)
 

@@ -38,11 +38,71 @@ pub struct PlanOptions {
     /// sketches for join planning (a one-table statement never reads them, and computing them
     /// reads every value of a collection that changed by a tenth).
     pub planner_stats: bool,
+    /// What the planning statement's hints (`/*+ ... */`) change for it alone; set before each
+    /// statement is planned.
+    pub statement: StatementOptions,
+}
+
+/// One statement's hints, over the session's settings.
+#[derive(Debug, Default, Clone)]
+pub struct StatementOptions {
+    /// `Set(basalt.access_path ...)`: `Some(None)` is `auto`.
+    pub hint: Option<Option<AccessPath>>,
+    /// `Set(basalt.fragments ...)`.
+    pub fragments: Option<bool>,
+    /// `Set(basalt.join_order ...)`.
+    pub join_order: Option<bool>,
+    /// `ColumnScan(c)`, `SearchIndex(c)`, `RowLookup(c)` and their `pg_hint_plan` names.
+    pub access_paths: Vec<(CollectionName, AccessPath)>,
+}
+
+impl StatementOptions {
+    /// The options a statement's hints ask for (checked when the hints were read).
+    pub fn from_hints(hints: &basalt_sql::Hints) -> BResult<Self> {
+        let mut out = Self { access_paths: hints.access_paths.clone(), ..Self::default() };
+        for (name, value) in &hints.settings {
+            match name.as_str() {
+                "basalt.access_path" => out.hint = Some(basalt_sql::hints::parse_access_path(value)?),
+                "basalt.fragments" => out.fragments = Some(basalt_sql::hints::parse_on_off(name, value)?),
+                "basalt.join_order" => out.join_order = Some(basalt_sql::hints::parse_on_off(name, value)?),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl PlanOptions {
+    /// Whether per-shard work runs on the leaves for the statement being planned.
+    pub fn fragments(&self) -> bool {
+        self.statement.fragments.unwrap_or(self.fragments)
+    }
+
+    /// Whether inner joins are reordered for the statement being planned.
+    pub fn join_order(&self) -> bool {
+        self.statement.join_order.unwrap_or(self.join_order)
+    }
+
+    /// The forced access path for one collection: its own hint, else the statement's
+    /// `Set(basalt.access_path ...)`, else the session's.
+    pub fn access_path(&self, collection: &CollectionName) -> Option<AccessPath> {
+        match self.statement.access_paths.iter().find(|(c, _)| c == collection) {
+            Some((_, path)) => Some(*path),
+            None => self.statement.hint.unwrap_or(self.hint),
+        }
+    }
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        Self { hint: None, with_score: false, fragments: true, join_order: true, planner_stats: true }
+        Self {
+            hint: None,
+            with_score: false,
+            fragments: true,
+            join_order: true,
+            planner_stats: true,
+            statement: StatementOptions::default(),
+        }
     }
 }
 
@@ -59,7 +119,7 @@ impl datafusion::physical_optimizer::PhysicalOptimizerRule for PushFragments {
         plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
         _config: &datafusion::config::ConfigOptions,
     ) -> datafusion::common::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
-        if !self.options.read().fragments {
+        if !self.options.read().fragments() {
             return Ok(plan);
         }
         basalt_fragment::push_fragments(plan)
@@ -148,14 +208,15 @@ impl SchemaProvider for Workspace {
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        let info = match self.meta.get_collection(CollectionName::new(&self.name, name)).await {
+        let collection = CollectionName::new(&self.name, name);
+        let info = match self.meta.get_collection(collection.clone()).await {
             Ok(info) => info,
             Err(e) if e.code == ErrorCode::NotFound => return Ok(None),
             Err(e) => return Err(to_df_error(e)),
         };
         let (hint, with_score, planner_stats) = {
             let o = self.options.read();
-            (o.hint, o.with_score, o.planner_stats)
+            (o.access_path(&collection), o.with_score, o.planner_stats)
         };
         let shards = (0..info.shards).collect();
         let stats = if planner_stats {
@@ -169,5 +230,37 @@ impl SchemaProvider for Workspace {
 
     fn table_exist(&self, name: &str) -> bool {
         self.names.0.read().get(&self.name).is_some_and(|v| v.iter().any(|n| n == name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_hints_override_the_session_for_one_statement() {
+        let hints = basalt_sql::Hints {
+            access_paths: vec![(CollectionName::new("commons", "a"), AccessPath::SearchIndex)],
+            settings: vec![
+                ("basalt.access_path".into(), "column_scan".into()),
+                ("basalt.fragments".into(), "off".into()),
+            ],
+        };
+        let mut options = PlanOptions { hint: Some(AccessPath::RowLookup), ..PlanOptions::default() };
+        options.statement = StatementOptions::from_hints(&hints).unwrap();
+        // A collection's own hint, then the statement's setting, then the session's.
+        assert_eq!(options.access_path(&CollectionName::new("commons", "a")), Some(AccessPath::SearchIndex));
+        assert_eq!(options.access_path(&CollectionName::new("commons", "b")), Some(AccessPath::ColumnScan));
+        assert!(!options.fragments());
+        assert!(options.join_order());
+        // `Set(basalt.access_path auto)` clears the session's path for the statement.
+        let auto =
+            basalt_sql::Hints { settings: vec![("basalt.access_path".into(), "auto".into())], ..Default::default() };
+        options.statement = StatementOptions::from_hints(&auto).unwrap();
+        assert_eq!(options.access_path(&CollectionName::new("commons", "b")), None);
+        assert!(options.fragments());
+        // The next statement without hints sees the session's settings again.
+        options.statement = StatementOptions::default();
+        assert_eq!(options.access_path(&CollectionName::new("commons", "a")), Some(AccessPath::RowLookup));
     }
 }

@@ -208,13 +208,17 @@ impl Session {
     async fn plan(&self, stmt: Statement, params: &[ScalarValue]) -> Result<LogicalPlan> {
         self.catalog.refresh().await?;
         let with_score = basalt_sql::uses_score(&stmt);
+        let statement = crate::catalog::StatementOptions::from_hints(&basalt_sql::statement_hints(&stmt)?)?;
         let state = self.ctx.state();
         let stmt = DfStatement::Statement(Box::new(stmt));
         let tables = state.resolve_table_references(&stmt).map_err(from_df)?.len();
         {
+            // Hints hold for this statement's planning (logical and physical); the next
+            // statement's planning replaces them.
             let mut options = self.options.write();
             options.with_score = with_score;
             options.planner_stats = tables > 1;
+            options.statement = statement;
         }
         let plan = state.statement_to_plan(stmt).await.map_err(from_df)?;
         let options = datafusion::execution::context::SQLOptions::new().with_allow_ddl(false).with_allow_dml(false);
@@ -421,8 +425,10 @@ impl Session {
             }
             _ => {}
         }
+        // A statement with hints is planned (the fast path would skip what they ask for).
         let hint = self.options.read().hint;
         if hint.is_none_or(|h| h == AccessPath::RowLookup)
+            && basalt_sql::statement_hints(&stmt)?.is_empty()
             && let Some(lookup) = crate::fastpath::match_point_lookup(&stmt)
             && let Some((schema, batches)) =
                 crate::fastpath::run(&lookup, params, &self.engine.meta, &self.engine.leaf).await?
@@ -454,6 +460,7 @@ impl Session {
                 Some(self.timeout.read().map_or("0".to_string(), |t| format!("{}ms", t.as_millis())))
             }
             "basalt.memory_limit" => Some(crate::limits::human_bytes(self.pool.limit())),
+            "basalt.access_path" => Some(self.options.read().hint.map_or("auto", AccessPath::name).to_string()),
             "basalt.fragments" => Some(if self.options.read().fragments { "on" } else { "off" }.to_string()),
             "basalt.join_order" => Some(if self.options.read().join_order { "on" } else { "off" }.to_string()),
             _ => None,
@@ -483,11 +490,7 @@ impl Session {
                 return Ok(command("SET", 0));
             }
             if name == "basalt.fragments" || name == "basalt.join_order" {
-                let on = match value.to_lowercase().as_str() {
-                    "on" | "true" | "1" | "default" => true,
-                    "off" | "false" | "0" => false,
-                    other => return Err(BasaltError::invalid(format!("{name} is on or off, not {other:?}"))),
-                };
+                let on = basalt_sql::hints::parse_on_off(&name, value)?;
                 let mut options = self.options.write();
                 if name == "basalt.fragments" {
                     options.fragments = on;
@@ -497,13 +500,7 @@ impl Session {
                 return Ok(command("SET", 0));
             }
             if name == "basalt.access_path" || name == "basalt_access_path" {
-                self.options.write().hint = match value.to_lowercase().as_str() {
-                    "auto" | "default" => None,
-                    "row_lookup" => Some(AccessPath::RowLookup),
-                    "search_index" => Some(AccessPath::SearchIndex),
-                    "column_scan" => Some(AccessPath::ColumnScan),
-                    other => return Err(BasaltError::invalid(format!("unknown access path {other:?}"))),
-                };
+                self.options.write().hint = basalt_sql::hints::parse_access_path(value)?;
             }
         }
         Ok(command("SET", 0))

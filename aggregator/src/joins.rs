@@ -48,7 +48,7 @@ impl OptimizerRule for ReorderJoins {
     }
 
     fn rewrite(&self, plan: LogicalPlan, _config: &dyn OptimizerConfig) -> Result<Transformed<LogicalPlan>> {
-        if !self.options.read().join_order {
+        if !self.options.read().join_order() {
             return Ok(Transformed::no(plan));
         }
         rewrite(plan)

@@ -23,6 +23,9 @@ use sqlparser::tokenizer::Token;
 
 pub use sqlparser;
 
+pub mod hints;
+pub use hints::{Hints, statement_hints};
+
 /// Statement nesting limit for the parser (guards the stack against hostile SQL).
 const RECURSION_LIMIT: usize = 64;
 /// SQL text size limit.
