@@ -40,36 +40,7 @@ pub struct PlanOptions {
     pub planner_stats: bool,
     /// What the planning statement's hints (`/*+ ... */`) change for it alone; set before each
     /// statement is planned.
-    pub statement: StatementOptions,
-}
-
-/// One statement's hints, over the session's settings.
-#[derive(Debug, Default, Clone)]
-pub struct StatementOptions {
-    /// `Set(basalt.access_path ...)`: `Some(None)` is `auto`.
-    pub hint: Option<Option<AccessPath>>,
-    /// `Set(basalt.fragments ...)`.
-    pub fragments: Option<bool>,
-    /// `Set(basalt.join_order ...)`.
-    pub join_order: Option<bool>,
-    /// `ColumnScan(c)`, `SearchIndex(c)`, `RowLookup(c)` and their `pg_hint_plan` names.
-    pub access_paths: Vec<(CollectionName, AccessPath)>,
-}
-
-impl StatementOptions {
-    /// The options a statement's hints ask for (checked when the hints were read).
-    pub fn from_hints(hints: &basalt_sql::Hints) -> BResult<Self> {
-        let mut out = Self { access_paths: hints.access_paths.clone(), ..Self::default() };
-        for (name, value) in &hints.settings {
-            match name.as_str() {
-                "basalt.access_path" => out.hint = Some(basalt_sql::hints::parse_access_path(value)?),
-                "basalt.fragments" => out.fragments = Some(basalt_sql::hints::parse_on_off(name, value)?),
-                "basalt.join_order" => out.join_order = Some(basalt_sql::hints::parse_on_off(name, value)?),
-                _ => {}
-            }
-        }
-        Ok(out)
-    }
+    pub statement: basalt_sql::Hints,
 }
 
 impl PlanOptions {
@@ -88,7 +59,7 @@ impl PlanOptions {
     pub fn access_path(&self, collection: &CollectionName) -> Option<AccessPath> {
         match self.statement.access_paths.iter().find(|(c, _)| c == collection) {
             Some((_, path)) => Some(*path),
-            None => self.statement.hint.unwrap_or(self.hint),
+            None => self.statement.access_path.unwrap_or(self.hint),
         }
     }
 }
@@ -101,7 +72,7 @@ impl Default for PlanOptions {
             fragments: true,
             join_order: true,
             planner_stats: true,
-            statement: StatementOptions::default(),
+            statement: basalt_sql::Hints::default(),
         }
     }
 }
@@ -239,28 +210,24 @@ mod tests {
 
     #[test]
     fn statement_hints_override_the_session_for_one_statement() {
-        let hints = basalt_sql::Hints {
-            access_paths: vec![(CollectionName::new("commons", "a"), AccessPath::SearchIndex)],
-            settings: vec![
-                ("basalt.access_path".into(), "column_scan".into()),
-                ("basalt.fragments".into(), "off".into()),
-            ],
-        };
         let mut options = PlanOptions { hint: Some(AccessPath::RowLookup), ..PlanOptions::default() };
-        options.statement = StatementOptions::from_hints(&hints).unwrap();
+        options.statement = basalt_sql::Hints {
+            access_paths: vec![(CollectionName::new("commons", "a"), AccessPath::SearchIndex)],
+            access_path: Some(Some(AccessPath::ColumnScan)),
+            fragments: Some(false),
+            join_order: None,
+        };
         // A collection's own hint, then the statement's setting, then the session's.
         assert_eq!(options.access_path(&CollectionName::new("commons", "a")), Some(AccessPath::SearchIndex));
         assert_eq!(options.access_path(&CollectionName::new("commons", "b")), Some(AccessPath::ColumnScan));
         assert!(!options.fragments());
         assert!(options.join_order());
         // `Set(basalt.access_path auto)` clears the session's path for the statement.
-        let auto =
-            basalt_sql::Hints { settings: vec![("basalt.access_path".into(), "auto".into())], ..Default::default() };
-        options.statement = StatementOptions::from_hints(&auto).unwrap();
+        options.statement = basalt_sql::Hints { access_path: Some(None), ..Default::default() };
         assert_eq!(options.access_path(&CollectionName::new("commons", "b")), None);
         assert!(options.fragments());
         // The next statement without hints sees the session's settings again.
-        options.statement = StatementOptions::default();
+        options.statement = basalt_sql::Hints::default();
         assert_eq!(options.access_path(&CollectionName::new("commons", "a")), Some(AccessPath::RowLookup));
     }
 }

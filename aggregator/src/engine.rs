@@ -208,7 +208,7 @@ impl Session {
     async fn plan(&self, stmt: Statement, params: &[ScalarValue]) -> Result<LogicalPlan> {
         self.catalog.refresh().await?;
         let with_score = basalt_sql::uses_score(&stmt);
-        let statement = crate::catalog::StatementOptions::from_hints(&basalt_sql::statement_hints(&stmt)?)?;
+        let statement = basalt_sql::statement_hints(&stmt)?;
         let state = self.ctx.state();
         let stmt = DfStatement::Statement(Box::new(stmt));
         let tables = state.resolve_table_references(&stmt).map_err(from_df)?.len();
@@ -428,8 +428,8 @@ impl Session {
         // A statement with hints is planned (the fast path would skip what they ask for).
         let hint = self.options.read().hint;
         if hint.is_none_or(|h| h == AccessPath::RowLookup)
-            && basalt_sql::statement_hints(&stmt)?.is_empty()
             && let Some(lookup) = crate::fastpath::match_point_lookup(&stmt)
+            && basalt_sql::statement_hints(&stmt)?.is_empty()
             && let Some((schema, batches)) =
                 crate::fastpath::run(&lookup, params, &self.engine.meta, &self.engine.leaf).await?
         {

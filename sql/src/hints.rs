@@ -24,13 +24,17 @@ pub const HINT_SETTINGS: [&str; 3] = ["basalt.access_path", "basalt.fragments", 
 pub struct Hints {
     /// A forced access path per collection the statement reads.
     pub access_paths: Vec<(CollectionName, AccessPath)>,
-    /// `Set(name value)`: settings for this statement only, names lowercased, values as written.
-    pub settings: Vec<(String, String)>,
+    /// `Set(basalt.access_path ...)`: `Some(None)` is `auto`.
+    pub access_path: Option<Option<AccessPath>>,
+    /// `Set(basalt.fragments ...)`.
+    pub fragments: Option<bool>,
+    /// `Set(basalt.join_order ...)`.
+    pub join_order: Option<bool>,
 }
 
 impl Hints {
     pub fn is_empty(&self) -> bool {
-        self.access_paths.is_empty() && self.settings.is_empty()
+        *self == Self::default()
     }
 }
 
@@ -275,12 +279,9 @@ pub fn statement_hints(stmt: &Statement) -> Result<Hints> {
                 };
                 let setting = setting.to_lowercase();
                 match setting.as_str() {
-                    "basalt.access_path" => {
-                        parse_access_path(value)?;
-                    }
-                    "basalt.fragments" | "basalt.join_order" => {
-                        parse_on_off(&setting, value)?;
-                    }
+                    "basalt.access_path" => hints.access_path = Some(parse_access_path(value)?),
+                    "basalt.fragments" => hints.fragments = Some(parse_on_off(&setting, value)?),
+                    "basalt.join_order" => hints.join_order = Some(parse_on_off(&setting, value)?),
                     _ => {
                         return Err(BasaltError::invalid(format!(
                             "hint Set cannot change {setting} (it can change {})",
@@ -288,8 +289,6 @@ pub fn statement_hints(stmt: &Statement) -> Result<Hints> {
                         )));
                     }
                 }
-                hints.settings.retain(|(s, _)| *s != setting);
-                hints.settings.push((setting, value.clone()));
             } else {
                 return Err(BasaltError::invalid(format!(
                     "unknown hint {name} (ColumnScan, SearchIndex, RowLookup, SeqScan, IndexScan, BitmapScan or Set)"
@@ -326,7 +325,7 @@ mod tests {
             h.access_paths,
             vec![(c("orders"), AccessPath::ColumnScan), (c("customers"), AccessPath::SearchIndex)]
         );
-        assert!(h.settings.is_empty());
+        assert_eq!((h.access_path, h.fragments, h.join_order), (None, None, None));
 
         let h = hints("SELECT /*+ RowLookup(shop.items) */ * FROM shop.items WHERE _id = 'a'").unwrap();
         assert_eq!(h.access_paths, vec![(CollectionName::new("shop", "items"), AccessPath::RowLookup)]);
@@ -344,19 +343,21 @@ mod tests {
         let h = hints("SELECT x FROM a UNION ALL SELECT /*+ SeqScan(b) */ x FROM b").unwrap();
         assert_eq!(h.access_paths, vec![(c("b"), AccessPath::ColumnScan)]);
         let h = hints("EXPLAIN SELECT /*+ Set(basalt.fragments off) */ count(*) FROM a").unwrap();
-        assert_eq!(h.settings, vec![("basalt.fragments".to_string(), "off".to_string())]);
+        assert_eq!(h, Hints { fragments: Some(false), ..Hints::default() });
     }
 
     #[test]
     fn reads_settings_and_keeps_the_last_value() {
-        let h = hints("SELECT /*+ Set(basalt.join_order off) Set(BASALT.JOIN_ORDER, 'on') Set(basalt.access_path column_scan) */ 1").unwrap();
+        let h = hints(
+            "SELECT /*+ Set(basalt.join_order off) Set(BASALT.JOIN_ORDER, 'on') Set(basalt.access_path column_scan) */ 1",
+        )
+        .unwrap();
         assert_eq!(
-            h.settings,
-            vec![
-                ("basalt.join_order".to_string(), "on".to_string()),
-                ("basalt.access_path".to_string(), "column_scan".to_string())
-            ]
+            h,
+            Hints { join_order: Some(true), access_path: Some(Some(AccessPath::ColumnScan)), ..Hints::default() }
         );
+        let h = hints("SELECT /*+ Set(basalt.access_path auto) */ 1").unwrap();
+        assert_eq!(h, Hints { access_path: Some(None), ..Hints::default() });
     }
 
     #[test]
