@@ -90,6 +90,8 @@ impl datafusion::physical_optimizer::PhysicalOptimizerRule for PushFragments {
         plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
         _config: &datafusion::config::ConfigOptions,
     ) -> datafusion::common::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        // Key sets first: a probe scan that then moves into a fragment keeps its link.
+        let plan = basalt_fragment::keys::share_build_keys(plan)?;
         if !self.options.read().fragments() {
             return Ok(plan);
         }

@@ -184,3 +184,74 @@ async fn a_selective_key_list_is_found_through_the_index() {
     assert_eq!(metric(&forced, "collection=x.facts", "runtime_index_scans"), 0.0, "{forced}");
     assert!(metric(&forced, "collection=x.facts", "runtime_key_lists") >= 1.0, "{forced}");
 }
+
+/// A build side with more keys than a runtime key list carries (5,000 here; lists stop at
+/// 4,096) still reaches the probe side's leaves: its keys are collected as they stream into the
+/// join (a key set), and the leaves send only the facts with a matching key. Built once or in
+/// hash partitions, in one process or on two leaves, the answer is the join's; a prepared
+/// statement run again after the data changed uses the keys of its new run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_build_side_sends_its_key_set_to_the_leaves() {
+    large_key_sets(Deployment::dev().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_build_side_sends_its_key_set_to_two_leaves() {
+    large_key_sets(Deployment::cluster_of(2, &[]).await).await;
+}
+
+async fn large_key_sets(d: Deployment) {
+    let pg = d.pg().await;
+    pg.batch_execute(
+        "CREATE WORKSPACE k;
+         CREATE COLLECTION k.facts WITH (shards = 2);
+         CREATE COLLECTION k.dim WITH (shards = 2);
+         INSERT INTO k.facts SELECT 'f' || value AS _id, value % 20000 AS k, CAST(value AS DOUBLE) AS amount
+             FROM generate_series(1, 40000);
+         INSERT INTO k.dim SELECT 'd' || value AS _id, value AS id, value % 4 AS grp FROM generate_series(0, 19999);",
+    )
+    .await
+    .expect("load");
+    let sql = "SELECT count(*), sum(f.amount) FROM k.facts f JOIN k.dim d ON f.k = d.id WHERE d.grp = 1";
+    let expected = |n: i64| {
+        let want: Vec<f64> = (1..=n).filter(|v| (v % 20000) % 4 == 1).map(|v| v as f64).collect();
+        (want.len() as i64, want.iter().sum::<f64>())
+    };
+    let answer = |rows: Vec<tokio_postgres::Row>| (rows[0].get::<_, i64>(0), rows[0].get::<_, f64>(1));
+    for partitioned in [false, true] {
+        if partitioned {
+            pg.batch_execute(
+                "SET datafusion.optimizer.hash_join_single_partition_threshold = 0;
+                 SET datafusion.optimizer.hash_join_single_partition_threshold_rows = 0",
+            )
+            .await
+            .expect("partitioned joins");
+        }
+        assert_eq!(answer(pg.query(sql, &[]).await.expect("query")), expected(40000));
+        let plan = explain(&pg, sql).await;
+        let mode = if partitioned { "mode=Partitioned" } else { "mode=CollectLeft" };
+        assert!(plan.contains(mode) && plan.contains("KeySinkExec: key=id"), "{plan}");
+        assert!(metric(&plan, "KeySinkExec", "build_keys") >= 5000.0, "{plan}");
+        assert!(metric(&plan, "collection=k.facts", "runtime_key_lists") >= 1.0, "{plan}");
+        assert!(metric(&plan, "collection=k.facts", "rows_from_leaves") <= 10000.0, "{plan}");
+    }
+
+    // One prepared statement, run before and after the facts grow: each run reads its own keys.
+    let prepared = pg.prepare(sql).await.expect("prepare");
+    assert_eq!(answer(pg.query(&prepared, &[]).await.expect("first run")), expected(40000));
+    pg.batch_execute(
+        "INSERT INTO k.facts SELECT 'f' || value AS _id, value % 20000 AS k, CAST(value AS DOUBLE) AS amount
+             FROM generate_series(40001, 50000)",
+    )
+    .await
+    .expect("grow");
+    assert_eq!(answer(pg.query(&prepared, &[]).await.expect("second run")), expected(50000));
+
+    // Keys that would keep most of the probe column's values are not sent: checking them would
+    // cost about what the join saves.
+    let broad = "SELECT count(*) FROM k.facts f JOIN k.dim d ON f.k = d.id WHERE d.grp <> 1";
+    let rows = pg.query(broad, &[]).await.expect("broad");
+    assert_eq!(rows[0].get::<_, i64>(0), 50000 - expected(50000).0);
+    let plan = explain(&pg, broad).await;
+    assert!(metric(&plan, "collection=k.facts", "rows_from_leaves") >= 50000.0, "{plan}");
+}

@@ -12,6 +12,7 @@
 //!   scan bound to the local shard and executes it.
 
 pub mod filters;
+pub mod keys;
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -248,6 +249,9 @@ pub struct LeafScanExec {
     /// Expression ids of the `dynamic` filters to wait for before the scan starts: those of
     /// hash joins in partitioned mode (see [`awaited_filters`], set by `push_fragments`).
     awaited: Vec<u64>,
+    /// Key sets of joins above whose build side has more keys than their runtime filter lists
+    /// (see [`keys`]), read with the runtime filters.
+    probe_keys: Vec<keys::ProbeKeys>,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -283,6 +287,7 @@ impl LeafScanExec {
             spec,
             dynamic: vec![],
             awaited: vec![],
+            probe_keys: vec![],
             properties,
             metrics: ExecutionPlanMetricsSet::new(),
         }
@@ -300,6 +305,7 @@ impl LeafScanExec {
         );
         scan.dynamic = dynamic;
         scan.awaited = self.awaited.clone();
+        scan.probe_keys = self.probe_keys.clone();
         scan
     }
 
@@ -314,8 +320,16 @@ impl LeafScanExec {
     /// partition's keys only when all of them are: read earlier, it is still the placeholder
     /// `true` and the scan sends every row. So the filters in `awaited` are waited for first
     /// (at most [`RUNTIME_FILTER_WAIT`]).
-    fn runtime_filters_later(&self) -> impl std::future::Future<Output = Result<Vec<Filter>>> + Send + 'static {
+    ///
+    /// A join whose build side has too many keys for its filter's list may have left them in a
+    /// key set (see [`keys`]): the complete set of this run (`context`) becomes the list when
+    /// it keeps under [`keys::KEY_SET_SELECTIVITY`] of the column's distinct values.
+    fn runtime_filters_later(
+        &self,
+        context: Arc<TaskContext>,
+    ) -> impl std::future::Future<Output = Result<Vec<Filter>>> + Send + 'static {
         let (dynamic, output, awaited) = (self.dynamic.clone(), self.output.clone(), self.awaited.clone());
+        let (probes, estimate) = (self.probe_keys.clone(), self.spec.estimate.clone());
         async move {
             let incomplete = futures::future::join_all(
                 dynamic
@@ -334,6 +348,21 @@ impl LeafScanExec {
             tracing::debug!(filters = ?out, "runtime filters");
             if basalt_common::filter::id_lookup(&out).is_none() {
                 out = key_lists(out);
+                for probe in &probes {
+                    if out.iter().any(|f| matches!(f, Filter::In { path, .. } if path == &probe.column)) {
+                        continue;
+                    }
+                    let Some(keys) = probe.set.keys(&context) else { continue };
+                    let distinct = output
+                        .index_of(&probe.column)
+                        .ok()
+                        .and_then(|i| estimate.as_ref()?.distinct.get(i).copied().flatten());
+                    if distinct.is_some_and(|d| keys.len() as f64 > keys::KEY_SET_SELECTIVITY * d as f64) {
+                        continue;
+                    }
+                    let values = keys.into_iter().map(basalt_common::filter::Scalar::Int).collect();
+                    out.push(Filter::In { path: probe.column.clone(), values });
+                }
             }
             Ok(out)
         }
@@ -544,7 +573,7 @@ impl ExecutionPlan for LeafScanExec {
         Ok(propagation)
     }
 
-    fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         let mut request = ScanRequest {
             collection_id: self.collection_id,
             shard: self.shard(partition)?,
@@ -559,7 +588,7 @@ impl ExecutionPlan for LeafScanExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
-        let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later());
+        let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later(context));
         let (estimate, schema) = (self.spec.key_list_estimate().cloned(), self.output.clone());
         let call = async move {
             let extra = match dynamic {
@@ -675,7 +704,7 @@ impl ExecutionPlan for LeafFragmentExec {
         Some(self.metrics.clone_inner())
     }
 
-    fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         let scan = self.leaf_scan()?;
         let mut request = FragmentRequest {
             collection_id: scan.collection_id,
@@ -689,7 +718,7 @@ impl ExecutionPlan for LeafFragmentExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
-        let dynamic = (!scan.dynamic.is_empty()).then(|| scan.runtime_filters_later());
+        let dynamic = (!scan.dynamic.is_empty()).then(|| scan.runtime_filters_later(context));
         let (estimate, output) = (scan.spec.key_list_estimate().cloned(), scan.output.clone());
         let call = async move {
             if let Some(read) = dynamic {

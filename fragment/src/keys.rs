@@ -1,0 +1,362 @@
+//! Build-side key sets: the keys of a hash join's build side, collected as they stream into
+//! the join and handed to the scan of its probe side, which has the leaves drop rows without a
+//! match before sending them.
+//!
+//! DataFusion's own runtime filter carries the keys only for small build sides (an `IN` list of
+//! literal expressions, up to `RUNTIME_IN_LIST_MAX` keys in the engine); for larger ones it
+//! checks rows against the join's hash table, which cannot leave the aggregator. A
+//! [`KeySinkExec`] above the build side collects its integer keys instead (8 bytes each, up to
+//! [`KEY_SET_MAX`]); the probe scan's leaves check them with the integer-set membership they use
+//! for `IN` lists (a bitmap over the keys' span), so TPC-H q3 sends the `lineitem` rows of the
+//! ~30,000 `BUILDING` orders instead of 3.2M.
+//!
+//! One plan may run several times (a prepared statement): a set belongs to one run, told apart
+//! by the run's `TaskContext`, and a scan uses only the set of its own run, complete.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{NullEquality, Result};
+use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
+use datafusion::physical_plan::joins::HashJoinExec;
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use futures::Stream;
+
+use crate::LeafScanExec;
+
+/// The most keys a set holds; a larger build side sends no set (the join's own filter, bounds
+/// only, applies). 8 MB of keys, and as a bitmap at most the keys' span in bits.
+pub const KEY_SET_MAX: usize = 1 << 20;
+
+/// A set is applied only when it keeps at most this share of the probe column's distinct
+/// values (by the planner's estimate): checking every row costs about as much as the join's
+/// probe saves when most rows match.
+pub const KEY_SET_SELECTIVITY: f64 = 0.5;
+
+/// The keys one run of a plan collected from a join's build side.
+struct Run {
+    context: Arc<TaskContext>,
+    keys: Vec<i64>,
+    /// Build partitions whose stream ended.
+    done: usize,
+    /// More than [`KEY_SET_MAX`] keys: no set.
+    overflow: bool,
+}
+
+/// Shared by a [`KeySinkExec`] and the probe scans of its join.
+#[derive(Default)]
+pub struct KeySet {
+    run: Mutex<Option<Run>>,
+    /// Partitions of the build side: the set is complete when this many ended.
+    partitions: usize,
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeySet").field("partitions", &self.partitions).finish_non_exhaustive()
+    }
+}
+
+impl KeySet {
+    fn new(partitions: usize) -> Self {
+        Self { run: Mutex::new(None), partitions }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Run>> {
+        self.run.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A build partition of this run starts: a set of an earlier run is dropped.
+    fn start(&self, context: &Arc<TaskContext>) {
+        let mut run = self.lock();
+        if !run.as_ref().is_some_and(|r| Arc::ptr_eq(&r.context, context)) {
+            *run = Some(Run { context: context.clone(), keys: vec![], done: 0, overflow: false });
+        }
+    }
+
+    /// A build partition of this run ended with these keys (None: over the limit).
+    fn finish(&self, context: &Arc<TaskContext>, keys: Option<Vec<i64>>) {
+        let mut guard = self.lock();
+        let Some(run) = guard.as_mut().filter(|r| Arc::ptr_eq(&r.context, context)) else { return };
+        run.done += 1;
+        match keys {
+            Some(keys) if !run.overflow && run.keys.len() + keys.len() <= KEY_SET_MAX => run.keys.extend(keys),
+            _ => {
+                run.overflow = true;
+                run.keys = vec![];
+            }
+        }
+    }
+
+    /// The complete set of this run, sorted and without duplicates; None while a build
+    /// partition is still running, over the limit, or for another run.
+    pub fn keys(&self, context: &Arc<TaskContext>) -> Option<Vec<i64>> {
+        let mut guard = self.lock();
+        let run = guard.as_mut().filter(|r| Arc::ptr_eq(&r.context, context))?;
+        if run.overflow || run.done < self.partitions {
+            return None;
+        }
+        run.keys.sort_unstable();
+        run.keys.dedup();
+        Some(run.keys.clone())
+    }
+}
+
+/// A probe scan's link to the key set of a join above it: rows whose `column` value is not in
+/// the set cannot match.
+#[derive(Debug, Clone)]
+pub struct ProbeKeys {
+    pub column: String,
+    pub set: Arc<KeySet>,
+}
+
+/// Passes its input through and collects the integer join keys in column `key` of every batch
+/// into a [`KeySet`].
+#[derive(Debug)]
+pub struct KeySinkExec {
+    input: Arc<dyn ExecutionPlan>,
+    key: usize,
+    set: Arc<KeySet>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl KeySinkExec {
+    pub fn new(input: Arc<dyn ExecutionPlan>, key: usize) -> Self {
+        let set = Arc::new(KeySet::new(input.properties().partitioning.partition_count()));
+        Self { input, key, set, metrics: ExecutionPlanMetricsSet::new() }
+    }
+
+    pub fn set(&self) -> &Arc<KeySet> {
+        &self.set
+    }
+}
+
+impl DisplayAs for KeySinkExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let name = self.input.schema().fields().get(self.key).map(|f| f.name().clone()).unwrap_or_default();
+        write!(f, "KeySinkExec: key={name}")
+    }
+}
+
+impl ExecutionPlan for KeySinkExec {
+    fn name(&self) -> &'static str {
+        "KeySinkExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.input.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+        let [input] = <[Arc<dyn ExecutionPlan>; 1]>::try_from(children)
+            .map_err(|_| datafusion::common::DataFusionError::Internal("KeySinkExec takes one input".into()))?;
+        // The scans below the join keep their link to this set: same set, new input.
+        let mut sink = KeySinkExec::new(input, self.key);
+        sink.set = self.set.clone();
+        Ok(Arc::new(sink))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context.clone())?;
+        self.set.start(&context);
+        let keys = MetricBuilder::new(&self.metrics).counter("build_keys", partition);
+        Ok(Box::pin(KeySinkStream {
+            input,
+            key: self.key,
+            set: self.set.clone(),
+            context,
+            keys: Some(vec![]),
+            counted: keys,
+            finished: false,
+        }))
+    }
+}
+
+struct KeySinkStream {
+    input: SendableRecordBatchStream,
+    key: usize,
+    set: Arc<KeySet>,
+    context: Arc<TaskContext>,
+    /// None once over [`KEY_SET_MAX`] (or a batch had no integer key column).
+    keys: Option<Vec<i64>>,
+    counted: datafusion::physical_plan::metrics::Count,
+    finished: bool,
+}
+
+impl KeySinkStream {
+    fn collect(&mut self, batch: &RecordBatch) {
+        let Some(keys) = self.keys.as_mut() else { return };
+        let Some(column) = batch.columns().get(self.key) else {
+            self.keys = None;
+            return;
+        };
+        let Some(values) = column.as_primitive_opt::<Int64Type>() else {
+            self.keys = None;
+            return;
+        };
+        if keys.len() + values.len() > KEY_SET_MAX {
+            self.keys = None;
+            return;
+        }
+        // Null keys match nothing (the join compares with `NullEqualsNothing`).
+        if values.null_count() == 0 {
+            keys.extend_from_slice(values.values());
+        } else {
+            keys.extend(values.iter().flatten());
+        }
+        self.counted.add(values.len() - values.null_count());
+    }
+}
+
+impl Stream for KeySinkStream {
+    type Item = Result<RecordBatch>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let polled = self.input.as_mut().poll_next(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(batch))) => {
+                let batch = batch.clone();
+                self.collect(&batch);
+            }
+            Poll::Ready(None) if !self.finished => {
+                self.finished = true;
+                let keys = self.keys.take();
+                self.set.finish(&self.context, keys);
+            }
+            // An error ends the query; the set stays incomplete and is never used.
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl RecordBatchStream for KeySinkStream {
+    fn schema(&self) -> SchemaRef {
+        self.input.schema()
+    }
+}
+
+/// Puts a [`KeySinkExec`] above the build side of every hash join on one integer column whose
+/// runtime filter reached a leaf scan, and links the scan to it (`LeafScanExec::probe_keys`).
+/// Runs before [`crate::push_fragments`], so a scan that moves into a fragment keeps its link
+/// (the aggregator reads the set when it sends the fragment).
+pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    // Runtime filter id -> the set of its join.
+    let mut sets: Vec<(u64, Arc<KeySet>)> = vec![];
+    let plan = plan
+        .transform_up(|node| {
+            let Some(join) = node.downcast_ref::<HashJoinExec>() else { return Ok(Transformed::no(node)) };
+            let ids: Vec<u64> = node.dynamic_expressions_produced().iter().filter_map(|e| e.expression_id()).collect();
+            let [(left, _)] = join.on() else { return Ok(Transformed::no(node)) };
+            let Some(left) = left.downcast_ref::<Column>() else { return Ok(Transformed::no(node)) };
+            let integer = join.left().schema().field(left.index()).data_type() == &DataType::Int64;
+            if ids.is_empty() || !integer || join.null_equality() != NullEquality::NullEqualsNothing {
+                return Ok(Transformed::no(node));
+            }
+            let sink = KeySinkExec::new(join.left().clone(), left.index());
+            sets.extend(ids.iter().map(|id| (*id, sink.set().clone())));
+            let right = join.right().clone();
+            let options = ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
+            Ok(Transformed::yes(node.clone().replace_children(vec![Arc::new(sink), right], options)?))
+        })?
+        .data;
+    if sets.is_empty() {
+        return Ok(plan);
+    }
+    let linked = plan.transform_up(|node| {
+        let Some(scan) = node.downcast_ref::<LeafScanExec>() else { return Ok(Transformed::no(node)) };
+        let probes: Vec<ProbeKeys> = scan
+            .dynamic
+            .iter()
+            .filter_map(|expr| {
+                let id = expr.expression_id()?;
+                let set = sets.iter().find(|(i, _)| *i == id)?.1.clone();
+                let [child] = expr.children()[..] else { return None };
+                let column = child.downcast_ref::<Column>()?.name().to_string();
+                let integer = scan.output.field_with_name(&column).ok()?.data_type() == &DataType::Int64;
+                integer.then_some(ProbeKeys { column, set })
+            })
+            .collect();
+        if probes.is_empty() {
+            return Ok(Transformed::no(node));
+        }
+        let mut linked = scan.with_dynamic(scan.dynamic.clone());
+        linked.probe_keys = probes;
+        Ok(Transformed::yes(Arc::new(linked) as Arc<dyn ExecutionPlan>))
+    })?;
+    Ok(linked.data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_set_is_complete_when_every_build_partition_ended_in_the_same_run() {
+        let set = KeySet::new(2);
+        let (run, other) = (Arc::new(TaskContext::default()), Arc::new(TaskContext::default()));
+        set.start(&run);
+        set.start(&run);
+        set.finish(&run, Some(vec![5, 3, 5]));
+        assert_eq!(set.keys(&run), None, "one partition still runs");
+        set.finish(&run, Some(vec![1, 3]));
+        assert_eq!(set.keys(&run), Some(vec![1, 3, 5]));
+        assert_eq!(set.keys(&other), None, "another run's scan");
+
+        // A new run starts over; the old run's late partitions change nothing.
+        set.start(&other);
+        set.finish(&run, Some(vec![9]));
+        set.finish(&other, Some(vec![7]));
+        set.finish(&other, Some(vec![]));
+        assert_eq!(set.keys(&other), Some(vec![7]));
+        assert_eq!(set.keys(&run), None);
+    }
+
+    #[test]
+    fn a_partition_over_the_limit_leaves_no_set() {
+        let set = KeySet::new(2);
+        let run = Arc::new(TaskContext::default());
+        set.start(&run);
+        set.finish(&run, None);
+        set.finish(&run, Some(vec![1]));
+        assert_eq!(set.keys(&run), None);
+        let set = KeySet::new(2);
+        set.start(&run);
+        set.finish(&run, Some(vec![0; KEY_SET_MAX]));
+        set.finish(&run, Some(vec![1]));
+        assert_eq!(set.keys(&run), None, "together over the limit");
+    }
+}
