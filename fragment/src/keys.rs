@@ -282,7 +282,8 @@ pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
             let ids: Vec<u64> = node.dynamic_expressions_produced().iter().filter_map(|e| e.expression_id()).collect();
             let [(left, _)] = join.on() else { return Ok(Transformed::no(node)) };
             let Some(left) = left.downcast_ref::<Column>() else { return Ok(Transformed::no(node)) };
-            let integer = join.left().schema().field(left.index()).data_type() == &DataType::Int64;
+            let field = join.left().schema().fields().get(left.index()).cloned();
+            let integer = field.is_some_and(|f| f.data_type() == &DataType::Int64);
             if ids.is_empty() || !integer || join.null_equality() != NullEquality::NullEqualsNothing {
                 return Ok(Transformed::no(node));
             }
@@ -296,6 +297,7 @@ pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
     if sets.is_empty() {
         return Ok(plan);
     }
+    let mut used: Vec<*const KeySet> = vec![];
     let linked = plan.transform_up(|node| {
         let Some(scan) = node.downcast_ref::<LeafScanExec>() else { return Ok(Transformed::no(node)) };
         let probes: Vec<ProbeKeys> = scan
@@ -313,11 +315,18 @@ pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
         if probes.is_empty() {
             return Ok(Transformed::no(node));
         }
+        used.extend(probes.iter().map(|p| Arc::as_ptr(&p.set)));
         let mut linked = scan.with_dynamic(scan.dynamic.clone());
         linked.probe_keys = probes;
         Ok(Transformed::yes(Arc::new(linked) as Arc<dyn ExecutionPlan>))
     })?;
-    Ok(linked.data)
+    // A sink no scan reads from (its filter went to another operator, or to a text column)
+    // would collect keys for nothing.
+    let pruned = linked.data.transform_up(|node| match node.downcast_ref::<KeySinkExec>() {
+        Some(sink) if !used.contains(&Arc::as_ptr(&sink.set)) => Ok(Transformed::yes(sink.input.clone())),
+        _ => Ok(Transformed::no(node)),
+    })?;
+    Ok(pruned.data)
 }
 
 #[cfg(test)]
