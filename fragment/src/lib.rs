@@ -166,9 +166,10 @@ impl ScanSpec {
 fn selective_key_list(estimate: &ScanEstimate, output: &Schema, lists: &[Filter]) -> bool {
     lists.iter().any(|f| {
         let Filter::In { path, values } = f else { return false };
-        let distinct = output.index_of(path).ok().and_then(|i| estimate.distinct.get(i).copied().flatten());
         values.len() <= RUNTIME_INDEX_MAX_KEYS
-            && distinct.is_some_and(|d| (values.len() as f64) < RUNTIME_INDEX_SELECTIVITY * d as f64)
+            && estimate
+                .distinct_of(output, path)
+                .is_some_and(|d| (values.len() as f64) < RUNTIME_INDEX_SELECTIVITY * d as f64)
     })
 }
 
@@ -177,6 +178,13 @@ fn selective_key_list(estimate: &ScanEstimate, output: &Schema, lists: &[Filter]
 pub struct ScanEstimate {
     pub rows: u64,
     pub distinct: Vec<Option<u64>>,
+}
+
+impl ScanEstimate {
+    /// The estimated distinct values of output column `name`, when known.
+    fn distinct_of(&self, output: &Schema, name: &str) -> Option<u64> {
+        self.distinct.get(output.index_of(name).ok()?).copied().flatten()
+    }
 }
 
 /// Bytes of a batch's data as it crosses the tiers (the sliced buffers, as Arrow IPC sends them).
@@ -353,10 +361,7 @@ impl LeafScanExec {
                         continue;
                     }
                     let Some(keys) = probe.set.keys(&context) else { continue };
-                    let distinct = output
-                        .index_of(&probe.column)
-                        .ok()
-                        .and_then(|i| estimate.as_ref()?.distinct.get(i).copied().flatten());
+                    let distinct = estimate.as_ref().and_then(|e| e.distinct_of(&output, &probe.column));
                     if distinct.is_some_and(|d| keys.len() as f64 > keys::KEY_SET_SELECTIVITY * d as f64) {
                         continue;
                     }
