@@ -70,14 +70,14 @@ impl Sketch {
 
     pub fn estimate(&self) -> u64 {
         let m = M as f64;
-        let mut sum = 0.0;
-        let mut zeros = 0usize;
+        // Registers hold ranks up to 53: count each rank once, then weigh the counts (the
+        // planner asks for estimates many times per query; a `powi` per register cost 80 µs).
+        let mut counts = [0u32; 65];
         for &r in &self.registers {
-            sum += 2f64.powi(-i32::from(r));
-            if r == 0 {
-                zeros += 1;
-            }
+            counts[usize::from(r.min(64))] += 1;
         }
+        let sum: f64 = counts.iter().enumerate().map(|(r, &n)| f64::from(n) * (-(r as f64)).exp2()).sum();
+        let zeros = counts[0] as usize;
         let alpha = 0.7213 / (1.0 + 1.079 / m);
         let raw = alpha * m * m / sum;
         let e = if raw <= 2.5 * m && zeros > 0 { m * (m / zeros as f64).ln() } else { raw };
