@@ -217,6 +217,24 @@ fn in_set(path: &str, values: &[Scalar], block: &Block, sets: &InSets) -> Result
     Ok(Some(out))
 }
 
+/// `path IN (texts)` through the block's dictionary of the column (see
+/// [`Block::text_dictionary`]): one membership test per distinct value. None when the list
+/// holds anything but text or the column has no dictionary.
+fn in_dictionary(path: &str, values: &[Scalar], block: &Block, sets: &InSets) -> Option<BooleanArray> {
+    if values.is_empty() || !values.iter().all(|v| matches!(v, Scalar::Str(_))) {
+        return None;
+    }
+    let dict = block.text_dictionary(path)?;
+    let prepared = sets.get(values);
+    let listed = |x: &str| match prepared.as_ref() {
+        Prepared::Strs(set, _) => set.contains(x),
+        _ => values.iter().any(|v| matches!(v, Scalar::Str(s) if s == x)),
+    };
+    // Dictionary values are never null (null rows have no value).
+    let per_value: BooleanArray = dict.values.iter().map(|v| Some(v.is_some_and(listed))).collect();
+    Some(dict.per_row(&per_value))
+}
+
 /// Evaluate a filter over every row of a block. Null means unknown (SQL semantics).
 pub fn eval(filter: &Filter, block: &Block) -> Result<BooleanArray> {
     eval_with(filter, block, &InSets::default())
@@ -229,10 +247,19 @@ pub fn eval_with(filter: &Filter, block: &Block, sets: &InSets) -> Result<Boolea
         Filter::Or(items) => fold(items, block, false, sets),
         Filter::Not(inner) => Ok(not(&eval_with(inner, block, sets)?)?),
         Filter::Cmp { path, op, value } => {
+            if let Scalar::Str(_) = value
+                && let Some(dict) = block.text_dictionary(path)
+            {
+                let distinct: ArrayRef = Arc::new(dict.values.clone());
+                return Ok(dict.per_row(&compare(&distinct, *op, value)?));
+            }
             let col = column_for(block, path, value)?;
             compare(&col, *op, value)
         }
         Filter::In { path, values } => {
+            if let Some(m) = in_dictionary(path, values, block, sets) {
+                return Ok(m);
+            }
             if let Some(m) = in_set(path, values, block, sets)? {
                 return Ok(m);
             }
@@ -262,9 +289,81 @@ pub fn eval_with(filter: &Filter, block: &Block, sets: &InSets) -> Result<Boolea
     }
 }
 
-/// The conjunction of filters over every row of a block (SQL semantics).
-pub fn eval_all(filters: &[&Filter], block: &Block, sets: &InSets) -> Result<BooleanArray> {
-    fold(filters.iter().copied(), block, true, sets)
+/// The rows of a block for which every filter is true (unknown counts as false, as for a
+/// `WHERE` clause). Comparisons of integer, date and timestamp columns with constants are
+/// ANDed into the selection 64 rows at a time ([`crate::kernels::and_compare`]: no boolean
+/// array per filter, rows already dropped are not compared); the other filters are evaluated
+/// with [`eval_with`] and combined.
+pub fn select(filters: &[&Filter], block: &Block, sets: &InSets) -> Result<arrow::buffer::BooleanBuffer> {
+    let mut acc = vec![u64::MAX; block.rows.div_ceil(64)];
+    let mut rest = Vec::new();
+    for f in filters {
+        if !select_compare(f, block, &mut acc)? {
+            rest.push(*f);
+        }
+    }
+    if !rest.is_empty() {
+        let m = fold(rest, block, true, sets)?;
+        check_rows(m.len(), block)?;
+        and_into(&mut acc, m.values());
+        if let Some(nulls) = arrow::array::Array::nulls(&m) {
+            and_into(&mut acc, nulls.inner());
+        }
+    }
+    Ok(arrow::buffer::BooleanBuffer::new(arrow::buffer::Buffer::from_vec(acc), 0, block.rows))
+}
+
+/// A column or result must cover every row of its block: a shorter one would leave the
+/// rows past its end selected.
+fn check_rows(len: usize, block: &Block) -> Result<()> {
+    if len != block.rows {
+        return Err(basalt_common::BasaltError::internal(format!(
+            "a filter over a block of {} rows gave {len} results",
+            block.rows
+        )));
+    }
+    Ok(())
+}
+
+/// `acc &= bits`, word by word.
+fn and_into(acc: &mut [u64], bits: &arrow::buffer::BooleanBuffer) {
+    for (a, b) in acc.iter_mut().zip(bits.bit_chunks().iter_padded()) {
+        *a &= b;
+    }
+}
+
+/// ANDs a comparison of an integer-valued column with a constant into `acc` when the block
+/// holds the column in the constant's type (or, for a date, as text parsed to dates); false
+/// when the filter is of another kind (left to [`eval_with`]).
+fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<bool> {
+    use arrow::datatypes::{Date32Type, Int64Type, TimestampMicrosecondType};
+    let Filter::Cmp { path, op, value } = filter else { return Ok(false) };
+    let column = match value {
+        Scalar::Date(_) => block.column_as_date(path)?,
+        Scalar::Int(_) | Scalar::Timestamp(_) => match block.columns.get(path) {
+            // An absent column is all null: no row passes.
+            None => {
+                acc.fill(0);
+                return Ok(true);
+            }
+            Some(c) if *c.data_type() == scalar_type(value) => c.clone(),
+            Some(_) => return Ok(false),
+        },
+        _ => return Ok(false),
+    };
+    check_rows(column.len(), block)?;
+    match value {
+        Scalar::Int(r) => crate::kernels::and_compare(acc, column.as_primitive::<Int64Type>().values(), *op, *r),
+        Scalar::Timestamp(r) => {
+            crate::kernels::and_compare(acc, column.as_primitive::<TimestampMicrosecondType>().values(), *op, *r)
+        }
+        Scalar::Date(r) => crate::kernels::and_compare(acc, column.as_primitive::<Date32Type>().values(), *op, *r),
+        _ => return Ok(false),
+    }
+    if let Some(nulls) = arrow::array::Array::nulls(&column) {
+        and_into(acc, nulls.inner());
+    }
+    Ok(true)
 }
 
 fn fold<'a>(
@@ -371,6 +470,7 @@ fn order(stat: &Scalar, lit: &Scalar) -> Option<std::cmp::Ordering> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow::array::Array;
     use basalt_common::doc::Doc;
     use serde_json::json;
 
@@ -388,6 +488,109 @@ mod tests {
 
     fn rows(f: &Filter) -> Vec<Option<bool>> {
         eval(f, &block()).unwrap().iter().collect()
+    }
+
+    #[test]
+    fn selection_keeps_the_rows_every_filter_holds_for() {
+        // Integers with nulls and a float among them in one block, dates as text, timestamps,
+        // a column absent from the block; 300 rows (not a multiple of 64).
+        let docs: Vec<Arc<Doc>> = (0..300i64)
+            .map(|i| {
+                let mut v = json!({"t": format!("k{}", i % 5), "d": format!("1995-0{}-1{}", 1 + i % 9, i % 10)});
+                if i % 11 != 3 {
+                    v["q"] = json!((i * 37) % 50);
+                }
+                if i % 7 != 0 {
+                    v["f"] = if i == 150 { json!(2.5) } else { json!(i % 4) };
+                }
+                Arc::new(v.as_object().unwrap().clone())
+            })
+            .collect();
+        let b = Block::build(0, &docs).unwrap();
+        assert_eq!(b.columns["f"].data_type(), &DataType::Float64, "mixed column stays on the general path");
+        let day = |s: &str| {
+            let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+            Scalar::Date(d.signed_duration_since(chrono::NaiveDate::default()).num_days() as i32)
+        };
+        let cmp = |path: &str, op, value| Filter::Cmp { path: path.into(), op, value };
+        let cases: Vec<Vec<Filter>> = vec![
+            vec![cmp("q", CmpOp::Lt, Scalar::Int(25))],
+            vec![cmp("q", CmpOp::GtEq, Scalar::Int(10)), cmp("q", CmpOp::LtEq, Scalar::Int(30))],
+            vec![cmp("q", CmpOp::NotEq, Scalar::Int(0)), cmp("d", CmpOp::Lt, day("1995-05-01"))],
+            vec![cmp("f", CmpOp::Eq, Scalar::Int(2)), cmp("q", CmpOp::Gt, Scalar::Int(5))],
+            vec![cmp("t", CmpOp::Eq, Scalar::Str("k3".into())), cmp("q", CmpOp::Gt, Scalar::Int(5))],
+            vec![cmp("missing", CmpOp::Eq, Scalar::Int(1))],
+            vec![Filter::Not(Box::new(cmp("q", CmpOp::Lt, Scalar::Int(25)))), cmp("d", CmpOp::GtEq, day("1995-03-01"))],
+            vec![],
+        ];
+        for filters in cases {
+            let refs: Vec<&Filter> = filters.iter().collect();
+            let sets = InSets::default();
+            // The Kleene conjunction, as the general path evaluates it.
+            let all = fold(refs.iter().copied(), &b, true, &sets).unwrap();
+            let want = if all.null_count() > 0 { arrow::compute::prep_null_mask_filter(&all) } else { all };
+            let got = select(&refs, &b, &sets).unwrap();
+            assert_eq!(got.len(), 300);
+            assert_eq!(&got, want.values(), "{filters:?}");
+        }
+        // A column shorter than its block is an error, not rows selected without a value.
+        let mut short = std::collections::HashMap::new();
+        short.insert("q".to_string(), Arc::new(Int64Array::from(vec![1, 2, 3])) as ArrayRef);
+        let broken = Block::new(0, 100, short, std::collections::HashMap::new());
+        let q = cmp("q", CmpOp::Gt, Scalar::Int(0));
+        assert!(select(&[&q], &broken, &InSets::default()).is_err());
+        // Text that is not a date is still an error on the fast path.
+        let bad = Block::build(0, &[Arc::new(json!({"d": "soon"}).as_object().unwrap().clone())]).unwrap();
+        let lt = cmp("d", CmpOp::Lt, day("1995-01-01"));
+        assert!(select(&[&lt], &bad, &InSets::default()).is_err());
+    }
+
+    #[test]
+    fn text_with_few_values_compares_through_the_dictionary_as_row_by_row() {
+        let modes = ["MAIL", "SHIP", "AIR", "REG AIR"];
+        let docs: Vec<Arc<Doc>> = (0..200)
+            .map(|i| {
+                let mut v = json!({"n": format!("n{i}")});
+                if i % 9 != 4 {
+                    v["m"] = json!(modes[(i * 7 + i / 3) % modes.len()]);
+                }
+                Arc::new(v.as_object().unwrap().clone())
+            })
+            .collect();
+        let b = Block::build(0, &docs).unwrap();
+        let dict = b.text_dictionary("m").expect("4 distinct values of 200 rows");
+        assert_eq!(dict.values.len(), 4);
+        assert!(Arc::ptr_eq(&dict, &b.text_dictionary("m").unwrap()), "built once");
+        // Too many distinct values (one per row), not text, or absent: no dictionary.
+        assert!(b.text_dictionary("n").is_none() && b.text_dictionary("nope").is_none());
+        let col = b.columns["m"].clone();
+        let str_ = |s: &str| Scalar::Str(s.into());
+        for op in [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq] {
+            for lit in ["MAIL", "AIR", "B", "ZZZ"] {
+                let f = Filter::Cmp { path: "m".into(), op, value: str_(lit) };
+                let want = compare(&col, op, &str_(lit)).unwrap();
+                assert_eq!(eval(&f, &b).unwrap(), want, "{op:?} {lit}");
+            }
+        }
+        // Short and long lists (the long one goes through a hash set), with and without matches.
+        let long: Vec<Scalar> = ["SHIP", "x1", "x2", "x3", "x4", "x5", "x6", "x7", "MAIL"].map(str_).to_vec();
+        for values in [vec![str_("MAIL"), str_("SHIP")], vec![str_("none")], long] {
+            let f = Filter::In { path: "m".into(), values: values.clone() };
+            let mut want: Option<BooleanArray> = None;
+            for v in &values {
+                let m = compare(&col, CmpOp::Eq, v).unwrap();
+                want = Some(match want {
+                    None => m,
+                    Some(a) => or_kleene(&a, &m).unwrap(),
+                });
+            }
+            assert_eq!(eval(&f, &b).unwrap(), want.unwrap(), "{values:?}");
+        }
+        // Null rows stay unknown, so NOT keeps them out too.
+        let not_mail = Filter::Not(Box::new(Filter::Cmp { path: "m".into(), op: CmpOp::Eq, value: str_("MAIL") }));
+        let got = eval(&not_mail, &b).unwrap();
+        assert_eq!(got.null_count(), col.null_count());
+        assert_eq!(got.null_count(), 22);
     }
 
     #[test]

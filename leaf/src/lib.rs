@@ -6,6 +6,7 @@
 
 pub mod columns;
 pub mod eval;
+pub mod kernels;
 pub mod rows;
 pub mod search;
 pub mod segments;

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::columns::{
     BLOCK_ROWS, Block, ColumnStore, Deletions, Overlay, Overlays, StatsDelta, StatsDeltaBuilder, apply_delta,
 };
-use crate::eval::{InSets, block_excluded, eval_all};
+use crate::eval::{InSets, block_excluded, select};
 use crate::rows::{Head, RowStore};
 use crate::search::SearchIndex;
 use crate::segments::{Manifest, ShardSegments};
@@ -1356,9 +1356,8 @@ fn project_filter(
         }
     };
     if !filters.is_empty() {
-        let m = eval_all(filters, block, sets)?;
         // Unknown (null) counts as false.
-        let m = if m.null_count() > 0 { arrow::compute::prep_null_mask_filter(&m) } else { m };
+        let m = arrow::array::BooleanArray::new(select(filters, block, sets)?, None);
         keep = Some(match keep {
             Some(k) => and(&k, &m)?,
             None => m,

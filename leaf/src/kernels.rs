@@ -1,0 +1,131 @@
+//! Comparisons of integer columns with constants, ANDed into a row selection 64 rows at a
+//! time: one word per 64 rows, no boolean array per filter and no pass to combine them.
+//!
+//! The loop is compiled twice, for baseline x86-64 and with AVX2 (chosen at run time), where
+//! the comparisons of a word's 64 values vectorize. Arrow's comparison kernels build their
+//! result bit by bit in scalar code: on SSB q1.1 (four comparisons over 6M rows) they were 63%
+//! of the process's CPU.
+
+use basalt_common::filter::CmpOp;
+
+/// `acc[w] &= (values[64w + j] op r for j in 0..64)` for every word the values cover. Words
+/// already zero are skipped: rows an earlier filter dropped are not compared again.
+pub fn and_compare<T: Copy + Ord>(acc: &mut [u64], values: &[T], op: CmpOp, r: T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { and_compare_avx2(acc, values, op, r) };
+            return;
+        }
+    }
+    and_compare_any(acc, values, op, r);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn and_compare_avx2<T: Copy + Ord>(acc: &mut [u64], values: &[T], op: CmpOp, r: T) {
+    and_compare_any(acc, values, op, r);
+}
+
+#[inline(always)]
+fn and_compare_any<T: Copy + Ord>(acc: &mut [u64], values: &[T], op: CmpOp, r: T) {
+    match op {
+        CmpOp::Eq => and_words(acc, values, |v| v == r),
+        CmpOp::NotEq => and_words(acc, values, |v| v != r),
+        CmpOp::Lt => and_words(acc, values, |v| v < r),
+        CmpOp::LtEq => and_words(acc, values, |v| v <= r),
+        CmpOp::Gt => and_words(acc, values, |v| v > r),
+        CmpOp::GtEq => and_words(acc, values, |v| v >= r),
+    }
+}
+
+#[inline(always)]
+fn and_words<T: Copy>(acc: &mut [u64], values: &[T], f: impl Fn(T) -> bool) {
+    let mut chunks = values.chunks_exact(64);
+    for (word, chunk) in acc.iter_mut().zip(&mut chunks) {
+        if *word == 0 {
+            continue;
+        }
+        // A byte per result first (this loop vectorizes), then 8 bytes to 8 bits at a time.
+        let mut bytes = [0u8; 64];
+        for (b, v) in bytes.iter_mut().zip(chunk) {
+            *b = u8::from(f(*v));
+        }
+        *word &= pack(&bytes);
+    }
+    let rest = chunks.remainder();
+    if let Some(word) = acc.get_mut(values.len() / 64)
+        && !rest.is_empty()
+    {
+        let mut bits = 0u64;
+        for (j, v) in rest.iter().enumerate() {
+            bits |= u64::from(f(*v)) << j;
+        }
+        *word &= bits;
+    }
+}
+
+/// 64 bytes of 0 or 1 as 64 bits (byte `j` to bit `j`).
+#[inline(always)]
+fn pack(bytes: &[u8; 64]) -> u64 {
+    let mut word = 0u64;
+    for (k, eight) in bytes.chunks_exact(8).enumerate() {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(eight);
+        // Byte i of x (0 or 1) times 2^(56 - 7i) lands on bit 56 + i; no two products meet.
+        let x = u64::from_le_bytes(le);
+        word |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * k);
+    }
+    word
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference<T: Copy + Ord>(values: &[T], op: CmpOp, r: T) -> Vec<bool> {
+        values
+            .iter()
+            .map(|v| match op {
+                CmpOp::Eq => *v == r,
+                CmpOp::NotEq => *v != r,
+                CmpOp::Lt => *v < r,
+                CmpOp::LtEq => *v <= r,
+                CmpOp::Gt => *v > r,
+                CmpOp::GtEq => *v >= r,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn words_hold_each_rows_comparison_anded_with_the_selection() {
+        let ops = [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq];
+        for n in [0usize, 1, 63, 64, 65, 200, 8192] {
+            let values: Vec<i64> = (0..n as i64).map(|i| (i * 7919 + i / 5) % 13 - 6).collect();
+            let narrow: Vec<i32> = values.iter().map(|v| *v as i32).collect();
+            // A selection with some rows already dropped (every third word zero, others mixed).
+            let start: Vec<u64> =
+                (0..n.div_ceil(64)).map(|w| if w % 3 == 2 { 0 } else { 0xF0F0_FFFF_0000_FFFF ^ (w as u64) }).collect();
+            let selected = |acc: &[u64], i: usize| acc[i / 64] & (1 << (i % 64)) != 0;
+            for op in ops {
+                for r in [-7i64, 0, 3, 6] {
+                    let want = reference(&values, op, r);
+                    let mut acc = start.clone();
+                    and_compare(&mut acc, &values, op, r);
+                    let mut acc32 = start.clone();
+                    and_compare(&mut acc32, &narrow, op, r as i32);
+                    let mut plain = start.clone();
+                    and_compare_any(&mut plain, &values, op, r);
+                    for (i, wanted) in want.iter().enumerate() {
+                        let expect = selected(&start, i) && *wanted;
+                        assert_eq!(selected(&acc, i), expect, "n={n} {op:?} {r} row {i}");
+                        assert_eq!(selected(&acc32, i), expect, "i32 n={n} {op:?} {r} row {i}");
+                    }
+                    assert_eq!(acc, plain, "AVX2 and baseline agree");
+                    assert_eq!(acc, acc32);
+                }
+            }
+        }
+    }
+}
