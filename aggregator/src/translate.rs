@@ -1,8 +1,8 @@
 //! Translation of DataFusion filter expressions into the leaf filter language. A filter that
 //! translates is evaluated completely by leaves (`Exact`); one that does not stays in DataFusion.
 
-use arrow::datatypes::{DataType, Schema};
-use basalt_common::filter::{CmpOp, Filter, Scalar};
+use arrow::datatypes::{DataType, Schema, TimeUnit};
+use basalt_common::filter::{CmpOp, FieldType, Filter, Scalar};
 use basalt_fragment::filters::{cmp_op, column_type, flip, scalar_for_column};
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{BinaryExpr, Cast, Expr, Operator};
@@ -35,6 +35,20 @@ impl<'a> Operand<'a> {
         }
     }
 
+    /// The type a comparison with another field reads this operand as; None for types leaves
+    /// do not compare field with field.
+    fn field_type(&self) -> Option<FieldType> {
+        Some(match self {
+            Operand::TextAsDate(_) => FieldType::TextAsDate,
+            Operand::Column(_, DataType::Boolean) => FieldType::Bool,
+            Operand::Column(_, DataType::Int64) => FieldType::Int,
+            Operand::Column(_, DataType::Float64) => FieldType::Float,
+            Operand::Column(_, DataType::Utf8) => FieldType::Str,
+            Operand::Column(_, DataType::Timestamp(TimeUnit::Microsecond, _)) => FieldType::Timestamp,
+            Operand::Column(..) => return None,
+        })
+    }
+
     /// A literal as the leaf scalar this operand compares with.
     fn scalar(&self, e: &Expr) -> Option<Scalar> {
         let Expr::Literal(v, _) = e else { return None };
@@ -62,6 +76,10 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
             let (operand, value, op) = match (Operand::of(left, schema), Operand::of(right, schema)) {
                 (Some(o), None) => (o, right.as_ref(), op),
                 (None, Some(o)) => (o, left.as_ref(), flip(op)),
+                (Some(l), Some(r)) => {
+                    let ty = l.field_type().filter(|t| r.field_type() == Some(*t))?;
+                    return Some(Filter::CmpFields { left: l.path().to_string(), op, right: r.path().to_string(), ty });
+                }
                 _ => return None,
             };
             Some(Filter::Cmp { path: operand.path().to_string(), op, value: operand.scalar(value)? })
@@ -134,6 +152,28 @@ mod tests {
     }
 
     #[test]
+    fn comparisons_of_two_fields_of_one_type_are_pushed() {
+        use datafusion::logical_expr::cast;
+        let schema = Schema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("b", DataType::Int64, true),
+            Field::new("x", DataType::Float64, true),
+            Field::new("s", DataType::Utf8, true),
+            Field::new("t", DataType::Utf8, true),
+        ]);
+        let f = translate(&col("a").lt(col("b")), &schema).unwrap();
+        assert_eq!(f, Filter::CmpFields { left: "a".into(), op: CmpOp::Lt, right: "b".into(), ty: FieldType::Int });
+        assert_eq!(f.to_string(), "a < b");
+        assert_eq!(translate(&col("s").gt_eq(col("t")), &schema).unwrap().to_string(), "s >= t");
+        let dates = cast(col("s"), DataType::Date32).lt(cast(col("t"), DataType::Date32));
+        assert_eq!(translate(&dates, &schema).unwrap().to_string(), "CAST(s AS DATE) < CAST(t AS DATE)");
+        // Different types (DataFusion would cast one side) stay in DataFusion.
+        assert!(translate(&col("a").lt(col("x")), &schema).is_none());
+        assert!(translate(&col("a").lt(col("s")), &schema).is_none());
+        assert!(translate(&cast(col("s"), DataType::Date32).lt(col("a")), &schema).is_none());
+    }
+
+    #[test]
     fn text_compared_with_a_date_is_pushed_as_a_date_comparison() {
         use datafusion::logical_expr::cast;
         let schema = Schema::new(vec![Field::new("day", DataType::Utf8, true), Field::new("n", DataType::Int64, true)]);
@@ -152,7 +192,7 @@ mod tests {
         assert!(translate(&cast(col("n"), DataType::Date32).lt(date(1)), &schema).is_none());
         assert!(translate(&cast(col("day"), DataType::Date32).lt(lit("1995-01-01")), &schema).is_none());
         assert!(translate(&cast(col("day"), DataType::Int64).lt(lit(1i64)), &schema).is_none());
-        // Column against column stays in DataFusion.
-        assert!(translate(&col("day").eq(col("day")), &schema).is_none());
+        // A text column against an integer column stays in DataFusion.
+        assert!(translate(&col("day").eq(col("n")), &schema).is_none());
     }
 }

@@ -46,6 +46,20 @@ impl CmpOp {
     }
 }
 
+/// The SQL type two fields are compared as ([`Filter::CmpFields`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    Bool,
+    Int,
+    Float,
+    Str,
+    Timestamp,
+    /// Text parsed as dates, as SQL `CAST(field AS DATE)` does (a value that is not a date is
+    /// an error).
+    TextAsDate,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Filter {
@@ -56,6 +70,14 @@ pub enum Filter {
         path: String,
         op: CmpOp,
         value: Scalar,
+    },
+    /// `left op right`: two fields of the same document, both read as `ty` (TPC-H's
+    /// `l_commitdate < l_receiptdate`). Null on either side is unknown.
+    CmpFields {
+        left: String,
+        op: CmpOp,
+        right: String,
+        ty: FieldType,
     },
     In {
         path: String,
@@ -106,6 +128,10 @@ impl std::fmt::Display for Filter {
                 write!(f, "CAST({path} AS DATE) {} {value}", op.symbol())
             }
             Filter::Cmp { path, op, value } => write!(f, "{path} {} {value}", op.symbol()),
+            Filter::CmpFields { left, op, right, ty: FieldType::TextAsDate } => {
+                write!(f, "CAST({left} AS DATE) {} CAST({right} AS DATE)", op.symbol())
+            }
+            Filter::CmpFields { left, op, right, .. } => write!(f, "{left} {} {right}", op.symbol()),
             Filter::In { path, values } => {
                 if matches!(values.first(), Some(Scalar::Date(_))) {
                     write!(f, "CAST({path} AS DATE) IN (")?;

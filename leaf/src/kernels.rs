@@ -1,4 +1,4 @@
-//! Comparisons of integer columns with constants, ANDed into a row selection 64 rows at a
+//! Comparisons of integer columns with constants (or with another column), ANDed into a row selection 64 rows at a
 //! time: one word per 64 rows, no boolean array per filter and no pass to combine them.
 //!
 //! The loop is compiled twice, for baseline x86-64 and with AVX2 (chosen at run time), where
@@ -37,6 +37,67 @@ fn and_compare_any<T: Copy + Ord>(acc: &mut [u64], values: &[T], op: CmpOp, r: T
         CmpOp::LtEq => and_words(acc, values, |v| v <= r),
         CmpOp::Gt => and_words(acc, values, |v| v > r),
         CmpOp::GtEq => and_words(acc, values, |v| v >= r),
+    }
+}
+
+/// `acc[w] &= (left[64w + j] op right[64w + j] for j in 0..64)`: two columns of one block
+/// compared row by row (`l_commitdate < l_receiptdate`), as [`and_compare`] does with a constant.
+pub fn and_compare_columns<T: Copy + Ord>(acc: &mut [u64], left: &[T], op: CmpOp, right: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { and_compare_columns_avx2(acc, left, op, right) };
+            return;
+        }
+    }
+    and_compare_columns_any(acc, left, op, right);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn and_compare_columns_avx2<T: Copy + Ord>(acc: &mut [u64], left: &[T], op: CmpOp, right: &[T]) {
+    and_compare_columns_any(acc, left, op, right);
+}
+
+#[inline(always)]
+fn and_compare_columns_any<T: Copy + Ord>(acc: &mut [u64], left: &[T], op: CmpOp, right: &[T]) {
+    match op {
+        CmpOp::Eq => and_pairs(acc, left, right, |l, r| l == r),
+        CmpOp::NotEq => and_pairs(acc, left, right, |l, r| l != r),
+        CmpOp::Lt => and_pairs(acc, left, right, |l, r| l < r),
+        CmpOp::LtEq => and_pairs(acc, left, right, |l, r| l <= r),
+        CmpOp::Gt => and_pairs(acc, left, right, |l, r| l > r),
+        CmpOp::GtEq => and_pairs(acc, left, right, |l, r| l >= r),
+    }
+}
+
+/// [`and_words`] over pairs of values; rows past the shorter slice are left as they are.
+#[inline(always)]
+fn and_pairs<T: Copy>(acc: &mut [u64], left: &[T], right: &[T], f: impl Fn(T, T) -> bool) {
+    let n = left.len().min(right.len());
+    let (left, right) = (&left[..n], &right[..n]);
+    let mut ls = left.chunks_exact(64);
+    let mut rs = right.chunks_exact(64);
+    for ((word, l), r) in acc.iter_mut().zip(&mut ls).zip(&mut rs) {
+        if *word == 0 {
+            continue;
+        }
+        let mut bytes = [0u8; 64];
+        for ((b, x), y) in bytes.iter_mut().zip(l).zip(r) {
+            *b = u8::from(f(*x, *y));
+        }
+        *word &= pack(&bytes);
+    }
+    let (lrest, rrest) = (ls.remainder(), rs.remainder());
+    if let Some(word) = acc.get_mut(n / 64)
+        && !lrest.is_empty()
+    {
+        let mut bits = 0u64;
+        for (j, (x, y)) in lrest.iter().zip(rrest).enumerate() {
+            bits |= u64::from(f(*x, *y)) << j;
+        }
+        *word &= bits;
     }
 }
 
@@ -124,6 +185,29 @@ mod tests {
                     }
                     assert_eq!(acc, plain, "AVX2 and baseline agree");
                     assert_eq!(acc, acc32);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn column_pairs_compare_row_by_row_anded_with_the_selection() {
+        let ops = [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq];
+        for n in [0usize, 1, 63, 64, 65, 200, 8192] {
+            let left: Vec<i32> = (0..n as i32).map(|i| (i * 7919 + i / 5) % 13 - 6).collect();
+            let right: Vec<i32> = (0..n as i32).map(|i| (i * 104_729) % 11 - 5).collect();
+            let start: Vec<u64> =
+                (0..n.div_ceil(64)).map(|w| if w % 3 == 2 { 0 } else { 0xF0F0_FFFF_0000_FFFF ^ (w as u64) }).collect();
+            let selected = |acc: &[u64], i: usize| acc[i / 64] & (1 << (i % 64)) != 0;
+            for op in ops {
+                let mut acc = start.clone();
+                and_compare_columns(&mut acc, &left, op, &right);
+                let mut plain = start.clone();
+                and_compare_columns_any(&mut plain, &left, op, &right);
+                assert_eq!(acc, plain, "AVX2 and baseline agree");
+                for i in 0..n {
+                    let want = reference(&left[i..=i], op, right[i])[0];
+                    assert_eq!(selected(&acc, i), selected(&start, i) && want, "n={n} {op:?} row {i}");
                 }
             }
         }
