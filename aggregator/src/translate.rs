@@ -76,8 +76,12 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
             let (operand, value, op) = match (Operand::of(left, schema), Operand::of(right, schema)) {
                 (Some(o), None) => (o, right.as_ref(), op),
                 (None, Some(o)) => (o, left.as_ref(), flip(op)),
+                // Two fields: only text read as dates is compared by the scan (leaves keep each
+                // block's parsed dates; DataFusion would parse both columns on every query: 5.4x
+                // slower on TPC-H SF 1 lineitem). Other pairs stay in DataFusion, which runs them
+                // on the leaves too (in a fragment) and measured as fast or faster there.
                 (Some(l), Some(r)) => {
-                    let ty = l.field_type().filter(|t| r.field_type() == Some(*t))?;
+                    let ty = l.field_type().filter(|t| *t == FieldType::TextAsDate && r.field_type() == Some(*t))?;
                     return Some(Filter::CmpFields { left: l.path().to_string(), op, right: r.path().to_string(), ty });
                 }
                 _ => return None,
@@ -152,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    fn comparisons_of_two_fields_of_one_type_are_pushed() {
+    fn comparisons_of_two_text_fields_as_dates_are_pushed() {
         use datafusion::logical_expr::cast;
         let schema = Schema::new(vec![
             Field::new("a", DataType::Int64, true),
@@ -161,12 +165,16 @@ mod tests {
             Field::new("s", DataType::Utf8, true),
             Field::new("t", DataType::Utf8, true),
         ]);
-        let f = translate(&col("a").lt(col("b")), &schema).unwrap();
-        assert_eq!(f, Filter::CmpFields { left: "a".into(), op: CmpOp::Lt, right: "b".into(), ty: FieldType::Int });
-        assert_eq!(f.to_string(), "a < b");
-        assert_eq!(translate(&col("s").gt_eq(col("t")), &schema).unwrap().to_string(), "s >= t");
         let dates = cast(col("s"), DataType::Date32).lt(cast(col("t"), DataType::Date32));
-        assert_eq!(translate(&dates, &schema).unwrap().to_string(), "CAST(s AS DATE) < CAST(t AS DATE)");
+        let f = translate(&dates, &schema).unwrap();
+        assert_eq!(
+            f,
+            Filter::CmpFields { left: "s".into(), op: CmpOp::Lt, right: "t".into(), ty: FieldType::TextAsDate }
+        );
+        assert_eq!(f.to_string(), "CAST(s AS DATE) < CAST(t AS DATE)");
+        // Other pairs of one type stay in DataFusion (faster there, see `translate`).
+        assert!(translate(&col("a").lt(col("b")), &schema).is_none());
+        assert!(translate(&col("s").gt_eq(col("t")), &schema).is_none());
         // Different types (DataFusion would cast one side) stay in DataFusion.
         assert!(translate(&col("a").lt(col("x")), &schema).is_none());
         assert!(translate(&col("a").lt(col("s")), &schema).is_none());
