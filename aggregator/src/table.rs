@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arrow::datatypes::SchemaRef;
 use async_trait::async_trait;
 use basalt_common::api::{CollectionInfo, Leaf};
-use basalt_common::doc::ID_FIELD;
+use basalt_common::doc::EVENT_TIME_FIELD;
 use basalt_common::filter::{AccessPath, Filter, choose_access_path};
 use basalt_common::schema::{ColumnType, SchemaStats};
 use basalt_fragment::{LeafScanExec, ScanEstimate, ScanSpec};
@@ -109,9 +109,11 @@ impl TableProvider for CollectionTable {
         };
         let output_columns: Vec<(String, ColumnType)> = indices.iter().map(|i| self.columns[*i].clone()).collect();
         let mut columns = output_columns.clone();
-        // A scan with no columns (count(*)) still needs rows: fetch `_id` and drop it.
+        // A scan with no columns (count(*)) still needs rows: fetch the narrowest column every
+        // document has, `_event_time` (8 bytes a row; a row counts whatever its value), and drop
+        // it. Fetching and filtering `_id` strings made `count(*) WHERE ...` 2x slower.
         if columns.is_empty() {
-            columns.push((ID_FIELD.to_string(), ColumnType::Utf8));
+            columns.push((EVENT_TIME_FIELD.to_string(), ColumnType::Timestamp));
         }
         let exprs = filters;
         let filters = filters
