@@ -1,8 +1,8 @@
 //! Translation of DataFusion filter expressions into the leaf filter language. A filter that
 //! translates is evaluated completely by leaves (`Exact`); one that does not stays in DataFusion.
 
-use arrow::datatypes::{DataType, Schema, TimeUnit};
-use basalt_common::filter::{CmpOp, FieldType, Filter, Scalar};
+use arrow::datatypes::{DataType, Schema};
+use basalt_common::filter::{CmpOp, Filter, Scalar};
 use basalt_fragment::filters::{cmp_op, column_type, flip, scalar_for_column};
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{BinaryExpr, Cast, Expr, Operator};
@@ -33,20 +33,6 @@ impl<'a> Operand<'a> {
         match self {
             Operand::Column(p, _) | Operand::TextAsDate(p) => p,
         }
-    }
-
-    /// The type a comparison with another field reads this operand as; None for types leaves
-    /// do not compare field with field.
-    fn field_type(&self) -> Option<FieldType> {
-        Some(match self {
-            Operand::TextAsDate(_) => FieldType::TextAsDate,
-            Operand::Column(_, DataType::Boolean) => FieldType::Bool,
-            Operand::Column(_, DataType::Int64) => FieldType::Int,
-            Operand::Column(_, DataType::Float64) => FieldType::Float,
-            Operand::Column(_, DataType::Utf8) => FieldType::Str,
-            Operand::Column(_, DataType::Timestamp(TimeUnit::Microsecond, _)) => FieldType::Timestamp,
-            Operand::Column(..) => return None,
-        })
     }
 
     /// A literal as the leaf scalar this operand compares with.
@@ -80,9 +66,8 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
                 // block's parsed dates; DataFusion would parse both columns on every query: 5.4x
                 // slower on TPC-H SF 1 lineitem). Other pairs stay in DataFusion, which runs them
                 // on the leaves too (in a fragment) and measured as fast or faster there.
-                (Some(l), Some(r)) => {
-                    let ty = l.field_type().filter(|t| *t == FieldType::TextAsDate && r.field_type() == Some(*t))?;
-                    return Some(Filter::CmpFields { left: l.path().to_string(), op, right: r.path().to_string(), ty });
+                (Some(Operand::TextAsDate(l)), Some(Operand::TextAsDate(r))) => {
+                    return Some(Filter::CmpDates { left: l.to_string(), op, right: r.to_string() });
                 }
                 _ => return None,
             };
@@ -167,10 +152,7 @@ mod tests {
         ]);
         let dates = cast(col("s"), DataType::Date32).lt(cast(col("t"), DataType::Date32));
         let f = translate(&dates, &schema).unwrap();
-        assert_eq!(
-            f,
-            Filter::CmpFields { left: "s".into(), op: CmpOp::Lt, right: "t".into(), ty: FieldType::TextAsDate }
-        );
+        assert_eq!(f, Filter::CmpDates { left: "s".into(), op: CmpOp::Lt, right: "t".into() });
         assert_eq!(f.to_string(), "CAST(s AS DATE) < CAST(t AS DATE)");
         // Other pairs of one type stay in DataFusion (faster there, see `translate`).
         assert!(translate(&col("a").lt(col("b")), &schema).is_none());

@@ -46,20 +46,6 @@ impl CmpOp {
     }
 }
 
-/// The SQL type two fields are compared as ([`Filter::CmpFields`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FieldType {
-    Bool,
-    Int,
-    Float,
-    Str,
-    Timestamp,
-    /// Text parsed as dates, as SQL `CAST(field AS DATE)` does (a value that is not a date is
-    /// an error).
-    TextAsDate,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Filter {
@@ -71,13 +57,13 @@ pub enum Filter {
         op: CmpOp,
         value: Scalar,
     },
-    /// `left op right`: two fields of the same document, both read as `ty` (TPC-H's
-    /// `l_commitdate < l_receiptdate`). Null on either side is unknown.
-    CmpFields {
+    /// `CAST(left AS DATE) op CAST(right AS DATE)`: two text fields of the same document
+    /// parsed as dates, as SQL's cast does (a value that is not a date is an error). Null on
+    /// either side is unknown.
+    CmpDates {
         left: String,
         op: CmpOp,
         right: String,
-        ty: FieldType,
     },
     In {
         path: String,
@@ -128,10 +114,9 @@ impl std::fmt::Display for Filter {
                 write!(f, "CAST({path} AS DATE) {} {value}", op.symbol())
             }
             Filter::Cmp { path, op, value } => write!(f, "{path} {} {value}", op.symbol()),
-            Filter::CmpFields { left, op, right, ty: FieldType::TextAsDate } => {
+            Filter::CmpDates { left, op, right } => {
                 write!(f, "CAST({left} AS DATE) {} CAST({right} AS DATE)", op.symbol())
             }
-            Filter::CmpFields { left, op, right, .. } => write!(f, "{left} {} {right}", op.symbol()),
             Filter::In { path, values } => {
                 if matches!(values.first(), Some(Scalar::Date(_))) {
                     write!(f, "CAST({path} AS DATE) IN (")?;

@@ -11,7 +11,7 @@ use arrow::compute::kernels::boolean::{and_kleene, is_not_null, is_null, not, or
 use arrow::compute::kernels::cmp;
 use arrow::datatypes::DataType;
 use basalt_common::Result;
-use basalt_common::filter::{CmpOp, FieldType, Filter, Scalar};
+use basalt_common::filter::{CmpOp, Filter, Scalar};
 use basalt_common::schema::TIMEZONE;
 use basalt_common::text::{matches, tokenize};
 
@@ -61,21 +61,6 @@ fn compare_with(col: &ArrayRef, op: CmpOp, rhs: &dyn arrow::array::Datum) -> Res
         CmpOp::Gt => cmp::gt(col, rhs)?,
         CmpOp::GtEq => cmp::gt_eq(col, rhs)?,
     })
-}
-
-/// The column a comparison of two fields reads as `ty`.
-fn field_column(block: &Block, path: &str, ty: FieldType) -> Result<ArrayRef> {
-    let dt = match ty {
-        FieldType::TextAsDate => return block.column_as_date(path),
-        FieldType::Bool => DataType::Boolean,
-        FieldType::Int => DataType::Int64,
-        FieldType::Float => DataType::Float64,
-        FieldType::Str => DataType::Utf8,
-        FieldType::Timestamp => scalar_type(&Scalar::Timestamp(0)),
-    };
-    let column = block.column_as(path, &dt)?;
-    check_rows(column.len(), block)?;
-    Ok(column)
 }
 
 /// Membership in a set of integers: a bitmap over the values' span when it is at most
@@ -274,8 +259,8 @@ pub fn eval_with(filter: &Filter, block: &Block, sets: &InSets) -> Result<Boolea
             let col = column_for(block, path, value)?;
             compare(&col, *op, value)
         }
-        Filter::CmpFields { left, op, right, ty } => {
-            compare_with(&field_column(block, left, *ty)?, *op, &field_column(block, right, *ty)?)
+        Filter::CmpDates { left, op, right } => {
+            compare_with(&block.column_as_date(left)?, *op, &block.column_as_date(right)?)
         }
         Filter::In { path, values } => {
             if let Some(m) = in_dictionary(path, values, block, sets) {
@@ -358,8 +343,8 @@ fn and_into(acc: &mut [u64], bits: &arrow::buffer::BooleanBuffer) {
 /// when the filter is of another kind (left to [`eval_with`]).
 fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<bool> {
     use arrow::datatypes::{Date32Type, Int64Type, TimestampMicrosecondType};
-    if let Filter::CmpFields { left, op, right, ty } = filter {
-        return select_compare_fields(block, left, *op, right, *ty, acc);
+    if let Filter::CmpDates { left, op, right } = filter {
+        return select_compare_dates(block, left, *op, right, acc);
     }
     let Filter::Cmp { path, op, value } = filter else { return Ok(false) };
     let column = match value {
@@ -390,52 +375,18 @@ fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<boo
     Ok(true)
 }
 
-/// [`select_compare`] for two integer-valued fields of each row.
-fn select_compare_fields(
-    block: &Block,
-    left: &str,
-    op: CmpOp,
-    right: &str,
-    ty: FieldType,
-    acc: &mut [u64],
-) -> Result<bool> {
-    use crate::kernels::and_compare_columns;
-    use arrow::datatypes::{Date32Type, Int64Type, TimestampMicrosecondType};
-    let (l, r) = match ty {
-        FieldType::TextAsDate => (block.column_as_date(left)?, block.column_as_date(right)?),
-        FieldType::Int | FieldType::Timestamp => {
-            let want = if ty == FieldType::Int { DataType::Int64 } else { scalar_type(&Scalar::Timestamp(0)) };
-            match (block.columns.get(left), block.columns.get(right)) {
-                // An absent column is all null: no row passes.
-                (None, _) | (_, None) => {
-                    acc.fill(0);
-                    return Ok(true);
-                }
-                (Some(l), Some(r)) if *l.data_type() == want && *r.data_type() == want => (l.clone(), r.clone()),
-                _ => return Ok(false),
-            }
-        }
-        _ => return Ok(false),
-    };
+/// [`select_compare`] for two text fields of each row parsed as dates (kept with the block).
+fn select_compare_dates(block: &Block, left: &str, op: CmpOp, right: &str, acc: &mut [u64]) -> Result<bool> {
+    use arrow::datatypes::Date32Type;
+    let (l, r) = (block.column_as_date(left)?, block.column_as_date(right)?);
     check_rows(l.len(), block)?;
     check_rows(r.len(), block)?;
-    match ty {
-        FieldType::Int => {
-            and_compare_columns(acc, l.as_primitive::<Int64Type>().values(), op, r.as_primitive::<Int64Type>().values())
-        }
-        FieldType::Timestamp => and_compare_columns(
-            acc,
-            l.as_primitive::<TimestampMicrosecondType>().values(),
-            op,
-            r.as_primitive::<TimestampMicrosecondType>().values(),
-        ),
-        _ => and_compare_columns(
-            acc,
-            l.as_primitive::<Date32Type>().values(),
-            op,
-            r.as_primitive::<Date32Type>().values(),
-        ),
-    }
+    crate::kernels::and_compare_columns(
+        acc,
+        l.as_primitive::<Date32Type>().values(),
+        op,
+        r.as_primitive::<Date32Type>().values(),
+    );
     for column in [&l, &r] {
         if let Some(nulls) = arrow::array::Array::nulls(column) {
             and_into(acc, nulls.inner());
@@ -530,9 +481,7 @@ fn excluded(filter: &Filter, block: &Block, sets: &InSets) -> bool {
         }
         Filter::IsNotNull(path) | Filter::Search { path, .. } => !block.columns.contains_key(path),
         // Null on either side is never true.
-        Filter::CmpFields { left, right, .. } => {
-            !block.columns.contains_key(left) || !block.columns.contains_key(right)
-        }
+        Filter::CmpDates { left, right, .. } => !block.columns.contains_key(left) || !block.columns.contains_key(right),
         _ => false,
     }
 }
@@ -628,26 +577,21 @@ mod tests {
     }
 
     #[test]
-    fn fields_compare_with_each_other_row_by_row() {
-        // Dates as text, integers and timestamps with nulls; one block holds a float among the
-        // integers of `b` (the general path); 300 rows.
+    fn text_fields_compare_with_each_other_as_dates_row_by_row() {
+        // Dates as text with nulls on either side; 300 rows (not a multiple of 64).
         let docs: Vec<Arc<Doc>> = (0..300i64)
             .map(|i| {
-                let mut v = json!({
-                    "s": format!("1995-0{}-1{}", 1 + i % 9, i % 10),
-                    "r": format!("1995-0{}-1{}", 1 + (i * 7) % 9, (i * 3) % 10),
-                });
+                let mut v = json!({});
                 if i % 11 != 3 {
-                    v["a"] = json!((i * 37) % 50);
+                    v["s"] = json!(format!("1995-0{}-1{}", 1 + i % 9, i % 10));
                 }
                 if i % 7 != 0 {
-                    v["b"] = json!((i * 13) % 50);
+                    v["r"] = json!(format!("1995-0{}-1{}", 1 + (i * 7) % 9, (i * 3) % 10));
                 }
                 Arc::new(v.as_object().unwrap().clone())
             })
             .collect();
         let b = Block::build(0, &docs).unwrap();
-        let value = |d: &serde_json::Map<String, serde_json::Value>, k: &str| d.get(k).cloned();
         let holds = |op: CmpOp, o: std::cmp::Ordering| match op {
             CmpOp::Eq => o.is_eq(),
             CmpOp::NotEq => o.is_ne(),
@@ -657,30 +601,30 @@ mod tests {
             CmpOp::GtEq => o.is_ge(),
         };
         for op in [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq] {
-            for (l, r, ty) in
-                [("s", "r", FieldType::TextAsDate), ("s", "r", FieldType::Str), ("a", "b", FieldType::Int)]
-            {
-                let f = Filter::CmpFields { left: l.into(), op, right: r.into(), ty };
-                let want: Vec<bool> = docs
-                    .iter()
-                    .map(|d| match (value(d, l), value(d, r)) {
-                        (Some(x), Some(y)) if ty == FieldType::Int => holds(op, x.as_i64().cmp(&y.as_i64())),
-                        // ISO dates order as their text does.
-                        (Some(x), Some(y)) => holds(op, x.as_str().cmp(&y.as_str())),
-                        _ => false,
-                    })
-                    .collect();
-                let got = select(&[&f], &b, &InSets::default()).unwrap();
-                assert_eq!(got.iter().collect::<Vec<_>>(), want, "{f}");
-                let general = eval(&f, &b).unwrap();
-                let general: Vec<bool> = general.iter().map(|v| v == Some(true)).collect();
-                assert_eq!(general, want, "{f} (general path)");
-            }
+            let f = Filter::CmpDates { left: "s".into(), op, right: "r".into() };
+            let want: Vec<bool> = docs
+                .iter()
+                .map(|d| match (d.get("s").and_then(|v| v.as_str()), d.get("r").and_then(|v| v.as_str())) {
+                    // ISO dates order as their text does.
+                    (Some(x), Some(y)) => holds(op, x.cmp(y)),
+                    _ => false,
+                })
+                .collect();
+            let got = select(&[&f], &b, &InSets::default()).unwrap();
+            assert_eq!(got.iter().collect::<Vec<_>>(), want, "{f}");
+            let general = eval(&f, &b).unwrap();
+            let general: Vec<bool> = general.iter().map(|v| v == Some(true)).collect();
+            assert_eq!(general, want, "{f} (general path)");
         }
         // A field absent from a block excludes it; present fields do not.
-        let f = |r: &str| Filter::CmpFields { left: "a".into(), op: CmpOp::Lt, right: r.into(), ty: FieldType::Int };
+        let f = |r: &str| Filter::CmpDates { left: "s".into(), op: CmpOp::Lt, right: r.into() };
         assert!(block_excluded(&[f("nope")], &b, &InSets::default()));
-        assert!(!block_excluded(&[f("b")], &b, &InSets::default()));
+        assert!(!block_excluded(&[f("r")], &b, &InSets::default()));
+        // Text that is not a date is an error on either path.
+        let bad =
+            Block::build(0, &[Arc::new(json!({"s": "soon", "r": "1995-01-01"}).as_object().unwrap().clone())]).unwrap();
+        assert!(select(&[&f("r")], &bad, &InSets::default()).is_err());
+        assert!(eval(&f("r"), &bad).is_err());
     }
 
     #[test]

@@ -1261,7 +1261,7 @@ fn filter_paths<'a>(f: &'a Filter, out: &mut Vec<&'a str>) {
         Filter::Not(inner) => filter_paths(inner, out),
         Filter::Cmp { path, .. } | Filter::In { path, .. } | Filter::Search { path, .. } => out.push(path),
         Filter::IsNull(path) | Filter::IsNotNull(path) => out.push(path),
-        Filter::CmpFields { left, right, .. } => out.extend([left.as_str(), right.as_str()]),
+        Filter::CmpDates { left, right, .. } => out.extend([left.as_str(), right.as_str()]),
     }
 }
 
