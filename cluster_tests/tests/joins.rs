@@ -255,3 +255,73 @@ async fn large_key_sets(d: Deployment) {
     let plan = explain(&pg, broad).await;
     assert!(metric(&plan, "collection=k.facts", "rows_from_leaves") >= 50000.0, "{plan}");
 }
+
+/// A join on two keys, one of them a subquery's aggregate (TPC-H q2's shape): DataFusion's
+/// runtime filter covers both keys and stops at the aggregate, so the integer key is followed
+/// through the aggregate's group key and the join below it to the scan, which sends only the
+/// rows of the parts the build side holds. Limits and computed group keys stop it: the answers
+/// stay those of the query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_reach_scans_through_aggregates_and_two_key_joins() {
+    keys_through_operators(Deployment::dev().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_reach_scans_through_aggregates_and_two_key_joins_on_two_leaves() {
+    keys_through_operators(Deployment::cluster_of(2, &[]).await).await;
+}
+
+async fn keys_through_operators(d: Deployment) {
+    let pg = d.pg().await;
+    pg.batch_execute(
+        "CREATE WORKSPACE x;
+         CREATE COLLECTION x.parts WITH (shards = 2);
+         CREATE COLLECTION x.offers WITH (shards = 2);
+         INSERT INTO x.parts SELECT 'p' || value AS _id, value AS id, value % 50 AS size FROM generate_series(0, 19999);
+         INSERT INTO x.offers SELECT 'o' || value AS _id, value % 20000 AS part, value % 97 AS supp,
+             CAST((value * 7919) % 1009 AS DOUBLE) AS cost FROM generate_series(1, 80000);",
+    )
+    .await
+    .expect("load");
+    let offers: Vec<(i64, f64)> = (1..=80000i64).map(|v| (v % 20000, ((v * 7919) % 1009) as f64)).collect();
+    let small = |part: i64| part % 50 == 3;
+
+    // The cheapest offers of the small parts.
+    let cheapest = "SELECT count(*), sum(o.cost) FROM x.parts p, x.offers o
+        WHERE p.id = o.part AND p.size = 3
+          AND o.cost = (SELECT min(o2.cost) FROM x.offers o2 WHERE o2.part = p.id)";
+    let mut min = std::collections::HashMap::new();
+    for (part, cost) in &offers {
+        let m = min.entry(*part).or_insert(f64::MAX);
+        *m = f64::min(*m, *cost);
+    }
+    let want: Vec<f64> = offers.iter().filter(|(p, c)| small(*p) && min[p] == *c).map(|(_, c)| *c).collect();
+    let rows = pg.query(cheapest, &[]).await.expect("cheapest");
+    assert_eq!((rows[0].get::<_, i64>(0), rows[0].get::<_, f64>(1)), (want.len() as i64, want.iter().sum::<f64>()));
+    let plan = explain(&pg, cheapest).await;
+    assert!(plan.contains("KeySinkExec"), "{plan}");
+    // Without the set the subquery's scan sends all 80,000 offers to be aggregated.
+    assert!(metric(&plan, "collection=x.offers", "rows_from_leaves") <= 1600.0, "{plan}");
+
+    // The 30,000 most expensive offers (the larger join input: the probe side), then those of
+    // small parts among them: dropping other parts' offers below the limit would let cheaper
+    // offers of small parts in.
+    let mut top = offers.clone();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let want: Vec<f64> = top[..30000].iter().filter(|(p, _)| small(*p)).map(|(_, c)| *c).collect();
+    let limited = "SELECT count(*), sum(t.amount) FROM x.parts p
+        JOIN (SELECT part, cost AS amount FROM x.offers ORDER BY cost DESC, part LIMIT 30000) t ON t.part = p.id
+        WHERE p.size = 3";
+    let rows = pg.query(limited, &[]).await.expect("limited");
+    assert_eq!((rows[0].get::<_, i64>(0), rows[0].get::<_, f64>(1)), (want.len() as i64, want.iter().sum::<f64>()));
+
+    // Groups keyed on a computed value: the build side's keys are values of `part % 997`, not
+    // of `part`.
+    let computed = "SELECT count(*), sum(t.n) FROM x.parts p
+        JOIN (SELECT part % 997 AS g, count(*) AS n FROM x.offers GROUP BY part % 997) t ON t.g = p.id
+        WHERE p.size = 3";
+    let joined: Vec<i64> = (0..997).filter(|g| small(*g)).collect();
+    let n = offers.iter().filter(|(p, _)| joined.contains(&(p % 997))).count() as i64;
+    let rows = pg.query(computed, &[]).await.expect("computed");
+    assert_eq!((rows[0].get::<_, i64>(0), rows[0].get::<_, i64>(1)), (joined.len() as i64, n));
+}

@@ -22,13 +22,23 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{JoinSide, JoinType};
 use datafusion::common::{NullEquality, Result};
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_plan::aggregates::AggregateExec;
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
+use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::physical_plan::execution_plan::{ChildrenPropertiesMode, ReplaceChildrenOptions};
+use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::joins::HashJoinExec;
+use datafusion::physical_plan::joins::utils::build_join_schema;
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
 use futures::Stream;
 
@@ -59,6 +69,8 @@ struct Run {
 #[derive(Default)]
 pub struct KeySet {
     run: Mutex<Option<Run>>,
+    /// Woken when a build partition ends.
+    ended: tokio::sync::Notify,
 }
 
 impl fmt::Debug for KeySet {
@@ -93,6 +105,28 @@ impl KeySet {
                 run.keys = vec![];
             }
         }
+        drop(guard);
+        self.ended.notify_waiters();
+    }
+
+    /// Whether every build partition of this run ended (the set is complete or over the limit).
+    fn ended(&self, context: &Arc<TaskContext>) -> bool {
+        self.lock().as_ref().is_some_and(|r| Arc::ptr_eq(&r.context, context) && (r.overflow || r.done >= r.partitions))
+    }
+
+    /// Resolves when every build partition of this run ended (see [`ProbeKeys::wait`]); the
+    /// caller bounds the wait. The scan waits before it calls a leaf, holding nothing the
+    /// build side needs.
+    pub async fn wait_ended(&self, context: &Arc<TaskContext>) {
+        loop {
+            let notified = self.ended.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.ended(context) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// The complete set of this run, sorted and without duplicates; None while a build
@@ -115,6 +149,12 @@ impl KeySet {
 pub struct ProbeKeys {
     pub column: String,
     pub set: Arc<KeySet>,
+    /// Wait for the set before the scan starts. Sets that DataFusion's runtime filter links are
+    /// read when it is (see `LeafScanExec::runtime_filters_later`). Others are waited for: a
+    /// partitioned join probes partition `i` once build partition `i` is in, and operators
+    /// that start their inputs when they start (`SortPreservingMergeExec`,
+    /// `CoalescePartitionsExec`) start a probe scan before any build side is in.
+    pub wait: bool,
 }
 
 /// Passes its input through and collects the integer join keys in column `key` of every batch
@@ -300,7 +340,7 @@ pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
                 let [child] = expr.children()[..] else { return None };
                 let column = child.downcast_ref::<Column>()?.name().to_string();
                 let integer = scan.output.field_with_name(&column).ok()?.data_type() == &DataType::Int64;
-                integer.then_some(ProbeKeys { column, set })
+                integer.then_some(ProbeKeys { column, set, wait: false })
             })
             .collect();
         if probes.is_empty() {
@@ -317,7 +357,149 @@ pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
         Some(sink) if !used.iter().any(|u| Arc::ptr_eq(u, &sink.set)) => Ok(Transformed::yes(sink.input.clone())),
         _ => Ok(Transformed::no(node)),
     })?;
-    Ok(pruned.data)
+    share_build_keys_through_operators(pruned.data)
+}
+
+/// Links key sets the runtime filters cannot carry: DataFusion builds a join's filter over all
+/// of its keys, so the filter of a join on two columns stops at the first operator that
+/// produces only one of them (TPC-H q2's semi join on `ps_partkey` and the subquery's
+/// `min(ps_supplycost)` stops at the aggregate). For every join left without a set, each
+/// integer key is followed down its probe side, through projections, filters, repartitions,
+/// the group keys of aggregates and the kept side of joins, to the leaf scan that reads it
+/// (see [`link_probe`]); the first that arrives gets a [`KeySinkExec`] over its build side.
+fn share_build_keys_through_operators(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    let linked = plan.transform_up(|node| {
+        let Some(join) = node.downcast_ref::<HashJoinExec>() else { return Ok(Transformed::no(node)) };
+        // Probe rows without a matching key may be dropped only when the join never emits
+        // unmatched probe rows; a null-aware anti join (NOT IN) also looks at null keys.
+        let drops_unmatched_probe_rows = matches!(
+            join.join_type(),
+            JoinType::Inner
+                | JoinType::Left
+                | JoinType::LeftSemi
+                | JoinType::LeftAnti
+                | JoinType::LeftMark
+                | JoinType::RightSemi
+        );
+        if !drops_unmatched_probe_rows
+            || join.null_aware
+            || join.null_equality() != NullEquality::NullEqualsNothing
+            || join.left().is::<KeySinkExec>()
+        {
+            return Ok(Transformed::no(node));
+        }
+        for (left, right) in join.on() {
+            let (Some(left), Some(right)) = (left.downcast_ref::<Column>(), right.downcast_ref::<Column>()) else {
+                continue;
+            };
+            let integer = |plan: &Arc<dyn ExecutionPlan>, index: usize| {
+                plan.schema().fields().get(index).is_some_and(|f| f.data_type() == &DataType::Int64)
+            };
+            if !integer(join.left(), left.index()) || !integer(join.right(), right.index()) {
+                continue;
+            }
+            let sink = KeySinkExec::new(join.left().clone(), left.index());
+            let Some(probe) = link_probe(join.right(), right.index(), sink.set())? else { continue };
+            let options = ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
+            return Ok(Transformed::yes(node.clone().replace_children(vec![Arc::new(sink), probe], options)?));
+        }
+        Ok(Transformed::no(node))
+    })?;
+    Ok(linked.data)
+}
+
+/// `plan` with the leaf scan that produces its output column `index` linked to `set`, or None
+/// when the column's values cannot be traced to a scan's integer column through operators that
+/// keep a row's key as it is and may lose rows without changing the others: dropping the rows
+/// whose key is not in the set below such an operator drops exactly the output rows with those
+/// keys (a group of an aggregate keyed on the column, a row of an inner join). Limits, top-k
+/// sorts, global aggregates and the padded side of outer joins are not such operators.
+fn link_probe(
+    plan: &Arc<dyn ExecutionPlan>,
+    index: usize,
+    set: &Arc<KeySet>,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    let node: &dyn ExecutionPlan = plan.as_ref();
+    let (child, child_index): (usize, usize) = if let Some(scan) = node.downcast_ref::<LeafScanExec>() {
+        let Some(field) = scan.output.fields().get(index) else { return Ok(None) };
+        if field.data_type() != &DataType::Int64 {
+            return Ok(None);
+        }
+        let mut linked = scan.with_dynamic(scan.dynamic.clone());
+        linked.probe_keys.push(ProbeKeys { column: field.name().clone(), set: set.clone(), wait: true });
+        return Ok(Some(Arc::new(linked)));
+    } else if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
+        let Some(column) = projection.expr().get(index).and_then(|e| e.expr.downcast_ref::<Column>()) else {
+            return Ok(None);
+        };
+        (0, column.index())
+    } else if let Some(filter) = node.downcast_ref::<FilterExec>() {
+        match filter.projection() {
+            Some(projection) => match projection.get(index) {
+                Some(i) => (0, *i),
+                None => return Ok(None),
+            },
+            None => (0, index),
+        }
+    } else if let Some(aggregate) = node.downcast_ref::<AggregateExec>() {
+        let group = aggregate.group_expr();
+        if group.has_grouping_set() || aggregate.limit_options().is_some() {
+            return Ok(None);
+        }
+        let Some(column) = group.expr().get(index).and_then(|(e, _)| e.downcast_ref::<Column>()) else {
+            return Ok(None);
+        };
+        (0, column.index())
+    } else if let Some(join) = node.downcast_ref::<HashJoinExec>() {
+        let (_, columns) = build_join_schema(&join.left().schema(), &join.right().schema(), join.join_type());
+        let joined = match &join.projection {
+            Some(projection) => match projection.get(index) {
+                Some(i) => *i,
+                None => return Ok(None),
+            },
+            None => index,
+        };
+        let Some(column) = columns.get(joined) else { return Ok(None) };
+        // Rows of a side may be dropped when every output row they make carries their key:
+        // both sides of an inner join, the kept side of an outer, semi or anti join.
+        let droppable = match column.side {
+            JoinSide::Left => matches!(
+                join.join_type(),
+                JoinType::Inner | JoinType::Left | JoinType::LeftSemi | JoinType::LeftAnti | JoinType::LeftMark
+            ),
+            JoinSide::Right => matches!(
+                join.join_type(),
+                JoinType::Inner | JoinType::Right | JoinType::RightSemi | JoinType::RightAnti | JoinType::RightMark
+            ),
+            JoinSide::None => false,
+        };
+        if !droppable || join.null_aware {
+            return Ok(None);
+        }
+        (if column.side == JoinSide::Left { 0 } else { 1 }, column.index)
+    } else if node.is::<RepartitionExec>()
+        || node.is::<CoalescePartitionsExec>()
+        || node.is::<CooperativeExec>()
+        || node.is::<SortExec>()
+        || node.is::<SortPreservingMergeExec>()
+        || node.is::<KeySinkExec>()
+    {
+        // Rows pass through in another order or partition; with a fetch the rows dropped
+        // would let others in.
+        if plan.fetch().is_some() {
+            return Ok(None);
+        }
+        (0, index)
+    } else {
+        return Ok(None);
+    };
+    let children = plan.children();
+    let Some(input) = children.get(child) else { return Ok(None) };
+    let Some(linked) = link_probe(input, child_index, set)? else { return Ok(None) };
+    let mut children: Vec<Arc<dyn ExecutionPlan>> = children.into_iter().cloned().collect();
+    children[child] = linked;
+    let options = ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
+    Ok(Some(plan.clone().replace_children(children, options)?))
 }
 
 #[cfg(test)]
@@ -343,6 +525,31 @@ mod tests {
         set.finish(&other, Some(vec![]));
         assert_eq!(set.keys(&other), Some(vec![7]));
         assert_eq!(set.keys(&run), None);
+    }
+
+    /// A scan that waits for a set waits for its own run's last build partition, started
+    /// before or after the wait began; an earlier run's partitions do not end the wait.
+    #[tokio::test]
+    async fn a_wait_ends_when_the_runs_last_build_partition_ends() {
+        let set = Arc::new(KeySet::default());
+        let (old, run) = (Arc::new(TaskContext::default()), Arc::new(TaskContext::default()));
+        set.start(&old, 1);
+        let waiting = tokio::spawn({
+            let (set, run) = (set.clone(), run.clone());
+            async move { set.wait_ended(&run).await }
+        });
+        set.finish(&old, Some(vec![1]));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "another run ended");
+        set.start(&run, 2);
+        set.finish(&run, Some(vec![4]));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "one partition still runs");
+        set.finish(&run, Some(vec![2]));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting).await.expect("wait ends").expect("task");
+        assert_eq!(set.keys(&run), Some(vec![2, 4]));
+        // Already ended: no wait.
+        tokio::time::timeout(std::time::Duration::from_secs(5), set.wait_ended(&run)).await.expect("ended");
     }
 
     #[test]

@@ -349,6 +349,10 @@ impl LeafScanExec {
             if !awaited.is_empty() && tokio::time::timeout(RUNTIME_FILTER_WAIT, incomplete).await.is_err() {
                 tracing::debug!("runtime filters still incomplete; the scan goes on without what is missing");
             }
+            let sets = futures::future::join_all(probes.iter().filter(|p| p.wait).map(|p| p.set.wait_ended(&context)));
+            if probes.iter().any(|p| p.wait) && tokio::time::timeout(RUNTIME_FILTER_WAIT, sets).await.is_err() {
+                tracing::debug!("key sets still incomplete; the scan goes on without them");
+            }
             let mut out = vec![];
             for expr in &dynamic {
                 out.extend(filters::dynamic_to_leaf(expr, &output)?);
@@ -480,6 +484,10 @@ impl DisplayAs for LeafScanExec {
         if !self.dynamic.is_empty() {
             write!(f, " runtime_filters={}", self.dynamic.len())?;
         }
+        if !self.probe_keys.is_empty() {
+            let columns: Vec<&str> = self.probe_keys.iter().map(|p| p.column.as_str()).collect();
+            write!(f, " key_sets=[{}]", columns.join(", "))?;
+        }
         Ok(())
     }
 }
@@ -593,7 +601,8 @@ impl ExecutionPlan for LeafScanExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
-        let dynamic = (!self.dynamic.is_empty()).then(|| self.runtime_filters_later(context));
+        let dynamic =
+            (!self.dynamic.is_empty() || !self.probe_keys.is_empty()).then(|| self.runtime_filters_later(context));
         let (estimate, schema) = (self.spec.key_list_estimate().cloned(), self.output.clone());
         let call = async move {
             let extra = match dynamic {
@@ -723,7 +732,8 @@ impl ExecutionPlan for LeafFragmentExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
-        let dynamic = (!scan.dynamic.is_empty()).then(|| scan.runtime_filters_later(context));
+        let dynamic =
+            (!scan.dynamic.is_empty() || !scan.probe_keys.is_empty()).then(|| scan.runtime_filters_later(context));
         let (estimate, output) = (scan.spec.key_list_estimate().cloned(), scan.output.clone());
         let call = async move {
             if let Some(read) = dynamic {
