@@ -88,10 +88,10 @@ impl datafusion::physical_optimizer::PhysicalOptimizerRule for PushFragments {
     fn optimize(
         &self,
         plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
-        _config: &datafusion::config::ConfigOptions,
+        config: &datafusion::config::ConfigOptions,
     ) -> datafusion::common::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
         // Key sets first: a probe scan that then moves into a fragment keeps its link.
-        let plan = basalt_fragment::keys::share_build_keys(plan)?;
+        let plan = basalt_fragment::keys::share_build_keys(plan, config)?;
         if !self.options.read().fragments() {
             return Ok(plan);
         }

@@ -24,6 +24,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{JoinSide, JoinType};
 use datafusion::common::{NullEquality, Result};
+use datafusion::config::ConfigOptions;
 use datafusion::execution::{RecordBatchStream, SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_expr::expressions::Column;
@@ -39,7 +40,9 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
-use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, StatisticsArgs, StatisticsContext,
+};
 use futures::Stream;
 
 use crate::LeafScanExec;
@@ -114,9 +117,12 @@ impl KeySet {
         self.lock().as_ref().is_some_and(|r| Arc::ptr_eq(&r.context, context) && (r.overflow || r.done >= r.partitions))
     }
 
-    /// Resolves when every build partition of this run ended (see [`ProbeKeys::wait`]); the
-    /// caller bounds the wait. The scan waits before it calls a leaf, holding nothing the
-    /// build side needs.
+    /// Resolves when every build partition of this run ended; the caller bounds the wait.
+    ///
+    /// A probe scan waits for its sets before it calls a leaf (holding nothing a build side
+    /// needs): a partitioned join probes partition `i` once build partition `i` is in, and
+    /// operators that start their inputs as soon as they start (`CoalescePartitionsExec`,
+    /// `SortPreservingMergeExec`) start a probe scan below them before any build side is in.
     pub async fn wait_ended(&self, context: &Arc<TaskContext>) {
         loop {
             let notified = self.ended.notified();
@@ -149,12 +155,6 @@ impl KeySet {
 pub struct ProbeKeys {
     pub column: String,
     pub set: Arc<KeySet>,
-    /// Wait for the set before the scan starts. Sets that DataFusion's runtime filter links are
-    /// read when it is (see `LeafScanExec::runtime_filters_later`). Others are waited for: a
-    /// partitioned join probes partition `i` once build partition `i` is in, and operators
-    /// that start their inputs when they start (`SortPreservingMergeExec`,
-    /// `CoalescePartitionsExec`) start a probe scan before any build side is in.
-    pub wait: bool,
 }
 
 /// Passes its input through and collects the integer join keys in column `key` of every batch
@@ -304,9 +304,17 @@ impl RecordBatchStream for KeySinkStream {
 /// runtime filter reached a leaf scan, and links the scan to it (`LeafScanExec::probe_keys`).
 /// Runs before [`crate::push_fragments`], so a scan that moves into a fragment keeps its link
 /// (the aggregator reads the set when it sends the fragment).
-pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
-    // Runtime filter id -> the set of its join.
-    let mut sets: Vec<(u64, Arc<KeySet>)> = vec![];
+///
+/// Joins whose runtime filter cannot reach a scan get sets through
+/// [`share_build_keys_through_operators`], unless runtime filters are off
+/// (`datafusion.optimizer.enable_join_dynamic_filter_pushdown`).
+pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>, config: &ConfigOptions) -> Result<Arc<dyn ExecutionPlan>> {
+    let through_operators = |plan| match config.optimizer.enable_join_dynamic_filter_pushdown {
+        true => share_build_keys_through_operators(plan),
+        false => Ok(plan),
+    };
+    // Runtime filter id -> the set of its join and the estimated keys of its build side.
+    let mut sets: Vec<(u64, Arc<KeySet>, Option<usize>)> = vec![];
     let plan = plan
         .transform_up(|node| {
             let Some(join) = node.downcast_ref::<HashJoinExec>() else { return Ok(Transformed::no(node)) };
@@ -319,14 +327,15 @@ pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
                 return Ok(Transformed::no(node));
             }
             let sink = KeySinkExec::new(join.left().clone(), left.index());
-            sets.extend(ids.iter().map(|id| (*id, sink.set().clone())));
+            let keys = build_keys_estimate(join.left(), left.index());
+            sets.extend(ids.iter().map(|id| (*id, sink.set().clone(), keys)));
             let right = join.right().clone();
             let options = ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
             Ok(Transformed::yes(node.clone().replace_children(vec![Arc::new(sink), right], options)?))
         })?
         .data;
     if sets.is_empty() {
-        return Ok(plan);
+        return through_operators(plan);
     }
     let mut used: Vec<Arc<KeySet>> = vec![];
     let linked = plan.transform_up(|node| {
@@ -336,11 +345,11 @@ pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
             .iter()
             .filter_map(|expr| {
                 let id = expr.expression_id()?;
-                let set = sets.iter().find(|(i, _)| *i == id)?.1.clone();
+                let (_, set, keys) = sets.iter().find(|(i, _, _)| *i == id)?;
                 let [child] = expr.children()[..] else { return None };
                 let column = child.downcast_ref::<Column>()?.name().to_string();
                 let integer = scan.output.field_with_name(&column).ok()?.data_type() == &DataType::Int64;
-                integer.then_some(ProbeKeys { column, set, wait: false })
+                (integer && selective(*keys, scan, &column)).then(|| ProbeKeys { column, set: set.clone() })
             })
             .collect();
         if probes.is_empty() {
@@ -357,7 +366,27 @@ pub fn share_build_keys(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn Executio
         Some(sink) if !used.iter().any(|u| Arc::ptr_eq(u, &sink.set)) => Ok(Transformed::yes(sink.input.clone())),
         _ => Ok(Transformed::no(node)),
     })?;
-    share_build_keys_through_operators(pruned.data)
+    through_operators(pruned.data)
+}
+
+/// The distinct keys a join's build side is estimated to send (its rows when the distinct
+/// count is not known), from the statistics the leaves keep (see `LeafScanExec`'s).
+fn build_keys_estimate(build: &Arc<dyn ExecutionPlan>, key: usize) -> Option<usize> {
+    let stats = StatisticsContext::new().compute(build.as_ref(), &StatisticsArgs::new()).ok()?;
+    let distinct = stats.column_statistics.get(key).and_then(|c| c.distinct_count.get_value().copied());
+    distinct.or_else(|| stats.num_rows.get_value().copied())
+}
+
+/// Whether a set of about `keys` keys may keep under [`KEY_SET_SELECTIVITY`] of the scan's
+/// distinct values in `column` (true when either is not known). A scan waits for its sets
+/// before it starts, so a set that will not be applied (an unfiltered dimension's keys) is
+/// not linked: the scan would wait for the whole build side for nothing.
+fn selective(keys: Option<usize>, scan: &LeafScanExec, column: &str) -> bool {
+    let distinct = scan.spec.estimate.as_ref().and_then(|e| e.distinct_of(&scan.output, column));
+    match (keys, distinct) {
+        (Some(keys), Some(distinct)) => keys as f64 <= KEY_SET_SELECTIVITY * distinct as f64,
+        _ => true,
+    }
 }
 
 /// Links key sets the runtime filters cannot carry: DataFusion builds a join's filter over all
@@ -399,7 +428,8 @@ fn share_build_keys_through_operators(plan: Arc<dyn ExecutionPlan>) -> Result<Ar
                 continue;
             }
             let sink = KeySinkExec::new(join.left().clone(), left.index());
-            let Some(probe) = link_probe(join.right(), right.index(), sink.set())? else { continue };
+            let keys = build_keys_estimate(join.left(), left.index());
+            let Some(probe) = link_probe(join.right(), right.index(), sink.set(), keys)? else { continue };
             let options = ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
             return Ok(Transformed::yes(node.clone().replace_children(vec![Arc::new(sink), probe], options)?));
         }
@@ -418,15 +448,16 @@ fn link_probe(
     plan: &Arc<dyn ExecutionPlan>,
     index: usize,
     set: &Arc<KeySet>,
+    keys: Option<usize>,
 ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
     let node: &dyn ExecutionPlan = plan.as_ref();
     let (child, child_index): (usize, usize) = if let Some(scan) = node.downcast_ref::<LeafScanExec>() {
         let Some(field) = scan.output.fields().get(index) else { return Ok(None) };
-        if field.data_type() != &DataType::Int64 {
+        if field.data_type() != &DataType::Int64 || !selective(keys, scan, field.name()) {
             return Ok(None);
         }
         let mut linked = scan.with_dynamic(scan.dynamic.clone());
-        linked.probe_keys.push(ProbeKeys { column: field.name().clone(), set: set.clone(), wait: true });
+        linked.probe_keys.push(ProbeKeys { column: field.name().clone(), set: set.clone() });
         return Ok(Some(Arc::new(linked)));
     } else if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
         let Some(column) = projection.expr().get(index).and_then(|e| e.expr.downcast_ref::<Column>()) else {
@@ -495,7 +526,7 @@ fn link_probe(
     };
     let children = plan.children();
     let Some(input) = children.get(child) else { return Ok(None) };
-    let Some(linked) = link_probe(input, child_index, set)? else { return Ok(None) };
+    let Some(linked) = link_probe(input, child_index, set, keys)? else { return Ok(None) };
     let mut children: Vec<Arc<dyn ExecutionPlan>> = children.into_iter().cloned().collect();
     children[child] = linked;
     let options = ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);

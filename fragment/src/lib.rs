@@ -329,9 +329,11 @@ impl LeafScanExec {
     /// `true` and the scan sends every row. So the filters in `awaited` are waited for first
     /// (at most [`RUNTIME_FILTER_WAIT`]).
     ///
-    /// A join whose build side has too many keys for its filter's list may have left them in a
-    /// key set (see [`keys`]): the complete set of this run (`context`) becomes the list when
-    /// it keeps under [`keys::KEY_SET_SELECTIVITY`] of the column's distinct values.
+    /// A join whose build side has too many keys for its filter's list, or whose filter could
+    /// not reach this scan, may have left them in a key set (see [`keys`]): the scan waits for
+    /// the sets of this run (`context`) to be complete (see [`keys::KeySet::wait_ended`]), and
+    /// a set becomes the list when it keeps under [`keys::KEY_SET_SELECTIVITY`] of the
+    /// column's distinct values.
     fn runtime_filters_later(
         &self,
         context: Arc<TaskContext>,
@@ -349,8 +351,8 @@ impl LeafScanExec {
             if !awaited.is_empty() && tokio::time::timeout(RUNTIME_FILTER_WAIT, incomplete).await.is_err() {
                 tracing::debug!("runtime filters still incomplete; the scan goes on without what is missing");
             }
-            let sets = futures::future::join_all(probes.iter().filter(|p| p.wait).map(|p| p.set.wait_ended(&context)));
-            if probes.iter().any(|p| p.wait) && tokio::time::timeout(RUNTIME_FILTER_WAIT, sets).await.is_err() {
+            let sets = futures::future::join_all(probes.iter().map(|p| p.set.wait_ended(&context)));
+            if !probes.is_empty() && tokio::time::timeout(RUNTIME_FILTER_WAIT, sets).await.is_err() {
                 tracing::debug!("key sets still incomplete; the scan goes on without them");
             }
             let mut out = vec![];
