@@ -207,19 +207,25 @@ pub const MAX_TERM_BYTES: usize = 128;
 /// equality on fields that hold only the literal's kind (a mixed field's SQL value is JSON text,
 /// which raw index terms do not match).
 pub fn index_answerable(f: &Filter, stats: &SchemaStats) -> bool {
-    let term_ok = |path: &str, v: &Scalar| {
-        let want = match v {
-            Scalar::Str(s) if s.len() <= MAX_TERM_BYTES => Kind::String,
-            Scalar::Int(_) => Kind::Int,
-            Scalar::Bool(_) => Kind::Bool,
-            _ => return false,
-        };
-        (path == ID_FIELD && want == Kind::String) || stats.pure_kind(path) == Some(want)
+    // The kind a value is indexed as, when it is a term (a string short enough, an integer, a
+    // boolean); the path's kind is looked up once per filter (an `IN` list may hold a join's
+    // 150,000 keys).
+    let term = |v: &Scalar| match v {
+        Scalar::Str(s) if s.len() <= MAX_TERM_BYTES => Some(Kind::String),
+        Scalar::Int(_) => Some(Kind::Int),
+        Scalar::Bool(_) => Some(Kind::Bool),
+        _ => None,
+    };
+    let terms_ok = |path: &str, values: &[Scalar]| {
+        let kind = stats.pure_kind(path);
+        values
+            .iter()
+            .all(|v| term(v).is_some_and(|want| (path == ID_FIELD && want == Kind::String) || kind == Some(want)))
     };
     match f {
         Filter::Search { path, .. } => text_indexed(path, stats),
-        Filter::Cmp { path, op: CmpOp::Eq, value } => term_ok(path, value),
-        Filter::In { path, values } => !values.is_empty() && values.iter().all(|v| term_ok(path, v)),
+        Filter::Cmp { path, op: CmpOp::Eq, value } => terms_ok(path, std::slice::from_ref(value)),
+        Filter::In { path, values } => !values.is_empty() && terms_ok(path, values),
         Filter::And(items) | Filter::Or(items) => !items.is_empty() && items.iter().all(|i| index_answerable(i, stats)),
         _ => false,
     }
@@ -330,6 +336,19 @@ mod tests {
         assert_eq!(choose_access_path(&[range], Some(AccessPath::SearchIndex), stats), AccessPath::ColumnScan);
         let mixed = eq("mixed", Scalar::Str("1".into()));
         assert_eq!(choose_access_path(&[mixed], None, stats), AccessPath::ColumnScan);
+        // An IN list is a set of terms when every value is of the path's one kind.
+        let ages = |values: Vec<Scalar>| Filter::In { path: "age".into(), values };
+        assert!(index_answerable(&ages((0..1000).map(Scalar::Int).collect()), stats));
+        assert!(!index_answerable(&ages(vec![Scalar::Int(1), Scalar::Str("2".into())]), stats));
+        assert!(!index_answerable(&ages(vec![]), stats));
+        assert!(!index_answerable(&Filter::In { path: "mixed".into(), values: vec![Scalar::Int(1)] }, stats));
+        assert!(!index_answerable(&Filter::In { path: "nope".into(), values: vec![Scalar::Int(1)] }, stats));
+        let ids = Filter::In { path: "_id".into(), values: vec![Scalar::Str("a".into())] };
+        assert!(index_answerable(&ids, stats));
+        let mut nulls = SchemaStats::default();
+        nulls.add("n", Kind::Null, 1);
+        nulls.add("n", Kind::Int, 1);
+        assert!(index_answerable(&Filter::In { path: "n".into(), values: vec![Scalar::Int(1)] }, &nulls));
         assert_eq!(
             id_lookup(&[Filter::In {
                 path: "_id".into(),

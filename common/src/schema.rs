@@ -130,8 +130,9 @@ impl SchemaStats {
 
     /// The one non-null kind seen at `path`, if exactly one.
     pub fn pure_kind(&self, path: &str) -> Option<Kind> {
-        match self.non_null_kinds(path).as_slice() {
-            [one] => Some(*one),
+        let mut kinds = self.fields.get(path)?.keys().filter(|k| **k != Kind::Null);
+        match (kinds.next(), kinds.next()) {
+            (Some(one), None) => Some(*one),
             _ => None,
         }
     }
