@@ -382,16 +382,21 @@ fn build_keys_estimate(build: &Arc<dyn ExecutionPlan>, key: usize) -> Option<usi
     }
     let key = if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
         projection.expr().get(key)?.expr.downcast_ref::<Column>()?.index()
-    } else if node.is::<CoalescePartitionsExec>()
-        || node.is::<RepartitionExec>()
-        || node.is::<CooperativeExec>()
-        || node.is::<KeySinkExec>()
-    {
+    } else if passes_rows_on(node) {
         key
     } else {
         return None;
     };
     build_keys_estimate(build.children().first()?, key)
+}
+
+/// Operators that pass their input's rows on as they are, only regrouped into other batches or
+/// partitions (with a fetch, `CoalescePartitionsExec` also stops early).
+fn passes_rows_on(node: &dyn ExecutionPlan) -> bool {
+    node.is::<CoalescePartitionsExec>()
+        || node.is::<RepartitionExec>()
+        || node.is::<CooperativeExec>()
+        || node.is::<KeySinkExec>()
 }
 
 /// Whether a set of about `keys` keys may keep under [`KEY_SET_SELECTIVITY`] of the scan's
@@ -434,12 +439,12 @@ fn share_build_keys_through_operators(plan: Arc<dyn ExecutionPlan>) -> Result<Ar
         {
             return Ok(Transformed::no(node));
         }
+        let integer = |plan: &Arc<dyn ExecutionPlan>, index: usize| {
+            plan.schema().fields().get(index).is_some_and(|f| f.data_type() == &DataType::Int64)
+        };
         for (left, right) in join.on() {
             let (Some(left), Some(right)) = (left.downcast_ref::<Column>(), right.downcast_ref::<Column>()) else {
                 continue;
-            };
-            let integer = |plan: &Arc<dyn ExecutionPlan>, index: usize| {
-                plan.schema().fields().get(index).is_some_and(|f| f.data_type() == &DataType::Int64)
             };
             if !integer(join.left(), left.index()) || !integer(join.right(), right.index()) {
                 continue;
@@ -525,13 +530,7 @@ fn link_probe(
             return Ok(None);
         }
         (if column.side == JoinSide::Left { 0 } else { 1 }, column.index)
-    } else if node.is::<RepartitionExec>()
-        || node.is::<CoalescePartitionsExec>()
-        || node.is::<CooperativeExec>()
-        || node.is::<SortExec>()
-        || node.is::<SortPreservingMergeExec>()
-        || node.is::<KeySinkExec>()
-    {
+    } else if passes_rows_on(node) || node.is::<SortExec>() || node.is::<SortPreservingMergeExec>() {
         // Rows pass through in another order or partition; with a fetch the rows dropped
         // would let others in.
         if plan.fetch().is_some() {
