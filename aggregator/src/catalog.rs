@@ -192,12 +192,8 @@ impl SchemaProvider for Workspace {
             (o.access_path(&collection), o.with_score, o.planner_stats)
         };
         let shards = (0..info.shards).collect();
-        let stats = if planner_stats {
-            self.leaf.planner_stats(info.id, shards).await
-        } else {
-            self.leaf.stats(info.id, shards).await
-        }
-        .map_err(to_df_error)?;
+        // Sketches for statements that join (see `Options::planner_stats`).
+        let stats = self.leaf.planner_stats(info.id, shards, planner_stats).await.map_err(to_df_error)?;
         Ok(Some(Arc::new(CollectionTable::new(info, stats, self.leaf.clone(), hint, with_score))))
     }
 

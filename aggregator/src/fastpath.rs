@@ -198,6 +198,7 @@ pub async fn run(
             filters: vec![filter],
             limit: None,
             hint: Some(AccessPath::RowLookup),
+            ordered_by: None,
         };
         let batches: Vec<RecordBatch> = leaf.scan(request).await?.try_collect().await?;
         for b in batches {

@@ -140,7 +140,23 @@ impl TableProvider for CollectionTable {
             }
         }
         let estimate = Some(self.estimate(&output_columns, exprs, limit));
-        let spec = ScanSpec { columns, filters, limit, access, index_matches, estimate, forced: self.hint.is_some() };
+        // The first integer or timestamp column every shard holds in ascending order.
+        let ordered_by = output_columns
+            .iter()
+            .find(|(name, ty)| {
+                matches!(ty, ColumnType::Int64 | ColumnType::Timestamp) && self.stats.ascending_everywhere(name)
+            })
+            .map(|(name, _)| name.clone());
+        let spec = ScanSpec {
+            columns,
+            filters,
+            limit,
+            access,
+            index_matches,
+            estimate,
+            forced: self.hint.is_some(),
+            ordered_by,
+        };
         let shards = (0..self.info.shards).collect();
         let (name, id) = (self.info.name.to_string(), self.info.id);
         Ok(Arc::new(LeafScanExec::new(name, id, shards, self.leaf.clone(), output_columns, spec)))

@@ -119,3 +119,56 @@ async fn fragments_move_little_data_and_lookup_joins_do_not_scan() {
     }
     assert_eq!(answer(&pg, sql).await, want);
 }
+
+/// A column every shard holds in ascending order (keys written in order, as a time series or
+/// a sorted bulk load writes them) is declared as the scan's order: the leaves aggregate by it
+/// as a stream and a sort by it becomes a merge. Once a write breaks the order, plans stop
+/// relying on it and answers stay the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_in_key_order_aggregate_as_streams() {
+    scans_in_key_order(Deployment::dev().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_in_key_order_aggregate_as_streams_on_two_leaves() {
+    scans_in_key_order(Deployment::cluster_of(2, &[]).await).await;
+}
+
+async fn scans_in_key_order(d: Deployment) {
+    let pg = d.pg().await;
+    pg.batch_execute("CREATE WORKSPACE o; CREATE COLLECTION o.lines WITH (shards = 2)").await.expect("create");
+    // Statements of one batch each, one after another: a shard gets its rows in key order.
+    for start in (0..20000).step_by(5000) {
+        let insert = format!(
+            "INSERT INTO o.lines SELECT 'l' || value AS _id, value / 4 AS k, (value * 7919) % 100 AS q
+                 FROM generate_series({start}, {})",
+            start + 4999
+        );
+        pg.batch_execute(&insert).await.expect("load");
+    }
+    let grouped = "SELECT k, count(*), CAST(sum(q) AS DOUBLE) FROM o.lines GROUP BY k HAVING sum(q) > 300 ORDER BY k";
+    let want = |extra: &[(i64, i64)]| -> Vec<(i64, i64, f64)> {
+        let mut groups = std::collections::BTreeMap::<i64, (i64, i64)>::new();
+        let rows = (0..20000i64).map(|v| (v / 4, (v * 7919) % 100)).chain(extra.iter().copied());
+        for (k, q) in rows {
+            let g = groups.entry(k).or_default();
+            *g = (g.0 + 1, g.1 + q);
+        }
+        groups.into_iter().filter(|(_, (_, s))| *s > 300).map(|(k, (n, s))| (k, n, s as f64)).collect()
+    };
+    assert_eq!(answer(&pg, grouped).await, want(&[]));
+    let plan = explain_analyze(&pg, grouped).await;
+    assert!(plan.contains("ordering_mode=Sorted"), "the leaves' partial aggregate streams:\n{plan}");
+    let first = "SELECT k, q FROM o.lines ORDER BY k, q LIMIT 3";
+    let keys = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>();
+    assert_eq!(keys(pg.query(first, &[]).await.expect("query")), vec![0, 0, 0]);
+
+    // A late row with a small key (and a key of its own) breaks the order on its shard.
+    pg.batch_execute("INSERT INTO o.lines SELECT 'late' AS _id, 2 AS k, 99 AS q UNION ALL SELECT 'later', -1, 301")
+        .await
+        .expect("late rows");
+    assert_eq!(answer(&pg, grouped).await, want(&[(2, 99), (-1, 301)]));
+    let plan = explain_analyze(&pg, grouped).await;
+    assert!(!plan.contains("ordering_mode=Sorted"), "{plan}");
+    assert_eq!(keys(pg.query(first, &[]).await.expect("query")), vec![-1, 0, 0]);
+}

@@ -419,6 +419,13 @@ pub struct ScanRequest {
     pub filters: Vec<Filter>,
     pub limit: Option<usize>,
     pub hint: Option<AccessPath>,
+    /// Rows must come in ascending order of this output column (nulls last), as the planner
+    /// promised DataFusion from the leaves' statistics ([`SchemaStats::ascending`]); the limit
+    /// then keeps the first rows in that order.
+    ///
+    /// [`SchemaStats::ascending`]: crate::schema::SchemaStats::ascending
+    #[serde(default)]
+    pub ordered_by: Option<String>,
 }
 
 pub type BatchStream = BoxStream<'static, Result<RecordBatch>>;
@@ -487,9 +494,11 @@ pub trait LeafApi: Send + Sync + 'static {
     }
     /// Merged statistics of the given shards of one collection.
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats>;
-    /// `stats` with distinct-value sketches per column, for planning joins (reads every column
-    /// once per shard, then cached; the plain statistics never pay for it).
-    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
+    /// `stats` for planning: the paths each shard scans in ascending order and, with
+    /// `sketches`, distinct-value sketches per column, for planning joins (reads every column
+    /// once per shard, then cached; the plain statistics never pay for either).
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>, sketches: bool) -> Result<SchemaStats> {
+        let _ = sketches;
         self.stats(collection_id, shards).await
     }
     /// How selective `filters` are on the given shards (for the access-path choice).

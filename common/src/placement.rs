@@ -83,11 +83,11 @@ impl LeafApi for PlacedLeaves {
         merged(calls).await
     }
 
-    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>, sketches: bool) -> Result<SchemaStats> {
         let calls = self
             .by_owner(shards)
             .into_iter()
-            .map(|(owner, shards)| self.leaves[owner].planner_stats(collection_id, shards));
+            .map(|(owner, shards)| self.leaves[owner].planner_stats(collection_id, shards, sketches));
         merged(calls).await
     }
 

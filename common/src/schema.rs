@@ -85,6 +85,11 @@ pub struct SchemaStats {
     /// `LeafApi::planner_stats` only (never part of a shard's own, durable statistics).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub distinct: BTreeMap<String, crate::sketch::Sketch>,
+    /// Per path, the documents of the shards that hold it ascending and never null in the order
+    /// they scan it (see `LeafApi::planner_stats`; planner-only like `distinct`). A path whose
+    /// count is the collection's document count is ascending in every shard.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ascending: BTreeMap<String, u64>,
 }
 
 impl SchemaStats {
@@ -107,6 +112,9 @@ impl SchemaStats {
 
     pub fn merge(&mut self, other: &SchemaStats) {
         self.doc_count += other.doc_count;
+        for (path, docs) in &other.ascending {
+            *self.ascending.entry(path.clone()).or_insert(0) += docs;
+        }
         for (path, sketch) in &other.distinct {
             match self.distinct.get_mut(path) {
                 Some(mine) => mine.merge(sketch),
@@ -126,6 +134,11 @@ impl SchemaStats {
     /// Estimated distinct non-null values at `path`, when the leaves computed it.
     pub fn distinct_values(&self, path: &str) -> Option<u64> {
         self.distinct.get(path).map(|s| s.estimate())
+    }
+
+    /// Whether every shard reported `path` ascending (and never null) in scan order.
+    pub fn ascending_everywhere(&self, path: &str) -> bool {
+        self.doc_count > 0 && self.ascending.get(path) == Some(&self.doc_count)
     }
 
     /// The one non-null kind seen at `path`, if exactly one.

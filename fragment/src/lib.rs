@@ -18,6 +18,7 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{Array, RecordBatchOptions};
+use arrow::compute::SortOptions;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
@@ -34,8 +35,9 @@ use datafusion::common::{ColumnStatistics, DataFusionError, Result, Statistics};
 use datafusion::config::ConfigOptions;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::expressions::DynamicFilterPhysicalExpr;
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr, PhysicalSortExpr};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::execution_plan::{
@@ -121,6 +123,11 @@ pub struct ScanSpec {
     /// filters do not change it.
     #[serde(default)]
     pub forced: bool,
+    /// An output column every shard returns in ascending order (nulls last; see
+    /// `ScanRequest::ordered_by`), declared to DataFusion as each partition's ordering: an
+    /// aggregate grouped by it streams, a sort by it merges.
+    #[serde(default)]
+    pub ordered_by: Option<String>,
 }
 
 /// The largest share of a collection's documents for which the search index beats scanning the
@@ -274,9 +281,14 @@ impl LeafScanExec {
         spec: ScanSpec,
     ) -> Self {
         let output = table_schema(&output_columns);
+        let ordering = spec.ordered_by.as_deref().and_then(|name| {
+            let column = Column::new_with_schema(name, &output).ok()?;
+            let options = SortOptions { descending: false, nulls_first: false };
+            Some(vec![PhysicalSortExpr::new(Arc::new(column), options)])
+        });
         let properties = Arc::new(
             PlanProperties::new(
-                EquivalenceProperties::new(output.clone()),
+                EquivalenceProperties::new_with_orderings(output.clone(), ordering),
                 Partitioning::UnknownPartitioning(shards.len()),
                 EmissionType::Incremental,
                 Boundedness::Bounded,
@@ -480,6 +492,9 @@ impl DisplayAs for LeafScanExec {
         if let Some(limit) = self.spec.limit {
             write!(f, " limit={limit}")?;
         }
+        if let Some(column) = &self.spec.ordered_by {
+            write!(f, " ordered_by={column}")?;
+        }
         if let Some((matches, live)) = self.spec.index_matches {
             write!(f, " index_matches={matches}/{live}")?;
         }
@@ -596,6 +611,7 @@ impl ExecutionPlan for LeafScanExec {
             filters: self.spec.filters.clone(),
             limit: self.spec.limit,
             hint: Some(self.spec.access),
+            ordered_by: self.spec.ordered_by.clone(),
         };
         let leaf = self.leaf.clone();
         let output = self.output.clone();
@@ -1044,8 +1060,8 @@ impl LeafApi for FragmentLeaf {
         self.inner.stats(collection_id, shards).await
     }
 
-    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> BasaltResult<SchemaStats> {
-        self.inner.planner_stats(collection_id, shards).await
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>, sketches: bool) -> BasaltResult<SchemaStats> {
+        self.inner.planner_stats(collection_id, shards, sketches).await
     }
 
     async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> BasaltResult<Estimate> {
@@ -1089,6 +1105,7 @@ mod tests {
             index_matches: None,
             estimate: Some(ScanEstimate { rows: 6_000_000, distinct: vec![Some(2_556), Some(200_000)] }),
             forced: false,
+            ordered_by: None,
         };
         let seven: Vec<i64> = (0..7).collect();
         assert!(index_for_key_lists(&spec, &output, &[keys("d", &seven)]));

@@ -108,6 +108,8 @@ pub struct Block {
     /// Text columns with few distinct values as codes into their distinct values (see
     /// [`Block::text_dictionary`]); `None` for a column with too many.
     dictionaries: parking_lot::Mutex<HashMap<String, Option<Arc<TextDictionary>>>>,
+    /// Per column checked, whether it is never null and never decreases down the block.
+    ascending: parking_lot::Mutex<HashMap<String, bool>>,
     /// Whether the columns point into a mapped segment file rather than the heap.
     mapped: bool,
 }
@@ -126,6 +128,7 @@ impl Block {
             min_max,
             dates: Default::default(),
             dictionaries: Default::default(),
+            ascending: Default::default(),
             mapped: false,
         }
     }
@@ -150,6 +153,17 @@ impl Block {
             .map(Arc::new);
         self.dictionaries.lock().insert(path.to_string(), built.clone());
         built
+    }
+
+    /// Whether the column at `path` is present, never null and never decreases down the
+    /// block: checked the first time a scan or the planner asks, and kept (blocks never change).
+    pub fn ascending(&self, path: &str) -> bool {
+        if let Some(holds) = self.ascending.lock().get(path) {
+            return *holds;
+        }
+        let holds = self.columns.get(path).is_some_and(is_ascending);
+        self.ascending.lock().insert(path.to_string(), holds);
+        holds
     }
 
     /// Whether the columns point into a mapped segment file rather than the heap.
@@ -219,6 +233,43 @@ const BASE_SLOT_KEY: &str = "basalt.base_slot";
 /// [`MAX_STORED_BOUND`] bytes or does not serialize (the reader then computes them).
 const MIN_MAX_KEY: &str = "basalt.min_max";
 const MAX_STORED_BOUND: usize = 1024;
+
+/// Whether `array` has no nulls and each value is at least the one before it (false for a
+/// type Arrow cannot compare).
+fn is_ascending(array: &ArrayRef) -> bool {
+    if array.null_count() > 0 {
+        return false;
+    }
+    if array.len() < 2 {
+        return true;
+    }
+    let (later, earlier) = (array.slice(1, array.len() - 1), array.slice(0, array.len() - 1));
+    arrow::compute::kernels::cmp::lt(&later, &earlier).is_ok_and(|drops| drops.true_count() == 0)
+}
+
+/// Whether the rows of `blocks`, in order (the order a scan returns them in), hold `path`
+/// ascending and never null, stored as `ty` in every block (a block holding another type would
+/// be cast, which may reorder) and patched in none.
+pub fn ascending_across(blocks: &[Arc<Block>], overlays: &Overlays, path: &str, ty: &DataType) -> bool {
+    let mut last: Option<ArrayRef> = None;
+    for block in blocks.iter().filter(|b| b.rows > 0) {
+        let Some(column) = block.columns.get(path) else { return false };
+        if column.data_type() != ty || column.is_empty() || !block.ascending(path) {
+            return false;
+        }
+        if overlays.range(block.base_slot, block.base_slot + block.rows as u64).next().is_some() {
+            return false;
+        }
+        let first = column.slice(0, 1);
+        if let Some(before) = &last
+            && !arrow::compute::kernels::cmp::lt(&first, before).is_ok_and(|drops| drops.true_count() == 0)
+        {
+            return false;
+        }
+        last = Some(column.slice(column.len() - 1, 1));
+    }
+    true
+}
 
 /// A block's min/max as stored in its file.
 fn encode_min_max(min_max: &HashMap<String, MinMax>) -> Option<String> {

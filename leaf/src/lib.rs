@@ -328,14 +328,14 @@ impl LeafApi for Leaf {
         Ok(out)
     }
 
-    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>, sketches: bool) -> Result<SchemaStats> {
         let shards: Vec<_> = shards.into_iter().filter_map(|s| self.shard((collection_id, s))).collect();
         // Distinct-value sketches read columns the first time (then they are cached): off the
         // async workers.
         tokio::task::spawn_blocking(move || {
             let mut out = SchemaStats::default();
             for shard in shards {
-                out.merge(&shard.planner_stats()?);
+                out.merge(&shard.planner_stats(sketches)?);
             }
             Ok(out)
         })

@@ -16,9 +16,9 @@ use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch};
 use arrow::compute::{and, filter_record_batch};
 use arrow::datatypes::{Field, Schema, SchemaRef};
 use basalt_common::api::{DocStatus, SCORE_COLUMN, ScanRequest, ShardWriteResult, SourcePosition, WriteOp};
-use basalt_common::doc::{Doc, DocLimits, apply_patch, apply_patch_partial, patched_fields};
+use basalt_common::doc::{Doc, DocLimits, Kind, apply_patch, apply_patch_partial, patched_fields};
 use basalt_common::filter::{AccessPath, Filter, choose_access_path, id_lookup, index_answerable};
-use basalt_common::schema::SchemaStats;
+use basalt_common::schema::{ColumnType, SchemaStats};
 use basalt_common::sketch::Sketch;
 use basalt_common::{BasaltError, Result};
 use parking_lot::{Mutex, RwLock};
@@ -26,7 +26,8 @@ use prometheus::{HistogramVec, IntCounter, register_histogram_vec, register_int_
 use serde::{Deserialize, Serialize};
 
 use crate::columns::{
-    BLOCK_ROWS, Block, ColumnStore, Deletions, Overlay, Overlays, StatsDelta, StatsDeltaBuilder, apply_delta,
+    BLOCK_ROWS, Block, ColumnStore, Deletions, Overlay, Overlays, Snapshot, StatsDelta, StatsDeltaBuilder, apply_delta,
+    ascending_across,
 };
 use crate::eval::{InSets, block_excluded, select};
 use crate::rows::{Head, RowStore};
@@ -668,26 +669,45 @@ impl Shard {
         self.columns.read().stats().clone()
     }
 
-    /// Statistics with distinct-value sketches per column, for planning joins. The sketches
-    /// read every column value once, then stay until the live documents change by a tenth.
-    pub fn planner_stats(&self) -> Result<SchemaStats> {
+    /// Statistics for planning: the integer and timestamp paths this shard scans in ascending
+    /// order and, with `sketches`, distinct-value sketches per column, for planning joins. The
+    /// sketches read every column value once, then stay until the live documents change by a
+    /// tenth; the order is checked per block once and across blocks on every call (writes
+    /// since the last call may have broken it).
+    pub fn planner_stats(&self, sketches: bool) -> Result<SchemaStats> {
         let mut stats = self.stats();
-        let live = self.live_docs() as u64;
-        let cached = self.distinct.lock().clone();
-        let sketches = match cached {
-            Some((seen, sketches)) if seen.abs_diff(live) <= seen / 10 => sketches,
-            _ => {
-                self.prebuild_tail()?;
-                let snapshot = self.columns.write().snapshot()?;
-                let sketches = Arc::new(distinct_sketches(&snapshot.blocks, &snapshot.deletions));
-                if let Some(c) = SKETCH_BUILDS.as_ref() {
-                    c.inc();
+        self.prebuild_tail()?;
+        let snapshot = self.columns.write().snapshot()?;
+        if sketches {
+            let live = self.live_docs() as u64;
+            let cached = self.distinct.lock().clone();
+            let sketches = match cached {
+                Some((seen, sketches)) if seen.abs_diff(live) <= seen / 10 => sketches,
+                _ => {
+                    let sketches = Arc::new(distinct_sketches(&snapshot.blocks, &snapshot.deletions));
+                    if let Some(c) = SKETCH_BUILDS.as_ref() {
+                        c.inc();
+                    }
+                    *self.distinct.lock() = Some((live, sketches.clone()));
+                    sketches
                 }
-                *self.distinct.lock() = Some((live, sketches.clone()));
-                sketches
-            }
-        };
-        stats.distinct = (*sketches).clone();
+            };
+            stats.distinct = (*sketches).clone();
+        }
+        let candidates = stats.fields.iter().filter_map(|(path, kinds)| {
+            let mut kinds = kinds.keys().filter(|k| **k != Kind::Null);
+            let ty = match (kinds.next(), kinds.next()) {
+                (Some(Kind::Int), None) => ColumnType::Int64,
+                (Some(Kind::Timestamp), None) => ColumnType::Timestamp,
+                _ => return None,
+            };
+            Some((path.clone(), ty))
+        });
+        let ascending: Vec<String> = candidates
+            .filter(|(path, ty)| ascending_across(&snapshot.blocks, &snapshot.overlays, path, &ty.to_arrow()))
+            .map(|(path, _)| path)
+            .collect();
+        stats.ascending = ascending.into_iter().map(|path| (path, stats.doc_count)).collect();
         Ok(stats)
     }
 
@@ -994,18 +1014,58 @@ impl Shard {
     }
 
     /// Run a scan, sending batches to `emit` until it returns false.
-    pub fn scan(&self, req: &ScanRequest, emit: impl FnMut(RecordBatch) -> bool) -> Result<AccessPath> {
-        let schema: SchemaRef = Arc::new(Schema::new(
-            req.columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), true)).collect::<Vec<_>>(),
-        ));
-        let mut remaining = req.limit.unwrap_or(usize::MAX);
-        if remaining == 0 {
+    pub fn scan(&self, req: &ScanRequest, mut emit: impl FnMut(RecordBatch) -> bool) -> Result<AccessPath> {
+        if req.limit == Some(0) {
             return Ok(AccessPath::ColumnScan);
         }
         // The snapshot then only merges blocks under the writer-blocking lock.
         self.prebuild_tail()?;
         let snapshot = self.columns.write().snapshot()?;
         let access = self.access_path(req, &snapshot.stats);
+        let Some(path) = &req.ordered_by else { return self.scan_snapshot(req, &snapshot, access, emit) };
+        // Blocks and the rows the index finds come in slot order: in the promised order when
+        // the column ascends down the blocks (it did when the query was planned; writes since
+        // may have broken it). Row-store lookups come in the order of their ids.
+        let ty = req.columns.iter().find(|(name, _)| name == path).map(|(_, ty)| ty.to_arrow());
+        let in_order = access != AccessPath::RowLookup
+            && ty.is_some_and(|ty| ascending_across(&snapshot.blocks, &snapshot.overlays, path, &ty));
+        if in_order {
+            return self.scan_snapshot(req, &snapshot, access, emit);
+        }
+        // Otherwise every row the filters keep is sorted here, then limited.
+        let unlimited = ScanRequest { limit: None, ..req.clone() };
+        let (mut batches, mut bytes) = (Vec::new(), 0usize);
+        let access = self.scan_snapshot(&unlimited, &snapshot, access, |batch| {
+            bytes += batch.get_array_memory_size();
+            batches.push(batch);
+            bytes <= MAX_SORTED_SCAN_BYTES
+        })?;
+        if bytes > MAX_SORTED_SCAN_BYTES {
+            return Err(BasaltError::limit(format!(
+                "a scan planned in the order of {path} found it out of order (written since) and would \
+                 sort over {MAX_SORTED_SCAN_BYTES} bytes; run the query again"
+            )));
+        }
+        for batch in sorted_rows(batches, path, req.limit)? {
+            if !emit(batch) {
+                break;
+            }
+        }
+        Ok(access)
+    }
+
+    /// [`Shard::scan`] of one snapshot by `access`: rows in slot order.
+    fn scan_snapshot(
+        &self,
+        req: &ScanRequest,
+        snapshot: &Snapshot,
+        access: AccessPath,
+        emit: impl FnMut(RecordBatch) -> bool,
+    ) -> Result<AccessPath> {
+        let schema: SchemaRef = Arc::new(Schema::new(
+            req.columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), true)).collect::<Vec<_>>(),
+        ));
+        let mut remaining = req.limit.unwrap_or(usize::MAX);
         let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
         let mut scores: HashMap<u64, f32> = HashMap::new();
         let mut sink = Batcher { schema: schema.clone(), pending: Vec::new(), rows: 0, emit, open: true };
@@ -1214,6 +1274,25 @@ fn seq_key(key: ShardKey) -> Vec<u8> {
 /// up to this before they go to the consumer, so a scan with hits in many blocks sends a few
 /// batches, not one per block.
 const SCAN_BATCH_ROWS: usize = 8192;
+
+/// The most a scan sorts in memory when a column it was planned to return in order is out of
+/// order on this shard (see [`Shard::scan`]).
+const MAX_SORTED_SCAN_BYTES: usize = 1 << 30;
+
+/// The rows of `batches` in ascending order of column `path` (nulls last), the first `limit`
+/// of them, in batches of [`SCAN_BATCH_ROWS`].
+fn sorted_rows(batches: Vec<RecordBatch>, path: &str, limit: Option<usize>) -> Result<Vec<RecordBatch>> {
+    let Some(schema) = batches.first().map(|b| b.schema()) else { return Ok(vec![]) };
+    let all = arrow::compute::concat_batches(&schema, &batches)?;
+    let column = all.column_by_name(path).ok_or_else(|| BasaltError::internal(format!("no column {path}")))?;
+    let options = arrow::compute::SortOptions { descending: false, nulls_first: false };
+    let order = arrow::compute::sort_to_indices(column, Some(options), limit)?;
+    let sorted = arrow::compute::take_record_batch(&all, &order)?;
+    Ok((0..sorted.num_rows())
+        .step_by(SCAN_BATCH_ROWS)
+        .map(|at| sorted.slice(at, SCAN_BATCH_ROWS.min(sorted.num_rows() - at)))
+        .collect())
+}
 
 struct Batcher<F: FnMut(RecordBatch) -> bool> {
     schema: SchemaRef,

@@ -20,6 +20,7 @@ async fn scan(leaf: &Leaf, filters: Vec<Filter>, cols: &[(&str, ColumnType)]) ->
         filters,
         limit: None,
         hint: None,
+        ordered_by: None,
     };
     let schema = Arc::new(arrow::datatypes::Schema::new(
         req.columns.iter().map(|(n, t)| arrow::datatypes::Field::new(n, t.to_arrow(), true)).collect::<Vec<_>>(),
@@ -84,6 +85,7 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
         filters,
         limit: None,
         hint,
+        ordered_by: None,
     };
     assert_eq!(shard.access_path(&req(vec![rare.clone()], None), &shard.stats()), AccessPath::SearchIndex);
     assert_eq!(
@@ -100,6 +102,7 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
                 filters: vec![rare.clone()],
                 limit: None,
                 hint: Some(AccessPath::ColumnScan),
+                ordered_by: None,
             },
             |b| {
                 forced.push(b);
@@ -317,7 +320,7 @@ async fn observe_all(leaf: &Leaf) -> (Vec<String>, Vec<Vec<String>>, SchemaStats
     let shard = leaf.shard((1, 0)).unwrap();
     let run = |filters: Vec<Filter>, hint: Option<AccessPath>, columns: Vec<(String, ColumnType)>| {
         let mut batches = Vec::new();
-        let req = ScanRequest { collection_id: 1, shard: 0, columns, filters, limit: None, hint };
+        let req = ScanRequest { collection_id: 1, shard: 0, columns, filters, limit: None, hint, ordered_by: None };
         shard
             .scan(&req, |b| {
                 batches.push(b);
@@ -640,7 +643,7 @@ async fn planner_statistics_estimate_distinct_values_of_live_documents() {
     let ops = (0..3000).map(|i| doc(i, serde_json::json!(i % 37))).collect();
     leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
     leaf.maintain_all(true);
-    let stats = leaf.planner_stats(1, vec![0]).await.unwrap();
+    let stats = leaf.planner_stats(1, vec![0], true).await.unwrap();
     assert_eq!(stats.distinct_values("k"), Some(37));
     let ids = stats.distinct_values("_id").unwrap();
     assert!((2900..=3100).contains(&ids), "{ids}");
@@ -648,16 +651,16 @@ async fn planner_statistics_estimate_distinct_values_of_live_documents() {
     // and replaced versions do not count.
     let ops = (0..400).map(|i| doc(i, serde_json::json!(1000 + i))).collect();
     leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
-    assert_eq!(leaf.planner_stats(1, vec![0]).await.unwrap().distinct_values("k"), Some(37));
+    assert_eq!(leaf.planner_stats(1, vec![0], true).await.unwrap().distinct_values("k"), Some(37));
     let ops = (3000..3400).map(|i| doc(i, serde_json::json!(5.0))).collect();
     leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
-    let k = leaf.planner_stats(1, vec![0]).await.unwrap().distinct_values("k").unwrap();
+    let k = leaf.planner_stats(1, vec![0], true).await.unwrap().distinct_values("k").unwrap();
     // 37 small integers (5.0 counts as 5) and 400 new values.
     assert!((425..=449).contains(&k), "{k}");
     // Statistics of several shards merge their sketches (the same values are not counted twice).
     let ops = (0..100).map(|i| doc(10_000 + i, serde_json::json!(i % 37))).collect();
     leaf.apply(ShardWrite { collection_id: 1, shard: 1, ops, position: None }).await.unwrap();
-    let both = leaf.planner_stats(1, vec![0, 1]).await.unwrap();
+    let both = leaf.planner_stats(1, vec![0, 1], true).await.unwrap();
     assert_eq!(both.distinct_values("k"), Some(k));
     assert_eq!(both.doc_count, 3500);
     // Plain statistics (SHOW, describe, the point-lookup path) never carry or compute sketches.
@@ -737,6 +740,7 @@ async fn the_index_searches_the_selective_lists_and_checks_the_rest() {
             filters: filters.clone(),
             limit: None,
             hint: Some(hint),
+            ordered_by: None,
         };
         let path = shard.scan(&req, |b| {
             out.push(b);
@@ -761,4 +765,73 @@ async fn the_index_searches_the_selective_lists_and_checks_the_rest() {
     assert!(!want.is_empty());
     assert_eq!(ids(AccessPath::SearchIndex), want);
     assert_eq!(ids(AccessPath::ColumnScan), want);
+}
+
+/// A column that ascends down a shard's blocks is reported to the planner, and a scan asked for
+/// rows in its order gets them in that order: as stored while the order holds, sorted on the
+/// leaf (the limit after sorting) once later writes have broken it.
+#[tokio::test]
+async fn scans_asked_for_an_order_return_rows_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = Leaf::open(&LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() }).unwrap();
+    let write = |range: std::ops::Range<i64>, k: fn(i64) -> serde_json::Value| {
+        let ops = range.map(|i| upsert(json!({"_id": format!("d{i}"), "k": k(i), "r": (i * 7919) % 1000}))).collect();
+        leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None })
+    };
+    // Two sealed blocks and a tail, `k` ascending with repeats across all three; `r` not.
+    write(0..3000, |i| json!(i / 3)).await.unwrap();
+    leaf.maintain_all(true);
+    write(3000..6000, |i| json!(i / 3)).await.unwrap();
+    leaf.maintain_all(true);
+    write(6000..6100, |i| json!(i / 3)).await.unwrap();
+    let stats = leaf.planner_stats(1, vec![0], true).await.unwrap();
+    assert!(stats.ascending_everywhere("k"), "{:?}", stats.ascending);
+    assert!(!stats.ascending_everywhere("r"));
+    let ordered = |limit: Option<usize>, filters: Vec<Filter>| {
+        let req = ScanRequest {
+            collection_id: 1,
+            shard: 0,
+            columns: vec![("k".into(), ColumnType::Int64), ("r".into(), ColumnType::Int64)],
+            filters,
+            limit,
+            hint: None,
+            ordered_by: Some("k".into()),
+        };
+        let leaf = leaf.clone();
+        async move {
+            let batches: Vec<RecordBatch> = leaf.scan(req).await.unwrap().map(|b| b.unwrap()).collect().await;
+            batches
+                .iter()
+                .flat_map(|b| {
+                    let (k, r) = (b.column(0).as_primitive::<arrow::datatypes::Int64Type>(), b.column(1));
+                    let r = r.as_primitive::<arrow::datatypes::Int64Type>();
+                    (0..b.num_rows()).map(|i| (k.value(i), r.value(i))).collect::<Vec<_>>()
+                })
+                .collect::<Vec<(i64, i64)>>()
+        }
+    };
+    let ascending = |rows: &[(i64, i64)]| rows.windows(2).all(|w| w[0].0 <= w[1].0);
+    let all = ordered(None, vec![]).await;
+    assert_eq!(all.len(), 6100);
+    assert!(ascending(&all));
+    // A late document with a small key, and a replaced one whose new version lands in the tail.
+    write(9000..9001, |_| json!(5)).await.unwrap();
+    write(10..11, |_| json!(1)).await.unwrap();
+    assert!(!leaf.planner_stats(1, vec![0], true).await.unwrap().ascending_everywhere("k"));
+    let all = ordered(None, vec![]).await;
+    assert_eq!(all.len(), 6101);
+    assert!(ascending(&all), "sorted on the leaf");
+    let mut want: Vec<i64> = all.iter().map(|(k, _)| *k).collect();
+    want.sort_unstable();
+    assert_eq!(&want[..4], &[0, 0, 0, 1]);
+    // The first rows in key order, not in slot order, with a filter.
+    let r_small = Filter::Cmp { path: "r".into(), op: CmpOp::Lt, value: Scalar::Int(100) };
+    let first = ordered(Some(5), vec![r_small.clone()]).await;
+    let mut kept: Vec<(i64, i64)> = ordered(None, vec![]).await.into_iter().filter(|(_, r)| *r < 100).collect();
+    kept.sort_by_key(|(k, _)| *k);
+    assert_eq!(
+        first.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        kept[..5].iter().map(|(k, _)| *k).collect::<Vec<_>>()
+    );
+    assert!(first.iter().any(|(k, _)| *k == 1 || *k == 5), "the late keys come first: {first:?}");
 }

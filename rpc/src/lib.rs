@@ -66,6 +66,9 @@ enum LeafTicket {
 struct Stats {
     collection_id: u64,
     shards: Vec<u32>,
+    /// `leaf.planner_stats` only.
+    #[serde(default)]
+    sketches: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -160,7 +163,7 @@ impl Services {
             }
             "leaf.planner_stats" => {
                 let s: Stats = decode(body)?;
-                encode(&leaf()?.planner_stats(s.collection_id, s.shards).await?)
+                encode(&leaf()?.planner_stats(s.collection_id, s.shards, s.sketches).await?)
             }
             "leaf.estimate" => {
                 let a: EstimateArgs = decode(body)?;
@@ -397,11 +400,11 @@ impl LeafApi for Client {
     }
 
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
-        self.call("leaf.stats", &Stats { collection_id, shards }).await
+        self.call("leaf.stats", &Stats { collection_id, shards, sketches: false }).await
     }
 
-    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {
-        self.call("leaf.planner_stats", &Stats { collection_id, shards }).await
+    async fn planner_stats(&self, collection_id: u64, shards: Vec<u32>, sketches: bool) -> Result<SchemaStats> {
+        self.call("leaf.planner_stats", &Stats { collection_id, shards, sketches }).await
     }
 
     async fn estimate(&self, collection_id: u64, shards: Vec<u32>, filters: Vec<Filter>) -> Result<Estimate> {
@@ -540,6 +543,7 @@ mod tests {
             filters: vec![],
             limit: None,
             hint: None,
+            ordered_by: None,
         };
         let rows: usize =
             client.scan(req).await.unwrap().map(|b| b.unwrap().num_rows()).fold(0, |a, b| async move { a + b }).await;
