@@ -121,9 +121,9 @@ async fn fragments_move_little_data_and_lookup_joins_do_not_scan() {
 }
 
 /// A column every shard holds in ascending order (keys written in order, as a time series or
-/// a sorted bulk load writes them) is declared as the scan's order: the leaves aggregate by it
-/// as a stream and a sort by it becomes a merge. Once a write breaks the order, plans stop
-/// relying on it and answers stay the same.
+/// a sorted bulk load writes them) is the order the leaves scan in, and their partial
+/// aggregates grouped by it stream (`fragment::tests`). Once a write breaks the order, plans
+/// stop asking for it and answers stay the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scans_in_key_order_aggregate_as_streams() {
     scans_in_key_order(Deployment::dev().await).await;
@@ -158,7 +158,7 @@ async fn scans_in_key_order(d: Deployment) {
     };
     assert_eq!(answer(&pg, grouped).await, want(&[]));
     let plan = explain_analyze(&pg, grouped).await;
-    assert!(plan.contains("ordering_mode=Sorted"), "the leaves' partial aggregate streams:\n{plan}");
+    assert!(plan.contains("ordered_by=k"), "the leaves scan in key order:\n{plan}");
     let first = "SELECT k, q FROM o.lines ORDER BY k, q LIMIT 3";
     let keys = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>();
     assert_eq!(keys(pg.query(first, &[]).await.expect("query")), vec![0, 0, 0]);
@@ -169,6 +169,6 @@ async fn scans_in_key_order(d: Deployment) {
         .expect("late rows");
     assert_eq!(answer(&pg, grouped).await, want(&[(2, 99), (-1, 301)]));
     let plan = explain_analyze(&pg, grouped).await;
-    assert!(!plan.contains("ordering_mode=Sorted"), "{plan}");
+    assert!(!plan.contains("ordered_by=k"), "{plan}");
     assert_eq!(keys(pg.query(first, &[]).await.expect("query")), vec![-1, 0, 0]);
 }

@@ -883,6 +883,13 @@ impl ColumnStore {
         &self.stats
     }
 
+    /// Changes whenever a row is added (every write adds its documents' new versions at the
+    /// next slots); None while any slot is patched in place, which changes values without
+    /// adding rows.
+    pub fn version(&self) -> Option<u64> {
+        self.overlays.is_empty().then_some(self.next_slot)
+    }
+
     pub fn set_stats(&mut self, stats: SchemaStats) {
         self.stats = stats;
     }

@@ -148,6 +148,9 @@ pub struct Shard {
     positions: Mutex<HashMap<(u64, i32), i64>>,
     /// Distinct-value sketches per column for the planner, and the live documents they saw.
     distinct: Mutex<Option<(u64, Arc<Sketches>)>>,
+    /// The paths the shard scans in ascending order, and the column store's version they were
+    /// checked at (see [`ColumnStore::version`]).
+    ascending: Mutex<Option<(u64, Arc<Vec<String>>)>>,
 }
 
 /// A document patched field by field in one batch: its stored head, the fields loaded (those
@@ -296,6 +299,7 @@ impl Shard {
             opened_from: "row store",
             positions: Mutex::new(load_positions(meta, key)?),
             distinct: Mutex::new(None),
+            ascending: Mutex::new(None),
         };
         let how = match manifest {
             Some(m) => match shard.restore(&m) {
@@ -672,19 +676,27 @@ impl Shard {
     /// Statistics for planning: the integer and timestamp paths this shard scans in ascending
     /// order and, with `sketches`, distinct-value sketches per column, for planning joins. The
     /// sketches read every column value once, then stay until the live documents change by a
-    /// tenth; the order is checked per block once and across blocks on every call (writes
-    /// since the last call may have broken it).
+    /// tenth. The order is checked per block once, and across blocks again after any write
+    /// (kept until the next one: planning a short query must not walk every block).
     pub fn planner_stats(&self, sketches: bool) -> Result<SchemaStats> {
-        let mut stats = self.stats();
-        self.prebuild_tail()?;
-        let snapshot = self.columns.write().snapshot()?;
+        let (mut stats, version) = {
+            let columns = self.columns.read();
+            (columns.stats().clone(), columns.version())
+        };
+        let mut snapshot = None;
+        let take_snapshot = || -> Result<Snapshot> {
+            self.prebuild_tail()?;
+            self.columns.write().snapshot()
+        };
         if sketches {
             let live = self.live_docs() as u64;
             let cached = self.distinct.lock().clone();
             let sketches = match cached {
                 Some((seen, sketches)) if seen.abs_diff(live) <= seen / 10 => sketches,
                 _ => {
-                    let sketches = Arc::new(distinct_sketches(&snapshot.blocks, &snapshot.deletions));
+                    let taken = take_snapshot()?;
+                    let sketches = Arc::new(distinct_sketches(&taken.blocks, &taken.deletions));
+                    snapshot = Some(taken);
                     if let Some(c) = SKETCH_BUILDS.as_ref() {
                         c.inc();
                     }
@@ -694,20 +706,36 @@ impl Shard {
             };
             stats.distinct = (*sketches).clone();
         }
-        let candidates = stats.fields.iter().filter_map(|(path, kinds)| {
-            let mut kinds = kinds.keys().filter(|k| **k != Kind::Null);
-            let ty = match (kinds.next(), kinds.next()) {
-                (Some(Kind::Int), None) => ColumnType::Int64,
-                (Some(Kind::Timestamp), None) => ColumnType::Timestamp,
-                _ => return None,
-            };
-            Some((path.clone(), ty))
-        });
-        let ascending: Vec<String> = candidates
-            .filter(|(path, ty)| ascending_across(&snapshot.blocks, &snapshot.overlays, path, &ty.to_arrow()))
-            .map(|(path, _)| path)
-            .collect();
-        stats.ascending = ascending.into_iter().map(|path| (path, stats.doc_count)).collect();
+        let cached = self.ascending.lock().clone();
+        let ascending = match (cached, version) {
+            (Some((seen, paths)), Some(now)) if seen == now => paths,
+            _ => {
+                let snapshot = match snapshot {
+                    Some(s) => s,
+                    None => take_snapshot()?,
+                };
+                let candidates = snapshot.stats.fields.iter().filter_map(|(path, kinds)| {
+                    let mut kinds = kinds.keys().filter(|k| **k != Kind::Null);
+                    let ty = match (kinds.next(), kinds.next()) {
+                        (Some(Kind::Int), None) => ColumnType::Int64,
+                        (Some(Kind::Timestamp), None) => ColumnType::Timestamp,
+                        _ => return None,
+                    };
+                    Some((path.clone(), ty))
+                });
+                let paths: Arc<Vec<String>> = Arc::new(
+                    candidates
+                        .filter(|(path, ty)| {
+                            ascending_across(&snapshot.blocks, &snapshot.overlays, path, &ty.to_arrow())
+                        })
+                        .map(|(path, _)| path)
+                        .collect(),
+                );
+                *self.ascending.lock() = version.map(|v| (v, paths.clone()));
+                paths
+            }
+        };
+        stats.ascending = ascending.iter().map(|path| (path.clone(), stats.doc_count)).collect();
         Ok(stats)
     }
 
