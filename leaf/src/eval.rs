@@ -183,6 +183,20 @@ impl Prepared {
     }
 }
 
+impl Prepared {
+    /// The block's column at `path` as this list's values compare with it: as integers, as
+    /// timestamps, its text parsed as dates, or as text; None for a list checked value by value.
+    fn column(&self, path: &str, block: &Block) -> Result<Option<ArrayRef>> {
+        Ok(Some(match self {
+            Prepared::Ints(_) => block.column_as(path, &DataType::Int64)?,
+            Prepared::Timestamps(_) => block.column_as(path, &scalar_type(&Scalar::Timestamp(0)))?,
+            Prepared::Dates(_) => block.column_as_date(path)?,
+            Prepared::Strs(..) => block.column_as(path, &DataType::Utf8)?,
+            Prepared::ValueByValue => return Ok(None),
+        }))
+    }
+}
+
 /// The `IN` lists of one scan's filters, each prepared (sorted, as a bitmap or a hash set)
 /// the first time a block needs it and reused for every later block. A runtime key list of
 /// 8,167 keys was sorted again for each of a scan's blocks: 40% of the process's CPU in SSB
@@ -206,23 +220,15 @@ impl InSets {
 /// (a join's runtime key list has up to 4,096 values; a comparison per value and row would
 /// cost as many passes). None: evaluate value by value.
 fn in_set(path: &str, values: &[Scalar], block: &Block, sets: &InSets) -> Result<Option<BooleanArray>> {
-    let out = match sets.get(values).as_ref() {
-        Prepared::Ints(set) => {
-            let col = block.column_as(path, &DataType::Int64)?;
-            membership::<arrow::datatypes::Int64Type>(&col, |x| set.contains(x))
-        }
+    let prepared = sets.get(values);
+    let Some(col) = prepared.column(path, block)? else { return Ok(None) };
+    let out = match prepared.as_ref() {
+        Prepared::Ints(set) => membership::<arrow::datatypes::Int64Type>(&col, |x| set.contains(x)),
         Prepared::Timestamps(set) => {
-            let col = block.column_as(path, &scalar_type(&Scalar::Timestamp(0)))?;
             membership::<arrow::datatypes::TimestampMicrosecondType>(&col, |x| set.contains(x))
         }
-        Prepared::Dates(set) => {
-            let col = block.column_as_date(path)?;
-            membership::<arrow::datatypes::Date32Type>(&col, |x| set.contains(i64::from(x)))
-        }
-        Prepared::Strs(set, _) => {
-            let col = block.column_as(path, &DataType::Utf8)?;
-            col.as_string::<i32>().iter().map(|v| v.map(|x| set.contains(x))).collect()
-        }
+        Prepared::Dates(set) => membership::<arrow::datatypes::Date32Type>(&col, |x| set.contains(i64::from(x))),
+        Prepared::Strs(set, _) => col.as_string::<i32>().iter().map(|v| v.map(|x| set.contains(x))).collect(),
         Prepared::ValueByValue => return Ok(None),
     };
     Ok(Some(out))
@@ -416,15 +422,13 @@ fn member_list(filter: &Filter, block: &Block, sets: &InSets) -> Result<Option<M
         }
         _ => None,
     };
-    let (column, share) = match prepared.as_ref() {
-        Prepared::Ints(set) => (block.column_as(path, &DataType::Int64)?, set.share_of(range())),
-        Prepared::Timestamps(set) => {
-            (block.column_as(path, &scalar_type(&Scalar::Timestamp(0)))?, set.share_of(range()))
-        }
+    let share = match prepared.as_ref() {
+        Prepared::Ints(set) | Prepared::Timestamps(set) => set.share_of(range()),
         // A text column parsed as dates has no min/max of its dates.
-        Prepared::Dates(_) => (block.column_as_date(path)?, 1.0),
+        Prepared::Dates(_) => 1.0,
         Prepared::Strs(..) | Prepared::ValueByValue => return Ok(None),
     };
+    let Some(column) = prepared.column(path, block)? else { return Ok(None) };
     check_rows(column.len(), block)?;
     Ok(Some(MemberList { prepared, column, share }))
 }

@@ -714,11 +714,10 @@ impl Shard {
                     Some(s) => s,
                     None => take_snapshot()?,
                 };
-                let candidates = snapshot.stats.fields.iter().filter_map(|(path, kinds)| {
-                    let mut kinds = kinds.keys().filter(|k| **k != Kind::Null);
-                    let ty = match (kinds.next(), kinds.next()) {
-                        (Some(Kind::Int), None) => ColumnType::Int64,
-                        (Some(Kind::Timestamp), None) => ColumnType::Timestamp,
+                let candidates = snapshot.stats.fields.keys().filter_map(|path| {
+                    let ty = match snapshot.stats.pure_kind(path)? {
+                        Kind::Int => ColumnType::Int64,
+                        Kind::Timestamp => ColumnType::Timestamp,
                         _ => return None,
                     };
                     Some((path.clone(), ty))
@@ -1050,7 +1049,7 @@ impl Shard {
         self.prebuild_tail()?;
         let snapshot = self.columns.write().snapshot()?;
         let access = self.access_path(req, &snapshot.stats);
-        let Some(path) = &req.ordered_by else { return self.scan_snapshot(req, &snapshot, access, emit) };
+        let Some(path) = &req.ordered_by else { return self.scan_snapshot(req, &snapshot, access, req.limit, emit) };
         // Blocks and the rows the index finds come in slot order: in the promised order when
         // the column ascends down the blocks (it did when the query was planned; writes since
         // may have broken it). Row-store lookups come in the order of their ids.
@@ -1058,12 +1057,11 @@ impl Shard {
         let in_order = access != AccessPath::RowLookup
             && ty.is_some_and(|ty| ascending_across(&snapshot.blocks, &snapshot.overlays, path, &ty));
         if in_order {
-            return self.scan_snapshot(req, &snapshot, access, emit);
+            return self.scan_snapshot(req, &snapshot, access, req.limit, emit);
         }
         // Otherwise every row the filters keep is sorted here, then limited.
-        let unlimited = ScanRequest { limit: None, ..req.clone() };
         let (mut batches, mut bytes) = (Vec::new(), 0usize);
-        let access = self.scan_snapshot(&unlimited, &snapshot, access, |batch| {
+        let access = self.scan_snapshot(req, &snapshot, access, None, |batch| {
             bytes += batch.get_array_memory_size();
             batches.push(batch);
             bytes <= MAX_SORTED_SCAN_BYTES
@@ -1082,18 +1080,19 @@ impl Shard {
         Ok(access)
     }
 
-    /// [`Shard::scan`] of one snapshot by `access`: rows in slot order.
+    /// [`Shard::scan`] of one snapshot by `access`: the first `limit` rows in slot order.
     fn scan_snapshot(
         &self,
         req: &ScanRequest,
         snapshot: &Snapshot,
         access: AccessPath,
+        limit: Option<usize>,
         emit: impl FnMut(RecordBatch) -> bool,
     ) -> Result<AccessPath> {
         let schema: SchemaRef = Arc::new(Schema::new(
             req.columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), true)).collect::<Vec<_>>(),
         ));
-        let mut remaining = req.limit.unwrap_or(usize::MAX);
+        let mut remaining = limit.unwrap_or(usize::MAX);
         let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
         let mut scores: HashMap<u64, f32> = HashMap::new();
         let mut sink = Batcher { schema: schema.clone(), pending: Vec::new(), rows: 0, emit, open: true };
