@@ -9,6 +9,12 @@ minus the newest visible `_event_time` (so it includes up to one poll interval o
 the query itself). Reported: p50/p95/p99 at each rate after a 3 s warm-up, and the rate Basalt
 reaches on a backlog (documents produced beforehand) as documents/s and MB/s per core.
 
+The broker is `tansu` with its SQLite storage engine by default (`--tansu-storage memory` for the
+in-memory engine, whose every fetch lists all batches the partition holds: at 5k docs/s the
+broker's CPU grows with the topic and records wait up to seconds before a consumer gets them).
+Each rate also reports how long records waited between the producer and the tailer's read
+(Basalt's `basalt_source_fetch_delay_seconds`, as bucket bounds): the broker's share.
+
 There is no peer system in this run: the numbers are against the issue's targets (p50 < 100 ms
 and p99 < 500 ms at 5k docs/s; 10 MB/s per core into the full converged index).
 
@@ -42,12 +48,13 @@ def percentile(values, p):
 
 
 class Tansu:
-    def __init__(self, binary, workdir):
+    def __init__(self, binary, workdir, storage="memory"):
         self.port = free_port()
+        engine = {"memory": "memory://tansu/", "sqlite": "sqlite://tansu.db"}[storage]
         url = f"tcp://127.0.0.1:{self.port}"
         self.log = open(os.path.join(workdir, "tansu.log"), "w")
         self.proc = subprocess.Popen([binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                      "--storage-engine", "memory://tansu/"], stdout=self.log,
+                                      "--storage-engine", engine], stdout=self.log, cwd=workdir,
                                      stderr=subprocess.STDOUT)
         self.brokers = f"127.0.0.1:{self.port}"
         admin = AdminClient({"bootstrap.servers": self.brokers})
@@ -101,8 +108,33 @@ def produce_open_loop(brokers, topic, docs, rate, stop_at):
     return sent
 
 
+def fetch_delay_buckets(basalt, source):
+    """The cumulative buckets of `basalt_source_fetch_delay_seconds` for `source`: how long records
+    waited between the producer (the Kafka timestamp) and the tailer reading them."""
+    with urllib.request.urlopen(basalt.url("/metrics"), timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("basalt_source_fetch_delay_seconds_bucket{") and f'source="{source}"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def bucket_quantile(before, after, q):
+    """The upper bound of the bucket holding quantile `q` of what was observed between two scrapes."""
+    counts = sorted((le, after.get(le, 0) - before.get(le, 0)) for le in after)
+    if not counts or counts[-1][1] <= 0:
+        return None
+    for le, c in counts:
+        if c >= q * counts[-1][1]:
+            return le * 1000
+    return None
+
+
 def latency_run(basalt, tansu, collection, topic, rate, seconds, offset):
     docs = documents(int(rate * seconds), offset)
+    buckets_before = fetch_delay_buckets(basalt, f"commons.{collection}_src")
     samples = []
     stop = threading.Event()
 
@@ -125,7 +157,10 @@ def latency_run(basalt, tansu, collection, topic, rate, seconds, offset):
     stop.set()
     poller.join()
     steady = [lat for (t, lat) in samples if started + 3 <= t <= started + elapsed]
-    return {"rate": rate, "sent": sent, "started": round(started, 3), "send_seconds": round(elapsed, 2), "samples": len(steady),
+    buckets_after = fetch_delay_buckets(basalt, f"commons.{collection}_src")
+    # Producer to tailer read: the broker's share of the latency (bucket upper bounds, ms).
+    broker = {f"p{q}_ms": bucket_quantile(buckets_before, buckets_after, q / 100) for q in (50, 99)}
+    return {"rate": rate, "fetch_delay": broker, "sent": sent, "started": round(started, 3), "send_seconds": round(elapsed, 2), "samples": len(steady),
             "p50_ms": round(percentile(steady, 50), 1), "p95_ms": round(percentile(steady, 95), 1),
             "p99_ms": round(percentile(steady, 99), 1),
             "series": [[round(t - started, 2), round(lat, 1)] for (t, lat) in samples]}
@@ -185,11 +220,14 @@ def main():
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--backlog", type=int, default=200_000)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tansu-storage", default="sqlite", choices=["memory", "sqlite"],
+                    help="the broker's storage engine; its in-memory engine lists every stored batch of a "
+                         "partition on every fetch, so its fetches slow down as the topic grows")
     ap.add_argument("--log", default=None, help="copy Basalt's log here at the end (and /metrics to LOG.metrics)")
     args = ap.parse_args()
     workdir = tempfile.mkdtemp(prefix="basalt-kafka-bench-")
-    results = {"machine": machine(), "runs": []}
-    tansu = Tansu(args.tansu_bin, workdir)
+    results = {"machine": machine(), "tansu_storage": args.tansu_storage, "runs": []}
+    tansu = Tansu(args.tansu_bin, workdir, args.tansu_storage)
     basalt = Basalt(args.basalt_bin, workdir)
     try:
         tansu.create_topic("events", 2)
@@ -202,7 +240,8 @@ def main():
             offset += r["sent"]
             results["runs"].append(r)
             print(f"rate {rate}/s: p50 {r['p50_ms']} ms, p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms "
-                  f"({r['samples']} samples)", file=sys.stderr)
+                  f"({r['samples']} samples); producer to tailer read (bucket bounds): "
+                  f"p50 <= {r['fetch_delay']['p50_ms']} ms, p99 <= {r['fetch_delay']['p99_ms']} ms", file=sys.stderr)
         if args.backlog:
             results["backlog"] = backlog_run(basalt, tansu, args.backlog, 10_000_000, workdir)
             print(f"backlog: {results['backlog']}", file=sys.stderr)
@@ -227,9 +266,13 @@ def main():
 
 def report(r):
     out = [f"{r['machine']['cpus']} cores ({r['machine']['cpu']})", "",
-           "| generator rate (docs/s) | sent | p50 (ms) | p95 (ms) | p99 (ms) |", "|---:|---:|---:|---:|---:|"]
+           f"broker: tansu, {r['tansu_storage']} storage", "",
+           "| generator rate (docs/s) | sent | p50 (ms) | p95 (ms) | p99 (ms) | producer to tailer p50 / p99 (ms, bucket bound) |",
+           "|---:|---:|---:|---:|---:|---:|"]
     for run in r["runs"]:
-        out.append(f"| {run['rate']:,} | {run['sent']:,} | {run['p50_ms']} | {run['p95_ms']} | {run['p99_ms']} |")
+        fd = run.get("fetch_delay", {})
+        out.append(f"| {run['rate']:,} | {run['sent']:,} | {run['p50_ms']} | {run['p95_ms']} | {run['p99_ms']} | "
+                   f"{fd.get('p50_ms')} / {fd.get('p99_ms')} |")
     if "backlog" in r:
         b = r["backlog"]
         out += ["", f"Backlog of {b['docs']:,} documents ({b['bytes'] / 1e6:.0f} MB): {b['docs_per_s']:,} docs/s, "

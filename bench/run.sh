@@ -3,7 +3,7 @@
 #   bench/run.sh foundation [--docs N] [--out results.json]
 #   bench/run.sh recovery [--docs N] [--out results.json]
 #   bench/run.sh fresh_reads [--out results.json]
-#   bench/run.sh kafka_latency [--rates 1000,5000] [--seconds 20] [--backlog 200000] [--out results.json]
+#   bench/run.sh kafka_latency [--rates 1000,5000] [--seconds 20] [--backlog 200000] [--tansu-storage sqlite|memory] [--out results.json]
 #   bench/run.sh parquet_load [--rows 500000] [--out results.json]   (moto_server and DuckDB, from the venv)
 #   bench/run.sh analytics [--sf 1] [--runs 3] [--suites tpch,ssb] [--leaves 0|2] [--load s3|http] [--out results.json]
 #   bench/run.sh fragments [--sf 1] [--runs 3] [--leaves 2] [--shards 4] [--out results.json]
