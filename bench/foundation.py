@@ -119,11 +119,11 @@ def percentile(values, p):
 class Basalt:
     name = "basalt"
 
-    def __init__(self, binary: str, workdir: str):
+    def __init__(self, binary: str, workdir: str, prefix=()):
         self.pg_port, self.http_port = free_port(), free_port()
         self.log = open(os.path.join(workdir, "basalt.log"), "w")
         self.proc = subprocess.Popen(
-            [binary, "dev", "--data-dir", os.path.join(workdir, "basalt-data"),
+            [*prefix, binary, "dev", "--data-dir", os.path.join(workdir, "basalt-data"),
              "--pg-addr", f"127.0.0.1:{self.pg_port}", "--http-addr", f"127.0.0.1:{self.http_port}"],
             stdout=self.log, stderr=subprocess.STDOUT)
         for _ in range(600):
