@@ -223,6 +223,7 @@ impl Session {
         let plan = state.statement_to_plan(stmt).await.map_err(from_df)?;
         let options = datafusion::execution::context::SQLOptions::new().with_allow_ddl(false).with_allow_dml(false);
         options.verify_plan(&plan).map_err(from_df)?;
+        let plan = text_for_clients(plan)?;
         if params.is_empty() {
             return Ok(plan);
         }
@@ -773,4 +774,28 @@ fn batches_to_documents(batches: &[RecordBatch]) -> Result<Vec<WriteInput>> {
             WriteInput::Upsert { doc: serde_json::Value::Object(doc) }
         })
         .collect())
+}
+
+/// A plan whose text results come out as `Utf8`: collections' text columns are `Utf8View`
+/// inside plans (see `basalt_fragment::plan_type`), which clients, the wire encoders and
+/// writes of query results do not need to know. Other plans are returned as they are.
+fn text_for_clients(plan: LogicalPlan) -> Result<LogicalPlan> {
+    use datafusion::logical_expr::{Expr, LogicalPlanBuilder, cast};
+    let schema = plan.schema().clone();
+    if !schema.fields().iter().any(|f| f.data_type() == &DataType::Utf8View) || matches!(plan, LogicalPlan::Explain(_))
+    {
+        return Ok(plan);
+    }
+    let exprs: Vec<Expr> = schema
+        .iter()
+        .map(|(qualifier, field)| {
+            let column = Expr::Column(datafusion::common::Column::new(qualifier.cloned(), field.name()));
+            if field.data_type() == &DataType::Utf8View {
+                cast(column, DataType::Utf8).alias_qualified(qualifier.cloned(), field.name())
+            } else {
+                column
+            }
+        })
+        .collect();
+    LogicalPlanBuilder::from(plan).project(exprs).and_then(LogicalPlanBuilder::build).map_err(from_df)
 }

@@ -19,7 +19,7 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use crate::translate::translate;
 
-pub use basalt_fragment::{table_schema, to_df_error};
+pub use basalt_fragment::{plan_schema, table_schema, to_df_error};
 
 pub use basalt_fragment::{ESTIMATE_MIN_DOCS, INDEX_SELECTIVITY};
 
@@ -50,7 +50,7 @@ impl CollectionTable {
         if with_score {
             columns.push((basalt_common::api::SCORE_COLUMN.to_string(), ColumnType::Float64));
         }
-        let schema = table_schema(&columns);
+        let schema = plan_schema(&columns);
         Self { info, stats, columns, schema, leaf, hint }
     }
 

@@ -20,7 +20,9 @@ impl<'a> Operand<'a> {
         match e {
             Expr::Column(c) => Some(Operand::Column(c.name.as_str(), column_type(schema, &c.name)?)),
             Expr::Cast(Cast { expr, field }) if field.data_type() == &DataType::Date32 => match expr.as_ref() {
-                Expr::Column(c) if column_type(schema, &c.name) == Some(&DataType::Utf8) => {
+                Expr::Column(c)
+                    if matches!(column_type(schema, &c.name), Some(DataType::Utf8 | DataType::Utf8View)) =>
+                {
                     Some(Operand::TextAsDate(c.name.as_str()))
                 }
                 _ => None,

@@ -66,7 +66,11 @@ impl ScalarUDFImpl for SearchUdf {
 /// distinct users per hour from a per-minute rollup.
 pub fn approx_distinct_merge_udaf() -> datafusion::logical_expr::AggregateUDF {
     datafusion::logical_expr::AggregateUDF::from(SketchMerge {
-        signature: Signature::exact(vec![DataType::Utf8], Volatility::Immutable),
+        signature: Signature::uniform(
+            1,
+            vec![DataType::Utf8, DataType::Utf8View, DataType::LargeUtf8],
+            Volatility::Immutable,
+        ),
     })
 }
 

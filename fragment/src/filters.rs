@@ -66,7 +66,7 @@ pub fn scalar_for_column(v: &ScalarValue, ty: &DataType) -> Option<Scalar> {
             ScalarValue::Float32(Some(x)) => Some(Scalar::Float(f64::from(*x))),
             _ => int().map(|i| Scalar::Float(i as f64)),
         },
-        DataType::Utf8 => match v {
+        DataType::Utf8 | DataType::Utf8View => match v {
             ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s)) => {
                 Some(Scalar::Str(s.clone()))
             }
