@@ -782,8 +782,7 @@ fn batches_to_documents(batches: &[RecordBatch]) -> Result<Vec<WriteInput>> {
 fn text_for_clients(plan: LogicalPlan) -> Result<LogicalPlan> {
     use datafusion::logical_expr::{Expr, LogicalPlanBuilder, cast};
     let schema = plan.schema().clone();
-    if !schema.fields().iter().any(|f| f.data_type() == &DataType::Utf8View) || matches!(plan, LogicalPlan::Explain(_))
-    {
+    if !schema.fields().iter().any(|f| f.data_type() == &DataType::Utf8View) {
         return Ok(plan);
     }
     let exprs: Vec<Expr> = schema

@@ -99,8 +99,12 @@ pub fn from_df(e: DataFusionError) -> BasaltError {
 /// The table schema of a collection's columns (every column nullable but `_id`), as clients
 /// see it.
 pub fn table_schema(columns: &[(String, ColumnType)]) -> SchemaRef {
+    schema_of(columns, ColumnType::to_arrow)
+}
+
+fn schema_of(columns: &[(String, ColumnType)], arrow_type: impl Fn(&ColumnType) -> DataType) -> SchemaRef {
     Arc::new(Schema::new(
-        columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), name != ID_FIELD)).collect::<Vec<_>>(),
+        columns.iter().map(|(name, ty)| Field::new(name, arrow_type(ty), name != ID_FIELD)).collect::<Vec<_>>(),
     ))
 }
 
@@ -118,9 +122,7 @@ pub fn plan_type(ty: &ColumnType) -> DataType {
 
 /// The schema of a collection as query plans see it (see [`plan_type`]).
 pub fn plan_schema(columns: &[(String, ColumnType)]) -> SchemaRef {
-    Arc::new(Schema::new(
-        columns.iter().map(|(name, ty)| Field::new(name, plan_type(ty), name != ID_FIELD)).collect::<Vec<_>>(),
-    ))
+    schema_of(columns, plan_type)
 }
 
 /// What a scan asks of every shard.

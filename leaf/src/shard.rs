@@ -1337,9 +1337,7 @@ impl<F: FnMut(RecordBatch) -> bool> Batcher<F> {
     fn push(&mut self, batch: RecordBatch) -> Result<bool> {
         if batch.num_rows() >= SCAN_BATCH_ROWS / 2 {
             self.flush()?;
-            if self.open {
-                self.open = (self.emit)(batch);
-            }
+            self.send(batch);
             return Ok(self.open);
         }
         self.rows += batch.num_rows();
@@ -1358,10 +1356,14 @@ impl<F: FnMut(RecordBatch) -> bool> Batcher<F> {
         };
         self.pending.clear();
         self.rows = 0;
+        self.send(batch);
+        Ok(())
+    }
+
+    fn send(&mut self, batch: RecordBatch) {
         if self.open {
             self.open = (self.emit)(batch);
         }
-        Ok(())
     }
 
     fn finish(mut self) -> Result<()> {
