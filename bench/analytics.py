@@ -65,7 +65,7 @@ class Basalt:
             addrs, health = [], []
             for i in range(leaves):
                 rpc, http = free_port(), free_port()
-                self.start(binary, workdir, f"leaf{i + 1}", ["leaf", "--data-dir", os.path.join(workdir, f"leaf{i + 1}"),
+                self.start(binary, workdir, f"leaf{i + 1}", ["leaf", "--data-dir", os.path.join(data_dir or workdir, f"leaf{i + 1}"),
                                                             "--rpc-addr", f"127.0.0.1:{rpc}", "--http-addr", f"127.0.0.1:{http}"])
                 addrs.append(f"127.0.0.1:{rpc}")
                 health.append(http)
@@ -291,9 +291,11 @@ def main():
     ap.add_argument("--load", choices=("s3", "http"), default="s3",
                     help="s3: `basalt load` of the Parquet files from moto_server; http: CSV rows through the write API")
     ap.add_argument("--basalt-data", default=None,
-                    help="run `basalt dev` on this data directory, already loaded by an earlier run, and load nothing")
+                    help="run Basalt on this data directory (with --leaves n: its leaf1..leafn), already loaded by an "
+                         "earlier run, and load nothing")
     ap.add_argument("--keep-data", default=None,
-                    help="after the run, move `basalt dev`'s loaded data directory here (for --basalt-data later)")
+                    help="after the run, move the loaded data directory (or the leaves' directories) here "
+                         "(for --basalt-data later)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     # The S3 source reads its credentials from the environment of the process running it.
@@ -388,9 +390,16 @@ def main():
         # still holds open would keep their disk space).
         if basalt is not None and "summary" not in report:
             basalt.close()
-        loaded = os.path.join(workdir, "basalt-data")
-        if args.keep_data and args.leaves == 0 and not args.basalt_data and os.path.isdir(loaded):
-            shutil.move(loaded, args.keep_data)
+        if args.keep_data and not args.basalt_data:
+            if args.leaves == 0:
+                moves = [(os.path.join(workdir, "basalt-data"), args.keep_data)]
+            else:
+                os.makedirs(args.keep_data, exist_ok=True)
+                moves = [(os.path.join(workdir, f"leaf{i + 1}"), os.path.join(args.keep_data, f"leaf{i + 1}"))
+                         for i in range(args.leaves)]
+            for loaded, kept in moves:
+                if os.path.isdir(loaded):
+                    shutil.move(loaded, kept)
             print(f"loaded data kept in {args.keep_data}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
     write_report(report, args.out)
