@@ -1,25 +1,34 @@
-//! Workspaces and collections as DataFusion schemas and tables. Names come from a snapshot of
-//! the metadata store refreshed before each statement; a table's schema is fetched from the
-//! leaves when a statement names it.
+//! Workspaces and collections as DataFusion schemas and tables. Names and collection metadata
+//! come from a snapshot of the metadata store refreshed before each statement; a table's
+//! schema comes from the leaves' statistics, fetched for every table a statement names at once
+//! before it is planned ([`BasaltCatalog::prefetch`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use basalt_common::api::{CollectionName, Leaf, Meta};
+use basalt_common::api::{CollectionInfo, CollectionName, Leaf, Meta};
 use basalt_common::filter::AccessPath;
+use basalt_common::schema::SchemaStats;
 use basalt_common::{ErrorCode, Result as BResult};
 use datafusion::catalog::{CatalogProvider, SchemaProvider, TableProvider};
 use datafusion::common::{DataFusionError, Result};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::table::{CollectionTable, to_df_error};
 
 pub const CATALOG: &str = "basalt";
 
-/// Workspace -> collection names, as of the last refresh.
+/// Workspace -> collection names and each collection's metadata, as of the last refresh, and
+/// the statistics fetched for the statement being planned.
 #[derive(Debug, Default)]
-pub struct Names(RwLock<BTreeMap<String, Vec<String>>>);
+pub struct Names {
+    names: RwLock<BTreeMap<String, Vec<String>>>,
+    infos: RwLock<HashMap<CollectionName, CollectionInfo>>,
+    /// Planner statistics by collection id and whether they carry sketches, fetched for one
+    /// statement by [`BasaltCatalog::prefetch`] and dropped when its planning ends.
+    prefetched: Mutex<HashMap<(u64, bool), SchemaStats>>,
+}
 
 /// Per-session planning options the engine sets before each statement.
 #[derive(Debug)]
@@ -123,27 +132,61 @@ impl BasaltCatalog {
     }
 
     pub async fn refresh(&self) -> BResult<()> {
+        let (workspaces, collections) =
+            futures::future::try_join(self.meta.list_workspaces(), self.meta.list_collections(None)).await?;
         let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for ws in self.meta.list_workspaces().await? {
+        for ws in workspaces {
             map.entry(ws).or_default();
         }
-        for c in self.meta.list_collections(None).await? {
+        let mut infos = HashMap::with_capacity(collections.len());
+        for c in collections {
             map.entry(c.name.workspace.clone()).or_default().push(c.name.name.clone());
+            infos.insert(c.name.clone(), c);
         }
-        *self.names.0.write() = map;
+        *self.names.names.write() = map;
+        *self.names.infos.write() = infos;
         Ok(())
+    }
+
+    /// Fetch the planner statistics of the named collections from the leaves all at once:
+    /// DataFusion resolves a statement's tables one after another, and with leaf processes
+    /// each is a round trip (TPC-H q2 names five collections). Names that are not collections
+    /// (CTEs, `pg_catalog`) are skipped; a failed fetch is left for [`SchemaProvider::table`]
+    /// to retry and report.
+    pub async fn prefetch(&self, tables: &[CollectionName], sketches: bool) {
+        let wanted: Vec<CollectionInfo> = {
+            let infos = self.names.infos.read();
+            let mut ids = std::collections::HashSet::new();
+            tables.iter().filter_map(|t| infos.get(t)).filter(|i| ids.insert(i.id)).cloned().collect()
+        };
+        let calls = wanted.iter().map(|info| self.leaf.planner_stats(info.id, (0..info.shards).collect(), sketches));
+        let fetched = futures::future::join_all(calls).await;
+        let mut prefetched = self.names.prefetched.lock();
+        prefetched.clear();
+        for (info, stats) in wanted.iter().zip(fetched) {
+            if let Ok(stats) = stats {
+                prefetched.insert((info.id, sketches), stats);
+            }
+        }
+    }
+
+    /// Drop what [`BasaltCatalog::prefetch`] fetched and the refresh's metadata: outside a
+    /// statement's planning a table is looked up afresh.
+    pub fn end_prefetch(&self) {
+        self.names.prefetched.lock().clear();
+        self.names.infos.write().clear();
     }
 }
 
 impl CatalogProvider for BasaltCatalog {
     fn schema_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.names.0.read().keys().cloned().collect();
+        let mut names: Vec<String> = self.names.names.read().keys().cloned().collect();
         names.extend(self.extra.read().keys().cloned());
         names
     }
 
     fn register_schema(&self, name: &str, schema: Arc<dyn SchemaProvider>) -> Result<Option<Arc<dyn SchemaProvider>>> {
-        if self.names.0.read().contains_key(name) {
+        if self.names.names.read().contains_key(name) {
             return Err(DataFusionError::Plan(format!("{name} is a workspace")));
         }
         Ok(self.extra.write().insert(name.to_string(), schema))
@@ -153,7 +196,7 @@ impl CatalogProvider for BasaltCatalog {
         if let Some(extra) = self.extra.read().get(name) {
             return Some(extra.clone());
         }
-        self.names.0.read().contains_key(name).then(|| {
+        self.names.names.read().contains_key(name).then(|| {
             Arc::new(Workspace {
                 name: name.to_string(),
                 names: self.names.clone(),
@@ -177,28 +220,38 @@ struct Workspace {
 #[async_trait]
 impl SchemaProvider for Workspace {
     fn table_names(&self) -> Vec<String> {
-        self.names.0.read().get(&self.name).cloned().unwrap_or_default()
+        self.names.names.read().get(&self.name).cloned().unwrap_or_default()
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
         let collection = CollectionName::new(&self.name, name);
-        let info = match self.meta.get_collection(collection.clone()).await {
-            Ok(info) => info,
-            Err(e) if e.code == ErrorCode::NotFound => return Ok(None),
-            Err(e) => return Err(to_df_error(e)),
+        let known = self.names.infos.read().get(&collection).cloned();
+        let info = match known {
+            Some(info) => info,
+            None => match self.meta.get_collection(collection.clone()).await {
+                Ok(info) => info,
+                Err(e) if e.code == ErrorCode::NotFound => return Ok(None),
+                Err(e) => return Err(to_df_error(e)),
+            },
         };
         let (hint, with_score, planner_stats) = {
             let o = self.options.read();
             (o.access_path(&collection), o.with_score, o.planner_stats)
         };
-        let shards = (0..info.shards).collect();
         // Sketches for statements that join (see `Options::planner_stats`).
-        let stats = self.leaf.planner_stats(info.id, shards, planner_stats).await.map_err(to_df_error)?;
+        let prefetched = self.names.prefetched.lock().get(&(info.id, planner_stats)).cloned();
+        let stats = match prefetched {
+            Some(stats) => stats,
+            None => {
+                let shards = (0..info.shards).collect();
+                self.leaf.planner_stats(info.id, shards, planner_stats).await.map_err(to_df_error)?
+            }
+        };
         Ok(Some(Arc::new(CollectionTable::new(info, stats, self.leaf.clone(), hint, with_score))))
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.names.0.read().get(&self.name).is_some_and(|v| v.iter().any(|n| n == name))
+        self.names.names.read().get(&self.name).is_some_and(|v| v.iter().any(|n| n == name))
     }
 }
 

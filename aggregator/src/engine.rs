@@ -211,7 +211,8 @@ impl Session {
         let statement = basalt_sql::statement_hints(&stmt)?;
         let state = self.ctx.state();
         let stmt = DfStatement::Statement(Box::new(stmt));
-        let tables = state.resolve_table_references(&stmt).map_err(from_df)?.len();
+        let references = state.resolve_table_references(&stmt).map_err(from_df)?;
+        let tables = references.len();
         {
             // Hints hold for this statement's planning (logical and physical); the next
             // statement's planning replaces them.
@@ -220,7 +221,19 @@ impl Session {
             options.planner_stats = tables > 1;
             options.statement = statement;
         }
-        let plan = state.statement_to_plan(stmt).await.map_err(from_df)?;
+        let collections: Vec<CollectionName> = {
+            let defaults = &state.config_options().catalog;
+            references
+                .into_iter()
+                .map(|r| r.resolve(&defaults.default_catalog, &defaults.default_schema))
+                .filter(|r| &*r.catalog == CATALOG)
+                .map(|r| CollectionName::new(&*r.schema, &*r.table))
+                .collect()
+        };
+        self.catalog.prefetch(&collections, tables > 1).await;
+        let plan = state.statement_to_plan(stmt).await;
+        self.catalog.end_prefetch();
+        let plan = plan.map_err(from_df)?;
         let options = datafusion::execution::context::SQLOptions::new().with_allow_ddl(false).with_allow_dml(false);
         options.verify_plan(&plan).map_err(from_df)?;
         let plan = text_for_clients(plan)?;

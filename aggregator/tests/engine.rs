@@ -142,3 +142,110 @@ async fn point_lookups_answer_exactly_like_the_general_plan() {
     assert!(run(&s, "SELECT nope FROM p WHERE _id = 'k0'").await.starts_with("ERROR undefined_column"));
     assert!(run(&s, "SELECT * FROM nope WHERE _id = 'k0'").await.starts_with("ERROR not_found"));
 }
+
+/// A leaf that counts planner-statistics calls and how many were in flight at once (each takes
+/// 30 ms, as a slow round trip to a leaf process would).
+struct CountingLeaf {
+    inner: Leaf,
+    calls: std::sync::atomic::AtomicUsize,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl basalt_common::api::LeafApi for CountingLeaf {
+    async fn apply(
+        &self,
+        w: basalt_common::api::ShardWrite,
+    ) -> basalt_common::Result<basalt_common::api::ShardWriteResult> {
+        self.inner.apply(w).await
+    }
+    async fn scan(&self, r: basalt_common::api::ScanRequest) -> basalt_common::Result<basalt_common::api::BatchStream> {
+        self.inner.scan(r).await
+    }
+    async fn execute(
+        &self,
+        r: basalt_common::api::FragmentRequest,
+    ) -> basalt_common::Result<basalt_common::api::BatchStream> {
+        self.inner.execute(r).await
+    }
+    async fn stats(&self, id: u64, shards: Vec<u32>) -> basalt_common::Result<basalt_common::schema::SchemaStats> {
+        self.inner.stats(id, shards).await
+    }
+    async fn planner_stats(
+        &self,
+        id: u64,
+        shards: Vec<u32>,
+        sketches: bool,
+    ) -> basalt_common::Result<basalt_common::schema::SchemaStats> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.calls.fetch_add(1, SeqCst);
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        self.inner.planner_stats(id, shards, sketches).await
+    }
+    async fn estimate(
+        &self,
+        id: u64,
+        shards: Vec<u32>,
+        filters: Vec<basalt_common::filter::Filter>,
+    ) -> basalt_common::Result<basalt_common::api::Estimate> {
+        self.inner.estimate(id, shards, filters).await
+    }
+    async fn drop_collection(&self, id: u64) -> basalt_common::Result<()> {
+        self.inner.drop_collection(id).await
+    }
+    async fn positions(
+        &self,
+        id: u64,
+        shards: Vec<u32>,
+        stream: u64,
+    ) -> basalt_common::Result<Vec<basalt_common::api::ShardPosition>> {
+        self.inner.positions(id, shards, stream).await
+    }
+}
+
+#[tokio::test]
+async fn a_statement_fetches_its_tables_statistics_at_once_and_fresh() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&dir.path().join("meta")).unwrap());
+    let storage: Leaf = Arc::new(
+        basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig { data_dir: dir.path().join("leaf"), ..Default::default() })
+            .unwrap(),
+    );
+    let counting = Arc::new(CountingLeaf {
+        inner: Arc::new(basalt_fragment::FragmentLeaf::new(storage)),
+        calls: Default::default(),
+        in_flight: Default::default(),
+        most_in_flight: Default::default(),
+    });
+    let leaf: Leaf = counting.clone();
+    let tailer: Tailer = Arc::new(basalt_tailer::Tailer::new(meta.clone(), leaf.clone(), Default::default()));
+    let s = Engine::new(meta, tailer, leaf).session();
+    for (name, k) in [("a", 1), ("b", 1), ("c", 1)] {
+        assert_eq!(run(&s, &format!("CREATE COLLECTION {name}")).await, "CREATE COLLECTION 0");
+        let insert = format!(r#"INSERT INTO {name} VALUES ('{{"_id": "{name}1", "k": {k}}}')"#);
+        assert_eq!(run(&s, &insert).await, "INSERT 1");
+    }
+    let join = "WITH x AS (SELECT k FROM a) SELECT count(*) AS n FROM x JOIN b ON x.k = b.k JOIN c ON b.k = c.k \
+                JOIN a AS a2 ON a2.k = c.k";
+    counting.calls.store(0, SeqCst);
+    let out = run(&s, join).await;
+    assert!(has_row(&out, &["1"]), "{out}");
+    // Three collections (one named twice, and a CTE that is none): three calls, all in flight
+    // together.
+    assert_eq!(counting.calls.load(SeqCst), 3);
+    assert_eq!(counting.most_in_flight.load(SeqCst), 3);
+    // The next statement sees a collection dropped and created again (a new id), not what the
+    // last one fetched.
+    assert_eq!(run(&s, "DROP COLLECTION b").await, "DROP COLLECTION 0");
+    assert_eq!(run(&s, "CREATE COLLECTION b").await, "CREATE COLLECTION 0");
+    assert_eq!(run(&s, r#"INSERT INTO b VALUES ('{"_id": "b2", "k": 1, "extra": "new"}')"#).await, "INSERT 1");
+    let out = run(&s, "SELECT b.extra FROM a JOIN b ON a.k = b.k").await;
+    assert!(has_row(&out, &["new"]), "{out}");
+    let out = run(&s, "SELECT count(*) AS n FROM b").await;
+    assert!(has_row(&out, &["1"]), "{out}");
+}

@@ -10,7 +10,8 @@
 //! Invariants: this crate is the only one that knows tonic and arrow-flight.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 
 use arrow_flight::decode::FlightRecordBatchStream;
 use arrow_flight::encode::FlightDataEncoderBuilder;
@@ -32,6 +33,7 @@ use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use prometheus::{HistogramVec, register_histogram_vec};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
@@ -281,13 +283,15 @@ impl FlightService for Services {
     }
 
     async fn do_get(&self, request: Request<Ticket>) -> std::result::Result<Response<Self::DoGetStream>, Status> {
+        let started = Instant::now();
         let leaf = self.leaf.clone().ok_or_else(|| error_status(missing("leaf")))?;
         let ticket: LeafTicket = decode(&request.into_inner().ticket).map_err(error_status)?;
-        let batches = match ticket {
-            LeafTicket::Scan(scan) => leaf.scan(scan).await,
-            LeafTicket::Fragment(fragment) => leaf.execute(fragment).await,
-        }
-        .map_err(error_status)?;
+        let (call, batches) = match ticket {
+            LeafTicket::Scan(scan) => ("leaf.scan", leaf.scan(scan).await),
+            LeafTicket::Fragment(fragment) => ("leaf.execute", leaf.execute(fragment).await),
+        };
+        served(call, started);
+        let batches = batches.map_err(error_status)?;
         let batches = batches.map_err(|e| FlightError::Tonic(Box::new(error_status(e))));
         let stream = FlightDataEncoderBuilder::new().build(batches).map_err(|e| match e {
             FlightError::Tonic(status) => *status,
@@ -298,13 +302,62 @@ impl FlightService for Services {
 
     async fn do_action(&self, request: Request<Action>) -> std::result::Result<Response<Self::DoActionStream>, Status> {
         let action = request.into_inner();
+        let started = Instant::now();
         let reply = match self.dispatch(&action.r#type, &action.body).await {
             Ok(body) => body,
             Err(e) => encode(&Reply::Err(e)).map_err(error_status)?,
         };
+        served(known_action(&action.r#type), started);
         let result = arrow_flight::Result { body: reply.into() };
         Ok(Response::new(futures::stream::once(async move { Ok(result) }).boxed()))
     }
+}
+
+/// Calls this process served, by call, and how long each took until its answer (for a scan or a
+/// fragment: until its stream was ready, the batches follow).
+static CALLS: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "basalt_rpc_served_seconds",
+        "RPC calls served from other tiers by call: time until the answer (scans: until the stream starts)",
+        &["call"],
+        vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+    )
+    .ok()
+});
+
+fn served(call: &'static str, started: Instant) {
+    if let Some(h) = CALLS.as_ref() {
+        h.with_label_values(&[call]).observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// The action's name as a metric label: one of the calls [`Services::dispatch`] knows (a
+/// caller controls the name; unknown ones share one label).
+fn known_action(name: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "leaf.apply",
+        "leaf.stats",
+        "leaf.planner_stats",
+        "leaf.estimate",
+        "leaf.drop_collection",
+        "leaf.positions",
+        "meta.create_source",
+        "meta.drop_source",
+        "meta.list_sources",
+        "meta.create_rollup",
+        "meta.source_heartbeat",
+        "meta.source_status",
+        "meta.source_objects",
+        "meta.source_object_done",
+        "meta.create_workspace",
+        "meta.list_workspaces",
+        "meta.create_collection",
+        "meta.drop_collection",
+        "meta.get_collection",
+        "meta.list_collections",
+        "tailer.write",
+    ];
+    KNOWN.iter().copied().find(|k| *k == name).unwrap_or("unknown")
 }
 
 /// A Basalt error carried in a gRPC status (scan errors) as JSON in the message.
