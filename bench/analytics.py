@@ -40,8 +40,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed(fn, runs: int):
+def timed(fn, runs: int, warmup: int = 0):
     times, result = [], None
+    for _ in range(warmup):
+        fn()
     for _ in range(runs):
         started = time.perf_counter()
         result = fn()
@@ -281,6 +283,9 @@ def main():
     ap.add_argument("--basalt-bin", required=True)
     ap.add_argument("--sf", type=float, default=1.0)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed runs of each query on every engine before the timed ones (hot runs: a process "
+                         "started on kept data reads its columns and builds its planner sketches on first use)")
     ap.add_argument("--suites", default="tpch,ssb")
     ap.add_argument("--engines", default="basalt-flight,duckdb,chdb,datafusion-python",
                     help="besides Basalt over pgwire: basalt-flight (the same Basalt over Flight SQL), duckdb, chdb, "
@@ -309,7 +314,8 @@ def main():
         ssb_dir = cache / "ssb"
         ssb.derive(parquet_dir, ssb_dir, source="parquet", write="parquet")
     workdir = tempfile.mkdtemp(prefix="basalt-analytics-")
-    report = {"sf": args.sf, "runs": args.runs, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    report = {"sf": args.sf, "runs": args.runs, "warmup_runs": args.warmup,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "basalt": "dev" if args.leaves == 0 else f"{args.leaves} leaves, 1 tailer, 1 aggregator",
               "shards": args.shards, "load_s": {}, "queries": {}}
     basalt = None
@@ -354,7 +360,7 @@ def main():
             row, answers = {}, {}
             for e in engines:
                 try:
-                    seconds, answer = timed(lambda: e.query(sql), args.runs)
+                    seconds, answer = timed(lambda: e.query(sql), args.runs, args.warmup)
                     row[e.name] = round(seconds, 4)
                     answers[e.name] = answer
                 except Exception as ex:  # noqa: BLE001 - an engine that cannot run a query is reported
