@@ -72,7 +72,7 @@ impl CollectionTable {
         }
         let rows = rows.ceil() as u64;
         let distinct = columns.iter().map(|(name, _)| self.stats.distinct_values(name).map(|d| d.min(rows))).collect();
-        ScanEstimate { rows, distinct, docs: self.stats.doc_count }
+        ScanEstimate { rows, distinct }
     }
 }
 

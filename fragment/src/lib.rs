@@ -54,7 +54,7 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
-use datafusion::physical_plan::stream::{RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties, displayable,
 };
@@ -160,13 +160,6 @@ pub const INDEX_SELECTIVITY: f64 = 0.15;
 /// Below this many documents every path is fast and the rule's choice stands.
 pub const ESTIMATE_MIN_DOCS: u64 = 10_000;
 
-/// A scan of a collection this small starts as soon as its plan does, without waiting for
-/// runtime filters: a join's build side is complete only when the scans below it are, so the
-/// scans of TPC-H q2's `region`, `nation` (25 documents) and `supplier` ran one after another,
-/// each a round trip to the leaves, while sending every row of such a collection costs less than
-/// waiting. The join itself still drops the rows that do not match.
-pub const EAGER_SCAN_DOCS: u64 = 4_096;
-
 /// The largest share of a scan's rows a runtime key list may match for the scan to find them
 /// through the search index (its terms) instead of reading every block; the other filters are
 /// then checked on the rows found. SSB star q1.3 at SF 1: 7 of 2,556 dates (0.3%).
@@ -214,9 +207,6 @@ fn selective_key_list(estimate: &ScanEstimate, output: &Schema, lists: &[Filter]
 pub struct ScanEstimate {
     pub rows: u64,
     pub distinct: Vec<Option<u64>>,
-    /// Documents in the collection (all shards), as the planner's statistics counted them.
-    #[serde(default)]
-    pub docs: u64,
 }
 
 impl ScanEstimate {
@@ -525,15 +515,6 @@ impl LeafScanExec {
         self
     }
 
-    /// Whether the scan would wait for a join's build side (its key sets, or filters it
-    /// awaits) but starts with its plan instead, without them (see [`EAGER_SCAN_DOCS`]); a
-    /// scan with a limit keeps its order of work.
-    fn eager(&self) -> bool {
-        (!self.awaited.is_empty() || !self.probe_keys.is_empty())
-            && self.spec.limit.is_none()
-            && self.spec.estimate.as_ref().is_some_and(|e| e.docs <= EAGER_SCAN_DOCS)
-    }
-
     fn shard(&self, partition: usize) -> Result<u32> {
         self.shards.get(partition).copied().ok_or_else(|| {
             DataFusionError::Internal(format!(
@@ -623,11 +604,6 @@ impl DisplayAs for LeafScanExec {
         }
         if let Some((matches, live)) = self.spec.index_matches {
             write!(f, " index_matches={matches}/{live}")?;
-        }
-        if self.eager() {
-            // Its runtime filters are not awaited (see `EAGER_SCAN_DOCS`).
-            write!(f, " eager")?;
-            return Ok(());
         }
         if !self.dynamic.is_empty() {
             write!(f, " runtime_filters={}", self.dynamic.len())?;
@@ -750,9 +726,8 @@ impl ExecutionPlan for LeafScanExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
-        let eager = self.eager();
-        let dynamic = (!eager && (!self.dynamic.is_empty() || !self.probe_keys.is_empty()))
-            .then(|| self.runtime_filters_later(context));
+        let dynamic =
+            (!self.dynamic.is_empty() || !self.probe_keys.is_empty()).then(|| self.runtime_filters_later(context));
         let (estimate, schema) = (self.spec.key_list_estimate().cloned(), self.output.clone());
         let call = async move {
             let extra = match dynamic {
@@ -773,23 +748,7 @@ impl ExecutionPlan for LeafScanExec {
             }
             leaf.scan(request).await
         };
-        let stream = from_leaf(call, output.clone(), moved);
-        if !eager {
-            return Ok(stream);
-        }
-        // Started now, a few batches ahead of the consumer; dropping the stream stops it.
-        let mut ahead = RecordBatchReceiverStreamBuilder::new(output, 2);
-        let tx = ahead.tx();
-        ahead.spawn(async move {
-            let mut stream = stream;
-            while let Some(batch) = stream.next().await {
-                if tx.send(batch).await.is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        });
-        Ok(ahead.build())
+        Ok(from_leaf(call, output, moved))
     }
 }
 
@@ -1335,11 +1294,7 @@ mod tests {
             limit: None,
             access: AccessPath::ColumnScan,
             index_matches: None,
-            estimate: Some(ScanEstimate {
-                rows: 6_000_000,
-                distinct: vec![Some(2_556), Some(200_000)],
-                docs: 6_000_000,
-            }),
+            estimate: Some(ScanEstimate { rows: 6_000_000, distinct: vec![Some(2_556), Some(200_000)] }),
             forced: false,
             ordered_by: None,
         };
@@ -1356,10 +1311,7 @@ mod tests {
         assert!(!index_for_key_lists(&forced, &output, &[keys("d", &seven)]));
         let indexed = ScanSpec { access: AccessPath::SearchIndex, ..spec.clone() };
         assert!(!index_for_key_lists(&indexed, &output, &[keys("d", &seven)]));
-        let small = ScanSpec {
-            estimate: Some(ScanEstimate { rows: 5_000, distinct: vec![Some(2_556)], docs: 6_000_000 }),
-            ..spec
-        };
+        let small = ScanSpec { estimate: Some(ScanEstimate { rows: 5_000, distinct: vec![Some(2_556)] }), ..spec };
         assert!(!index_for_key_lists(&small, &output, &[keys("d", &seven)]));
     }
 
