@@ -54,7 +54,7 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::stream::{RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter};
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties, displayable,
 };
@@ -728,8 +728,14 @@ impl ExecutionPlan for LeafScanExec {
         let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
         let dynamic =
             (!self.dynamic.is_empty() || !self.probe_keys.is_empty()).then(|| self.runtime_filters_later(context));
+        // A scan with nothing to wait for starts now: the build sides of a plan's joins (SSB
+        // q3.3's date, customer and supplier scans) are otherwise read one after another, as
+        // each join reaches its own, a round trip to the leaves each.
+        let eager = dynamic.is_none();
         let (estimate, schema) = (self.spec.key_list_estimate().cloned(), self.output.clone());
+        let collection = self.collection.clone();
         let call = async move {
+            tracing::debug!(%collection, partition, "leaf scan waits for its runtime filters");
             let extra = match dynamic {
                 Some(read) => read.await.map_err(from_df)?,
                 None => vec![],
@@ -746,10 +752,28 @@ impl ExecutionPlan for LeafScanExec {
                 request.filters.extend(extra);
                 key_lists.add(1);
             }
+            tracing::debug!(%collection, partition, "leaf scan starts");
             leaf.scan(request).await
         };
-        Ok(from_leaf(call, output, moved))
+        let stream = from_leaf(call, output.clone(), moved);
+        Ok(if eager { started(output, stream) } else { stream })
     }
+}
+
+/// `stream` polled from now on by a task of its own, up to two batches ahead of its consumer;
+/// dropping the returned stream stops the task.
+fn started(schema: SchemaRef, mut stream: SendableRecordBatchStream) -> SendableRecordBatchStream {
+    let mut ahead = RecordBatchReceiverStreamBuilder::new(schema, 2);
+    let tx = ahead.tx();
+    ahead.spawn(async move {
+        while let Some(batch) = stream.next().await {
+            if tx.send(batch).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    });
+    ahead.build()
 }
 
 /// A fragment of a plan that runs on the leaves: partition `i` is the fragment run by the leaf
