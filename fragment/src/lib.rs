@@ -735,9 +735,11 @@ impl ExecutionPlan for LeafScanExec {
         let (estimate, schema) = (self.spec.key_list_estimate().cloned(), self.output.clone());
         let collection = self.collection.clone();
         let call = async move {
-            tracing::debug!(%collection, partition, "leaf scan waits for its runtime filters");
             let extra = match dynamic {
-                Some(read) => read.await.map_err(from_df)?,
+                Some(read) => {
+                    tracing::debug!(%collection, partition, "leaf scan waits for its runtime filters");
+                    read.await.map_err(from_df)?
+                }
                 None => vec![],
             };
             if basalt_common::filter::id_lookup(&extra).is_some() {

@@ -498,38 +498,31 @@ impl Deletions {
         self.words.get((slot / 64) as usize).is_some_and(|w| w & (1 << (slot % 64)) != 0)
     }
 
+    /// The words covering `start..end`, each masked to the slots in the range (a range past
+    /// the last word ends there: nothing beyond it is deleted).
+    fn words_in(&self, start: u64, end: u64) -> impl Iterator<Item = u64> + '_ {
+        let first = start / 64;
+        let last = end.div_ceil(64).min(self.words.len() as u64);
+        (first..last).map(move |w| {
+            let lo = start.saturating_sub(w * 64).min(64);
+            let hi = (end - w * 64).min(64);
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            self.words[w as usize] & mask
+        })
+    }
+
     /// Whether any slot in `start..end` is deleted (a word at a time).
     pub fn any_in(&self, start: u64, end: u64) -> bool {
-        let mut slot = start;
-        while slot < end {
-            let w = (slot / 64) as usize;
-            let Some(word) = self.words.get(w) else { return false };
-            let lo = slot % 64;
-            let hi = (end - (w as u64) * 64).min(64);
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-            if word & mask != 0 {
-                return true;
-            }
-            slot = (w as u64 + 1) * 64;
-        }
-        false
+        start < end && self.words_in(start, end).any(|w| w != 0)
     }
 
     /// Deleted slots in `start..end`, a word at a time (maintenance counts each index's range
     /// every pass: slot by slot, millions of slots a shard cost an idle process 10 ms a second).
     pub fn count(&self, start: u64, end: u64) -> u64 {
-        let mut slot = start;
-        let mut count = 0;
-        while slot < end {
-            let w = (slot / 64) as usize;
-            let Some(word) = self.words.get(w) else { break };
-            let lo = slot % 64;
-            let hi = (end - (w as u64) * 64).min(64);
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-            count += u64::from((word & mask).count_ones());
-            slot = (w as u64 + 1) * 64;
+        if start >= end {
+            return 0;
         }
-        count
+        self.words_in(start, end).map(|w| u64::from(w.count_ones())).sum()
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

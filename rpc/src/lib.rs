@@ -221,7 +221,7 @@ impl Services {
                 let tailer = self.tailer.as_ref().ok_or_else(|| missing("tailer"))?;
                 encode(&tailer.write(decode(body)?).await?)
             }
-            other => Err(BasaltError::invalid(format!("unknown rpc action {other:?}"))),
+            other => Err(BasaltError::invalid(format!("{UNKNOWN_ACTION} {other:?}"))),
         }
     }
 }
@@ -303,11 +303,12 @@ impl FlightService for Services {
     async fn do_action(&self, request: Request<Action>) -> std::result::Result<Response<Self::DoActionStream>, Status> {
         let action = request.into_inner();
         let started = Instant::now();
-        let reply = match self.dispatch(&action.r#type, &action.body).await {
+        let reply = self.dispatch(&action.r#type, &action.body).await;
+        served(action_label(&action.r#type, &reply), started);
+        let reply = match reply {
             Ok(body) => body,
             Err(e) => encode(&Reply::Err(e)).map_err(error_status)?,
         };
-        served(known_action(&action.r#type), started);
         let result = arrow_flight::Result { body: reply.into() };
         Ok(Response::new(futures::stream::once(async move { Ok(result) }).boxed()))
     }
@@ -325,39 +326,24 @@ static CALLS: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
     .ok()
 });
 
-fn served(call: &'static str, started: Instant) {
+fn served(call: &str, started: Instant) {
     if let Some(h) = CALLS.as_ref() {
         h.with_label_values(&[call]).observe(started.elapsed().as_secs_f64());
     }
 }
 
-/// The action's name as a metric label: one of the calls [`Services::dispatch`] knows (a
-/// caller controls the name; unknown ones share one label).
-fn known_action(name: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "leaf.apply",
-        "leaf.stats",
-        "leaf.planner_stats",
-        "leaf.estimate",
-        "leaf.drop_collection",
-        "leaf.positions",
-        "meta.create_source",
-        "meta.drop_source",
-        "meta.list_sources",
-        "meta.create_rollup",
-        "meta.source_heartbeat",
-        "meta.source_status",
-        "meta.source_objects",
-        "meta.source_object_done",
-        "meta.create_workspace",
-        "meta.list_workspaces",
-        "meta.create_collection",
-        "meta.drop_collection",
-        "meta.get_collection",
-        "meta.list_collections",
-        "tailer.write",
-    ];
-    KNOWN.iter().copied().find(|k| *k == name).unwrap_or("unknown")
+/// How [`Services::dispatch`] starts its error for an action it does not know.
+const UNKNOWN_ACTION: &str = "unknown rpc action";
+
+/// The metric label of an action: its name, or `unknown` for a name [`Services::dispatch`]
+/// rejected (a caller controls the name; the label set stays bounded).
+fn action_label<'a>(name: &'a str, reply: &Result<Vec<u8>>) -> &'a str {
+    match reply {
+        Err(e) if e.code == basalt_common::ErrorCode::InvalidInput && e.message.starts_with(UNKNOWN_ACTION) => {
+            "unknown"
+        }
+        _ => name,
+    }
 }
 
 /// A Basalt error carried in a gRPC status (scan errors) as JSON in the message.
@@ -559,6 +545,19 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[tokio::test]
+    async fn served_actions_are_labelled_by_name_and_unknown_ones_share_a_label() {
+        let services = Services::default();
+        // A known action this process does not serve still has its own label.
+        let reply = services.dispatch("leaf.stats", b"{}").await;
+        assert!(reply.is_err());
+        assert_eq!(action_label("leaf.stats", &reply), "leaf.stats");
+        let reply = services.dispatch("made.up", b"{}").await;
+        assert_eq!(reply.as_ref().map_err(|e| e.code).err(), Some(ErrorCode::InvalidInput));
+        assert_eq!(action_label("made.up", &reply), "unknown");
+        assert_eq!(action_label("made.up", &Ok(vec![])), "made.up");
+    }
 
     #[tokio::test]
     async fn remote_tiers_behave_like_local_ones() {
