@@ -510,17 +510,12 @@ impl SearchIndex {
                 Box::new(TermQuery::new(self.raw_term(path, value)?, IndexRecordOption::Basic))
             }
             Filter::In { path, values } => {
-                let clauses = values
-                    .iter()
-                    .map(|v| {
-                        Ok((
-                            Occur::Should,
-                            Box::new(TermQuery::new(self.raw_term(path, v)?, IndexRecordOption::Basic))
-                                as Box<dyn Query>,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Box::new(BooleanQuery::new(clauses))
+                let terms = values.iter().map(|v| self.raw_term(path, v)).collect::<Result<Vec<_>>>()?;
+                if terms.len() >= TERM_LIST_MIN {
+                    Box::new(TermListQuery { terms })
+                } else {
+                    Box::new(BooleanQuery::new(terms.into_iter().map(|t| (Occur::Should, term_query(t))).collect()))
+                }
             }
             Filter::And(items) | Filter::Or(items) => {
                 let occur = if matches!(f, Filter::And(_)) { Occur::Must } else { Occur::Should };
@@ -601,6 +596,125 @@ impl SearchIndex {
         }
         slots.sort_unstable_by_key(|(slot, _)| *slot);
         Ok(slots)
+    }
+}
+
+/// `IN` lists of this many terms or more are searched as one [`TermListQuery`].
+const TERM_LIST_MIN: usize = 16;
+
+fn term_query(term: Term) -> Box<dyn Query> {
+    Box::new(TermQuery::new(term, IndexRecordOption::Basic))
+}
+
+/// The documents holding any of `terms` (an `IN` list). Without scoring, each segment's
+/// matches are read from every term's postings at once into a sorted list (a bit set when
+/// dense) instead of a union of one scorer per term: tantivy's union moves its scorers (over
+/// a kilobyte each) whenever one runs out, and an `IN` list of a join's keys has hundreds.
+/// With scoring, it is the union of term queries (each term adds its BM25).
+#[derive(Clone, Debug)]
+struct TermListQuery {
+    terms: Vec<Term>,
+}
+
+impl Query for TermListQuery {
+    fn weight(&self, scoring: tantivy::query::EnableScoring<'_>) -> tantivy::Result<Box<dyn tantivy::query::Weight>> {
+        if scoring.is_scoring_enabled() {
+            let clauses = self.terms.iter().map(|t| (Occur::Should, term_query(t.clone()))).collect();
+            return BooleanQuery::new(clauses).weight(scoring);
+        }
+        let mut terms = self.terms.clone();
+        terms.sort_unstable();
+        terms.dedup();
+        Ok(Box::new(TermListWeight { terms }))
+    }
+}
+
+struct TermListWeight {
+    /// Sorted, distinct.
+    terms: Vec<Term>,
+}
+
+impl TermListWeight {
+    fn docs(&self, reader: &SegmentReader) -> tantivy::Result<Box<dyn tantivy::query::Scorer>> {
+        use tantivy::query::{BitSetDocSet, ConstScorer};
+        let max_doc = reader.max_doc();
+        let mut docs: Vec<DocId> = Vec::new();
+        let mut bits: Option<BitSet> = None;
+        for term in &self.terms {
+            let index = reader.inverted_index(term.field())?;
+            let Some(info) = index.get_term_info(term)? else { continue };
+            let mut postings = index.read_block_postings_from_terminfo(&info, IndexRecordOption::Basic)?;
+            loop {
+                let block = postings.docs();
+                if block.is_empty() {
+                    break;
+                }
+                match bits.as_mut() {
+                    Some(bits) => block.iter().for_each(|d| {
+                        bits.insert(*d);
+                    }),
+                    None => docs.extend_from_slice(block),
+                }
+                postings.advance();
+            }
+            // Past one match in 32 documents a bit set is smaller and quicker to build.
+            if bits.is_none() && docs.len() as u64 * 32 > u64::from(max_doc) {
+                let mut set = BitSet::with_max_value(max_doc);
+                docs.drain(..).for_each(|d| {
+                    set.insert(d);
+                });
+                bits = Some(set);
+            }
+        }
+        Ok(match bits {
+            Some(bits) => Box::new(ConstScorer::new(BitSetDocSet::from(bits), 1.0)),
+            None => {
+                docs.sort_unstable();
+                docs.dedup();
+                Box::new(ConstScorer::new(SortedDocs { docs, cursor: 0 }, 1.0))
+            }
+        })
+    }
+}
+
+/// A segment's matching documents, sorted and distinct.
+struct SortedDocs {
+    docs: Vec<DocId>,
+    cursor: usize,
+}
+
+impl tantivy::DocSet for SortedDocs {
+    fn advance(&mut self) -> DocId {
+        self.cursor = (self.cursor + 1).min(self.docs.len());
+        self.doc()
+    }
+
+    fn seek(&mut self, target: DocId) -> DocId {
+        self.cursor += self.docs[self.cursor..].partition_point(|d| *d < target);
+        self.doc()
+    }
+
+    fn doc(&self) -> DocId {
+        self.docs.get(self.cursor).copied().unwrap_or(tantivy::TERMINATED)
+    }
+
+    fn size_hint(&self) -> u32 {
+        (self.docs.len() - self.cursor) as u32
+    }
+}
+
+impl tantivy::query::Weight for TermListWeight {
+    fn scorer(&self, reader: &SegmentReader, _boost: Score) -> tantivy::Result<Box<dyn tantivy::query::Scorer>> {
+        self.docs(reader)
+    }
+
+    fn explain(&self, reader: &SegmentReader, doc: DocId) -> tantivy::Result<tantivy::query::Explanation> {
+        let mut scorer = self.docs(reader)?;
+        if scorer.seek(doc) == doc {
+            Ok(tantivy::query::Explanation::new("TermListQuery", 1.0))
+        } else {
+            Err(tantivy::TantivyError::InvalidArgument(format!("document {doc} does not match")))
+        }
     }
 }
 
@@ -1033,6 +1147,56 @@ mod tests {
         let term = Filter::Cmp { path: "n".into(), op: CmpOp::Eq, value: Scalar::Int(1) };
         let odd = ints(&[1, 3, 5, 7, 9, 11, 13, 15]);
         assert_eq!(idx.list_postings(&[&odd, &term]).unwrap(), vec![Some(20), None]);
+    }
+
+    /// Lists of [`TERM_LIST_MIN`] terms or more (read as one sorted list per segment, or a bit
+    /// set when dense) find what their terms find one at a time, alone, intersected with
+    /// another filter (seeks) and counted, across sealed indexes and the tail, with and
+    /// without scoring.
+    #[test]
+    fn term_lists_find_what_their_terms_find() {
+        let idx = SearchIndex::new(0, Vec::new()).unwrap();
+        let d = |v: serde_json::Value| Arc::new(v.as_object().unwrap().clone());
+        for i in 0..5000u64 {
+            idx.add(&format!("d{i}"), i, &d(json!({"n": i % 1000, "m": i % 4}))).unwrap();
+            if i == 1999 || i == 3999 {
+                idx.finish_seal(idx.seal(i + 1).unwrap().unwrap()).unwrap();
+            }
+        }
+        let ints = |vs: &[i64]| Filter::In { path: "n".into(), values: vs.iter().map(|v| Scalar::Int(*v)).collect() };
+        let m1 = Filter::Cmp { path: "m".into(), op: CmpOp::Eq, value: Scalar::Int(1) };
+        let one_by_one = |values: &[i64], and: Option<&Filter>| {
+            let mut all: Vec<u64> = Vec::new();
+            for v in values {
+                let term = Filter::Cmp { path: "n".into(), op: CmpOp::Eq, value: Scalar::Int(*v) };
+                let filters: Vec<&Filter> = std::iter::once(&term).chain(and).collect();
+                all.extend(idx.matching_slots(&filters, false).unwrap().into_iter().map(|(s, _)| s));
+            }
+            all.sort_unstable();
+            all.dedup();
+            all
+        };
+        // Sparse (a sorted list per segment): 16 present values (and duplicates), 4 absent.
+        let mut sparse: Vec<i64> = (0..16).map(|v| v * 37 + 5).collect();
+        sparse.extend([5, 42, 2000, 3000, -1, 1_000_000]);
+        // Dense (a bit set): 400 values, 800 of each sealed index's 2000 documents.
+        let dense: Vec<i64> = (0..400).map(|v| v * 2 + 1).collect();
+        for values in [&sparse, &dense] {
+            let list = ints(values);
+            assert!(values.len() >= TERM_LIST_MIN);
+            let expected = one_by_one(values, None);
+            assert_eq!(slots(&idx, &list), expected);
+            assert_eq!(idx.count(&[&list]).unwrap(), expected.len() as u64);
+            let scored: Vec<u64> = idx.matching_slots(&[&list], true).unwrap().into_iter().map(|(s, _)| s).collect();
+            assert_eq!(scored, expected);
+            let expected = one_by_one(values, Some(&m1));
+            let found: Vec<u64> =
+                idx.matching_slots(&[&list, &m1], false).unwrap().into_iter().map(|(s, _)| s).collect();
+            assert_eq!(found, expected);
+            assert_eq!(idx.count(&[&m1, &list]).unwrap(), expected.len() as u64);
+            assert!(!expected.is_empty());
+        }
+        assert_eq!(slots(&idx, &ints(&sparse)).len(), 16 * 5);
     }
 
     #[test]
