@@ -544,6 +544,11 @@ impl SearchIndex {
         Ok(term)
     }
 
+    /// How many index segments a search looks terms up in.
+    pub fn segments(&self) -> Result<usize> {
+        Ok(self.searchers()?.iter().map(|s| s.segment_readers().len()).sum())
+    }
+
     /// For each filter that is an `IN` list, the postings of its terms summed over every index
     /// (each term's document frequency: no postings are read), from up to [`POSTINGS_SAMPLE`]
     /// of its values spread over the list and scaled to all of them; None for other filters.

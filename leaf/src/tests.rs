@@ -716,7 +716,11 @@ async fn the_index_searches_the_selective_lists_and_checks_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let leaf = Leaf::open(&LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() }).unwrap();
     let ops = (0..1000)
-        .map(|i| upsert(json!({"_id": format!("d{i}"), "a": i % 100, "b": i % 4, "c": i % 200, "k": "x"})))
+        .map(|i| {
+            upsert(
+                json!({"_id": format!("d{i}"), "a": i % 100, "b": i % 4, "c": i % 200, "k": "x", "d": i, "e": i % 50}),
+            )
+        })
         .collect();
     leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
     let ints =
@@ -765,6 +769,12 @@ async fn the_index_searches_the_selective_lists_and_checks_the_rest() {
     assert!(!want.is_empty());
     assert_eq!(ids(AccessPath::SearchIndex), want);
     assert_eq!(ids(AccessPath::ColumnScan), want);
+    // Each key is a dictionary lookup: 5 keys finding 100 documents are searched before 70
+    // keys finding 70.
+    let many = ints("d", &(0..70).collect::<Vec<_>>());
+    let few = ints("e", &[7, 8, 9, 10, 11]);
+    let (keep, checked) = shard.without_broad_lists(vec![&many, &few]).unwrap();
+    assert_eq!((keep, checked), (vec![&few], vec![&many]));
 }
 
 /// A column that ascends down a shard's blocks is reported to the planner, and a scan asked for
