@@ -290,7 +290,7 @@ impl Tree {
         if n <= DP_MAX_INPUTS {
             let Some(order) = cheapest_order(&rows, &edges) else { return Ok(None) };
             if tracing::enabled!(tracing::Level::DEBUG) {
-                let names: Vec<String> = self.inputs.iter().map(|p| input_name(p)).collect();
+                let names: Vec<String> = self.inputs.iter().map(input_name).collect();
                 let edges: Vec<String> = edges
                     .iter()
                     .map(|e| {
