@@ -99,6 +99,23 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
             ]);
             Some(if b.negated { Filter::Not(Box::new(range)) } else { range })
         }
+        // Case-sensitive LIKE of a text column with literal text and `%`s (TPC-H's patterns):
+        // leaves match each block's text without a regular expression.
+        Expr::Like(like) if !like.case_insensitive && like.escape_char.is_none() => {
+            let Expr::Column(c) = like.expr.as_ref() else { return None };
+            if !matches!(column_type(schema, &c.name), Some(DataType::Utf8 | DataType::Utf8View)) {
+                return None;
+            }
+            let pattern = match like.pattern.as_ref() {
+                Expr::Literal(
+                    ScalarValue::Utf8(Some(p)) | ScalarValue::Utf8View(Some(p)) | ScalarValue::LargeUtf8(Some(p)),
+                    _,
+                ) if basalt_common::filter::like_pushable(p) => p.clone(),
+                _ => return None,
+            };
+            let f = Filter::Like { path: c.name.clone(), pattern };
+            Some(if like.negated { Filter::Not(Box::new(f)) } else { f })
+        }
         Expr::ScalarFunction(f) if f.name() == crate::udf::SEARCH => match f.args.as_slice() {
             [
                 Expr::Column(c),
@@ -140,6 +157,13 @@ mod tests {
             translate(&col("name").in_list(vec![lit("a"), lit("b")], true), &schema).unwrap().to_string(),
             "NOT name IN ('a', 'b')"
         );
+        // LIKE with `%` only; `_`, escapes, ILIKE and a non-text column stay in DataFusion.
+        assert_eq!(translate(&col("name").like(lit("%a%b%")), &schema).unwrap().to_string(), "name LIKE '%a%b%'");
+        assert_eq!(translate(&col("name").not_like(lit("x%")), &schema).unwrap().to_string(), "NOT name LIKE 'x%'");
+        assert!(translate(&col("name").like(lit("a_c")), &schema).is_none());
+        assert!(translate(&col("name").like(lit("50\\%")), &schema).is_none());
+        assert!(translate(&col("name").ilike(lit("%a%")), &schema).is_none());
+        assert!(translate(&col("age").like(lit("1%")), &schema).is_none());
     }
 
     #[test]

@@ -80,6 +80,17 @@ pub enum Filter {
         path: String,
         query: String,
     },
+    /// SQL `path LIKE pattern`, case-sensitive, over the values as text: `%` matches any run
+    /// of characters. Patterns with `_` or a backslash (an escape) are not pushed to leaves.
+    Like {
+        path: String,
+        pattern: String,
+    },
+}
+
+/// Whether leaves evaluate `LIKE pattern` ([`Filter::Like`]): `%` wildcards and literal text.
+pub fn like_pushable(pattern: &str) -> bool {
+    !pattern.contains(['_', '\\'])
 }
 
 impl std::fmt::Display for Scalar {
@@ -138,6 +149,7 @@ impl std::fmt::Display for Filter {
             Filter::IsNull(p) => write!(f, "{p} IS NULL"),
             Filter::IsNotNull(p) => write!(f, "{p} IS NOT NULL"),
             Filter::Search { path, query } => write!(f, "search({path}, '{}')", query.replace('\'', "''")),
+            Filter::Like { path, pattern } => write!(f, "{path} LIKE '{}'", pattern.replace('\'', "''")),
         }
     }
 }

@@ -327,6 +327,47 @@ pub fn eval_with(filter: &Filter, block: &Block, sets: &InSets) -> Result<Boolea
             let col = block.column_as(path, &DataType::Utf8)?;
             Ok(text_match(col.as_string::<i32>(), query))
         }
+        Filter::Like { path, pattern } => {
+            let col = block.column_as(path, &DataType::Utf8)?;
+            let like = Like::new(pattern);
+            Ok(col.as_string::<i32>().iter().map(|v| v.map(|v| like.matches(v))).collect())
+        }
+    }
+}
+
+/// A `LIKE` pattern of literal parts between `%`s (see `basalt_common::filter::like_pushable`),
+/// matched without a regular expression: the first part at the start, the last at the end,
+/// each part between found after the one before (the leftmost match leaves the most room for
+/// the rest). DataFusion compiled a regex per batch for `'%special%requests%'` (TPC-H q13).
+struct Like<'p> {
+    first: &'p [u8],
+    middle: Vec<memchr::memmem::Finder<'p>>,
+    /// None when the pattern has no `%` (the whole value must equal `first`).
+    last: Option<&'p [u8]>,
+}
+
+impl<'p> Like<'p> {
+    fn new(pattern: &'p str) -> Like<'p> {
+        let mut parts: Vec<&[u8]> = pattern.as_bytes().split(|b| *b == b'%').collect();
+        let first = parts.remove(0);
+        let last = parts.pop();
+        Like { first, middle: parts.into_iter().map(memchr::memmem::Finder::new).collect(), last }
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        let value = value.as_bytes();
+        let Some(last) = self.last else { return value == self.first };
+        if !value.starts_with(self.first) || value.len() < self.first.len() + last.len() || !value.ends_with(last) {
+            return false;
+        }
+        let (mut at, end) = (self.first.len(), value.len() - last.len());
+        for part in &self.middle {
+            match part.find(&value[at..end]) {
+                Some(i) => at += i + part.needle().len(),
+                None => return false,
+            }
+        }
+        true
     }
 }
 
@@ -623,7 +664,9 @@ fn excluded(filter: &Filter, block: &Block, sets: &InSets) -> bool {
                 _ => false,
             })
         }
-        Filter::IsNotNull(path) | Filter::Search { path, .. } => !block.columns.contains_key(path),
+        Filter::IsNotNull(path) | Filter::Search { path, .. } | Filter::Like { path, .. } => {
+            !block.columns.contains_key(path)
+        }
         // Null on either side is never true.
         Filter::CmpDates { left, right, .. } => !block.columns.contains_key(left) || !block.columns.contains_key(right),
         _ => false,
@@ -709,6 +752,59 @@ mod tests {
         // a: the first block's 1,000 rows and b's few in the others; b: 250 rows, then all.
         assert!(checked(&a) < 1100, "{}", checked(&a));
         assert!(checked(&b) > 2200, "{}", checked(&b));
+    }
+
+    /// `LIKE` with `%`s answers as arrow's `like` kernel (DataFusion's) does, nulls included,
+    /// for anchored, open and empty parts, repeated and overlapping text and multi-byte text.
+    #[test]
+    fn like_patterns_match_as_arrow_like_does() {
+        let values: Vec<Option<&str>> = vec![
+            Some(""),
+            Some("special requests"),
+            Some("specialrequests"),
+            Some("requests special"),
+            Some("a special deal: requests pending"),
+            Some("special"),
+            Some("PROMO BRUSHED TIN"),
+            Some("LARGE PROMO"),
+            Some("aaa"),
+            Some("aa"),
+            Some("abab"),
+            Some("über café"),
+            None,
+        ];
+        let patterns = [
+            "%special%requests%",
+            "PROMO%",
+            "%PROMO",
+            "%BRASS",
+            "special",
+            "",
+            "%",
+            "%%",
+            "a%a",
+            "a%a%a",
+            "ab%ab",
+            "%ab%ab%",
+            "%é",
+            "ü%",
+            "%special%",
+            "special%requests",
+        ];
+        let array = arrow::array::StringArray::from(values.clone());
+        for pattern in patterns {
+            let like = Like::new(pattern);
+            let ours: Vec<Option<bool>> = values.iter().map(|v| v.map(|v| like.matches(v))).collect();
+            let theirs =
+                arrow::compute::kernels::comparison::like(&array, &arrow::array::StringArray::new_scalar(pattern))
+                    .unwrap();
+            assert_eq!(ours, theirs.iter().collect::<Vec<_>>(), "{pattern}");
+        }
+        // Through a block: absent columns are null, NOT LIKE keeps the non-matching rows only.
+        let f = Filter::Not(Box::new(Filter::Like { path: "name".into(), pattern: "%Love%".into() }));
+        assert_eq!(eval(&f, &block()).unwrap().iter().collect::<Vec<_>>(), vec![Some(false), Some(true), Some(true)]);
+        let absent = Filter::Like { path: "nope".into(), pattern: "%".into() };
+        assert_eq!(eval(&absent, &block()).unwrap().iter().collect::<Vec<_>>(), vec![None, None, None]);
     }
 
     #[test]

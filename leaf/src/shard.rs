@@ -1400,7 +1400,10 @@ fn filter_paths<'a>(f: &'a Filter, out: &mut Vec<&'a str>) {
     match f {
         Filter::And(items) | Filter::Or(items) => items.iter().for_each(|i| filter_paths(i, out)),
         Filter::Not(inner) => filter_paths(inner, out),
-        Filter::Cmp { path, .. } | Filter::In { path, .. } | Filter::Search { path, .. } => out.push(path),
+        Filter::Cmp { path, .. }
+        | Filter::In { path, .. }
+        | Filter::Search { path, .. }
+        | Filter::Like { path, .. } => out.push(path),
         Filter::IsNull(path) | Filter::IsNotNull(path) => out.push(path),
         Filter::CmpDates { left, right, .. } => out.extend([left.as_str(), right.as_str()]),
     }
