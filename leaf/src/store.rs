@@ -75,7 +75,10 @@ impl SegmentStore {
                 let dir = PathBuf::from(location.strip_prefix("file://").unwrap_or(location));
                 std::fs::create_dir_all(&dir).map_err(store_err)?;
                 let dir = dir.canonicalize().map_err(store_err)?;
-                let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(store_err)?;
+                // A merged index's directory goes with its last file, not left behind empty.
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(store_err)?
+                    .with_automatic_cleanup(true);
                 (Arc::new(fs), Some(dir))
             };
         let cache = match local_root {

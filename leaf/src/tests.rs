@@ -706,6 +706,25 @@ async fn busy_shards_defer_index_merges_and_idle_ones_catch_up() {
     leaf.maintain_all(false);
     assert_eq!(shard.index_segments_for_tests().len(), 2);
     assert_eq!(blue(&shard), before);
+    // The merged indexes' directories are gone with their files, not left empty.
+    let index_dirs = |d: &std::path::Path| -> usize {
+        let found = walk(d).into_iter().filter(|p| p.is_dir() && p.parent().is_some_and(|p| p.ends_with("index")));
+        found.count()
+    };
+    assert_eq!(index_dirs(dir.path()), 2);
+}
+
+/// Every path under `dir`, depth first.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
 }
 
 /// On the search index path, only the most selective `IN` list and short lists about as
