@@ -239,13 +239,11 @@ impl Tree {
                 _ => rest.push(f.clone()),
             }
         }
+        let type_of = |i: usize, e: &Expr| {
+            datafusion::logical_expr::ExprSchemable::get_type(e, self.inputs[i].schema().as_ref()).ok()
+        };
         let classes = equal_columns(&on, |e| self.input_of(e));
-        on.extend(implied_pairs(
-            &on,
-            &classes,
-            |e| self.input_of(e),
-            |i, e| datafusion::logical_expr::ExprSchemable::get_type(e, self.inputs[i].schema().as_ref()).ok(),
-        ));
+        on.extend(implied_pairs(&on, &classes, |e| self.input_of(e), type_of));
         let mut edges = Vec::with_capacity(on.len());
         for (a, b) in &on {
             let (Some(ia), Some(ib)) = (self.input_of(a), self.input_of(b)) else { return Ok(None) };
@@ -259,10 +257,7 @@ impl Tree {
                 };
                 d.unwrap_or(rows[i]).min(rows[i]).max(1.0)
             };
-            let int64 = |i: usize, e: &Expr| {
-                datafusion::logical_expr::ExprSchemable::get_type(e, self.inputs[i].schema().as_ref())
-                    .is_ok_and(|t| t == datafusion::arrow::datatypes::DataType::Int64)
-            };
+            let int64 = |i: usize, e: &Expr| type_of(i, e) == Some(datafusion::arrow::datatypes::DataType::Int64);
             edges.push(Edge {
                 sides: [(ia, a.clone(), ndv(ia, a)), (ib, b.clone(), ndv(ib, b))],
                 integers: int64(ia, a) && int64(ib, b),

@@ -402,13 +402,15 @@ pub fn select(filters: &[&Filter], block: &Block, sets: &InSets) -> Result<arrow
     }
     lists.sort_by(|a, b| a.share.total_cmp(&b.share));
     let selected = |acc: &[u64]| acc.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+    let mut left = selected(&acc);
     for list in &lists {
-        let before = selected(&acc);
-        if before == 0 {
+        if left == 0 {
             break;
         }
         list.and_into(&mut acc)?;
-        sets.record(list.key, before, selected(&acc));
+        let kept = selected(&acc);
+        sets.record(list.key, left, kept);
+        left = kept;
     }
     if !rest.is_empty() {
         let m = fold(rest, block, true, sets)?;

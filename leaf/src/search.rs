@@ -544,19 +544,16 @@ impl SearchIndex {
         Ok(term)
     }
 
-    /// How many index segments a search looks terms up in.
-    pub fn segments(&self) -> Result<usize> {
-        Ok(self.searchers()?.iter().map(|s| s.segment_readers().len()).sum())
-    }
-
     /// For each filter that is an `IN` list, the postings of its terms summed over every index
     /// (each term's document frequency: no postings are read), from up to [`POSTINGS_SAMPLE`]
     /// of its values spread over the list and scaled to all of them; None for other filters.
     /// About its matches (an array holding two of the values counts twice, replaced versions
-    /// count until their index merges).
-    pub fn list_postings(&self, filters: &[&Filter]) -> Result<Vec<Option<u64>>> {
+    /// count until their index merges). With them, how many index segments a search looks each
+    /// term up in.
+    pub fn list_postings(&self, filters: &[&Filter]) -> Result<ListPostings> {
         let searchers = self.searchers()?;
-        filters
+        let segments = searchers.iter().map(|s| s.segment_readers().len()).sum();
+        let per_filter = filters
             .iter()
             .map(|f| {
                 let Filter::In { path, values } = f else { return Ok(None) };
@@ -571,7 +568,8 @@ impl SearchIndex {
                 }
                 Ok(Some(total.saturating_mul(values.len() as u64) / sampled.max(1)))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(ListPostings { per_filter, segments })
     }
 
     /// How many indexed documents match all `filters` (each filter index-answerable). Counts
@@ -602,6 +600,14 @@ impl SearchIndex {
         slots.sort_unstable_by_key(|(slot, _)| *slot);
         Ok(slots)
     }
+}
+
+/// [`SearchIndex::list_postings`]: per filter, an `IN` list's estimated postings (None for
+/// other filters), and the index segments each term is looked up in.
+#[derive(Debug, PartialEq)]
+pub struct ListPostings {
+    pub per_filter: Vec<Option<u64>>,
+    pub segments: usize,
 }
 
 /// `IN` lists of this many terms or more are searched as one [`TermListQuery`].
@@ -645,8 +651,14 @@ impl TermListWeight {
         let max_doc = reader.max_doc();
         let mut docs: Vec<DocId> = Vec::new();
         let mut bits: Option<BitSet> = None;
+        // The terms are sorted, so those of one field (all of them, for one `IN` list) are
+        // together: the field's inverted index is opened once.
+        let mut index: Option<(tantivy::schema::Field, Arc<tantivy::InvertedIndexReader>)> = None;
         for term in &self.terms {
-            let index = reader.inverted_index(term.field())?;
+            if index.as_ref().is_none_or(|(field, _)| *field != term.field()) {
+                index = Some((term.field(), reader.inverted_index(term.field())?));
+            }
+            let Some((_, index)) = &index else { continue };
             let Some(info) = index.get_term_info(term)? else { continue };
             let mut postings = index.read_block_postings_from_terminfo(&info, IndexRecordOption::Basic)?;
             loop {
@@ -1151,7 +1163,10 @@ mod tests {
         // Postings per list: 20 documents have an odd `n`; a term is not a list.
         let term = Filter::Cmp { path: "n".into(), op: CmpOp::Eq, value: Scalar::Int(1) };
         let odd = ints(&[1, 3, 5, 7, 9, 11, 13, 15]);
-        assert_eq!(idx.list_postings(&[&odd, &term]).unwrap(), vec![Some(20), None]);
+        assert_eq!(
+            idx.list_postings(&[&odd, &term]).unwrap(),
+            ListPostings { per_filter: vec![Some(20), None], segments: 2 }
+        );
     }
 
     /// Lists of [`TERM_LIST_MIN`] terms or more (read as one sorted list per segment, or a bit

@@ -1217,10 +1217,10 @@ impl Shard {
         if indexed.len() < 2 || indexed.iter().filter(|f| matches!(f, Filter::In { .. })).count() < 2 {
             return Ok((indexed, vec![]));
         }
-        let postings = self.search.list_postings(&indexed)?;
+        let crate::search::ListPostings { per_filter: postings, segments } = self.search.list_postings(&indexed)?;
         // The list to search is the cheapest to read: its postings, and a dictionary lookup
         // per key in every index segment.
-        let segments = self.search.segments()? as u64;
+        let segments = segments as u64;
         let cost = |f: &Filter, n: u64| {
             let keys = if let Filter::In { values, .. } = f { values.len() as u64 } else { 1 };
             n.saturating_add(keys.saturating_mul(segments).saturating_mul(LOOKUP_POSTINGS))
