@@ -64,12 +64,23 @@ pub fn translate(expr: &Expr, schema: &Schema) -> Option<Filter> {
             let (operand, value, op) = match (Operand::of(left, schema), Operand::of(right, schema)) {
                 (Some(o), None) => (o, right.as_ref(), op),
                 (None, Some(o)) => (o, left.as_ref(), flip(op)),
-                // Two fields: only text read as dates is compared by the scan (leaves keep each
-                // block's parsed dates; DataFusion would parse both columns on every query: 5.4x
-                // slower on TPC-H SF 1 lineitem). Other pairs stay in DataFusion, which runs them
-                // on the leaves too (in a fragment) and measured as fast or faster there.
+                // Text read as dates: leaves keep each block's parsed dates (DataFusion would
+                // parse both columns on every query: 5.4x slower on TPC-H SF 1 lineitem).
                 (Some(Operand::TextAsDate(l)), Some(Operand::TextAsDate(r))) => {
                     return Some(Filter::CmpDates { left: l.to_string(), op, right: r.to_string() });
+                }
+                // Two fields of one type (`l_commitdate < l_receiptdate` on text): leaves compare
+                // only the rows their other filters keep, and neither field needs to leave the
+                // scan (in DataFusion above the scan both were taken for every row a join's key
+                // list kept, then filtered again).
+                (Some(Operand::Column(l, lt)), Some(Operand::Column(r, rt))) if lt == rt => {
+                    use basalt_common::schema::ColumnType;
+                    // Text reaches SQL as views of the leaves' strings; leaves compare the bytes.
+                    let ty = match lt {
+                        DataType::Utf8View => ColumnType::Utf8,
+                        other => ColumnType::from_arrow(other).filter(|t| !matches!(t, ColumnType::List(_)))?,
+                    };
+                    return Some(Filter::CmpFields { left: l.to_string(), op, right: r.to_string(), ty });
                 }
                 _ => return None,
             };
@@ -167,7 +178,8 @@ mod tests {
     }
 
     #[test]
-    fn comparisons_of_two_text_fields_as_dates_are_pushed() {
+    fn comparisons_of_two_fields_are_pushed() {
+        use basalt_common::schema::ColumnType;
         use datafusion::logical_expr::cast;
         let schema = Schema::new(vec![
             Field::new("a", DataType::Int64, true),
@@ -180,9 +192,22 @@ mod tests {
         let f = translate(&dates, &schema).unwrap();
         assert_eq!(f, Filter::CmpDates { left: "s".into(), op: CmpOp::Lt, right: "t".into() });
         assert_eq!(f.to_string(), "CAST(s AS DATE) < CAST(t AS DATE)");
-        // Other pairs of one type stay in DataFusion (faster there, see `translate`).
-        assert!(translate(&col("a").lt(col("b")), &schema).is_none());
-        assert!(translate(&col("s").gt_eq(col("t")), &schema).is_none());
+        // Other pairs of one type are compared as that type.
+        let ints = translate(&col("a").lt(col("b")), &schema).unwrap();
+        assert_eq!(
+            ints,
+            Filter::CmpFields { left: "a".into(), op: CmpOp::Lt, right: "b".into(), ty: ColumnType::Int64 }
+        );
+        assert_eq!(ints.to_string(), "a < b");
+        let texts = translate(&col("s").gt_eq(col("t")), &schema).unwrap();
+        assert_eq!(
+            texts,
+            Filter::CmpFields { left: "s".into(), op: CmpOp::GtEq, right: "t".into(), ty: ColumnType::Utf8 }
+        );
+        let views =
+            Schema::new(vec![Field::new("v", DataType::Utf8View, true), Field::new("w", DataType::Utf8View, true)]);
+        let f = translate(&col("v").lt(col("w")), &views).unwrap();
+        assert_eq!(f, Filter::CmpFields { left: "v".into(), op: CmpOp::Lt, right: "w".into(), ty: ColumnType::Utf8 });
         // Different types (DataFusion would cast one side) stay in DataFusion.
         assert!(translate(&col("a").lt(col("x")), &schema).is_none());
         assert!(translate(&col("a").lt(col("s")), &schema).is_none());

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::doc::{ID_FIELD, Kind};
-use crate::schema::SchemaStats;
+use crate::schema::{ColumnType, SchemaStats};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -64,6 +64,15 @@ pub enum Filter {
         left: String,
         op: CmpOp,
         right: String,
+    },
+    /// `left op right`: two fields of the same document, both read as `ty` (as a scan returns
+    /// them to SQL); null on either side is unknown. Text compares byte by byte, floats in
+    /// IEEE total order (as Arrow's kernels do).
+    CmpFields {
+        left: String,
+        op: CmpOp,
+        right: String,
+        ty: ColumnType,
     },
     In {
         path: String,
@@ -132,6 +141,7 @@ impl std::fmt::Display for Filter {
             Filter::CmpDates { left, op, right } => {
                 write!(f, "CAST({left} AS DATE) {} CAST({right} AS DATE)", op.symbol())
             }
+            Filter::CmpFields { left, op, right, .. } => write!(f, "{left} {} {right}", op.symbol()),
             Filter::In { path, values } => {
                 if matches!(values.first(), Some(Scalar::Date(_))) {
                     write!(f, "CAST({path} AS DATE) IN (")?;

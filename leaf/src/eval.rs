@@ -297,6 +297,10 @@ pub fn eval_with(filter: &Filter, block: &Block, sets: &InSets) -> Result<Boolea
         Filter::CmpDates { left, op, right } => {
             compare_with(&block.column_as_date(left)?, *op, &block.column_as_date(right)?)
         }
+        Filter::CmpFields { left, op, right, ty } => {
+            let ty = ty.to_arrow();
+            compare_with(&block.column_as(left, &ty)?, *op, &block.column_as(right, &ty)?)
+        }
         Filter::In { path, values } => {
             if let Some(m) = in_dictionary(path, values, block, sets) {
                 return Ok(m);
@@ -385,7 +389,12 @@ pub fn select(filters: &[&Filter], block: &Block, sets: &InSets) -> Result<arrow
     let mut acc = vec![u64::MAX; block.rows.div_ceil(64)];
     let mut rest = Vec::new();
     let mut lists = Vec::new();
+    let mut pairs = Vec::new();
     for f in filters {
+        if matches!(f, Filter::CmpFields { .. }) {
+            pairs.push(*f);
+            continue;
+        }
         if select_compare(f, block, &mut acc)? {
             continue;
         }
@@ -411,6 +420,18 @@ pub fn select(filters: &[&Filter], block: &Block, sets: &InSets) -> Result<arrow
         let kept = selected(&acc);
         sets.record(list.key, left, kept);
         left = kept;
+    }
+    // Two fields of each row compared: after the lists, on the rows they left.
+    for f in pairs {
+        if left == 0 {
+            break;
+        }
+        if let Filter::CmpFields { left: l, op, right: r, ty } = f
+            && !select_compare_fields(block, l, *op, r, ty, &mut acc)?
+        {
+            rest.push(f);
+        }
+        left = selected(&acc);
     }
     if !rest.is_empty() {
         let m = fold(rest, block, true, sets)?;
@@ -582,6 +603,89 @@ fn select_compare_dates(block: &Block, left: &str, op: CmpOp, right: &str, acc: 
     Ok(true)
 }
 
+/// Whether `ordering` (left against right) satisfies `op`.
+fn holds(op: CmpOp, ordering: std::cmp::Ordering) -> bool {
+    use std::cmp::Ordering::*;
+    match op {
+        CmpOp::Eq => ordering == Equal,
+        CmpOp::NotEq => ordering != Equal,
+        CmpOp::Lt => ordering == Less,
+        CmpOp::LtEq => ordering != Greater,
+        CmpOp::Gt => ordering == Greater,
+        CmpOp::GtEq => ordering != Less,
+    }
+}
+
+/// `acc[w] &= (keep(64w + j) for j in 0..64)`, calling `keep` only for the rows still selected.
+fn and_selected(acc: &mut [u64], keep: impl Fn(usize) -> bool) {
+    for (w, word) in acc.iter_mut().enumerate() {
+        let mut left = *word;
+        let mut out = 0u64;
+        while left != 0 {
+            let j = left.trailing_zeros() as usize;
+            out |= u64::from(keep(w * 64 + j)) << j;
+            left &= left - 1;
+        }
+        *word &= out;
+    }
+}
+
+/// ANDs `left op right` of two fields of each row, both read as `ty`, into `acc` (a null on
+/// either side drops the row); only the rows still selected are compared. False for a type
+/// without a row-by-row comparison here (left to [`eval_with`]).
+fn select_compare_fields(
+    block: &Block,
+    left: &str,
+    op: CmpOp,
+    right: &str,
+    ty: &basalt_common::schema::ColumnType,
+    acc: &mut [u64],
+) -> Result<bool> {
+    use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+    let dt = ty.to_arrow();
+    if !matches!(dt, DataType::Int64 | DataType::Float64 | DataType::Utf8 | DataType::Timestamp(..) | DataType::Boolean)
+    {
+        return Ok(false);
+    }
+    let (l, r) = (block.column_as(left, &dt)?, block.column_as(right, &dt)?);
+    check_rows(l.len(), block)?;
+    check_rows(r.len(), block)?;
+    for column in [&l, &r] {
+        if let Some(nulls) = arrow::array::Array::nulls(column) {
+            and_into(acc, nulls.inner());
+        }
+    }
+    match dt {
+        DataType::Int64 => crate::kernels::and_compare_columns(
+            acc,
+            l.as_primitive::<Int64Type>().values(),
+            op,
+            r.as_primitive::<Int64Type>().values(),
+        ),
+        DataType::Timestamp(..) => crate::kernels::and_compare_columns(
+            acc,
+            l.as_primitive::<TimestampMicrosecondType>().values(),
+            op,
+            r.as_primitive::<TimestampMicrosecondType>().values(),
+        ),
+        DataType::Float64 => {
+            let (lv, rv) =
+                (l.as_primitive::<arrow::datatypes::Float64Type>(), r.as_primitive::<arrow::datatypes::Float64Type>());
+            let (lv, rv) = (lv.values(), rv.values());
+            and_selected(acc, |i| holds(op, lv[i].total_cmp(&rv[i])));
+        }
+        DataType::Boolean => {
+            let (lv, rv) = (l.as_boolean(), r.as_boolean());
+            and_selected(acc, |i| holds(op, lv.value(i).cmp(&rv.value(i))));
+        }
+        _ => {
+            let (lv, rv) = (l.as_string::<i32>(), r.as_string::<i32>());
+            and_selected(acc, |i| holds(op, lv.value(i).as_bytes().cmp(rv.value(i).as_bytes())));
+        }
+    }
+    Ok(true)
+}
+
 fn fold<'a>(
     items: impl IntoIterator<Item = &'a Filter>,
     block: &Block,
@@ -670,7 +774,9 @@ fn excluded(filter: &Filter, block: &Block, sets: &InSets) -> bool {
             !block.columns.contains_key(path)
         }
         // Null on either side is never true.
-        Filter::CmpDates { left, right, .. } => !block.columns.contains_key(left) || !block.columns.contains_key(right),
+        Filter::CmpDates { left, right, .. } | Filter::CmpFields { left, right, .. } => {
+            !block.columns.contains_key(left) || !block.columns.contains_key(right)
+        }
         _ => false,
     }
 }
@@ -889,6 +995,69 @@ mod tests {
         let bad = Block::build(0, &[Arc::new(json!({"d": "soon"}).as_object().unwrap().clone())]).unwrap();
         let lt = cmp("d", CmpOp::Lt, day("1995-01-01"));
         assert!(select(&[&lt], &bad, &InSets::default()).is_err());
+    }
+
+    /// Two fields of a row compared as one type give Arrow's comparison kernel's answers (what
+    /// DataFusion computes above the scan), null as false, through `select` alone, after a key
+    /// list (only the rows it keeps compared) and through `eval`.
+    #[test]
+    fn two_fields_compare_as_arrow_compares_them() {
+        use basalt_common::schema::ColumnType;
+        let floats = [-0.0, 0.0, 1.5, -2.0, f64::NAN, 1e300, 3.0];
+        let docs: Vec<Arc<Doc>> = (0..300i64)
+            .map(|i| {
+                let mut v = json!({"k": i % 13});
+                if i % 11 != 3 {
+                    v["a"] = json!(i % 17 - 8);
+                    v["x"] = json!(floats[((i / 2) % 7) as usize]);
+                    v["s"] = json!(format!("1995-0{}-1{}", 1 + i % 9, i % 10));
+                    v["p"] = json!(i % 3 == 0);
+                }
+                if i % 7 != 0 {
+                    v["b"] = json!((i * 5) % 19 - 9);
+                    v["y"] = json!(floats[(i % 5) as usize]);
+                    // Multi-byte text and a prefix of another value.
+                    v["t"] = json!(["1995-0", "1995-05-15", "é", "1995-01-1"][(i % 4) as usize]);
+                    v["q"] = json!(i % 5 == 0);
+                }
+                // A field holding integers in some rows and text in others, read as text.
+                v["m"] = if i % 2 == 0 { json!(i) } else { json!(format!("{i}")) };
+                Arc::new(v.as_object().unwrap().clone())
+            })
+            .collect();
+        let b = Block::build(0, &docs).unwrap();
+        let keys = Filter::In { path: "k".into(), values: [0, 2, 3, 5, 7, 8, 10, 12].map(Scalar::Int).to_vec() };
+        let pairs = [
+            ("a", "b", ColumnType::Int64),
+            ("x", "y", ColumnType::Float64),
+            ("s", "t", ColumnType::Utf8),
+            ("p", "q", ColumnType::Boolean),
+            ("m", "s", ColumnType::Utf8),
+        ];
+        for (l, r, ty) in pairs {
+            // Ops whose answer keeps some rows and drops others.
+            let mut selecting = 0;
+            for op in [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq] {
+                let f = Filter::CmpFields { left: l.into(), op, right: r.into(), ty: ty.clone() };
+                let dt = ty.to_arrow();
+                let arrow = compare_with(&b.column_as(l, &dt).unwrap(), op, &b.column_as(r, &dt).unwrap()).unwrap();
+                let want: Vec<bool> = arrow.iter().map(|v| v == Some(true)).collect();
+                selecting += usize::from(want.iter().any(|w| *w) && !want.iter().all(|w| *w));
+                let got = select(&[&f], &b, &InSets::default()).unwrap();
+                assert_eq!(got.iter().collect::<Vec<_>>(), want, "{f}");
+                let general: Vec<bool> = eval(&f, &b).unwrap().iter().map(|v| v == Some(true)).collect();
+                assert_eq!(general, want, "{f} (general path)");
+                let listed: Vec<bool> = eval(&keys, &b).unwrap().iter().map(|v| v == Some(true)).collect();
+                let both: Vec<bool> = want.iter().zip(&listed).map(|(w, k)| *w && *k).collect();
+                let got = select(&[&f, &keys], &b, &InSets::default()).unwrap();
+                assert_eq!(got.iter().collect::<Vec<_>>(), both, "{f} after a key list");
+            }
+            assert!(selecting >= 5, "{l} and {r}: comparisons that select some rows");
+        }
+        // A field absent from a block excludes it; present fields do not.
+        let f = |r: &str| Filter::CmpFields { left: "a".into(), op: CmpOp::Lt, right: r.into(), ty: ColumnType::Int64 };
+        assert!(block_excluded(&[f("nope")], &b, &InSets::default()));
+        assert!(!block_excluded(&[f("b")], &b, &InSets::default()));
     }
 
     #[test]

@@ -1405,7 +1405,9 @@ fn filter_paths<'a>(f: &'a Filter, out: &mut Vec<&'a str>) {
         | Filter::Search { path, .. }
         | Filter::Like { path, .. } => out.push(path),
         Filter::IsNull(path) | Filter::IsNotNull(path) => out.push(path),
-        Filter::CmpDates { left, right, .. } => out.extend([left.as_str(), right.as_str()]),
+        Filter::CmpDates { left, right, .. } | Filter::CmpFields { left, right, .. } => {
+            out.extend([left.as_str(), right.as_str()])
+        }
     }
 }
 
