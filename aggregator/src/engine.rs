@@ -125,13 +125,18 @@ impl Engine {
 }
 
 /// DataFusion's logical optimizer rules, with join ordering from leaf statistics right after
-/// filters are pushed into scans (the estimates read the scans' filters).
+/// filters are pushed into scans (the estimates read the scans' filters) and comparisons of
+/// floats with decimals as floats right before (see [`crate::floats`]).
 fn optimizer_rules(
     options: Arc<RwLock<PlanOptions>>,
 ) -> Vec<Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>> {
     let mut rules = datafusion::optimizer::Optimizer::new().rules;
     let at = rules.iter().position(|r| r.name() == "push_down_filter").map_or(rules.len(), |i| i + 1);
     rules.insert(at, Arc::new(crate::joins::ReorderJoins { options }));
+    // Float-with-decimal comparisons as floats before filters are pushed into scans (so the
+    // scans get them), after literals are folded (`0.06 - 0.01`).
+    let at = rules.iter().position(|r| r.name() == "push_down_filter").unwrap_or(0);
+    rules.insert(at, Arc::new(crate::floats::FloatComparisons));
     rules
 }
 

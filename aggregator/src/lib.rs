@@ -9,6 +9,7 @@ pub mod compat;
 pub mod engine;
 pub mod fastpath;
 pub mod flight;
+pub mod floats;
 pub mod http;
 pub mod joins;
 pub mod limits;

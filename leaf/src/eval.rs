@@ -463,7 +463,7 @@ fn and_into(acc: &mut [u64], bits: &arrow::buffer::BooleanBuffer) {
     }
 }
 
-/// ANDs a comparison of an integer-valued column with a constant into `acc` when the block
+/// ANDs a comparison of an integer-valued or float column with a constant into `acc` when the block
 /// holds the column in the constant's type (or, for a date, as text parsed to dates); false
 /// when the filter is of another kind (left to [`eval_with`]).
 fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<bool> {
@@ -474,7 +474,7 @@ fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<boo
     let Filter::Cmp { path, op, value } = filter else { return Ok(false) };
     let column = match value {
         Scalar::Date(_) => block.column_as_date(path)?,
-        Scalar::Int(_) | Scalar::Timestamp(_) => match block.columns.get(path) {
+        Scalar::Int(_) | Scalar::Timestamp(_) | Scalar::Float(_) => match block.columns.get(path) {
             // An absent column is all null: no row passes.
             None => {
                 acc.fill(0);
@@ -492,6 +492,12 @@ fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<boo
             crate::kernels::and_compare(acc, column.as_primitive::<TimestampMicrosecondType>().values(), *op, *r)
         }
         Scalar::Date(r) => crate::kernels::and_compare(acc, column.as_primitive::<Date32Type>().values(), *op, *r),
+        Scalar::Float(r) => crate::kernels::and_compare_floats(
+            acc,
+            column.as_primitive::<arrow::datatypes::Float64Type>().values(),
+            *op,
+            *r,
+        ),
         _ => return Ok(false),
     }
     if let Some(nulls) = arrow::array::Array::nulls(&column) {
@@ -616,10 +622,12 @@ fn holds(op: CmpOp, ordering: std::cmp::Ordering) -> bool {
     }
 }
 
-/// `acc[w] &= (keep(64w + j) for j in 0..64)`, calling `keep` only for the rows still selected.
-fn and_selected(acc: &mut [u64], keep: impl Fn(usize) -> bool) {
+/// `acc[w] &= (keep(64w + j) for j in 0..64)`, calling `keep` only for the rows still selected
+/// among the first `rows` (bits past them are cleared).
+fn and_selected(acc: &mut [u64], rows: usize, keep: impl Fn(usize) -> bool) {
     for (w, word) in acc.iter_mut().enumerate() {
-        let mut left = *word;
+        let past = rows.saturating_sub(w * 64);
+        let mut left = if past >= 64 { *word } else { *word & ((1u64 << past) - 1) };
         let mut out = 0u64;
         while left != 0 {
             let j = left.trailing_zeros() as usize;
@@ -672,15 +680,15 @@ fn select_compare_fields(
             let (lv, rv) =
                 (l.as_primitive::<arrow::datatypes::Float64Type>(), r.as_primitive::<arrow::datatypes::Float64Type>());
             let (lv, rv) = (lv.values(), rv.values());
-            and_selected(acc, |i| holds(op, lv[i].total_cmp(&rv[i])));
+            and_selected(acc, block.rows, |i| holds(op, lv[i].total_cmp(&rv[i])));
         }
         DataType::Boolean => {
             let (lv, rv) = (l.as_boolean(), r.as_boolean());
-            and_selected(acc, |i| holds(op, lv.value(i).cmp(&rv.value(i))));
+            and_selected(acc, block.rows, |i| holds(op, lv.value(i).cmp(&rv.value(i))));
         }
         _ => {
             let (lv, rv) = (l.as_string::<i32>(), r.as_string::<i32>());
-            and_selected(acc, |i| holds(op, lv.value(i).as_bytes().cmp(rv.value(i).as_bytes())));
+            and_selected(acc, block.rows, |i| holds(op, lv.value(i).as_bytes().cmp(rv.value(i).as_bytes())));
         }
     }
     Ok(true)
@@ -928,6 +936,9 @@ mod tests {
                 if i % 7 != 0 {
                     v["f"] = if i == 150 { json!(2.5) } else { json!(i % 4) };
                 }
+                if i % 13 != 5 {
+                    v["x"] = json!([-0.0, 0.0, 0.05, 0.07, -2.5, 1e300, 0.06][(i % 7) as usize]);
+                }
                 Arc::new(v.as_object().unwrap().clone())
             })
             .collect();
@@ -945,6 +956,12 @@ mod tests {
             vec![cmp("f", CmpOp::Eq, Scalar::Int(2)), cmp("q", CmpOp::Gt, Scalar::Int(5))],
             vec![cmp("t", CmpOp::Eq, Scalar::Str("k3".into())), cmp("q", CmpOp::Gt, Scalar::Int(5))],
             vec![cmp("missing", CmpOp::Eq, Scalar::Int(1))],
+            // Floats (the kernel path when the block holds the column as floats).
+            vec![cmp("x", CmpOp::GtEq, Scalar::Float(0.05)), cmp("x", CmpOp::LtEq, Scalar::Float(0.07))],
+            vec![cmp("x", CmpOp::Eq, Scalar::Float(-0.0))],
+            vec![cmp("x", CmpOp::Lt, Scalar::Float(0.0)), cmp("q", CmpOp::Gt, Scalar::Int(5))],
+            vec![cmp("x", CmpOp::NotEq, Scalar::Float(0.06))],
+            vec![cmp("f", CmpOp::Gt, Scalar::Float(1.5))],
             vec![Filter::Not(Box::new(cmp("q", CmpOp::Lt, Scalar::Int(25)))), cmp("d", CmpOp::GtEq, day("1995-03-01"))],
             vec![],
         ];
@@ -1022,6 +1039,9 @@ mod tests {
                 }
                 // A field holding integers in some rows and text in others, read as text.
                 v["m"] = if i % 2 == 0 { json!(i) } else { json!(format!("{i}")) };
+                // Never null (the selection's bits past the block's 300 rows stay set).
+                v["u"] = json!(format!("u{}", i % 7));
+                v["w"] = json!(format!("u{}", i % 5));
                 Arc::new(v.as_object().unwrap().clone())
             })
             .collect();
@@ -1033,6 +1053,7 @@ mod tests {
             ("s", "t", ColumnType::Utf8),
             ("p", "q", ColumnType::Boolean),
             ("m", "s", ColumnType::Utf8),
+            ("u", "w", ColumnType::Utf8),
         ];
         for (l, r, ty) in pairs {
             // Ops whose answer keeps some rows and drops others.

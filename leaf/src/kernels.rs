@@ -40,6 +40,46 @@ fn and_compare_any<T: Copy + Ord>(acc: &mut [u64], values: &[T], op: CmpOp, r: T
     }
 }
 
+/// [`and_compare`] for floats in IEEE total order (as Arrow's comparison kernels order them:
+/// -0.0 before 0.0, NaN after infinity): each value compared through its total-order key.
+pub fn and_compare_floats(acc: &mut [u64], values: &[f64], op: CmpOp, r: f64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { and_compare_floats_avx2(acc, values, op, r) };
+            return;
+        }
+    }
+    and_compare_floats_any(acc, values, op, r);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn and_compare_floats_avx2(acc: &mut [u64], values: &[f64], op: CmpOp, r: f64) {
+    and_compare_floats_any(acc, values, op, r);
+}
+
+/// The integer that orders as `x` does in IEEE total order (what `f64::total_cmp` compares).
+#[inline(always)]
+pub fn total_key(x: f64) -> i64 {
+    let bits = x.to_bits() as i64;
+    bits ^ ((((bits >> 63) as u64) >> 1) as i64)
+}
+
+#[inline(always)]
+fn and_compare_floats_any(acc: &mut [u64], values: &[f64], op: CmpOp, r: f64) {
+    let r = total_key(r);
+    match op {
+        CmpOp::Eq => and_words(acc, values, |v| total_key(v) == r),
+        CmpOp::NotEq => and_words(acc, values, |v| total_key(v) != r),
+        CmpOp::Lt => and_words(acc, values, |v| total_key(v) < r),
+        CmpOp::LtEq => and_words(acc, values, |v| total_key(v) <= r),
+        CmpOp::Gt => and_words(acc, values, |v| total_key(v) > r),
+        CmpOp::GtEq => and_words(acc, values, |v| total_key(v) >= r),
+    }
+}
+
 /// `acc[w] &= (left[64w + j] op right[64w + j] for j in 0..64)`: two columns of one block
 /// compared row by row (`l_commitdate < l_receiptdate`), as [`and_compare`] does with a constant.
 pub fn and_compare_columns<T: Copy + Ord>(acc: &mut [u64], left: &[T], op: CmpOp, right: &[T]) {
@@ -185,6 +225,40 @@ mod tests {
                     }
                     assert_eq!(acc, plain, "AVX2 and baseline agree");
                     assert_eq!(acc, acc32);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn floats_compare_in_total_order_as_total_cmp_does() {
+        let specials =
+            [-0.0, 0.0, 0.05, 0.07, -2.5, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, -f64::NAN, 1e300, 5e-324];
+        let ops = [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq];
+        for n in [0usize, 1, 63, 64, 65, 200] {
+            let values: Vec<f64> = (0..n).map(|i| specials[(i * 7 + i / 3) % specials.len()]).collect();
+            let start: Vec<u64> =
+                (0..n.div_ceil(64)).map(|w| if w % 3 == 2 { 0 } else { 0xF0F0_FFFF_0000_FFFF ^ (w as u64) }).collect();
+            let selected = |acc: &[u64], i: usize| acc[i / 64] & (1 << (i % 64)) != 0;
+            for op in ops {
+                for r in specials {
+                    let mut acc = start.clone();
+                    and_compare_floats(&mut acc, &values, op, r);
+                    let mut plain = start.clone();
+                    and_compare_floats_any(&mut plain, &values, op, r);
+                    assert_eq!(acc, plain, "AVX2 and baseline agree");
+                    for (i, v) in values.iter().enumerate() {
+                        let o = v.total_cmp(&r);
+                        let holds = match op {
+                            CmpOp::Eq => o.is_eq(),
+                            CmpOp::NotEq => o.is_ne(),
+                            CmpOp::Lt => o.is_lt(),
+                            CmpOp::LtEq => o.is_le(),
+                            CmpOp::Gt => o.is_gt(),
+                            CmpOp::GtEq => o.is_ge(),
+                        };
+                        assert_eq!(selected(&acc, i), selected(&start, i) && holds, "{v} {op:?} {r}");
+                    }
                 }
             }
         }

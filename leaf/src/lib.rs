@@ -303,7 +303,20 @@ impl LeafApi for Leaf {
         let shard = self.shard((request.collection_id, request.shard));
         tokio::task::spawn_blocking(move || {
             let Some(shard) = shard else { return }; // never written: empty
-            let result = shard.scan(&request, |batch| tx.blocking_send(Ok(batch)).is_ok());
+            // A panic in a scan (a bug) is the query's error, not a stream that ends early:
+            // its reader would take the rows sent so far for the whole answer.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                shard.scan(&request, |batch| tx.blocking_send(Ok(batch)).is_ok())
+            }))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(collection = request.collection_id, shard = request.shard, %what, "scan panicked");
+                Err(BasaltError::internal(format!("scan of shard {} failed: {what}", request.shard)))
+            });
             match result {
                 Ok(access) => {
                     if let Some(scans) = SCANS.as_ref() {
