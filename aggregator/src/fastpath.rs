@@ -199,6 +199,7 @@ pub async fn run(
             limit: None,
             hint: Some(AccessPath::RowLookup),
             ordered_by: None,
+            text_views: false,
         };
         let batches: Vec<RecordBatch> = leaf.scan(request).await?.try_collect().await?;
         for b in batches {

@@ -426,6 +426,12 @@ pub struct ScanRequest {
     /// [`SchemaStats::ascending`]: crate::schema::SchemaStats::ascending
     #[serde(default)]
     pub ordered_by: Option<String>,
+    /// Text columns as `Utf8View`, views of the stored blocks' strings (no string copied, and
+    /// the filter then moves 16-byte views instead of rebuilding offsets and copying bytes):
+    /// for a reader in the leaf's own process. Over the wire text goes as `Utf8`, compact (a
+    /// view array would carry its blocks' whole string buffers).
+    #[serde(default)]
+    pub text_views: bool,
 }
 
 pub type BatchStream = BoxStream<'static, Result<RecordBatch>>;

@@ -271,7 +271,7 @@ fn rewrap(schema: &SchemaRef, batch: RecordBatch) -> Result<RecordBatch> {
             .iter()
             .zip(batch.columns())
             .map(|(field, column)| match (field.data_type(), column.data_type()) {
-                (DataType::Utf8View, DataType::Utf8) => text_views(column),
+                (DataType::Utf8View, DataType::Utf8) => Ok(basalt_common::arrays::text_views(column)?),
                 _ => Ok(column.clone()),
             })
             .collect::<Result<Vec<_>>>()?
@@ -304,32 +304,6 @@ fn text_for_wire(batch: RecordBatch) -> BasaltResult<RecordBatch> {
     Ok(RecordBatch::try_new_with_options(schema, columns, &options)?)
 }
 
-/// Views of a text array's strings, sharing its value buffer (one view per row, no string
-/// copied; arrow's own conversion goes through a builder and its null bookkeeping per row, 16%
-/// of TPC-H q1's CPU).
-fn text_views(column: &arrow::array::ArrayRef) -> Result<arrow::array::ArrayRef> {
-    use arrow::array::{AsArray, StringViewArray, builder::make_view};
-    let strings = column.as_string::<i32>();
-    let values = strings.values();
-    if values.len() >= u32::MAX as usize {
-        return Ok(arrow::compute::cast(column, &DataType::Utf8View)?);
-    }
-    let bytes = values.as_slice();
-    let views: Vec<u128> = strings
-        .offsets()
-        .windows(2)
-        .map(|w| {
-            let (start, end) = (w[0] as usize, w[1] as usize);
-            make_view(&bytes[start..end], 0, start as u32)
-        })
-        .collect();
-    // SAFETY: each view is made by `make_view` from one whole string of a valid `StringArray`
-    // (valid UTF-8, in bounds) at that string's offset in buffer 0, which is that array's value
-    // buffer; null rows keep the array's null buffer.
-    let array = unsafe { StringViewArray::new_unchecked(views.into(), vec![values.clone()], strings.nulls().cloned()) };
-    Ok(Arc::new(array))
-}
-
 /// Scans one collection on the leaves; partition `i` is shard `shards[i]` (all shards on an
 /// aggregator; the one local shard when a leaf runs a fragment).
 #[derive(Debug)]
@@ -351,6 +325,9 @@ pub struct LeafScanExec {
     /// Key sets of joins above whose build side has more keys than their runtime filter lists
     /// (see [`keys`]), read with the runtime filters.
     probe_keys: Vec<keys::ProbeKeys>,
+    /// Ask for text as views of the blocks' strings (`ScanRequest::text_views`): only when the
+    /// leaf runs in this process (a fragment on its leaf), never over the wire.
+    text_views: bool,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -377,6 +354,7 @@ impl LeafScanExec {
             dynamic: vec![],
             awaited: vec![],
             probe_keys: vec![],
+            text_views: false,
             properties,
             metrics: ExecutionPlanMetricsSet::new(),
         }
@@ -413,6 +391,14 @@ impl LeafScanExec {
         self
     }
 
+    /// The scan as a leaf runs it in a fragment, reading its own shard in process: text comes
+    /// as views of the stored strings (`ScanRequest::text_views`; TPC-H q1 filtered its two
+    /// one-letter text columns' bytes and offsets, then made views of the copies).
+    fn with_text_views(mut self) -> Self {
+        self.text_views = true;
+        self
+    }
+
     /// Whether the scan declared an order (see [`LeafScanExec::in_order`]), which its rows must
     /// then come in.
     fn declares_order(&self) -> bool {
@@ -433,6 +419,7 @@ impl LeafScanExec {
         scan.properties = self.properties.clone();
         scan.awaited = self.awaited.clone();
         scan.probe_keys = self.probe_keys.clone();
+        scan.text_views = self.text_views;
         scan
     }
 
@@ -719,6 +706,7 @@ impl ExecutionPlan for LeafScanExec {
             limit: self.spec.limit,
             hint: Some(self.spec.access),
             ordered_by: if self.declares_order() { self.spec.ordered_by.clone() } else { None },
+            text_views: self.text_views,
         };
         let leaf = self.leaf.clone();
         let output = self.output.clone();
@@ -1074,7 +1062,7 @@ impl PhysicalExtensionCodec for ScanCodec {
             node.spec,
         );
         // On the leaf that runs the fragment (not when the aggregator checks that it decodes).
-        let scan = if self.target.is_some() { scan.in_order() } else { scan };
+        let scan = if self.target.is_some() { scan.in_order().with_text_views() } else { scan };
         Ok(Arc::new(scan.with_extra_filters(self.extra.clone())))
     }
 

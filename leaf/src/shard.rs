@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch};
 use arrow::compute::{and, filter_record_batch};
-use arrow::datatypes::{Field, Schema, SchemaRef};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use basalt_common::api::{DocStatus, SCORE_COLUMN, ScanRequest, ShardWriteResult, SourcePosition, WriteOp};
 use basalt_common::doc::{Doc, DocLimits, Kind, apply_patch, apply_patch_partial, patched_fields};
 use basalt_common::filter::{AccessPath, Filter, choose_access_path, id_lookup, index_answerable};
@@ -1089,8 +1089,12 @@ impl Shard {
         limit: Option<usize>,
         emit: impl FnMut(RecordBatch) -> bool,
     ) -> Result<AccessPath> {
+        let out_type = |ty: &ColumnType| match ty {
+            ColumnType::Utf8 if req.text_views => DataType::Utf8View,
+            other => other.to_arrow(),
+        };
         let schema: SchemaRef = Arc::new(Schema::new(
-            req.columns.iter().map(|(name, ty)| Field::new(name, ty.to_arrow(), true)).collect::<Vec<_>>(),
+            req.columns.iter().map(|(name, ty)| Field::new(name, out_type(ty), true)).collect::<Vec<_>>(),
         ));
         let mut remaining = limit.unwrap_or(usize::MAX);
         let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
@@ -1537,6 +1541,10 @@ fn project_filter(
                 let values: Float64Array =
                     (0..block.rows).map(|i| scores.get(&slot(i)).map(|v| f64::from(*v))).collect();
                 return Ok(Arc::new(values) as ArrayRef);
+            }
+            if f.data_type() == &DataType::Utf8View {
+                // Views of the block's strings: the filter below then moves 16-byte views.
+                return Ok(basalt_common::arrays::text_views(&block.column_as(f.name(), &DataType::Utf8)?)?);
             }
             block.column_as(f.name(), f.data_type())
         })

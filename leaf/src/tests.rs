@@ -21,6 +21,7 @@ async fn scan(leaf: &Leaf, filters: Vec<Filter>, cols: &[(&str, ColumnType)]) ->
         limit: None,
         hint: None,
         ordered_by: None,
+        text_views: false,
     };
     let schema = Arc::new(arrow::datatypes::Schema::new(
         req.columns.iter().map(|(n, t)| arrow::datatypes::Field::new(n, t.to_arrow(), true)).collect::<Vec<_>>(),
@@ -86,6 +87,7 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
         limit: None,
         hint,
         ordered_by: None,
+        text_views: false,
     };
     assert_eq!(shard.access_path(&req(vec![rare.clone()], None), &shard.stats()), AccessPath::SearchIndex);
     assert_eq!(
@@ -103,6 +105,7 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
                 limit: None,
                 hint: Some(AccessPath::ColumnScan),
                 ordered_by: None,
+                text_views: false,
             },
             |b| {
                 forced.push(b);
@@ -320,7 +323,16 @@ async fn observe_all(leaf: &Leaf) -> (Vec<String>, Vec<Vec<String>>, SchemaStats
     let shard = leaf.shard((1, 0)).unwrap();
     let run = |filters: Vec<Filter>, hint: Option<AccessPath>, columns: Vec<(String, ColumnType)>| {
         let mut batches = Vec::new();
-        let req = ScanRequest { collection_id: 1, shard: 0, columns, filters, limit: None, hint, ordered_by: None };
+        let req = ScanRequest {
+            collection_id: 1,
+            shard: 0,
+            columns,
+            filters,
+            limit: None,
+            hint,
+            ordered_by: None,
+            text_views: false,
+        };
         shard
             .scan(&req, |b| {
                 batches.push(b);
@@ -764,6 +776,7 @@ async fn the_index_searches_the_selective_lists_and_checks_the_rest() {
             limit: None,
             hint: Some(hint),
             ordered_by: None,
+            text_views: false,
         };
         let path = shard.scan(&req, |b| {
             out.push(b);
@@ -825,6 +838,7 @@ async fn scans_asked_for_an_order_return_rows_in_it() {
             limit,
             hint: None,
             ordered_by: Some("k".into()),
+            text_views: false,
         };
         let leaf = leaf.clone();
         async move {
@@ -863,4 +877,78 @@ async fn scans_asked_for_an_order_return_rows_in_it() {
         kept[..5].iter().map(|(k, _)| *k).collect::<Vec<_>>()
     );
     assert!(first.iter().any(|(k, _)| *k == 1 || *k == 5), "the late keys come first: {first:?}");
+}
+
+/// A scan asking for text as views (`ScanRequest::text_views`) returns the same strings as one
+/// asking for `Utf8`, by every access path, with filters, nulls, a field holding numbers in
+/// some documents (read as text), a patched and a deleted document.
+#[tokio::test]
+async fn text_views_hold_the_strings_a_plain_scan_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() };
+    let leaf = Leaf::open(&config).unwrap();
+    let ops = (0..300)
+        .map(|i| {
+            let mut v = json!({"_id": format!("d{i}"), "kind": if i % 10 == 0 { "rare" } else { "common" }, "n": i});
+            match i % 4 {
+                0 => {}
+                1 => v["t"] = json!(i),
+                2 => v["t"] = json!(format!("a longer text than twelve bytes, number {i}")),
+                _ => v["t"] = json!(["x", "y", "z"][i % 3]),
+            }
+            upsert(v)
+        })
+        .collect();
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+    let patch = WriteOp::Patch {
+        id: "d10".into(),
+        ops: vec![PatchOp { op: PatchKind::Replace, path: "/t".into(), value: Some(json!("patched")) }],
+    };
+    let ops = vec![patch, WriteOp::Delete { id: "d20".into() }];
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+    let cols = vec![("_id".to_string(), ColumnType::Utf8), ("t".to_string(), ColumnType::Utf8)];
+    let rare = Filter::Cmp { path: "kind".into(), op: CmpOp::Eq, value: Scalar::Str("rare".into()) };
+    let some = Filter::Cmp { path: "n".into(), op: CmpOp::Lt, value: Scalar::Int(250) };
+    for (filters, hint) in [
+        (vec![], Some(AccessPath::ColumnScan)),
+        (vec![some.clone()], Some(AccessPath::ColumnScan)),
+        (vec![rare.clone()], Some(AccessPath::SearchIndex)),
+        (vec![rare, some], Some(AccessPath::ColumnScan)),
+    ] {
+        let mut answers = Vec::new();
+        for text_views in [false, true] {
+            let req = ScanRequest {
+                collection_id: 1,
+                shard: 0,
+                columns: cols.clone(),
+                filters: filters.clone(),
+                limit: None,
+                hint,
+                ordered_by: None,
+                text_views,
+            };
+            let batches: Vec<RecordBatch> = leaf.scan(req).await.unwrap().map(|b| b.unwrap()).collect().await;
+            let mut rows = Vec::new();
+            for b in &batches {
+                let want =
+                    if text_views { arrow::datatypes::DataType::Utf8View } else { arrow::datatypes::DataType::Utf8 };
+                assert_eq!(b.column(1).data_type(), &want);
+                let ids = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+                let texts = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8).unwrap();
+                for i in 0..b.num_rows() {
+                    let t = texts.as_string::<i32>();
+                    rows.push((
+                        ids.as_string::<i32>().value(i).to_string(),
+                        (!arrow::array::Array::is_null(t, i)).then(|| t.value(i).to_string()),
+                    ));
+                }
+            }
+            rows.sort();
+            answers.push(rows);
+        }
+        assert!(!answers[0].is_empty(), "{filters:?}");
+        assert_eq!(answers[0], answers[1], "{filters:?}");
+        assert!(answers[0].iter().any(|(_, t)| t.as_deref() == Some("patched")) || !filters.is_empty());
+        assert!(answers[0].iter().all(|(id, _)| id != "d20"));
+    }
 }

@@ -596,6 +596,7 @@ mod tests {
             limit: None,
             hint: None,
             ordered_by: None,
+            text_views: false,
         };
         let rows: usize =
             client.scan(req).await.unwrap().map(|b| b.unwrap().num_rows()).fold(0, |a, b| async move { a + b }).await;
