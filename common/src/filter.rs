@@ -34,6 +34,18 @@ pub enum CmpOp {
 }
 
 impl CmpOp {
+    /// Whether `ordering` (left against right) satisfies the comparison.
+    pub fn holds(self, ordering: std::cmp::Ordering) -> bool {
+        match self {
+            CmpOp::Eq => ordering.is_eq(),
+            CmpOp::NotEq => ordering.is_ne(),
+            CmpOp::Lt => ordering.is_lt(),
+            CmpOp::LtEq => ordering.is_le(),
+            CmpOp::Gt => ordering.is_gt(),
+            CmpOp::GtEq => ordering.is_ge(),
+        }
+    }
+
     pub fn symbol(self) -> &'static str {
         match self {
             CmpOp::Eq => "=",

@@ -609,19 +609,6 @@ fn select_compare_dates(block: &Block, left: &str, op: CmpOp, right: &str, acc: 
     Ok(true)
 }
 
-/// Whether `ordering` (left against right) satisfies `op`.
-fn holds(op: CmpOp, ordering: std::cmp::Ordering) -> bool {
-    use std::cmp::Ordering::*;
-    match op {
-        CmpOp::Eq => ordering == Equal,
-        CmpOp::NotEq => ordering != Equal,
-        CmpOp::Lt => ordering == Less,
-        CmpOp::LtEq => ordering != Greater,
-        CmpOp::Gt => ordering == Greater,
-        CmpOp::GtEq => ordering != Less,
-    }
-}
-
 /// `acc[w] &= (keep(64w + j) for j in 0..64)`, calling `keep` only for the rows still selected
 /// among the first `rows` (bits past them are cleared).
 fn and_selected(acc: &mut [u64], rows: usize, keep: impl Fn(usize) -> bool) {
@@ -680,15 +667,15 @@ fn select_compare_fields(
             let (lv, rv) =
                 (l.as_primitive::<arrow::datatypes::Float64Type>(), r.as_primitive::<arrow::datatypes::Float64Type>());
             let (lv, rv) = (lv.values(), rv.values());
-            and_selected(acc, block.rows, |i| holds(op, lv[i].total_cmp(&rv[i])));
+            and_selected(acc, block.rows, |i| op.holds(lv[i].total_cmp(&rv[i])));
         }
         DataType::Boolean => {
             let (lv, rv) = (l.as_boolean(), r.as_boolean());
-            and_selected(acc, block.rows, |i| holds(op, lv.value(i).cmp(&rv.value(i))));
+            and_selected(acc, block.rows, |i| op.holds(lv.value(i).cmp(&rv.value(i))));
         }
         _ => {
             let (lv, rv) = (l.as_string::<i32>(), r.as_string::<i32>());
-            and_selected(acc, block.rows, |i| holds(op, lv.value(i).as_bytes().cmp(rv.value(i).as_bytes())));
+            and_selected(acc, block.rows, |i| op.holds(lv.value(i).as_bytes().cmp(rv.value(i).as_bytes())));
         }
     }
     Ok(true)
@@ -1097,21 +1084,13 @@ mod tests {
             })
             .collect();
         let b = Block::build(0, &docs).unwrap();
-        let holds = |op: CmpOp, o: std::cmp::Ordering| match op {
-            CmpOp::Eq => o.is_eq(),
-            CmpOp::NotEq => o.is_ne(),
-            CmpOp::Lt => o.is_lt(),
-            CmpOp::LtEq => o.is_le(),
-            CmpOp::Gt => o.is_gt(),
-            CmpOp::GtEq => o.is_ge(),
-        };
         for op in [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq] {
             let f = Filter::CmpDates { left: "s".into(), op, right: "r".into() };
             let want: Vec<bool> = docs
                 .iter()
                 .map(|d| match (d.get("s").and_then(|v| v.as_str()), d.get("r").and_then(|v| v.as_str())) {
                     // ISO dates order as their text does.
-                    (Some(x), Some(y)) => holds(op, x.cmp(y)),
+                    (Some(x), Some(y)) => op.holds(x.cmp(y)),
                     _ => false,
                 })
                 .collect();

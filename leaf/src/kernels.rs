@@ -248,15 +248,7 @@ mod tests {
                     and_compare_floats_any(&mut plain, &values, op, r);
                     assert_eq!(acc, plain, "AVX2 and baseline agree");
                     for (i, v) in values.iter().enumerate() {
-                        let o = v.total_cmp(&r);
-                        let holds = match op {
-                            CmpOp::Eq => o.is_eq(),
-                            CmpOp::NotEq => o.is_ne(),
-                            CmpOp::Lt => o.is_lt(),
-                            CmpOp::LtEq => o.is_le(),
-                            CmpOp::Gt => o.is_gt(),
-                            CmpOp::GtEq => o.is_ge(),
-                        };
+                        let holds = op.holds(v.total_cmp(&r));
                         assert_eq!(selected(&acc, i), selected(&start, i) && holds, "{v} {op:?} {r}");
                     }
                 }
