@@ -54,7 +54,7 @@ use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::sorts::sort_preserving_merge::SortPreservingMergeExec;
-use datafusion::physical_plan::stream::{RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, Partitioning, PlanProperties, displayable,
 };
@@ -373,8 +373,8 @@ impl LeafScanExec {
                 EmissionType::Incremental,
                 Boundedness::Bounded,
             )
-            // Batches arrive through tokio channels (in process) or tonic streams (remote), both of
-            // which consume the task budget: no CooperativeExec wrapper needed.
+            // Batches come from a leaf's scan (in process), which takes from the task budget per
+            // batch, or through tonic streams (remote), which do too: no CooperativeExec needed.
             .with_scheduling_type(SchedulingType::Cooperative),
         )
     }
@@ -745,25 +745,25 @@ impl ExecutionPlan for LeafScanExec {
             tracing::debug!(%collection, partition, "leaf scan starts");
             leaf.scan(request).await
         };
-        let stream = from_leaf(call, output.clone(), moved);
-        Ok(if eager { started(output, stream) } else { stream })
+        Ok(if eager { from_leaf(started(call), output, moved) } else { from_leaf(call, output, moved) })
     }
 }
 
-/// `stream` polled from now on by a task of its own, up to two batches ahead of its consumer;
-/// dropping the returned stream stops the task.
-fn started(schema: SchemaRef, mut stream: SendableRecordBatchStream) -> SendableRecordBatchStream {
-    let mut ahead = RecordBatchReceiverStreamBuilder::new(schema, 2);
-    let tx = ahead.tx();
-    ahead.spawn(async move {
-        while let Some(batch) = stream.next().await {
-            if tx.send(batch).await.is_err() {
-                break;
-            }
+/// `call` (a leaf opening a scan) started now, on a task of its own, so that the scans a plan
+/// reaches one after another (the build sides of its joins) open together, a round trip to
+/// the leaves for all; the batches are then read by the consumer itself, on its own thread.
+/// Dropping the returned future stops the task.
+fn started<T: Send + 'static>(
+    call: impl std::future::Future<Output = BasaltResult<T>> + Send + 'static,
+) -> impl std::future::Future<Output = BasaltResult<T>> + Send + 'static {
+    struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+    impl<T> Drop for AbortOnDrop<T> {
+        fn drop(&mut self) {
+            self.0.abort();
         }
-        Ok(())
-    });
-    ahead.build()
+    }
+    let mut task = AbortOnDrop(tokio::spawn(call));
+    async move { (&mut task.0).await.map_err(|e| BasaltError::internal(format!("leaf scan task: {e}")))? }
 }
 
 /// A fragment of a plan that runs on the leaves: partition `i` is the fragment run by the leaf

@@ -1,7 +1,6 @@
 //! Exact evaluation of pushed-down filters on column blocks, with SQL three-valued logic, and
 //! block pruning by min/max.
 
-use std::rc::Rc;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -206,7 +205,7 @@ impl Prepared {
 /// creates one and drops it when it ends).
 #[derive(Default)]
 pub struct InSets {
-    prepared: std::cell::RefCell<std::collections::HashMap<ListKey, Rc<Prepared>>>,
+    prepared: std::cell::RefCell<std::collections::HashMap<ListKey, Arc<Prepared>>>,
     /// Per list, the rows it was checked on and the rows it kept, over the blocks so far.
     kept: std::cell::RefCell<std::collections::HashMap<ListKey, (u64, u64)>>,
 }
@@ -219,8 +218,8 @@ fn list_key(values: &[Scalar]) -> ListKey {
 }
 
 impl InSets {
-    fn get(&self, values: &[Scalar]) -> Rc<Prepared> {
-        self.prepared.borrow_mut().entry(list_key(values)).or_insert_with(|| Rc::new(Prepared::new(values))).clone()
+    fn get(&self, values: &[Scalar]) -> Arc<Prepared> {
+        self.prepared.borrow_mut().entry(list_key(values)).or_insert_with(|| Arc::new(Prepared::new(values))).clone()
     }
 
     /// The share of rows the list kept in earlier blocks, once it was checked on some.
@@ -509,7 +508,7 @@ fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<boo
 /// An integer-valued `IN` list over one block's column, prepared for [`select`].
 struct MemberList {
     key: ListKey,
-    prepared: Rc<Prepared>,
+    prepared: Arc<Prepared>,
     column: ArrayRef,
     /// The estimated share of the block's rows it keeps (see [`IntSet::share_of`]).
     share: f64,

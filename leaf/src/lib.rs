@@ -22,9 +22,9 @@ use basalt_common::api::{BatchStream, LeafApi, ScanRequest, ShardPosition, Shard
 use basalt_common::doc::DocLimits;
 use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
+use futures::StreamExt;
 use parking_lot::RwLock;
 use prometheus::{IntCounterVec, register_int_counter_vec};
-use tokio_stream::wrappers::ReceiverStream;
 
 pub use crate::shard::FlushPolicy;
 use crate::shard::{Shard, ShardKey, keyspace_name};
@@ -53,9 +53,6 @@ const MAINTENANCE_INTERVAL_MAX: std::time::Duration = std::time::Duration::from_
 
 /// How often the background thread commits search indexes that have new writes.
 const INDEX_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Capacity of the channel between a scan thread and its consumer (batches of up to 8192 rows).
-const SCAN_CHANNEL_BATCHES: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct LeafConfig {
@@ -277,6 +274,21 @@ fn open_database(path: &Path) -> Result<fjall::Database> {
     }
 }
 
+/// `f`'s result, or the error a panic in it (a bug) becomes: a scan that panics fails its
+/// query; it must not look like a scan that ended, whose reader would take the rows sent so far
+/// for the whole answer.
+fn unpanicked<T>(collection: u64, shard: u32, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(collection, shard, %what, "scan panicked");
+        Err(BasaltError::internal(format!("scan of shard {shard} failed: {what}")))
+    })
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| BasaltError::internal(format!("leaf task failed: {e}")))?
 }
@@ -299,36 +311,27 @@ impl LeafApi for Leaf {
     }
 
     async fn scan(&self, request: ScanRequest) -> Result<BatchStream> {
-        let (tx, rx) = tokio::sync::mpsc::channel(SCAN_CHANNEL_BATCHES);
-        let shard = self.shard((request.collection_id, request.shard));
-        tokio::task::spawn_blocking(move || {
-            let Some(shard) = shard else { return }; // never written: empty
-            // A panic in a scan (a bug) is the query's error, not a stream that ends early:
-            // its reader would take the rows sent so far for the whole answer.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                shard.scan(&request, |batch| tx.blocking_send(Ok(batch)).is_ok())
-            }))
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(collection = request.collection_id, shard = request.shard, %what, "scan panicked");
-                Err(BasaltError::internal(format!("scan of shard {} failed: {what}", request.shard)))
-            });
-            match result {
-                Ok(access) => {
-                    if let Some(scans) = SCANS.as_ref() {
-                        scans.with_label_values(&[access.name()]).inc();
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                }
+        let Some(shard) = self.shard((request.collection_id, request.shard)) else {
+            return Ok(futures::stream::empty().boxed()); // never written: empty
+        };
+        let (collection, shard_no) = (request.collection_id, request.shard);
+        // Opening takes the snapshot and searches the index: off the async workers. The
+        // blocks are then read as the consumer asks for them, on its thread.
+        let cursor = blocking(move || unpanicked(collection, shard_no, || shard.open_scan(request))).await?;
+        if let Some(scans) = SCANS.as_ref() {
+            scans.with_label_values(&[cursor.access().name()]).inc();
+        }
+        let batches = futures::stream::unfold(Some(cursor), move |cursor| async move {
+            let mut cursor = cursor?;
+            // Each batch is work done inside a poll: give the worker back now and then.
+            tokio::task::consume_budget().await;
+            match unpanicked(collection, shard_no, || cursor.next_batch()) {
+                Ok(Some(batch)) => Some((Ok(batch), Some(cursor))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
             }
         });
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(batches.boxed())
     }
 
     async fn stats(&self, collection_id: u64, shards: Vec<u32>) -> Result<SchemaStats> {

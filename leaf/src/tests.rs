@@ -952,3 +952,93 @@ async fn text_views_hold_the_strings_a_plain_scan_returns() {
         assert!(answers[0].iter().all(|(id, _)| id != "d20"));
     }
 }
+
+/// A scan reads the blocks of the snapshot it opened, as its consumer asks for them: writes
+/// between the open and the reads (new documents, deletes, patches) are not seen, by any access
+/// path; a scan opened after them sees them.
+#[tokio::test]
+async fn a_scan_reads_the_snapshot_it_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = Leaf::open(&LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() }).unwrap();
+    let doc = |i: usize| {
+        upsert(json!({"_id": format!("d{i}"), "n": i, "kind": if i.is_multiple_of(10) { "rare" } else { "common" }}))
+    };
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops: (0..3000).map(doc).collect(), position: None })
+        .await
+        .unwrap();
+    let rows = |batches: Vec<RecordBatch>| {
+        let mut out: Vec<String> = batches
+            .iter()
+            .flat_map(|b| {
+                (0..b.num_rows()).map(move |r| {
+                    b.columns()
+                        .iter()
+                        .map(|c| arrow::util::display::array_value_to_string(c, r).unwrap())
+                        .collect::<Vec<_>>()
+                        .join("|")
+                })
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let cases = [
+        (AccessPath::ColumnScan, Filter::Cmp { path: "n".into(), op: CmpOp::GtEq, value: Scalar::Int(5) }),
+        (
+            AccessPath::SearchIndex,
+            Filter::Cmp { path: "kind".into(), op: CmpOp::Eq, value: Scalar::Str("rare".into()) },
+        ),
+        (
+            AccessPath::RowLookup,
+            Filter::In { path: "_id".into(), values: ["d5", "d1021", "d1022"].map(|s| Scalar::Str(s.into())).to_vec() },
+        ),
+    ];
+    for (round, (hint, filter)) in cases.into_iter().enumerate() {
+        leaf.shard((1, 0)).unwrap().refresh_index().unwrap();
+        let req = ScanRequest {
+            collection_id: 1,
+            shard: 0,
+            columns: vec![
+                ("_id".into(), ColumnType::Utf8),
+                ("n".into(), ColumnType::Int64),
+                ("kind".into(), ColumnType::Utf8),
+            ],
+            filters: vec![filter],
+            limit: None,
+            hint: Some(hint),
+            ordered_by: None,
+            text_views: false,
+        };
+        let read = |req: ScanRequest| {
+            let leaf = leaf.clone();
+            async move { rows(leaf.scan(req).await.unwrap().map(|b| b.unwrap()).collect().await) }
+        };
+        let before = read(req.clone()).await;
+        assert!(!before.is_empty(), "{hint:?}");
+        let opened = leaf.scan(req.clone()).await.unwrap();
+        // A patch of a document the scan finds, a delete of another, new documents (enough
+        // for a block of their own) that the filter would keep.
+        let patched = format!("d{}", 1001 + 10 * round);
+        let deleted = format!("d{}", 1002 + 10 * round);
+        let mut ops = vec![
+            WriteOp::Patch {
+                id: patched.clone(),
+                ops: vec![
+                    PatchOp { op: PatchKind::Replace, path: "/n".into(), value: Some(json!(-1)) },
+                    PatchOp { op: PatchKind::Replace, path: "/kind".into(), value: Some(json!("rare")) },
+                ],
+            },
+            WriteOp::Delete { id: deleted.clone() },
+        ];
+        ops.extend((0..2000).map(|i| doc(10_000 * (round + 1) + i * 10)));
+        leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+        leaf.shard((1, 0)).unwrap().refresh_index().unwrap();
+        let during = rows(opened.map(|b| b.unwrap()).collect().await);
+        assert_eq!(during, before, "{hint:?}: the scan saw writes made after it opened");
+        let after = read(req).await;
+        assert_ne!(after, before, "{hint:?}");
+        assert!(!after.iter().any(|r| r.starts_with(&format!("{deleted}|"))), "{hint:?}");
+        let patched_now = after.iter().any(|r| r.starts_with(&format!("{patched}|-1|rare")));
+        assert_eq!(patched_now, hint != AccessPath::ColumnScan, "{hint:?}: {patched} as patched");
+    }
+}
