@@ -1042,3 +1042,39 @@ async fn a_scan_reads_the_snapshot_it_opened() {
         assert_eq!(patched_now, hint != AccessPath::ColumnScan, "{hint:?}: {patched} as patched");
     }
 }
+
+/// A scan's blocks are read inside its consumer's polls, and the worker is given back between
+/// batches: a task woken meanwhile (the other partition of a join whose build side just
+/// finished) runs before the next batch, not after the whole scan.
+#[tokio::test(flavor = "current_thread")]
+async fn a_scan_gives_the_worker_back_between_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = Leaf::open(&LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() }).unwrap();
+    let total = 3 * crate::columns::BLOCK_ROWS;
+    let ops = (0..total).map(|i| upsert(json!({"_id": format!("d{i}"), "n": i}))).collect();
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+    let req = ScanRequest {
+        collection_id: 1,
+        shard: 0,
+        columns: vec![("n".into(), ColumnType::Int64)],
+        filters: vec![],
+        limit: None,
+        hint: None,
+        ordered_by: None,
+        text_views: false,
+    };
+    let mut batches = leaf.scan(req).await.unwrap();
+    let mut rows = batches.next().await.unwrap().unwrap().num_rows();
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn({
+        let ran = ran.clone();
+        async move { ran.store(true, std::sync::atomic::Ordering::SeqCst) }
+    });
+    assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+    rows += batches.next().await.unwrap().unwrap().num_rows();
+    assert!(ran.load(std::sync::atomic::Ordering::SeqCst), "a batch was read without giving the worker back");
+    while let Some(batch) = batches.next().await {
+        rows += batch.unwrap().num_rows();
+    }
+    assert_eq!(rows, total);
+}
