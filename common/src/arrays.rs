@@ -46,6 +46,43 @@ pub fn text_views(column: &ArrayRef) -> std::result::Result<ArrayRef, arrow::err
     Ok(Arc::new(array))
 }
 
+/// [`text_views`] of the rows `keep` holds true for (all rows without it): the views are made
+/// for those rows only, as `arrow::compute::filter` of the whole array's views would give them.
+pub fn text_views_of(
+    column: &ArrayRef,
+    keep: Option<&arrow::array::BooleanArray>,
+) -> std::result::Result<ArrayRef, arrow::error::ArrowError> {
+    use arrow::array::{Array, AsArray, StringViewArray, builder::make_view};
+    use arrow::buffer::NullBuffer;
+    let Some(keep) = keep else { return text_views(column) };
+    let strings = column.as_string::<i32>();
+    let values = strings.values();
+    if values.len() >= u32::MAX as usize || keep.len() != strings.len() {
+        return arrow::compute::filter(&text_views(column)?, keep);
+    }
+    let kept = match keep.nulls() {
+        Some(nulls) => keep.values() & nulls.inner(),
+        None => keep.values().clone(),
+    };
+    let count = kept.count_set_bits();
+    if count * 2 > kept.len() {
+        // Most rows kept: views of all (a pass over the offsets) and Arrow's filter are faster
+        // than finding each kept row (TPC-H q1 keeps 98%: 107 -> 122 ms the other way).
+        return arrow::compute::filter(&text_views(column)?, keep);
+    }
+    let (bytes, offsets) = (values.as_slice(), strings.offsets());
+    let mut views: Vec<u128> = Vec::with_capacity(count);
+    views.extend(kept.set_indices().map(|i| {
+        let (start, end) = (offsets[i] as usize, offsets[i + 1] as usize);
+        make_view(&bytes[start..end], 0, start as u32)
+    }));
+    let nulls = strings.nulls().map(|n| NullBuffer::from_iter(kept.set_indices().map(|i| n.is_valid(i))));
+    // SAFETY: as in `text_views`: each view is made by `make_view` from one whole string of a
+    // valid `StringArray` at its offset in buffer 0, that array's value buffer.
+    let array = unsafe { StringViewArray::new_unchecked(views.into(), vec![values.clone()], nulls) };
+    Ok(Arc::new(array))
+}
+
 /// Build one column of `ty` from the value at `path` in each document. Values that do not fit
 /// the type become null (the type rules make that rare: only for deleted versions).
 pub fn build_array<D: std::ops::Deref<Target = Doc>>(path: &str, ty: &ColumnType, docs: &[D]) -> Result<ArrayRef> {
@@ -160,6 +197,49 @@ fn build_list<'a>(inner: &ColumnType, values: impl Iterator<Item = Option<&'a Va
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Views made for the kept rows only are what filtering all the rows' views gives: short
+    /// (inlined) and long strings, nulls in the text and in the mask, none kept, all kept.
+    #[test]
+    fn views_of_kept_rows_are_the_filtered_views() {
+        use arrow::array::{Array, BooleanArray, StringArray, StringViewArray};
+        let text: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("a"),
+            None,
+            Some("a string longer than twelve bytes"),
+            Some(""),
+            Some("exactly12byt"),
+            None,
+            Some("thirteen byte"),
+            Some("z"),
+        ]));
+        let no_nulls: ArrayRef = Arc::new(StringArray::from(vec!["x", "yy", "a longer string of text", "w"]));
+        let masks = |n: usize| -> Vec<BooleanArray> {
+            vec![
+                BooleanArray::from(vec![true; n]),
+                BooleanArray::from(vec![false; n]),
+                BooleanArray::from((0..n).map(|i| i % 2 == 0).collect::<Vec<_>>()),
+                BooleanArray::from(
+                    (0..n).map(|i| if i % 3 == 0 { None } else { Some(i % 2 == 1) }).collect::<Vec<_>>(),
+                ),
+            ]
+        };
+        for column in [&text, &no_nulls] {
+            for keep in masks(column.len()) {
+                let want = arrow::compute::filter(&text_views(column).unwrap(), &keep).unwrap();
+                let got = text_views_of(column, Some(&keep)).unwrap();
+                let (want, got) = (
+                    want.as_any().downcast_ref::<StringViewArray>().unwrap(),
+                    got.as_any().downcast_ref::<StringViewArray>().unwrap(),
+                );
+                assert_eq!(got.len(), want.len());
+                assert_eq!(got.iter().collect::<Vec<_>>(), want.iter().collect::<Vec<_>>());
+                assert_eq!(got.null_count(), want.null_count());
+                got.to_data().validate_full().unwrap();
+            }
+            assert_eq!(&text_views_of(column, None).unwrap(), &text_views(column).unwrap());
+        }
+    }
 
     #[test]
     fn one_pass_builds_what_building_each_path_builds() {

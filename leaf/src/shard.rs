@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch};
-use arrow::compute::{and, filter_record_batch};
+use arrow::compute::and;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use basalt_common::api::{DocStatus, SCORE_COLUMN, ScanRequest, ShardWriteResult, SourcePosition, WriteOp};
 use basalt_common::doc::{Doc, DocLimits, Kind, apply_patch, apply_patch_partial, patched_fields};
@@ -1643,29 +1643,34 @@ fn project_filter(
             None => m,
         });
     }
+    // The rows kept, prepared once for every column.
+    let predicate = keep.as_ref().map(|keep| arrow::compute::FilterBuilder::new(keep).optimize().build());
+    let rows = predicate.as_ref().map_or(block.rows, |p| p.count());
     let arrays: Vec<ArrayRef> = schema
         .fields()
         .iter()
         .map(|f| {
-            if f.name() == SCORE_COLUMN {
+            let column = if f.name() == SCORE_COLUMN {
                 let slot = |i: usize| slots.as_ref().map_or(block.base_slot + i as u64, |s| s[i]);
                 let values: Float64Array =
                     (0..block.rows).map(|i| scores.get(&slot(i)).map(|v| f64::from(*v))).collect();
-                return Ok(Arc::new(values) as ArrayRef);
-            }
-            if f.data_type() == &DataType::Utf8View {
-                // Views of the block's strings: the filter below then moves 16-byte views.
-                return Ok(basalt_common::arrays::text_views(&block.column_as(f.name(), &DataType::Utf8)?)?);
-            }
-            block.column_as(f.name(), f.data_type())
+                Arc::new(values) as ArrayRef
+            } else if f.data_type() == &DataType::Utf8View {
+                // Views of the block's strings, made for the kept rows only (moving 16-byte
+                // views instead of copying strings).
+                let text = block.column_as(f.name(), &DataType::Utf8)?;
+                return Ok(basalt_common::arrays::text_views_of(&text, keep.as_ref())?);
+            } else {
+                block.column_as(f.name(), f.data_type())?
+            };
+            Ok(match &predicate {
+                Some(p) => p.filter(&column)?,
+                None => column,
+            })
         })
         .collect::<Result<_>>()?;
-    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(block.rows));
-    let batch = RecordBatch::try_new_with_options(schema.clone(), arrays, &options)?;
-    Ok(match keep {
-        Some(keep) => filter_record_batch(&batch, &keep)?,
-        None => batch,
-    })
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
+    Ok(RecordBatch::try_new_with_options(schema.clone(), arrays, &options)?)
 }
 
 #[cfg(test)]
