@@ -373,8 +373,9 @@ impl LeafScanExec {
                 EmissionType::Incremental,
                 Boundedness::Bounded,
             )
-            // Batches come from a leaf's scan (in process), which takes from the task budget per
-            // batch, or through tonic streams (remote), which do too: no CooperativeExec needed.
+            // Batches come from a leaf's scan (in process), which yields the worker between
+            // batches, or through tonic streams (remote), which take from the task budget: no
+            // CooperativeExec needed.
             .with_scheduling_type(SchedulingType::Cooperative),
         )
     }
