@@ -575,11 +575,18 @@ impl SearchIndex {
     /// How many indexed documents match all `filters` (each filter index-answerable). Counts
     /// postings only; versions replaced but not yet merged away count too.
     pub fn count(&self, filters: &[&Filter]) -> Result<u64> {
-        let clauses = filters.iter().map(|f| Ok((Occur::Must, self.query(f)?))).collect::<Result<Vec<_>>>()?;
-        let query = BooleanQuery::new(clauses);
+        // One filter is counted by its own query: a term's count is then its document frequency
+        // in each index segment without deletes, where a conjunction of one clause walks every
+        // posting (a filter half the documents match cost 2.4 ms of 4.5 in a query).
+        let query: Box<dyn Query> = match filters {
+            [one] => self.query(one)?,
+            _ => Box::new(BooleanQuery::new(
+                filters.iter().map(|f| Ok((Occur::Must, self.query(f)?))).collect::<Result<Vec<_>>>()?,
+            )),
+        };
         let mut total = 0u64;
         for searcher in self.searchers()? {
-            total += searcher.search(&query, &tantivy::collector::Count).map_err(tantivy_err)? as u64;
+            total += searcher.search(&*query, &tantivy::collector::Count).map_err(tantivy_err)? as u64;
         }
         Ok(total)
     }
@@ -1217,6 +1224,13 @@ mod tests {
             assert!(!expected.is_empty());
         }
         assert_eq!(slots(&idx, &ints(&sparse)).len(), 16 * 5);
+        // One term alone is counted by its document frequency in each index: the same count.
+        for value in [0, 1, 7] {
+            let term = Filter::Cmp { path: "m".into(), op: CmpOp::Eq, value: Scalar::Int(value) };
+            let found = idx.matching_slots(&[&term], false).unwrap().len() as u64;
+            assert_eq!(idx.count(&[&term]).unwrap(), found);
+            assert_eq!(found, if value < 4 { 1250 } else { 0 });
+        }
     }
 
     #[test]
