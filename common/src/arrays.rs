@@ -23,7 +23,7 @@ fn value_text(v: &Value) -> String {
 /// copied; arrow's own conversion goes through a builder and its null bookkeeping per row, 16%
 /// of TPC-H q1's CPU).
 pub fn text_views(column: &ArrayRef) -> std::result::Result<ArrayRef, arrow::error::ArrowError> {
-    use arrow::array::{Array, AsArray, StringViewArray, builder::make_view};
+    use arrow::array::{Array, AsArray, builder::make_view};
     use arrow::datatypes::DataType;
     let strings = column.as_string::<i32>();
     let values = strings.values();
@@ -39,11 +39,24 @@ pub fn text_views(column: &ArrayRef) -> std::result::Result<ArrayRef, arrow::err
             make_view(&bytes[start..end], 0, start as u32)
         })
         .collect();
-    // SAFETY: each view is made by `make_view` from one whole string of a valid `StringArray`
-    // (valid UTF-8, in bounds) at that string's offset in buffer 0, which is that array's value
-    // buffer; null rows keep the array's null buffer.
-    let array = unsafe { StringViewArray::new_unchecked(views.into(), vec![values.clone()], strings.nulls().cloned()) };
-    Ok(Arc::new(array))
+    Ok(views_of(strings, views, strings.nulls().cloned()))
+}
+
+/// A view array over `strings`' value buffer.
+///
+/// Every view must be made by `make_view` from one whole string of `strings` at that string's
+/// offset in buffer 0 (what `text_views` and `text_views_of` do), and `nulls` must have one
+/// entry per view.
+fn views_of(
+    strings: &arrow::array::StringArray,
+    views: Vec<u128>,
+    nulls: Option<arrow::buffer::NullBuffer>,
+) -> ArrayRef {
+    // SAFETY: per the contract above, each view holds one whole string of a valid `StringArray`
+    // (valid UTF-8, in bounds of buffer 0, which is that array's value buffer).
+    let array =
+        unsafe { arrow::array::StringViewArray::new_unchecked(views.into(), vec![strings.values().clone()], nulls) };
+    Arc::new(array)
 }
 
 /// [`text_views`] of the rows `keep` holds true for (all rows without it): the views are made
@@ -52,7 +65,7 @@ pub fn text_views_of(
     column: &ArrayRef,
     keep: Option<&arrow::array::BooleanArray>,
 ) -> std::result::Result<ArrayRef, arrow::error::ArrowError> {
-    use arrow::array::{Array, AsArray, StringViewArray, builder::make_view};
+    use arrow::array::{Array, AsArray, builder::make_view};
     use arrow::buffer::NullBuffer;
     let Some(keep) = keep else { return text_views(column) };
     let strings = column.as_string::<i32>();
@@ -77,10 +90,7 @@ pub fn text_views_of(
         make_view(&bytes[start..end], 0, start as u32)
     }));
     let nulls = strings.nulls().map(|n| NullBuffer::from_iter(kept.set_indices().map(|i| n.is_valid(i))));
-    // SAFETY: as in `text_views`: each view is made by `make_view` from one whole string of a
-    // valid `StringArray` at its offset in buffer 0, that array's value buffer.
-    let array = unsafe { StringViewArray::new_unchecked(views.into(), vec![values.clone()], nulls) };
-    Ok(Arc::new(array))
+    Ok(views_of(strings, views, nulls))
 }
 
 /// Build one column of `ty` from the value at `path` in each document. Values that do not fit

@@ -1062,10 +1062,8 @@ impl Shard {
         self.prebuild_tail()?;
         let snapshot = self.columns.write().snapshot()?;
         let access = self.access_path(&req, &snapshot.stats);
-        let Some(path) = req.ordered_by.clone() else {
-            let limit = req.limit;
-            return self.cursor(req, snapshot, access, limit);
-        };
+        let limit = req.limit;
+        let Some(path) = req.ordered_by.clone() else { return self.cursor(req, snapshot, access, limit) };
         // Blocks and the rows the index finds come in slot order: in the promised order when
         // the column ascends down the blocks (it did when the query was planned; writes since
         // may have broken it). Row-store lookups come in the order of their ids.
@@ -1073,12 +1071,10 @@ impl Shard {
         let in_order = access != AccessPath::RowLookup
             && ty.is_some_and(|ty| ascending_across(&snapshot.blocks, &snapshot.overlays, &path, &ty));
         if in_order {
-            let limit = req.limit;
             return self.cursor(req, snapshot, access, limit);
         }
         // Otherwise every row the filters keep is sorted here, then limited.
         let (mut batches, mut bytes) = (Vec::new(), 0usize);
-        let limit = req.limit;
         let mut all = self.cursor(req, snapshot, access, None)?;
         while let Some(batch) = all.next_batch()? {
             bytes += batch.get_array_memory_size();
@@ -1126,7 +1122,7 @@ impl Shard {
                     }
                 }
                 let work =
-                    if docs.is_empty() { vec![] } else { vec![Work::Current(Arc::new(Block::build(0, &docs)?))] };
+                    if docs.is_empty() { vec![] } else { vec![Work::Current(Box::new(Block::build(0, &docs)?))] };
                 (work, every)
             }
             AccessPath::SearchIndex => {
@@ -1182,7 +1178,6 @@ impl Shard {
         };
         Ok(ScanCursor {
             access,
-            schema: schema.clone(),
             checked,
             paths,
             scores,
@@ -1190,7 +1185,6 @@ impl Shard {
             work: work.into_iter(),
             remaining: limit.unwrap_or(usize::MAX),
             batcher: Batcher::new(schema),
-            done: false,
             snapshot: Some(snapshot),
             req,
         })
@@ -1351,7 +1345,7 @@ enum Work {
     /// A stored block of the snapshot: all its rows, or these.
     Stored(Arc<Block>, Option<Vec<u32>>),
     /// Documents read from the row store: current by definition, so no deletion check.
-    Current(Arc<Block>),
+    Current(Box<Block>),
 }
 
 /// An open scan ([`Shard::open_scan`]): each [`ScanCursor::next_batch`] filters and projects
@@ -1363,9 +1357,8 @@ pub struct ScanCursor {
     /// The request, owned: the filters' `IN` lists are prepared by address (`sets`).
     req: ScanRequest,
     access: AccessPath,
-    /// Dropped when the scan ends.
+    /// Let go when the scan ends (`None`: nothing more to read).
     snapshot: Option<Snapshot>,
-    schema: SchemaRef,
     /// The filters checked on each block's rows, by position in `req.filters`.
     checked: Vec<usize>,
     /// The columns read (the output's and the filters'): the ones a patch overlay must cover.
@@ -1374,21 +1367,20 @@ pub struct ScanCursor {
     sets: InSets,
     work: std::vec::IntoIter<Work>,
     remaining: usize,
+    /// Its schema is the scan's output schema.
     batcher: Batcher,
-    done: bool,
 }
 
 impl ScanCursor {
     /// A cursor with nothing to read: these batches, then the end.
     fn finished(req: ScanRequest, access: AccessPath, batches: Vec<RecordBatch>) -> Self {
         let schema: SchemaRef = batches.first().map(|b| b.schema()).unwrap_or_else(|| Arc::new(Schema::empty()));
-        let mut batcher = Batcher::new(schema.clone());
+        let mut batcher = Batcher::new(schema);
         batcher.ready.extend(batches);
         ScanCursor {
             req,
             access,
             snapshot: None,
-            schema,
             checked: vec![],
             paths: vec![],
             scores: HashMap::new(),
@@ -1396,7 +1388,6 @@ impl ScanCursor {
             work: Vec::new().into_iter(),
             remaining: 0,
             batcher,
-            done: true,
         }
     }
 
@@ -1411,15 +1402,15 @@ impl ScanCursor {
             if let Some(batch) = self.batcher.ready.pop_front() {
                 return Ok(Some(batch));
             }
-            if self.done {
-                self.snapshot = None;
+            if self.snapshot.is_none() {
                 return Ok(None);
             }
             match self.work.next() {
                 Some(work) if self.remaining > 0 => self.read(work)?,
+                // The end: what is pending goes out, and the snapshot is let go.
                 _ => {
                     self.batcher.flush()?;
-                    self.done = true;
+                    self.snapshot = None;
                 }
             }
         }
@@ -1447,14 +1438,14 @@ impl ScanCursor {
                     block,
                     rows,
                     &filters,
-                    &self.schema,
+                    &self.batcher.schema,
                     Some(&snapshot.deletions),
                     &self.scores,
                     &self.sets,
                 )?
             }
             Work::Current(block) => {
-                project_filter(&block, None, &filters, &self.schema, None, &self.scores, &self.sets)?
+                project_filter(&block, None, &filters, &self.batcher.schema, None, &self.scores, &self.sets)?
             }
         };
         if batch.num_rows() == 0 {
