@@ -89,6 +89,79 @@ impl TextDictionary {
     }
 }
 
+/// An integer, timestamp or date column of one block as unsigned offsets from its smallest
+/// value, in the fewest bytes that hold its range (SSB's `lo_discount` in one byte, a year of
+/// `lo_orderdate` keys in two). Filters compare these instead of the stored 8-byte values: a
+/// comparison reads an eighth of the memory and tests 32 rows per AVX2 instruction instead of
+/// four. Offsets of null rows mean nothing (the column's null buffer says which rows are null).
+#[derive(Debug)]
+pub struct Offsets {
+    /// The column's smallest non-null value; a row's value is `base + offset`.
+    pub base: i64,
+    pub values: OffsetValues,
+}
+
+/// A column's path and whether its text is read as dates.
+type OffsetsKey = (String, bool);
+
+#[derive(Debug)]
+pub enum OffsetValues {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+}
+
+impl Offsets {
+    /// Offsets for `values` (nulls ignored for the range), or None when the range needs as many
+    /// bytes as the values take already or the column has no non-null value.
+    fn build(column: &dyn Array) -> Option<Offsets> {
+        use arrow::datatypes::{Date32Type, Int64Type, TimestampMicrosecondType};
+        let (values, width): (Vec<i64>, usize) = match column.data_type() {
+            DataType::Int64 => (column.as_primitive_opt::<Int64Type>()?.values().to_vec(), 8),
+            DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, _) => {
+                (column.as_primitive_opt::<TimestampMicrosecondType>()?.values().to_vec(), 8)
+            }
+            DataType::Date32 => {
+                (column.as_primitive_opt::<Date32Type>()?.values().iter().map(|d| i64::from(*d)).collect(), 4)
+            }
+            _ => return None,
+        };
+        let valid = |i: usize| column.is_valid(i);
+        let mut range: Option<(i64, i64)> = None;
+        for (i, v) in values.iter().enumerate() {
+            if valid(i) {
+                range = Some(range.map_or((*v, *v), |(lo, hi)| (lo.min(*v), hi.max(*v))));
+            }
+        }
+        let (base, max) = range?;
+        let span = i128::from(max) - i128::from(base);
+        // Wrapping: a null row's stored value may lie outside the range; its offset is unused.
+        let offset = |v: &i64| v.wrapping_sub(base) as u64;
+        let values = if span <= i128::from(u8::MAX) {
+            OffsetValues::U8(values.iter().map(|v| offset(v) as u8).collect())
+        } else if span <= i128::from(u16::MAX) {
+            OffsetValues::U16(values.iter().map(|v| offset(v) as u16).collect())
+        } else if span <= i128::from(u32::MAX) && width > 4 {
+            OffsetValues::U32(values.iter().map(|v| offset(v) as u32).collect())
+        } else {
+            return None;
+        };
+        Some(Offsets { base, values })
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.values {
+            OffsetValues::U8(v) => v.len(),
+            OffsetValues::U16(v) => v.len(),
+            OffsetValues::U32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Minimum and maximum of one column in one block (non-null values only).
 #[derive(Debug, Clone, PartialEq)]
 pub struct MinMax {
@@ -108,10 +181,15 @@ pub struct Block {
     /// Text columns with few distinct values as codes into their distinct values (see
     /// [`Block::text_dictionary`]); `None` for a column with too many.
     dictionaries: parking_lot::Mutex<HashMap<String, Option<Arc<TextDictionary>>>>,
+    /// Integer, timestamp and date columns as narrow offsets (see [`Block::offsets`]).
+    offsets: parking_lot::Mutex<HashMap<OffsetsKey, Option<Arc<Offsets>>>>,
     /// Per column checked, whether it is never null and never decreases down the block.
     ascending: parking_lot::Mutex<HashMap<String, bool>>,
     /// Whether the columns point into a mapped segment file rather than the heap.
     mapped: bool,
+    /// A block made for one scan (some rows of a stored block, its patched view, the tail):
+    /// it builds no offsets, which would cost more than the one pass they would serve.
+    transient: bool,
 }
 
 impl Block {
@@ -128,9 +206,17 @@ impl Block {
             min_max,
             dates: Default::default(),
             dictionaries: Default::default(),
+            offsets: Default::default(),
             ascending: Default::default(),
             mapped: false,
+            transient: false,
         }
+    }
+
+    /// This block marked as made for one scan (see [`Block::offsets`]).
+    pub fn transient(mut self) -> Block {
+        self.transient = true;
+        self
     }
 
     /// The text column at `path` as codes into its distinct values, built the first time a
@@ -152,6 +238,24 @@ impl Block {
             .and_then(|a| TextDictionary::build(a, (self.rows / 2).min(TextDictionary::MAX_VALUES)))
             .map(Arc::new);
         self.dictionaries.lock().insert(path.to_string(), built.clone());
+        built
+    }
+
+    /// The integer or timestamp column stored at `path` (with `as_date`: its text parsed as
+    /// dates, see [`Block::column_as_date`]) as offsets from its smallest value, built the first
+    /// time a filter compares it and kept (blocks never change). `None` when the block holds no
+    /// such column, its range needs as many bytes as its values, or the block is transient.
+    pub fn offsets(&self, path: &str, as_date: bool) -> Option<Arc<Offsets>> {
+        if self.transient {
+            return None;
+        }
+        let key = (path.to_string(), as_date);
+        if let Some(o) = self.offsets.lock().get(&key) {
+            return o.clone();
+        }
+        let column = if as_date { self.column_as_date(path).ok() } else { self.columns.get(path).cloned() };
+        let built = column.and_then(|c| Offsets::build(c.as_ref())).map(Arc::new);
+        self.offsets.lock().insert(key, built.clone());
         built
     }
 
@@ -223,7 +327,7 @@ impl Block {
             .filter_map(|p| self.columns.get_key_value(*p))
             .map(|(path, array)| Ok((path.clone(), arrow::compute::take(array.as_ref(), &indices, None)?)))
             .collect::<Result<HashMap<_, _>>>()?;
-        Ok(Block::new(self.base_slot, rows.len(), columns, HashMap::new()))
+        Ok(Block::new(self.base_slot, rows.len(), columns, HashMap::new()).transient())
     }
 }
 
@@ -657,7 +761,7 @@ impl Block {
             let merged = arrow::compute::interleave(&[base.as_ref(), new.as_ref()], &indices)?;
             columns.insert(path.to_string(), merged);
         }
-        Ok(Some(Block::new(self.base_slot, self.rows, columns, HashMap::new())))
+        Ok(Some(Block::new(self.base_slot, self.rows, columns, HashMap::new()).transient()))
     }
 }
 

@@ -485,13 +485,24 @@ fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<boo
         _ => return Ok(false),
     };
     check_rows(column.len(), block)?;
-    match value {
-        Scalar::Int(r) => crate::kernels::and_compare(acc, column.as_primitive::<Int64Type>().values(), *op, *r),
-        Scalar::Timestamp(r) => {
+    let offsets = match value {
+        Scalar::Int(_) | Scalar::Timestamp(_) => block.offsets(path, false),
+        Scalar::Date(_) => block.offsets(path, true),
+        _ => None,
+    };
+    match (value, offsets) {
+        (Scalar::Int(r) | Scalar::Timestamp(r), Some(o)) if o.len() == column.len() => {
+            crate::kernels::and_compare_offsets(acc, &o, *op, *r)
+        }
+        (Scalar::Date(r), Some(o)) if o.len() == column.len() => {
+            crate::kernels::and_compare_offsets(acc, &o, *op, i64::from(*r))
+        }
+        (Scalar::Int(r), _) => crate::kernels::and_compare(acc, column.as_primitive::<Int64Type>().values(), *op, *r),
+        (Scalar::Timestamp(r), _) => {
             crate::kernels::and_compare(acc, column.as_primitive::<TimestampMicrosecondType>().values(), *op, *r)
         }
-        Scalar::Date(r) => crate::kernels::and_compare(acc, column.as_primitive::<Date32Type>().values(), *op, *r),
-        Scalar::Float(r) => crate::kernels::and_compare_floats(
+        (Scalar::Date(r), _) => crate::kernels::and_compare(acc, column.as_primitive::<Date32Type>().values(), *op, *r),
+        (Scalar::Float(r), _) => crate::kernels::and_compare_floats(
             acc,
             column.as_primitive::<arrow::datatypes::Float64Type>().values(),
             *op,
@@ -510,6 +521,8 @@ struct MemberList {
     key: ListKey,
     prepared: Arc<Prepared>,
     column: ArrayRef,
+    /// The column as narrow offsets (see [`Block::offsets`]), looked up instead of `column`.
+    offsets: Option<Arc<crate::columns::Offsets>>,
     /// The estimated share of the block's rows it keeps (see [`IntSet::share_of`]).
     share: f64,
 }
@@ -533,22 +546,39 @@ fn member_list(filter: &Filter, block: &Block, sets: &InSets) -> Result<Option<M
     };
     let Some(column) = prepared.column(path, block)? else { return Ok(None) };
     check_rows(column.len(), block)?;
-    Ok(Some(MemberList { key: list_key(values), prepared, column, share }))
+    // Offsets of the very column the list compares with: the stored one when its type is the
+    // list's (not a cast), or the text parsed as dates.
+    let stored = block.columns.get(path).map(|c| c.data_type().clone());
+    let offsets = match prepared.as_ref() {
+        Prepared::Ints(_) | Prepared::Timestamps(_) if stored.as_ref() == Some(column.data_type()) => {
+            block.offsets(path, false)
+        }
+        Prepared::Dates(_) => block.offsets(path, true),
+        _ => None,
+    }
+    .filter(|o| o.len() == column.len());
+    Ok(Some(MemberList { key: list_key(values), prepared, column, offsets, share }))
 }
 
 impl MemberList {
     fn and_into(&self, acc: &mut [u64]) -> Result<()> {
         use arrow::datatypes::{Date32Type, Int64Type, TimestampMicrosecondType};
         let column = &self.column;
-        match self.prepared.as_ref() {
-            Prepared::Ints(set) => and_members(acc, column.as_primitive::<Int64Type>().values(), |v| set.contains(v)),
-            Prepared::Timestamps(set) => {
+        match (self.prepared.as_ref(), self.offsets.as_deref()) {
+            (Prepared::Ints(set) | Prepared::Timestamps(set), Some(o)) => {
+                and_member_offsets(acc, o, |v| set.contains(v))
+            }
+            (Prepared::Dates(set), Some(o)) => and_member_offsets(acc, o, |v| set.contains(v)),
+            (Prepared::Ints(set), None) => {
+                and_members(acc, column.as_primitive::<Int64Type>().values(), |v| set.contains(v))
+            }
+            (Prepared::Timestamps(set), None) => {
                 and_members(acc, column.as_primitive::<TimestampMicrosecondType>().values(), |v| set.contains(v))
             }
-            Prepared::Dates(set) => {
+            (Prepared::Dates(set), None) => {
                 and_members(acc, column.as_primitive::<Date32Type>().values(), |v| set.contains(i64::from(v)))
             }
-            Prepared::Strs(..) | Prepared::ValueByValue => {
+            (Prepared::Strs(..) | Prepared::ValueByValue, _) => {
                 return Err(basalt_common::BasaltError::internal("a member list of text or mixed values"));
             }
         }
@@ -563,6 +593,17 @@ impl MemberList {
 /// `acc[w] &= (contains(values[64w + j]) for j in 0..64)`, looking values up only for the rows
 /// still selected: a word no row of which is left is skipped, a partly selected one visits its
 /// set bits. Bits past the values' end are cleared.
+/// [`and_members`] over a column's offsets: a row's value is the base plus its offset.
+fn and_member_offsets(acc: &mut [u64], offsets: &crate::columns::Offsets, contains: impl Fn(i64) -> bool) {
+    use crate::columns::OffsetValues;
+    let base = offsets.base;
+    match &offsets.values {
+        OffsetValues::U8(v) => and_members(acc, v, |o| contains(base.wrapping_add(i64::from(o)))),
+        OffsetValues::U16(v) => and_members(acc, v, |o| contains(base.wrapping_add(i64::from(o)))),
+        OffsetValues::U32(v) => and_members(acc, v, |o| contains(base.wrapping_add(i64::from(o)))),
+    }
+}
+
 fn and_members<T: Copy>(acc: &mut [u64], values: &[T], contains: impl Fn(T) -> bool) {
     for (w, word) in acc.iter_mut().enumerate() {
         if *word == 0 {
@@ -925,6 +966,12 @@ mod tests {
                 if i % 13 != 5 {
                     v["x"] = json!([-0.0, 0.0, 0.05, 0.07, -2.5, 1e300, 0.06][(i % 7) as usize]);
                 }
+                // Ranges that fit two and four bytes of offsets, and one that fits none.
+                if i % 17 != 4 {
+                    v["h"] = json!(-30_000 + (i * 7_919) % 60_001);
+                    v["w"] = json!(1_000_000 + i * 9_999_991);
+                    v["big"] = json!((i - 150) << 40);
+                }
                 Arc::new(v.as_object().unwrap().clone())
             })
             .collect();
@@ -950,6 +997,22 @@ mod tests {
             vec![cmp("f", CmpOp::Gt, Scalar::Float(1.5))],
             vec![Filter::Not(Box::new(cmp("q", CmpOp::Lt, Scalar::Int(25)))), cmp("d", CmpOp::GtEq, day("1995-03-01"))],
             vec![],
+            // Offsets of one, two and four bytes, and a column kept at eight: constants below,
+            // inside and above each column's range.
+            vec![cmp("q", CmpOp::GtEq, Scalar::Int(-5))],
+            vec![cmp("q", CmpOp::Lt, Scalar::Int(-5))],
+            vec![cmp("q", CmpOp::NotEq, Scalar::Int(1_000))],
+            vec![cmp("q", CmpOp::LtEq, Scalar::Int(1_000))],
+            vec![cmp("q", CmpOp::Eq, Scalar::Int(i64::MIN))],
+            vec![cmp("q", CmpOp::Gt, Scalar::Int(i64::MAX))],
+            vec![cmp("h", CmpOp::Gt, Scalar::Int(-1)), cmp("h", CmpOp::LtEq, Scalar::Int(20_000))],
+            vec![cmp("h", CmpOp::Eq, Scalar::Int(-30_000 + 7_919))],
+            vec![cmp("h", CmpOp::Lt, Scalar::Int(-40_000))],
+            vec![cmp("w", CmpOp::GtEq, Scalar::Int(1_500_000_000)), cmp("q", CmpOp::Lt, Scalar::Int(40))],
+            vec![cmp("w", CmpOp::Gt, Scalar::Int(5_000_000_000))],
+            vec![cmp("big", CmpOp::Lt, Scalar::Int(0)), cmp("d", CmpOp::Gt, day("1994-01-01"))],
+            vec![cmp("d", CmpOp::Lt, day("1990-01-01"))],
+            vec![cmp("d", CmpOp::NotEq, day("2030-01-01"))],
         ];
         // Integer and date `IN` lists (prepared sets), alone, after comparisons and together.
         let ints = |path: &str, values: Vec<i64>| Filter::In {
@@ -977,7 +1040,30 @@ mod tests {
             ],
             vec![ints("missing", (0..10).collect())],
             vec![ints("q", (100..110).collect())],
+            vec![ints("h", (0..300).map(|i| -30_000 + (i * 7_919) % 60_001).step_by(4).collect())],
+            vec![
+                ints("w", (0..300).map(|i| 1_000_000 + i * 9_999_991).step_by(3).collect()),
+                ints("q", (0..30).collect()),
+            ],
+            vec![ints("big", (0..300).map(|i| (i - 150) << 40).step_by(5).collect())],
         ]);
+        // The columns compared through offsets of the widths their ranges need.
+        use crate::columns::OffsetValues;
+        let width = |path: &str, as_date: bool| {
+            b.offsets(path, as_date).map_or(0, |o| {
+                assert_eq!(o.len(), 300);
+                match o.values {
+                    OffsetValues::U8(_) => 1,
+                    OffsetValues::U16(_) => 2,
+                    OffsetValues::U32(_) => 4,
+                }
+            })
+        };
+        assert_eq!(
+            [width("q", false), width("d", true), width("h", false), width("w", false), width("big", false)],
+            [1, 1, 2, 4, 0]
+        );
+        assert_eq!(width("t", false), 0, "text has no offsets");
         for filters in cases {
             let refs: Vec<&Filter> = filters.iter().collect();
             let sets = InSets::default();

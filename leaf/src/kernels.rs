@@ -40,6 +40,40 @@ fn and_compare_any<T: Copy + Ord>(acc: &mut [u64], values: &[T], op: CmpOp, r: T
     }
 }
 
+/// [`and_compare`] over a column stored as offsets from a base (see
+/// [`crate::columns::Offsets`]): `base + offset op r` is `offset op (r - base)`, and a constant
+/// outside the offsets' range decides every row at once.
+pub fn and_compare_offsets(acc: &mut [u64], offsets: &crate::columns::Offsets, op: CmpOp, r: i64) {
+    use crate::columns::OffsetValues;
+    let d = i128::from(r) - i128::from(offsets.base);
+    let max = match &offsets.values {
+        OffsetValues::U8(_) => i128::from(u8::MAX),
+        OffsetValues::U16(_) => i128::from(u16::MAX),
+        OffsetValues::U32(_) => i128::from(u32::MAX),
+    };
+    // Every offset lies in 0..=max: beyond either end the answer is the same for all rows.
+    let all = if d < 0 {
+        Some(op.holds(std::cmp::Ordering::Greater))
+    } else if d > max {
+        Some(op.holds(std::cmp::Ordering::Less))
+    } else {
+        None
+    };
+    match all {
+        Some(true) => {}
+        Some(false) => {
+            let words = offsets.len().div_ceil(64).min(acc.len());
+            acc[..words].fill(0);
+        }
+        // In range: `d` fits the offsets' type (checked against `max` just above).
+        None => match &offsets.values {
+            OffsetValues::U8(v) => and_compare(acc, v, op, d as u8),
+            OffsetValues::U16(v) => and_compare(acc, v, op, d as u16),
+            OffsetValues::U32(v) => and_compare(acc, v, op, d as u32),
+        },
+    }
+}
+
 /// [`and_compare`] for floats in IEEE total order (as Arrow's comparison kernels order them:
 /// -0.0 before 0.0, NaN after infinity): each value compared through its total-order key.
 pub fn and_compare_floats(acc: &mut [u64], values: &[f64], op: CmpOp, r: f64) {

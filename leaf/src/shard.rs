@@ -1121,8 +1121,11 @@ impl Shard {
                         docs.push(Arc::new(doc));
                     }
                 }
-                let work =
-                    if docs.is_empty() { vec![] } else { vec![Work::Current(Box::new(Block::build(0, &docs)?))] };
+                let work = if docs.is_empty() {
+                    vec![]
+                } else {
+                    vec![Work::Current(Box::new(Block::build(0, &docs)?.transient()))]
+                };
                 (work, every)
             }
             AccessPath::SearchIndex => {
