@@ -497,9 +497,11 @@ fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<boo
         (Scalar::Date(r), Some(o)) if o.len() == column.len() => {
             crate::kernels::and_compare_offsets(acc, &o, *op, i64::from(*r))
         }
-        (Scalar::Int(r), _) => crate::kernels::and_compare(acc, column.as_primitive::<Int64Type>().values(), *op, *r),
+        (Scalar::Int(r), _) => {
+            crate::kernels::and_compare_lanes(acc, column.as_primitive::<Int64Type>().values(), *op, *r)
+        }
         (Scalar::Timestamp(r), _) => {
-            crate::kernels::and_compare(acc, column.as_primitive::<TimestampMicrosecondType>().values(), *op, *r)
+            crate::kernels::and_compare_lanes(acc, column.as_primitive::<TimestampMicrosecondType>().values(), *op, *r)
         }
         (Scalar::Date(r), _) => crate::kernels::and_compare(acc, column.as_primitive::<Date32Type>().values(), *op, *r),
         (Scalar::Float(r), _) => crate::kernels::and_compare_floats(

@@ -67,10 +67,176 @@ pub fn and_compare_offsets(acc: &mut [u64], offsets: &crate::columns::Offsets, o
         }
         // In range: `d` fits the offsets' type (checked against `max` just above).
         None => match &offsets.values {
-            OffsetValues::U8(v) => and_compare(acc, v, op, d as u8),
-            OffsetValues::U16(v) => and_compare(acc, v, op, d as u16),
-            OffsetValues::U32(v) => and_compare(acc, v, op, d as u32),
+            OffsetValues::U8(v) => and_compare_lanes(acc, v, op, d as u8),
+            OffsetValues::U16(v) => and_compare_lanes(acc, v, op, d as u16),
+            OffsetValues::U32(v) => and_compare_lanes(acc, v, op, d as u32),
         },
+    }
+}
+
+/// Lanes values of 1, 2 or 4 bytes and 8-byte integers: [`and_compare`], with AVX2 comparing
+/// 32, 16, 8 or 4 of them per instruction and `movemask` packing the answers to bits (the
+/// portable loop's byte-per-row packing cost more than the comparisons: 64-bit multiplies AVX2
+/// does not have). SSB q1.1's filter over 819,200 rows of one-byte offsets: 521 -> 177 us.
+pub trait Lanes: Copy + Ord + 'static {
+    /// The bits of the 64 rows at `values[0..64]`.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and `values` holds at least 64 values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn word_avx2(values: &[Self], op: CmpOp, r: Self) -> u64;
+}
+
+impl Lanes for u8 {
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn word_avx2(values: &[u8], op: CmpOp, r: u8) -> u64 {
+        // SAFETY: forwarded from the caller (AVX2 present, 64 values).
+        unsafe { simd::word_u8(values.as_ptr(), op, r) }
+    }
+}
+
+impl Lanes for u16 {
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn word_avx2(values: &[u16], op: CmpOp, r: u16) -> u64 {
+        // SAFETY: forwarded from the caller (AVX2 present, 64 values).
+        unsafe { simd::word_u16(values.as_ptr(), op, r) }
+    }
+}
+
+impl Lanes for u32 {
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn word_avx2(values: &[u32], op: CmpOp, r: u32) -> u64 {
+        // SAFETY: forwarded from the caller (AVX2 present, 64 values).
+        unsafe { simd::word_u32(values.as_ptr(), op, r) }
+    }
+}
+
+impl Lanes for i64 {
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn word_avx2(values: &[i64], op: CmpOp, r: i64) -> u64 {
+        // SAFETY: forwarded from the caller (AVX2 present, 64 values).
+        unsafe { simd::word_i64(values.as_ptr(), op, r) }
+    }
+}
+
+/// [`and_compare`] for the types of [`Lanes`].
+pub fn and_compare_lanes<T: Lanes>(acc: &mut [u64], values: &[T], op: CmpOp, r: T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let mut chunks = values.chunks_exact(64);
+            for (word, chunk) in acc.iter_mut().zip(&mut chunks) {
+                if *word != 0 {
+                    // SAFETY: AVX2 is present (checked above) and the chunk holds 64 values.
+                    *word &= unsafe { T::word_avx2(chunk, op, r) };
+                }
+            }
+            let done = values.len() - chunks.remainder().len();
+            if let Some(rest) = acc.get_mut(done / 64..) {
+                and_compare_any(rest, chunks.remainder(), op, r);
+            }
+            return;
+        }
+    }
+    and_compare_any(acc, values, op, r);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use basalt_common::filter::CmpOp;
+    use std::arch::x86_64::*;
+
+    /// The answer bits of a vector's lanes compared with `r` (all lanes biased to signed
+    /// order), from `eq` (lanes equal) and `gt(a, b)` (lanes of a greater): `<` is `r > v`,
+    /// `>=` its complement, and so on.
+    macro_rules! answer {
+        ($op:expr, $v:expr, $r:expr, $eq:ident, $gt:ident, $bits:expr) => {{
+            let (v, r) = ($v, $r);
+            match $op {
+                CmpOp::Eq => $bits($eq(v, r)),
+                CmpOp::NotEq => !$bits($eq(v, r)),
+                CmpOp::Lt => $bits($gt(r, v)),
+                CmpOp::GtEq => !$bits($gt(r, v)),
+                CmpOp::Gt => $bits($gt(v, r)),
+                CmpOp::LtEq => !$bits($gt(v, r)),
+            }
+        }};
+    }
+
+    /// 64 one-byte values at `p` compared with `r`: two vectors of 32.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn word_u8(p: *const u8, op: CmpOp, r: u8) -> u64 {
+        let bias = _mm256_set1_epi8(i8::MIN);
+        let rv = _mm256_xor_si256(_mm256_set1_epi8(r as i8), bias);
+        let bits = |m: __m256i| _mm256_movemask_epi8(m) as u32;
+        let mut word = 0u64;
+        for half in 0..2 {
+            // SAFETY: the caller passes 64 readable values; this reads 32 at 0 or 32.
+            let v = _mm256_xor_si256(unsafe { _mm256_loadu_si256(p.add(32 * half).cast()) }, bias);
+            let b: u32 = answer!(op, v, rv, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8, bits);
+            word |= u64::from(b) << (32 * half);
+        }
+        word
+    }
+
+    /// 64 two-byte values at `p` compared with `r`: pairs of 16-lane answers packed to bytes
+    /// (`packs` interleaves the halves of its two inputs; the permute puts rows back in order).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn word_u16(p: *const u16, op: CmpOp, r: u16) -> u64 {
+        let bias = _mm256_set1_epi16(i16::MIN);
+        let rv = _mm256_xor_si256(_mm256_set1_epi16(r as i16), bias);
+        let mut word = 0u64;
+        for quarter in 0..2 {
+            // SAFETY: the caller passes 64 readable values; this reads 32 at 0 or 32.
+            let (a, b) = unsafe {
+                (_mm256_loadu_si256(p.add(32 * quarter).cast()), _mm256_loadu_si256(p.add(32 * quarter + 16).cast()))
+            };
+            let (a, b) = (_mm256_xor_si256(a, bias), _mm256_xor_si256(b, bias));
+            // Lanes all ones where the comparison holds (the complement taken after packing).
+            let (ma, mb, negate) = match op {
+                CmpOp::Eq => (_mm256_cmpeq_epi16(a, rv), _mm256_cmpeq_epi16(b, rv), false),
+                CmpOp::NotEq => (_mm256_cmpeq_epi16(a, rv), _mm256_cmpeq_epi16(b, rv), true),
+                CmpOp::Lt => (_mm256_cmpgt_epi16(rv, a), _mm256_cmpgt_epi16(rv, b), false),
+                CmpOp::GtEq => (_mm256_cmpgt_epi16(rv, a), _mm256_cmpgt_epi16(rv, b), true),
+                CmpOp::Gt => (_mm256_cmpgt_epi16(a, rv), _mm256_cmpgt_epi16(b, rv), false),
+                CmpOp::LtEq => (_mm256_cmpgt_epi16(a, rv), _mm256_cmpgt_epi16(b, rv), true),
+            };
+            let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi16(ma, mb));
+            let bits = _mm256_movemask_epi8(packed) as u32;
+            word |= u64::from(if negate { !bits } else { bits }) << (32 * quarter);
+        }
+        word
+    }
+
+    /// 64 eight-byte signed values at `p` compared with `r`: sixteen vectors of 4.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn word_i64(p: *const i64, op: CmpOp, r: i64) -> u64 {
+        let rv = _mm256_set1_epi64x(r);
+        let bits = |m: __m256i| (_mm256_movemask_pd(_mm256_castsi256_pd(m)) as u8) & 0xF;
+        let mut word = 0u64;
+        for sixteenth in 0..16 {
+            // SAFETY: the caller passes 64 readable values; this reads 4 at 4 * sixteenth.
+            let v = unsafe { _mm256_loadu_si256(p.add(4 * sixteenth).cast()) };
+            let b: u8 = answer!(op, v, rv, _mm256_cmpeq_epi64, _mm256_cmpgt_epi64, bits);
+            word |= u64::from(b & 0xF) << (4 * sixteenth);
+        }
+        word
+    }
+
+    /// 64 four-byte values at `p` compared with `r`: eight vectors of 8.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn word_u32(p: *const u32, op: CmpOp, r: u32) -> u64 {
+        let bias = _mm256_set1_epi32(i32::MIN);
+        let rv = _mm256_xor_si256(_mm256_set1_epi32(r as i32), bias);
+        let bits = |m: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(m)) as u8;
+        let mut word = 0u64;
+        for eighth in 0..8 {
+            // SAFETY: the caller passes 64 readable values; this reads 8 at 8 * eighth.
+            let v = _mm256_xor_si256(unsafe { _mm256_loadu_si256(p.add(8 * eighth).cast()) }, bias);
+            let b: u8 = answer!(op, v, rv, _mm256_cmpeq_epi32, _mm256_cmpgt_epi32, bits);
+            word |= u64::from(b) << (8 * eighth);
+        }
+        word
     }
 }
 
@@ -261,6 +427,42 @@ mod tests {
                     assert_eq!(acc, acc32);
                 }
             }
+        }
+    }
+
+    /// Lanes values of each width through the AVX2 words and the portable loop, over the
+    /// whole range of the type (the bias to signed order) and lengths not a multiple of 64.
+    #[test]
+    fn unsigned_words_agree_with_the_portable_loop() {
+        fn check<T: Lanes + std::fmt::Debug>(values: &[T], constants: &[T]) {
+            let ops = [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq];
+            let start: Vec<u64> = (0..values.len().div_ceil(64))
+                .map(|w| if w % 3 == 2 { 0 } else { 0xF0F0_FFFF_0000_FFFF ^ (w as u64) })
+                .collect();
+            for op in ops {
+                for r in constants {
+                    let mut fast = start.clone();
+                    and_compare_lanes(&mut fast, values, op, *r);
+                    let mut plain = start.clone();
+                    and_compare_any(&mut plain, values, op, *r);
+                    assert_eq!(fast, plain, "{op:?} {r:?} over {}", values.len());
+                }
+            }
+        }
+        for n in [0usize, 1, 63, 64, 65, 200, 8192] {
+            let mix = |i: usize| (i * 7919 + i / 5) as u64;
+            let bytes: Vec<u8> = (0..n).map(|i| mix(i) as u8).collect();
+            check(&bytes, &[0, 1, 127, 128, 129, 200, 254, 255]);
+            let shorts: Vec<u16> = (0..n).map(|i| (mix(i) * 37) as u16).collect();
+            check(&shorts, &[0, 1, 255, 32_767, 32_768, 40_000, 65_535]);
+            let words: Vec<u32> = (0..n).map(|i| (mix(i) * 2_654_435_761) as u32).collect();
+            check(&words, &[0, 1, 65_536, i32::MAX as u32, 1 << 31, 3_000_000_000, u32::MAX]);
+            // Every value equal to a constant somewhere: `=` and `<>` see matches.
+            let same: Vec<u8> = (0..n).map(|i| (i % 3) as u8 + 127).collect();
+            check(&same, &[127, 128, 129]);
+            let longs: Vec<i64> =
+                (0..n).map(|i| (mix(i) as i64).wrapping_mul(-0x61C8_8646_80B5_83EB) >> (i % 50)).collect();
+            check(&longs, &[i64::MIN, -1, 0, 1, longs.first().copied().unwrap_or(7), i64::MAX]);
         }
     }
 
