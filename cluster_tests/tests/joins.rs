@@ -315,6 +315,30 @@ async fn keys_through_operators(d: Deployment) {
     let rows = pg.query(limited, &[]).await.expect("limited");
     assert_eq!((rows[0].get::<_, i64>(0), rows[0].get::<_, f64>(1)), (want.len() as i64, want.iter().sum::<f64>()));
 
+    // A join on two keys whose first key keeps every row (all 97 suppliers reach the build
+    // side) and second keeps few (the 400 small parts): the second key's set reaches the scan
+    // (TPC-H q9's join of `partsupp`).
+    let two_keys = "SELECT count(*), sum(o.cost) FROM x.offers o,
+          (SELECT o2.supp AS s, p.id AS pid FROM x.parts p, x.offers o2 WHERE p.id = o2.part AND p.size = 3) b
+        WHERE o.supp = b.s AND o.part = b.pid";
+    let mut pairs: std::collections::HashMap<(i64, i64), i64> = std::collections::HashMap::new();
+    for (i, (part, _)) in offers.iter().enumerate() {
+        if small(*part) {
+            *pairs.entry((((i as i64) + 1) % 97, *part)).or_default() += 1;
+        }
+    }
+    let (mut n, mut sum) = (0i64, 0f64);
+    for (i, (part, cost)) in offers.iter().enumerate() {
+        if let Some(times) = pairs.get(&((((i as i64) + 1) % 97), *part)) {
+            n += times;
+            sum += *cost * *times as f64;
+        }
+    }
+    let rows = pg.query(two_keys, &[]).await.expect("two keys");
+    assert_eq!((rows[0].get::<_, i64>(0), rows[0].get::<_, f64>(1)), (n, sum));
+    let plan = explain(&pg, two_keys).await;
+    assert!(metric(&plan, "collection=x.offers", "rows_from_leaves") <= 1600.0, "{plan}");
+
     // Groups keyed on a computed value: the build side's keys are values of `part % 997`, not
     // of `part`.
     let computed = "SELECT count(*), sum(t.n) FROM x.parts p
