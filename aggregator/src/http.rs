@@ -454,17 +454,22 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sources/{name}", axum::routing::delete(drop_source))
         .route("/v1/rollups", post(create_rollup))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .fallback(fallback)
         .layer(axum::middleware::from_fn(track))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(engine)
 }
 
+/// `ok`, with the process id in `x-basalt-pid`: a check can tell this process from another
+/// that took the address (tests start many deployments on loopback at once).
+async fn healthz() -> impl IntoResponse {
+    ([("x-basalt-pid", std::process::id().to_string())], "ok")
+}
+
 /// `/metrics` and `/healthz` only, for processes that serve no API (leaf, tailer).
 pub async fn serve_ops(listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    let router =
-        Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" })).fallback(fallback);
+    let router = Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).fallback(fallback);
     axum::serve(listener, router).await
 }
 

@@ -335,6 +335,20 @@ impl Proc {
         self.spawn();
     }
 
+    /// The running process's id (None after [`Proc::kill9`]).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the process ended by itself (it is gone, or a zombie not yet waited for).
+    pub fn exited(&self) -> bool {
+        let Some(pid) = self.pid() else { return true };
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -354,15 +368,27 @@ impl Drop for Proc {
     }
 }
 
-/// Wait until an HTTP endpoint answers 200.
+/// Wait until an HTTP endpoint of `what` answers 200 (a basalt process names itself in
+/// `x-basalt-pid`: another deployment's process on the same port does not count).
 pub async fn wait_http(url: &str, what: &Proc) {
+    assert!(ready(url, what).await, "{} exited before it became ready:\n{}", what.name, what.log_tail());
+}
+
+/// [`wait_http`], false when the process exits first.
+async fn ready(url: &str, what: &Proc) -> bool {
     let started = Instant::now();
     let client = reqwest::Client::new();
     loop {
         if let Ok(r) = client.get(url).timeout(Duration::from_secs(1)).send().await
             && r.status().is_success()
         {
-            return;
+            let pid = r.headers().get("x-basalt-pid").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            if pid.is_none() || pid == what.pid() {
+                return true;
+            }
+        }
+        if what.exited() {
+            return false;
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
@@ -437,21 +463,35 @@ impl Deployment {
     pub async fn dev_with(extra: &[&str], env: &[(String, String)]) -> Deployment {
         remember_panics();
         let dir = tempfile::tempdir().expect("temp dir");
-        let (pg_port, http_port, flight_port) = (free_port(), free_port(), free_port());
-        let mut args: Vec<String> = vec![
-            "dev".into(),
-            "--data-dir".into(),
-            dir.path().join("data").display().to_string(),
-            "--pg-addr".into(),
-            format!("127.0.0.1:{pg_port}"),
-            "--http-addr".into(),
-            format!("127.0.0.1:{http_port}"),
-            "--flight-addr".into(),
-            format!("127.0.0.1:{flight_port}"),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        let p = Proc::start_program("dev", &basalt_bin(), &args, env, dir.path());
-        wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &p).await;
+        // A port free when picked may be taken by another test's process before this one
+        // listens on it (`free_port` keeps apart only this test process's ports): start again
+        // on other ports.
+        let mut attempt = 0;
+        let (p, pg_port, http_port, flight_port) = loop {
+            attempt += 1;
+            let (pg_port, http_port, flight_port) = (free_port(), free_port(), free_port());
+            let mut args: Vec<String> = vec![
+                "dev".into(),
+                "--data-dir".into(),
+                dir.path().join("data").display().to_string(),
+                "--pg-addr".into(),
+                format!("127.0.0.1:{pg_port}"),
+                "--http-addr".into(),
+                format!("127.0.0.1:{http_port}"),
+                "--flight-addr".into(),
+                format!("127.0.0.1:{flight_port}"),
+            ];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            let p = Proc::start_program("dev", &basalt_bin(), &args, env, dir.path());
+            if ready(&format!("http://127.0.0.1:{http_port}/healthz"), &p).await {
+                break (p, pg_port, http_port, flight_port);
+            }
+            assert!(
+                attempt < 5 && p.log().contains("Address already in use"),
+                "dev exited before it became ready:\n{}",
+                p.log_tail()
+            );
+        };
         Deployment {
             pg_port,
             http_port,
