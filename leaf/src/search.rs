@@ -604,9 +604,42 @@ impl SearchIndex {
             let collector = SlotCollector { scoring };
             slots.extend(searcher.search_with_statistics_provider(&query, &collector, &stats).map_err(tantivy_err)?);
         }
-        slots.sort_unstable_by_key(|(slot, _)| *slot);
-        Ok(slots)
+        if scoring {
+            slots.sort_unstable_by_key(|(slot, _)| *slot);
+            return Ok(slots);
+        }
+        Ok(in_slot_order(slots))
     }
+}
+
+/// Matches without relevance in slot order, distinct: many as a bit set over the slots (a
+/// counting sort), few by sorting. Sorting SSB star q1.2's 39,000 matches per shard (a key
+/// list of 31 dates) was a seventh of the query's CPU.
+fn in_slot_order(mut slots: Vec<(u64, f32)>) -> Vec<(u64, f32)> {
+    let max = slots.iter().map(|(slot, _)| *slot).max().unwrap_or(0);
+    // The bit set costs a word per 64 slots of the range: worth it when the matches are at
+    // least one in 256 slots, and at most 32 MiB.
+    let words = usize::try_from(max / 64 + 1).unwrap_or(usize::MAX);
+    if slots.len() < 1024 || words > 4 * slots.len() || words > 1 << 22 {
+        slots.sort_unstable_by_key(|(slot, _)| *slot);
+        slots.dedup_by_key(|(slot, _)| *slot);
+        return slots;
+    }
+    let mut bits = vec![0u64; words];
+    for (slot, _) in &slots {
+        if let Some(word) = bits.get_mut((slot / 64) as usize) {
+            *word |= 1 << (slot % 64);
+        }
+    }
+    slots.clear();
+    for (w, word) in bits.iter().enumerate() {
+        let mut left = *word;
+        while left != 0 {
+            slots.push((w as u64 * 64 + u64::from(left.trailing_zeros()), 1.0));
+            left &= left - 1;
+        }
+    }
+    slots
 }
 
 /// [`SearchIndex::list_postings`]: per filter, an `IN` list's estimated postings (None for
@@ -1005,6 +1038,20 @@ impl SegmentCollector for SlotSegmentCollector {
 
 #[cfg(test)]
 mod tests {
+    /// Slots come out sorted and distinct by either way: few, many dense, many sparse.
+    #[test]
+    fn matches_come_in_slot_order_once() {
+        for (n, spread) in [(0u64, 1u64), (10, 1_000), (5_000, 3), (5_000, 7_919), (40_000, 150)] {
+            // Runs out of order with repeats, as several index segments give them.
+            let slots: Vec<(u64, f32)> = (0..n).map(|i| (((i * 7_919) % (n.max(1))) * spread / 2, 0.5)).collect();
+            let mut want: Vec<u64> = slots.iter().map(|(s, _)| *s).collect();
+            want.sort_unstable();
+            want.dedup();
+            let got: Vec<u64> = super::in_slot_order(slots).into_iter().map(|(s, _)| s).collect();
+            assert_eq!(got, want, "{n} slots spread {spread}");
+        }
+    }
+
     use super::*;
     use serde_json::json;
 
