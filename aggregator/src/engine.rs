@@ -267,6 +267,7 @@ impl Session {
 
     async fn query(&self, stmt: Statement, params: &[ScalarValue]) -> Result<SendableRecordBatchStream> {
         let plan = self.plan(stmt, params).await?;
+        let plan = crate::subqueries::inline_not_in(&self.ctx, plan).await.map_err(from_df)?;
         let df = self.ctx.execute_logical_plan(plan).await.map_err(from_df)?;
         let task = Arc::new(df.task_ctx());
         let physical = in_one_ordered_stream(df.create_physical_plan().await.map_err(from_df)?);
