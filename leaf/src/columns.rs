@@ -101,6 +101,41 @@ pub struct Offsets {
     pub values: OffsetValues,
 }
 
+/// Bytes of offsets the blocks of this process keep (see [`Block::offsets`]).
+static OFFSETS_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The most bytes of offsets the process keeps: `BASALT_OFFSETS_MAX_BYTES`, 1 GiB unless set.
+/// Past it a block compares its stored values (correct, slower) until blocks holding offsets
+/// are dropped (a merge replaces them).
+pub static OFFSETS_MAX_BYTES: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    std::env::var("BASALT_OFFSETS_MAX_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30)
+});
+
+static OFFSETS_GAUGE: std::sync::LazyLock<Option<prometheus::IntGauge>> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_gauge!(
+        "basalt_leaf_filter_offsets_bytes",
+        "Bytes of narrow offsets blocks keep for filters (limit: BASALT_OFFSETS_MAX_BYTES)"
+    )
+    .ok()
+});
+
+fn offsets_bytes_changed(delta: i64) {
+    let now = if delta >= 0 {
+        OFFSETS_BYTES.fetch_add(delta as u64, std::sync::atomic::Ordering::Relaxed) + delta as u64
+    } else {
+        OFFSETS_BYTES.fetch_sub(delta.unsigned_abs(), std::sync::atomic::Ordering::Relaxed) - delta.unsigned_abs()
+    };
+    if let Some(g) = OFFSETS_GAUGE.as_ref() {
+        g.set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+}
+
+impl Drop for Offsets {
+    fn drop(&mut self) {
+        offsets_bytes_changed(-(self.bytes() as i64));
+    }
+}
+
 /// A column's path and whether its text is read as dates.
 type OffsetsKey = (String, bool);
 
@@ -146,7 +181,18 @@ impl Offsets {
         } else {
             return None;
         };
-        Some(Offsets { base, values })
+        let offsets = Offsets { base, values };
+        offsets_bytes_changed(offsets.bytes() as i64);
+        Some(offsets)
+    }
+
+    /// The bytes the offsets take.
+    pub fn bytes(&self) -> usize {
+        match &self.values {
+            OffsetValues::U8(v) => v.len(),
+            OffsetValues::U16(v) => v.len() * 2,
+            OffsetValues::U32(v) => v.len() * 4,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -253,8 +299,17 @@ impl Block {
         if let Some(o) = self.offsets.lock().get(&key) {
             return o.clone();
         }
+        // Over the process's budget: no offsets now (and none remembered, so a later scan may
+        // build them once blocks holding others are gone).
+        let full = || OFFSETS_BYTES.load(std::sync::atomic::Ordering::Relaxed) > *OFFSETS_MAX_BYTES;
+        if full() {
+            return None;
+        }
         let column = if as_date { self.column_as_date(path).ok() } else { self.columns.get(path).cloned() };
         let built = column.and_then(|c| Offsets::build(c.as_ref())).map(Arc::new);
+        if built.is_some() && full() {
+            return None;
+        }
         self.offsets.lock().insert(key, built.clone());
         built
     }
