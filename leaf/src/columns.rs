@@ -123,7 +123,9 @@ fn offsets_bytes_changed(delta: i64) {
     let now = if delta >= 0 {
         OFFSETS_BYTES.fetch_add(delta as u64, std::sync::atomic::Ordering::Relaxed) + delta as u64
     } else {
-        OFFSETS_BYTES.fetch_sub(delta.unsigned_abs(), std::sync::atomic::Ordering::Relaxed) - delta.unsigned_abs()
+        OFFSETS_BYTES
+            .fetch_sub(delta.unsigned_abs(), std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(delta.unsigned_abs())
     };
     if let Some(g) = OFFSETS_GAUGE.as_ref() {
         g.set(i64::try_from(now).unwrap_or(i64::MAX));
@@ -151,14 +153,16 @@ impl Offsets {
     /// bytes as the values take already or the column has no non-null value.
     fn build(column: &dyn Array) -> Option<Offsets> {
         use arrow::datatypes::{Date32Type, Int64Type, TimestampMicrosecondType};
-        let (values, width): (Vec<i64>, usize) = match column.data_type() {
-            DataType::Int64 => (column.as_primitive_opt::<Int64Type>()?.values().to_vec(), 8),
+        use std::borrow::Cow;
+        let (values, width): (Cow<[i64]>, usize) = match column.data_type() {
+            DataType::Int64 => (Cow::Borrowed(column.as_primitive_opt::<Int64Type>()?.values().as_ref()), 8),
             DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, _) => {
-                (column.as_primitive_opt::<TimestampMicrosecondType>()?.values().to_vec(), 8)
+                (Cow::Borrowed(column.as_primitive_opt::<TimestampMicrosecondType>()?.values().as_ref()), 8)
             }
-            DataType::Date32 => {
-                (column.as_primitive_opt::<Date32Type>()?.values().iter().map(|d| i64::from(*d)).collect(), 4)
-            }
+            DataType::Date32 => (
+                Cow::Owned(column.as_primitive_opt::<Date32Type>()?.values().iter().map(|d| i64::from(*d)).collect()),
+                4,
+            ),
             _ => return None,
         };
         let valid = |i: usize| column.is_valid(i);
