@@ -175,7 +175,7 @@ async fn scans_in_key_order(d: Deployment) {
 
 /// Filters compare narrow offsets of stored blocks within the process's budget: with the
 /// default budget the leaf keeps offsets (the gauge counts their bytes); with none
-/// (`BASALT_OFFSETS_MAX_BYTES=0`) it keeps none and compares the stored values; the answers
+/// (`--offsets-max-bytes 0`, here through `BASALT_OFFSETS_MAX_BYTES`) it keeps none and compares the stored values; the answers
 /// are the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filter_offsets_stay_within_their_budget() {

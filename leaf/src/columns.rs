@@ -104,17 +104,23 @@ pub struct Offsets {
 /// Bytes of offsets the blocks of this process keep (see [`Block::offsets`]).
 static OFFSETS_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The most bytes of offsets the process keeps: `BASALT_OFFSETS_MAX_BYTES`, 1 GiB unless set.
-/// Past it a block compares its stored values (correct, slower) until blocks holding offsets
-/// are dropped (a merge replaces them).
-pub static OFFSETS_MAX_BYTES: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
-    std::env::var("BASALT_OFFSETS_MAX_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30)
-});
+/// The most bytes of offsets the process keeps (`--offsets-max-bytes`, see
+/// [`set_offsets_max_bytes`]). Past it a block compares its stored values (correct, slower)
+/// until blocks holding offsets are dropped (a merge replaces them).
+static OFFSETS_MAX_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(DEFAULT_OFFSETS_MAX_BYTES);
+
+/// The default budget for offsets: 1 GiB.
+pub const DEFAULT_OFFSETS_MAX_BYTES: u64 = 1 << 30;
+
+/// Set the process's budget for offsets (the leaf's `--offsets-max-bytes`).
+pub fn set_offsets_max_bytes(bytes: u64) {
+    OFFSETS_MAX_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
 
 static OFFSETS_GAUGE: std::sync::LazyLock<Option<prometheus::IntGauge>> = std::sync::LazyLock::new(|| {
     prometheus::register_int_gauge!(
         "basalt_leaf_filter_offsets_bytes",
-        "Bytes of narrow offsets blocks keep for filters (limit: BASALT_OFFSETS_MAX_BYTES)"
+        "Bytes of narrow offsets blocks keep for filters (limit: --offsets-max-bytes)"
     )
     .ok()
 });
@@ -305,7 +311,10 @@ impl Block {
         }
         // Over the process's budget: no offsets now (and none remembered, so a later scan may
         // build them once blocks holding others are gone).
-        let full = || OFFSETS_BYTES.load(std::sync::atomic::Ordering::Relaxed) > *OFFSETS_MAX_BYTES;
+        let full = || {
+            OFFSETS_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+                > OFFSETS_MAX_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+        };
         if full() {
             return None;
         }
