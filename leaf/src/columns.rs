@@ -144,9 +144,6 @@ impl Drop for Offsets {
     }
 }
 
-/// A column's path and whether its text is read as dates.
-type OffsetsKey = (String, bool);
-
 #[derive(Debug)]
 pub enum OffsetValues {
     U8(Vec<u8>),
@@ -238,7 +235,8 @@ pub struct Block {
     /// [`Block::text_dictionary`]); `None` for a column with too many.
     dictionaries: parking_lot::Mutex<HashMap<String, Option<Arc<TextDictionary>>>>,
     /// Integer, timestamp and date columns as narrow offsets (see [`Block::offsets`]).
-    offsets: parking_lot::Mutex<HashMap<OffsetsKey, Option<Arc<Offsets>>>>,
+    /// Per path: of the stored column, and of its text read as dates.
+    offsets: parking_lot::Mutex<[HashMap<String, Option<Arc<Offsets>>>; 2]>,
     /// Per column checked, whether it is never null and never decreases down the block.
     ascending: parking_lot::Mutex<HashMap<String, bool>>,
     /// Whether the columns point into a mapped segment file rather than the heap.
@@ -305,8 +303,7 @@ impl Block {
         if self.transient {
             return None;
         }
-        let key = (path.to_string(), as_date);
-        if let Some(o) = self.offsets.lock().get(&key) {
+        if let Some(o) = self.offsets.lock()[usize::from(as_date)].get(path) {
             return o.clone();
         }
         // Over the process's budget: no offsets now (and none remembered, so a later scan may
@@ -323,7 +320,7 @@ impl Block {
         if built.is_some() && full() {
             return None;
         }
-        self.offsets.lock().insert(key, built.clone());
+        self.offsets.lock()[usize::from(as_date)].insert(path.to_string(), built.clone());
         built
     }
 

@@ -497,11 +497,9 @@ fn select_compare(filter: &Filter, block: &Block, acc: &mut [u64]) -> Result<boo
         (Scalar::Date(r), Some(o)) if o.len() == column.len() => {
             crate::kernels::and_compare_offsets(acc, &o, *op, i64::from(*r))
         }
-        (Scalar::Int(r), _) => {
-            crate::kernels::and_compare_lanes(acc, column.as_primitive::<Int64Type>().values(), *op, *r)
-        }
+        (Scalar::Int(r), _) => crate::kernels::and_compare(acc, column.as_primitive::<Int64Type>().values(), *op, *r),
         (Scalar::Timestamp(r), _) => {
-            crate::kernels::and_compare_lanes(acc, column.as_primitive::<TimestampMicrosecondType>().values(), *op, *r)
+            crate::kernels::and_compare(acc, column.as_primitive::<TimestampMicrosecondType>().values(), *op, *r)
         }
         (Scalar::Date(r), _) => crate::kernels::and_compare(acc, column.as_primitive::<Date32Type>().values(), *op, *r),
         (Scalar::Float(r), _) => crate::kernels::and_compare_floats(
@@ -550,11 +548,9 @@ fn member_list(filter: &Filter, block: &Block, sets: &InSets) -> Result<Option<M
     check_rows(column.len(), block)?;
     // Offsets of the very column the list compares with: the stored one when its type is the
     // list's (not a cast), or the text parsed as dates.
-    let stored = block.columns.get(path).map(|c| c.data_type().clone());
+    let stored = block.columns.get(path).is_some_and(|c| c.data_type() == column.data_type());
     let offsets = match prepared.as_ref() {
-        Prepared::Ints(_) | Prepared::Timestamps(_) if stored.as_ref() == Some(column.data_type()) => {
-            block.offsets(path, false)
-        }
+        Prepared::Ints(_) | Prepared::Timestamps(_) if stored => block.offsets(path, false),
         Prepared::Dates(_) => block.offsets(path, true),
         _ => None,
     }

@@ -1,32 +1,64 @@
 //! Comparisons of integer columns with constants (or with another column), ANDed into a row selection 64 rows at a
 //! time: one word per 64 rows, no boolean array per filter and no pass to combine them.
 //!
-//! The loop is compiled twice, for baseline x86-64 and with AVX2 (chosen at run time), where
-//! the comparisons of a word's 64 values vectorize. Arrow's comparison kernels build their
-//! result bit by bit in scalar code: on SSB q1.1 (four comparisons over 6M rows) they were 63%
-//! of the process's CPU.
+//! With AVX2 (checked at run time) an integer word's 64 values are compared 32, 16, 8 or 4 per
+//! instruction and the answers `movemask`ed to bits ([`Lanes`]); otherwise a portable loop
+//! compares them. Floats and pairs of columns use the portable loop compiled twice, for
+//! baseline x86-64 and with AVX2. Arrow's comparison kernels build their result bit by bit in scalar code: on
+//! SSB q1.1 (four comparisons over 6M rows) they were 63% of the process's CPU.
 
 use basalt_common::filter::CmpOp;
 
 /// `acc[w] &= (values[64w + j] op r for j in 0..64)` for every word the values cover. Words
 /// already zero are skipped: rows an earlier filter dropped are not compared again.
-pub fn and_compare<T: Copy + Ord>(acc: &mut [u64], values: &[T], op: CmpOp, r: T) {
+pub fn and_compare<T: Lanes>(acc: &mut [u64], values: &[T], op: CmpOp, r: T) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { and_compare_avx2(acc, values, op, r) };
+            let mut chunks = values.chunks_exact(64);
+            for (word, chunk) in acc.iter_mut().zip(&mut chunks) {
+                if *word != 0 {
+                    // SAFETY: AVX2 is present (checked above) and the chunk holds 64 values.
+                    *word &= unsafe { T::word_avx2(chunk, op, r) };
+                }
+            }
+            let done = values.len() - chunks.remainder().len();
+            if let Some(rest) = acc.get_mut(done / 64..) {
+                and_compare_any(rest, chunks.remainder(), op, r);
+            }
             return;
         }
     }
     and_compare_any(acc, values, op, r);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn and_compare_avx2<T: Copy + Ord>(acc: &mut [u64], values: &[T], op: CmpOp, r: T) {
-    and_compare_any(acc, values, op, r);
+/// The types [`and_compare`] compares a word at a time with AVX2: unsigned values of 1, 2 or 4
+/// bytes (offsets, see [`and_compare_offsets`]) and signed ones of 4 or 8 (dates, integers).
+/// The portable loop's packing of a byte per row into bits cost more than the comparisons
+/// (64-bit multiplies AVX2 does not have): SSB q1.1's filter over 819,200 rows of one-byte
+/// offsets took 521 us that way, 163 us in words.
+pub trait Lanes: Copy + Ord + 'static {
+    /// The bits of the 64 rows at `values[0..64]`.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and `values` holds at least 64 values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn word_avx2(values: &[Self], op: CmpOp, r: Self) -> u64;
 }
+
+macro_rules! lanes {
+    ($($t:ty => $word:path),* $(,)?) => {$(
+        impl Lanes for $t {
+            #[cfg(target_arch = "x86_64")]
+            unsafe fn word_avx2(values: &[$t], op: CmpOp, r: $t) -> u64 {
+                // SAFETY: forwarded from the caller (AVX2 present, 64 values).
+                unsafe { $word(values.as_ptr(), op, r) }
+            }
+        }
+    )*};
+}
+
+lanes!(u8 => simd::word_u8, u16 => simd::word_u16, u32 => simd::word_u32, i32 => simd::word_i32, i64 => simd::word_i64);
 
 #[inline(always)]
 fn and_compare_any<T: Copy + Ord>(acc: &mut [u64], values: &[T], op: CmpOp, r: T) {
@@ -67,78 +99,11 @@ pub fn and_compare_offsets(acc: &mut [u64], offsets: &crate::columns::Offsets, o
         }
         // In range: `d` fits the offsets' type (checked against `max` just above).
         None => match &offsets.values {
-            OffsetValues::U8(v) => and_compare_lanes(acc, v, op, d as u8),
-            OffsetValues::U16(v) => and_compare_lanes(acc, v, op, d as u16),
-            OffsetValues::U32(v) => and_compare_lanes(acc, v, op, d as u32),
+            OffsetValues::U8(v) => and_compare(acc, v, op, d as u8),
+            OffsetValues::U16(v) => and_compare(acc, v, op, d as u16),
+            OffsetValues::U32(v) => and_compare(acc, v, op, d as u32),
         },
     }
-}
-
-/// Lanes values of 1, 2 or 4 bytes and 8-byte integers: [`and_compare`], with AVX2 comparing
-/// 32, 16, 8 or 4 of them per instruction and `movemask` packing the answers to bits (the
-/// portable loop's byte-per-row packing cost more than the comparisons: 64-bit multiplies AVX2
-/// does not have). SSB q1.1's filter over 819,200 rows of one-byte offsets: 521 -> 177 us.
-pub trait Lanes: Copy + Ord + 'static {
-    /// The bits of the 64 rows at `values[0..64]`.
-    ///
-    /// # Safety
-    /// The CPU supports AVX2 and `values` holds at least 64 values.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn word_avx2(values: &[Self], op: CmpOp, r: Self) -> u64;
-}
-
-impl Lanes for u8 {
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn word_avx2(values: &[u8], op: CmpOp, r: u8) -> u64 {
-        // SAFETY: forwarded from the caller (AVX2 present, 64 values).
-        unsafe { simd::word_u8(values.as_ptr(), op, r) }
-    }
-}
-
-impl Lanes for u16 {
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn word_avx2(values: &[u16], op: CmpOp, r: u16) -> u64 {
-        // SAFETY: forwarded from the caller (AVX2 present, 64 values).
-        unsafe { simd::word_u16(values.as_ptr(), op, r) }
-    }
-}
-
-impl Lanes for u32 {
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn word_avx2(values: &[u32], op: CmpOp, r: u32) -> u64 {
-        // SAFETY: forwarded from the caller (AVX2 present, 64 values).
-        unsafe { simd::word_u32(values.as_ptr(), op, r) }
-    }
-}
-
-impl Lanes for i64 {
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn word_avx2(values: &[i64], op: CmpOp, r: i64) -> u64 {
-        // SAFETY: forwarded from the caller (AVX2 present, 64 values).
-        unsafe { simd::word_i64(values.as_ptr(), op, r) }
-    }
-}
-
-/// [`and_compare`] for the types of [`Lanes`].
-pub fn and_compare_lanes<T: Lanes>(acc: &mut [u64], values: &[T], op: CmpOp, r: T) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            let mut chunks = values.chunks_exact(64);
-            for (word, chunk) in acc.iter_mut().zip(&mut chunks) {
-                if *word != 0 {
-                    // SAFETY: AVX2 is present (checked above) and the chunk holds 64 values.
-                    *word &= unsafe { T::word_avx2(chunk, op, r) };
-                }
-            }
-            let done = values.len() - chunks.remainder().len();
-            if let Some(rest) = acc.get_mut(done / 64..) {
-                and_compare_any(rest, chunks.remainder(), op, r);
-            }
-            return;
-        }
-    }
-    and_compare_any(acc, values, op, r);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -223,11 +188,26 @@ mod simd {
         word
     }
 
-    /// 64 four-byte values at `p` compared with `r`: eight vectors of 8.
+    /// 64 four-byte unsigned values at `p` compared with `r`.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn word_u32(p: *const u32, op: CmpOp, r: u32) -> u64 {
-        let bias = _mm256_set1_epi32(i32::MIN);
-        let rv = _mm256_xor_si256(_mm256_set1_epi32(r as i32), bias);
+        // SAFETY: forwarded from the caller; u32 and i32 have one layout.
+        unsafe { word_32(p.cast(), op, r as i32, i32::MIN) }
+    }
+
+    /// 64 four-byte signed values at `p` compared with `r`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn word_i32(p: *const i32, op: CmpOp, r: i32) -> u64 {
+        // SAFETY: forwarded from the caller.
+        unsafe { word_32(p, op, r, 0) }
+    }
+
+    /// 64 four-byte values at `p` compared with `r`, each flipped by `bias` first (`i32::MIN`
+    /// orders unsigned values as signed ones): eight vectors of 8.
+    #[target_feature(enable = "avx2")]
+    unsafe fn word_32(p: *const i32, op: CmpOp, r: i32, bias: i32) -> u64 {
+        let bias = _mm256_set1_epi32(bias);
+        let rv = _mm256_xor_si256(_mm256_set1_epi32(r), bias);
         let bits = |m: __m256i| _mm256_movemask_ps(_mm256_castsi256_ps(m)) as u8;
         let mut word = 0u64;
         for eighth in 0..8 {
@@ -430,10 +410,10 @@ mod tests {
         }
     }
 
-    /// Lanes values of each width through the AVX2 words and the portable loop, over the
-    /// whole range of the type (the bias to signed order) and lengths not a multiple of 64.
+    /// Values of each width through the AVX2 words and the portable loop, over the whole range
+    /// of the type (the bias to signed order) and lengths not a multiple of 64.
     #[test]
-    fn unsigned_words_agree_with_the_portable_loop() {
+    fn words_agree_with_the_portable_loop() {
         fn check<T: Lanes + std::fmt::Debug>(values: &[T], constants: &[T]) {
             let ops = [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq];
             let start: Vec<u64> = (0..values.len().div_ceil(64))
@@ -442,7 +422,7 @@ mod tests {
             for op in ops {
                 for r in constants {
                     let mut fast = start.clone();
-                    and_compare_lanes(&mut fast, values, op, *r);
+                    and_compare(&mut fast, values, op, *r);
                     let mut plain = start.clone();
                     and_compare_any(&mut plain, values, op, *r);
                     assert_eq!(fast, plain, "{op:?} {r:?} over {}", values.len());
@@ -463,6 +443,8 @@ mod tests {
             let longs: Vec<i64> =
                 (0..n).map(|i| (mix(i) as i64).wrapping_mul(-0x61C8_8646_80B5_83EB) >> (i % 50)).collect();
             check(&longs, &[i64::MIN, -1, 0, 1, longs.first().copied().unwrap_or(7), i64::MAX]);
+            let ints: Vec<i32> = longs.iter().map(|v| (*v >> 32) as i32).collect();
+            check(&ints, &[i32::MIN, -1, 0, 1, ints.first().copied().unwrap_or(7), i32::MAX]);
         }
     }
 
