@@ -267,6 +267,30 @@ impl Session {
 
     async fn query(&self, stmt: Statement, params: &[ScalarValue]) -> Result<SendableRecordBatchStream> {
         let plan = self.plan(stmt, params).await?;
+        self.run_plan(plan).await
+    }
+
+    /// The logical plan of a statement that would run as a general query (not a point lookup,
+    /// a session command or a write), with its parameters bound: what
+    /// [`Session::execute_plan`] runs later in this session. `None` for other statements.
+    /// Planning applies the statement's hints to the session until its next statement.
+    pub async fn plan_query(&self, stmt: &BasaltStatement, params: &[ScalarValue]) -> Result<Option<LogicalPlan>> {
+        let BasaltStatement::Query(q) = stmt else { return Ok(None) };
+        if !matches!(**q, Statement::Query(_)) || crate::fastpath::match_point_lookup(q).is_some() {
+            return Ok(None);
+        }
+        Ok(Some(self.plan((**q).clone(), params).await?))
+    }
+
+    /// Run a plan from [`Session::plan_query`] within the session's timeout, stoppable by a
+    /// cancel.
+    pub async fn execute_plan(&self, plan: LogicalPlan) -> Result<Output> {
+        let stop = self.canceler.stop_signal(*self.timeout.read());
+        let stream = stop.run(Box::pin(self.run_plan(plan))).await?;
+        Ok(Output::Rows(stop.guard(stream)))
+    }
+
+    async fn run_plan(&self, plan: LogicalPlan) -> Result<SendableRecordBatchStream> {
         let plan = crate::subqueries::inline_not_in(&self.ctx, plan).await.map_err(from_df)?;
         let df = self.ctx.execute_logical_plan(plan).await.map_err(from_df)?;
         let task = Arc::new(df.task_ctx());

@@ -2,15 +2,19 @@
 //! by row over pgwire, from ADBC (`adbc-driver-flightsql`), pyarrow and JDBC/ODBC Flight SQL
 //! drivers.
 //!
-//! Statements run in a fresh [`Session`](crate::engine::Session) each, like HTTP requests. The
-//! server keeps no state between calls: a statement or prepared-statement handle is the SQL text
-//! (and bound parameters) as JSON, so any aggregator can serve any ticket. Queries plan once for
-//! `GetFlightInfo` (schema) and run at `DoGet`, streaming record batches as the leaves produce
-//! them; statements that return no rows (DDL, writes) run at `GetFlightInfo` and their ticket
-//! carries the command tag and row count.
+//! Statements run in a fresh [`Session`](crate::engine::Session) each, like HTTP requests. A
+//! statement or prepared-statement handle is the SQL text (and bound parameters) as JSON, so any
+//! aggregator can serve any ticket. A query is planned at `GetFlightInfo` (its schema is the
+//! answer's) and that plan, with its session, is kept for a while ([`Planned`]): the `DoGet` that
+//! reaches the same aggregator runs it, streaming record batches as the leaves produce them,
+//! instead of planning again; a `DoGet` elsewhere, later or for the same ticket again plans
+//! from the ticket's SQL. Statements that return no rows (DDL, writes) run at `GetFlightInfo`
+//! and their ticket carries the command tag and row count.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -33,6 +37,7 @@ use arrow_flight::{
 use basalt_common::{BasaltError, ErrorCode};
 use basalt_sql::BasaltStatement;
 use datafusion::common::ScalarValue;
+use datafusion::logical_expr::LogicalPlan;
 use futures::{Stream, TryStreamExt};
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -55,6 +60,9 @@ struct Handle {
     /// A statement that already ran at GetFlightInfo: its command tag and row count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     done: Option<(String, u64)>,
+    /// The key of the plan GetFlightInfo kept on the aggregator that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    planned: Option<String>,
 }
 
 impl Handle {
@@ -115,13 +123,66 @@ fn schema_bytes(schema: &Schema) -> Result<bytes::Bytes, Status> {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// How many plans GetFlightInfo keeps for their DoGet, and for how long. A client that never
+/// calls DoGet leaves its plan until one of these bounds drops it.
+const PLANNED_MAX: usize = 256;
+const PLANNED_TTL: Duration = Duration::from_secs(60);
+
+/// A query planned at GetFlightInfo, with the session that planned it (its catalog and the
+/// statement's hints), for the DoGet that runs it.
+struct Planned {
+    session: Session,
+    plan: LogicalPlan,
+    /// What the plan answers: a ticket runs it only if its own statement is this one.
+    sql: String,
+    params: Vec<Value>,
+    at: Instant,
+}
+
+static PLANS: LazyLock<Option<prometheus::IntCounterVec>> = LazyLock::new(|| {
+    prometheus::register_int_counter_vec!(
+        "basalt_flight_plans_total",
+        "Flight SQL DoGet queries by whether they ran the plan GetFlightInfo made (reused) or planned again",
+        &["plan"]
+    )
+    .ok()
+});
+
+fn count_plan(label: &str) {
+    if let Some(c) = PLANS.as_ref() {
+        c.with_label_values(&[label]).inc();
+    }
+}
+
 pub struct FlightSql {
     engine: Arc<Engine>,
+    planned: parking_lot::Mutex<HashMap<String, Planned>>,
 }
 
 impl FlightSql {
     pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+        Self { engine, planned: Default::default() }
+    }
+
+    /// Keep a plan for its DoGet; its key goes into the ticket.
+    fn keep(&self, planned: Planned) -> String {
+        let key = uuid::Uuid::new_v4().simple().to_string();
+        let mut kept = self.planned.lock();
+        kept.retain(|_, p| p.at.elapsed() < PLANNED_TTL);
+        while kept.len() >= PLANNED_MAX {
+            let Some(oldest) = kept.iter().min_by_key(|(_, p)| p.at).map(|(k, _)| k.clone()) else { break };
+            kept.remove(&oldest);
+        }
+        kept.insert(key.clone(), planned);
+        key
+    }
+
+    /// The plan kept for a ticket, once: a second DoGet of the ticket plans again.
+    fn take(&self, handle: &Handle) -> Option<(Session, LogicalPlan)> {
+        let key = handle.planned.as_ref()?;
+        let planned = self.planned.lock().remove(key)?;
+        (planned.at.elapsed() < PLANNED_TTL && planned.sql == handle.sql && planned.params == handle.params)
+            .then_some((planned.session, planned.plan))
     }
 
     fn one_statement(session: &Session, sql: &str) -> Result<BasaltStatement, Status> {
@@ -140,12 +201,20 @@ impl FlightSql {
     async fn flight_info(&self, mut handle: Handle, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
         let session = self.engine.session();
         let stmt = Self::one_statement(&session, &handle.sql)?;
-        let described = session.describe(&stmt).await.map_err(status)?;
-        let schema = match described.output {
-            Some(schema) => schema,
-            None => {
-                handle.done = Some(run_to_end(&session, stmt, &handle.scalars()).await?);
-                command_schema()
+        let schema = if let Some(plan) = session.plan_query(&stmt, &handle.scalars()).await.map_err(status)? {
+            let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+            let planned =
+                Planned { session, plan, sql: handle.sql.clone(), params: handle.params.clone(), at: Instant::now() };
+            handle.planned = Some(self.keep(planned));
+            schema
+        } else {
+            let described = session.describe(&stmt).await.map_err(status)?;
+            match described.output {
+                Some(schema) => schema,
+                None => {
+                    handle.done = Some(run_to_end(&session, stmt, &handle.scalars()).await?);
+                    command_schema()
+                }
             }
         };
         let ticket = TicketStatementQuery { statement_handle: handle.encode() };
@@ -164,9 +233,19 @@ impl FlightSql {
                 (batch.schema(), Box::pin(futures::stream::iter([Ok(batch)])))
             }
             None => {
-                let session = self.engine.session();
-                let stmt = Self::one_statement(&session, &handle.sql)?;
-                match session.execute(stmt, &handle.scalars()).await.map_err(status)? {
+                let output = match self.take(&handle) {
+                    Some((session, plan)) => {
+                        count_plan("reused");
+                        session.execute_plan(plan).await
+                    }
+                    None => {
+                        count_plan("planned");
+                        let session = self.engine.session();
+                        let stmt = Self::one_statement(&session, &handle.sql)?;
+                        session.execute(stmt, &handle.scalars()).await
+                    }
+                };
+                match output.map_err(status)? {
                     Output::Rows(stream) => {
                         (stream.schema(), Box::pin(stream.map_err(|e| status(from_df(e)))) as BoxStream<RecordBatch>)
                     }

@@ -91,3 +91,56 @@ def test_metadata_calls_list_workspaces_collections_and_columns(conn):
     assert schema.field("n").type == pa.int64()
     assert schema.field("name").type == pa.string()
     assert schema.field("tags").type == pa.list_(pa.string())
+
+
+def _flight_sql_command(sql: str) -> bytes:
+    """A `CommandStatementQuery` in its `Any` wrapper, encoded by hand (pyarrow has no Flight SQL
+    messages): what ADBC sends as a GetFlightInfo descriptor."""
+    def varint(n):
+        out = b""
+        while True:
+            b, n = n & 0x7F, n >> 7
+            if not n:
+                return out + bytes([b])
+            out += bytes([b | 0x80])
+
+    def field(number, data):
+        return bytes([(number << 3) | 2]) + varint(len(data)) + data
+
+    type_url = b"type.googleapis.com/arrow.flight.protocol.sql.CommandStatementQuery"
+    return field(1, type_url) + field(2, field(1, sql.encode()))
+
+
+def _plans_counted(basalt) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{basalt.http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counts = {"reused": 0, "planned": 0}
+    for line in text.splitlines():
+        if line.startswith("basalt_flight_plans_total{"):
+            label = line.split('plan="', 1)[1].split('"', 1)[0]
+            counts[label] = int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def test_a_ticket_runs_the_plan_made_for_it_and_plans_again_when_used_twice(basalt):
+    """GetFlightInfo plans the query once and DoGet runs that plan; the same ticket fetched
+    again (the kept plan is used once) plans again from its SQL and answers the same."""
+    import pyarrow.flight as flight
+
+    client = flight.FlightClient(f"grpc://127.0.0.1:{basalt.flight_port}")
+    sql = "SELECT kind, count(*) AS n FROM demo.events GROUP BY kind ORDER BY kind"
+    before = _plans_counted(basalt)
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(_flight_sql_command(sql)))
+    assert info.schema.names == ["kind", "n"]
+    first = client.do_get(info.endpoints[0].ticket).read_all()
+    mid = _plans_counted(basalt)
+    assert (mid["reused"] - before["reused"], mid["planned"] - before["planned"]) == (1, 0)
+    second = client.do_get(info.endpoints[0].ticket).read_all()
+    after = _plans_counted(basalt)
+    assert (after["reused"] - mid["reused"], after["planned"] - mid["planned"]) == (0, 1)
+    assert first.equals(second)
+    assert first.schema.equals(info.schema)
+    assert sum(first.column("n").to_pylist()) == 5000
+    client.close()
