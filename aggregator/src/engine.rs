@@ -126,7 +126,8 @@ impl Engine {
 
 /// DataFusion's logical optimizer rules, with join ordering from leaf statistics right after
 /// filters are pushed into scans (the estimates read the scans' filters) and comparisons of
-/// floats with decimals as floats right before (see [`crate::floats`]).
+/// floats with decimals as floats right before (see [`crate::floats`]); calendar fields of dates
+/// stored as text last (see [`crate::textdates`]).
 fn optimizer_rules(
     options: Arc<RwLock<PlanOptions>>,
 ) -> Vec<Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>> {
@@ -137,6 +138,8 @@ fn optimizer_rules(
     // scans get them), after literals are folded (`0.06 - 0.01`).
     let at = rules.iter().position(|r| r.name() == "push_down_filter").unwrap_or(0);
     rules.insert(at, Arc::new(crate::floats::FloatComparisons));
+    // Last: after simplification, so the rewritten calls are the final ones.
+    rules.push(Arc::new(crate::textdates::TextDateParts::default()));
     rules
 }
 

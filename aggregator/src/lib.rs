@@ -16,5 +16,6 @@ pub mod limits;
 pub mod pg;
 pub mod subqueries;
 pub mod table;
+pub mod textdates;
 pub mod translate;
 pub mod udf;

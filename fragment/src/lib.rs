@@ -11,6 +11,7 @@
 //! - [`FragmentLeaf`]: wraps a storage leaf so it runs fragments: it decodes the plan with the
 //!   scan bound to the local shard and executes it.
 
+pub mod dates;
 pub mod filters;
 pub mod keys;
 
@@ -1086,10 +1087,17 @@ impl PhysicalExtensionCodec for ScanCodec {
     }
 }
 
-/// The functions a leaf knows when it decodes a fragment (DataFusion's built-ins).
+/// The functions a leaf knows when it decodes a fragment (DataFusion's built-ins and Basalt's
+/// [`dates::date_part_text_udf`]).
 fn checking_context() -> Arc<TaskContext> {
     static CONTEXT: OnceLock<Arc<TaskContext>> = OnceLock::new();
-    CONTEXT.get_or_init(|| SessionContext::new().task_ctx()).clone()
+    CONTEXT
+        .get_or_init(|| {
+            let ctx = SessionContext::new();
+            ctx.register_udf(dates::date_part_text_udf());
+            ctx.task_ctx()
+        })
+        .clone()
 }
 
 /// Stands in for a leaf while a fragment is only decoded, never run.
@@ -1141,6 +1149,7 @@ impl FragmentLeaf {
                 SessionContext::new_with_config(config)
             }
         };
+        ctx.register_udf(dates::date_part_text_udf());
         Self { inner, ctx }
     }
 }
