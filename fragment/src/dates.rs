@@ -14,7 +14,8 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, AsArray, Int32Array, Int32Builder};
+use arrow::array::{Array, ArrayRef, AsArray, Int32Array};
+use arrow::buffer::NullBuffer;
 use arrow::compute::{CastOptions, DatePart, cast_with_options, date_part};
 use arrow::datatypes::{DataType, Field, FieldRef, TimeUnit};
 use datafusion::common::{Result, ScalarValue, exec_err};
@@ -121,10 +122,28 @@ impl ScalarUDFImpl for DatePartText {
 /// `part` of each value read as a timestamp: from the digits when every value is a plain date,
 /// else through Arrow's cast (errors as a `CAST` reports them) and `date_part`.
 pub fn date_part_of_text(array: &ArrayRef, part: TextDatePart) -> Result<ArrayRef> {
+    let nulls = array.logical_nulls();
     let fast = match array.data_type() {
-        DataType::Utf8 => fields_of_dates(array.as_string::<i32>().iter(), array.len(), part),
-        DataType::LargeUtf8 => fields_of_dates(array.as_string::<i64>().iter(), array.len(), part),
-        DataType::Utf8View => fields_of_dates(array.as_string_view().iter(), array.len(), part),
+        DataType::Utf8 => {
+            let a = array.as_string::<i32>();
+            fields_of_dates(array.len(), nulls.as_ref(), part, |i| a.value(i).as_bytes().try_into().ok())
+        }
+        DataType::LargeUtf8 => {
+            let a = array.as_string::<i64>();
+            fields_of_dates(array.len(), nulls.as_ref(), part, |i| a.value(i).as_bytes().try_into().ok())
+        }
+        DataType::Utf8View => {
+            // Ten bytes are inline in the view (length in its low 4 bytes, then the text).
+            let views = array.as_string_view().views();
+            fields_of_dates(array.len(), nulls.as_ref(), part, |i| {
+                let view = views[i].to_le_bytes();
+                let len = u32::from_le_bytes([view[0], view[1], view[2], view[3]]);
+                if len != 10 {
+                    return None;
+                }
+                view[4..14].try_into().ok()
+            })
+        }
         _ => None,
     };
     if let Some(out) = fast {
@@ -135,29 +154,37 @@ pub fn date_part_of_text(array: &ArrayRef, part: TextDatePart) -> Result<ArrayRe
     Ok(date_part(&timestamps, part.arrow())?)
 }
 
-fn fields_of_dates<'a>(
-    values: impl Iterator<Item = Option<&'a str>>,
+/// `part` of every non-null value, if each is ten bytes (`text(i)`) of a plain date.
+fn fields_of_dates(
     len: usize,
+    nulls: Option<&NullBuffer>,
     part: TextDatePart,
+    text: impl Fn(usize) -> Option<[u8; 10]>,
 ) -> Option<Int32Array> {
-    let mut out = Int32Builder::with_capacity(len);
-    for v in values {
-        match v {
-            None => out.append_null(),
-            Some(s) => out.append_value(part.of(plain_date(s.as_bytes())?)),
+    let mut out = Vec::with_capacity(len);
+    for i in 0..len {
+        if nulls.is_some_and(|n| n.is_null(i)) {
+            out.push(0);
+            continue;
         }
+        out.push(part.of(plain_date(&text(i)?)?));
     }
-    Some(out.finish())
+    Some(Int32Array::new(out.into(), nulls.cloned()))
 }
 
 /// Year, month and day of exactly `YYYY-MM-DD`, a real calendar date whose midnight a
 /// nanosecond timestamp holds (years 1678 to 2261); `None` for anything else.
+#[inline]
 fn plain_date(s: &[u8]) -> Option<(i32, i32, i32)> {
     let &[y0, y1, y2, y3, b'-', m0, m1, b'-', d0, d1] = s else { return None };
-    let digit = |c: u8| c.is_ascii_digit().then(|| i32::from(c - b'0'));
-    let year = digit(y0)? * 1000 + digit(y1)? * 100 + digit(y2)? * 10 + digit(y3)?;
-    let month = digit(m0)? * 10 + digit(m1)?;
-    let day = digit(d0)? * 10 + digit(d1)?;
+    let d = [y0, y1, y2, y3, m0, m1, d0, d1].map(|c| c.wrapping_sub(b'0'));
+    if d.iter().fold(0, |acc, &x| acc | u8::from(x > 9)) != 0 {
+        return None;
+    }
+    let d = d.map(i32::from);
+    let year = d[0] * 1000 + d[1] * 100 + d[2] * 10 + d[3];
+    let month = d[4] * 10 + d[5];
+    let day = d[6] * 10 + d[7];
     let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
     let days = match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
