@@ -45,6 +45,15 @@ pub struct Described {
     pub output: Option<SchemaRef>,
 }
 
+impl Described {
+    /// A query plan's parameter types (`$1`, `$2`, ...) and result schema.
+    pub fn of_plan(plan: &LogicalPlan) -> Result<Self> {
+        let types = plan.get_parameter_types().map_err(from_df)?;
+        let params = (1..=types.len()).map(|i| types.get(&format!("${i}")).cloned().flatten()).collect();
+        Ok(Self { params, output: Some(Arc::new(plan.schema().as_arrow().clone())) })
+    }
+}
+
 /// The tiers an aggregator talks to.
 pub struct Engine {
     pub meta: Meta,
@@ -326,11 +335,9 @@ impl Session {
                 return Ok(described);
             }
             let plan = self.plan(s, &[]).await?;
-            let types = plan.get_parameter_types().map_err(from_df)?;
-            let n = types.len();
-            described.params = (1..=n).map(|i| types.get(&format!("${i}")).cloned().flatten()).collect();
-            if returns_rows {
-                described.output = Some(Arc::new(plan.schema().as_arrow().clone()));
+            described = Described::of_plan(&plan)?;
+            if !returns_rows {
+                described.output = None;
             }
         } else if let Some(schema) = command_schema(stmt) {
             described.output = Some(schema);

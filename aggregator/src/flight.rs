@@ -4,11 +4,12 @@
 //!
 //! Statements run in a fresh [`Session`](crate::engine::Session) each, like HTTP requests. A
 //! statement or prepared-statement handle is the SQL text (and bound parameters) as JSON, so any
-//! aggregator can serve any ticket. A query is planned at `GetFlightInfo` (its schema is the
-//! answer's) and that plan, with its session, is kept for a while ([`Planned`]): the `DoGet` that
-//! reaches the same aggregator runs it, streaming record batches as the leaves produce them,
-//! instead of planning again; a `DoGet` elsewhere, later or for the same ticket again plans
-//! from the ticket's SQL. Statements that return no rows (DDL, writes) run at `GetFlightInfo`
+//! aggregator can serve any ticket. A query is planned once: at `CreatePreparedStatement` (ADBC
+//! prepares every statement it runs) or `GetFlightInfo` (its schema is the answer's), and that
+//! plan, with its session, is kept for a while ([`Planned`]): the `GetFlightInfo` and `DoGet`
+//! that follow on the same aggregator use it, and `DoGet` streams record batches as the leaves
+//! produce them; a call elsewhere, later, with parameters bound or for the same handle again
+//! plans from the handle's SQL. Statements that return no rows (DDL, writes) run at `GetFlightInfo`
 //! and their ticket carries the command tag and row count.
 
 use std::collections::HashMap;
@@ -44,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Engine, Output, Session, from_df};
+use crate::engine::{Described, Engine, Output, Session, from_df};
 
 /// Largest gRPC message in either direction (a batch of results or of parameters).
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -154,6 +155,22 @@ fn count_plan(label: &str) {
     }
 }
 
+static PREPARED: LazyLock<Option<prometheus::IntCounterVec>> = LazyLock::new(|| {
+    prometheus::register_int_counter_vec!(
+        "basalt_flight_prepared_plans_total",
+        "Flight SQL GetFlightInfo calls for a prepared statement by whether they used the plan \
+         CreatePreparedStatement made (reused) or planned again",
+        &["plan"]
+    )
+    .ok()
+});
+
+fn count_prepared(label: &str) {
+    if let Some(c) = PREPARED.as_ref() {
+        c.with_label_values(&[label]).inc();
+    }
+}
+
 pub struct FlightSql {
     engine: Arc<Engine>,
     planned: parking_lot::Mutex<HashMap<String, Planned>>,
@@ -199,6 +216,18 @@ impl FlightSql {
     /// Plan a query for its schema (it runs at DoGet), or run a statement that returns no rows
     /// now; either way a FlightInfo with one endpoint whose ticket runs or replays it.
     async fn flight_info(&self, mut handle: Handle, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+        // The plan CreatePreparedStatement made, if it is this handle's.
+        if let Some((session, plan)) = self.take(&handle) {
+            count_prepared("reused");
+            let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
+            let planned =
+                Planned { session, plan, sql: handle.sql.clone(), params: handle.params.clone(), at: Instant::now() };
+            handle.planned = Some(self.keep(planned));
+            return Self::info(handle, &schema, descriptor);
+        }
+        if handle.planned.take().is_some() {
+            count_prepared("planned");
+        }
         let session = self.engine.session();
         let stmt = Self::one_statement(&session, &handle.sql)?;
         let schema = if let Some(plan) = session.plan_query(&stmt, &handle.scalars()).await.map_err(status)? {
@@ -217,10 +246,15 @@ impl FlightSql {
                 }
             }
         };
+        Self::info(handle, &schema, descriptor)
+    }
+
+    /// A FlightInfo with one endpoint whose ticket is `handle`.
+    fn info(handle: Handle, schema: &Schema, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
         let ticket = TicketStatementQuery { statement_handle: handle.encode() };
         let endpoint = FlightEndpoint::new().with_ticket(Ticket { ticket: ticket.as_any().encode_to_vec().into() });
         FlightInfo::new()
-            .try_with_schema(&schema)
+            .try_with_schema(schema)
             .map_err(|e| Status::internal(e.to_string()))
             .map(|info| info.with_endpoint(endpoint).with_descriptor(descriptor).with_total_records(-1))
     }
@@ -447,7 +481,21 @@ impl FlightSqlService for FlightSql {
     ) -> Result<ActionCreatePreparedStatementResult, Status> {
         let session = self.engine.session();
         let stmt = Self::one_statement(&session, &query.query)?;
-        let described = session.describe(&stmt).await.map_err(status)?;
+        let mut handle = Handle { sql: query.query, ..Default::default() };
+        let described = match session.plan_query(&stmt, &[]).await.map_err(status)? {
+            Some(plan) => {
+                let described = Described::of_plan(&plan).map_err(status)?;
+                // Kept for the GetFlightInfo that runs the statement without parameters; with
+                // parameters bound, it plans again with their values.
+                if described.params.is_empty() {
+                    let planned =
+                        Planned { session, plan, sql: handle.sql.clone(), params: vec![], at: Instant::now() };
+                    handle.planned = Some(self.keep(planned));
+                }
+                described
+            }
+            None => session.describe(&stmt).await.map_err(status)?,
+        };
         let dataset = described.output.map(|s| s.as_ref().clone()).unwrap_or_else(Schema::empty);
         let params = Schema::new(
             described
@@ -458,7 +506,7 @@ impl FlightSqlService for FlightSql {
                 .collect::<Vec<_>>(),
         );
         Ok(ActionCreatePreparedStatementResult {
-            prepared_statement_handle: Handle { sql: query.query, ..Default::default() }.encode(),
+            prepared_statement_handle: handle.encode(),
             dataset_schema: schema_bytes(&dataset)?,
             parameter_schema: schema_bytes(&params)?,
         })
@@ -466,10 +514,15 @@ impl FlightSqlService for FlightSql {
 
     async fn do_action_close_prepared_statement(
         &self,
-        _query: ActionClosePreparedStatementRequest,
+        query: ActionClosePreparedStatementRequest,
         _request: Request<arrow_flight::Action>,
     ) -> Result<(), Status> {
-        // Handles hold no server state.
+        // A plan kept for the statement and not used goes now; handles hold no other state.
+        if let Ok(handle) = Handle::decode(&query.prepared_statement_handle)
+            && let Some(key) = handle.planned
+        {
+            self.planned.lock().remove(&key);
+        }
         Ok(())
     }
 

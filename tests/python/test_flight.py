@@ -111,17 +111,44 @@ def _flight_sql_command(sql: str) -> bytes:
     return field(1, type_url) + field(2, field(1, sql.encode()))
 
 
-def _plans_counted(basalt) -> dict:
+def _plans_counted(basalt, metric: str = "basalt_flight_plans_total") -> dict:
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{basalt.http_port}/metrics", timeout=10) as r:
         text = r.read().decode()
     counts = {"reused": 0, "planned": 0}
     for line in text.splitlines():
-        if line.startswith("basalt_flight_plans_total{"):
+        if line.startswith(metric + "{"):
             label = line.split('plan="', 1)[1].split('"', 1)[0]
             counts[label] = int(float(line.rsplit(" ", 1)[1]))
     return counts
+
+
+def _counted(basalt) -> tuple:
+    plans = _plans_counted(basalt)
+    prepared = _plans_counted(basalt, "basalt_flight_prepared_plans_total")
+    return plans["reused"], plans["planned"], prepared["reused"], prepared["planned"]
+
+
+def test_adbc_statements_are_planned_once(conn, basalt):
+    """ADBC prepares each new statement text, then gets its FlightInfo and its data: the plan made
+    when it was prepared serves both. Running the same text again plans again (a kept plan is
+    used once), with the same answer."""
+    sql = "SELECT kind, count(*) AS n FROM demo.events WHERE kind IS NOT NULL GROUP BY kind ORDER BY kind"
+    with conn.cursor() as cur:
+        before = _counted(basalt)
+        cur.execute(sql)
+        first = cur.fetch_arrow_table()
+        after_first = _counted(basalt)
+        # DoGet and GetFlightInfo both used the prepared plan.
+        assert tuple(a - b for a, b in zip(after_first, before)) == (1, 0, 1, 0)
+        cur.execute(sql)
+        second = cur.fetch_arrow_table()
+        after_second = _counted(basalt)
+        # Same text on the same cursor: not prepared again; GetFlightInfo plans, DoGet reuses that.
+        assert tuple(a - b for a, b in zip(after_second, after_first)) == (1, 0, 0, 1)
+    assert first.equals(second)
+    assert sum(first.column("n").to_pylist()) == 5000
 
 
 def test_a_ticket_runs_the_plan_made_for_it_and_plans_again_when_used_twice(basalt):
