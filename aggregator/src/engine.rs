@@ -129,6 +129,7 @@ impl Engine {
             pool,
             canceler: crate::limits::Canceler::default(),
             timeout: RwLock::new(None),
+            plans: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -165,6 +166,8 @@ pub struct Session {
     canceler: crate::limits::Canceler,
     /// `SET statement_timeout`.
     timeout: RwLock<Option<std::time::Duration>>,
+    /// Statements planned so far (see [`Session::plans_made`]).
+    plans: std::sync::atomic::AtomicU64,
 }
 
 pub use basalt_fragment::from_df;
@@ -227,6 +230,7 @@ impl Session {
     }
 
     async fn plan(&self, stmt: Statement, params: &[ScalarValue]) -> Result<LogicalPlan> {
+        self.plans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.catalog.refresh().await?;
         let with_score = basalt_sql::uses_score(&stmt);
         let statement = basalt_sql::statement_hints(&stmt)?;
@@ -258,10 +262,22 @@ impl Session {
         let options = datafusion::execution::context::SQLOptions::new().with_allow_ddl(false).with_allow_dml(false);
         options.verify_plan(&plan).map_err(from_df)?;
         let plan = text_for_clients(plan)?;
+        self.bind(plan, params)
+    }
+
+    /// How many statements this session has planned: a plan kept from an earlier call runs as
+    /// planned only while this has not moved (planning sets the statement's hints on the session,
+    /// which its physical planning reads).
+    pub fn plans_made(&self) -> u64 {
+        self.plans.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A plan with its parameters (`$1`, `$2`, ...) given values, cast to the types the plan
+    /// inferred for them.
+    pub fn bind(&self, plan: LogicalPlan, params: &[ScalarValue]) -> Result<LogicalPlan> {
         if params.is_empty() {
             return Ok(plan);
         }
-        // Cast parameters to the types the plan inferred for them.
         let types = plan.get_parameter_types().map_err(from_df)?;
         let mut values = Vec::with_capacity(params.len());
         for (i, v) in params.iter().enumerate() {

@@ -336,6 +336,40 @@ pub struct Prepared {
     stmt: BasaltStatement,
     param_types: Vec<Type>,
     described: Described,
+    /// The query's plan from Parse, for the Execute that follows (see [`KeptPlan`]).
+    kept: Arc<parking_lot::Mutex<Option<KeptPlan>>>,
+    /// A query that plans in general (not a point lookup or a command).
+    planned: bool,
+}
+
+/// A query's logical plan made at Parse (for its Describe), run by the first Execute if the
+/// session planned nothing else in between and it is recent; later executions plan again.
+/// Drivers using the extended protocol (JDBC, asyncpg, psycopg with parameters) send Parse,
+/// Bind and Execute together, so their statements plan once instead of twice.
+#[derive(Debug)]
+struct KeptPlan {
+    plan: datafusion::logical_expr::LogicalPlan,
+    /// [`Session::plans_made`] right after it was planned.
+    plans_made: u64,
+    at: std::time::Instant,
+}
+
+/// How long a plan from Parse waits for its Execute.
+const KEPT_PLAN_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+static PARSE_PLANS: std::sync::LazyLock<Option<prometheus::IntCounterVec>> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter_vec!(
+        "basalt_pg_parse_plans_total",
+        "pgwire Executes of a query by whether they ran the plan made at Parse (reused) or planned again",
+        &["plan"]
+    )
+    .ok()
+});
+
+fn count_parse_plan(label: &str) {
+    if let Some(c) = PARSE_PLANS.as_ref() {
+        c.with_label_values(&[label]).inc();
+    }
 }
 
 pub struct Parser {
@@ -358,7 +392,16 @@ impl QueryParser for Parser {
             )));
         }
         let Some(stmt) = statements.pop() else { return Ok(None) };
-        let described = self.session.describe(&stmt).await.map_err(pg_error)?;
+        let mut kept = None;
+        let described = match self.session.plan_query(&stmt, &[]).await.map_err(pg_error)? {
+            Some(plan) => {
+                let described = Described::of_plan(&plan).map_err(pg_error)?;
+                let plans_made = self.session.plans_made();
+                kept = Some(KeptPlan { plan, plans_made, at: std::time::Instant::now() });
+                described
+            }
+            None => self.session.describe(&stmt).await.map_err(pg_error)?,
+        };
         let n = described.params.len().max(types.len());
         let param_types = (0..n)
             .map(|i| {
@@ -371,7 +414,8 @@ impl QueryParser for Parser {
                     .unwrap_or(Type::TEXT)
             })
             .collect();
-        Ok(Some(Prepared { stmt, param_types, described }))
+        let planned = kept.is_some();
+        Ok(Some(Prepared { stmt, param_types, described, kept: Arc::new(parking_lot::Mutex::new(kept)), planned }))
     }
 
     fn get_parameter_types(&self, stmt: &Prepared) -> PgWireResult<Vec<Type>> {
@@ -443,8 +487,27 @@ impl ExtendedQueryHandler for Connection {
                 .unwrap_or(Type::TEXT);
             params.push(decode_param(portal, i, &ty)?);
         }
-        let out = self.session.execute(prepared.stmt.clone(), &params).await.map_err(pg_error)?;
-        Ok(to_response(out, &portal.result_column_format))
+        // A query (not a point lookup or a command) has a plan from Parse, which runs if it
+        // still holds; the statement's later executions plan again.
+        let kept = prepared
+            .kept
+            .lock()
+            .take()
+            .filter(|k| k.plans_made == self.session.plans_made() && k.at.elapsed() < KEPT_PLAN_TTL);
+        let out = match kept {
+            Some(k) => {
+                count_parse_plan("reused");
+                let plan = self.session.bind(k.plan, &params).map_err(pg_error)?;
+                self.session.execute_plan(plan).await
+            }
+            None => {
+                if prepared.planned {
+                    count_parse_plan("planned");
+                }
+                self.session.execute(prepared.stmt.clone(), &params).await
+            }
+        };
+        Ok(to_response(out.map_err(pg_error)?, &portal.result_column_format))
     }
 }
 

@@ -94,3 +94,33 @@ def test_transactions_are_accepted(basalt):
         conn.commit()
         conn.execute("SELECT 1")
         conn.rollback()
+
+
+def _parse_plans(basalt) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{basalt.http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    counts = {"reused": 0, "planned": 0}
+    for line in text.splitlines():
+        if line.startswith("basalt_pg_parse_plans_total{"):
+            counts[line.split('plan="', 1)[1].split('"', 1)[0]] = int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def test_extended_protocol_queries_plan_once(basalt):
+    """Parse plans a query for its Describe; the Execute right after runs that plan with the
+    parameters bound. A named statement's later executions plan again, with the same answers."""
+    with connect(basalt, autocommit=True) as conn:
+        sql = "SELECT kind, count(*) FROM demo.events WHERE kind <> %s GROUP BY kind ORDER BY kind"
+        (kind,) = conn.execute("SELECT min(kind) FROM demo.events").fetchone()
+        before = _parse_plans(basalt)
+        first = conn.execute(sql, (kind,)).fetchall()
+        after = _parse_plans(basalt)
+        assert (after["reused"] - before["reused"], after["planned"] - before["planned"]) == (1, 0)
+        assert kind not in [r[0] for r in first] and len(first) == 4
+        # A named prepared statement: the first execution runs Parse's plan, the next plan again.
+        answers = [conn.execute(sql, (kind,), prepare=True).fetchall() for _ in range(3)]
+        end = _parse_plans(basalt)
+        assert end["reused"] - after["reused"] == 1 and end["planned"] - after["planned"] == 2
+        assert answers == [first] * 3
