@@ -45,6 +45,13 @@ pub struct Described {
     pub output: Option<SchemaRef>,
 }
 
+/// Add one to a labelled counter (registered once per process; absent if registering failed).
+pub(crate) fn count(counter: &Option<prometheus::IntCounterVec>, label: &str) {
+    if let Some(c) = counter {
+        c.with_label_values(&[label]).inc();
+    }
+}
+
 impl Described {
     /// A query plan's parameter types (`$1`, `$2`, ...) and result schema.
     pub fn of_plan(plan: &LogicalPlan) -> Result<Self> {

@@ -149,12 +149,6 @@ static PLANS: LazyLock<Option<prometheus::IntCounterVec>> = LazyLock::new(|| {
     .ok()
 });
 
-fn count_plan(label: &str) {
-    if let Some(c) = PLANS.as_ref() {
-        c.with_label_values(&[label]).inc();
-    }
-}
-
 static PREPARED: LazyLock<Option<prometheus::IntCounterVec>> = LazyLock::new(|| {
     prometheus::register_int_counter_vec!(
         "basalt_flight_prepared_plans_total",
@@ -164,12 +158,6 @@ static PREPARED: LazyLock<Option<prometheus::IntCounterVec>> = LazyLock::new(|| 
     )
     .ok()
 });
-
-fn count_prepared(label: &str) {
-    if let Some(c) = PREPARED.as_ref() {
-        c.with_label_values(&[label]).inc();
-    }
-}
 
 pub struct FlightSql {
     engine: Arc<Engine>,
@@ -218,7 +206,7 @@ impl FlightSql {
     async fn flight_info(&self, mut handle: Handle, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
         // The plan CreatePreparedStatement made, if it is this handle's.
         if let Some((session, plan)) = self.take(&handle) {
-            count_prepared("reused");
+            crate::engine::count(&PREPARED, "reused");
             let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
             let planned =
                 Planned { session, plan, sql: handle.sql.clone(), params: handle.params.clone(), at: Instant::now() };
@@ -226,7 +214,7 @@ impl FlightSql {
             return Self::info(handle, &schema, descriptor);
         }
         if handle.planned.take().is_some() {
-            count_prepared("planned");
+            crate::engine::count(&PREPARED, "planned");
         }
         let session = self.engine.session();
         let stmt = Self::one_statement(&session, &handle.sql)?;
@@ -269,11 +257,11 @@ impl FlightSql {
             None => {
                 let output = match self.take(&handle) {
                     Some((session, plan)) => {
-                        count_plan("reused");
+                        crate::engine::count(&PLANS, "reused");
                         session.execute_plan(plan).await
                     }
                     None => {
-                        count_plan("planned");
+                        crate::engine::count(&PLANS, "planned");
                         let session = self.engine.session();
                         let stmt = Self::one_statement(&session, &handle.sql)?;
                         session.execute(stmt, &handle.scalars()).await

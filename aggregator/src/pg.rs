@@ -366,12 +366,6 @@ static PARSE_PLANS: std::sync::LazyLock<Option<prometheus::IntCounterVec>> = std
     .ok()
 });
 
-fn count_parse_plan(label: &str) {
-    if let Some(c) = PARSE_PLANS.as_ref() {
-        c.with_label_values(&[label]).inc();
-    }
-}
-
 pub struct Parser {
     session: Arc<Session>,
 }
@@ -496,13 +490,13 @@ impl ExtendedQueryHandler for Connection {
             .filter(|k| k.plans_made == self.session.plans_made() && k.at.elapsed() < KEPT_PLAN_TTL);
         let out = match kept {
             Some(k) => {
-                count_parse_plan("reused");
+                crate::engine::count(&PARSE_PLANS, "reused");
                 let plan = self.session.bind(k.plan, &params).map_err(pg_error)?;
                 self.session.execute_plan(plan).await
             }
             None => {
                 if prepared.planned {
-                    count_parse_plan("planned");
+                    crate::engine::count(&PARSE_PLANS, "planned");
                 }
                 self.session.execute(prepared.stmt.clone(), &params).await
             }
