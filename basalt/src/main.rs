@@ -82,10 +82,12 @@ struct DevArgs {
     /// shard) [default: 10000]
     #[arg(long, env = "BASALT_FLUSH_INTERVAL_MS")]
     flush_interval_ms: Option<u64>,
-    /// Bytes of narrow integer offsets the leaf keeps for filters (past them, filters compare the
-    /// stored values) [default: 1073741824]
-    #[arg(long, env = "BASALT_OFFSETS_MAX_BYTES")]
-    offsets_max_bytes: Option<u64>,
+    /// Bytes the leaf keeps derived from stored columns for filters: narrow integer offsets, text
+    /// dictionaries, text parsed as dates (past them, filters compare the stored values)
+    /// [default: 1073741824]
+    #[arg(long, alias = "offsets-max-bytes", env = "BASALT_FILTER_CACHE_MAX_BYTES")]
+    #[serde(alias = "offsets_max_bytes")]
+    filter_cache_max_bytes: Option<u64>,
     /// Load the demo dataset into demo.events (once; kept across restarts)
     #[arg(long, env = "BASALT_DEMO")]
     #[serde(default)]
@@ -106,10 +108,12 @@ struct LeafArgs {
     /// shard) [default: 10000]
     #[arg(long, env = "BASALT_FLUSH_INTERVAL_MS")]
     flush_interval_ms: Option<u64>,
-    /// Bytes of narrow integer offsets the leaf keeps for filters (past them, filters compare the
-    /// stored values) [default: 1073741824]
-    #[arg(long, env = "BASALT_OFFSETS_MAX_BYTES")]
-    offsets_max_bytes: Option<u64>,
+    /// Bytes the leaf keeps derived from stored columns for filters: narrow integer offsets, text
+    /// dictionaries, text parsed as dates (past them, filters compare the stored values)
+    /// [default: 1073741824]
+    #[arg(long, alias = "offsets-max-bytes", env = "BASALT_FILTER_CACHE_MAX_BYTES")]
+    #[serde(alias = "offsets_max_bytes")]
+    filter_cache_max_bytes: Option<u64>,
     /// Arrow Flight RPC address [default: 127.0.0.1:50061]
     #[arg(long, env = "BASALT_RPC_ADDR")]
     rpc_addr: Option<SocketAddr>,
@@ -242,10 +246,10 @@ fn open_local(
     data_dir: &std::path::Path,
     segment_store: Option<String>,
     flush_interval_ms: Option<u64>,
-    offsets_max_bytes: Option<u64>,
+    filter_cache_max_bytes: Option<u64>,
 ) -> Result<(Meta, basalt_leaf::Leaf), String> {
-    basalt_leaf::columns::set_offsets_max_bytes(
-        offsets_max_bytes.unwrap_or(basalt_leaf::columns::DEFAULT_OFFSETS_MAX_BYTES),
+    basalt_leaf::columns::set_filter_cache_max_bytes(
+        filter_cache_max_bytes.unwrap_or(basalt_leaf::columns::DEFAULT_FILTER_CACHE_MAX_BYTES),
     );
     let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&data_dir.join("meta")).map_err(|e| e.to_string())?);
     let leaf = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig {
@@ -275,7 +279,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 &data_dir,
                 args.segment_store.or(file.segment_store),
                 args.flush_interval_ms.or(file.flush_interval_ms),
-                args.offsets_max_bytes.or(file.offsets_max_bytes),
+                args.filter_cache_max_bytes.or(file.filter_cache_max_bytes),
             )?;
             local_leaf = Some(leaf_impl.clone());
             let leaf: Leaf = Arc::new(basalt_fragment::FragmentLeaf::new(Arc::new(leaf_impl)));
@@ -303,7 +307,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 &data_dir,
                 args.segment_store.or(file.segment_store),
                 args.flush_interval_ms.or(file.flush_interval_ms),
-                args.offsets_max_bytes.or(file.offsets_max_bytes),
+                args.filter_cache_max_bytes.or(file.filter_cache_max_bytes),
             )?;
             local_leaf = Some(leaf.clone());
             let services = basalt_rpc::Services {

@@ -173,30 +173,42 @@ async fn scans_in_key_order(d: Deployment) {
     assert_eq!(keys(pg.query(first, &[]).await.expect("query")), vec![-1, 0, 0]);
 }
 
-/// Filters compare narrow offsets of stored blocks within the process's budget: with the
-/// default budget the leaf keeps offsets (the gauge counts their bytes); with none
-/// (`--offsets-max-bytes 0`, here through `BASALT_OFFSETS_MAX_BYTES`) it keeps none and compares the stored values; the answers
-/// are the same.
+/// What blocks keep for filters (narrow offsets of integers, dictionaries of text with few
+/// values, text parsed as dates) stays within the process's budget: with the default budget
+/// the leaf keeps all three (the gauge counts their bytes); with none (`--filter-cache-max-bytes
+/// 0`, here through `BASALT_FILTER_CACHE_MAX_BYTES`) it keeps nothing and compares the stored
+/// values; the answers are the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn filter_offsets_stay_within_their_budget() {
-    let rows: Vec<(i64, i64, i64)> = (0..40_000i64).map(|v| (v % 11, 1 + v % 50, 19_920_101 + v % 2_557)).collect();
-    let kept: Vec<&(i64, i64, i64)> =
-        rows.iter().filter(|(d, q, day)| (1..=3).contains(d) && *q < 25 && *day >= 19_921_000).collect();
-    let want = (kept.len() as i64, kept.iter().map(|(_, q, _)| q).sum::<i64>());
+async fn filter_caches_stay_within_their_budget() {
+    // discount, quantity, day key, kind, (month, day) of the shipped date
+    type Row = (i64, i64, i64, i64, (i64, i64));
+    let rows: Vec<Row> =
+        (0..40_000i64).map(|v| (v % 11, 1 + v % 50, 19_920_101 + v % 2_557, v % 5, (1 + v % 9, 10 + v % 10))).collect();
+    let kept: Vec<_> = rows
+        .iter()
+        .filter(|(d, q, day, kind, month_day)| {
+            (1..=3).contains(d) && *q < 25 && *day >= 19_921_000 && (1..=2).contains(kind) && *month_day >= (3, 1)
+        })
+        .collect();
+    let want = (kept.len() as i64, kept.iter().map(|(_, q, ..)| q).sum::<i64>());
+    assert!(want.0 > 100, "the test's filter keeps some rows: {want:?}");
     for budget in [None, Some("0")] {
         let env: Vec<(String, String)> =
-            budget.map(|b| vec![("BASALT_OFFSETS_MAX_BYTES".to_string(), b.to_string())]).unwrap_or_default();
+            budget.map(|b| vec![("BASALT_FILTER_CACHE_MAX_BYTES".to_string(), b.to_string())]).unwrap_or_default();
         let d = Deployment::dev_with(&[], &env).await;
         let pg = d.pg().await;
         // 20,000 documents per shard: two sealed blocks of 8,192 each and a tail.
         pg.batch_execute(
             "CREATE COLLECTION o WITH (shards = 2);
              INSERT INTO o SELECT 'k' || value AS _id, value % 11 AS discount, 1 + value % 50 AS qty,
-                 19920101 + value % 2557 AS day FROM generate_series(0, 39999)",
+                 19920101 + value % 2557 AS day, 'kind' || (value % 5) AS kind,
+                 '1995-0' || (1 + value % 9) || '-' || (10 + value % 10) AS shipped
+                 FROM generate_series(0, 39999)",
         )
         .await
         .expect("load");
-        let sql = "SELECT count(*), CAST(sum(qty) AS BIGINT) FROM o WHERE discount BETWEEN 1 AND 3 AND qty < 25 AND day >= 19921000";
+        let sql = "SELECT count(*), CAST(sum(qty) AS BIGINT) FROM o WHERE discount BETWEEN 1 AND 3 AND qty < 25 \
+                   AND day >= 19921000 AND kind IN ('kind1', 'kind2') AND shipped >= DATE '1995-03-01'";
         for _ in 0..2 {
             let row = pg.query_one(sql, &[]).await.expect("query");
             assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), want, "budget {budget:?}");
@@ -204,12 +216,13 @@ async fn filter_offsets_stay_within_their_budget() {
         let text = reqwest::get(d.http("/metrics")).await.expect("metrics").text().await.expect("metrics body");
         let bytes = text
             .lines()
-            .find_map(|l| l.strip_prefix("basalt_leaf_filter_offsets_bytes "))
+            .find_map(|l| l.strip_prefix("basalt_leaf_filter_cache_bytes "))
             .map_or(0.0, |v| v.trim().parse::<f64>().expect("gauge"));
         match budget {
-            // Two shards' four sealed blocks, three one-byte or two-byte columns.
-            None => assert!(bytes >= 4.0 * 8192.0 * 3.0, "offsets kept: {bytes} bytes"),
-            Some(_) => assert_eq!(bytes, 0.0, "offsets kept past a budget of none"),
+            // Two shards' four sealed blocks: three one- or two-byte offsets, the kinds' codes
+            // (two bytes a row) and the parsed dates (four bytes a row) at least.
+            None => assert!(bytes >= 4.0 * 8192.0 * (3.0 + 2.0 + 4.0), "kept for filters: {bytes} bytes"),
+            Some(_) => assert_eq!(bytes, 0.0, "kept for filters past a budget of none"),
         }
     }
 }

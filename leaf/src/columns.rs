@@ -65,7 +65,16 @@ impl TextDictionary {
             };
             codes.push(code);
         }
-        Some(TextDictionary { values: values.finish(), codes, nulls: column.nulls().cloned() })
+        let dictionary = TextDictionary { values: values.finish(), codes, nulls: column.nulls().cloned() };
+        filter_cache_changed(dictionary.bytes() as i64);
+        Some(dictionary)
+    }
+
+    /// The bytes the dictionary takes.
+    pub fn bytes(&self) -> usize {
+        self.values.get_buffer_memory_size()
+            + self.codes.len() * 2
+            + self.nulls.as_ref().map_or(0, |n| n.buffer().len())
     }
 
     /// One result per row from one result per distinct value (`None`: unknown): a row takes
@@ -89,6 +98,12 @@ impl TextDictionary {
     }
 }
 
+impl Drop for TextDictionary {
+    fn drop(&mut self) {
+        filter_cache_changed(-(self.bytes() as i64));
+    }
+}
+
 /// An integer, timestamp or date column of one block as unsigned offsets from its smallest
 /// value, in the fewest bytes that hold its range (SSB's `lo_discount` in one byte, a year of
 /// `lo_orderdate` keys in two). Filters compare these instead of the stored 8-byte values: a
@@ -101,46 +116,81 @@ pub struct Offsets {
     pub values: OffsetValues,
 }
 
-/// Bytes of offsets the blocks of this process keep (see [`Block::offsets`]).
-static OFFSETS_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Bytes the blocks of this process keep derived from their columns for filters: narrow
+/// offsets ([`Block::offsets`]), text dictionaries ([`Block::text_dictionary`]) and text parsed
+/// as dates ([`Block::column_as_date`]).
+static FILTER_CACHE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The most bytes of offsets the process keeps (`--offsets-max-bytes`, see
-/// [`set_offsets_max_bytes`]). Past it a block compares its stored values (correct, slower)
-/// until blocks holding offsets are dropped (a merge replaces them).
-static OFFSETS_MAX_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(DEFAULT_OFFSETS_MAX_BYTES);
+/// The most bytes of those the process keeps (`--filter-cache-max-bytes`, see
+/// [`set_filter_cache_max_bytes`]). Past it a block builds no more (filters compare the stored
+/// values, correct and slower; a date comparison parses the text again each time) until blocks
+/// holding some are dropped (a merge replaces them).
+static FILTER_CACHE_MAX_BYTES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_FILTER_CACHE_MAX_BYTES);
 
-/// The default budget for offsets: 1 GiB.
-pub const DEFAULT_OFFSETS_MAX_BYTES: u64 = 1 << 30;
+/// The default budget: 1 GiB.
+pub const DEFAULT_FILTER_CACHE_MAX_BYTES: u64 = 1 << 30;
 
-/// Set the process's budget for offsets (the leaf's `--offsets-max-bytes`).
-pub fn set_offsets_max_bytes(bytes: u64) {
-    OFFSETS_MAX_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
+/// Set the process's budget for what blocks keep for filters (the leaf's
+/// `--filter-cache-max-bytes`).
+pub fn set_filter_cache_max_bytes(bytes: u64) {
+    FILTER_CACHE_MAX_BYTES.store(bytes, std::sync::atomic::Ordering::Relaxed);
 }
 
-static OFFSETS_GAUGE: std::sync::LazyLock<Option<prometheus::IntGauge>> = std::sync::LazyLock::new(|| {
+static FILTER_CACHE_GAUGE: std::sync::LazyLock<Option<prometheus::IntGauge>> = std::sync::LazyLock::new(|| {
     prometheus::register_int_gauge!(
-        "basalt_leaf_filter_offsets_bytes",
-        "Bytes of narrow offsets blocks keep for filters (limit: --offsets-max-bytes)"
+        "basalt_leaf_filter_cache_bytes",
+        "Bytes blocks keep for filters: narrow offsets, text dictionaries, text parsed as dates \
+         (limit: --filter-cache-max-bytes)"
     )
     .ok()
 });
 
-fn offsets_bytes_changed(delta: i64) {
+fn filter_cache_changed(delta: i64) {
     let now = if delta >= 0 {
-        OFFSETS_BYTES.fetch_add(delta as u64, std::sync::atomic::Ordering::Relaxed) + delta as u64
+        FILTER_CACHE_BYTES.fetch_add(delta as u64, std::sync::atomic::Ordering::Relaxed) + delta as u64
     } else {
-        OFFSETS_BYTES
+        FILTER_CACHE_BYTES
             .fetch_sub(delta.unsigned_abs(), std::sync::atomic::Ordering::Relaxed)
             .saturating_sub(delta.unsigned_abs())
     };
-    if let Some(g) = OFFSETS_GAUGE.as_ref() {
+    if let Some(g) = FILTER_CACHE_GAUGE.as_ref() {
         g.set(i64::try_from(now).unwrap_or(i64::MAX));
+    }
+}
+
+/// Whether the process keeps more for filters than its budget allows.
+fn filter_cache_full() -> bool {
+    FILTER_CACHE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+        > FILTER_CACHE_MAX_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether `bytes` more stay within the budget.
+fn filter_cache_fits(bytes: usize) -> bool {
+    FILTER_CACHE_BYTES.load(std::sync::atomic::Ordering::Relaxed).saturating_add(bytes as u64)
+        <= FILTER_CACHE_MAX_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Text parsed as dates that a block keeps, counted against the filter budget while kept.
+#[derive(Debug)]
+struct ParsedDates(ArrayRef);
+
+impl ParsedDates {
+    fn new(dates: ArrayRef) -> Self {
+        filter_cache_changed(dates.get_buffer_memory_size() as i64);
+        Self(dates)
+    }
+}
+
+impl Drop for ParsedDates {
+    fn drop(&mut self) {
+        filter_cache_changed(-(self.0.get_buffer_memory_size() as i64));
     }
 }
 
 impl Drop for Offsets {
     fn drop(&mut self) {
-        offsets_bytes_changed(-(self.bytes() as i64));
+        filter_cache_changed(-(self.bytes() as i64));
     }
 }
 
@@ -189,7 +239,7 @@ impl Offsets {
             return None;
         };
         let offsets = Offsets { base, values };
-        offsets_bytes_changed(offsets.bytes() as i64);
+        filter_cache_changed(offsets.bytes() as i64);
         Some(offsets)
     }
 
@@ -230,7 +280,7 @@ pub struct Block {
     pub min_max: HashMap<String, MinMax>,
     /// Text columns parsed as dates, kept after the first query that compares them with a date
     /// (`CAST(col AS DATE) < DATE '...'`): blocks never change, so neither does the parse.
-    dates: parking_lot::Mutex<HashMap<String, ArrayRef>>,
+    dates: parking_lot::Mutex<HashMap<String, ParsedDates>>,
     /// Text columns with few distinct values as codes into their distinct values (see
     /// [`Block::text_dictionary`]); `None` for a column with too many.
     dictionaries: parking_lot::Mutex<HashMap<String, Option<Arc<TextDictionary>>>>,
@@ -285,12 +335,19 @@ impl Block {
         if let Some(d) = self.dictionaries.lock().get(path) {
             return d.clone();
         }
+        // Over the process's budget: none now, and none remembered (see `offsets`).
+        if filter_cache_full() {
+            return None;
+        }
         let built = self
             .columns
             .get(path)
             .and_then(|a| a.as_string_opt::<i32>())
             .and_then(|a| TextDictionary::build(a, (self.rows / 2).min(TextDictionary::MAX_VALUES)))
             .map(Arc::new);
+        if built.is_some() && filter_cache_full() {
+            return None;
+        }
         self.dictionaries.lock().insert(path.to_string(), built.clone());
         built
     }
@@ -308,16 +365,12 @@ impl Block {
         }
         // Over the process's budget: no offsets now (and none remembered, so a later scan may
         // build them once blocks holding others are gone).
-        let full = || {
-            OFFSETS_BYTES.load(std::sync::atomic::Ordering::Relaxed)
-                > OFFSETS_MAX_BYTES.load(std::sync::atomic::Ordering::Relaxed)
-        };
-        if full() {
+        if filter_cache_full() {
             return None;
         }
         let column = if as_date { self.column_as_date(path).ok() } else { self.columns.get(path).cloned() };
         let built = column.and_then(|c| Offsets::build(c.as_ref())).map(Arc::new);
-        if built.is_some() && full() {
+        if built.is_some() && filter_cache_full() {
             return None;
         }
         self.offsets.lock()[usize::from(as_date)].insert(path.to_string(), built.clone());
@@ -344,13 +397,16 @@ impl Block {
     /// non-null value that is not a date is an error, as in SQL), parsed once per block.
     pub fn column_as_date(&self, path: &str) -> Result<ArrayRef> {
         if let Some(a) = self.dates.lock().get(path) {
-            return Ok(a.clone());
+            return Ok(a.0.clone());
         }
         let text = self.column_as(path, &DataType::Utf8)?;
         let options = CastOptions { safe: false, ..Default::default() };
         let dates = cast_with_options(&text, &DataType::Date32, &options)
             .map_err(|e| basalt_common::BasaltError::invalid(format!("{path}: {e}")))?;
-        self.dates.lock().insert(path.to_string(), dates.clone());
+        // Kept within the process's budget (over it, parsed again by the next comparison).
+        if filter_cache_fits(dates.get_buffer_memory_size()) {
+            self.dates.lock().insert(path.to_string(), ParsedDates::new(dates.clone()));
+        }
         Ok(dates)
     }
 
