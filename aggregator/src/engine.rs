@@ -119,6 +119,7 @@ impl Engine {
             .with_default_features()
             .with_physical_optimizer_rule(Arc::new(crate::catalog::PushFragments { options: options.clone() }))
             .with_physical_optimizer_rule(Arc::new(crate::limits::YieldInAmplifiers))
+            .with_physical_optimizer_rule(Arc::new(crate::shared::ShareCommonAggregates))
             .with_optimizer_rules(optimizer_rules(options.clone()))
             .build();
         let ctx = SessionContext::new_with_state(state);

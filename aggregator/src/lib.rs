@@ -14,6 +14,7 @@ pub mod http;
 pub mod joins;
 pub mod limits;
 pub mod pg;
+pub mod shared;
 pub mod subqueries;
 pub mod table;
 pub mod textdates;

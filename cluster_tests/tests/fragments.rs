@@ -226,3 +226,55 @@ async fn filter_caches_stay_within_their_budget() {
         }
     }
 }
+
+/// A common table expression read in two places (TPC-H q15's shape: the scalar subquery's
+/// `max` and the join) is aggregated once: EXPLAIN shows both readers behind a `SharedExec`,
+/// EXPLAIN ANALYZE as many replays as computations; the answer equals the test's own, on dev
+/// and on two leaf processes. A CTE that calls a volatile function is not shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cte_read_twice_is_aggregated_once() {
+    // (supplier, price, day) per row; revenue per supplier over days below 50.
+    let rows: Vec<(i64, i64, i64)> = (0..30_000i64).map(|v| (v % 7, v % 13, v % 100)).collect();
+    let mut revenue = std::collections::BTreeMap::<i64, i64>::new();
+    for (s, p, d) in &rows {
+        if *d < 50 {
+            *revenue.entry(*s).or_default() += p;
+        }
+    }
+    let top = revenue.values().copied().max().expect("some revenue");
+    let want: Vec<(i64, i64)> = revenue.iter().filter(|(_, r)| **r == top).map(|(s, r)| (*s, *r)).collect();
+    let sql = "WITH rev AS (SELECT s, CAST(sum(p) AS BIGINT) AS total FROM li WHERE d < 50 GROUP BY s)
+               SELECT s, total FROM rev WHERE total = (SELECT max(total) FROM rev) ORDER BY s";
+    for two_leaves in [false, true] {
+        let d = if two_leaves { Deployment::cluster_of(2, &[]).await } else { Deployment::dev().await };
+        let pg = d.pg().await;
+        pg.batch_execute(
+            "CREATE COLLECTION li WITH (shards = 2);
+             INSERT INTO li SELECT 'r' || value AS _id, value % 7 AS s, value % 13 AS p, value % 100 AS d
+                 FROM generate_series(0, 29999)",
+        )
+        .await
+        .expect("load");
+        let got: Vec<(i64, i64)> =
+            pg.query(sql, &[]).await.expect("query").iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(got, want, "two leaves: {two_leaves}");
+        let plan = explain_analyze(&pg, sql).await;
+        let shared: Vec<&str> = plan.lines().filter(|l| l.contains("SharedExec: readers=2")).collect();
+        assert_eq!(shared.len(), 2, "{plan}");
+        let metric = |name: &str| -> u64 {
+            shared
+                .iter()
+                .filter_map(|l| l.split(&format!("{name}=")).nth(1))
+                .map(|v| v.split(|c: char| !c.is_ascii_digit()).next().unwrap_or("0").parse::<u64>().unwrap_or(0))
+                .sum()
+        };
+        assert!(metric("computed") >= 1 && metric("computed") == metric("replayed"), "{plan}");
+        // A volatile function inside the aggregation: each place computes its own (one above
+        // it, as `sum(p) + random()`, would still share the aggregation below it).
+        let volatile = "WITH rev AS (SELECT s, sum(p * random()) AS total FROM li GROUP BY s)
+                        SELECT count(*) FROM rev WHERE total <= (SELECT max(total) FROM rev)";
+        let plan = explain_analyze(&pg, volatile).await;
+        assert!(!plan.contains("SharedExec"), "{plan}");
+        drop(d);
+    }
+}
