@@ -169,8 +169,9 @@ impl ExecutionPlan for SharedExec {
         if partition >= state.partitions.len() {
             return Err(DataFusionError::Internal(format!("SharedExec has no partition {partition}")));
         }
-        // Whoever polls first runs the subtree (in its own task, so dropping the statement stops
-        // it); the others wait for its batches. Nothing runs until polled.
+        // Whoever polls first runs the subtree within its own stream (dropping the statement
+        // stops it; a reader dropped mid-way leaves the run to the next); the others wait for
+        // its batches. Nothing runs until polled.
         let stream = futures::stream::once(async move {
             let cell = &state.partitions[partition];
             let mut ran = false;
