@@ -10,8 +10,9 @@
 //!
 //! Only what gives the same rows wherever it runs is shared: subtrees with runtime filters from
 //! a join above them (`runtime_filters`, `key_sets`), key sinks (they feed other scans) or
-//! volatile functions are left alone. A partition's results over [`SHARED_BYTES_MAX`] are not
-//! kept: each reader then runs the subtree itself, as before.
+//! volatile functions are left alone. What is kept counts against the statement's memory pool;
+//! a partition's results over [`SHARED_BYTES_MAX`] or over what the pool grants are not kept:
+//! each reader then runs the subtree itself, as before.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::config::ConfigOptions;
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
@@ -90,7 +92,14 @@ impl PhysicalOptimizerRule for ShareCommonAggregates {
 /// Per partition: the results once computed (None: over the size limit, each reader runs it).
 #[derive(Debug)]
 struct SharedState {
-    partitions: Vec<tokio::sync::OnceCell<Option<Arc<Vec<RecordBatch>>>>>,
+    partitions: Vec<tokio::sync::OnceCell<Option<Arc<KeptBatches>>>>,
+}
+
+/// A partition's batches and the memory reserved for them (released when the plan is dropped).
+#[derive(Debug)]
+struct KeptBatches {
+    batches: Vec<RecordBatch>,
+    _reservation: MemoryReservation,
 }
 
 impl SharedState {
@@ -190,7 +199,7 @@ impl ExecutionPlan for SharedExec {
                         replayed.add(1);
                     }
                     let schema = input.schema();
-                    let batches = (*batches).clone();
+                    let batches = batches.batches.clone();
                     Box::pin(RecordBatchStreamAdapter::new(schema, futures::stream::iter(batches.into_iter().map(Ok))))
                 }
                 None => {
@@ -205,21 +214,25 @@ impl ExecutionPlan for SharedExec {
     }
 }
 
-/// A partition's batches, or None when they take more than [`SHARED_BYTES_MAX`].
+/// A partition's batches, or None when they take more than [`SHARED_BYTES_MAX`] or than the
+/// statement's memory pool grants (what is kept counts against the statement's memory limit
+/// until the statement ends).
 async fn collect_bounded(
     input: Arc<dyn ExecutionPlan>,
     partition: usize,
     context: Arc<TaskContext>,
-) -> Result<Option<Arc<Vec<RecordBatch>>>> {
+) -> Result<Option<Arc<KeptBatches>>> {
+    let reservation = MemoryConsumer::new(format!("SharedExec[{partition}]")).register(context.memory_pool());
     let mut stream = input.execute(partition, context)?;
     let (mut batches, mut bytes) = (vec![], 0usize);
     while let Some(batch) = stream.next().await {
         let batch = batch?;
-        bytes += batch.get_array_memory_size();
-        if bytes > SHARED_BYTES_MAX {
+        let size = batch.get_array_memory_size();
+        bytes += size;
+        if bytes > SHARED_BYTES_MAX || reservation.try_grow(size).is_err() {
             return Ok(None);
         }
         batches.push(batch);
     }
-    Ok(Some(Arc::new(batches)))
+    Ok(Some(Arc::new(KeptBatches { batches, _reservation: reservation })))
 }
