@@ -318,6 +318,19 @@ impl Session {
         Ok(Some(self.plan((**q).clone(), params).await?))
     }
 
+    /// What a statement takes and returns (as [`Session::describe`]) and, for a general query,
+    /// its plan with `params` bound (as [`Session::plan_query`]), planned once for both.
+    pub async fn prepare(
+        &self,
+        stmt: &BasaltStatement,
+        params: &[ScalarValue],
+    ) -> Result<(Described, Option<LogicalPlan>)> {
+        match self.plan_query(stmt, params).await? {
+            Some(plan) => Ok((Described::of_plan(&plan)?, Some(plan))),
+            None => Ok((self.describe(stmt).await?, None)),
+        }
+    }
+
     /// Run a plan from [`Session::plan_query`] within the session's timeout, stoppable by a
     /// cancel.
     pub async fn execute_plan(&self, plan: LogicalPlan) -> Result<Output> {

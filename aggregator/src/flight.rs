@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::engine::{Described, Engine, Output, Session, from_df};
+use crate::engine::{Engine, Output, Session, from_df};
 
 /// Largest gRPC message in either direction (a batch of results or of parameters).
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -169,8 +169,10 @@ impl FlightSql {
         Self { engine, planned: Default::default() }
     }
 
-    /// Keep a plan for its DoGet; its key goes into the ticket.
-    fn keep(&self, planned: Planned) -> String {
+    /// Keep `handle`'s plan for the calls that follow; its key goes into the handle.
+    fn keep(&self, handle: &Handle, session: Session, plan: LogicalPlan) -> String {
+        let planned =
+            Planned { session, plan, sql: handle.sql.clone(), params: handle.params.clone(), at: Instant::now() };
         let key = uuid::Uuid::new_v4().simple().to_string();
         let mut kept = self.planned.lock();
         kept.retain(|_, p| p.at.elapsed() < PLANNED_TTL);
@@ -208,9 +210,7 @@ impl FlightSql {
         if let Some((session, plan)) = self.take(&handle) {
             crate::engine::count(&PREPARED, "reused");
             let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
-            let planned =
-                Planned { session, plan, sql: handle.sql.clone(), params: handle.params.clone(), at: Instant::now() };
-            handle.planned = Some(self.keep(planned));
+            handle.planned = Some(self.keep(&handle, session, plan));
             return Self::info(handle, &schema, descriptor);
         }
         if handle.planned.take().is_some() {
@@ -218,20 +218,16 @@ impl FlightSql {
         }
         let session = self.engine.session();
         let stmt = Self::one_statement(&session, &handle.sql)?;
-        let schema = if let Some(plan) = session.plan_query(&stmt, &handle.scalars()).await.map_err(status)? {
-            let schema: SchemaRef = Arc::new(plan.schema().as_arrow().clone());
-            let planned =
-                Planned { session, plan, sql: handle.sql.clone(), params: handle.params.clone(), at: Instant::now() };
-            handle.planned = Some(self.keep(planned));
-            schema
-        } else {
-            let described = session.describe(&stmt).await.map_err(status)?;
-            match described.output {
-                Some(schema) => schema,
-                None => {
-                    handle.done = Some(run_to_end(&session, stmt, &handle.scalars()).await?);
-                    command_schema()
-                }
+        let (described, plan) = session.prepare(&stmt, &handle.scalars()).await.map_err(status)?;
+        let schema = match (plan, described.output) {
+            (Some(plan), Some(schema)) => {
+                handle.planned = Some(self.keep(&handle, session, plan));
+                schema
+            }
+            (_, Some(schema)) => schema,
+            (_, None) => {
+                handle.done = Some(run_to_end(&session, stmt, &handle.scalars()).await?);
+                command_schema()
             }
         };
         Self::info(handle, &schema, descriptor)
@@ -470,20 +466,14 @@ impl FlightSqlService for FlightSql {
         let session = self.engine.session();
         let stmt = Self::one_statement(&session, &query.query)?;
         let mut handle = Handle { sql: query.query, ..Default::default() };
-        let described = match session.plan_query(&stmt, &[]).await.map_err(status)? {
-            Some(plan) => {
-                let described = Described::of_plan(&plan).map_err(status)?;
-                // Kept for the GetFlightInfo that runs the statement without parameters; with
-                // parameters bound, it plans again with their values.
-                if described.params.is_empty() {
-                    let planned =
-                        Planned { session, plan, sql: handle.sql.clone(), params: vec![], at: Instant::now() };
-                    handle.planned = Some(self.keep(planned));
-                }
-                described
-            }
-            None => session.describe(&stmt).await.map_err(status)?,
-        };
+        let (described, plan) = session.prepare(&stmt, &[]).await.map_err(status)?;
+        // Kept for the GetFlightInfo that runs the statement without parameters; with
+        // parameters bound, it plans again with their values.
+        if let Some(plan) = plan
+            && described.params.is_empty()
+        {
+            handle.planned = Some(self.keep(&handle, session, plan));
+        }
         let dataset = described.output.map(|s| s.as_ref().clone()).unwrap_or_else(Schema::empty);
         let params = Schema::new(
             described

@@ -386,16 +386,9 @@ impl QueryParser for Parser {
             )));
         }
         let Some(stmt) = statements.pop() else { return Ok(None) };
-        let mut kept = None;
-        let described = match self.session.plan_query(&stmt, &[]).await.map_err(pg_error)? {
-            Some(plan) => {
-                let described = Described::of_plan(&plan).map_err(pg_error)?;
-                let plans_made = self.session.plans_made();
-                kept = Some(KeptPlan { plan, plans_made, at: std::time::Instant::now() });
-                described
-            }
-            None => self.session.describe(&stmt).await.map_err(pg_error)?,
-        };
+        let (described, plan) = self.session.prepare(&stmt, &[]).await.map_err(pg_error)?;
+        let plans_made = self.session.plans_made();
+        let kept = plan.map(|plan| KeptPlan { plan, plans_made, at: std::time::Instant::now() });
         let n = described.params.len().max(types.len());
         let param_types = (0..n)
             .map(|i| {
