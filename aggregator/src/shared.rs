@@ -41,41 +41,60 @@ const NOT_SHARED: [&str; 7] =
 #[derive(Debug, Default)]
 pub struct ShareCommonAggregates;
 
-/// The text that identifies a candidate subtree, or None when it is not one.
+/// Whether `node` is a complete aggregation (a candidate to share).
+fn is_candidate(node: &Arc<dyn ExecutionPlan>) -> bool {
+    node.downcast_ref::<AggregateExec>()
+        .is_some_and(|a| !matches!(a.mode(), AggregateMode::Partial | AggregateMode::PartialReduce))
+}
+
+/// The text that identifies a candidate subtree, or None when it must not be shared.
 fn fingerprint(node: &Arc<dyn ExecutionPlan>) -> Option<String> {
-    let aggregate = node.downcast_ref::<AggregateExec>()?;
-    if matches!(aggregate.mode(), AggregateMode::Partial | AggregateMode::PartialReduce) {
-        return None;
-    }
     let text = format!("{}\n{:?}", displayable(node.as_ref()).indent(true), node.schema());
     (!NOT_SHARED.iter().any(|n| text.contains(n))).then_some(text)
 }
 
+/// A node's identity within one plan (the same `Arc` in both passes below).
+fn identity(node: &Arc<dyn ExecutionPlan>) -> *const () {
+    Arc::as_ptr(node) as *const ()
+}
+
 impl PhysicalOptimizerRule for ShareCommonAggregates {
     fn optimize(&self, plan: Arc<dyn ExecutionPlan>, _config: &ConfigOptions) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        use std::collections::HashMap;
+        let mut candidates = vec![];
         plan.apply(|node| {
-            if let Some(f) = fingerprint(node) {
-                *seen.entry(f).or_default() += 1;
+            if is_candidate(node) {
+                candidates.push(node.clone());
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
+        // Most plans have one complete aggregation or none: nothing to print.
+        if candidates.len() < 2 {
+            return Ok(plan);
+        }
+        let texts: HashMap<*const (), String> =
+            candidates.iter().filter_map(|n| fingerprint(n).map(|f| (identity(n), f))).collect();
+        // Counted per place: one node may stand in two places of the tree.
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for text in candidates.iter().filter_map(|n| texts.get(&identity(n))) {
+            *seen.entry(text.as_str()).or_default() += 1;
+        }
         seen.retain(|_, n| *n > 1);
         if seen.is_empty() {
             return Ok(plan);
         }
-        let mut states: std::collections::HashMap<String, Arc<SharedState>> = Default::default();
-        plan.transform_down(|node| match fingerprint(&node) {
-            Some(f) if seen.contains_key(&f) => {
-                let partitions = node.properties().partitioning.partition_count();
-                let state = states.entry(f.clone()).or_insert_with(|| Arc::new(SharedState::new(partitions))).clone();
-                let readers = seen.get(&f).copied().unwrap_or(1);
-                let shared =
-                    Arc::new(SharedExec { input: node, state, readers, metrics: ExecutionPlanMetricsSet::new() });
-                // Below a shared subtree nothing more is shared: it runs once.
-                Ok(Transformed::new(shared as Arc<dyn ExecutionPlan>, true, TreeNodeRecursion::Jump))
-            }
-            _ => Ok(Transformed::no(node)),
+        let mut states: HashMap<&str, Arc<SharedState>> = HashMap::new();
+        plan.transform_down(|node| {
+            let Some((text, readers)) =
+                texts.get(&identity(&node)).and_then(|t| seen.get_key_value(t.as_str())).map(|(t, n)| (*t, *n))
+            else {
+                return Ok(Transformed::no(node));
+            };
+            let partitions = node.properties().partitioning.partition_count();
+            let state = states.entry(text).or_insert_with(|| Arc::new(SharedState::new(partitions))).clone();
+            let shared = Arc::new(SharedExec { input: node, state, readers, metrics: ExecutionPlanMetricsSet::new() });
+            // Below a shared subtree nothing more is shared: it runs once.
+            Ok(Transformed::new(shared as Arc<dyn ExecutionPlan>, true, TreeNodeRecursion::Jump))
         })
         .map(|t| t.data)
     }
