@@ -43,6 +43,9 @@ pub struct PlanOptions {
     /// Inner joins are ordered from leaf statistics (`SET basalt.join_order = off` keeps the
     /// order the query names them in, for comparison).
     pub join_order: bool,
+    /// Hash joins with a small build side run on the leaves with the build side's rows sent
+    /// to them (`SET basalt.broadcast = off` joins on the aggregator, for comparison).
+    pub broadcast: bool,
     /// The statement names more than one table: tables carry the leaves' distinct-value
     /// sketches for join planning (a one-table statement never reads them, and computing them
     /// reads every value of a collection that changed by a tenth).
@@ -63,6 +66,11 @@ impl PlanOptions {
         self.statement.join_order.unwrap_or(self.join_order)
     }
 
+    /// Whether small build sides are broadcast to the leaves for the statement being planned.
+    pub fn broadcast(&self) -> bool {
+        self.statement.broadcast.unwrap_or(self.broadcast)
+    }
+
     /// The forced access path for one collection: its own hint, else the statement's
     /// `Set(basalt.access_path ...)`, else the session's.
     pub fn access_path(&self, collection: &CollectionName) -> Option<AccessPath> {
@@ -80,6 +88,7 @@ impl Default for PlanOptions {
             with_score: false,
             fragments: true,
             join_order: true,
+            broadcast: true,
             planner_stats: true,
             statement: basalt_sql::Hints::default(),
         }
@@ -104,7 +113,8 @@ impl datafusion::physical_optimizer::PhysicalOptimizerRule for PushFragments {
         if !self.options.read().fragments() {
             return Ok(plan);
         }
-        basalt_fragment::push_fragments(plan)
+        let broadcast = self.options.read().broadcast();
+        basalt_fragment::push_fragments(plan, broadcast)
     }
 
     fn name(&self) -> &str {
@@ -267,12 +277,14 @@ mod tests {
             access_path: Some(Some(AccessPath::ColumnScan)),
             fragments: Some(false),
             join_order: None,
+            broadcast: Some(false),
         };
         // A collection's own hint, then the statement's setting, then the session's.
         assert_eq!(options.access_path(&CollectionName::new("commons", "a")), Some(AccessPath::SearchIndex));
         assert_eq!(options.access_path(&CollectionName::new("commons", "b")), Some(AccessPath::ColumnScan));
         assert!(!options.fragments());
         assert!(options.join_order());
+        assert!(!options.broadcast() && options.broadcast);
         // `Set(basalt.access_path auto)` clears the session's path for the statement.
         options.statement = basalt_sql::Hints { access_path: Some(None), ..Default::default() };
         assert_eq!(options.access_path(&CollectionName::new("commons", "b")), None);

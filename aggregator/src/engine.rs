@@ -560,6 +560,7 @@ impl Session {
             "basalt.access_path" => Some(self.options.read().hint.map_or("auto", AccessPath::name).to_string()),
             "basalt.fragments" => Some(if self.options.read().fragments { "on" } else { "off" }.to_string()),
             "basalt.join_order" => Some(if self.options.read().join_order { "on" } else { "off" }.to_string()),
+            "basalt.broadcast" => Some(if self.options.read().broadcast { "on" } else { "off" }.to_string()),
             _ => None,
         }
     }
@@ -586,13 +587,13 @@ impl Session {
                 state.write().config_mut().options_mut().set(&name, value).map_err(from_df)?;
                 return Ok(command("SET", 0));
             }
-            if name == "basalt.fragments" || name == "basalt.join_order" {
+            if name == "basalt.fragments" || name == "basalt.join_order" || name == "basalt.broadcast" {
                 let on = basalt_sql::hints::parse_on_off(&name, value)?;
                 let mut options = self.options.write();
-                if name == "basalt.fragments" {
-                    options.fragments = on;
-                } else {
-                    options.join_order = on;
+                match name.as_str() {
+                    "basalt.fragments" => options.fragments = on,
+                    "basalt.join_order" => options.join_order = on,
+                    _ => options.broadcast = on,
                 }
                 return Ok(command("SET", 0));
             }

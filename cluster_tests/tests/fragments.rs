@@ -278,3 +278,61 @@ async fn a_cte_read_twice_is_aggregated_once() {
         drop(d);
     }
 }
+
+/// A join with a small build side (a filtered dimension) runs on the leaves with the build
+/// side's rows sent to them: what moves back is the partial aggregates, not the matching fact
+/// rows. Same answers with the broadcast off, and for a build side with no rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_dimensions_are_broadcast_to_the_leaves() {
+    // facts: (item = v % 1000, amount = v); items: (item, category 'c' || item % 10).
+    let mut want = std::collections::BTreeMap::<String, (i64, i64)>::new();
+    for v in 0..40_000i64 {
+        let category = format!("c{}", (v % 1000) % 10);
+        if category == "c1" || category == "c2" {
+            let entry = want.entry(category).or_default();
+            entry.0 += 1;
+            entry.1 += v;
+        }
+    }
+    let want: Vec<(String, i64, i64)> = want.into_iter().map(|(c, (n, s))| (c, n, s)).collect();
+    let sql = "SELECT i.category, count(*), CAST(sum(f.amount) AS BIGINT) FROM facts f JOIN items i ON f.item = i.item
+               WHERE i.category IN ('c1', 'c2') GROUP BY i.category ORDER BY i.category";
+    for two_leaves in [false, true] {
+        let d = if two_leaves { Deployment::cluster_of(2, &[]).await } else { Deployment::dev().await };
+        let pg = d.pg().await;
+        pg.batch_execute(
+            "CREATE COLLECTION facts WITH (shards = 2);
+             INSERT INTO facts SELECT 'f' || value AS _id, value % 1000 AS item, value AS amount
+                 FROM generate_series(0, 39999);
+             CREATE COLLECTION items WITH (shards = 2);
+             INSERT INTO items SELECT 'i' || value AS _id, value AS item, 'c' || (value % 10) AS category
+                 FROM generate_series(0, 999)",
+        )
+        .await
+        .expect("load");
+        let answer = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, i64, i64)> {
+            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
+        };
+        assert_eq!(answer(pg.query(sql, &[]).await.expect("query")), want, "two leaves: {two_leaves}");
+        let plan = explain_analyze(&pg, sql).await;
+        let facts = plan.lines().find(|l| l.contains("collection=commons.facts")).unwrap_or_else(|| panic!("{plan}"));
+        assert!(facts.contains("broadcast_builds=1") && facts.contains("HashJoinExec"), "{plan}");
+        // Two shards, each sends one partial row per category; the 200 items went the other way.
+        assert!(metric(facts, "rows_from_leaves") <= 4.0, "{plan}");
+        assert_eq!(metric(facts, "broadcast_rows"), 200.0, "{plan}");
+
+        pg.batch_execute("SET basalt.broadcast = off").await.expect("set");
+        assert_eq!(answer(pg.query(sql, &[]).await.expect("query")), want);
+        let plan = explain_analyze(&pg, sql).await;
+        let facts = plan.lines().find(|l| l.contains("collection=commons.facts")).unwrap_or_else(|| panic!("{plan}"));
+        assert!(!plan.contains("broadcast_builds"), "{plan}");
+        // The items' keys filter the facts on the leaves: the matching fifth of them moves.
+        assert_eq!(metric(facts, "rows_from_leaves"), 8000.0, "{plan}");
+        pg.batch_execute("SET basalt.broadcast = on").await.expect("set");
+
+        // No item matches: nothing is sent, nothing returned.
+        let none = "SELECT count(*) FROM facts f JOIN items i ON f.item = i.item WHERE i.category = 'none'";
+        assert_eq!(pg.query_one(none, &[]).await.expect("query").get::<_, i64>(0), 0);
+        drop(d);
+    }
+}

@@ -217,6 +217,23 @@ impl ExecutionPlan for KeySinkExec {
         Ok(Arc::new(KeySinkExec { set: self.set.clone(), ..KeySinkExec::new(input, self.key) }))
     }
 
+    fn child_stats_requests(&self, partition: Option<usize>) -> Vec<datafusion::physical_plan::statistics::ChildStats> {
+        vec![datafusion::physical_plan::statistics::ChildStats::At(partition)]
+    }
+
+    /// Its input's: it passes every row on (a broadcast join reads the build side's estimate
+    /// through it).
+    fn statistics_from_inputs(
+        &self,
+        input_stats: &[Arc<datafusion::common::Statistics>],
+        _args: &datafusion::physical_plan::statistics::StatisticsArgs,
+    ) -> Result<Arc<datafusion::common::Statistics>> {
+        Ok(input_stats
+            .first()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(datafusion::common::Statistics::new_unknown(&self.schema()))))
+    }
+
     fn metrics(&self) -> Option<MetricsSet> {
         Some(self.metrics.clone_inner())
     }

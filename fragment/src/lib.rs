@@ -6,11 +6,13 @@
 //!   shard directly above a scan (filters, projections, partial aggregates, top-k sorts, local
 //!   limits; everything when a collection has one shard) become a *fragment*: a
 //!   [`LeafFragmentExec`] sends it, encoded with `datafusion-proto`, to the leaf of each shard, and
-//!   only the fragment's result moves between the tiers. Joins, final aggregation and the final
-//!   merge stay on the aggregator.
+//!   only the fragment's result moves between the tiers. Final aggregation, the final merge and
+//!   joins stay on the aggregator, except joins with a small build side, whose rows go to the
+//!   leaves ([`broadcast`]).
 //! - [`FragmentLeaf`]: wraps a storage leaf so it runs fragments: it decodes the plan with the
 //!   scan bound to the local shard and executes it.
 
+pub mod broadcast;
 pub mod dates;
 pub mod filters;
 pub mod keys;
@@ -777,6 +779,14 @@ pub struct LeafFragmentExec {
     /// runtime filters are read when the fragment starts.
     scan: Arc<dyn ExecutionPlan>,
     encoded: Arc<Vec<u8>>,
+    /// Build sides of the joins inside the fragment that are broadcast to the leaves (see
+    /// [`broadcast`]); the fragment exec's children, run on the aggregator.
+    builds: Vec<broadcast::Build>,
+    /// With `builds`: the plan as it was before the broadcast, run when the build sides turn
+    /// out too large to send.
+    unbroadcast: Option<Arc<dyn ExecutionPlan>>,
+    /// With `builds`: the fragment with their rows, once they have run (shared by the shards).
+    prepared: Arc<tokio::sync::OnceCell<std::result::Result<broadcast::Prepared, Arc<DataFusionError>>>>,
     metrics: ExecutionPlanMetricsSet,
 }
 
@@ -784,23 +794,64 @@ impl LeafFragmentExec {
     /// A fragment whose one leaf is a [`LeafScanExec`]; fails if the plan cannot be encoded, or
     /// decoded again with the functions a leaf knows (a Basalt-only function, for example).
     pub fn try_new(fragment: Arc<dyn ExecutionPlan>) -> Result<Self> {
+        Self::try_new_with_builds(fragment, vec![], None)
+    }
+
+    /// A fragment with broadcast joins: `builds[i]` fills the fragment's
+    /// [`broadcast::BuildSlotExec`] number `i`; `unbroadcast` runs instead when they are too
+    /// large.
+    fn try_new_with_builds(
+        fragment: Arc<dyn ExecutionPlan>,
+        builds: Vec<broadcast::Build>,
+        unbroadcast: Option<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Self> {
         let mut scans = vec![];
+        let mut slots = 0;
         let mut other_leaves = 0;
         fragment.apply(|node| {
             if node.is::<LeafScanExec>() {
                 scans.push(node.clone());
+            } else if node.is::<broadcast::BuildSlotExec>() {
+                slots += 1;
             } else if node.children().is_empty() {
                 other_leaves += 1;
             }
             Ok(TreeNodeRecursion::Continue)
         })?;
         let scan = match (scans.pop(), scans.is_empty(), other_leaves) {
-            (Some(scan), true, 0) => scan,
+            (Some(scan), true, 0) if slots == builds.len() => scan,
             _ => return Err(DataFusionError::Internal("a fragment must read exactly one leaf scan".into())),
         };
-        let encoded = physical_plan_to_bytes_with_extension_codec(fragment.clone(), &ScanCodec::checking())?;
+        // With broadcast joins, check the fragment with empty build sides in the slots.
+        let checked = if builds.is_empty() {
+            fragment.clone()
+        } else {
+            fragment
+                .clone()
+                .transform_up(|node| {
+                    if !node.is::<broadcast::BuildSlotExec>() {
+                        return Ok(Transformed::no(node));
+                    }
+                    let empty = datafusion::datasource::memory::MemorySourceConfig::try_new_exec(
+                        &[vec![]],
+                        node.schema(),
+                        None,
+                    )?;
+                    Ok(Transformed::yes(empty as Arc<dyn ExecutionPlan>))
+                })?
+                .data
+        };
+        let encoded = physical_plan_to_bytes_with_extension_codec(checked, &ScanCodec::checking())?;
         physical_plan_from_bytes_with_extension_codec(&encoded, &checking_context(), &ScanCodec::checking())?;
-        Ok(Self { fragment, scan, encoded: Arc::new(encoded.to_vec()), metrics: ExecutionPlanMetricsSet::new() })
+        Ok(Self {
+            fragment,
+            scan,
+            encoded: Arc::new(encoded.to_vec()),
+            builds,
+            unbroadcast,
+            prepared: Arc::default(),
+            metrics: ExecutionPlanMetricsSet::new(),
+        })
     }
 
     fn leaf_scan(&self) -> Result<&LeafScanExec> {
@@ -808,14 +859,33 @@ impl LeafFragmentExec {
             .downcast_ref::<LeafScanExec>()
             .ok_or_else(|| DataFusionError::Internal("a fragment's scan is a LeafScanExec".into()))
     }
+
+    /// The same fragment exec with new build-side plans, to run afresh.
+    fn with_builds(&self, builds: Vec<broadcast::Build>) -> Self {
+        Self {
+            fragment: self.fragment.clone(),
+            scan: self.scan.clone(),
+            encoded: self.encoded.clone(),
+            builds,
+            unbroadcast: self.unbroadcast.clone(),
+            prepared: Arc::default(),
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
 }
 
 impl DisplayAs for LeafFragmentExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         if let Ok(scan) = self.leaf_scan() {
-            write!(f, "LeafFragmentExec: collection={} shards={} fragment=[", scan.collection, scan.shards.len())?;
+            write!(f, "LeafFragmentExec: collection={} shards={}", scan.collection, scan.shards.len())?;
         }
-        // The fragment is a chain: print it top-down on one line.
+        if !self.builds.is_empty() {
+            // The build sides are this node's children, in slot order.
+            write!(f, " broadcast_builds={}", self.builds.len())?;
+        }
+        write!(f, " fragment=[")?;
+        // The fragment is a chain (a broadcast join's build side is a slot): print it top-down
+        // on one line, following the probe side of joins.
         let mut node = Some(self.fragment.clone());
         let mut first = true;
         while let Some(n) = node {
@@ -824,7 +894,13 @@ impl DisplayAs for LeafFragmentExec {
             }
             first = false;
             write!(f, "{}", displayable(n.as_ref()).one_line().to_string().trim_end())?;
-            node = n.children().first().map(|c| (*c).clone());
+            let children = n.children();
+            node = if n.is::<HashJoinExec>() { children.get(1) } else { children.first() }.map(|c| (*c).clone());
+            if let Some(join) = n.downcast_ref::<HashJoinExec>()
+                && let Some(slot) = join.left().downcast_ref::<broadcast::BuildSlotExec>()
+            {
+                write!(f, " [{}]", displayable(slot).one_line().to_string().trim_end())?;
+            }
         }
         write!(f, "]")
     }
@@ -839,8 +915,14 @@ impl ExecutionPlan for LeafFragmentExec {
         self.fragment.properties()
     }
 
+    /// The build sides of broadcast joins (run here, before the fragment goes to the leaves).
     fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
+        self.builds.iter().map(|b| &b.plan).collect()
+    }
+
+    /// The build sides are collected whole, each into one hash table on every leaf.
+    fn required_input_distribution(&self) -> Vec<datafusion::physical_plan::Distribution> {
+        vec![datafusion::physical_plan::Distribution::UnspecifiedDistribution; self.builds.len()]
     }
 
     /// The runtime filters of the scan inside (see [`LeafScanExec::apply_expressions`]).
@@ -851,8 +933,23 @@ impl ExecutionPlan for LeafFragmentExec {
         self.scan.apply_expressions(f)
     }
 
-    fn with_new_children(self: Arc<Self>, _children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(self)
+    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.len() != self.builds.len() {
+            return Err(DataFusionError::Internal(format!(
+                "a fragment with {} broadcast build sides got {} children",
+                self.builds.len(),
+                children.len()
+            )));
+        }
+        if children.iter().zip(&self.builds).all(|(c, b)| Arc::ptr_eq(c, &b.plan)) {
+            return Ok(self);
+        }
+        let builds = self.builds.iter().zip(children).map(|(b, plan)| b.with_plan(plan)).collect();
+        Ok(Arc::new(self.with_builds(builds)))
+    }
+
+    fn reset_state(self: Arc<Self>) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(self.with_builds(self.builds.clone())))
     }
 
     fn metrics(&self) -> Option<MetricsSet> {
@@ -864,7 +961,7 @@ impl ExecutionPlan for LeafFragmentExec {
         let mut request = FragmentRequest {
             collection_id: scan.collection_id,
             shard: scan.shard(partition)?,
-            plan: self.encoded.as_ref().clone(),
+            plan: vec![],
             filters: vec![],
         };
         let leaf = scan.leaf.clone();
@@ -873,10 +970,56 @@ impl ExecutionPlan for LeafFragmentExec {
         let lookups = MetricBuilder::new(&self.metrics).counter("runtime_id_lookups", partition);
         let key_lists = MetricBuilder::new(&self.metrics).counter("runtime_key_lists", partition);
         let index_scans = MetricBuilder::new(&self.metrics).counter("runtime_index_scans", partition);
-        let dynamic =
-            (!scan.dynamic.is_empty() || !scan.probe_keys.is_empty()).then(|| scan.runtime_filters_later(context));
+        let dynamic = (!scan.dynamic.is_empty() || !scan.probe_keys.is_empty())
+            .then(|| scan.runtime_filters_later(context.clone()));
         let (estimate, output) = (scan.spec.key_list_estimate().cloned(), scan.output.clone());
+        let encoded = self.encoded.clone();
+        // With broadcast joins: their build sides run first (once, for every shard), and fill
+        // the runtime filters read below.
+        let broadcast = (!self.builds.is_empty()).then(|| {
+            let (builds, template, prepared) = (self.builds.clone(), self.fragment.clone(), self.prepared.clone());
+            let (unbroadcast, context) = (self.unbroadcast.clone(), context.clone());
+            let rows = MetricBuilder::new(&self.metrics).counter("broadcast_rows", partition);
+            let bytes = MetricBuilder::new(&self.metrics).counter("broadcast_bytes", partition);
+            async move {
+                let ready = prepared
+                    .get_or_init(|| async {
+                        broadcast::prepare(&builds, &template, context.clone(), |plan| {
+                            Ok(physical_plan_to_bytes_with_extension_codec(plan, &ScanCodec::checking())?.to_vec())
+                        })
+                        .await
+                        .map_err(Arc::new)
+                    })
+                    .await;
+                match ready.as_ref().map_err(|e| DataFusionError::Shared(e.clone()))? {
+                    broadcast::Prepared::Plan { encoded, rows: r, bytes: b, .. } => {
+                        // Counted once, by the first shard.
+                        if partition == 0 {
+                            rows.add(*r);
+                            bytes.add(*b);
+                        }
+                        Ok(Broadcast::Send(encoded.clone()))
+                    }
+                    broadcast::Prepared::Empty => Ok(Broadcast::Nothing),
+                    broadcast::Prepared::TooLarge => {
+                        let plan = unbroadcast.ok_or_else(|| {
+                            DataFusionError::Internal("a broadcast fragment without its plan before".into())
+                        })?;
+                        tracing::debug!("broadcast build sides too large; the joins run on the aggregator");
+                        Ok(Broadcast::Instead(plan.execute(partition, context)?))
+                    }
+                }
+            }
+        });
         let call = async move {
+            request.plan = match broadcast {
+                None => encoded.as_ref().clone(),
+                Some(ready) => match ready.await.map_err(from_df)? {
+                    Broadcast::Send(plan) => plan.as_ref().clone(),
+                    Broadcast::Nothing => return Ok(futures::stream::empty().boxed()),
+                    Broadcast::Instead(stream) => return Ok(stream.map_err(from_df).boxed()),
+                },
+            };
             if let Some(read) = dynamic {
                 request.filters = read.await.map_err(from_df)?;
                 if basalt_common::filter::id_lookup(&request.filters).is_some() {
@@ -893,6 +1036,16 @@ impl ExecutionPlan for LeafFragmentExec {
         };
         Ok(from_leaf(call, schema, moved))
     }
+}
+
+/// What a fragment with broadcast joins does once their build sides have run.
+enum Broadcast {
+    /// Send this plan (build rows inside) to the leaf.
+    Send(Arc<Vec<u8>>),
+    /// Nothing: a build side is empty.
+    Nothing,
+    /// The build sides were too large: the plan before the broadcast runs here.
+    Instead(SendableRecordBatchStream),
 }
 
 /// Whether `node` maps each input partition to the same output partition on its own, so it
@@ -923,7 +1076,10 @@ fn runs_per_partition(node: &Arc<dyn ExecutionPlan>) -> bool {
 /// Turn the per-shard work directly above each leaf scan into fragments that run on the leaves.
 /// A chain that cannot be encoded for a leaf stays on the aggregator (shorter chains are not
 /// tried).
-pub fn push_fragments(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+///
+/// With `broadcast`, a hash join whose build side is small joins on the leaves, inside its
+/// probe side's fragment (see [`broadcast`]).
+pub fn push_fragments(plan: Arc<dyn ExecutionPlan>, broadcast: bool) -> Result<Arc<dyn ExecutionPlan>> {
     let recompute = || ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute);
     let awaited = awaited_filters(&plan);
     let pushed = plan.transform_up(|node| {
@@ -935,6 +1091,12 @@ pub fn push_fragments(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionP
                 scan.awaited = own;
                 return Ok(Transformed::yes(Arc::new(scan) as Arc<dyn ExecutionPlan>));
             }
+        }
+        if broadcast
+            && let Some(join) = node.downcast_ref::<HashJoinExec>()
+            && let Some(exec) = broadcast_join(join, &node)?
+        {
+            return Ok(Transformed::yes(exec));
         }
         let children = node.children();
         let [child] = children.as_slice() else { return Ok(Transformed::no(node)) };
@@ -958,15 +1120,20 @@ pub fn push_fragments(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionP
         if !runs_per_partition(&node) {
             return Ok(Transformed::no(node));
         }
-        let fragment = if child.is::<LeafScanExec>() {
-            node.clone()
+        let (fragment, builds, unbroadcast) = if child.is::<LeafScanExec>() {
+            (node.clone(), vec![], None)
         } else if let Some(inner) = child.downcast_ref::<LeafFragmentExec>() {
-            node.clone().replace_children(vec![inner.fragment.clone()], recompute())?
+            let fragment = node.clone().replace_children(vec![inner.fragment.clone()], recompute())?;
+            let unbroadcast = match &inner.unbroadcast {
+                Some(before) => Some(node.clone().replace_children(vec![before.clone()], recompute())?),
+                None => None,
+            };
+            (fragment, inner.builds.clone(), unbroadcast)
         } else {
             return Ok(Transformed::no(node));
         };
         let fragment = without_inner_runtime_filters(fragment)?;
-        match LeafFragmentExec::try_new(fragment) {
+        match LeafFragmentExec::try_new_with_builds(fragment, builds, unbroadcast) {
             Ok(exec) => Ok(Transformed::yes(Arc::new(exec) as Arc<dyn ExecutionPlan>)),
             Err(e) => {
                 tracing::debug!(error = %e, operator = node.name(), "operator stays on the aggregator");
@@ -977,12 +1144,53 @@ pub fn push_fragments(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionP
     Ok(pushed.data)
 }
 
+/// A hash join whose build side is broadcast to the leaves, inside the fragment of its probe
+/// side (see [`broadcast`]); None when it does not qualify or cannot be sent.
+fn broadcast_join(join: &HashJoinExec, node: &Arc<dyn ExecutionPlan>) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    // The probe side: a fragment or a scan, maybe spread over threads by a round-robin
+    // repartition (the join then runs per shard on the leaves instead).
+    let mut probe = join.right().clone();
+    if let Some(repartition) = probe.downcast_ref::<RepartitionExec>()
+        && matches!(repartition.partitioning(), Partitioning::RoundRobinBatch(_))
+    {
+        probe = repartition.input().clone();
+    }
+    let (inner, builds, before) = if let Some(fragment) = probe.downcast_ref::<LeafFragmentExec>() {
+        (fragment.fragment.clone(), fragment.builds.clone(), fragment.unbroadcast.clone())
+    } else if probe.is::<LeafScanExec>() {
+        (probe.clone(), vec![], None)
+    } else {
+        return Ok(None);
+    };
+    let Some((build, joined)) = broadcast::broadcastable(join, inner, builds.len())? else { return Ok(None) };
+    // What runs instead when the build sides turn out too large: the join as planned, over
+    // the probe side as it was before its own broadcasts.
+    let unbroadcast = match before {
+        Some(before) => node.clone().replace_children(
+            vec![join.left().clone(), before],
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )?,
+        None => node.clone(),
+    };
+    let builds = builds.into_iter().chain([build]).collect();
+    match LeafFragmentExec::try_new_with_builds(without_inner_runtime_filters(joined)?, builds, Some(unbroadcast)) {
+        Ok(exec) => Ok(Some(Arc::new(exec))),
+        Err(e) => {
+            tracing::debug!(error = %e, "the join stays on the aggregator");
+            Ok(None)
+        }
+    }
+}
+
 /// A fragment's scan drops the runtime filters that operators inside the fragment produce (a
 /// top-k threshold): those operators run on the leaf, so the aggregator's copies never fill them.
+/// A broadcast join's filter stays: the aggregator fills it from the build side's rows.
 fn without_inner_runtime_filters(fragment: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
     let mut produced = std::collections::HashSet::new();
     fragment.apply(|node| {
-        if !node.is::<LeafScanExec>() {
+        let broadcast_join =
+            node.downcast_ref::<HashJoinExec>().is_some_and(|join| join.left().is::<broadcast::BuildSlotExec>());
+        if !node.is::<LeafScanExec>() && !broadcast_join {
             produced.extend(node.dynamic_expressions_produced().iter().filter_map(|e| e.expression_id()));
         }
         Ok(TreeNodeRecursion::Continue)

@@ -17,7 +17,8 @@ use sqlparser::ast::{ObjectName, ObjectNamePart, Query, SetExpr, Statement, Tabl
 const HINT_BYTES_MAX: usize = 16 * 1024;
 
 /// The settings a `Set(...)` hint may change for one statement.
-pub const HINT_SETTINGS: [&str; 3] = ["basalt.access_path", "basalt.fragments", "basalt.join_order"];
+pub const HINT_SETTINGS: [&str; 4] =
+    ["basalt.access_path", "basalt.fragments", "basalt.join_order", "basalt.broadcast"];
 
 /// What a statement's hints ask for.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -30,6 +31,8 @@ pub struct Hints {
     pub fragments: Option<bool>,
     /// `Set(basalt.join_order ...)`.
     pub join_order: Option<bool>,
+    /// `Set(basalt.broadcast ...)`.
+    pub broadcast: Option<bool>,
 }
 
 impl Hints {
@@ -282,6 +285,7 @@ pub fn statement_hints(stmt: &Statement) -> Result<Hints> {
                     "basalt.access_path" => hints.access_path = Some(parse_access_path(value)?),
                     "basalt.fragments" => hints.fragments = Some(parse_on_off(&setting, value)?),
                     "basalt.join_order" => hints.join_order = Some(parse_on_off(&setting, value)?),
+                    "basalt.broadcast" => hints.broadcast = Some(parse_on_off(&setting, value)?),
                     _ => {
                         return Err(BasaltError::invalid(format!(
                             "hint Set cannot change {setting} (it can change {})",
@@ -344,6 +348,8 @@ mod tests {
         assert_eq!(h.access_paths, vec![(c("b"), AccessPath::ColumnScan)]);
         let h = hints("EXPLAIN SELECT /*+ Set(basalt.fragments off) */ count(*) FROM a").unwrap();
         assert_eq!(h, Hints { fragments: Some(false), ..Hints::default() });
+        let h = hints("SELECT /*+ Set(basalt.broadcast off) */ count(*) FROM a").unwrap();
+        assert_eq!(h, Hints { broadcast: Some(false), ..Hints::default() });
     }
 
     #[test]
