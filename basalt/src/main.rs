@@ -84,7 +84,7 @@ struct DevArgs {
     flush_interval_ms: Option<u64>,
     /// Bytes the leaf keeps derived from stored columns for filters: narrow integer offsets, text
     /// dictionaries, text parsed as dates (past them, filters compare the stored values)
-    /// [default: 1073741824]
+    /// [default: an eighth of the machine's or cgroup's memory, at least 1073741824]
     #[arg(long, alias = "offsets-max-bytes", env = "BASALT_FILTER_CACHE_MAX_BYTES")]
     #[serde(alias = "offsets_max_bytes")]
     filter_cache_max_bytes: Option<u64>,
@@ -110,7 +110,7 @@ struct LeafArgs {
     flush_interval_ms: Option<u64>,
     /// Bytes the leaf keeps derived from stored columns for filters: narrow integer offsets, text
     /// dictionaries, text parsed as dates (past them, filters compare the stored values)
-    /// [default: 1073741824]
+    /// [default: an eighth of the machine's or cgroup's memory, at least 1073741824]
     #[arg(long, alias = "offsets-max-bytes", env = "BASALT_FILTER_CACHE_MAX_BYTES")]
     #[serde(alias = "offsets_max_bytes")]
     filter_cache_max_bytes: Option<u64>,
@@ -249,7 +249,7 @@ fn open_local(
     filter_cache_max_bytes: Option<u64>,
 ) -> Result<(Meta, basalt_leaf::Leaf), String> {
     basalt_leaf::columns::set_filter_cache_max_bytes(
-        filter_cache_max_bytes.unwrap_or(basalt_leaf::columns::DEFAULT_FILTER_CACHE_MAX_BYTES),
+        filter_cache_max_bytes.unwrap_or_else(basalt_leaf::columns::default_filter_cache_max_bytes),
     );
     let meta: Meta = Arc::new(basalt_meta::LocalMeta::open(&data_dir.join("meta")).map_err(|e| e.to_string())?);
     let leaf = basalt_leaf::Leaf::open(&basalt_leaf::LeafConfig {

@@ -128,8 +128,30 @@ static FILTER_CACHE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::Ato
 static FILTER_CACHE_MAX_BYTES: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(DEFAULT_FILTER_CACHE_MAX_BYTES);
 
-/// The default budget: 1 GiB.
+/// The smallest default budget: 1 GiB.
 pub const DEFAULT_FILTER_CACHE_MAX_BYTES: u64 = 1 << 30;
+
+/// The default budget: an eighth of the memory the process may use (the machine's, or its
+/// cgroup's limit when lower, as in a Kubernetes pod), at least
+/// [`DEFAULT_FILTER_CACHE_MAX_BYTES`]. TPC-H at SF 10 (87M rows) keeps 2.06 GB with every query
+/// run once; a budget that runs out mid-suite parses the same dates again on every query
+/// (q12 4.6 s instead of 0.3 s).
+pub fn default_filter_cache_max_bytes() -> u64 {
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    });
+    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .find_map(|text| text.trim().parse::<u64>().ok());
+    let usable = match (machine, cgroup) {
+        (Some(m), Some(c)) => m.min(c),
+        (m, c) => m.or(c).unwrap_or(0),
+    };
+    (usable / 8).max(DEFAULT_FILTER_CACHE_MAX_BYTES)
+}
 
 /// Set the process's budget for what blocks keep for filters (the leaf's
 /// `--filter-cache-max-bytes`).
