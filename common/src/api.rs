@@ -513,6 +513,11 @@ pub trait LeafApi: Send + Sync + 'static {
         Err(BasaltError::unsupported("this leaf does not estimate"))
     }
     async fn drop_collection(&self, collection_id: u64) -> Result<()>;
+    /// Whether the leaf runs in this process: what a call sends or returns crosses no network
+    /// (a broadcast join saves nothing then; see `basalt_fragment::broadcast`).
+    fn in_process(&self) -> bool {
+        false
+    }
     /// How far each of the given shards has applied each partition of a source.
     async fn positions(&self, collection_id: u64, shards: Vec<u32>, stream: u64) -> Result<Vec<ShardPosition>>;
 }

@@ -65,6 +65,10 @@ async fn merged(
 
 #[async_trait]
 impl LeafApi for PlacedLeaves {
+    fn in_process(&self) -> bool {
+        self.leaves.iter().all(|l| l.in_process())
+    }
+
     async fn apply(&self, write: ShardWrite) -> Result<ShardWriteResult> {
         self.leaf(write.shard).apply(write).await
     }

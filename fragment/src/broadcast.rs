@@ -14,7 +14,8 @@
 //! fragment goes to the leaf of each shard.
 //!
 //! Only joins whose output rows each come from one probe row and the build side as a whole can
-//! run shard by shard: inner joins and probe-side semi joins. A build side that turns out larger
+//! run shard by shard: inner joins and probe-side semi joins. Only leaves in other processes
+//! receive build sides (`LeafApi::in_process`): in one process there are no bytes to save. A build side that turns out larger
 //! than [`BROADCAST_MAX_BYTES`] runs the join on the aggregator, as planned before.
 
 use std::collections::HashSet;

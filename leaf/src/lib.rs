@@ -295,6 +295,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 #[async_trait]
 impl LeafApi for Leaf {
+    fn in_process(&self) -> bool {
+        true
+    }
+
     async fn apply(&self, write: ShardWrite) -> Result<ShardWriteResult> {
         let leaf = self.clone();
         let result = blocking(move || {
