@@ -148,21 +148,24 @@ class BasaltFlight:
         self.conn.close()
 
 
+def schemas(tables: list) -> list:
+    """The schemas (Basalt workspaces) the (name, file) pairs' qualified names use."""
+    return sorted({t.split(".")[0] for t, _ in tables if "." in t})
+
+
 class DuckDB:
     name = "duckdb"
 
-    def __init__(self, parquet: pathlib.Path, ssb_dir: pathlib.Path | None, path: str = ":memory:"):
+    def __init__(self, tables: list, path: str = ":memory:"):
         import duckdb
 
         # In memory up to SF 1; above, a database file (its buffer pool caches what queries read),
         # so DuckDB's copy of SF 10 does not compete with the other engines for memory.
         self.con = duckdb.connect(path)
-        for t in tpch.TABLES:
-            self.con.execute(f"CREATE TABLE {t} AS SELECT * FROM read_parquet('{parquet / (t + '.parquet')}')")
-        if ssb_dir:
-            self.con.execute("CREATE SCHEMA ssb")
-            for t in ssb.TABLES:
-                self.con.execute(f"CREATE TABLE ssb.{t} AS SELECT * FROM read_parquet('{ssb_dir / (t + '.parquet')}')")
+        for schema in schemas(tables):
+            self.con.execute(f"CREATE SCHEMA {schema}")
+        for t, file in tables:
+            self.con.execute(f"CREATE TABLE {t} AS SELECT * FROM read_parquet('{file}')")
 
     def query(self, sql: str):
         return self.con.execute(sql).fetchall()
@@ -174,16 +177,14 @@ class DuckDB:
 class DataFusionPython:
     name = "datafusion-python"
 
-    def __init__(self, parquet: pathlib.Path, ssb_dir: pathlib.Path | None):
+    def __init__(self, tables: list):
         import datafusion
 
         self.ctx = datafusion.SessionContext()
-        for t in tpch.TABLES:
-            self.ctx.register_parquet(t, str(parquet / f"{t}.parquet"))
-        if ssb_dir:
-            self.ctx.sql("CREATE SCHEMA ssb")
-            for t in ssb.TABLES:
-                self.ctx.register_parquet(f"ssb.{t}", str(ssb_dir / f"{t}.parquet"))
+        for schema in schemas(tables):
+            self.ctx.sql(f"CREATE SCHEMA {schema}")
+        for t, file in tables:
+            self.ctx.register_parquet(t, str(file))
 
     def query(self, sql: str):
         return self.ctx.sql(sql).to_arrow_table().to_pylist()
@@ -195,22 +196,18 @@ class DataFusionPython:
 class ChDB:
     name = "chdb"
 
-    def __init__(self, parquet: pathlib.Path, ssb_dir: pathlib.Path | None, workdir: str):
+    def __init__(self, tables: list, workdir: str):
         from chdb import session
 
         self.s = session.Session(os.path.join(workdir, "chdb"))
-        for t in tpch.TABLES:
+        for schema in schemas(tables):
+            self.s.query(f"CREATE DATABASE {schema}")
+        for t, file in tables:
             self.s.query(f"CREATE TABLE {t} ENGINE = MergeTree ORDER BY tuple() AS "
-                         f"SELECT * FROM file('{parquet / (t + '.parquet')}', Parquet)")
-        if ssb_dir:
-            self.s.query("CREATE DATABASE ssb")
-            for t in ssb.TABLES:
-                self.s.query(f"CREATE TABLE ssb.{t} ENGINE = MergeTree ORDER BY tuple() AS "
-                             f"SELECT * FROM file('{ssb_dir / (t + '.parquet')}', Parquet)")
+                         f"SELECT * FROM file('{file}', Parquet)")
         # Merge every table's parts now (its background merges would otherwise run during the
         # first queries, of any engine): each table ends as one part, its best layout.
-        tables = [*tpch.TABLES, *(f"ssb.{t}" for t in ssb.TABLES)] if ssb_dir else list(tpch.TABLES)
-        for t in tables:
+        for t, _ in tables:
             self.s.query(f"OPTIMIZE TABLE {t} FINAL")
 
     def query(self, sql: str):
@@ -266,7 +263,7 @@ def load_parquet(binary: str, http_port: int, files: list, shards: int, workdir:
     seconds = {}
     try:
         s3.create_bucket(Bucket="bench")
-        for workspace in sorted({c.split(".")[0] for c, _ in files if "." in c}):
+        for workspace in schemas(files):
             tpch.sql(http_port, f"CREATE WORKSPACE IF NOT EXISTS {workspace}")
         for collection, path in files:
             keys = []
@@ -315,6 +312,9 @@ def main():
                     help="untimed runs of each query on every engine before the timed ones (hot runs: a process "
                          "started on kept data reads its columns and builds its planner sketches on first use)")
     ap.add_argument("--suites", default="tpch,ssb")
+    ap.add_argument("--ssb-forms", default="star,flat",
+                    help="the SSB forms to load and run: star (lineorder and its dimensions), flat (lineorder_flat) "
+                         "or both (at SF 10 the two do not fit on a small disk together)")
     ap.add_argument("--engines", default="basalt-flight,duckdb,chdb,datafusion-python",
                     help="besides Basalt over pgwire: basalt-flight (the same Basalt over Flight SQL), duckdb, chdb, "
                          "datafusion-python")
@@ -334,6 +334,8 @@ def main():
     # The S3 source reads its credentials from the environment of the process running it.
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"})
     suites = args.suites.split(",")
+    forms = [f for f in ("star", "flat") if f in args.ssb_forms.split(",")]
+    ssb_tables = [t for t in ssb.TABLES if ("flat" if t == "lineorder_flat" else "star") in forms]
     cache = pathlib.Path.home() / f".cache/basalt/bench/tpch-sf{args.sf}"
     parquet_dir = tpch.generate(args.sf, cache / "parquet", fmt="parquet")
     csv_dir = tpch.generate(args.sf, cache) if args.load == "http" else None
@@ -341,11 +343,14 @@ def main():
     if "ssb" in suites:
         ssb_dir = cache / "ssb"
         ssb.derive(parquet_dir, ssb_dir, source="parquet", write="parquet")
+    # (name, Parquet file) of every table the suites read: each engine loads these.
+    files = [(t, parquet_dir / f"{t}.parquet") for t in tpch.TABLES] if "tpch" in suites else []
+    files += [(f"ssb.{t}", ssb_dir / f"{t}.parquet") for t in ssb_tables] if ssb_dir else []
     workdir = tempfile.mkdtemp(prefix="basalt-analytics-")
     report = {"sf": args.sf, "runs": args.runs, "warmup_runs": args.warmup,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "basalt": "dev" if args.leaves == 0 else f"{args.leaves} leaves, 1 tailer, 1 aggregator",
-              "shards": args.shards, "load_s": {}, "queries": {}}
+              "shards": args.shards, "ssb_forms": forms if "ssb" in suites else [], "load_s": {}, "queries": {}}
     basalt = None
     try:
         started = time.time()
@@ -355,8 +360,6 @@ def main():
         if args.basalt_data:
             report["load"] = f"none: an earlier run's data in {args.basalt_data}"
         elif args.load == "s3":
-            files = [(t, parquet_dir / f"{t}.parquet") for t in tpch.TABLES] if "tpch" in suites else []
-            files += [(f"ssb.{t}", ssb_dir / f"{t}.parquet") for t in ssb.TABLES] if ssb_dir else []
             report["load_s_per_collection"] = load_parquet(args.basalt_bin, basalt.http, files, args.shards, workdir)
         else:
             if "tpch" in suites:
@@ -371,10 +374,9 @@ def main():
         engines = [basalt]
         wanted = args.engines.split(",") if args.engines else []
         for name, make in (("basalt-flight", lambda: BasaltFlight(basalt)),
-                           ("duckdb", lambda: DuckDB(parquet_dir, ssb_dir,
-                                                     ":memory:" if args.sf <= 1 else os.path.join(workdir, "duck.db"))),
-                           ("chdb", lambda: ChDB(parquet_dir, ssb_dir, workdir)),
-                           ("datafusion-python", lambda: DataFusionPython(parquet_dir, ssb_dir))):
+                           ("duckdb", lambda: DuckDB(files, ":memory:" if args.sf <= 1 else os.path.join(workdir, "duck.db"))),
+                           ("chdb", lambda: ChDB(files, workdir)),
+                           ("datafusion-python", lambda: DataFusionPython(files))):
             if name in wanted:
                 started = time.time()
                 engines.append(make())
@@ -386,7 +388,7 @@ def main():
         if "tpch" in suites:
             cases += [(f"tpch/q{n}", tpch.query_text(n)) for n in range(1, 23)]
         if "ssb" in suites:
-            cases += [(f"ssb-{form}/{q}", ssb.query_text(form, q)) for form in ("star", "flat") for q in ssb.QUERIES]
+            cases += [(f"ssb-{form}/{q}", ssb.query_text(form, q)) for form in forms for q in ssb.QUERIES]
         for case, sql in cases:
             row, answers = {}, {}
             for e in engines:
