@@ -788,7 +788,12 @@ impl PartitionWorker {
                         }
                     }
                 }
-                Input::Object(reader) => self.status.lock().bytes = reader.bytes_read(),
+                Input::Object(reader) => {
+                    let mut s = self.status.lock();
+                    s.bytes = reader.bytes_read();
+                    // The object's rows: SHOW SOURCES' lag is the rows left in it.
+                    s.high_watermark = reader.records().unwrap_or(-1);
+                }
                 Input::Kafka { .. } => {}
             }
             if chunk.is_empty() {
