@@ -122,9 +122,11 @@ pub struct Offsets {
 static FILTER_CACHE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The most bytes of those the process keeps (`--filter-cache-max-bytes`, see
-/// [`set_filter_cache_max_bytes`]). Past it a block builds no more (filters compare the stored
-/// values, correct and slower; a date comparison parses the text again each time) until blocks
-/// holding some are dropped (a merge replaces them).
+/// [`set_filter_cache_max_bytes`]). A block that would build one past it first makes room
+/// ([`make_room`]: blocks not read lately drop what they keep, down to seven eighths of the
+/// budget); when nothing can go (every piece in use by a running scan), it builds none now and
+/// its filters compare the stored values, correct and slower (a date comparison parses the
+/// text again).
 static FILTER_CACHE_MAX_BYTES: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(DEFAULT_FILTER_CACHE_MAX_BYTES);
 
@@ -181,6 +183,87 @@ fn filter_cache_changed(delta: i64) {
     }
 }
 
+static FILTER_CACHE_EVICTIONS: std::sync::LazyLock<Option<prometheus::IntCounter>> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "basalt_leaf_filter_cache_evictions_total",
+        "Blocks that dropped what they kept for filters to make room within --filter-cache-max-bytes"
+    )
+    .ok()
+});
+
+/// The blocks keeping something for filters, for [`make_room`]: a clock over them (the hand
+/// passes a block read since its last pass, clearing its mark, and empties one that was not).
+struct Clock {
+    blocks: Vec<std::sync::Weak<BlockCache>>,
+    hand: usize,
+}
+
+static CLOCK: std::sync::LazyLock<parking_lot::Mutex<Clock>> =
+    std::sync::LazyLock::new(|| parking_lot::Mutex::new(Clock { blocks: Vec::new(), hand: 0 }));
+
+/// Put `cache` on the clock (once: until the clock empties it).
+fn on_clock(cache: &Arc<BlockCache>) {
+    if cache.registered.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    let mut clock = CLOCK.lock();
+    // Blocks dropped since (merged away, or made for one scan) leave dead entries: cleared
+    // now and then, so the clock holds about as many entries as blocks keep something.
+    if clock.blocks.len() >= 1024 && clock.blocks.len().is_power_of_two() {
+        clock.blocks.retain(|b| b.strong_count() > 0);
+        clock.hand = 0;
+    }
+    clock.blocks.push(Arc::downgrade(cache));
+}
+
+/// Make room within the filter budget: the clock's hand goes round the blocks keeping
+/// something; a block read since the hand last passed it keeps it (its mark is cleared), one
+/// that was not drops everything it keeps (the pieces a running scan still holds go when it
+/// ends), until the process keeps seven eighths of the budget or less. At most two turns;
+/// returns whether the process is then within its budget. Another thread making room already:
+/// returns false at once (the caller builds nothing this time).
+fn make_room() -> bool {
+    use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
+    let Some(mut clock) = CLOCK.try_lock() else { return false };
+    let max = FILTER_CACHE_MAX_BYTES.load(Relaxed);
+    let target = max - max / 8;
+    let mut steps = clock.blocks.len().saturating_mul(2);
+    while FILTER_CACHE_BYTES.load(Relaxed) > target && steps > 0 && !clock.blocks.is_empty() {
+        steps -= 1;
+        if clock.hand >= clock.blocks.len() {
+            clock.hand = 0;
+        }
+        let at = clock.hand;
+        let Some(cache) = clock.blocks[at].upgrade() else {
+            clock.blocks.swap_remove(at);
+            continue;
+        };
+        if cache.used.swap(false, AcqRel) {
+            clock.hand += 1;
+            continue;
+        }
+        let dropped = {
+            // Everything built goes; the notes that a column has no dictionary or offsets stay
+            // (they take no budget, and finding out again would cost a pass over the column).
+            let mut derived = cache.derived.lock();
+            let old = std::mem::take(&mut *derived);
+            derived.dictionaries =
+                old.dictionaries.iter().filter(|(_, d)| d.is_none()).map(|(k, _)| (k.clone(), None)).collect();
+            for (kept, was) in derived.offsets.iter_mut().zip(&old.offsets) {
+                *kept = was.iter().filter(|(_, o)| o.is_none()).map(|(k, _)| (k.clone(), None)).collect();
+            }
+            old
+        };
+        cache.registered.store(false, Release);
+        clock.blocks.swap_remove(at);
+        drop(dropped);
+        if let Some(c) = FILTER_CACHE_EVICTIONS.as_ref() {
+            c.inc();
+        }
+    }
+    !filter_cache_full()
+}
+
 /// Whether the process keeps more for filters than its budget allows.
 fn filter_cache_full() -> bool {
     FILTER_CACHE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
@@ -191,6 +274,45 @@ fn filter_cache_full() -> bool {
 fn filter_cache_fits(bytes: usize) -> bool {
     FILTER_CACHE_BYTES.load(std::sync::atomic::Ordering::Relaxed).saturating_add(bytes as u64)
         <= FILTER_CACHE_MAX_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Bytes kept for filters by the blocks of this process now (the gauge
+/// `basalt_leaf_filter_cache_bytes`).
+pub fn filter_cache_bytes() -> u64 {
+    FILTER_CACHE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// What a block keeps derived from its columns for filters, counted against the budget: in
+/// one place so that [`make_room`] can drop all of it.
+#[derive(Debug, Default)]
+struct Derived {
+    /// Text columns parsed as dates, kept after the first query that compares them with a date
+    /// (`CAST(col AS DATE) < DATE '...'`): blocks never change, so neither does the parse.
+    dates: HashMap<String, ParsedDates>,
+    /// Text columns with few distinct values as codes into their distinct values (see
+    /// [`Block::text_dictionary`]); `None` for a column with too many.
+    dictionaries: HashMap<String, Option<Arc<TextDictionary>>>,
+    /// Integer, timestamp and date columns as narrow offsets (see [`Block::offsets`]).
+    /// Per path: of the stored column, and of its text read as dates.
+    offsets: [HashMap<String, Option<Arc<Offsets>>>; 2],
+}
+
+#[derive(Debug, Default)]
+struct BlockCache {
+    derived: parking_lot::Mutex<Derived>,
+    /// Read since the clock's hand last passed (see [`make_room`]).
+    used: std::sync::atomic::AtomicBool,
+    /// On the clock.
+    registered: std::sync::atomic::AtomicBool,
+}
+
+impl BlockCache {
+    /// Mark the block as read (the clock keeps what it holds one more turn).
+    fn touch(&self) {
+        if !self.used.load(std::sync::atomic::Ordering::Relaxed) {
+            self.used.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// Text parsed as dates that a block keeps, counted against the filter budget while kept.
@@ -300,15 +422,9 @@ pub struct Block {
     pub rows: usize,
     pub columns: HashMap<String, ArrayRef>,
     pub min_max: HashMap<String, MinMax>,
-    /// Text columns parsed as dates, kept after the first query that compares them with a date
-    /// (`CAST(col AS DATE) < DATE '...'`): blocks never change, so neither does the parse.
-    dates: parking_lot::Mutex<HashMap<String, ParsedDates>>,
-    /// Text columns with few distinct values as codes into their distinct values (see
-    /// [`Block::text_dictionary`]); `None` for a column with too many.
-    dictionaries: parking_lot::Mutex<HashMap<String, Option<Arc<TextDictionary>>>>,
-    /// Integer, timestamp and date columns as narrow offsets (see [`Block::offsets`]).
-    /// Per path: of the stored column, and of its text read as dates.
-    offsets: parking_lot::Mutex<[HashMap<String, Option<Arc<Offsets>>>; 2]>,
+    /// What filters derived from the columns and the block keeps (within the process's
+    /// budget; see [`make_room`]).
+    cache: Arc<BlockCache>,
     /// Per column checked, whether it is never null and never decreases down the block.
     ascending: parking_lot::Mutex<HashMap<String, bool>>,
     /// Whether the columns point into a mapped segment file rather than the heap.
@@ -330,13 +446,17 @@ impl Block {
             rows,
             columns,
             min_max,
-            dates: Default::default(),
-            dictionaries: Default::default(),
-            offsets: Default::default(),
+            cache: Default::default(),
             ascending: Default::default(),
             mapped: false,
             transient: false,
         }
+    }
+
+    /// After keeping something: the block is on the clock, marked as read.
+    fn keep(&self) {
+        self.cache.touch();
+        on_clock(&self.cache);
     }
 
     /// This block marked as made for one scan (see [`Block::offsets`]).
@@ -354,11 +474,13 @@ impl Block {
     /// per row instead of a string comparison per row and value (TPC-H q12's `l_shipmode IN
     /// ('MAIL', 'SHIP')` over 6M rows was half of the query's CPU).
     pub fn text_dictionary(&self, path: &str) -> Option<Arc<TextDictionary>> {
-        if let Some(d) = self.dictionaries.lock().get(path) {
+        if let Some(d) = self.cache.derived.lock().dictionaries.get(path) {
+            self.cache.touch();
             return d.clone();
         }
-        // Over the process's budget: none now, and none remembered (see `offsets`).
-        if filter_cache_full() {
+        // Over the process's budget with no room to make: none now, and none remembered (see
+        // `offsets`).
+        if filter_cache_full() && !make_room() {
             return None;
         }
         let built = self
@@ -367,10 +489,11 @@ impl Block {
             .and_then(|a| a.as_string_opt::<i32>())
             .and_then(|a| TextDictionary::build(a, (self.rows / 2).min(TextDictionary::MAX_VALUES)))
             .map(Arc::new);
-        if built.is_some() && filter_cache_full() {
+        if built.is_some() && filter_cache_full() && !make_room() {
             return None;
         }
-        self.dictionaries.lock().insert(path.to_string(), built.clone());
+        self.cache.derived.lock().dictionaries.insert(path.to_string(), built.clone());
+        self.keep();
         built
     }
 
@@ -382,20 +505,22 @@ impl Block {
         if self.transient {
             return None;
         }
-        if let Some(o) = self.offsets.lock()[usize::from(as_date)].get(path) {
+        if let Some(o) = self.cache.derived.lock().offsets[usize::from(as_date)].get(path) {
+            self.cache.touch();
             return o.clone();
         }
-        // Over the process's budget: no offsets now (and none remembered, so a later scan may
-        // build them once blocks holding others are gone).
-        if filter_cache_full() {
+        // Over the process's budget with no room to make: no offsets now (and none remembered,
+        // so a later scan may build them once there is room).
+        if filter_cache_full() && !make_room() {
             return None;
         }
         let column = if as_date { self.column_as_date(path).ok() } else { self.columns.get(path).cloned() };
         let built = column.and_then(|c| Offsets::build(c.as_ref())).map(Arc::new);
-        if built.is_some() && filter_cache_full() {
+        if built.is_some() && filter_cache_full() && !make_room() {
             return None;
         }
-        self.offsets.lock()[usize::from(as_date)].insert(path.to_string(), built.clone());
+        self.cache.derived.lock().offsets[usize::from(as_date)].insert(path.to_string(), built.clone());
+        self.keep();
         built
     }
 
@@ -418,16 +543,20 @@ impl Block {
     /// The column at `path` as SQL `CAST(CAST(col AS TEXT) AS DATE)` computes it (Date32; a
     /// non-null value that is not a date is an error, as in SQL), parsed once per block.
     pub fn column_as_date(&self, path: &str) -> Result<ArrayRef> {
-        if let Some(a) = self.dates.lock().get(path) {
+        if let Some(a) = self.cache.derived.lock().dates.get(path) {
+            self.cache.touch();
             return Ok(a.0.clone());
         }
         let text = self.column_as(path, &DataType::Utf8)?;
         let options = CastOptions { safe: false, ..Default::default() };
         let dates = cast_with_options(&text, &DataType::Date32, &options)
             .map_err(|e| basalt_common::BasaltError::invalid(format!("{path}: {e}")))?;
-        // Kept within the process's budget (over it, parsed again by the next comparison).
-        if filter_cache_fits(dates.get_buffer_memory_size()) {
-            self.dates.lock().insert(path.to_string(), ParsedDates::new(dates.clone()));
+        // Kept within the process's budget (over it with no room to make, parsed again by the
+        // next comparison).
+        let bytes = dates.get_buffer_memory_size();
+        if filter_cache_fits(bytes) || (make_room() && filter_cache_fits(bytes)) {
+            self.cache.derived.lock().dates.insert(path.to_string(), ParsedDates::new(dates.clone()));
+            self.keep();
         }
         Ok(dates)
     }

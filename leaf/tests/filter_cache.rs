@@ -1,0 +1,62 @@
+//! The filter cache's budget makes room (its own test process: the budget is the process's,
+//! and a small one would slow the other tests' filters).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, StringArray};
+use basalt_leaf::columns::{BLOCK_ROWS, Block, filter_cache_bytes, set_filter_cache_max_bytes};
+
+/// A block of `BLOCK_ROWS` rows: `n` integers over a range of 60,000 (offsets of two bytes a
+/// row), `kind` text of five values (a dictionary of two-byte codes), `day` dates as text.
+fn block(i: u64) -> Block {
+    let rows = BLOCK_ROWS as i64;
+    let n: ArrayRef = Arc::new(Int64Array::from_iter_values((0..rows).map(|r| (r * 7) % 60_000)));
+    let kind: ArrayRef = Arc::new(StringArray::from_iter_values((0..rows).map(|r| format!("kind-{}", r % 5))));
+    let day: ArrayRef =
+        Arc::new(StringArray::from_iter_values((0..rows).map(|r| format!("1996-{:02}-{:02}", r % 12 + 1, r % 28 + 1))));
+    let columns = HashMap::from([("n".to_string(), n), ("kind".to_string(), kind), ("day".to_string(), day)]);
+    Block::new(i * BLOCK_ROWS as u64, BLOCK_ROWS, columns, HashMap::new())
+}
+
+#[test]
+fn blocks_not_read_lately_make_room_for_new_ones() {
+    // A block keeps 16 KiB of offsets, 16 KiB of codes (and its values), 32 KiB of dates: a
+    // budget of about six blocks' worth.
+    let budget = 6 * 66 * 1024;
+    set_filter_cache_max_bytes(budget);
+    let blocks: Vec<Block> = (0..40).map(block).collect();
+    for (i, b) in blocks.iter().enumerate() {
+        // Each block builds what its filters need even though the blocks before it filled the
+        // budget long ago (before eviction: none past the sixth block).
+        assert!(b.offsets("n", false).is_some(), "block {i}: offsets");
+        assert!(b.text_dictionary("kind").is_some(), "block {i}: dictionary");
+        assert!(b.offsets("day", true).is_some(), "block {i}: dates as offsets");
+        // The cache stays within the budget, give or take the piece just built.
+        assert!(filter_cache_bytes() <= budget + 64 * 1024, "block {i}: {} bytes kept", filter_cache_bytes());
+    }
+    // A block read again keeps what it has: the last one still has its offsets (the same ones).
+    let last = blocks.last().unwrap();
+    let again = last.offsets("n", false).unwrap();
+    assert!(Arc::ptr_eq(&again, &last.offsets("n", false).unwrap()));
+    // The first block's were dropped and come back, built again, on its next read.
+    assert!(blocks[0].text_dictionary("kind").is_some());
+    // A column without a dictionary (more distinct values than half the rows) stays without one.
+    let ids: ArrayRef = Arc::new(StringArray::from_iter_values((0..BLOCK_ROWS).map(|r| format!("id-{r}"))));
+    let unique = Block::new(0, BLOCK_ROWS, HashMap::from([("id".to_string(), ids)]), HashMap::new());
+    assert!(unique.text_dictionary("id").is_none());
+    // Pieces a running scan holds cannot go: past the budget a block then builds none (its
+    // filters compare the stored values) until they are released.
+    drop(again);
+    set_filter_cache_max_bytes(40 * 1024);
+    let held: Vec<_> = blocks.iter().take(2).map(|b| b.offsets("n", false).unwrap()).collect();
+    let fresh = block(100);
+    assert!(fresh.offsets("n", false).is_none());
+    drop(held);
+    assert!(fresh.offsets("n", false).is_some());
+    // Dropping the blocks gives everything back.
+    drop(blocks);
+    drop(fresh);
+    drop(unique);
+    assert_eq!(filter_cache_bytes(), 0);
+}
