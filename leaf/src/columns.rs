@@ -252,9 +252,11 @@ fn make_room() -> bool {
             for (kept, was) in derived.offsets.iter_mut().zip(&old.offsets) {
                 *kept = was.iter().filter(|(_, o)| o.is_none()).map(|(k, _)| (k.clone(), None)).collect();
             }
+            // Off the clock while its lock is held: a piece kept after this puts the block back
+            // on (`on_clock` after the insert), one kept before went with the rest.
+            cache.registered.store(false, Release);
             old
         };
-        cache.registered.store(false, Release);
         clock.blocks.swap_remove(at);
         drop(dropped);
         if let Some(c) = FILTER_CACHE_EVICTIONS.as_ref() {
