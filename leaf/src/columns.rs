@@ -234,12 +234,9 @@ fn make_room() -> bool {
             clock.hand = 0;
         }
         let at = clock.hand;
-        let Some(cache) = clock.blocks[at].upgrade() else {
-            clock.blocks.swap_remove(at);
-            continue;
-        };
+        clock.hand += 1;
+        let Some(cache) = clock.blocks[at].upgrade() else { continue };
         if cache.used.swap(false, AcqRel) {
-            clock.hand += 1;
             continue;
         }
         let dropped = {
@@ -257,12 +254,19 @@ fn make_room() -> bool {
             cache.registered.store(false, Release);
             old
         };
-        clock.blocks.swap_remove(at);
+        // Left in place (dropped below with the dead entries): moving the last entry here, as
+        // `swap_remove` would, puts the newest block under the hand next.
+        clock.blocks[at] = std::sync::Weak::new();
         drop(dropped);
         if let Some(c) = FILTER_CACHE_EVICTIONS.as_ref() {
             c.inc();
         }
     }
+    // Drop the entries of blocks emptied or gone, keeping the order and the hand's place.
+    let hand = clock.hand.min(clock.blocks.len());
+    let before_hand = clock.blocks[..hand].iter().filter(|b| b.strong_count() > 0).count();
+    clock.blocks.retain(|b| b.strong_count() > 0);
+    clock.hand = before_hand;
     !filter_cache_full()
 }
 
