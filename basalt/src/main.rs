@@ -360,8 +360,10 @@ async fn run(cli: Cli) -> Result<(), String> {
     tracing::info!("shutting down");
     if let Some(leaf) = local_leaf {
         // Not needed for durability (the log has every write); it makes the next start faster.
-        let failed = tokio::task::spawn_blocking(move || leaf.maintain_all(true)).await.unwrap_or(1);
-        tracing::info!(failed_shards = failed, "flushed segments");
+        match tokio::task::spawn_blocking(move || leaf.shutdown()).await {
+            Ok(r) => tracing::info!(flushed = r.flushed, busy = r.busy, failed_shards = r.failed, "flushed segments"),
+            Err(e) => tracing::warn!(error = %e, "flush at shutdown did not finish"),
+        }
     }
     Ok(())
 }

@@ -768,6 +768,19 @@ impl Shard {
         Ok(report)
     }
 
+    /// Flush pending writes, merging nothing ([`crate::Leaf::shutdown`]): Some(whether there
+    /// was anything to flush), or None when maintenance holds the shard (a merge under way).
+    pub fn flush_for_shutdown(&self) -> Result<Option<bool>> {
+        let Some(mut manifest) = self.manifest.try_lock_for(Duration::from_millis(100)) else {
+            return Ok(None);
+        };
+        if manifest.format == DROPPED || *self.seq.lock() <= manifest.seq {
+            return Ok(Some(false));
+        }
+        self.flush(&mut manifest)?;
+        Ok(Some(true))
+    }
+
     /// Seal the tails and write every block, index and the deletions not yet in the manifest,
     /// then the manifest, then drop the log it covers.
     fn flush(&self, manifest: &mut Manifest) -> Result<String> {

@@ -616,7 +616,14 @@ async fn idle_shards_merge_multi_segment_indexes() {
         idle: std::time::Duration::from_millis(300),
         ..FlushPolicy::default()
     };
-    let config = LeafConfig { data_dir: dir.path().to_path_buf(), flush: policy, ..Default::default() };
+    // No background maintenance: on a loaded machine its passes made the shard idle between
+    // this test's steps and merged early.
+    let config = LeafConfig {
+        data_dir: dir.path().to_path_buf(),
+        flush: policy,
+        background_maintenance: false,
+        ..Default::default()
+    };
     let leaf = Leaf::open(&config).unwrap();
     for round in 0..3 {
         let ops = (round * 20..round * 20 + 20).map(|i| gen_doc(i, 0)).collect();
@@ -638,13 +645,71 @@ async fn idle_shards_merge_multi_segment_indexes() {
     assert_eq!(shard.index_segments_for_tests(), vec![3]);
     assert_eq!(blue(&shard), before);
     // Nothing written for longer than `idle`: the index becomes one segment, in a new manifest.
-    // (The leaf's own maintenance thread may get there first: same result.)
     let generation = shard.manifest_for_tests().generation;
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     assert_eq!(leaf.maintain_all(false), 0);
     assert_eq!(shard.index_segments_for_tests(), vec![1]);
     assert!(shard.manifest_for_tests().generation > generation);
     assert_eq!(blue(&shard), before);
+}
+
+/// Shutdown flushes what is pending and merges nothing, however idle the shard; background
+/// maintenance starts nothing afterwards; the leaf reopens with every document and nothing to
+/// replay.
+#[tokio::test]
+async fn shutdown_flushes_without_merging() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = FlushPolicy {
+        max_rows: u64::MAX,
+        max_age: std::time::Duration::from_secs(3600),
+        max_indexes: 1,
+        idle: std::time::Duration::from_millis(100),
+        ..FlushPolicy::default()
+    };
+    let config = LeafConfig {
+        data_dir: dir.path().to_path_buf(),
+        flush: policy.clone(),
+        background_maintenance: false,
+        ..Default::default()
+    };
+    let leaf = Leaf::open(&config).unwrap();
+    let write = |from: usize| {
+        let leaf = leaf.clone();
+        async move {
+            let ops = (from..from + 20).map(|i| gen_doc(i, 0)).collect();
+            leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+            leaf.shard((1, 0)).unwrap().refresh_index().unwrap();
+        }
+    };
+    for round in 0..3 {
+        write(round * 20).await;
+    }
+    assert_eq!(leaf.maintain_all(true), 0);
+    let shard = leaf.shard((1, 0)).unwrap();
+    assert_eq!(shard.index_segments_for_tests(), vec![3]);
+    write(60).await;
+    write(80).await;
+    let flushed = shard.manifest_for_tests();
+    // An idle shard over `max_indexes` with a multi-segment index: maintenance would merge;
+    // shutdown only seals the pending writes as one more index.
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert_eq!(leaf.shutdown(), crate::ShutdownReport { flushed: 1, busy: 0, failed: 0 });
+    assert_eq!(shard.index_segments_for_tests(), vec![3, 2]);
+    let after = shard.manifest_for_tests();
+    assert_eq!(after.generation, flushed.generation + 1);
+    assert!(after.seq > flushed.seq);
+    assert_eq!(leaf.shutdown(), crate::ShutdownReport::default());
+    assert_eq!(leaf.maintain_all(false), 0);
+    assert_eq!(shard.index_segments_for_tests(), vec![3, 2]);
+    assert_eq!(shard.manifest_for_tests().generation, after.generation);
+    drop(shard);
+    drop(leaf);
+    let leaf = Leaf::open(&config).unwrap();
+    let shard = leaf.shard((1, 0)).unwrap();
+    assert_eq!(shard.live_docs(), 100);
+    assert_eq!(shard.manifest_for_tests().seq, after.seq);
+    let filter = Filter::Search { path: "text".into(), query: "blue".into() };
+    assert_eq!(shard.search_slots_for_tests(&filter).len(), 20);
 }
 
 #[tokio::test]
@@ -694,7 +759,12 @@ async fn busy_shards_defer_index_merges_and_idle_ones_catch_up() {
         idle: std::time::Duration::from_millis(300),
         ..FlushPolicy::default()
     };
-    let config = LeafConfig { data_dir: dir.path().to_path_buf(), flush: policy, ..Default::default() };
+    let config = LeafConfig {
+        data_dir: dir.path().to_path_buf(),
+        flush: policy,
+        background_maintenance: false,
+        ..Default::default()
+    };
     let leaf = Leaf::open(&config).unwrap();
     let blue = |shard: &Shard| {
         let filter = Filter::Search { path: "text".into(), query: "blue".into() };
