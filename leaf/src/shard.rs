@@ -1203,6 +1203,7 @@ impl Shard {
             batcher: Batcher::new(schema),
             snapshot: Some(snapshot),
             req,
+            epoch: crate::columns::ScanEpoch::begin(),
         })
     }
 
@@ -1385,6 +1386,8 @@ pub struct ScanCursor {
     remaining: usize,
     /// Its schema is the scan's output schema.
     batcher: Batcher,
+    /// Blocks read since it began keep their filter pieces while it builds its own.
+    epoch: crate::columns::ScanEpoch,
 }
 
 impl ScanCursor {
@@ -1404,6 +1407,7 @@ impl ScanCursor {
             work: Vec::new().into_iter(),
             remaining: 0,
             batcher,
+            epoch: crate::columns::ScanEpoch::begin(),
         }
     }
 
@@ -1414,6 +1418,11 @@ impl ScanCursor {
 
     /// The next batch of rows, or `None` once the scan is over.
     pub fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        let epoch = self.epoch;
+        epoch.enter(|| self.next_batch_in_scan())
+    }
+
+    fn next_batch_in_scan(&mut self) -> Result<Option<RecordBatch>> {
         loop {
             if let Some(batch) = self.batcher.ready.pop_front() {
                 return Ok(Some(batch));

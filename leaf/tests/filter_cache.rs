@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Int64Array, StringArray};
-use basalt_leaf::columns::{BLOCK_ROWS, Block, filter_cache_bytes, set_filter_cache_max_bytes};
+use basalt_leaf::columns::{BLOCK_ROWS, Block, ScanEpoch, filter_cache_bytes, set_filter_cache_max_bytes};
 
 /// A block of `BLOCK_ROWS` rows: `n` integers over a range of 60,000 (offsets of two bytes a
 /// row), `kind` text of five values (a dictionary of two-byte codes), `day` dates as text.
@@ -58,5 +58,42 @@ fn blocks_not_read_lately_make_room_for_new_ones() {
     drop(blocks);
     drop(fresh);
     drop(unique);
+    assert_eq!(filter_cache_bytes(), 0);
+
+    // Within a scan whose blocks need more than the budget, the blocks it read keep their
+    // pieces and the ones past the budget build none (not: each block evicting the scan's
+    // earliest, so that the next run rebuilt everything).
+    set_filter_cache_max_bytes(budget);
+    let blocks: Vec<Block> = (0..40).map(block).collect();
+    let scan = |range: std::ops::Range<usize>| {
+        let mut kept = Vec::new();
+        let mut bytes = Vec::new();
+        ScanEpoch::begin().enter(|| {
+            for i in range {
+                let b = &blocks[i];
+                let pieces = [b.offsets("n", false).is_some(), b.text_dictionary("kind").is_some()];
+                if pieces == [true, true] {
+                    kept.push(i);
+                }
+                bytes.push(filter_cache_bytes());
+            }
+        });
+        (kept, bytes)
+    };
+    let (first, bytes) = scan(0..40);
+    assert!((4..=12).contains(&first.len()), "{first:?}");
+    assert_eq!(first, (0..first.len()).collect::<Vec<_>>());
+    assert!(bytes.windows(2).all(|w| w[0] <= w[1]), "nothing evicted within the scan: {bytes:?}");
+    assert!(filter_cache_bytes() <= budget + 64 * 1024);
+    // The next run finds the same blocks' pieces and builds nothing new.
+    let (second, bytes) = scan(0..40);
+    assert_eq!(second, first);
+    assert!(bytes.iter().all(|b| *b == bytes[0]), "{bytes:?}");
+    // Another scan's blocks make room from blocks it has not read.
+    let (other, _) = scan(20..40);
+    assert!(!other.is_empty());
+    assert!(other.iter().all(|i| *i >= 20));
+    // Outside a scan (as above) any block not read since the hand passed may go.
+    drop(blocks);
     assert_eq!(filter_cache_bytes(), 0);
 }
