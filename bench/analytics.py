@@ -108,7 +108,11 @@ class Basalt:
                     break
                 except OSError:
                     if time.time() > deadline or any(p.poll() is not None for p in self.procs):
-                        raise RuntimeError(f"basalt did not start (logs in {workdir})")
+                        # The processes that did start would outlive the run (and hold the data).
+                        for p in self.procs:
+                            p.kill()
+                            p.wait()
+                        raise RuntimeError("basalt did not start (its logs are kept when the run ends)")
                     time.sleep(0.1)
         import psycopg
 
@@ -440,6 +444,12 @@ def main():
                 if os.path.isdir(loaded):
                     shutil.move(loaded, kept)
             print(f"loaded data kept in {args.keep_data}", file=sys.stderr)
+        if "summary" not in report:
+            logs = tempfile.mkdtemp(prefix="basalt-analytics-logs-")
+            for name in os.listdir(workdir):
+                if name.endswith(".log"):
+                    shutil.move(os.path.join(workdir, name), logs)
+            print(f"the run failed: Basalt's logs kept in {logs}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
     write_report(report, args.out)
 
