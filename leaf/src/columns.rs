@@ -227,10 +227,15 @@ impl ScanEpoch {
     /// Run `f` as part of this scan: what blocks build in it makes room only from blocks not
     /// read since the scan began.
     pub fn enter<R>(self, f: impl FnOnce() -> R) -> R {
-        let outer = CURRENT_SCAN.with(|c| c.replace(self.0));
-        let out = f();
-        CURRENT_SCAN.with(|c| c.set(outer));
-        out
+        /// Puts back the scan the thread worked for before, also when `f` unwinds.
+        struct Restore(u64);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT_SCAN.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(CURRENT_SCAN.with(|c| c.replace(self.0)));
+        f()
     }
 }
 
@@ -1510,6 +1515,24 @@ mod tests {
     use arrow::array::{AsArray, Int64Array};
     use basalt_common::doc::Kind;
     use serde_json::json;
+
+    /// A scan's number is the thread's while its work runs, nested scans included, and the one
+    /// before comes back after, also when the work panics.
+    #[test]
+    fn scan_epochs_nest_and_unwind() {
+        let current = || CURRENT_SCAN.with(|c| c.get());
+        assert_eq!(current(), 0);
+        let (a, b) = (ScanEpoch::begin(), ScanEpoch::begin());
+        a.enter(|| {
+            assert_eq!(current(), a.0);
+            b.enter(|| assert_eq!(current(), b.0));
+            assert_eq!(current(), a.0);
+            let unwound = std::panic::catch_unwind(|| b.enter(|| panic!("in a scan")));
+            assert!(unwound.is_err());
+            assert_eq!(current(), a.0);
+        });
+        assert_eq!(current(), 0);
+    }
 
     /// The range ignores what null rows store: a null's value far outside the others' range
     /// does not widen the offsets (its offset is unused).
