@@ -24,7 +24,7 @@ use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
 use futures::StreamExt;
 use parking_lot::RwLock;
-use prometheus::{IntCounterVec, register_int_counter_vec};
+use prometheus::{IntCounterVec, IntGauge, register_int_counter_vec, register_int_gauge};
 
 pub use crate::shard::FlushPolicy;
 use crate::shard::{Shard, ShardKey, keyspace_name};
@@ -37,6 +37,17 @@ static WRITES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
 static SCANS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     register_int_counter_vec!("basalt_leaf_scans_total", "Shard scans by access path", &["access_path"]).ok()
 });
+/// 1 once a maintenance pass found every shard idle (no writes for [`FlushPolicy::idle`]) with
+/// nothing to flush or merge: what a load left behind is sealed and merged, and queries run
+/// without merges beside them (benchmarks wait for it).
+static MAINTENANCE_SETTLED: LazyLock<Option<IntGauge>> = LazyLock::new(|| {
+    register_int_gauge!(
+        "basalt_leaf_maintenance_settled",
+        "1 when the last maintenance pass found every shard idle with nothing to flush or merge"
+    )
+    .ok()
+});
+
 static SEGMENT_OPS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     register_int_counter_vec!(
         "basalt_leaf_segment_ops_total",
@@ -103,6 +114,8 @@ pub struct LeafInner {
     flush: FlushPolicy,
     /// Set by [`Leaf::shutdown`]: background maintenance starts nothing new.
     stopping: std::sync::atomic::AtomicBool,
+    /// See [`Leaf::settled`].
+    settled: std::sync::atomic::AtomicBool,
 }
 
 fn store_err(e: impl std::fmt::Display) -> BasaltError {
@@ -130,6 +143,7 @@ impl Leaf {
             store,
             flush: config.flush.clone(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            settled: std::sync::atomic::AtomicBool::new(false),
         };
         let mut keys = Vec::new();
         for item in leaf.meta.prefix("shard/") {
@@ -179,9 +193,10 @@ impl Leaf {
     pub fn maintain_all(&self, force: bool) -> usize {
         let shards: Vec<Arc<Shard>> = self.0.shards.read().values().cloned().collect();
         let mut failed = 0;
+        let mut settled = true;
         for shard in shards {
             if self.0.stopping.load(std::sync::atomic::Ordering::Acquire) {
-                break;
+                return failed;
             }
             let started = std::time::Instant::now();
             match shard.maintain(&self.0.flush, force) {
@@ -191,7 +206,8 @@ impl Leaf {
                         ops.with_label_values(&["block_merge"]).inc_by(report.blocks_merged as u64);
                         ops.with_label_values(&["index_merge"]).inc_by(report.indexes_merged as u64);
                     }
-                    if report != shard::Maintenance::default() {
+                    settled &= report.idle && !report.did_work();
+                    if report.did_work() {
                         tracing::info!(
                             shard = %keyspace_name(shard.key),
                             flushed = report.flushed,
@@ -205,6 +221,7 @@ impl Leaf {
                 }
                 Err(e) => {
                     failed += 1;
+                    settled = false;
                     if let Some(ops) = SEGMENT_OPS.as_ref() {
                         ops.with_label_values(&["failed"]).inc();
                     }
@@ -212,7 +229,19 @@ impl Leaf {
                 }
             }
         }
+        self.0.settled.store(settled, std::sync::atomic::Ordering::Release);
+        if let Some(gauge) = MAINTENANCE_SETTLED.as_ref() {
+            gauge.set(i64::from(settled));
+        }
         failed
+    }
+
+    /// Whether the last maintenance pass found every shard idle (no writes for
+    /// [`FlushPolicy::idle`]) with nothing to flush or merge (metric
+    /// `basalt_leaf_maintenance_settled`): what was written is sealed and merged, and queries
+    /// run without merges beside them.
+    pub fn settled(&self) -> bool {
+        self.0.settled.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Before the process exits: background maintenance stops (a merge under way finishes or

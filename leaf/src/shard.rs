@@ -124,6 +124,16 @@ pub struct Maintenance {
     pub bytes_written: u64,
     /// Where a flush's time went (`refresh 3 ms, prebuild 40 ms, ...`), empty without one.
     pub flush_phases: String,
+    /// The shard had taken no writes for [`FlushPolicy::idle`]: its idle-time merges were due
+    /// in this pass.
+    pub idle: bool,
+}
+
+impl Maintenance {
+    /// Whether the pass flushed or merged anything.
+    pub fn did_work(&self) -> bool {
+        self.flushed || self.blocks_merged > 0 || self.indexes_merged > 0 || self.patch_files_merged > 0
+    }
 }
 
 pub struct Shard {
@@ -765,6 +775,7 @@ impl Shard {
             *self.last_flush.lock() = Instant::now();
         }
         self.compact(&mut manifest, policy, idle, &mut report)?;
+        report.idle = idle;
         Ok(report)
     }
 

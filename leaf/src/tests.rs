@@ -644,6 +644,7 @@ async fn idle_shards_merge_multi_segment_indexes() {
     assert_eq!(leaf.maintain_all(true), 0);
     assert_eq!(shard.index_segments_for_tests(), vec![3]);
     assert_eq!(blue(&shard), before);
+    assert!(!leaf.settled(), "the pass flushed");
     // Nothing written for longer than `idle`: the index becomes one segment, in a new manifest.
     let generation = shard.manifest_for_tests().generation;
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
@@ -651,6 +652,13 @@ async fn idle_shards_merge_multi_segment_indexes() {
     assert_eq!(shard.index_segments_for_tests(), vec![1]);
     assert!(shard.manifest_for_tests().generation > generation);
     assert_eq!(blue(&shard), before);
+    assert!(!leaf.settled(), "the pass merged");
+    // The next pass finds nothing to do: settled, until a write comes.
+    assert_eq!(leaf.maintain_all(false), 0);
+    assert!(leaf.settled());
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops: vec![gen_doc(100, 0)], position: None }).await.unwrap();
+    assert_eq!(leaf.maintain_all(false), 0);
+    assert!(!leaf.settled(), "a shard that just took a write is not idle");
 }
 
 /// Shutdown flushes what is pending and merges nothing, however idle the shard; background
