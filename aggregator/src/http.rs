@@ -291,8 +291,14 @@ struct S3Body {
     region: Option<String>,
     #[serde(default = "poll_interval")]
     poll_interval_ms: u64,
+    #[serde(default = "yes")]
+    ordered: bool,
     #[serde(default)]
     transform: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn json_format() -> basalt_common::api::SourceFormat {
@@ -342,6 +348,7 @@ async fn create_source(State(engine): State<Arc<Engine>>, body: Bytes) -> ApiRes
             endpoint: s.endpoint,
             region: s.region,
             poll_interval_ms: s.poll_interval_ms,
+            ordered: s.ordered,
             transform: s.transform,
         }),
         _ => return Err(BasaltError::invalid("a source needs exactly one of \"kafka\" and \"s3\"").into()),

@@ -39,6 +39,10 @@ pub struct LoadArgs {
     /// Keep the source afterwards (it then keeps listing nothing new: it lists once)
     #[arg(long)]
     keep_source: bool,
+    /// Read several objects at once (spread over the tailers) in no particular order, instead
+    /// of one at a time in key order (which keeps the files' row order in every shard)
+    #[arg(long)]
+    unordered: bool,
     /// Give up when no object was found after this many seconds
     #[arg(long, default_value_t = 30)]
     empty_timeout_s: u64,
@@ -81,6 +85,7 @@ pub async fn run(args: LoadArgs) -> Result<(), String> {
         "s3": {
             "bucket": args.bucket, "prefix": args.prefix, "format": args.format,
             "endpoint": args.endpoint, "region": args.region, "poll_interval_ms": 0,
+            "ordered": !args.unordered,
         },
     });
     let (status, body) = call(client.post(url("/v1/sources")).json(&spec)).await?;

@@ -104,7 +104,10 @@ async fn s3_source_ingests_json_csv_and_parquet_exactly_once() {
             s3.endpoint()
         )
     };
-    pg.batch_execute(&create("logs_src", "logs/2026/", "json", "logs")).await.unwrap();
+    // Unordered: several objects at once (the ordered default is tested below).
+    pg.batch_execute(&create("logs_src", "logs/2026/", "json", "logs").replace(") INTO", ", ordered = false) INTO"))
+        .await
+        .unwrap();
     pg.batch_execute(
         "CREATE COLLECTION logs_by_kind AS ROLLUP SELECT kind, count(*) AS n, sum(v) AS total FROM _input \
          GROUP BY kind FROM SOURCE logs_src",
@@ -225,6 +228,55 @@ async fn s3_source_ingests_json_csv_and_parquet_exactly_once() {
     // An object rewritten with new content is a new object (key + ETag).
     s3.put("csv/people.csv", b"id,name\n5,Eve\n".to_vec()).await;
     wait_count(&pg, "SELECT count(*) FROM people", 4, "the rewritten object").await;
+}
+
+/// An S3 source reads its objects one at a time in key order (the default), whichever of two
+/// tailers owns it: a collection loaded from files sorted by a column holds that column
+/// ascending in every shard on both leaves, and the leaves scan it in that order. An object
+/// that is not a file of the source's format is one record in the errors collection, and the
+/// objects after it still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_source_keeps_the_files_order_in_every_shard() {
+    let s3 = S3Server::start("sorted").await;
+    const OBJECTS: i64 = 6;
+    const PER: i64 = 3000;
+    for o in 0..OBJECTS {
+        s3.put(&format!("in/part-{o:04}.parquet"), parquet_file(o * PER, PER)).await;
+    }
+    s3.put("in/part-0002-broken.parquet", b"this is not a parquet file".to_vec()).await;
+    let mut d = Deployment::cluster_of(2, &s3.env()).await;
+    d.add_tailer("tailer2").await;
+    let pg = d.pg().await;
+    pg.batch_execute("CREATE COLLECTION lines WITH (shards = 4)").await.unwrap();
+    pg.batch_execute(&format!(
+        "CREATE SOURCE lines_src FROM S3 (bucket = 'sorted', prefix = 'in/', format = 'parquet', endpoint = '{}', \
+         region = 'us-east-1', poll_interval_ms = 0) INTO lines",
+        s3.endpoint()
+    ))
+    .await
+    .unwrap();
+    let n = OBJECTS * PER;
+    wait_count(&pg, "SELECT count(*) FROM lines", n, "every row").await;
+    let row = pg.query_one("SELECT count(DISTINCT _id), sum(v) FROM lines", &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (n, (0..n).sum::<i64>()));
+    let grouped = "SELECT v, count(*) FROM lines GROUP BY v HAVING count(*) > 0 ORDER BY v";
+    let started = Instant::now();
+    loop {
+        let rows = pg.query(&format!("EXPLAIN ANALYZE {grouped}"), &[]).await.unwrap();
+        let plan = rows.iter().map(|r| r.get::<_, String>(1)).collect::<Vec<_>>().join("\n");
+        if plan.contains("ordered_by=v") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the leaves do not scan in v's order:\n{plan}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let groups = pg.query(grouped, &[]).await.unwrap();
+    assert_eq!(groups.len() as i64, n);
+    assert!(groups.iter().enumerate().all(|(i, r)| r.get::<_, i64>(0) == i as i64 && r.get::<_, i64>(1) == 1));
+    wait_count(&pg, "SELECT count(*) FROM lines_src_errors", 1, "the broken object").await;
+    let row = pg.query_one("SELECT object, \"offset\", error FROM lines_src_errors", &[]).await.unwrap();
+    assert_eq!((row.get::<_, String>(0).as_str(), row.get::<_, i64>(1)), ("in/part-0002-broken.parquet", -1));
+    assert!(row.get::<_, String>(2).contains("parquet"), "{:?}", row.get::<_, String>(2));
 }
 
 /// The issue's exactly-once check for S3: objects added while two tailer processes split them

@@ -270,8 +270,19 @@ pub struct S3Source {
     pub region: Option<String>,
     /// How often the prefix is listed for new objects; 0: list once (a one-off load).
     pub poll_interval_ms: u64,
+    /// Objects are ingested one at a time, in key order, by one tailer (the default), so the
+    /// documents reach every shard in the order of the files (a load of files sorted by a
+    /// column keeps it ascending in every shard: leaves aggregate, merge and join on it in
+    /// order). `false`: each tailer reads up to two of the objects it owns at once, objects
+    /// spread over the tailers, in no particular order.
+    #[serde(default = "default_true")]
+    pub ordered: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transform: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -302,6 +302,7 @@ pub fn s3_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
         endpoint: None,
         region: None,
         poll_interval_ms: S3_POLL_INTERVAL_MS,
+        ordered: true,
         transform: None,
     };
     let mut bucket = None;
@@ -323,6 +324,13 @@ pub fn s3_source(options: Vec<(String, String)>) -> Result<SourceSpec> {
             "poll_interval_ms" => {
                 spec.poll_interval_ms =
                     value.parse().map_err(|_| err(format!("poll_interval_ms must be a number, got {value:?}")))?;
+            }
+            "ordered" => {
+                spec.ordered = match value.to_lowercase().as_str() {
+                    "true" | "on" | "1" => true,
+                    "false" | "off" | "0" => false,
+                    _ => return Err(err(format!("ordered must be true or false, got {value:?}"))),
+                };
             }
             "access_key_id" | "secret_access_key" | "session_token" | "password" => {
                 return Err(err("credentials do not belong in SQL: set AWS_ACCESS_KEY_ID and \
@@ -902,8 +910,13 @@ mod tests {
         let BasaltStatement::CreateSource { spec: SourceSpec::S3(s), .. } = s3 else { panic!("{s3:?}") };
         assert_eq!((s.bucket.as_str(), s.prefix.as_str(), s.format), ("logs", "2026/", SourceFormat::Parquet));
         assert_eq!((s.endpoint.as_deref(), s.poll_interval_ms), (Some("http://127.0.0.1:9000"), 0));
+        assert!(s.ordered, "objects are read in key order unless the source says otherwise");
         assert!(s.transform.is_some());
+        let unordered = one("CREATE SOURCE s3 FROM S3 (bucket = 'logs', ordered = false) INTO events");
+        let BasaltStatement::CreateSource { spec: SourceSpec::S3(s), .. } = unordered else { panic!("{unordered:?}") };
+        assert!(!s.ordered);
         for bad in [
+            "CREATE SOURCE x FROM S3 (bucket = 'b', ordered = 'sometimes') INTO c",
             "CREATE SOURCE x FROM S3 (prefix = 'a') INTO c",
             "CREATE SOURCE x FROM S3 (bucket = 'b', format = 'orc') INTO c",
             "CREATE SOURCE x FROM S3 (bucket = 'b', secret_access_key = 'k') INTO c",

@@ -163,7 +163,13 @@ impl ObjectReader {
                     let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(read);
                     let headers = reader
                         .headers()
-                        .map_err(|e| BasaltError::invalid(format!("csv header of {key}: {e}")))?
+                        .map_err(|e| {
+                            if e.is_io_error() {
+                                s3_err(e)
+                            } else {
+                                BasaltError::invalid(format!("csv header of {key}: {e}"))
+                            }
+                        })?
                         .iter()
                         .map(str::to_string)
                         .collect();
@@ -172,8 +178,16 @@ impl ObjectReader {
             }
             SourceFormat::Avro => {
                 let read = StreamRead::open(&rt, &store, &path, &bytes)?;
-                let reader = apache_avro::Reader::new(std::io::BufReader::with_capacity(256 * 1024, read))
-                    .map_err(|e| BasaltError::invalid(format!("avro object {key}: {e}")))?;
+                let reader = apache_avro::Reader::new(std::io::BufReader::with_capacity(256 * 1024, read)).map_err(
+                    |e| match e.details() {
+                        apache_avro::error::Details::ReadIntoBuf(io) | apache_avro::error::Details::ReadBytes(io)
+                            if io.kind() != std::io::ErrorKind::UnexpectedEof =>
+                        {
+                            s3_err(format!("avro object {key}: {e}"))
+                        }
+                        _ => BasaltError::invalid(format!("avro object {key}: {e}")),
+                    },
+                )?;
                 let decoder = crate::avro::AvroDecoder::from_schema(
                     reader.writer_schema().clone(),
                     basalt_common::api::AvroFraming::Bare,
@@ -184,9 +198,8 @@ impl ObjectReader {
             SourceFormat::Parquet => {
                 use parquet::arrow::ParquetRecordBatchStreamBuilder;
                 let reader = ParquetObject { store, path, size };
-                let builder = rt
-                    .block_on(ParquetRecordBatchStreamBuilder::new(reader))
-                    .map_err(|e| BasaltError::invalid(format!("parquet {key}: {e}")))?;
+                let builder =
+                    rt.block_on(ParquetRecordBatchStreamBuilder::new(reader)).map_err(|e| parquet_open_err(key, e))?;
                 let total = u64::try_from(builder.metadata().file_metadata().num_rows()).unwrap_or(0);
                 bytes.store(parquet_progress(size, total, from), std::sync::atomic::Ordering::Relaxed);
                 let stream = builder
@@ -390,6 +403,15 @@ impl Prefetch {
                 Err(_) => return Err(BasaltError::internal("the object reader stopped")),
             }
         }
+    }
+}
+
+/// A Parquet file that cannot be opened: the store failing is retried (unavailable), a file
+/// that is not Parquet is invalid input.
+fn parquet_open_err(key: &str, e: parquet::errors::ParquetError) -> BasaltError {
+    match e {
+        parquet::errors::ParquetError::External(e) => s3_err(format!("parquet {key}: {e}")),
+        e => BasaltError::invalid(format!("parquet {key}: {e}")),
     }
 }
 

@@ -12,8 +12,11 @@
 //! lowest position over all shards, so after a crash or a takeover it resends what some shard
 //! may lack, and no shard applies a record twice. Offsets are never committed to Kafka.
 //!
-//! **Back-pressure.** A worker has one chunk in flight: while the leaves have not acknowledged
-//! it, it does not poll, and librdkafka's prefetch queue is bounded (`queued.max.messages.kbytes`).
+//! **Back-pressure.** A worker has one chunk in flight and prepares the next meanwhile (reads,
+//! decodes, transforms and routes it); it sends that one only once the leaves acknowledged the
+//! first, so it reads at most one chunk ahead, and librdkafka's prefetch queue is bounded
+//! (`queued.max.messages.kbytes`). S3 sources read objects one at a time in key order unless
+//! they are not `ordered`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -87,7 +90,7 @@ static SOURCE_FETCH_DELAY: LazyLock<Option<HistogramVec>> = LazyLock::new(|| {
 
 /// The position of a partition that is an object read to its end.
 pub const OBJECT_END: i64 = i64::MAX / 2;
-/// Objects one tailer ingests at a time per source.
+/// Objects one tailer ingests at a time per source that is not `ordered`.
 const OBJECT_WORKERS: usize = 2;
 /// Records per chunk (one write per shard per chunk).
 const CHUNK_RECORDS: usize = 2000;
@@ -264,12 +267,19 @@ impl SourceRunner {
             });
         }
         let objects = self.meta.source_objects(source.id, Vec::new()).await?;
-        let mine = objects
-            .iter()
-            .filter(|o| {
-                !o.done && live.get(((o.number as u64 + source.id) % n) as usize).is_some_and(|m| *m == self.member)
-            })
-            .take(OBJECT_WORKERS);
+        // Ordered: the lister takes the first object not done (objects are numbered in key
+        // order as listed); one at a time, so every shard gets the documents in file order.
+        let mine: Vec<&SourceObject> = if s3.ordered {
+            if lister { objects.iter().filter(|o| !o.done).take(1).collect() } else { Vec::new() }
+        } else {
+            objects
+                .iter()
+                .filter(|o| {
+                    !o.done && live.get(((o.number as u64 + source.id) % n) as usize).is_some_and(|m| *m == self.member)
+                })
+                .take(OBJECT_WORKERS)
+                .collect()
+        };
         for object in mine {
             wanted.insert((source.id, object.number));
             self.start(source, object.number, Some(object.clone()));
@@ -465,6 +475,19 @@ struct PartitionWorker {
     /// S3 sources: the bucket and the object this worker ingests.
     store: Option<Arc<dyn ObjectStore>>,
     object: Option<SourceObject>,
+}
+
+/// A chunk's writes on their way to the leaves, with what the worker reports once they land.
+struct InFlight<'scope> {
+    handle: std::thread::ScopedJoinHandle<'scope, Result<Vec<ShardWriteResult>>>,
+    /// How many of the writes are to the source's collection (the rest are its rollups').
+    own: usize,
+    first: i64,
+    through: i64,
+    bad: u64,
+    last_error: Option<String>,
+    newest_us: Option<i64>,
+    bytes: u64,
 }
 
 /// What a worker reads: a Kafka partition or one object.
@@ -710,7 +733,7 @@ impl PartitionWorker {
                 if next > OBJECT_END {
                     return self.finish_object(&targets);
                 }
-                let reader = crate::objects::ObjectReader::open(
+                let opened = crate::objects::ObjectReader::open(
                     self.rt.clone(),
                     store.clone(),
                     &object.key,
@@ -718,7 +741,22 @@ impl PartitionWorker {
                     s3.format,
                     next,
                     self.limits.doc_size_bytes_max,
-                )?;
+                );
+                let reader = match opened {
+                    Ok(reader) => reader,
+                    // Not a file of the source's format (no Parquet footer, no Avro header, no
+                    // CSV header line): one record in the errors collection says so, and the
+                    // object is done; the objects after it (an ordered source waits for each)
+                    // go on. Failures to reach the object are retried.
+                    Err(e) if e.code == basalt_common::ErrorCode::InvalidInput => {
+                        tracing::warn!(source = %self.source.name, object = %object.key, error = %e, "object cannot be read as its format; skipped");
+                        let doc = self.error_record(-1, None, None, &e, now_micros());
+                        self.record_errors(errors.as_ref(), vec![doc])?;
+                        self.status.lock().last_error = Some(format!("{}: {}", object.key, e.message));
+                        return self.finish_object(&targets);
+                    }
+                    Err(e) => return Err(e),
+                };
                 (Input::Object(Box::new(crate::objects::Prefetch::start(reader)?)), next, boundaries)
             }
         };
@@ -734,92 +772,102 @@ impl PartitionWorker {
         // A record read past a chunk's end (a shard position) starts the next chunk.
         let mut held: Option<RawRecord> = None;
         let mut ended = false;
-        while !self.stopped() {
-            // Gather a chunk: wait briefly for a first record, then take what is already
-            // prefetched. No fixed delay: records that arrive while a chunk is being written
-            // form the next one, so chunks grow with the load and latency stays one write.
-            // A chunk never spans a position some shard is at (see `resume`).
-            let mut chunk: Vec<RawRecord> = Vec::new();
-            let mut cap: Option<i64> = None;
-            let mut capped = false;
-            let chunk_records = if matches!(input, Input::Object(_)) { OBJECT_CHUNK_RECORDS } else { CHUNK_RECORDS };
-            while chunk.len() < chunk_records && !ended {
-                if self.stopped() {
-                    return Ok(());
+        std::thread::scope(|scope| -> Result<()> {
+            let mut in_flight: Option<InFlight<'_>> = None;
+            while !self.stopped() {
+                // Gather a chunk: wait briefly for a first record, then take what is already
+                // prefetched. No fixed delay: records that arrive while a chunk is being written
+                // form the next one, so chunks grow with the load and latency stays one write.
+                // A chunk never spans a position some shard is at (see `resume`).
+                let mut chunk: Vec<RawRecord> = Vec::new();
+                let mut cap: Option<i64> = None;
+                let mut capped = false;
+                let chunk_records =
+                    if matches!(input, Input::Object(_)) { OBJECT_CHUNK_RECORDS } else { CHUNK_RECORDS };
+                while chunk.len() < chunk_records && !ended {
+                    if self.stopped() {
+                        return Ok(());
+                    }
+                    let record = match held.take() {
+                        Some(r) => r,
+                        None => {
+                            let wait = if chunk.is_empty() { FIRST_RECORD_WAIT } else { Duration::ZERO };
+                            match input.next(wait, &self.status)? {
+                                Next::Record(r) => r,
+                                Next::Idle => break,
+                                Next::End => {
+                                    ended = true;
+                                    break;
+                                }
+                            }
+                        }
+                    };
+                    if chunk.is_empty() {
+                        boundaries = boundaries.split_off(&record.offset);
+                        cap = boundaries.first().copied();
+                    }
+                    if cap.is_some_and(|c| record.offset > c) {
+                        held = Some(record);
+                        capped = true;
+                        break;
+                    }
+                    let at_cap = cap == Some(record.offset);
+                    chunk.push(record);
+                    if at_cap {
+                        capped = true;
+                        break;
+                    }
                 }
-                let record = match held.take() {
-                    Some(r) => r,
-                    None => {
-                        let wait = if chunk.is_empty() { FIRST_RECORD_WAIT } else { Duration::ZERO };
-                        match input.next(wait, &self.status)? {
-                            Next::Record(r) => r,
-                            Next::Idle => break,
-                            Next::End => {
-                                ended = true;
-                                break;
+                match &input {
+                    Input::Kafka { consumer, topic, .. } if watermarks_at.elapsed() > Duration::from_secs(2) => {
+                        watermarks_at = Instant::now();
+                        if let Ok((_, high)) = consumer.fetch_watermarks(topic, self.partition, Duration::from_secs(2))
+                        {
+                            let mut s = self.status.lock();
+                            s.high_watermark = high;
+                            if let Some(g) = SOURCE_LAG.as_ref() {
+                                g.with_label_values(&[&name, &partition_label]).set((high - s.next_offset).max(0));
                             }
                         }
                     }
-                };
-                if chunk.is_empty() {
-                    boundaries = boundaries.split_off(&record.offset);
-                    cap = boundaries.first().copied();
-                }
-                if cap.is_some_and(|c| record.offset > c) {
-                    held = Some(record);
-                    capped = true;
-                    break;
-                }
-                let at_cap = cap == Some(record.offset);
-                chunk.push(record);
-                if at_cap {
-                    capped = true;
-                    break;
-                }
-            }
-            match &input {
-                Input::Kafka { consumer, topic, .. } if watermarks_at.elapsed() > Duration::from_secs(2) => {
-                    watermarks_at = Instant::now();
-                    if let Ok((_, high)) = consumer.fetch_watermarks(topic, self.partition, Duration::from_secs(2)) {
+                    Input::Object(reader) => {
                         let mut s = self.status.lock();
-                        s.high_watermark = high;
-                        if let Some(g) = SOURCE_LAG.as_ref() {
-                            g.with_label_values(&[&name, &partition_label]).set((high - s.next_offset).max(0));
-                        }
+                        s.bytes = reader.bytes_read();
+                        // The object's rows: SHOW SOURCES' lag is the rows left in it.
+                        s.high_watermark = reader.records().unwrap_or(-1);
                     }
+                    Input::Kafka { .. } => {}
                 }
-                Input::Object(reader) => {
-                    let mut s = self.status.lock();
-                    s.bytes = reader.bytes_read();
-                    // The object's rows: SHOW SOURCES' lag is the rows left in it.
-                    s.high_watermark = reader.records().unwrap_or(-1);
+                if chunk.is_empty() {
+                    if ended {
+                        self.land(in_flight.take())?;
+                        return self.finish_object(&targets);
+                    }
+                    continue;
                 }
-                Input::Kafka { .. } => {}
-            }
-            if chunk.is_empty() {
-                if ended {
-                    return self.finish_object(&targets);
-                }
-                continue;
-            }
-            let (Some(first), Some(last)) = (chunk.first().map(|r| r.offset), chunk.last().map(|r| r.offset)) else {
-                continue;
-            };
-            let through = match (capped, cap) {
-                (true, Some(c)) => c,
-                _ => last,
-            };
-            let now = now_micros();
-            let mut bad = Vec::new();
-            let mut bytes = 0u64;
-            let mut last_error = None;
-            let mut decoded = Vec::with_capacity(chunk.len());
-            let keep_raw = self.transform.is_some() || !self.rollups.is_empty();
-            let mut raw: HashMap<i64, KeyAndPayload> = HashMap::new();
-            // `rollup`: the record failed in that rollup only (its errors document gets an `_id`
-            // of its own).
-            let mut fail =
-                |offset: i64, key, payload, e: &BasaltError, rollup: Option<&str>, last_error: &mut Option<String>| {
+                let (Some(first), Some(last)) = (chunk.first().map(|r| r.offset), chunk.last().map(|r| r.offset))
+                else {
+                    continue;
+                };
+                let through = match (capped, cap) {
+                    (true, Some(c)) => c,
+                    _ => last,
+                };
+                let now = now_micros();
+                let mut bad = Vec::new();
+                let mut bytes = 0u64;
+                let mut last_error = None;
+                let mut decoded = Vec::with_capacity(chunk.len());
+                let keep_raw = self.transform.is_some() || !self.rollups.is_empty();
+                let mut raw: HashMap<i64, KeyAndPayload> = HashMap::new();
+                // `rollup`: the record failed in that rollup only (its errors document gets an `_id`
+                // of its own).
+                let mut fail = |offset: i64,
+                                key,
+                                payload,
+                                e: &BasaltError,
+                                rollup: Option<&str>,
+                                last_error: &mut Option<String>| {
                     tracing::debug!(source = %name, partition = self.partition, offset, error = %e, "bad record");
                     *last_error = Some(format!("offset {offset}: {}", e.message));
                     let mut doc = self.error_record(offset, key, payload, e, now);
@@ -828,133 +876,150 @@ impl PartitionWorker {
                     }
                     bad.push(doc);
                 };
-            for RawRecord { offset, key, mut payload, doc, error } in chunk {
-                bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
-                let decoded_doc = match (error, doc) {
-                    (Some(e), _) => Err(e),
-                    (None, Some(mut doc)) => {
-                        // A row that is a document already: checked in place, made text for the
-                        // errors collection only when it fails (or transforms or rollups may).
-                        let checked = basalt_common::doc::check_doc(&doc, &self.limits)
-                            .and_then(|()| self.with_id(offset, None, &mut doc, now));
-                        if checked.is_err() || keep_raw {
-                            payload = Some(serde_json::to_vec(&doc).unwrap_or_default());
+                for RawRecord { offset, key, mut payload, doc, error } in chunk {
+                    bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
+                    let decoded_doc = match (error, doc) {
+                        (Some(e), _) => Err(e),
+                        (None, Some(mut doc)) => {
+                            // A row that is a document already: checked in place, made text for the
+                            // errors collection only when it fails (or transforms or rollups may).
+                            let checked = basalt_common::doc::check_doc(&doc, &self.limits)
+                                .and_then(|()| self.with_id(offset, None, &mut doc, now));
+                            if checked.is_err() || keep_raw {
+                                payload = Some(serde_json::to_vec(&doc).unwrap_or_default());
+                            }
+                            checked.map(|()| doc)
                         }
-                        checked.map(|()| doc)
+                        (None, None) => self.decode(offset, key.clone(), payload.clone(), now),
+                    };
+                    match decoded_doc {
+                        Ok(doc) => {
+                            decoded.push((offset, doc));
+                            if keep_raw {
+                                raw.insert(offset, (key, payload));
+                            }
+                        }
+                        Err(e) => fail(offset, key, payload, &e, None, &mut last_error),
                     }
-                    (None, None) => self.decode(offset, key.clone(), payload.clone(), now),
-                };
-                match decoded_doc {
-                    Ok(doc) => {
-                        decoded.push((offset, doc));
-                        if keep_raw {
-                            raw.insert(offset, (key, payload));
+                }
+                if let Some(t) = &self.transform {
+                    let (rows, failed) = self.rt.block_on(t.apply(decoded));
+                    for (offset, e) in failed {
+                        let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
+                        fail(offset, key, payload, &e, None, &mut last_error);
+                    }
+                    decoded = Vec::with_capacity(rows.len());
+                    for (offset, mut doc) in rows {
+                        // Output without `_id` gets the record's position: read again, same document.
+                        if doc.get(ID_FIELD).is_none_or(|v| v.is_null()) {
+                            doc.insert(ID_FIELD.to_string(), self.position_id(offset).into());
+                        }
+                        match normalize_system_fields(&mut doc, now, &self.limits) {
+                            Ok(_) => decoded.push((offset, doc)),
+                            Err(e) => {
+                                let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
+                                fail(offset, key, payload, &e, None, &mut last_error);
+                            }
                         }
                     }
-                    Err(e) => fail(offset, key, payload, &e, None, &mut last_error),
                 }
-            }
-            if let Some(t) = &self.transform {
-                let (rows, failed) = self.rt.block_on(t.apply(decoded));
-                for (offset, e) in failed {
-                    let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
-                    fail(offset, key, payload, &e, None, &mut last_error);
-                }
-                decoded = Vec::with_capacity(rows.len());
-                for (offset, mut doc) in rows {
-                    // Output without `_id` gets the record's position: read again, same document.
-                    if doc.get(ID_FIELD).is_none_or(|v| v.is_null()) {
-                        doc.insert(ID_FIELD.to_string(), self.position_id(offset).into());
+                // Rollups see the documents as the source's collection gets them.
+                let mut rollup_writes = Vec::new();
+                for (rollup, rinfo) in self.rollups.iter().zip(&rollups) {
+                    let refs: Vec<(i64, &Doc)> = decoded.iter().map(|(o, d)| (*o, d)).collect();
+                    let (merges, failed) = self.rt.block_on(rollup.apply(&refs));
+                    for (offset, e) in failed {
+                        let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
+                        let e = BasaltError::new(e.code, format!("rollup {}: {}", rollup.collection, e.message));
+                        fail(offset, key, payload, &e, Some(&rollup.collection.name), &mut last_error);
                     }
-                    match normalize_system_fields(&mut doc, now, &self.limits) {
-                        Ok(_) => decoded.push((offset, doc)),
-                        Err(e) => {
-                            let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
-                            fail(offset, key, payload, &e, None, &mut last_error);
-                        }
+                    let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
+                    for (id, ops) in merges {
+                        let entry = per_shard.entry(shard_for_id(&id, rinfo.shards)).or_default();
+                        entry.0.push(WriteOp::Merge { id, ops });
+                        entry.1.push(through);
                     }
+                    rollup_writes.extend(self.shard_writes(rinfo, per_shard, through, Some(first)));
                 }
-            }
-            // Rollups see the documents as the source's collection gets them.
-            let mut rollup_writes = Vec::new();
-            for (rollup, rinfo) in self.rollups.iter().zip(&rollups) {
-                let refs: Vec<(i64, &Doc)> = decoded.iter().map(|(o, d)| (*o, d)).collect();
-                let (merges, failed) = self.rt.block_on(rollup.apply(&refs));
-                for (offset, e) in failed {
-                    let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
-                    let e = BasaltError::new(e.code, format!("rollup {}: {}", rollup.collection, e.message));
-                    fail(offset, key, payload, &e, Some(&rollup.collection.name), &mut last_error);
-                }
+                let newest_us = decoded
+                    .iter()
+                    .filter_map(|(_, d)| d.get(basalt_common::doc::EVENT_TIME_FIELD).and_then(|v| v.as_i64()))
+                    .max();
                 let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
-                for (id, ops) in merges {
-                    let entry = per_shard.entry(shard_for_id(&id, rinfo.shards)).or_default();
-                    entry.0.push(WriteOp::Merge { id, ops });
-                    entry.1.push(through);
+                for (offset, doc) in decoded {
+                    let op = WriteOp::Upsert { doc: doc.into() };
+                    let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
+                    entry.0.push(op);
+                    entry.1.push(offset);
                 }
-                rollup_writes.extend(self.shard_writes(rinfo, per_shard, through, Some(first)));
-            }
-            let newest_us = decoded
-                .iter()
-                .filter_map(|(_, d)| d.get(basalt_common::doc::EVENT_TIME_FIELD).and_then(|v| v.as_i64()))
-                .max();
-            let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
-            for (offset, doc) in decoded {
-                let op = WriteOp::Upsert { doc: doc.into() };
-                let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
-                entry.0.push(op);
-                entry.1.push(offset);
-            }
-            // Bad records first: once the chunk's position is committed they are not read again.
-            let bad_count = bad.len() as u64;
-            if !bad.is_empty() {
-                self.record_errors(errors.as_ref(), bad)?;
-            }
-            let bad = bad_count;
-            let mut writes = self.shard_writes(&info, per_shard, through, None);
-            let own = writes.len();
-            writes.extend(rollup_writes);
-            let results = self.apply_all(&writes)?;
-            let (ok, failed) = results[..own]
-                .iter()
-                .flat_map(|r| r.statuses.iter())
-                .fold((0, 0), |(ok, failed), s| if s.is_ok() { (ok + 1, failed) } else { (ok, failed + 1) });
-            let rollup_failed = results[own..].iter().flat_map(|r| r.statuses.iter()).filter(|s| !s.is_ok()).count();
-            if rollup_failed > 0 {
-                // A merge the leaf refused (a min over a field whose type changed); its group
-                // misses this chunk's contribution.
-                tracing::warn!(source = %name, partition = self.partition, rollup_failed, "rollup merges failed");
-                last_error = Some(format!("{rollup_failed} rollup merges failed in offsets {first}..={through}"));
-            }
-            boundaries = boundaries.split_off(&(through + 1));
-            if let Some(newest) = newest_us {
-                let visible_us = now_micros();
-                if let Some(g) = SOURCE_NEWEST.as_ref() {
-                    let g = g.with_label_values(&[&name]);
-                    g.set(g.get().max(newest as f64 / 1e6));
+                // Bad records first: once the chunk's position is committed they are not read again.
+                let bad_count = bad.len() as u64;
+                if !bad.is_empty() {
+                    self.record_errors(errors.as_ref(), bad)?;
                 }
-                if let Some(g) = SOURCE_LATENCY.as_ref() {
-                    g.with_label_values(&[&name]).set((visible_us - newest) as f64 / 1e6);
+                let mut writes = self.shard_writes(&info, per_shard, through, None);
+                let own = writes.len();
+                writes.extend(rollup_writes);
+                // The chunk before must be applied on every shard before this one is sent (a
+                // shard applies a partition's chunks in order); this one was read and decoded
+                // while it was written.
+                self.land(in_flight.take())?;
+                let handle = scope.spawn(move || self.apply_all(&writes));
+                in_flight =
+                    Some(InFlight { handle, own, first, through, bad: bad_count, last_error, newest_us, bytes });
+                boundaries = boundaries.split_off(&(through + 1));
+                if ended && held.is_none() {
+                    self.land(in_flight.take())?;
+                    return self.finish_object(&targets);
                 }
             }
-            if let Some(c) = SOURCE_DOCS.as_ref() {
-                c.with_label_values(&[&name, "ok"]).inc_by(ok);
-                c.with_label_values(&[&name, "error"]).inc_by(bad + failed);
+            Ok(())
+        })
+    }
+
+    /// Wait for a chunk's writes and account for them (documents, errors, latency, status).
+    fn land(&self, in_flight: Option<InFlight<'_>>) -> Result<()> {
+        let Some(InFlight { handle, own, first, through, bad, mut last_error, newest_us, bytes }) = in_flight else {
+            return Ok(());
+        };
+        let results = handle.join().map_err(|_| BasaltError::internal("a leaf write thread panicked"))??;
+        let name = self.source.name.to_string();
+        let (ok, failed) = results[..own]
+            .iter()
+            .flat_map(|r| r.statuses.iter())
+            .fold((0, 0), |(ok, failed), s| if s.is_ok() { (ok + 1, failed) } else { (ok, failed + 1) });
+        let rollup_failed = results[own..].iter().flat_map(|r| r.statuses.iter()).filter(|s| !s.is_ok()).count();
+        if rollup_failed > 0 {
+            // A merge the leaf refused (a min over a field whose type changed); its group
+            // misses this chunk's contribution.
+            tracing::warn!(source = %name, partition = self.partition, rollup_failed, "rollup merges failed");
+            last_error = Some(format!("{rollup_failed} rollup merges failed in offsets {first}..={through}"));
+        }
+        if let Some(newest) = newest_us {
+            let visible_us = now_micros();
+            if let Some(g) = SOURCE_NEWEST.as_ref() {
+                let g = g.with_label_values(&[&name]);
+                g.set(g.get().max(newest as f64 / 1e6));
             }
-            if let Some(c) = SOURCE_BYTES.as_ref() {
-                c.with_label_values(&[&name]).inc_by(bytes);
+            if let Some(g) = SOURCE_LATENCY.as_ref() {
+                g.with_label_values(&[&name]).set((visible_us - newest) as f64 / 1e6);
             }
-            {
-                let mut s = self.status.lock();
-                s.state = "running".into();
-                s.next_offset = through + 1;
-                s.documents += ok;
-                s.errors += bad + failed;
-                if last_error.is_some() {
-                    s.last_error = last_error;
-                }
-            }
-            if ended && held.is_none() {
-                return self.finish_object(&targets);
+        }
+        if let Some(c) = SOURCE_DOCS.as_ref() {
+            c.with_label_values(&[&name, "ok"]).inc_by(ok);
+            c.with_label_values(&[&name, "error"]).inc_by(bad + failed);
+        }
+        if let Some(c) = SOURCE_BYTES.as_ref() {
+            c.with_label_values(&[&name]).inc_by(bytes);
+        }
+        {
+            let mut s = self.status.lock();
+            s.state = "running".into();
+            s.next_offset = through + 1;
+            s.documents += ok;
+            s.errors += bad + failed;
+            if last_error.is_some() {
+                s.last_error = last_error;
             }
         }
         Ok(())
