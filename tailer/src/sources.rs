@@ -839,8 +839,10 @@ impl PartitionWorker {
                     Input::Kafka { .. } => {}
                 }
                 if chunk.is_empty() {
+                    // Nothing new: the chunk in flight lands now (its counts, its position in
+                    // SHOW SOURCES), not when the next record comes.
+                    self.land(in_flight.take())?;
                     if ended {
-                        self.land(in_flight.take())?;
                         return self.finish_object(&targets);
                     }
                     continue;
