@@ -291,14 +291,10 @@ struct S3Body {
     region: Option<String>,
     #[serde(default = "poll_interval")]
     poll_interval_ms: u64,
-    #[serde(default = "yes")]
+    #[serde(default = "basalt_common::api::default_true")]
     ordered: bool,
     #[serde(default)]
     transform: Option<String>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn json_format() -> basalt_common::api::SourceFormat {

@@ -281,7 +281,8 @@ pub struct S3Source {
     pub transform: Option<String>,
 }
 
-fn default_true() -> bool {
+/// `#[serde(default = ...)]` for options that are on unless turned off.
+pub fn default_true() -> bool {
     true
 }
 

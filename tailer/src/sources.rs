@@ -490,6 +490,17 @@ struct InFlight<'scope> {
     bytes: u64,
 }
 
+/// A chunk ready to send: its writes and what the worker reports once they land.
+struct Prepared {
+    writes: Vec<ShardWrite>,
+    /// How many of the writes are to the source's collection (the rest are its rollups').
+    own: usize,
+    bad: u64,
+    last_error: Option<String>,
+    newest_us: Option<i64>,
+    bytes: u64,
+}
+
 /// What a worker reads: a Kafka partition or one object.
 enum Input {
     Kafka { consumer: Box<BaseConsumer>, topic: String, fetch_delay: Option<Histogram> },
@@ -855,120 +866,14 @@ impl PartitionWorker {
                     (true, Some(c)) => c,
                     _ => last,
                 };
-                let now = now_micros();
-                let mut bad = Vec::new();
-                let mut bytes = 0u64;
-                let mut last_error = None;
-                let mut decoded = Vec::with_capacity(chunk.len());
-                let keep_raw = self.transform.is_some() || !self.rollups.is_empty();
-                let mut raw: HashMap<i64, KeyAndPayload> = HashMap::new();
-                // `rollup`: the record failed in that rollup only (its errors document gets an `_id`
-                // of its own).
-                let mut fail = |offset: i64,
-                                key,
-                                payload,
-                                e: &BasaltError,
-                                rollup: Option<&str>,
-                                last_error: &mut Option<String>| {
-                    tracing::debug!(source = %name, partition = self.partition, offset, error = %e, "bad record");
-                    *last_error = Some(format!("offset {offset}: {}", e.message));
-                    let mut doc = self.error_record(offset, key, payload, e, now);
-                    if let Some(r) = rollup {
-                        doc.insert(ID_FIELD.into(), format!("{}-{r}", self.position_id(offset)).into());
-                    }
-                    bad.push(doc);
-                };
-                for RawRecord { offset, key, mut payload, doc, error } in chunk {
-                    bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
-                    let decoded_doc = match (error, doc) {
-                        (Some(e), _) => Err(e),
-                        (None, Some(mut doc)) => {
-                            // A row that is a document already: checked in place, made text for the
-                            // errors collection only when it fails (or transforms or rollups may).
-                            let checked = basalt_common::doc::check_doc(&doc, &self.limits)
-                                .and_then(|()| self.with_id(offset, None, &mut doc, now));
-                            if checked.is_err() || keep_raw {
-                                payload = Some(serde_json::to_vec(&doc).unwrap_or_default());
-                            }
-                            checked.map(|()| doc)
-                        }
-                        (None, None) => self.decode(offset, key.clone(), payload.clone(), now),
-                    };
-                    match decoded_doc {
-                        Ok(doc) => {
-                            decoded.push((offset, doc));
-                            if keep_raw {
-                                raw.insert(offset, (key, payload));
-                            }
-                        }
-                        Err(e) => fail(offset, key, payload, &e, None, &mut last_error),
-                    }
-                }
-                if let Some(t) = &self.transform {
-                    let (rows, failed) = self.rt.block_on(t.apply(decoded));
-                    for (offset, e) in failed {
-                        let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
-                        fail(offset, key, payload, &e, None, &mut last_error);
-                    }
-                    decoded = Vec::with_capacity(rows.len());
-                    for (offset, mut doc) in rows {
-                        // Output without `_id` gets the record's position: read again, same document.
-                        if doc.get(ID_FIELD).is_none_or(|v| v.is_null()) {
-                            doc.insert(ID_FIELD.to_string(), self.position_id(offset).into());
-                        }
-                        match normalize_system_fields(&mut doc, now, &self.limits) {
-                            Ok(_) => decoded.push((offset, doc)),
-                            Err(e) => {
-                                let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
-                                fail(offset, key, payload, &e, None, &mut last_error);
-                            }
-                        }
-                    }
-                }
-                // Rollups see the documents as the source's collection gets them.
-                let mut rollup_writes = Vec::new();
-                for (rollup, rinfo) in self.rollups.iter().zip(&rollups) {
-                    let refs: Vec<(i64, &Doc)> = decoded.iter().map(|(o, d)| (*o, d)).collect();
-                    let (merges, failed) = self.rt.block_on(rollup.apply(&refs));
-                    for (offset, e) in failed {
-                        let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
-                        let e = BasaltError::new(e.code, format!("rollup {}: {}", rollup.collection, e.message));
-                        fail(offset, key, payload, &e, Some(&rollup.collection.name), &mut last_error);
-                    }
-                    let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
-                    for (id, ops) in merges {
-                        let entry = per_shard.entry(shard_for_id(&id, rinfo.shards)).or_default();
-                        entry.0.push(WriteOp::Merge { id, ops });
-                        entry.1.push(through);
-                    }
-                    rollup_writes.extend(self.shard_writes(rinfo, per_shard, through, Some(first)));
-                }
-                let newest_us = decoded
-                    .iter()
-                    .filter_map(|(_, d)| d.get(basalt_common::doc::EVENT_TIME_FIELD).and_then(|v| v.as_i64()))
-                    .max();
-                let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
-                for (offset, doc) in decoded {
-                    let op = WriteOp::Upsert { doc: doc.into() };
-                    let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
-                    entry.0.push(op);
-                    entry.1.push(offset);
-                }
-                // Bad records first: once the chunk's position is committed they are not read again.
-                let bad_count = bad.len() as u64;
-                if !bad.is_empty() {
-                    self.record_errors(errors.as_ref(), bad)?;
-                }
-                let mut writes = self.shard_writes(&info, per_shard, through, None);
-                let own = writes.len();
-                writes.extend(rollup_writes);
+                let Prepared { writes, own, bad, last_error, newest_us, bytes } =
+                    self.prepare(chunk, first, through, &info, &rollups, errors.as_ref())?;
                 // The chunk before must be applied on every shard before this one is sent (a
                 // shard applies a partition's chunks in order); this one was read and decoded
                 // while it was written.
                 self.land(in_flight.take())?;
                 let handle = scope.spawn(move || self.apply_all(&writes));
-                in_flight =
-                    Some(InFlight { handle, own, first, through, bad: bad_count, last_error, newest_us, bytes });
+                in_flight = Some(InFlight { handle, own, first, through, bad, last_error, newest_us, bytes });
                 boundaries = boundaries.split_off(&(through + 1));
                 if ended && held.is_none() {
                     self.land(in_flight.take())?;
@@ -977,6 +882,125 @@ impl PartitionWorker {
             }
             Ok(())
         })
+    }
+
+    /// Decode a chunk's records, run the source's transform and rollups over them, record the
+    /// bad ones in the errors collection, and group the writes by shard (the source's
+    /// collection's first, then its rollups').
+    fn prepare(
+        &self,
+        chunk: Vec<RawRecord>,
+        first: i64,
+        through: i64,
+        info: &CollectionInfo,
+        rollups: &[CollectionInfo],
+        errors: Option<&CollectionInfo>,
+    ) -> Result<Prepared> {
+        let name = &self.source.name;
+        let now = now_micros();
+        let mut bad = Vec::new();
+        let mut bytes = 0u64;
+        let mut last_error = None;
+        let mut decoded = Vec::with_capacity(chunk.len());
+        let keep_raw = self.transform.is_some() || !self.rollups.is_empty();
+        let mut raw: HashMap<i64, KeyAndPayload> = HashMap::new();
+        // `rollup`: the record failed in that rollup only (its errors document gets an `_id`
+        // of its own).
+        let mut fail =
+            |offset: i64, key, payload, e: &BasaltError, rollup: Option<&str>, last_error: &mut Option<String>| {
+                tracing::debug!(source = %name, partition = self.partition, offset, error = %e, "bad record");
+                *last_error = Some(format!("offset {offset}: {}", e.message));
+                let mut doc = self.error_record(offset, key, payload, e, now);
+                if let Some(r) = rollup {
+                    doc.insert(ID_FIELD.into(), format!("{}-{r}", self.position_id(offset)).into());
+                }
+                bad.push(doc);
+            };
+        for RawRecord { offset, key, mut payload, doc, error } in chunk {
+            bytes += payload.as_ref().map_or(0, |p| p.len() as u64);
+            let decoded_doc = match (error, doc) {
+                (Some(e), _) => Err(e),
+                (None, Some(mut doc)) => {
+                    // A row that is a document already: checked in place, made text for the
+                    // errors collection only when it fails (or transforms or rollups may).
+                    let checked = basalt_common::doc::check_doc(&doc, &self.limits)
+                        .and_then(|()| self.with_id(offset, None, &mut doc, now));
+                    if checked.is_err() || keep_raw {
+                        payload = Some(serde_json::to_vec(&doc).unwrap_or_default());
+                    }
+                    checked.map(|()| doc)
+                }
+                (None, None) => self.decode(offset, key.clone(), payload.clone(), now),
+            };
+            match decoded_doc {
+                Ok(doc) => {
+                    decoded.push((offset, doc));
+                    if keep_raw {
+                        raw.insert(offset, (key, payload));
+                    }
+                }
+                Err(e) => fail(offset, key, payload, &e, None, &mut last_error),
+            }
+        }
+        if let Some(t) = &self.transform {
+            let (rows, failed) = self.rt.block_on(t.apply(decoded));
+            for (offset, e) in failed {
+                let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
+                fail(offset, key, payload, &e, None, &mut last_error);
+            }
+            decoded = Vec::with_capacity(rows.len());
+            for (offset, mut doc) in rows {
+                // Output without `_id` gets the record's position: read again, same document.
+                if doc.get(ID_FIELD).is_none_or(|v| v.is_null()) {
+                    doc.insert(ID_FIELD.to_string(), self.position_id(offset).into());
+                }
+                match normalize_system_fields(&mut doc, now, &self.limits) {
+                    Ok(_) => decoded.push((offset, doc)),
+                    Err(e) => {
+                        let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
+                        fail(offset, key, payload, &e, None, &mut last_error);
+                    }
+                }
+            }
+        }
+        // Rollups see the documents as the source's collection gets them.
+        let mut rollup_writes = Vec::new();
+        for (rollup, rinfo) in self.rollups.iter().zip(rollups) {
+            let refs: Vec<(i64, &Doc)> = decoded.iter().map(|(o, d)| (*o, d)).collect();
+            let (merges, failed) = self.rt.block_on(rollup.apply(&refs));
+            for (offset, e) in failed {
+                let (key, payload) = raw.get(&offset).cloned().unwrap_or_default();
+                let e = BasaltError::new(e.code, format!("rollup {}: {}", rollup.collection, e.message));
+                fail(offset, key, payload, &e, Some(&rollup.collection.name), &mut last_error);
+            }
+            let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
+            for (id, ops) in merges {
+                let entry = per_shard.entry(shard_for_id(&id, rinfo.shards)).or_default();
+                entry.0.push(WriteOp::Merge { id, ops });
+                entry.1.push(through);
+            }
+            rollup_writes.extend(self.shard_writes(rinfo, per_shard, through, Some(first)));
+        }
+        let newest_us = decoded
+            .iter()
+            .filter_map(|(_, d)| d.get(basalt_common::doc::EVENT_TIME_FIELD).and_then(|v| v.as_i64()))
+            .max();
+        let mut per_shard: BTreeMap<u32, (Vec<WriteOp>, Vec<i64>)> = BTreeMap::new();
+        for (offset, doc) in decoded {
+            let op = WriteOp::Upsert { doc: doc.into() };
+            let entry = per_shard.entry(shard_for_id(op.id(), info.shards)).or_default();
+            entry.0.push(op);
+            entry.1.push(offset);
+        }
+        // Bad records first: once the chunk's position is committed they are not read again.
+        let bad_count = bad.len() as u64;
+        if !bad.is_empty() {
+            self.record_errors(errors, bad)?;
+        }
+        let mut writes = self.shard_writes(info, per_shard, through, None);
+        let own = writes.len();
+        writes.extend(rollup_writes);
+        Ok(Prepared { writes, own, bad: bad_count, last_error, newest_us, bytes })
     }
 
     /// Wait for a chunk's writes and account for them (documents, errors, latency, status).
