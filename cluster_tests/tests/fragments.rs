@@ -159,6 +159,8 @@ async fn scans_in_key_order(d: Deployment) {
     assert_eq!(answer(&pg, grouped).await, want(&[]));
     let plan = explain_analyze(&pg, grouped).await;
     assert!(plan.contains("ordered_by=k"), "the leaves scan in key order:\n{plan}");
+    // The final aggregate merges the shards' sorted partial groups and streams too.
+    assert!(final_aggregate(&plan).contains("ordering_mode=Sorted"), "{plan}");
     let first = "SELECT k, q FROM o.lines ORDER BY k, q LIMIT 3";
     let keys = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>();
     assert_eq!(keys(pg.query(first, &[]).await.expect("query")), vec![0, 0, 0]);
@@ -170,7 +172,15 @@ async fn scans_in_key_order(d: Deployment) {
     assert_eq!(answer(&pg, grouped).await, want(&[(2, 99), (-1, 301)]));
     let plan = explain_analyze(&pg, grouped).await;
     assert!(!plan.contains("ordered_by=k"), "{plan}");
+    assert!(!final_aggregate(&plan).contains("ordering_mode"), "{plan}");
     assert_eq!(keys(pg.query(first, &[]).await.expect("query")), vec![-1, 0, 0]);
+}
+
+/// The line of a plan showing its final aggregate (on the aggregator).
+fn final_aggregate(plan: &str) -> &str {
+    plan.lines()
+        .find(|line| line.contains("AggregateExec: mode=Final"))
+        .unwrap_or_else(|| panic!("no final aggregate in\n{plan}"))
 }
 
 /// What blocks keep for filters (narrow offsets of integers, dictionaries of text with few

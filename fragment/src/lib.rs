@@ -41,6 +41,7 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::expressions::Column;
 use datafusion::physical_expr::expressions::DynamicFilterPhysicalExpr;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr, PhysicalSortExpr};
+use datafusion::physical_plan::InputOrderMode;
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::execution_plan::{
@@ -860,6 +861,46 @@ impl LeafFragmentExec {
             .ok_or_else(|| DataFusionError::Internal("a fragment's scan is a LeafScanExec".into()))
     }
 
+    /// The same fragment with its scan declaring the order its leaf scans in (see
+    /// [`LeafScanExec::in_order`]; the leaf always does), so that the operators above the scan
+    /// see it here as they do on the leaf: None when that leaves the fragment's output without
+    /// an order, or when the fragment may run another plan (broadcast build sides too large to
+    /// send: `unbroadcast`).
+    fn ordered(&self) -> Result<Option<Self>> {
+        if !self.builds.is_empty() || self.unbroadcast.is_some() {
+            return Ok(None);
+        }
+        let fragment = self.fragment.clone().transform_up(|node| {
+            let Some(scan) = node.downcast_ref::<LeafScanExec>() else { return Ok(Transformed::no(node)) };
+            if scan.spec.ordered_by.is_none() || scan.declares_order() {
+                return Ok(Transformed::no(node));
+            }
+            let ordered = scan.with_dynamic(scan.dynamic.clone()).in_order();
+            Ok(Transformed::yes(Arc::new(ordered) as Arc<dyn ExecutionPlan>))
+        })?;
+        if !fragment.transformed || fragment.data.properties().output_ordering().is_none() {
+            return Ok(None);
+        }
+        let fragment = fragment.data;
+        let mut scan = None;
+        fragment.apply(|node| {
+            if node.is::<LeafScanExec>() {
+                scan = Some(node.clone());
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let Some(scan) = scan else { return Ok(None) };
+        Ok(Some(Self {
+            fragment,
+            scan,
+            encoded: self.encoded.clone(),
+            builds: vec![],
+            unbroadcast: None,
+            prepared: Arc::default(),
+            metrics: ExecutionPlanMetricsSet::new(),
+        }))
+    }
+
     /// The same fragment exec with new build-side plans, to run afresh.
     fn with_builds(&self, builds: Vec<broadcast::Build>) -> Self {
         Self {
@@ -1141,7 +1182,50 @@ pub fn push_fragments(plan: Arc<dyn ExecutionPlan>, broadcast: bool) -> Result<A
             }
         }
     })?;
-    Ok(pushed.data)
+    ordered_final_aggregates(pushed.data)
+}
+
+/// A final aggregate over a fragment's partial aggregates grouped by the column its leaves
+/// scan in order (TPC-H q18's `l_orderkey`: 15M groups at SF 10, hashed on the aggregator)
+/// streams instead: the fragment declares its order on the aggregator too (see
+/// [`LeafFragmentExec::ordered`]), the repartition under the final aggregate keeps it (merging
+/// its inputs' sorted streams), and the aggregate emits each group as the next one begins,
+/// holding a few groups instead of all of them. Left as planned when the aggregate would not
+/// stream over the order.
+fn ordered_final_aggregates(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    let rewritten = plan.transform_up(|node| {
+        let Some(aggregate) = node.downcast_ref::<AggregateExec>() else { return Ok(Transformed::no(node)) };
+        let final_mode = matches!(aggregate.mode(), AggregateMode::FinalPartitioned | AggregateMode::Final);
+        if !final_mode || *aggregate.input_order_mode() != InputOrderMode::Linear {
+            return Ok(Transformed::no(node));
+        }
+        let input = aggregate.input();
+        let ordered_input: Arc<dyn ExecutionPlan> = if let Some(repartition) = input.downcast_ref::<RepartitionExec>()
+            && matches!(repartition.partitioning(), Partitioning::Hash(..))
+            && let Some(fragment) = repartition.input().downcast_ref::<LeafFragmentExec>()
+            && let Some(ordered) = fragment.ordered()?
+        {
+            Arc::new(
+                RepartitionExec::try_new(Arc::new(ordered), repartition.partitioning().clone())?.with_preserve_order(),
+            )
+        } else if let Some(coalesce) = input.downcast_ref::<CoalescePartitionsExec>()
+            && let Some(fragment) = coalesce.input().downcast_ref::<LeafFragmentExec>()
+            && let Some(ordered) = fragment.ordered()?
+            && let Some(ordering) = ordered.properties().output_ordering().cloned()
+        {
+            Arc::new(SortPreservingMergeExec::new(ordering, Arc::new(ordered)))
+        } else {
+            return Ok(Transformed::no(node));
+        };
+        let streaming = node
+            .clone()
+            .replace_children(vec![ordered_input], ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))?;
+        match streaming.downcast_ref::<AggregateExec>() {
+            Some(a) if *a.input_order_mode() != InputOrderMode::Linear => Ok(Transformed::yes(streaming)),
+            _ => Ok(Transformed::no(node)),
+        }
+    })?;
+    Ok(rewritten.data)
 }
 
 /// A hash join whose build side is broadcast to the leaves, inside the fragment of its probe
@@ -1521,6 +1605,61 @@ mod tests {
             physical_plan_from_bytes_with_extension_codec(&encoded, &checking_context(), &ScanCodec::checking())
                 .unwrap();
         assert!(!line(&checked).contains("ordering_mode"));
+    }
+
+    /// A final aggregate over a fragment's partial aggregates grouped by the column the leaves
+    /// scan in order merges the shards' sorted streams and streams; without that order it hashes.
+    #[test]
+    fn final_aggregates_stream_over_ordered_fragments() {
+        use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
+        let plan_for = |ordered_by: Option<&str>| -> Arc<dyn ExecutionPlan> {
+            let columns = vec![("k".to_string(), ColumnType::Int64), ("q".to_string(), ColumnType::Int64)];
+            let spec = ScanSpec {
+                columns: columns.clone(),
+                filters: vec![],
+                limit: None,
+                access: AccessPath::ColumnScan,
+                index_matches: None,
+                estimate: None,
+                forced: false,
+                ordered_by: ordered_by.map(str::to_string),
+            };
+            let scan: Arc<dyn ExecutionPlan> =
+                Arc::new(LeafScanExec::new("c".into(), 7, vec![0, 1], Arc::new(NoLeaf), columns, spec));
+            let schema = scan.schema();
+            let k: Arc<dyn PhysicalExpr> = Arc::new(Column::new_with_schema("k", &schema).unwrap());
+            let group = PhysicalGroupBy::new_single(vec![(k, "k".to_string())]);
+            let partial =
+                AggregateExec::try_new(AggregateMode::Partial, group.clone(), vec![], vec![], scan, schema.clone());
+            let fragment = LeafFragmentExec::try_new(Arc::new(partial.unwrap())).unwrap();
+            let fragment: Arc<dyn ExecutionPlan> = Arc::new(fragment);
+            let key: Arc<dyn PhysicalExpr> = Arc::new(Column::new_with_schema("k", &fragment.schema()).unwrap());
+            let repartition = RepartitionExec::try_new(fragment, Partitioning::Hash(vec![key.clone()], 2)).unwrap();
+            let group = PhysicalGroupBy::new_single(vec![(key, "k".to_string())]);
+            let last = AggregateExec::try_new(
+                AggregateMode::FinalPartitioned,
+                group,
+                vec![],
+                vec![],
+                Arc::new(repartition),
+                schema,
+            );
+            Arc::new(last.unwrap())
+        };
+        let text = |p: &Arc<dyn ExecutionPlan>| displayable(p.as_ref()).indent(true).to_string();
+        let planned = plan_for(Some("k"));
+        assert!(!text(&planned).lines().next().unwrap().contains("ordering_mode"), "{}", text(&planned));
+        let rewritten = ordered_final_aggregates(planned).unwrap();
+        let shown = text(&rewritten);
+        let lines: Vec<&str> = shown.lines().collect();
+        assert!(lines[0].contains("mode=FinalPartitioned") && lines[0].contains("ordering_mode=Sorted"), "{shown}");
+        assert!(lines[1].contains("preserve_order=true"), "{shown}");
+        // The fragment sent to the leaves is the one planned (the leaf declares the order itself).
+        let fragment = rewritten.children()[0].children()[0].clone();
+        assert!(fragment.downcast_ref::<LeafFragmentExec>().is_some(), "{shown}");
+        let unordered = ordered_final_aggregates(plan_for(None)).unwrap();
+        assert!(!text(&unordered).contains("ordering_mode"), "{}", text(&unordered));
+        assert!(!text(&unordered).contains("preserve_order"), "{}", text(&unordered));
     }
 
     /// A planned column scan finds a runtime key list's rows through the index when the list is
