@@ -200,6 +200,7 @@ pub async fn run(
             hint: Some(AccessPath::RowLookup),
             ordered_by: None,
             text_views: false,
+            text_codes: vec![],
         };
         let batches: Vec<RecordBatch> = leaf.scan(request).await?.try_collect().await?;
         for b in batches {

@@ -444,6 +444,12 @@ pub struct ScanRequest {
     /// view array would carry its blocks' whole string buffers).
     #[serde(default)]
     pub text_views: bool,
+    /// Text columns (of `columns`) returned as `Dictionary(UInt32, Utf8)`: codes into the
+    /// distinct values of each block (`Block::text_dictionary`, kept for filters), so a
+    /// grouping over them looks codes up instead of hashing and comparing strings; blocks
+    /// without a dictionary give each row its own code. For a reader in the leaf's process.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub text_codes: Vec<String>,
 }
 
 pub type BatchStream = BoxStream<'static, Result<RecordBatch>>;

@@ -13,6 +13,7 @@
 //!   scan bound to the local shard and executes it.
 
 pub mod broadcast;
+pub mod coded;
 pub mod dates;
 pub mod filters;
 pub mod keys;
@@ -332,6 +333,9 @@ pub struct LeafScanExec {
     /// Ask for text as views of the blocks' strings (`ScanRequest::text_views`): only when the
     /// leaf runs in this process (a fragment on its leaf), never over the wire.
     text_views: bool,
+    /// Text columns asked for as codes (`ScanRequest::text_codes`, see [`coded`]): only with
+    /// `text_views`, for a partial aggregate on the leaf.
+    text_codes: Vec<String>,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -359,6 +363,7 @@ impl LeafScanExec {
             awaited: vec![],
             probe_keys: vec![],
             text_views: false,
+            text_codes: vec![],
             properties,
             metrics: ExecutionPlanMetricsSet::new(),
         }
@@ -404,6 +409,30 @@ impl LeafScanExec {
         self
     }
 
+    /// The same scan returning the text columns `names` as codes into each block's distinct
+    /// values (`Dictionary(UInt32, Utf8)`, see [`coded`]); None unless the scan runs in its
+    /// leaf's process (`text_views`) and each name is a text column it outputs.
+    fn with_text_codes(&self, names: &[String]) -> Option<Self> {
+        if !self.text_views || names.is_empty() {
+            return None;
+        }
+        let mut fields: Vec<Field> = self.output.fields().iter().map(|f| f.as_ref().clone()).collect();
+        for name in names {
+            let i = self.output.index_of(name).ok()?;
+            if !matches!(self.spec.columns.get(i), Some((n, ColumnType::Utf8)) if n == name) {
+                return None;
+            }
+            let codes = DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8));
+            fields[i] = fields[i].clone().with_data_type(codes);
+        }
+        let mut scan = self.with_dynamic(self.dynamic.clone());
+        scan.output = Arc::new(Schema::new_with_metadata(fields, self.output.metadata().clone()));
+        let ordered = if self.declares_order() { self.spec.ordered_by.as_deref() } else { None };
+        scan.properties = Self::properties_for(&scan.output, self.shards.len(), ordered);
+        scan.text_codes = names.to_vec();
+        Some(scan)
+    }
+
     /// Whether the scan declared an order (see [`LeafScanExec::in_order`]), which its rows must
     /// then come in.
     fn declares_order(&self) -> bool {
@@ -425,6 +454,7 @@ impl LeafScanExec {
         scan.awaited = self.awaited.clone();
         scan.probe_keys = self.probe_keys.clone();
         scan.text_views = self.text_views;
+        scan.text_codes = self.text_codes.clone();
         scan
     }
 
@@ -712,6 +742,7 @@ impl ExecutionPlan for LeafScanExec {
             hint: Some(self.spec.access),
             ordered_by: if self.declares_order() { self.spec.ordered_by.clone() } else { None },
             text_views: self.text_views,
+            text_codes: self.text_codes.clone(),
         };
         let leaf = self.leaf.clone();
         let output = self.output.clone();
@@ -1481,6 +1512,7 @@ impl LeafApi for FragmentLeaf {
         let task = self.ctx.task_ctx();
         let plan = physical_plan_from_bytes_with_extension_codec(&request.plan, &task, &codec)
             .map_err(|e| BasaltError::invalid(format!("cannot decode the plan fragment: {}", from_df(e).message)))?;
+        let plan = coded::coded_aggregates(plan).map_err(from_df)?;
         let partitions = plan.output_partitioning().partition_count();
         if partitions != 1 {
             return Err(BasaltError::invalid(format!(

@@ -546,6 +546,11 @@ impl Block {
         self
     }
 
+    /// Whether the block was made for one scan (nothing derived from it is kept).
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+
     /// The text column at `path` as codes into its distinct values, built the first time a
     /// filter compares it with text and kept (blocks never change). `None` when the block holds
     /// no text column at `path` or it has more than [`TextDictionary::MAX_VALUES`] distinct

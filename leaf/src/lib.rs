@@ -24,7 +24,9 @@ use basalt_common::schema::SchemaStats;
 use basalt_common::{BasaltError, Result};
 use futures::StreamExt;
 use parking_lot::RwLock;
-use prometheus::{IntCounterVec, IntGauge, register_int_counter_vec, register_int_gauge};
+use prometheus::{
+    IntCounter, IntCounterVec, IntGauge, register_int_counter, register_int_counter_vec, register_int_gauge,
+};
 
 pub use crate::shard::FlushPolicy;
 use crate::shard::{Shard, ShardKey, keyspace_name};
@@ -36,6 +38,11 @@ static WRITES: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
 });
 static SCANS: LazyLock<Option<IntCounterVec>> = LazyLock::new(|| {
     register_int_counter_vec!("basalt_leaf_scans_total", "Shard scans by access path", &["access_path"]).ok()
+});
+/// Scans returning text columns as codes (`ScanRequest::text_codes`: partial aggregates grouped
+/// by text, on the leaf).
+static CODED_SCANS: LazyLock<Option<IntCounter>> = LazyLock::new(|| {
+    register_int_counter!("basalt_leaf_coded_scans_total", "Shard scans returning text columns as codes").ok()
 });
 /// 1 once a maintenance pass found every shard idle (no writes for [`FlushPolicy::idle`]) with
 /// nothing to flush or merge: what a load left behind is sealed and merged, and queries run
@@ -398,6 +405,11 @@ impl LeafApi for Leaf {
             return Ok(futures::stream::empty().boxed()); // never written: empty
         };
         let (collection, shard_no) = (request.collection_id, request.shard);
+        if !request.text_codes.is_empty()
+            && let Some(coded) = CODED_SCANS.as_ref()
+        {
+            coded.inc();
+        }
         // Opening takes the snapshot and searches the index: off the async workers. The
         // blocks are then read as the consumer asks for them, on its thread.
         let cursor = blocking(move || unpanicked(collection, shard_no, || shard.open_scan(request))).await?;

@@ -1122,12 +1122,15 @@ impl Shard {
         access: AccessPath,
         limit: Option<usize>,
     ) -> Result<ScanCursor> {
-        let out_type = |ty: &ColumnType| match ty {
+        let out_type = |name: &str, ty: &ColumnType| match ty {
+            ColumnType::Utf8 if req.text_codes.iter().any(|c| c == name) => {
+                DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8))
+            }
             ColumnType::Utf8 if req.text_views => DataType::Utf8View,
             other => other.to_arrow(),
         };
         let schema: SchemaRef = Arc::new(Schema::new(
-            req.columns.iter().map(|(name, ty)| Field::new(name, out_type(ty), true)).collect::<Vec<_>>(),
+            req.columns.iter().map(|(name, ty)| Field::new(name, out_type(name, ty), true)).collect::<Vec<_>>(),
         ));
         let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
         let mut scores: HashMap<u64, f32> = HashMap::new();
@@ -1611,6 +1614,41 @@ fn distinct_sketches(blocks: &[Arc<Block>], deletions: &Deletions) -> Sketches {
     out
 }
 
+/// The text column `name` of a block's kept rows as codes into its distinct values
+/// (`ScanRequest::text_codes`): the block's dictionary when it has one (built once and kept,
+/// as for filters), else each row its own code.
+fn text_codes(
+    block: &Block,
+    name: &str,
+    keep: Option<&arrow::array::BooleanArray>,
+    predicate: Option<&arrow::compute::FilterPredicate>,
+) -> Result<ArrayRef> {
+    use arrow::array::{DictionaryArray, UInt32Array};
+    let dictionary = if block.is_transient() { None } else { block.text_dictionary(name) };
+    let (keys, values): (UInt32Array, ArrayRef) = match dictionary {
+        Some(d) => {
+            let keys = UInt32Array::new(d.codes.iter().map(|c| u32::from(*c)).collect(), d.nulls.clone());
+            let keys = match predicate {
+                Some(p) => {
+                    arrow::array::AsArray::as_primitive::<arrow::datatypes::UInt32Type>(&p.filter(&keys)?).clone()
+                }
+                None => keys,
+            };
+            (keys, Arc::new(d.values.clone()))
+        }
+        None => {
+            let text = block.column_as(name, &DataType::Utf8)?;
+            let text = match keep {
+                Some(k) => arrow::compute::filter(&text, k)?,
+                None => text,
+            };
+            let rows = u32::try_from(text.len()).map_err(|_| BasaltError::internal("a block over 4G rows"))?;
+            (UInt32Array::new((0..rows).collect(), text.logical_nulls()), text)
+        }
+    };
+    Ok(Arc::new(DictionaryArray::<arrow::datatypes::UInt32Type>::try_new(keys, values)?))
+}
+
 /// A filter for a log line: lists cut after a few values.
 fn short(f: &Filter) -> String {
     match f {
@@ -1682,6 +1720,8 @@ fn project_filter(
                 let values: Float64Array =
                     (0..block.rows).map(|i| scores.get(&slot(i)).map(|v| f64::from(*v))).collect();
                 Arc::new(values) as ArrayRef
+            } else if matches!(f.data_type(), DataType::Dictionary(..)) {
+                return text_codes(block, f.name(), keep.as_ref(), predicate.as_ref());
             } else if f.data_type() == &DataType::Utf8View {
                 // Views of the block's strings, made for the kept rows only (moving 16-byte
                 // views instead of copying strings).

@@ -22,6 +22,7 @@ async fn scan(leaf: &Leaf, filters: Vec<Filter>, cols: &[(&str, ColumnType)]) ->
         hint: None,
         ordered_by: None,
         text_views: false,
+        text_codes: vec![],
     };
     let schema = Arc::new(arrow::datatypes::Schema::new(
         req.columns.iter().map(|(n, t)| arrow::datatypes::Field::new(n, t.to_arrow(), true)).collect::<Vec<_>>(),
@@ -88,6 +89,7 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
         hint,
         ordered_by: None,
         text_views: false,
+        text_codes: vec![],
     };
     assert_eq!(shard.access_path(&req(vec![rare.clone()], None), &shard.stats()), AccessPath::SearchIndex);
     assert_eq!(
@@ -106,6 +108,7 @@ async fn writes_survive_restart_and_all_access_paths_agree() {
                 hint: Some(AccessPath::ColumnScan),
                 ordered_by: None,
                 text_views: false,
+                text_codes: vec![],
             },
             |b| {
                 forced.push(b);
@@ -332,6 +335,7 @@ async fn observe_all(leaf: &Leaf) -> (Vec<String>, Vec<Vec<String>>, SchemaStats
             hint,
             ordered_by: None,
             text_views: false,
+            text_codes: vec![],
         };
         shard
             .scan(&req, |b| {
@@ -855,6 +859,7 @@ async fn the_index_searches_the_selective_lists_and_checks_the_rest() {
             hint: Some(hint),
             ordered_by: None,
             text_views: false,
+            text_codes: vec![],
         };
         let path = shard.scan(&req, |b| {
             out.push(b);
@@ -917,6 +922,7 @@ async fn scans_asked_for_an_order_return_rows_in_it() {
             hint: None,
             ordered_by: Some("k".into()),
             text_views: false,
+            text_codes: vec![],
         };
         let leaf = leaf.clone();
         async move {
@@ -957,8 +963,8 @@ async fn scans_asked_for_an_order_return_rows_in_it() {
     assert!(first.iter().any(|(k, _)| *k == 1 || *k == 5), "the late keys come first: {first:?}");
 }
 
-/// A scan asking for text as views (`ScanRequest::text_views`) returns the same strings as one
-/// asking for `Utf8`, by every access path, with filters, nulls, a field holding numbers in
+/// A scan asking for text as views (`ScanRequest::text_views`) or as codes (`text_codes`)
+/// returns the same strings as one asking for `Utf8`, by every access path, with filters, nulls, a field holding numbers in
 /// some documents (read as text), a patched and a deleted document.
 #[tokio::test]
 async fn text_views_hold_the_strings_a_plain_scan_returns() {
@@ -994,7 +1000,8 @@ async fn text_views_hold_the_strings_a_plain_scan_returns() {
         (vec![rare, some], Some(AccessPath::ColumnScan)),
     ] {
         let mut answers = Vec::new();
-        for text_views in [false, true] {
+        // Plain, as views, as codes (`ScanRequest::text_codes`).
+        for (text_views, coded) in [(false, false), (true, false), (true, true)] {
             let req = ScanRequest {
                 collection_id: 1,
                 shard: 0,
@@ -1004,12 +1011,19 @@ async fn text_views_hold_the_strings_a_plain_scan_returns() {
                 hint,
                 ordered_by: None,
                 text_views,
+                text_codes: if coded { vec!["t".to_string()] } else { vec![] },
             };
             let batches: Vec<RecordBatch> = leaf.scan(req).await.unwrap().map(|b| b.unwrap()).collect().await;
             let mut rows = Vec::new();
             for b in &batches {
-                let want =
-                    if text_views { arrow::datatypes::DataType::Utf8View } else { arrow::datatypes::DataType::Utf8 };
+                let want = match (text_views, coded) {
+                    (_, true) => arrow::datatypes::DataType::Dictionary(
+                        Box::new(arrow::datatypes::DataType::UInt32),
+                        Box::new(arrow::datatypes::DataType::Utf8),
+                    ),
+                    (true, false) => arrow::datatypes::DataType::Utf8View,
+                    (false, false) => arrow::datatypes::DataType::Utf8,
+                };
                 assert_eq!(b.column(1).data_type(), &want);
                 let ids = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
                 let texts = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Utf8).unwrap();
@@ -1026,6 +1040,7 @@ async fn text_views_hold_the_strings_a_plain_scan_returns() {
         }
         assert!(!answers[0].is_empty(), "{filters:?}");
         assert_eq!(answers[0], answers[1], "{filters:?}");
+        assert_eq!(answers[0], answers[2], "{filters:?}");
         assert!(answers[0].iter().any(|(_, t)| t.as_deref() == Some("patched")) || !filters.is_empty());
         assert!(answers[0].iter().all(|(id, _)| id != "d20"));
     }
@@ -1086,6 +1101,7 @@ async fn a_scan_reads_the_snapshot_it_opened() {
             hint: Some(hint),
             ordered_by: None,
             text_views: false,
+            text_codes: vec![],
         };
         let read = |req: ScanRequest| {
             let leaf = leaf.clone();
@@ -1140,6 +1156,7 @@ async fn a_scan_gives_the_worker_back_between_batches() {
         hint: None,
         ordered_by: None,
         text_views: false,
+        text_codes: vec![],
     };
     let mut batches = leaf.scan(req).await.unwrap();
     let mut rows = batches.next().await.unwrap().unwrap().num_rows();

@@ -597,6 +597,7 @@ mod tests {
             hint: None,
             ordered_by: None,
             text_views: false,
+            text_codes: vec![],
         };
         let rows: usize =
             client.scan(req).await.unwrap().map(|b| b.unwrap().num_rows()).fold(0, |a, b| async move { a + b }).await;

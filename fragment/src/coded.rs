@@ -1,0 +1,633 @@
+//! Partial aggregates grouped by text columns alone, run by a leaf over codes instead of
+//! strings.
+//!
+//! A column-store block keeps its text columns' distinct values as a dictionary for filters
+//! (`Block::text_dictionary`: up to 4096 values, a `u16` code per row). A partial aggregate on
+//! a leaf grouped by such columns (TPC-H q1's `l_returnflag, l_linestatus`, q12's
+//! `l_shipmode`) otherwise makes a string view per row and hashes and compares them
+//! (`GroupValuesColumn`): a third of q1's CPU. Here the scan returns those columns as codes
+//! (`ScanRequest::text_codes`, `Dictionary(UInt32, Utf8)`), each block's few values are mapped
+//! to the group columns' values once, and a row finds its group by a table lookup on its
+//! codes. The accumulators are DataFusion's own (`GroupsAccumulator`), fed group indices, and
+//! the output is the partial aggregate's: the same schema, the same states, so the aggregator
+//! cannot tell. Only on the leaf, after the fragment is decoded ([`coded_aggregates`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
+use arrow::datatypes::{DataType, SchemaRef, UInt32Type};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::utils::collect_columns;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
+use datafusion::physical_plan::execution_plan::{
+    Boundedness, ChildrenPropertiesMode, EmissionType, PlanProperties, ReplaceChildrenOptions,
+};
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, ExecutionPlanProperties, InputOrderMode, Partitioning,
+};
+use futures::StreamExt;
+
+use crate::LeafScanExec;
+
+/// Rows per output batch.
+const OUTPUT_BATCH_ROWS: usize = 8192;
+
+/// Above this many combinations of one batch's codes, rows find their group by hashing their
+/// value ids instead of a table indexed by the codes.
+const DENSE_TABLE_MAX: usize = 1 << 16;
+
+/// Every partial aggregate in `plan` (a fragment decoded on its leaf) that groups by text
+/// columns of the leaf's scan alone, through projections and filters that pass them on
+/// untouched, becomes a [`CodedAggregateExec`] over a scan returning those columns as codes.
+/// Left as planned otherwise: grouping sets, other group keys, DISTINCT or ordered
+/// aggregates, an accumulator without a grouped form, an aggregate streaming over its input's
+/// order (few groups held at once already), or a group column read by anything else.
+pub fn coded_aggregates(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>> {
+    Ok(plan
+        .transform_up(|node| {
+            let Some(aggregate) = node.downcast_ref::<AggregateExec>() else { return Ok(Transformed::no(node)) };
+            match coded(aggregate)? {
+                Some(coded) => Ok(Transformed::yes(Arc::new(coded) as Arc<dyn ExecutionPlan>)),
+                None => Ok(Transformed::no(node)),
+            }
+        })?
+        .data)
+}
+
+fn coded(aggregate: &AggregateExec) -> Result<Option<CodedAggregateExec>> {
+    let group = aggregate.group_expr();
+    if *aggregate.mode() != AggregateMode::Partial
+        || !group.is_single()
+        || group.expr().is_empty()
+        || aggregate.limit_options().is_some()
+        || !aggregate.dynamic_expressions_produced().is_empty()
+        || *aggregate.input_order_mode() != InputOrderMode::Linear
+    {
+        return Ok(None);
+    }
+    let aggregates = aggregate.aggr_expr();
+    if aggregates.iter().any(|a| a.is_distinct() || !a.order_bys().is_empty() || !a.groups_accumulator_supported()) {
+        return Ok(None);
+    }
+    let mut keys = Vec::with_capacity(group.expr().len());
+    for (expr, _) in group.expr() {
+        let Some(column) = expr.downcast_ref::<Column>() else { return Ok(None) };
+        keys.push(column.index());
+    }
+    // The aggregates' arguments and filters must not read a group column: they would see codes.
+    let mut read = Vec::new();
+    for a in aggregates {
+        a.expressions().iter().for_each(|e| read.extend(collect_columns(e).into_iter().map(|c| c.index())));
+    }
+    for f in aggregate.filter_expr().iter().flatten() {
+        read.extend(collect_columns(f).into_iter().map(|c| c.index()));
+    }
+    if read.iter().any(|i| keys.contains(i)) {
+        return Ok(None);
+    }
+    // Down to the scan: which of its columns the keys are, and the operators in between.
+    let mut chain: Vec<Arc<dyn ExecutionPlan>> = Vec::new();
+    let mut node = aggregate.input().clone();
+    let mut tracked = keys.clone();
+    let scan = loop {
+        if node.is::<LeafScanExec>() {
+            break node.clone();
+        }
+        let next = if let Some(projection) = node.downcast_ref::<ProjectionExec>() {
+            let exprs = projection.expr();
+            let mut below = Vec::with_capacity(tracked.len());
+            for &i in &tracked {
+                let Some(column) = exprs.get(i).and_then(|e| e.expr.downcast_ref::<Column>()) else { return Ok(None) };
+                below.push(column.index());
+            }
+            let others_read = exprs
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !tracked.contains(i))
+                .flat_map(|(_, e)| collect_columns(&e.expr))
+                .any(|c| below.contains(&c.index()));
+            if others_read {
+                return Ok(None);
+            }
+            tracked = below;
+            projection.input().clone()
+        } else if let Some(filter) = node.downcast_ref::<FilterExec>() {
+            if let Some(projection) = filter.projection().as_deref() {
+                let mut below = Vec::with_capacity(tracked.len());
+                for &i in &tracked {
+                    let Some(&j) = projection.get(i) else { return Ok(None) };
+                    below.push(j);
+                }
+                tracked = below;
+            }
+            if collect_columns(filter.predicate()).iter().any(|c| tracked.contains(&c.index())) {
+                return Ok(None);
+            }
+            filter.input().clone()
+        } else if node.name() == "CoalesceBatchesExec" || node.name() == "CooperativeExec" {
+            let [child] = node.children()[..] else { return Ok(None) };
+            child.clone()
+        } else {
+            return Ok(None);
+        };
+        chain.push(node.clone());
+        node = next;
+    };
+    let Some(scan) = scan.downcast_ref::<LeafScanExec>() else { return Ok(None) };
+    let output = scan.schema();
+    let mut names = Vec::with_capacity(tracked.len());
+    for &i in &tracked {
+        let Some(field) = output.fields().get(i) else { return Ok(None) };
+        if !matches!(field.data_type(), DataType::Utf8View | DataType::Utf8) {
+            return Ok(None);
+        }
+        names.push(field.name().clone());
+    }
+    let Some(scan) = scan.with_text_codes(&names) else { return Ok(None) };
+    let mut input: Arc<dyn ExecutionPlan> = Arc::new(scan);
+    for node in chain.into_iter().rev() {
+        input = node.replace_children(vec![input], ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))?;
+    }
+    for &k in &keys {
+        if !matches!(input.schema().field(k).data_type(), DataType::Dictionary(..)) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(CodedAggregateExec::new(aggregate, input, keys)))
+}
+
+/// A partial aggregate grouped by text columns that arrive as codes (see the module).
+#[derive(Debug)]
+pub struct CodedAggregateExec {
+    input: Arc<dyn ExecutionPlan>,
+    /// The group columns: indexes into the input, names as shown.
+    keys: Vec<(usize, String)>,
+    aggregates: Vec<Arc<AggregateFunctionExpr>>,
+    filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    /// The partial aggregate's output schema.
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl CodedAggregateExec {
+    fn new(aggregate: &AggregateExec, input: Arc<dyn ExecutionPlan>, keys: Vec<usize>) -> Self {
+        let schema = aggregate.schema();
+        let names = aggregate.group_expr().expr().iter().map(|(_, name)| name.clone());
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(input.output_partitioning().partition_count()),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Self {
+            input,
+            keys: keys.into_iter().zip(names).collect(),
+            aggregates: aggregate.aggr_expr().to_vec(),
+            filters: aggregate.filter_expr().to_vec(),
+            schema,
+            properties,
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+}
+
+impl DisplayAs for CodedAggregateExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let keys: Vec<&str> = self.keys.iter().map(|(_, n)| n.as_str()).collect();
+        let aggregates: Vec<&str> = self.aggregates.iter().map(|a| a.name()).collect();
+        write!(f, "CodedAggregateExec: gby=[{}], aggr=[{}]", keys.join(", "), aggregates.join(", "))
+    }
+}
+
+impl ExecutionPlan for CodedAggregateExec {
+    fn name(&self) -> &'static str {
+        "CodedAggregateExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+        let [input] = <[Arc<dyn ExecutionPlan>; 1]>::try_from(children)
+            .map_err(|_| DataFusionError::Internal("CodedAggregateExec takes one input".into()))?;
+        Ok(Arc::new(Self {
+            input,
+            keys: self.keys.clone(),
+            aggregates: self.aggregates.clone(),
+            filters: self.filters.clone(),
+            schema: self.schema.clone(),
+            properties: self.properties.clone(),
+            metrics: ExecutionPlanMetricsSet::new(),
+        }))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+        let mut input = self.input.execute(partition, context.clone())?;
+        let mut groups = Groups::new(self)?;
+        let reservation =
+            MemoryConsumer::new(format!("CodedAggregateExec[{partition}]")).register(context.memory_pool());
+        let groups_made = MetricBuilder::new(&self.metrics).counter("groups", partition);
+        let schema = self.schema.clone();
+        let batches = async move {
+            let reservation: MemoryReservation = reservation;
+            while let Some(batch) = input.next().await {
+                groups.update(&batch?)?;
+                reservation.try_resize(groups.size())?;
+            }
+            groups_made.add(groups.len());
+            let out = groups.emit(&schema)?;
+            drop(reservation);
+            Ok::<_, DataFusionError>(out)
+        };
+        let stream = futures::stream::once(batches)
+            .map(|r| match r {
+                Ok(batches) => futures::stream::iter(batches.into_iter().map(Ok)).boxed(),
+                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+            })
+            .flatten();
+        Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream)))
+    }
+}
+
+/// The distinct values a group column has seen, each with an id.
+#[derive(Default)]
+struct Values {
+    ids: HashMap<String, u32>,
+    values: Vec<Option<String>>,
+    null: Option<u32>,
+    bytes: usize,
+}
+
+impl Values {
+    fn id(&mut self, value: Option<&str>) -> u32 {
+        let next = self.values.len() as u32;
+        match value {
+            None => *self.null.get_or_insert_with(|| {
+                self.values.push(None);
+                next
+            }),
+            Some(v) => {
+                if let Some(id) = self.ids.get(v) {
+                    return *id;
+                }
+                self.ids.insert(v.to_string(), next);
+                self.values.push(Some(v.to_string()));
+                self.bytes += 2 * v.len() + 64;
+                next
+            }
+        }
+    }
+}
+
+/// The groups found so far and their accumulators.
+struct Groups {
+    keys: Vec<usize>,
+    values: Vec<Values>,
+    /// Value ids of a group's columns -> the group's index.
+    index: HashMap<Box<[u32]>, u32>,
+    /// Per group column, each group's value id.
+    members: Vec<Vec<u32>>,
+    accumulators: Vec<Box<dyn GroupsAccumulator>>,
+    arguments: Vec<Vec<Arc<dyn PhysicalExpr>>>,
+    filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    indices: Vec<usize>,
+}
+
+impl Groups {
+    fn new(exec: &CodedAggregateExec) -> Result<Self> {
+        Ok(Self {
+            keys: exec.keys.iter().map(|(i, _)| *i).collect(),
+            values: exec.keys.iter().map(|_| Values::default()).collect(),
+            index: HashMap::new(),
+            members: exec.keys.iter().map(|_| Vec::new()).collect(),
+            accumulators: exec.aggregates.iter().map(|a| a.create_groups_accumulator()).collect::<Result<_>>()?,
+            arguments: exec.aggregates.iter().map(|a| a.expressions()).collect(),
+            filters: exec.filters.clone(),
+            indices: Vec::new(),
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.members.first().map_or(0, Vec::len)
+    }
+
+    /// Memory held: the values, the index, the members and the accumulators' states.
+    fn size(&self) -> usize {
+        let values: usize = self.values.iter().map(|v| v.bytes).sum();
+        let index = self.index.capacity() * (self.keys.len() * 4 + 32);
+        let members = self.members.iter().map(|m| m.capacity() * 4).sum::<usize>();
+        values + index + members + self.accumulators.iter().map(|a| a.size()).sum::<usize>()
+    }
+
+    /// The group of value ids `ids`, made when new.
+    fn group(&mut self, ids: &[u32]) -> u32 {
+        if let Some(g) = self.index.get(ids) {
+            return *g;
+        }
+        let g = self.len() as u32;
+        self.index.insert(ids.into(), g);
+        for (members, id) in self.members.iter_mut().zip(ids) {
+            members.push(*id);
+        }
+        g
+    }
+
+    fn update(&mut self, batch: &RecordBatch) -> Result<()> {
+        let rows = batch.num_rows();
+        if rows == 0 {
+            return Ok(());
+        }
+        // Per group column: the batch's codes, and each code's value id (the last slot: a null
+        // code).
+        let mut codes: Vec<&UInt32Array> = Vec::with_capacity(self.keys.len());
+        let mut to_id: Vec<Vec<u32>> = Vec::with_capacity(self.keys.len());
+        for (c, &k) in self.keys.iter().enumerate() {
+            let column = batch.column(k);
+            let dictionary = column
+                .as_dictionary_opt::<UInt32Type>()
+                .ok_or_else(|| DataFusionError::Internal(format!("a coded group column is {}", column.data_type())))?;
+            let values = text_of(dictionary.values())?;
+            let values = values.as_string::<i32>();
+            let mut ids: Vec<u32> =
+                (0..values.len()).map(|i| self.values[c].id(values.is_valid(i).then(|| values.value(i)))).collect();
+            ids.push(self.values[c].id(None));
+            codes.push(dictionary.keys());
+            to_id.push(ids);
+        }
+        // A row's slot in each column: its code, or the null slot.
+        let slot = |c: usize, row: usize| -> usize {
+            let keys = codes[c];
+            if keys.is_null(row) { to_id[c].len() - 1 } else { keys.value(row) as usize }
+        };
+        let mut indices = std::mem::take(&mut self.indices);
+        indices.clear();
+        indices.reserve(rows);
+        let combinations = to_id.iter().try_fold(1usize, |n, ids| n.checked_mul(ids.len()));
+        let mut ids = vec![0u32; self.keys.len()];
+        match combinations {
+            // Not larger than the batch needs (the table is filled anew per batch).
+            Some(n) if n <= DENSE_TABLE_MAX.min(2 * rows.max(1024)) => {
+                // A table from the codes' combination to the group, filled as rows meet it.
+                let mut table = vec![u32::MAX; n];
+                for row in 0..rows {
+                    let mut at = 0;
+                    for (c, column) in to_id.iter().enumerate() {
+                        at = at * column.len() + slot(c, row);
+                    }
+                    let g = match table[at] {
+                        u32::MAX => {
+                            for (c, id) in ids.iter_mut().enumerate() {
+                                *id = to_id[c][slot(c, row)];
+                            }
+                            let g = self.group(&ids);
+                            table[at] = g;
+                            g
+                        }
+                        g => g,
+                    };
+                    indices.push(g as usize);
+                }
+            }
+            _ => {
+                for row in 0..rows {
+                    for (c, id) in ids.iter_mut().enumerate() {
+                        *id = to_id[c][slot(c, row)];
+                    }
+                    indices.push(self.group(&ids) as usize);
+                }
+            }
+        }
+        let total = self.len();
+        for ((accumulator, arguments), filter) in self.accumulators.iter_mut().zip(&self.arguments).zip(&self.filters) {
+            let values = arguments
+                .iter()
+                .map(|e| e.evaluate(batch).and_then(|v| v.into_array(rows)))
+                .collect::<Result<Vec<_>>>()?;
+            let filter = match filter {
+                Some(f) => {
+                    let kept = f.evaluate(batch)?.into_array(rows)?;
+                    Some(
+                        kept.as_boolean_opt()
+                            .cloned()
+                            .ok_or_else(|| DataFusionError::Internal("an aggregate's filter is not boolean".into()))?,
+                    )
+                }
+                None => None,
+            };
+            accumulator.update_batch(&values, &indices, filter.as_ref(), total)?;
+        }
+        self.indices = indices;
+        Ok(())
+    }
+
+    /// The groups and their states, as the partial aggregate's output batches.
+    fn emit(mut self, schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
+        if self.len() == 0 {
+            return Ok(vec![]);
+        }
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        for (c, members) in self.members.iter().enumerate() {
+            let values = &self.values[c].values;
+            let text: StringArray = members.iter().map(|id| values[*id as usize].as_deref()).collect();
+            let text: ArrayRef = Arc::new(text);
+            let target = schema.field(c).data_type();
+            columns.push(if text.data_type() == target { text } else { arrow::compute::cast(&text, target)? });
+        }
+        for accumulator in &mut self.accumulators {
+            columns.extend(accumulator.state(EmitTo::All)?);
+        }
+        let all = RecordBatch::try_new(schema.clone(), columns)?;
+        Ok((0..all.num_rows())
+            .step_by(OUTPUT_BATCH_ROWS)
+            .map(|start| all.slice(start, OUTPUT_BATCH_ROWS.min(all.num_rows() - start)))
+            .collect())
+    }
+}
+
+/// A dictionary's values as `Utf8`.
+fn text_of(values: &ArrayRef) -> Result<ArrayRef> {
+    Ok(match values.data_type() {
+        DataType::Utf8 => values.clone(),
+        _ => arrow::compute::cast(values, &DataType::Utf8)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{NoLeaf, ScanSpec};
+    use arrow::array::{DictionaryArray, Int64Array, StringViewArray};
+    use arrow::datatypes::{Field, Schema};
+    use basalt_common::filter::AccessPath;
+    use basalt_common::schema::ColumnType;
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
+    use datafusion::physical_expr::aggregate::AggregateExprBuilder;
+    use datafusion::physical_plan::aggregates::PhysicalGroupBy;
+    use datafusion::prelude::SessionContext;
+
+    fn scan(on_leaf: bool) -> Arc<dyn ExecutionPlan> {
+        let columns =
+            vec![("flag".into(), ColumnType::Utf8), ("n".into(), ColumnType::Int64), ("q".into(), ColumnType::Int64)];
+        let spec = ScanSpec {
+            columns: columns.clone(),
+            filters: vec![],
+            limit: None,
+            access: AccessPath::ColumnScan,
+            index_matches: None,
+            estimate: None,
+            forced: false,
+            ordered_by: None,
+        };
+        let scan = LeafScanExec::new("c".into(), 7, vec![0], Arc::new(NoLeaf), columns, spec);
+        Arc::new(if on_leaf { scan.with_text_views() } else { scan })
+    }
+
+    /// A partial aggregate over `input` grouped by `group`, with `sum(of)` and `count(*)`
+    /// (`count(of)` with `counting`).
+    fn partial(input: Arc<dyn ExecutionPlan>, group: &[&str], of: &str, counting: &str) -> Arc<dyn ExecutionPlan> {
+        let schema = input.schema();
+        let column = |name: &str| Arc::new(Column::new_with_schema(name, &schema).unwrap()) as Arc<dyn PhysicalExpr>;
+        let group = PhysicalGroupBy::new_single(group.iter().map(|g| (column(g), g.to_string())).collect());
+        let sum = AggregateExprBuilder::new(sum_udaf(), vec![column(of)]).schema(schema.clone()).alias("s");
+        let count = AggregateExprBuilder::new(count_udaf(), vec![column(counting)]).schema(schema.clone()).alias("c");
+        let aggregates = vec![Arc::new(sum.build().unwrap()), Arc::new(count.build().unwrap())];
+        let filter = Arc::new(Column::new_with_schema("n", &schema).unwrap()) as Arc<dyn PhysicalExpr>;
+        let over_one = Arc::new(datafusion::physical_expr::expressions::BinaryExpr::new(
+            filter,
+            datafusion::logical_expr::Operator::Gt,
+            Arc::new(datafusion::physical_expr::expressions::Literal::new(1i64.into())),
+        ));
+        Arc::new(
+            AggregateExec::try_new(
+                AggregateMode::Partial,
+                group,
+                aggregates,
+                vec![None, Some(over_one)],
+                input,
+                schema,
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn only_leaf_aggregates_grouped_by_text_alone_group_codes() {
+        let planned = partial(scan(true), &["flag"], "q", "q");
+        let rewritten = coded_aggregates(planned.clone()).unwrap();
+        let coded = rewritten.downcast_ref::<CodedAggregateExec>().expect("a coded aggregate");
+        assert_eq!(coded.schema(), planned.schema(), "the partial aggregate's output");
+        let codes = coded.input.schema().field(0).data_type().clone();
+        assert_eq!(codes, DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8)));
+        // Grouped by an integer too, an aggregate reading the group column, on the aggregator.
+        for plan in [
+            partial(scan(true), &["flag", "n"], "q", "q"),
+            partial(scan(true), &["flag"], "q", "flag"),
+            partial(scan(false), &["flag"], "q", "q"),
+        ] {
+            assert!(coded_aggregates(plan).unwrap().is::<AggregateExec>());
+        }
+    }
+
+    /// Over the same rows, as codes (two blocks' dictionaries, one with each row its own code,
+    /// nulls as null codes and as null values) and as text, the coded aggregate's output equals
+    /// DataFusion's partial aggregate's.
+    #[tokio::test]
+    async fn coded_groups_equal_datafusion_groups() {
+        let flags: Vec<Option<&str>> = (0..3000)
+            .map(|i| if i % 13 == 0 { None } else { Some(["A", "N", "R", "long flag value"][i % 4]) })
+            .collect();
+        let n: Vec<i64> = (0..3000).map(|i| i % 5).collect();
+        let q: Vec<i64> = (0..3000).map(|i| i * 7 % 101).collect();
+        let text_schema = Arc::new(Schema::new(vec![
+            Field::new("flag", DataType::Utf8View, true),
+            Field::new("n", DataType::Int64, true),
+            Field::new("q", DataType::Int64, true),
+        ]));
+        let codes = DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8));
+        let coded_schema = Arc::new(Schema::new(vec![
+            Field::new("flag", codes, true),
+            Field::new("n", DataType::Int64, true),
+            Field::new("q", DataType::Int64, true),
+        ]));
+        let (mut text, mut coded) = (vec![], vec![]);
+        for (part, (start, end)) in [(0, 1000), (1000, 2500), (2500, 3000)].into_iter().enumerate() {
+            let rows = start..end;
+            let ints = |v: &[i64]| Arc::new(Int64Array::from(v[rows.clone()].to_vec())) as ArrayRef;
+            let strings = StringViewArray::from(flags[rows.clone()].to_vec());
+            text.push(RecordBatch::try_new(text_schema.clone(), vec![Arc::new(strings), ints(&n), ints(&q)]).unwrap());
+            let dictionary: ArrayRef = if part == 1 {
+                // Each row its own code (a block without a dictionary).
+                let values = StringArray::from(flags[rows.clone()].to_vec());
+                let keys = UInt32Array::from((0..values.len() as u32).collect::<Vec<_>>());
+                Arc::new(DictionaryArray::<UInt32Type>::try_new(keys, Arc::new(values)).unwrap())
+            } else {
+                // Codes into the block's distinct values, nulls as null codes.
+                let values = StringArray::from(vec!["R", "long flag value", "A", "N", "unused"]);
+                let keys: UInt32Array = flags[rows.clone()]
+                    .iter()
+                    .map(|f| f.map(|f| ["R", "long flag value", "A", "N"].iter().position(|v| *v == f).unwrap() as u32))
+                    .collect();
+                Arc::new(DictionaryArray::<UInt32Type>::try_new(keys, Arc::new(values)).unwrap())
+            };
+            coded.push(RecordBatch::try_new(coded_schema.clone(), vec![dictionary, ints(&n), ints(&q)]).unwrap());
+        }
+        let ctx = SessionContext::new().task_ctx();
+        let text_source = MemorySourceConfig::try_new_exec(&[text], text_schema, None).unwrap();
+        let planned = partial(text_source, &["flag"], "q", "n");
+        let aggregate = planned.downcast_ref::<AggregateExec>().unwrap();
+        let coded_source = MemorySourceConfig::try_new_exec(&[coded], coded_schema, None).unwrap();
+        let exec: Arc<dyn ExecutionPlan> = Arc::new(CodedAggregateExec::new(aggregate, coded_source, vec![0]));
+        let sorted = |batches: Vec<RecordBatch>| {
+            let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+            let mut rows: Vec<String> = (0..all.num_rows())
+                .map(|i| {
+                    let row = all.slice(i, 1);
+                    arrow::util::pretty::pretty_format_batches(&[row])
+                        .unwrap()
+                        .to_string()
+                        .lines()
+                        .nth(3)
+                        .unwrap()
+                        .to_string()
+                })
+                .collect();
+            rows.sort();
+            rows
+        };
+        let want = sorted(datafusion::physical_plan::collect(planned.clone(), ctx.clone()).await.unwrap());
+        let got = sorted(datafusion::physical_plan::collect(exec, ctx).await.unwrap());
+        assert_eq!(want.len(), 5, "four flags and null: {want:?}");
+        assert_eq!(got, want);
+    }
+}
