@@ -411,6 +411,9 @@ pub struct Deployment {
     pub dir: tempfile::TempDir,
     /// The leaves' RPC addresses, comma-separated, in a cluster deployment (empty for dev).
     pub leaf_addrs: String,
+    /// The leaves' HTTP addresses (`/metrics`), in a cluster deployment (empty for dev, whose
+    /// leaf's metrics are on `http_port`).
+    pub leaf_http: Vec<String>,
     /// Environment for tailer processes (cluster deployments).
     pub tailer_env: Vec<(String, String)>,
 }
@@ -499,6 +502,7 @@ impl Deployment {
             procs: vec![p],
             dir,
             leaf_addrs: String::new(),
+            leaf_http: vec![],
             tailer_env: env.to_vec(),
         }
     }
@@ -522,6 +526,7 @@ impl Deployment {
         let mut procs = vec![];
         let mut leaf_addrs = vec![];
         let mut waits = vec![];
+        let mut leaf_http = vec![];
         for i in 0..leaves {
             let name = if i == 0 { "leaf".to_string() } else { format!("leaf{}", i + 1) };
             let (rpc, http) = (free_port(), free_port());
@@ -548,6 +553,7 @@ impl Deployment {
             );
             leaf_addrs.push(format!("127.0.0.1:{rpc}"));
             waits.push(format!("http://127.0.0.1:{http}/healthz"));
+            leaf_http.push(format!("127.0.0.1:{http}"));
             procs.push(leaf);
         }
         let leaf_addrs = leaf_addrs.join(",");
@@ -592,7 +598,16 @@ impl Deployment {
         wait_http(&format!("http://127.0.0.1:{http_port}/healthz"), &aggregator).await;
         procs.push(tailer);
         procs.push(aggregator);
-        Deployment { pg_port, http_port, flight_port, procs, dir, leaf_addrs, tailer_env: tailer_env.to_vec() }
+        Deployment {
+            pg_port,
+            http_port,
+            flight_port,
+            procs,
+            dir,
+            leaf_addrs,
+            leaf_http,
+            tailer_env: tailer_env.to_vec(),
+        }
     }
 
     /// Start one more tailer process (cluster deployments), named `name`.

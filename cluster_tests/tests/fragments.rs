@@ -412,18 +412,40 @@ async fn text_groups_aggregate_over_codes() {
         )
         .await
         .expect("load");
+        // (In dev the leaf's counters are on the same /metrics; leaf processes keep their own.)
+        let urls: Vec<String> = if two_leaves {
+            d.leaf_http.iter().map(|a| format!("http://{a}/metrics")).collect()
+        } else {
+            vec![d.http("/metrics")]
+        };
         let coded_scans = || async {
-            let text = reqwest::get(d.http("/metrics")).await.expect("metrics").text().await.expect("metrics body");
-            text.lines()
-                .find_map(|l| l.strip_prefix("basalt_leaf_coded_scans_total "))
-                .map_or(0.0, |v| v.trim().parse::<f64>().expect("counter"))
+            let mut total = 0.0;
+            for url in &urls {
+                let text = reqwest::get(url).await.expect("metrics").text().await.expect("metrics body");
+                total += text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("basalt_leaf_coded_scans_total "))
+                    .map_or(0.0, |v| v.trim().parse::<f64>().expect("counter"));
+            }
+            total
         };
         let before = coded_scans().await;
         assert_eq!(rows_of(&pg, grouped).await, want, "two leaves: {two_leaves}");
-        // (In dev the leaf's counters are on the same /metrics; leaf processes keep their own.)
-        if !two_leaves {
-            assert!(coded_scans().await >= before + 2.0, "both shards' scans returned codes");
-        }
+        assert!(coded_scans().await >= before + 2.0, "both shards' scans returned codes");
+        // A common subexpression puts a projection between the scan and the aggregate.
+        let shared = "SELECT flag, CAST(sum(qty * 2) AS BIGINT), CAST(sum(qty * 2 + 1) AS BIGINT) FROM g.items \
+                      GROUP BY flag ORDER BY flag";
+        let before = coded_scans().await;
+        let doubled: Vec<Vec<Option<String>>> = ["A", "N", "R"]
+            .iter()
+            .map(|f| {
+                let qty: Vec<i64> = rows.iter().filter(|r| r.1 == *f).map(|r| r.3).collect();
+                let twice: i64 = qty.iter().map(|q| q * 2).sum();
+                vec![Some(f.to_string()), Some(twice.to_string()), Some((twice + qty.len() as i64).to_string())]
+            })
+            .collect();
+        assert_eq!(rows_of(&pg, shared).await, doubled);
+        assert!(coded_scans().await >= before + 2.0, "through the projection too");
         pg.batch_execute(
             "DELETE FROM g.items WHERE qty = 7;
              UPDATE g.items SET flag = 'X', status = 'O' WHERE qty = 9",

@@ -159,10 +159,17 @@ fn coded(aggregate: &AggregateExec) -> Result<Option<CodedAggregateExec>> {
     let Some(scan) = scan.with_text_codes(&names) else { return Ok(None) };
     let mut input: Arc<dyn ExecutionPlan> = Arc::new(scan);
     for node in chain.into_iter().rev() {
-        input = node.replace_children(vec![input], ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))?;
+        input = match node.downcast_ref::<ProjectionExec>() {
+            // (Its `replace_children` keeps the output schema it was planned with.)
+            Some(projection) => Arc::new(ProjectionExec::try_new(projection.expr().to_vec(), input)?),
+            None => {
+                node.replace_children(vec![input], ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))?
+            }
+        };
     }
     for &k in &keys {
         if !matches!(input.schema().field(k).data_type(), DataType::Dictionary(..)) {
+            tracing::debug!(column = k, "a group column did not reach the aggregate as codes");
             return Ok(None);
         }
     }
@@ -549,6 +556,20 @@ mod tests {
         assert_eq!(coded.schema(), planned.schema(), "the partial aggregate's output");
         let codes = coded.input.schema().field(0).data_type().clone();
         assert_eq!(codes, DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8)));
+        // Through a projection that passes the column on (TPC-H q1 computes a common
+        // subexpression below its aggregate).
+        let leaf_scan = scan(true);
+        let schema = leaf_scan.schema();
+        let exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = ["q", "flag", "n"]
+            .iter()
+            .map(|c| (Arc::new(Column::new_with_schema(c, &schema).unwrap()) as Arc<dyn PhysicalExpr>, c.to_string()))
+            .collect();
+        let projected = Arc::new(ProjectionExec::try_new(exprs, leaf_scan).unwrap());
+        let planned = partial(projected, &["flag"], "q", "q");
+        let rewritten = coded_aggregates(planned.clone()).unwrap();
+        let coded = rewritten.downcast_ref::<CodedAggregateExec>().expect("a coded aggregate over the projection");
+        assert_eq!(coded.schema(), planned.schema());
+        assert!(matches!(coded.input.schema().field(1).data_type(), DataType::Dictionary(..)));
         // Grouped by an integer too, an aggregate reading the group column, on the aggregator.
         for plan in [
             partial(scan(true), &["flag", "n"], "q", "q"),
