@@ -12,7 +12,6 @@
 //! the output is the partial aggregate's: the same schema, the same states, so the aggregator
 //! cannot tell. Only on the leaf, after the fragment is decoded ([`coded_aggregates`]).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Arr
 use arrow::datatypes::{DataType, SchemaRef, UInt32Type};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result};
-use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::execution::memory_pool::MemoryConsumer;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
@@ -42,8 +41,16 @@ use futures::StreamExt;
 
 use crate::LeafScanExec;
 
+/// foldhash: strings and code tuples are hashed per row on the fallback path.
+type HashMap<K, V> = hashbrown::HashMap<K, V>;
+
 /// Rows per output batch.
 const OUTPUT_BATCH_ROWS: usize = 8192;
+
+/// Groups held before they are sent on and the aggregate starts afresh (a text column of many
+/// distinct values, each row its own code: DataFusion's partial aggregate would likewise emit
+/// early or pass rows through).
+const EARLY_EMIT_GROUPS: usize = 1 << 20;
 
 /// Above this many combinations of one batch's codes, rows find their group by hashing their
 /// value ids instead of a table indexed by the codes.
@@ -188,6 +195,8 @@ pub struct CodedAggregateExec {
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
+    /// Groups held before they are sent on ([`EARLY_EMIT_GROUPS`]).
+    early_emit: usize,
 }
 
 impl CodedAggregateExec {
@@ -208,6 +217,7 @@ impl CodedAggregateExec {
             schema,
             properties,
             metrics: ExecutionPlanMetricsSet::new(),
+            early_emit: EARLY_EMIT_GROUPS,
         }
     }
 }
@@ -251,6 +261,7 @@ impl ExecutionPlan for CodedAggregateExec {
             schema: self.schema.clone(),
             properties: self.properties.clone(),
             metrics: ExecutionPlanMetricsSet::new(),
+            early_emit: self.early_emit,
         }))
     }
 
@@ -259,31 +270,70 @@ impl ExecutionPlan for CodedAggregateExec {
     }
 
     fn execute(&self, partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
-        let mut input = self.input.execute(partition, context.clone())?;
-        let mut groups = Groups::new(self)?;
+        let input = self.input.execute(partition, context.clone())?;
+        let spec = Arc::new(Spec {
+            keys: self.keys.iter().map(|(i, _)| *i).collect(),
+            aggregates: self.aggregates.clone(),
+            filters: self.filters.clone(),
+            schema: self.schema.clone(),
+            early_emit: self.early_emit,
+        });
+        let groups = Groups::new(&spec)?;
         let reservation =
             MemoryConsumer::new(format!("CodedAggregateExec[{partition}]")).register(context.memory_pool());
         let groups_made = MetricBuilder::new(&self.metrics).counter("groups", partition);
-        let schema = self.schema.clone();
-        let batches = async move {
-            let reservation: MemoryReservation = reservation;
-            while let Some(batch) = input.next().await {
-                groups.update(&batch?)?;
-                reservation.try_resize(groups.size())?;
+        // Groups until the input ends, or (a partial aggregate may emit a group more than once:
+        // the final aggregate merges them) until there are `early_emit` of them.
+        let stream = futures::stream::unfold(Some((input, groups, reservation)), move |state| {
+            let (spec, groups_made) = (spec.clone(), groups_made.clone());
+            async move {
+                let (mut input, mut groups, reservation) = state?;
+                let step = async {
+                    while let Some(batch) = input.next().await {
+                        groups.update(&batch?)?;
+                        reservation.try_resize(groups.size())?;
+                        if groups.len() >= spec.early_emit {
+                            return Ok(false);
+                        }
+                    }
+                    Ok::<_, DataFusionError>(true)
+                };
+                match step.await {
+                    Ok(ended) => {
+                        groups_made.add(groups.len());
+                        if ended {
+                            let out = groups.emit(&spec.schema);
+                            reservation.free();
+                            return Some((out, None));
+                        }
+                        let full = match Groups::new(&spec) {
+                            Ok(fresh) => std::mem::replace(&mut groups, fresh),
+                            Err(e) => return Some((Err(e), None)),
+                        };
+                        let out = full.emit(&spec.schema);
+                        reservation.free();
+                        Some((out, Some((input, groups, reservation))))
+                    }
+                    Err(e) => Some((Err(e), None)),
+                }
             }
-            groups_made.add(groups.len());
-            let out = groups.emit(&schema)?;
-            drop(reservation);
-            Ok::<_, DataFusionError>(out)
-        };
-        let stream = futures::stream::once(batches)
-            .map(|r| match r {
-                Ok(batches) => futures::stream::iter(batches.into_iter().map(Ok)).boxed(),
-                Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
-            })
-            .flatten();
+        })
+        .map(|r| match r {
+            Ok(batches) => futures::stream::iter(batches.into_iter().map(Ok)).boxed(),
+            Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+        })
+        .flatten();
         Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream)))
     }
+}
+
+/// What a [`CodedAggregateExec`]'s stream needs to make groups afresh.
+struct Spec {
+    keys: Vec<usize>,
+    aggregates: Vec<Arc<AggregateFunctionExpr>>,
+    filters: Vec<Option<Arc<dyn PhysicalExpr>>>,
+    schema: SchemaRef,
+    early_emit: usize,
 }
 
 /// The distinct values a group column has seen, each with an id.
@@ -331,15 +381,15 @@ struct Groups {
 }
 
 impl Groups {
-    fn new(exec: &CodedAggregateExec) -> Result<Self> {
+    fn new(spec: &Spec) -> Result<Self> {
         Ok(Self {
-            keys: exec.keys.iter().map(|(i, _)| *i).collect(),
-            values: exec.keys.iter().map(|_| Values::default()).collect(),
+            keys: spec.keys.clone(),
+            values: spec.keys.iter().map(|_| Values::default()).collect(),
             index: HashMap::new(),
-            members: exec.keys.iter().map(|_| Vec::new()).collect(),
-            accumulators: exec.aggregates.iter().map(|a| a.create_groups_accumulator()).collect::<Result<_>>()?,
-            arguments: exec.aggregates.iter().map(|a| a.expressions()).collect(),
-            filters: exec.filters.clone(),
+            members: spec.keys.iter().map(|_| Vec::new()).collect(),
+            accumulators: spec.aggregates.iter().map(|a| a.create_groups_accumulator()).collect::<Result<_>>()?,
+            arguments: spec.aggregates.iter().map(|a| a.expressions()).collect(),
+            filters: spec.filters.clone(),
             indices: Vec::new(),
         })
     }
@@ -647,8 +697,30 @@ mod tests {
             rows
         };
         let want = sorted(datafusion::physical_plan::collect(planned.clone(), ctx.clone()).await.unwrap());
-        let got = sorted(datafusion::physical_plan::collect(exec, ctx).await.unwrap());
+        let got = sorted(datafusion::physical_plan::collect(exec.clone(), ctx.clone()).await.unwrap());
         assert_eq!(want.len(), 5, "four flags and null: {want:?}");
+        assert_eq!(got, want);
+        // Emitting every two groups: groups come more than once, their states add up to the same.
+        let mut early = CodedAggregateExec::new(aggregate, exec.children()[0].clone(), vec![0]);
+        early.early_emit = 2;
+        let merged = |batches: Vec<RecordBatch>| {
+            let mut groups = std::collections::BTreeMap::<Option<String>, (i64, i64)>::new();
+            for b in &batches {
+                let flags = arrow::compute::cast(b.column(0), &DataType::Utf8).unwrap();
+                let flags = flags.as_string::<i32>();
+                let sums = b.column(1).as_primitive::<arrow::datatypes::Int64Type>();
+                let counts = b.column(2).as_primitive::<arrow::datatypes::Int64Type>();
+                for i in 0..b.num_rows() {
+                    let g = groups.entry(flags.is_valid(i).then(|| flags.value(i).to_string())).or_default();
+                    *g = (g.0 + sums.value(i), g.1 + counts.value(i));
+                }
+            }
+            (batches.iter().map(RecordBatch::num_rows).sum::<usize>(), groups)
+        };
+        let (rows, want) = merged(datafusion::physical_plan::collect(planned, ctx.clone()).await.unwrap());
+        assert_eq!(rows, 5);
+        let (rows, got) = merged(datafusion::physical_plan::collect(Arc::new(early), ctx).await.unwrap());
+        assert!(rows > 5, "groups emitted early come again: {rows} rows");
         assert_eq!(got, want);
     }
 }
