@@ -687,7 +687,6 @@ mod tests {
     use crate::{NoLeaf, ScanSpec};
     use arrow::array::{DictionaryArray, Int64Array, StringViewArray};
     use arrow::datatypes::{Field, Schema};
-    use basalt_common::filter::AccessPath;
     use basalt_common::schema::ColumnType;
     use datafusion::datasource::memory::MemorySourceConfig;
     use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
@@ -698,16 +697,7 @@ mod tests {
     fn scan(on_leaf: bool) -> Arc<dyn ExecutionPlan> {
         let columns =
             vec![("flag".into(), ColumnType::Utf8), ("n".into(), ColumnType::Int64), ("q".into(), ColumnType::Int64)];
-        let spec = ScanSpec {
-            columns: columns.clone(),
-            filters: vec![],
-            limit: None,
-            access: AccessPath::ColumnScan,
-            index_matches: None,
-            estimate: None,
-            forced: false,
-            ordered_by: None,
-        };
+        let spec = ScanSpec::for_test(&columns, None);
         let scan = LeafScanExec::new("c".into(), 7, vec![0], Arc::new(NoLeaf), columns, spec);
         Arc::new(if on_leaf { scan.with_text_views() } else { scan })
     }

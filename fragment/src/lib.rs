@@ -185,6 +185,23 @@ fn index_for_key_lists(spec: &ScanSpec, output: &Schema, lists: &[Filter]) -> bo
     spec.key_list_estimate().is_some_and(|estimate| selective_key_list(estimate, output, lists))
 }
 
+#[cfg(test)]
+impl ScanSpec {
+    /// A column scan of `columns` with no filters, in the order of `ordered_by`.
+    fn for_test(columns: &[(String, ColumnType)], ordered_by: Option<&str>) -> Self {
+        ScanSpec {
+            columns: columns.to_vec(),
+            filters: vec![],
+            limit: None,
+            access: AccessPath::ColumnScan,
+            index_matches: None,
+            estimate: None,
+            forced: false,
+            ordered_by: ordered_by.map(str::to_string),
+        }
+    }
+}
+
 impl ScanSpec {
     /// The planner's estimate when runtime key lists may move this scan to the search index:
     /// a column scan the planner chose (not an expert) over enough rows.
@@ -1607,16 +1624,7 @@ mod tests {
     fn fragments_stream_over_ordered_scans_on_leaves_only() {
         use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
         let columns = vec![("k".to_string(), ColumnType::Int64), ("q".to_string(), ColumnType::Int64)];
-        let spec = ScanSpec {
-            columns: columns.clone(),
-            filters: vec![],
-            limit: None,
-            access: AccessPath::ColumnScan,
-            index_matches: None,
-            estimate: None,
-            forced: false,
-            ordered_by: Some("k".into()),
-        };
+        let spec = ScanSpec::for_test(&columns, Some("k"));
         let scan = LeafScanExec::new("c".into(), 7, vec![0, 1], Arc::new(NoLeaf), columns, spec);
         assert!(!scan.declares_order());
         let scan: Arc<dyn ExecutionPlan> = Arc::new(scan);
@@ -1646,16 +1654,7 @@ mod tests {
         use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode, PhysicalGroupBy};
         let plan_for = |ordered_by: Option<&str>| -> Arc<dyn ExecutionPlan> {
             let columns = vec![("k".to_string(), ColumnType::Int64), ("q".to_string(), ColumnType::Int64)];
-            let spec = ScanSpec {
-                columns: columns.clone(),
-                filters: vec![],
-                limit: None,
-                access: AccessPath::ColumnScan,
-                index_matches: None,
-                estimate: None,
-                forced: false,
-                ordered_by: ordered_by.map(str::to_string),
-            };
+            let spec = ScanSpec::for_test(&columns, ordered_by);
             let scan: Arc<dyn ExecutionPlan> =
                 Arc::new(LeafScanExec::new("c".into(), 7, vec![0, 1], Arc::new(NoLeaf), columns, spec));
             let schema = scan.schema();
@@ -1701,16 +1700,8 @@ mod tests {
     fn selective_short_key_lists_use_the_index() {
         use arrow::datatypes::DataType;
         let output = Schema::new(vec![Field::new("d", DataType::Int64, true), Field::new("p", DataType::Int64, true)]);
-        let spec = ScanSpec {
-            columns: vec![],
-            filters: vec![],
-            limit: None,
-            access: AccessPath::ColumnScan,
-            index_matches: None,
-            estimate: Some(ScanEstimate { rows: 6_000_000, distinct: vec![Some(2_556), Some(200_000)] }),
-            forced: false,
-            ordered_by: None,
-        };
+        let estimate = ScanEstimate { rows: 6_000_000, distinct: vec![Some(2_556), Some(200_000)] };
+        let spec = ScanSpec { estimate: Some(estimate), ..ScanSpec::for_test(&[], None) };
         let seven: Vec<i64> = (0..7).collect();
         assert!(index_for_key_lists(&spec, &output, &[keys("d", &seven)]));
         // 365 of 2,556 dates (14%): scan.
