@@ -596,13 +596,21 @@ impl Groups {
         match combinations {
             // Not larger than the batch needs (the table is filled anew per batch).
             Some(n) if n <= DENSE_TABLE_MAX.min(2 * rows.max(1024)) => {
-                // A table from the codes' combination to the group, filled as rows meet it.
-                let mut table = vec![u32::MAX; n];
-                for row in 0..rows {
-                    let mut at = 0;
-                    for (c, column) in to_id.iter().enumerate() {
-                        at = at * column.len() + slot(c, row);
+                // Each row's codes' combination, a column at a time (a pass the compiler
+                // vectorizes), then a table from combinations to groups, filled as rows meet it.
+                let mut places = vec![0usize; rows];
+                for (c, column) in to_id.iter().enumerate() {
+                    let (keys, size, null_slot) = (codes[c], column.len(), column.len() - 1);
+                    let pairs = places.iter_mut().zip(keys.values().iter());
+                    match keys.nulls().filter(|nulls| nulls.null_count() > 0) {
+                        None => pairs.for_each(|(at, code)| *at = *at * size + *code as usize),
+                        Some(nulls) => pairs.enumerate().for_each(|(row, (at, code))| {
+                            *at = *at * size + if nulls.is_null(row) { null_slot } else { *code as usize }
+                        }),
                     }
+                }
+                let mut table = vec![u32::MAX; n];
+                for (row, &at) in places.iter().enumerate() {
                     let g = match table[at] {
                         u32::MAX => {
                             for (c, id) in ids.iter_mut().enumerate() {
