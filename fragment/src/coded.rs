@@ -383,18 +383,14 @@ fn coded_stream(
             match step.await {
                 Ok(ended) => {
                     groups_made.add(groups.len());
-                    if ended {
-                        let out = groups.emit(&spec.schema);
-                        reservation.free();
-                        return Some((out, None));
-                    }
-                    let full = match Groups::new(&spec) {
-                        Ok(fresh) => std::mem::replace(&mut groups, fresh),
+                    // Emitted early: the next groups start afresh.
+                    let fresh = match (!ended).then(|| Groups::new(&spec)).transpose() {
+                        Ok(fresh) => fresh,
                         Err(e) => return Some((Err(e), None)),
                     };
-                    let out = full.emit(&spec.schema);
+                    let out = groups.emit(&spec.schema);
                     reservation.free();
-                    Some((out, Some((input, groups, reservation))))
+                    Some((out, fresh.map(|groups| (input, groups, reservation))))
                 }
                 Err(e) => Some((Err(e), None)),
             }

@@ -1617,31 +1617,24 @@ fn distinct_sketches(blocks: &[Arc<Block>], deletions: &Deletions) -> Sketches {
 /// The text column `name` of a block's kept rows as codes into its distinct values
 /// (`ScanRequest::text_codes`): the block's dictionary when it has one (built once and kept,
 /// as for filters), else each row its own code.
-fn text_codes(
-    block: &Block,
-    name: &str,
-    keep: Option<&arrow::array::BooleanArray>,
-    predicate: Option<&arrow::compute::FilterPredicate>,
-) -> Result<ArrayRef> {
+fn text_codes(block: &Block, name: &str, predicate: Option<&arrow::compute::FilterPredicate>) -> Result<ArrayRef> {
     use arrow::array::{DictionaryArray, UInt32Array};
+    let kept = |column: ArrayRef| -> Result<ArrayRef> {
+        Ok(match predicate {
+            Some(p) => p.filter(&column)?,
+            None => column,
+        })
+    };
     let dictionary = if block.is_transient() { None } else { block.text_dictionary(name) };
     let (keys, values): (UInt32Array, ArrayRef) = match dictionary {
         Some(d) => {
-            let keys = UInt32Array::new(d.codes.iter().map(|c| u32::from(*c)).collect(), d.nulls.clone());
-            let keys = match predicate {
-                Some(p) => {
-                    arrow::array::AsArray::as_primitive::<arrow::datatypes::UInt32Type>(&p.filter(&keys)?).clone()
-                }
-                None => keys,
-            };
+            let keys: ArrayRef =
+                Arc::new(UInt32Array::new(d.codes.iter().map(|c| u32::from(*c)).collect(), d.nulls.clone()));
+            let keys = arrow::array::AsArray::as_primitive::<arrow::datatypes::UInt32Type>(&kept(keys)?).clone();
             (keys, Arc::new(d.values.clone()))
         }
         None => {
-            let text = block.column_as(name, &DataType::Utf8)?;
-            let text = match keep {
-                Some(k) => arrow::compute::filter(&text, k)?,
-                None => text,
-            };
+            let text = kept(block.column_as(name, &DataType::Utf8)?)?;
             let rows = u32::try_from(text.len()).map_err(|_| BasaltError::internal("a block over 4G rows"))?;
             (UInt32Array::new((0..rows).collect(), text.logical_nulls()), text)
         }
@@ -1721,7 +1714,7 @@ fn project_filter(
                     (0..block.rows).map(|i| scores.get(&slot(i)).map(|v| f64::from(*v))).collect();
                 Arc::new(values) as ArrayRef
             } else if matches!(f.data_type(), DataType::Dictionary(..)) {
-                return text_codes(block, f.name(), keep.as_ref(), predicate.as_ref());
+                return text_codes(block, f.name(), predicate.as_ref());
             } else if f.data_type() == &DataType::Utf8View {
                 // Views of the block's strings, made for the kept rows only (moving 16-byte
                 // views instead of copying strings).

@@ -480,19 +480,19 @@ struct PartitionWorker {
 /// A chunk's writes on their way to the leaves, with what the worker reports once they land.
 struct InFlight<'scope> {
     handle: std::thread::ScopedJoinHandle<'scope, Result<Vec<ShardWriteResult>>>,
-    /// How many of the writes are to the source's collection (the rest are its rollups').
-    own: usize,
     first: i64,
     through: i64,
-    bad: u64,
-    last_error: Option<String>,
-    newest_us: Option<i64>,
-    bytes: u64,
+    report: Report,
 }
 
 /// A chunk ready to send: its writes and what the worker reports once they land.
 struct Prepared {
     writes: Vec<ShardWrite>,
+    report: Report,
+}
+
+/// What a worker reports of a chunk once its writes land.
+struct Report {
     /// How many of the writes are to the source's collection (the rest are its rollups').
     own: usize,
     bad: u64,
@@ -866,14 +866,14 @@ impl PartitionWorker {
                     (true, Some(c)) => c,
                     _ => last,
                 };
-                let Prepared { writes, own, bad, last_error, newest_us, bytes } =
+                let Prepared { writes, report } =
                     self.prepare(chunk, first, through, &info, &rollups, errors.as_ref())?;
                 // The chunk before must be applied on every shard before this one is sent (a
                 // shard applies a partition's chunks in order); this one was read and decoded
                 // while it was written.
                 self.land(in_flight.take())?;
                 let handle = scope.spawn(move || self.apply_all(&writes));
-                in_flight = Some(InFlight { handle, own, first, through, bad, last_error, newest_us, bytes });
+                in_flight = Some(InFlight { handle, first, through, report });
                 boundaries = boundaries.split_off(&(through + 1));
                 if ended && held.is_none() {
                     self.land(in_flight.take())?;
@@ -1000,14 +1000,15 @@ impl PartitionWorker {
         let mut writes = self.shard_writes(info, per_shard, through, None);
         let own = writes.len();
         writes.extend(rollup_writes);
-        Ok(Prepared { writes, own, bad: bad_count, last_error, newest_us, bytes })
+        Ok(Prepared { writes, report: Report { own, bad: bad_count, last_error, newest_us, bytes } })
     }
 
     /// Wait for a chunk's writes and account for them (documents, errors, latency, status).
     fn land(&self, in_flight: Option<InFlight<'_>>) -> Result<()> {
-        let Some(InFlight { handle, own, first, through, bad, mut last_error, newest_us, bytes }) = in_flight else {
+        let Some(InFlight { handle, first, through, report }) = in_flight else {
             return Ok(());
         };
+        let Report { own, bad, mut last_error, newest_us, bytes } = report;
         let results = handle.join().map_err(|_| BasaltError::internal("a leaf write thread panicked"))??;
         let name = self.source.name.to_string();
         let (ok, failed) = results[..own]
