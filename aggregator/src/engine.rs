@@ -143,7 +143,8 @@ impl Engine {
 }
 
 /// DataFusion's logical optimizer rules, with join ordering from leaf statistics right after
-/// filters are pushed into scans (the estimates read the scans' filters) and comparisons of
+/// filters are pushed into scans (the estimates read the scans' filters), then aggregates below
+/// joins where that pays (see [`crate::eager`]), and comparisons of
 /// floats with decimals as floats right before (see [`crate::floats`]); calendar fields of dates
 /// stored as text last (see [`crate::textdates`]).
 fn optimizer_rules(
@@ -151,7 +152,9 @@ fn optimizer_rules(
 ) -> Vec<Arc<dyn datafusion::optimizer::OptimizerRule + Send + Sync>> {
     let mut rules = datafusion::optimizer::Optimizer::new().rules;
     let at = rules.iter().position(|r| r.name() == "push_down_filter").map_or(rules.len(), |i| i + 1);
-    rules.insert(at, Arc::new(crate::joins::ReorderJoins { options }));
+    rules.insert(at, Arc::new(crate::joins::ReorderJoins { options: options.clone() }));
+    // Aggregates below joins once the joins are ordered (it estimates the joins' sides).
+    rules.insert(at + 1, Arc::new(crate::eager::EagerAggregates { options }));
     // Float-with-decimal comparisons as floats before filters are pushed into scans (so the
     // scans get them), after literals are folded (`0.06 - 0.01`).
     let at = rules.iter().position(|r| r.name() == "push_down_filter").unwrap_or(0);

@@ -55,7 +55,7 @@ impl OptimizerRule for ReorderJoins {
     }
 }
 
-fn is_reorderable(plan: &LogicalPlan) -> bool {
+pub(crate) fn is_reorderable(plan: &LogicalPlan) -> bool {
     matches!(plan, LogicalPlan::Join(j) if j.join_type == JoinType::Inner
         && j.join_constraint == JoinConstraint::On
         && j.null_equality == NullEquality::NullEqualsNothing
@@ -86,10 +86,10 @@ fn rewrite(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
 
 /// A tree of inner joins: its inputs, equi-join pairs and other join conditions.
 #[derive(Default)]
-struct Tree {
-    inputs: Vec<LogicalPlan>,
-    on: Vec<(Expr, Expr)>,
-    filters: Vec<Expr>,
+pub(crate) struct Tree {
+    pub(crate) inputs: Vec<LogicalPlan>,
+    pub(crate) on: Vec<(Expr, Expr)>,
+    pub(crate) filters: Vec<Expr>,
 }
 
 /// Inputs joined so far: a bit per tree input, the plan and its estimated rows.
@@ -100,17 +100,17 @@ struct Part {
 }
 
 /// One side of an equi-join pair: the input it reads, its expression, its distinct values.
-type Side = (usize, Expr, f64);
+pub(crate) type Side = (usize, Expr, f64);
 
 /// An equi-join pair with the input each side reads and that side's distinct values.
-struct Edge {
-    sides: [Side; 2],
+pub(crate) struct Edge {
+    pub(crate) sides: [Side; 2],
     /// Both sides are 64-bit integers: a build side's keys can reach the probe scan as a key
     /// set (see `basalt_fragment::keys`).
-    integers: bool,
+    pub(crate) integers: bool,
     /// The class of columns equal to each other this pair belongs to (see [`equal_columns`]):
     /// a join needs one pair per class between its sides.
-    class: Option<usize>,
+    pub(crate) class: Option<usize>,
 }
 
 /// Classes of columns the equi pairs make equal (`a = b AND b = c`: a, b and c), of three
@@ -172,7 +172,7 @@ fn implied_pairs(
 
 impl Edge {
     /// The pair's sides as (the side in part `a`, the side in part `b`) when it connects them.
-    fn between(&self, a: u64, b: u64) -> Option<(&Side, &Side)> {
+    pub(crate) fn between(&self, a: u64, b: u64) -> Option<(&Side, &Side)> {
         let [x, y] = &self.sides;
         let (bx, by) = (1u64 << x.0, 1u64 << y.0);
         if a & bx != 0 && b & by != 0 {
@@ -186,7 +186,7 @@ impl Edge {
 }
 
 impl Tree {
-    fn flatten(&mut self, plan: LogicalPlan) {
+    pub(crate) fn flatten(&mut self, plan: LogicalPlan) {
         if self.inputs.len() < MAX_INPUTS
             && is_reorderable(&plan)
             && let LogicalPlan::Join(j) = plan
@@ -203,7 +203,7 @@ impl Tree {
     }
 
     /// The input whose schema holds every column `expr` reads (None: several or none).
-    fn input_of(&self, expr: &Expr) -> Option<usize> {
+    pub(crate) fn input_of(&self, expr: &Expr) -> Option<usize> {
         let cols = expr.column_refs();
         let mut found = None;
         for (i, input) in self.inputs.iter().enumerate() {
@@ -215,6 +215,16 @@ impl Tree {
             }
         }
         found
+    }
+
+    /// Estimated distinct values of `e` over input `i` of `rows` rows (at most `rows`, at
+    /// least 1; `rows` when the leaves' sketches do not tell).
+    pub(crate) fn distinct_of(&self, i: usize, e: &Expr, rows: f64) -> f64 {
+        let d = match e {
+            Expr::Column(c) => distinct(&self.inputs[i], c),
+            _ => None,
+        };
+        d.unwrap_or(rows).min(rows).max(1.0)
     }
 
     fn reorder(&self, output: Vec<Column>) -> Result<Option<LogicalPlan>> {
@@ -250,13 +260,7 @@ impl Tree {
             if ia == ib {
                 return Ok(None);
             }
-            let ndv = |i: usize, e: &Expr| {
-                let d = match e {
-                    Expr::Column(c) => distinct(&self.inputs[i], c),
-                    _ => None,
-                };
-                d.unwrap_or(rows[i]).min(rows[i]).max(1.0)
-            };
+            let ndv = |i: usize, e: &Expr| self.distinct_of(i, e, rows[i]);
             let int64 = |i: usize, e: &Expr| type_of(i, e) == Some(datafusion::arrow::datatypes::DataType::Int64);
             edges.push(Edge {
                 sides: [(ia, a.clone(), ndv(ia, a)), (ib, b.clone(), ndv(ib, b))],
@@ -349,7 +353,7 @@ fn rebuild(plan: LogicalPlan, inputs: &mut std::vec::IntoIter<LogicalPlan>, take
 /// Estimated rows of joining two parts on the equi pairs between them: each pair keeps
 /// `1 / max(distinct on either side)` of the cross product; the most selective pair counts.
 /// None when no pair connects them.
-fn join_estimate(a: (u64, f64), b: (u64, f64), edges: &[Edge]) -> Option<f64> {
+pub(crate) fn join_estimate(a: (u64, f64), b: (u64, f64), edges: &[Edge]) -> Option<f64> {
     let ((ma, ra), (mb, rb)) = (a, b);
     edges
         .iter()

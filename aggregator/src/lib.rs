@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod compat;
+pub mod eager;
 pub mod engine;
 pub mod fastpath;
 pub mod flight;
