@@ -406,7 +406,31 @@ fn without_huge_pages() {
     }
 }
 
+/// mimalloc's `mi_option_purge_delay` (its `mi_option_e`, v2 and v3 alike).
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+/// How long freed memory stays with the process before mimalloc returns it to the kernel.
+const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
+
+unsafe extern "C" {
+    /// mimalloc's option setter (in the allocator the `mimalloc` crate links).
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+}
+
+/// Keep freed memory for [`PURGE_DELAY_MS`] (mimalloc's default is 1 s) unless
+/// `MIMALLOC_PURGE_DELAY` says otherwise: a join's hash tables and batches are freed and the
+/// next statement's allocated again, and memory handed back and faulted in anew (the kernel
+/// zeroes every page) cost the large joins: TPC-H q9 at SF 10 on two leaves 1.73-1.78 s with 1 s,
+/// 1.54-1.60 s with 10 s (docs/BENCHMARKS.md, session 34). Memory is still returned once idle.
+fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: called first in `main`, before any other thread exists (the setter is not
+        // thread-safe); it stores an integer option.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let filter = cli.log.clone().or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info".into());
     tracing_subscriber::fmt()
