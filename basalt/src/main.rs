@@ -408,19 +408,23 @@ fn without_huge_pages() {
 
 /// mimalloc's `mi_option_purge_delay` (its `mi_option_e`, v2 and v3 alike).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-/// How long freed memory stays with the process before mimalloc returns it to the kernel.
-const PURGE_DELAY_MS: std::ffi::c_long = 10_000;
+/// Freed memory is never handed back to the kernel (mimalloc's `-1`; its default purges what is
+/// free 1 s after a free).
+const PURGE_DELAY_MS: std::ffi::c_long = -1;
 
 unsafe extern "C" {
     /// mimalloc's option setter (in the allocator the `mimalloc` crate links).
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
-/// Keep freed memory for [`PURGE_DELAY_MS`] (mimalloc's default is 1 s) unless
-/// `MIMALLOC_PURGE_DELAY` says otherwise: a join's hash tables and batches are freed and the
-/// next statement's allocated again, and memory handed back and faulted in anew (the kernel
-/// zeroes every page) cost the large joins: TPC-H q9 at SF 10 on two leaves 1.73-1.78 s with 1 s,
-/// 1.54-1.60 s with 10 s (docs/BENCHMARKS.md, session 34). Memory is still returned once idle.
+/// Keep freed memory for reuse (unless `MIMALLOC_PURGE_DELAY` says otherwise): a join's hash
+/// tables and batches are freed and the next statement's allocated again, and memory handed
+/// back is faulted in anew, every page zeroed by the kernel. mimalloc purges everything free
+/// in an arena once the first free's delay expires, so under steady queries a longer delay
+/// still purges every cycle. TPC-H at SF 10 on two leaves, the same build, 4 warm runs each,
+/// alternated: q9 1.58-1.99 s never purging against 1.97-2.65 s with 1 s; q21 0.88-1.20 against
+/// 0.99-1.42 (docs/BENCHMARKS.md, session 34). A process holds its peak: the statements' memory
+/// pools bound that peak, as the leaves' cache budgets bound theirs.
 fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: called first in `main`, before any other thread exists (the setter is not
