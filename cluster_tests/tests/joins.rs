@@ -356,7 +356,7 @@ async fn keys_through_operators(d: Deployment) {
 /// TPC-H q10's shape: sums over orders and their lines grouped by the customer's key, name and
 /// nation. The lines are summed per `o.cust` below the join with the (unfiltered) customers and
 /// nations, and the answer is the query's: customers sharing a key each get their orders' sum,
-/// two identical customers add up in one group, min and max merge. A filtered other side, an
+/// two identical customers add up in one group, min and max merge, counts add up. A filtered other side, an
 /// `avg`, or `SET basalt.join_order = off` keeps the plan as written, with the same answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregates_go_below_joins_with_large_unfiltered_inputs() {
@@ -404,19 +404,25 @@ async fn aggregates_below_joins(d: Deployment) {
         }
     }
     let want = |nation_filter: Option<i64>| {
-        let mut groups: std::collections::BTreeMap<(i64, String, String), (f64, f64, f64)> = Default::default();
+        // Per (key, name, nation): sum, min, max and count of the amounts.
+        type Group = (f64, f64, f64, i64);
+        let mut groups: std::collections::BTreeMap<(i64, String, String), Group> = Default::default();
         for v in 0..3100i64 {
             let (id, name) = if v < 3000 { (v % 2000, format!("n{v}")) } else { (v - 3000, format!("n{}", v - 3000)) };
             if nation_filter.is_some_and(|n| n != v % 5) {
                 continue;
             }
             let Some(amounts) = by_cust.get(&id) else { continue };
-            let g = groups.entry((id, name, format!("nation{}", v % 5))).or_insert((0.0, f64::MAX, f64::MIN));
+            let g = groups.entry((id, name, format!("nation{}", v % 5))).or_insert((0.0, f64::MAX, f64::MIN, 0));
             g.0 += amounts.iter().sum::<f64>();
             g.1 = amounts.iter().copied().fold(g.1, f64::min);
             g.2 = amounts.iter().copied().fold(g.2, f64::max);
+            g.3 += amounts.len() as i64;
         }
-        groups.into_iter().map(|((id, name, nation), (s, lo, hi))| (id, name, nation, s, lo, hi)).collect::<Vec<_>>()
+        groups
+            .into_iter()
+            .map(|((id, name, nation), (s, lo, hi, n))| (id, name, nation, s, lo, hi, n))
+            .collect::<Vec<_>>()
     };
     let got = |rows: Vec<tokio_postgres::Row>| {
         rows.iter()
@@ -428,13 +434,14 @@ async fn aggregates_below_joins(d: Deployment) {
                     r.get::<_, f64>(3),
                     r.get::<_, f64>(4),
                     r.get::<_, f64>(5),
+                    r.get::<_, i64>(6),
                 )
             })
             .collect::<Vec<_>>()
     };
     let sql = |extra: &str| {
         format!(
-            "SELECT c.id, c.name, n.name, sum(l.amount), min(l.amount), max(l.amount)
+            "SELECT c.id, c.name, n.name, sum(l.amount), min(l.amount), max(l.amount), count(*)
              FROM e.customers c, e.orders o, e.lines l, e.nations n
              WHERE c.id = o.cust AND l.ord = o.id AND o.day < 30 AND l.flag = 0 AND c.nation = n.id {extra}
              GROUP BY c.id, c.name, n.name ORDER BY 1, 2, 3"
@@ -453,6 +460,12 @@ async fn aggregates_below_joins(d: Deployment) {
     let one_nation = sql("AND n.name = 'nation3'");
     assert_eq!(got(pg.query(&one_nation, &[]).await.expect("query")), want(Some(3)));
     assert!(!explain(&pg, &one_nation).await.contains("__basalt_eager"));
+    // Without groups a count over no rows is 0 (a sum of counts would be NULL): not rewritten.
+    let none = "SELECT count(*), sum(l.amount) FROM e.customers c, e.orders o, e.lines l
+                WHERE c.id = o.cust AND l.ord = o.id AND o.day < 0";
+    let rows = pg.query(none, &[]).await.expect("no rows");
+    assert_eq!((rows[0].get::<_, i64>(0), rows[0].get::<_, Option<f64>>(1)), (0, None));
+    assert!(!explain(&pg, none).await.contains("__basalt_eager"));
     // `avg` is not merged from partial results here.
     let avg = "SELECT c.id, avg(l.amount) FROM e.customers c, e.orders o, e.lines l
                WHERE c.id = o.cust AND l.ord = o.id GROUP BY c.id";
