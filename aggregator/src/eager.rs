@@ -34,6 +34,9 @@ use datafusion::optimizer::{ApplyOrder, OptimizerConfig, OptimizerRule};
 
 use crate::joins::{Edge, Tree, estimate_rows, is_reorderable, join_estimate};
 
+/// An equi pair: the input of each side (a bit each) and the two sides' expressions.
+type Pair = (u64, u64, Expr, Expr);
+
 /// Most groups of the aggregated side's keys, as a fraction of its estimated rows, for the
 /// rewrite to pay.
 pub const MAX_GROUP_FRACTION: f64 = 0.5;
@@ -181,7 +184,7 @@ fn join_inputs(
     tree: &Tree,
     mask: u64,
     rows: &[f64],
-    pairs: &[(u64, u64, Expr, Expr)],
+    (pairs, edges): (&[Pair], &[Edge]),
     filters: &[(u64, Expr)],
 ) -> Result<Option<(LogicalPlan, f64)>> {
     let first = mask.trailing_zeros() as usize;
@@ -189,8 +192,7 @@ fn join_inputs(
     while have != mask {
         let mut best: Option<(usize, f64)> = None;
         for i in (0..rows.len()).filter(|i| mask & !have & (1 << i) != 0) {
-            let edges: Vec<Edge> = pair_edges(tree, pairs, rows, have | (1 << i));
-            if let Some(r) = join_estimate((have, est), (1 << i, rows[i]), &edges)
+            if let Some(r) = join_estimate((have, est), (1 << i, rows[i]), edges)
                 && best.is_none_or(|(_, b)| r < b)
             {
                 best = Some((i, r));
@@ -223,8 +225,9 @@ fn join_inputs(
     Ok(Some((plan, est)))
 }
 
-/// The equi pairs whose both sides lie in `mask`, as estimator edges.
-fn pair_edges(tree: &Tree, pairs: &[(u64, u64, Expr, Expr)], rows: &[f64], mask: u64) -> Vec<Edge> {
+/// The equi pairs whose both sides lie in `mask`, as estimator edges (`join_estimate` reads
+/// only the edges between the two parts it is given).
+fn pair_edges(tree: &Tree, pairs: &[Pair], rows: &[f64], mask: u64) -> Vec<Edge> {
     pairs
         .iter()
         .filter(|(a, b, ..)| (a | b) & !mask == 0)
@@ -271,7 +274,7 @@ fn rewrite(plan: &LogicalPlan) -> Result<Option<LogicalPlan>> {
     let Some(rows) = tree.inputs.iter().map(estimate_rows).collect::<Option<Vec<f64>>>() else { return Ok(None) };
     // Equi pairs (with the equalities between two inputs among the join filters), each side
     // reading one input; the other filters with the inputs they read.
-    let mut pairs: Vec<(u64, u64, Expr, Expr)> = Vec::new();
+    let mut pairs: Vec<Pair> = Vec::new();
     let mut filters: Vec<(u64, Expr)> = Vec::new();
     let on =
         tree.on.iter().cloned().map(|(a, b)| Expr::BinaryExpr(BinaryExpr::new(Box::new(a), Operator::Eq, Box::new(b))));
@@ -356,7 +359,7 @@ fn rewrite(plan: &LogicalPlan) -> Result<Option<LogicalPlan>> {
         }
     }
     let Some(split) = best else { return Ok(None) };
-    build(agg, &tree, &rows, &pairs, &filters, split)
+    build(agg, &tree, &rows, (&pairs, &edges), &filters, split)
 }
 
 /// The rewritten plan for `split` (None when its schema would differ from the aggregate's).
@@ -364,14 +367,16 @@ fn build(
     agg: &Aggregate,
     tree: &Tree,
     rows: &[f64],
-    pairs: &[(u64, u64, Expr, Expr)],
+    (pairs, edges): (&[Pair], &[Edge]),
     filters: &[(u64, Expr)],
     split: Split,
 ) -> Result<Option<LogicalPlan>> {
     let full = (1u64 << tree.inputs.len()) - 1;
     let other = full & !split.side;
-    let Some((side_plan, _)) = join_inputs(tree, split.side, rows, pairs, filters)? else { return Ok(None) };
-    let Some((other_plan, other_rows)) = join_inputs(tree, other, rows, pairs, filters)? else { return Ok(None) };
+    let Some((side_plan, _)) = join_inputs(tree, split.side, rows, (pairs, edges), filters)? else { return Ok(None) };
+    let Some((other_plan, other_rows)) = join_inputs(tree, other, rows, (pairs, edges), filters)? else {
+        return Ok(None);
+    };
     let mut partial = Vec::with_capacity(agg.aggr_expr.len());
     let mut merge = Vec::with_capacity(agg.aggr_expr.len());
     let group_len = agg.group_expr.len();
