@@ -133,16 +133,6 @@ fn flatten(tree: &mut Tree, plan: &LogicalPlan) {
     }
 }
 
-/// The inputs an expression reads, as a bit per input (None: a column no input holds).
-fn inputs_of(tree: &Tree, e: &Expr) -> Option<u64> {
-    let mut mask = 0u64;
-    for c in e.column_refs() {
-        let i = tree.inputs.iter().position(|p| p.schema().has_column(c))?;
-        mask |= 1 << i;
-    }
-    Some(mask)
-}
-
 /// Whether the inputs in `mask` are connected by the pairs in `edges`.
 fn connected(mask: u64, edges: &[Edge]) -> bool {
     let mut reached = mask & mask.wrapping_neg();
@@ -256,12 +246,13 @@ struct Split {
 fn rewrite(plan: &LogicalPlan) -> Result<Option<LogicalPlan>> {
     let LogicalPlan::Aggregate(agg) = plan else { return Ok(None) };
     let joins = through_columns(&agg.input);
-    if !is_reorderable(joins) || agg.aggr_expr.is_empty() || agg.aggr_expr.iter().any(|e| mergeable(e).is_none()) {
+    let Some(functions) = agg.aggr_expr.iter().map(mergeable).collect::<Option<Vec<_>>>() else { return Ok(None) };
+    if !is_reorderable(joins) || functions.is_empty() {
         return Ok(None);
     }
     // Without groups an empty input gives one row, where a count is 0 but a sum of counts
     // NULL; with groups every group has rows.
-    let counts = agg.aggr_expr.iter().any(|e| mergeable(e).is_some_and(|f| f.func.name() == "count"));
+    let counts = functions.iter().any(|f| f.func.name() == "count");
     if agg.group_expr.iter().any(|g| matches!(g, Expr::GroupingSet(_))) || counts && agg.group_expr.is_empty() {
         return Ok(None);
     }
@@ -274,34 +265,32 @@ fn rewrite(plan: &LogicalPlan) -> Result<Option<LogicalPlan>> {
     let Some(rows) = tree.inputs.iter().map(estimate_rows).collect::<Option<Vec<f64>>>() else { return Ok(None) };
     // Equi pairs (with the equalities between two inputs among the join filters), each side
     // reading one input; the other filters with the inputs they read.
-    let mut pairs: Vec<Pair> = Vec::new();
+    let pair = |a: &Expr, b: &Expr| match (tree.input_of(a), tree.input_of(b)) {
+        (Some(x), Some(y)) if x != y => Some((1u64 << x, 1u64 << y, a.clone(), b.clone())),
+        _ => None,
+    };
+    let Some(mut pairs) = tree.on.iter().map(|(a, b)| pair(a, b)).collect::<Option<Vec<Pair>>>() else {
+        return Ok(None);
+    };
     let mut filters: Vec<(u64, Expr)> = Vec::new();
-    let on =
-        tree.on.iter().cloned().map(|(a, b)| Expr::BinaryExpr(BinaryExpr::new(Box::new(a), Operator::Eq, Box::new(b))));
-    for (k, e) in on.chain(tree.filters.iter().cloned()).enumerate() {
-        let is_pair = k < tree.on.len();
-        if let Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) = &e
-            && let (Some(a), Some(b)) = (tree.input_of(left), tree.input_of(right))
-            && a != b
+    for f in &tree.filters {
+        if let Expr::BinaryExpr(BinaryExpr { left, op: Operator::Eq, right }) = f
+            && let Some(p) = pair(left, right)
         {
-            pairs.push((1 << a, 1 << b, left.as_ref().clone(), right.as_ref().clone()));
+            pairs.push(p);
             continue;
         }
-        if is_pair {
-            return Ok(None);
-        }
-        let Some(mask) = inputs_of(&tree, &e) else { return Ok(None) };
-        filters.push((mask, e));
+        let Some(mask) = tree.inputs_of(f) else { return Ok(None) };
+        filters.push((mask, f.clone()));
     }
     let mut args = 0u64;
-    for e in &agg.aggr_expr {
-        let Some(f) = mergeable(e) else { return Ok(None) };
-        let Some(mask) = inputs_of(&tree, &f.params.args[0]) else { return Ok(None) };
+    for f in &functions {
+        let Some(mask) = tree.inputs_of(&f.params.args[0]) else { return Ok(None) };
         args |= mask;
     }
     let mut groups = Vec::with_capacity(agg.group_expr.len());
     for g in &agg.group_expr {
-        let Some(mask) = inputs_of(&tree, g) else { return Ok(None) };
+        let Some(mask) = tree.inputs_of(g) else { return Ok(None) };
         groups.push((mask, g));
     }
     let full = (1u64 << n) - 1;
@@ -359,12 +348,13 @@ fn rewrite(plan: &LogicalPlan) -> Result<Option<LogicalPlan>> {
         }
     }
     let Some(split) = best else { return Ok(None) };
-    build(agg, &tree, &rows, (&pairs, &edges), &filters, split)
+    build(agg, &functions, &tree, &rows, (&pairs, &edges), &filters, split)
 }
 
 /// The rewritten plan for `split` (None when its schema would differ from the aggregate's).
 fn build(
     agg: &Aggregate,
+    functions: &[&AggregateFunction],
     tree: &Tree,
     rows: &[f64],
     (pairs, edges): (&[Pair], &[Edge]),
@@ -380,8 +370,7 @@ fn build(
     let mut partial = Vec::with_capacity(agg.aggr_expr.len());
     let mut merge = Vec::with_capacity(agg.aggr_expr.len());
     let group_len = agg.group_expr.len();
-    for (k, e) in agg.aggr_expr.iter().enumerate() {
-        let Some(f) = mergeable(e) else { return Ok(None) };
+    for (k, f) in functions.iter().enumerate() {
         let name = format!("{PARTIAL}{k}");
         let call = |func, arg: Expr| {
             Expr::AggregateFunction(AggregateFunction::new_udf(func, vec![arg], false, None, vec![], None))

@@ -217,6 +217,17 @@ impl Tree {
         found
     }
 
+    /// The inputs an expression reads, a bit per input (the first input holding each column);
+    /// None when no input holds one of its columns.
+    pub(crate) fn inputs_of(&self, expr: &Expr) -> Option<u64> {
+        let mut mask = 0u64;
+        for c in expr.column_refs() {
+            let i = self.inputs.iter().position(|p| p.schema().has_column(c))?;
+            mask |= 1 << i;
+        }
+        Some(mask)
+    }
+
     /// Estimated distinct values of `e` over input `i` of `rows` rows (at most `rows`, at
     /// least 1; `rows` when the leaves' sketches do not tell).
     pub(crate) fn distinct_of(&self, i: usize, e: &Expr, rows: f64) -> f64 {
@@ -270,13 +281,7 @@ impl Tree {
         }
         let mut filters: Vec<(u64, Expr)> = Vec::with_capacity(rest.len());
         for f in &rest {
-            let mut mask = 0u64;
-            for c in f.column_refs() {
-                match self.inputs.iter().position(|p| p.schema().has_column(c)) {
-                    Some(i) => mask |= 1 << i,
-                    None => return Ok(None),
-                }
-            }
+            let Some(mask) = self.inputs_of(f) else { return Ok(None) };
             filters.push((mask, f.clone()));
         }
         let mut filters: Vec<Option<(u64, Expr)>> = filters.into_iter().map(Some).collect();
