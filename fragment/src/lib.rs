@@ -15,6 +15,7 @@
 pub mod broadcast;
 pub mod coded;
 pub mod dates;
+pub mod few;
 pub mod filters;
 pub mod keys;
 
