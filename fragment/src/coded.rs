@@ -40,7 +40,7 @@ use datafusion::physical_plan::{
 use futures::{StreamExt, TryStreamExt};
 
 use crate::LeafScanExec;
-use crate::few::{FEW_GROUPS, Kind};
+use crate::few::{FEW_GROUPS, Few, Kind};
 
 /// foldhash: strings and code tuples are hashed per row on the fallback path.
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
@@ -536,7 +536,12 @@ impl Groups {
             accumulators: spec.aggregates.iter().map(|a| a.create_groups_accumulator()).collect::<Result<_>>()?,
             arguments: spec.aggregates.iter().map(|a| a.expressions()).collect(),
             filters: spec.filters.clone(),
-            kinds: spec.aggregates.iter().zip(&spec.filters).map(|(a, f)| f.is_none().then(|| Kind::of(a)).flatten()).collect(),
+            kinds: spec
+                .aggregates
+                .iter()
+                .zip(&spec.filters)
+                .map(|(a, f)| f.is_none().then(|| Kind::of(a)).flatten())
+                .collect(),
             few_group_batches: spec.few_group_batches.clone(),
             indices: Vec::new(),
         })
@@ -601,7 +606,7 @@ impl Groups {
         let mut ids = vec![0u32; self.keys.len()];
         // With few groups in the batch: each row's local group (`u8`) and the local groups'
         // indices.
-        let mut few: Option<(Vec<u8>, Vec<usize>)> = None;
+        let mut few: Option<Few> = None;
         match combinations {
             // Not larger than the batch needs (the table is filled anew per batch).
             Some(n) if n <= DENSE_TABLE_MAX.min(2 * rows.max(1024)) => {
@@ -642,7 +647,7 @@ impl Groups {
                     for (local, at) in met.iter().enumerate() {
                         table[*at] = local as u32;
                     }
-                    few = Some((places.iter().map(|at| table[*at] as u8).collect(), groups));
+                    few = Few::new(places.iter().map(|at| table[*at] as u8).collect(), groups);
                     self.few_group_batches.add(1);
                 }
             }
@@ -662,10 +667,10 @@ impl Groups {
                 .iter()
                 .map(|e| e.evaluate(batch).and_then(|v| v.into_array(rows)))
                 .collect::<Result<Vec<_>>>()?;
-            if let (Some(kind), Some((local, groups)), [argument]) = (kind, &few, &values[..])
-                && let Some(states) = kind.states(argument, local, groups.len())
+            if let (Some(kind), Some(few), [argument]) = (kind, &mut few, &values[..])
+                && let Some(states) = kind.states(argument, few)
             {
-                accumulator.merge_batch(&states, groups, total)?;
+                accumulator.merge_batch(&states, few.groups(), total)?;
                 continue;
             }
             let filter = match filter {
@@ -925,27 +930,40 @@ mod tests {
                 field("f", DataType::Float64),
                 field("n", DataType::Int64),
             ]));
-            let coded_schema =
-                Arc::new(Schema::new(vec![field("flag", codes), field("f", DataType::Float64), field("n", DataType::Int64)]));
+            let coded_schema = Arc::new(Schema::new(vec![
+                field("flag", codes),
+                field("f", DataType::Float64),
+                field("n", DataType::Int64),
+            ]));
             let (mut text, mut coded) = (vec![], vec![]);
             for (start, end) in [(0, 2048), (2048, 4096), (4096, rows)] {
                 let r = start..end;
                 let floats: ArrayRef = Arc::new(arrow::array::Float64Array::from(f[r.clone()].to_vec()));
                 let ints: ArrayRef = Arc::new(Int64Array::from(n[r.clone()].to_vec()));
                 let views: ArrayRef = Arc::new(StringViewArray::from(flags[r.clone()].to_vec()));
-                text.push(RecordBatch::try_new(text_schema.clone(), vec![views, floats.clone(), ints.clone()]).unwrap());
+                text.push(
+                    RecordBatch::try_new(text_schema.clone(), vec![views, floats.clone(), ints.clone()]).unwrap(),
+                );
                 let keys: UInt32Array = flags[r.clone()]
                     .iter()
                     .map(|v| v.map(|v| names.iter().position(|name| name == v).unwrap() as u32))
                     .collect();
                 let values = StringArray::from(names.clone());
-                let dictionary: ArrayRef = Arc::new(DictionaryArray::<UInt32Type>::try_new(keys, Arc::new(values)).unwrap());
+                let dictionary: ArrayRef =
+                    Arc::new(DictionaryArray::<UInt32Type>::try_new(keys, Arc::new(values)).unwrap());
                 coded.push(RecordBatch::try_new(coded_schema.clone(), vec![dictionary, floats, ints]).unwrap());
             }
             let text_source = MemorySourceConfig::try_new_exec(&[text], text_schema.clone(), None).unwrap();
-            let column = |name: &str| Arc::new(Column::new_with_schema(name, &text_schema).unwrap()) as Arc<dyn PhysicalExpr>;
+            let column =
+                |name: &str| Arc::new(Column::new_with_schema(name, &text_schema).unwrap()) as Arc<dyn PhysicalExpr>;
             let aggregate = |udaf, of: &str, alias: &str| {
-                Arc::new(AggregateExprBuilder::new(udaf, vec![column(of)]).schema(text_schema.clone()).alias(alias).build().unwrap())
+                Arc::new(
+                    AggregateExprBuilder::new(udaf, vec![column(of)])
+                        .schema(text_schema.clone())
+                        .alias(alias)
+                        .build()
+                        .unwrap(),
+                )
             };
             let aggregates = vec![
                 aggregate(sum_udaf(), "f", "sum_f"),
@@ -958,7 +976,14 @@ mod tests {
             let kinds: Vec<Option<Kind>> = aggregates.iter().map(|a| Kind::of(a)).collect();
             assert_eq!(
                 kinds,
-                vec![Some(Kind::SumF64), Some(Kind::AvgF64), Some(Kind::Count), None, Some(Kind::SumI64), Some(Kind::SumI64)]
+                vec![
+                    Some(Kind::SumF64),
+                    Some(Kind::AvgF64),
+                    Some(Kind::Count),
+                    None,
+                    Some(Kind::SumI64),
+                    Some(Kind::SumI64)
+                ]
             );
             let positive = Arc::new(datafusion::physical_expr::expressions::BinaryExpr::new(
                 column("n"),
@@ -977,8 +1002,11 @@ mod tests {
                 .unwrap(),
             );
             let coded_source = MemorySourceConfig::try_new_exec(&[coded], coded_schema, None).unwrap();
-            let exec: Arc<dyn ExecutionPlan> =
-                Arc::new(CodedAggregateExec::new(planned.downcast_ref::<AggregateExec>().unwrap(), coded_source, vec![0]));
+            let exec: Arc<dyn ExecutionPlan> = Arc::new(CodedAggregateExec::new(
+                planned.downcast_ref::<AggregateExec>().unwrap(),
+                coded_source,
+                vec![0],
+            ));
             let ctx = SessionContext::new().task_ctx();
             let sorted = |batches: Vec<RecordBatch>| {
                 let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();

@@ -56,49 +56,125 @@ impl Kind {
         }
     }
 
-    /// Per local group `0..groups`, the partial state of this aggregate over the rows of
-    /// `local` (each row's local group) with argument `values`. `None` when `values` is not of
-    /// the type the state layout was chosen for (the caller adds row by row then).
-    pub fn states(self, values: &ArrayRef, local: &[u8], groups: usize) -> Option<Vec<ArrayRef>> {
-        if values.len() != local.len() || groups > FEW_GROUPS {
+    /// Per local group of `few`, the partial state of this aggregate over `few`'s rows with
+    /// argument `values`. `None` when `values` is not of the type the state layout was chosen
+    /// for (the caller adds row by row then).
+    pub fn states(self, values: &ArrayRef, few: &mut Few) -> Option<Vec<ArrayRef>> {
+        if values.len() != few.local.len() {
             return None;
         }
-        let typed = match self {
-            Self::SumF64 | Self::AvgF64 => values.data_type() == &DataType::Float64,
-            Self::SumI64 => values.data_type() == &DataType::Int64,
-            Self::Count => true,
+        let (counts, sums) = match self {
+            Self::SumF64 | Self::AvgF64 if values.data_type() == &DataType::Float64 => few.sums(values, true)?,
+            Self::SumI64 if values.data_type() == &DataType::Int64 => few.sums(values, true)?,
+            Self::Count => few.sums(values, false)?,
+            _ => return None,
         };
-        if !typed {
-            return None;
+        let seen = || NullBuffer::from(counts.iter().map(|c| *c > 0).collect::<Vec<bool>>());
+        Some(match (self, sums) {
+            (Self::Count, _) => vec![Arc::new(Int64Array::from_iter_values(counts.iter().map(|c| *c as i64)))],
+            (Self::SumF64, Sums::F64(sums)) => vec![Arc::new(Float64Array::new(sums.into(), Some(seen())))],
+            (Self::AvgF64, Sums::F64(sums)) => {
+                let sums = Arc::new(Float64Array::new(sums.into(), Some(seen())));
+                vec![Arc::new(UInt64Array::from(counts)), sums]
+            }
+            (Self::SumI64, Sums::I64(sums)) => vec![Arc::new(Int64Array::new(sums.into(), Some(seen())))],
+            _ => return None,
+        })
+    }
+}
+
+/// Where an argument's values and nulls (and their offset) are, its length, and whether it
+/// was summed.
+type Key = (usize, (usize, usize), usize, bool);
+
+/// Per local group, sums of one argument.
+#[derive(Clone)]
+enum Sums {
+    None,
+    F64(Vec<f64>),
+    I64(Vec<i64>),
+}
+
+/// A batch's rows in a few groups, and the counts and sums taken of them so far: aggregates
+/// of the same argument (TPC-H q1's `sum(l_quantity)` and `avg(l_quantity)`) take them once.
+pub struct Few {
+    /// Each row's local group.
+    local: Vec<u8>,
+    /// Each local group's index among the aggregate's groups.
+    groups: Vec<usize>,
+    /// Rows per local group.
+    rows: Option<Vec<u64>>,
+    /// Per argument taken (the addresses of its values and nulls, and its length): its
+    /// non-null values per local group and their sums. The argument is kept, so no other
+    /// array of the batch can take its place in memory.
+    taken: Vec<(Key, ArrayRef, Vec<u64>, Sums)>,
+}
+
+impl Few {
+    /// `local[row]`: the row's local group, below `groups.len()`; `groups[l]`: local group
+    /// `l`'s index. `None` with more than [`FEW_GROUPS`] groups.
+    pub fn new(local: Vec<u8>, groups: Vec<usize>) -> Option<Self> {
+        (groups.len() <= FEW_GROUPS).then_some(Self { local, groups, rows: None, taken: Vec::new() })
+    }
+
+    /// Each local group's index among the aggregate's groups.
+    pub fn groups(&self) -> &[usize] {
+        &self.groups
+    }
+
+    /// Per local group: the count of `values`' non-null values and, when `summed`, their sum.
+    fn sums(&mut self, values: &ArrayRef, summed: bool) -> Option<(Vec<u64>, Sums)> {
+        let nulls = values.logical_nulls().filter(|n| n.null_count() > 0);
+        let data = match values.data_type() {
+            DataType::Float64 => values.as_primitive::<Float64Type>().values().as_ptr() as usize,
+            DataType::Int64 => values.as_primitive::<Int64Type>().values().as_ptr() as usize,
+            _ if !summed => 0,
+            _ => return None,
+        };
+        let data = if summed { data } else { 0 };
+        // An argument is known by where its values and nulls are (the same column read by two
+        // aggregates is the same array).
+        let nulls_at = nulls.as_ref().map_or((0, 0), |n| (n.buffer().as_ptr() as usize, n.offset()));
+        let key = (data, nulls_at, values.len(), summed);
+        let known = key.0 != 0 || key.1.0 != 0;
+        if let Some((.., counts, sums)) = self.taken.iter().find(|(k, ..)| known && *k == key) {
+            return Some((counts.clone(), sums.clone()));
         }
         // Null arguments belong to no group.
         let masked;
-        let local = match values.logical_nulls().filter(|n| n.null_count() > 0) {
+        let local = match &nulls {
             Some(nulls) => {
-                masked = without_nulls(local, &nulls);
+                masked = without_nulls(&self.local, nulls);
                 &masked[..]
             }
-            None => local,
+            None => &self.local[..],
         };
-        let counts: Vec<u64> = (0..groups).map(|g| count_of(local, g as u8)).collect();
-        let seen = || NullBuffer::from(counts.iter().map(|c| *c > 0).collect::<Vec<bool>>());
-        Some(match self {
-            Self::Count => vec![Arc::new(Int64Array::from_iter_values(counts.iter().map(|c| *c as i64)))],
-            Self::SumF64 | Self::AvgF64 => {
-                let data = values.as_primitive::<Float64Type>().values();
-                let sums: Vec<f64> = (0..groups).map(|g| sum_f64(local, data, g as u8)).collect();
-                let sums: ArrayRef = Arc::new(Float64Array::new(sums.into(), Some(seen())));
-                match self {
-                    Self::AvgF64 => vec![Arc::new(UInt64Array::from(counts)), sums],
-                    _ => vec![sums],
+        let groups = self.groups.len();
+        let counts = match (&nulls, &self.rows) {
+            (None, Some(rows)) => rows.clone(),
+            _ => {
+                let counts: Vec<u64> = (0..groups).map(|g| count_of(local, g as u8)).collect();
+                if nulls.is_none() {
+                    self.rows = Some(counts.clone());
                 }
+                counts
             }
-            Self::SumI64 => {
+        };
+        let sums = match values.data_type() {
+            DataType::Float64 if summed => {
+                let data = values.as_primitive::<Float64Type>().values();
+                Sums::F64((0..groups).map(|g| sum_f64(local, data, g as u8)).collect())
+            }
+            DataType::Int64 if summed => {
                 let data = values.as_primitive::<Int64Type>().values();
-                let sums: Vec<i64> = (0..groups).map(|g| sum_i64(local, data, g as u8)).collect();
-                vec![Arc::new(Int64Array::new(sums.into(), Some(seen())))]
+                Sums::I64((0..groups).map(|g| sum_i64(local, data, g as u8)).collect())
             }
-        })
+            _ => Sums::None,
+        };
+        if known {
+            self.taken.push((key, values.clone(), counts.clone(), sums.clone()));
+        }
+        Some((counts, sums))
     }
 }
 
@@ -239,24 +315,32 @@ mod tests {
     fn states_have_the_accumulators_layout_with_nulls_in_no_group() {
         let local = vec![0u8, 1, 0, 1, 2];
         let values: ArrayRef = Arc::new(Float64Array::from(vec![Some(1.5), None, Some(2.5), Some(4.0), None]));
-        let avg = Kind::AvgF64.states(&values, &local, 3).unwrap();
+        let mut few = Few::new(local.clone(), vec![10, 11, 12]).unwrap();
+        let avg = Kind::AvgF64.states(&values, &mut few).unwrap();
         assert_eq!(avg[0].as_primitive::<arrow::datatypes::UInt64Type>().values().to_vec(), vec![2, 1, 0]);
         let sums = avg[1].as_primitive::<Float64Type>();
         assert_eq!((sums.value(0), sums.value(1)), (4.0, 4.0));
         // A group whose every argument is null has no sum (as DataFusion's state: null).
         assert!(sums.is_null(2));
-        let count = Kind::Count.states(&values, &local, 3).unwrap();
+        let count = Kind::Count.states(&values, &mut few).unwrap();
         assert_eq!(count[0].as_primitive::<Int64Type>().values().to_vec(), vec![2, 1, 0]);
         let ints: ArrayRef = Arc::new(Int64Array::from(vec![Some(5), Some(6), None, Some(-1), Some(9)]));
-        let sum = Kind::SumI64.states(&ints, &local, 3).unwrap();
+        let sum = Kind::SumI64.states(&ints, &mut few).unwrap();
         assert_eq!(sum[0].as_primitive::<Int64Type>().iter().collect::<Vec<_>>(), vec![Some(5), Some(5), Some(9)]);
+        // The same argument again: the same sums; another of the same length: its own.
+        let again = Kind::SumF64.states(&values, &mut few).unwrap();
+        assert_eq!(again[0].as_primitive::<Float64Type>().iter().collect::<Vec<_>>(), vec![Some(4.0), Some(4.0), None]);
+        let other: ArrayRef = Arc::new(Float64Array::from(vec![1.0, 2.0, 3.0, 4.0, 5.0]));
+        let sum = Kind::SumF64.states(&other, &mut few).unwrap();
+        assert_eq!(sum[0].as_primitive::<Float64Type>().values().to_vec(), vec![4.0, 6.0, 5.0]);
+        assert_eq!(Kind::Count.states(&other, &mut few).unwrap()[0].as_primitive::<Int64Type>().value(0), 2);
         // Not the layout's type, or too many groups: left to the row-by-row path.
         let narrow: ArrayRef = Arc::new(Int32Array::from(vec![1, 2, 3, 4, 5]));
-        assert!(Kind::SumI64.states(&narrow, &local, 3).is_none());
-        assert!(Kind::SumF64.states(&values, &[0u8; 5], FEW_GROUPS + 1).is_none());
+        assert!(Kind::SumI64.states(&narrow, &mut few).is_none());
+        assert!(Few::new(vec![0u8; 5], (0..=FEW_GROUPS).collect()).is_none());
         // count takes any type.
         let text: ArrayRef = Arc::new(StringArray::from(vec![Some("a"), None, None, Some("b"), Some("c")]));
-        let count = Kind::Count.states(&text, &local, 3).unwrap();
+        let count = Kind::Count.states(&text, &mut few).unwrap();
         assert_eq!(count[0].as_primitive::<Int64Type>().values().to_vec(), vec![1, 1, 1]);
     }
 }
