@@ -921,7 +921,7 @@ mod tests {
             let rows = 5000;
             let flags: Vec<Option<&str>> =
                 (0..rows).map(|i| if i % 17 == 0 { None } else { Some(names[i * 7 % distinct].as_str()) }).collect();
-            let f: Vec<Option<f64>> = (0..rows).map(|i| (i % 11 != 0).then(|| (i % 97) as f64 * 0.25 - 3.0)).collect();
+            let f: Vec<Option<f64>> = (0..rows).map(|i| (i % 11 != 0).then_some((i % 97) as f64 * 0.25 - 3.0)).collect();
             let n: Vec<Option<i64>> = (0..rows).map(|i| (i % 23 != 0).then(|| (i as i64 * 31) % 1000 - 400)).collect();
             let field = |name: &str, t: DataType| Field::new(name, t, true);
             let codes = DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8));
