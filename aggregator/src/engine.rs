@@ -120,7 +120,6 @@ impl Engine {
             .with_physical_optimizer_rule(Arc::new(crate::catalog::PushFragments { options: options.clone() }))
             .with_physical_optimizer_rule(Arc::new(crate::limits::YieldInAmplifiers))
             .with_physical_optimizer_rule(Arc::new(crate::shared::ShareCommonAggregates))
-            .with_physical_optimizer_rule(Arc::new(crate::beside::SubqueriesBeside))
             .with_optimizer_rules(optimizer_rules(options.clone()))
             .build();
         let ctx = SessionContext::new_with_state(state);

@@ -4,7 +4,6 @@
 //! Invariants: this crate is the only one that knows pgwire, axum and DataFusion. It reaches
 //! leaves, tailers and the catalog only through the traits in `basalt_common::api`.
 
-pub mod beside;
 pub mod catalog;
 pub mod compat;
 pub mod eager;
