@@ -623,32 +623,38 @@ impl Groups {
                         }),
                     }
                 }
+                // Each row's local group: the rank of its combination among those the batch
+                // met, and the row that met each first.
                 let mut table = vec![u32::MAX; n];
-                // The combinations met, in order.
-                let mut met: Vec<usize> = Vec::new();
+                let mut first_rows: Vec<usize> = Vec::new();
+                let mut local: Vec<u32> = Vec::with_capacity(rows);
                 for (row, &at) in places.iter().enumerate() {
-                    let g = match table[at] {
+                    let l = match table[at] {
                         u32::MAX => {
-                            for (c, id) in ids.iter_mut().enumerate() {
-                                *id = to_id[c][slot(c, row)];
-                            }
-                            let g = self.group(&ids);
-                            table[at] = g;
-                            met.push(at);
-                            g
+                            let l = first_rows.len() as u32;
+                            table[at] = l;
+                            first_rows.push(row);
+                            l
                         }
-                        g => g,
+                        l => l,
                     };
-                    indices.push(g as usize);
+                    local.push(l);
                 }
-                if met.len() <= FEW_GROUPS && self.kinds.iter().any(Option::is_some) {
-                    // Each row's local group: the rank of its combination among those met.
-                    let groups: Vec<usize> = met.iter().map(|at| table[*at] as usize).collect();
-                    for (local, at) in met.iter().enumerate() {
-                        table[*at] = local as u32;
+                // The local groups' groups, made in the order rows met them.
+                let mut groups: Vec<usize> = Vec::with_capacity(first_rows.len());
+                for &row in &first_rows {
+                    for (c, id) in ids.iter_mut().enumerate() {
+                        *id = to_id[c][slot(c, row)];
                     }
-                    few = Few::new(places.iter().map(|at| table[*at] as u8).collect(), groups);
+                    groups.push(self.group(&ids) as usize);
+                }
+                if groups.len() <= FEW_GROUPS && self.kinds.iter().any(Option::is_some) {
+                    few = Few::new(local.iter().map(|l| *l as u8).collect(), groups.clone());
                     self.few_group_batches.add(1);
+                }
+                // Row by row indices, only if some aggregate adds row by row.
+                if few.is_none() || self.kinds.iter().any(Option::is_none) {
+                    indices.extend(local.iter().map(|l| groups[*l as usize]));
                 }
             }
             _ => {
@@ -672,6 +678,13 @@ impl Groups {
             {
                 accumulator.merge_batch(&states, few.groups(), total)?;
                 continue;
+            }
+            if indices.len() != rows
+                && let Some(few) = &few
+            {
+                // An argument of another type than its kind's (states above were None).
+                indices.clear();
+                indices.extend(few.locals().iter().map(|l| few.groups()[*l as usize]));
             }
             let filter = match filter {
                 Some(f) => {
@@ -921,7 +934,8 @@ mod tests {
             let rows = 5000;
             let flags: Vec<Option<&str>> =
                 (0..rows).map(|i| if i % 17 == 0 { None } else { Some(names[i * 7 % distinct].as_str()) }).collect();
-            let f: Vec<Option<f64>> = (0..rows).map(|i| (i % 11 != 0).then_some((i % 97) as f64 * 0.25 - 3.0)).collect();
+            let f: Vec<Option<f64>> =
+                (0..rows).map(|i| (i % 11 != 0).then_some((i % 97) as f64 * 0.25 - 3.0)).collect();
             let n: Vec<Option<i64>> = (0..rows).map(|i| (i % 23 != 0).then(|| (i as i64 * 31) % 1000 - 400)).collect();
             let field = |name: &str, t: DataType| Field::new(name, t, true);
             let codes = DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8));

@@ -122,6 +122,11 @@ impl Few {
         &self.groups
     }
 
+    /// Each row's local group.
+    pub fn locals(&self) -> &[u8] {
+        &self.local
+    }
+
     /// Per local group: the count of `values`' non-null values and, when `summed`, their sum.
     fn sums(&mut self, values: &ArrayRef, summed: bool) -> Option<(Vec<u64>, Sums)> {
         let nulls = values.logical_nulls().filter(|n| n.null_count() > 0);
