@@ -17,6 +17,12 @@ use crate::schema::{ColumnType, SchemaStats};
 pub const DEFAULT_WORKSPACE: &str = "commons";
 /// Requested as a scan column, the search relevance of each row (null without a text search).
 pub const SCORE_COLUMN: &str = "_score";
+/// Requested as a scan column (`Boolean`, last), which rows the scan's filters select: a block
+/// keeping at least half of its rows then goes out whole, not copied, and the reader skips the
+/// rows marked false itself; other blocks go out filtered, every row marked true. For a
+/// reader in the leaf's process that handles it (`basalt_fragment::coded`); never with a
+/// limit.
+pub const SELECTED_COLUMN: &str = "_basalt_selected";
 pub const DEFAULT_SHARDS: u32 = 2;
 pub const SHARDS_MAX: u32 = 256;
 

@@ -15,8 +15,10 @@
 use std::fmt;
 use std::sync::Arc;
 
+use arrow::array::BooleanArray;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
-use arrow::datatypes::{DataType, SchemaRef, UInt32Type};
+use arrow::datatypes::{DataType, Schema, SchemaRef, UInt32Type};
+use basalt_common::api::SELECTED_COLUMN;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::memory_pool::MemoryConsumer;
@@ -24,6 +26,7 @@ use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::{EmitTo, GroupsAccumulator};
 use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::projection::ProjectionExpr;
 use datafusion::physical_expr::utils::collect_columns;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::aggregates::{AggregateExec, AggregateMode};
@@ -40,7 +43,7 @@ use datafusion::physical_plan::{
 use futures::{StreamExt, TryStreamExt};
 
 use crate::LeafScanExec;
-use crate::few::{FEW_GROUPS, Few, Kind};
+use crate::few::{FEW_GROUPS, Few, Kind, NO_GROUP};
 
 /// foldhash: strings and code tuples are hashed per row on the fallback path.
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
@@ -172,11 +175,25 @@ fn coded(aggregate: &AggregateExec) -> Result<Option<CodedAggregateExec>> {
         names.push(field.name().clone());
     }
     let Some(scan) = scan.with_text_codes(&names) else { return Ok(None) };
+    // Blocks keeping most rows come whole with their selection, when every aggregate is added
+    // a group at a time and everything computed over the rows is total (see `marked`).
+    let (scan, marked) = match marked(aggregate, &chain).then(|| scan.with_selection()).flatten() {
+        Some(scan) => (scan, true),
+        None => (scan, false),
+    };
     let mut input: Arc<dyn ExecutionPlan> = Arc::new(scan);
     for node in chain.into_iter().rev() {
         input = match node.downcast_ref::<ProjectionExec>() {
             // (Its `replace_children` keeps the output schema it was planned with.)
-            Some(projection) => Arc::new(ProjectionExec::try_new(projection.expr().to_vec(), input)?),
+            Some(projection) => {
+                let mut exprs = projection.expr().to_vec();
+                if marked {
+                    let at = input.schema().index_of(SELECTED_COLUMN)?;
+                    let selected: Arc<dyn PhysicalExpr> = Arc::new(Column::new(SELECTED_COLUMN, at));
+                    exprs.push(ProjectionExpr { expr: selected, alias: SELECTED_COLUMN.to_string() });
+                }
+                Arc::new(ProjectionExec::try_new(exprs, input)?)
+            }
             None => {
                 node.replace_children(vec![input], ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))?
             }
@@ -188,7 +205,50 @@ fn coded(aggregate: &AggregateExec) -> Result<Option<CodedAggregateExec>> {
             return Ok(None);
         }
     }
-    Ok(Some(CodedAggregateExec::new(aggregate, input, keys)))
+    let selection = if marked { Some(input.schema().index_of(SELECTED_COLUMN)?) } else { None };
+    let mut exec = CodedAggregateExec::new(aggregate, input, keys);
+    exec.selection = selection;
+    Ok(Some(exec))
+}
+
+/// Whether the scan under `aggregate` may send blocks whole with their selection
+/// ([`SELECTED_COLUMN`]): every aggregate is one [`Kind`] adds a group at a time (unselected
+/// rows in no group) without a filter of its own, and the operators in between are
+/// projections whose expressions, like the aggregates' arguments, cannot fail on the rows the
+/// filters would have dropped (columns, literals and float arithmetic: an integer overflow or
+/// a cast of text there would be an error the query should not see).
+fn marked(aggregate: &AggregateExec, chain: &[Arc<dyn ExecutionPlan>]) -> bool {
+    let aggregates = aggregate.aggr_expr();
+    if aggregates.iter().any(|a| Kind::of(a).is_none()) || aggregate.filter_expr().iter().any(Option::is_some) {
+        return false;
+    }
+    let input = aggregate.input().schema();
+    if !aggregates.iter().flat_map(|a| a.expressions()).all(|e| total(&e, &input)) {
+        return false;
+    }
+    chain.iter().all(|node| match node.downcast_ref::<ProjectionExec>() {
+        Some(projection) => {
+            let below = projection.input().schema();
+            projection.expr().iter().all(|p| total(&p.expr, &below))
+        }
+        None => node.name() == "CoalesceBatchesExec" || node.name() == "CooperativeExec",
+    })
+}
+
+/// Whether `expr` is computed without error on any row: columns, literals, and `+ - * /` of
+/// floats (a float division by zero is infinite, not an error).
+fn total(expr: &Arc<dyn PhysicalExpr>, schema: &Schema) -> bool {
+    use datafusion::logical_expr::Operator;
+    use datafusion::physical_expr::expressions::{BinaryExpr, Literal};
+    if expr.downcast_ref::<Column>().is_some() || expr.downcast_ref::<Literal>().is_some() {
+        return true;
+    }
+    expr.downcast_ref::<BinaryExpr>().is_some_and(|b| {
+        matches!(b.op(), Operator::Plus | Operator::Minus | Operator::Multiply | Operator::Divide)
+            && b.data_type(schema).is_ok_and(|t| t == DataType::Float64)
+            && total(b.left(), schema)
+            && total(b.right(), schema)
+    })
 }
 
 /// A partial aggregate grouped by text columns that arrive as codes (see the module).
@@ -210,6 +270,9 @@ pub struct CodedAggregateExec {
     /// The partial aggregate as planned: it runs instead when the first rows show many
     /// values (see [`DECIDE_ROWS`]).
     original: Arc<dyn ExecutionPlan>,
+    /// The input's [`SELECTED_COLUMN`], when its scan marks which rows its filters select
+    /// instead of dropping the others (see [`marked`]).
+    selection: Option<usize>,
 }
 
 impl CodedAggregateExec {
@@ -233,6 +296,7 @@ impl CodedAggregateExec {
             early_emit: EARLY_EMIT_GROUPS,
             decide_rows: DECIDE_ROWS,
             original: Arc::new(aggregate.clone()),
+            selection: None,
         }
     }
 }
@@ -241,7 +305,11 @@ impl DisplayAs for CodedAggregateExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
         let keys: Vec<&str> = self.keys.iter().map(|(_, n)| n.as_str()).collect();
         let aggregates: Vec<&str> = self.aggregates.iter().map(|a| a.name()).collect();
-        write!(f, "CodedAggregateExec: gby=[{}], aggr=[{}]", keys.join(", "), aggregates.join(", "))
+        write!(f, "CodedAggregateExec: gby=[{}], aggr=[{}]", keys.join(", "), aggregates.join(", "))?;
+        if self.selection.is_some() {
+            write!(f, ", rows=marked")?;
+        }
+        Ok(())
     }
 }
 
@@ -279,6 +347,7 @@ impl ExecutionPlan for CodedAggregateExec {
             early_emit: self.early_emit,
             decide_rows: self.decide_rows,
             original: self.original.clone(),
+            selection: self.selection,
         }))
     }
 
@@ -295,6 +364,7 @@ impl ExecutionPlan for CodedAggregateExec {
             schema: self.schema.clone(),
             early_emit: self.early_emit,
             few_group_batches: MetricBuilder::new(&self.metrics).counter("few_group_batches", partition),
+            selection: self.selection,
         });
         let reservation =
             MemoryConsumer::new(format!("CodedAggregateExec[{partition}]")).register(context.memory_pool());
@@ -315,7 +385,7 @@ impl ExecutionPlan for CodedAggregateExec {
             }
             if values.iter().any(|v| 2 * v > rows.max(1)) {
                 planned.add(1);
-                return as_planned(original, first, input, &spec.keys, context);
+                return as_planned(original, first, input, &spec.keys, spec.selection, context);
             }
             let mut groups = Groups::new(&spec)?;
             for batch in &first {
@@ -336,6 +406,7 @@ fn as_planned(
     first: Vec<RecordBatch>,
     input: SendableRecordBatchStream,
     keys: &[usize],
+    selection: Option<usize>,
     context: Arc<TaskContext>,
 ) -> Result<SendableRecordBatchStream> {
     let Some(text_schema) = original.children().first().map(|c| c.schema()) else {
@@ -343,7 +414,17 @@ fn as_planned(
     };
     let (keys, schema) = (keys.to_vec(), text_schema.clone());
     let as_text = move |batch: Result<RecordBatch>| -> Result<RecordBatch> {
-        let batch = batch?;
+        let batch = match selection {
+            // The rows selected, without the selection.
+            Some(s) => {
+                let batch = batch?;
+                let selected = batch.column(s).as_boolean_opt().cloned().ok_or_else(not_boolean)?;
+                let mut batch = arrow::compute::filter_record_batch(&batch, &selected)?;
+                batch.remove_column(s);
+                batch
+            }
+            None => batch?,
+        };
         let mut columns = batch.columns().to_vec();
         for &k in &keys {
             columns[k] = arrow::compute::cast(&columns[k], schema.field(k).data_type())?;
@@ -476,6 +557,8 @@ struct Spec {
     early_emit: usize,
     /// Batches whose aggregates were added a group at a time ([`crate::few`]).
     few_group_batches: datafusion::physical_plan::metrics::Count,
+    /// The input's selection column (see [`CodedAggregateExec::selection`]).
+    selection: Option<usize>,
 }
 
 /// The distinct values a group column has seen, each with an id.
@@ -523,6 +606,7 @@ struct Groups {
     /// ([`crate::few`]).
     kinds: Vec<Option<Kind>>,
     few_group_batches: datafusion::physical_plan::metrics::Count,
+    selection: Option<usize>,
     indices: Vec<usize>,
 }
 
@@ -543,6 +627,7 @@ impl Groups {
                 .map(|(a, f)| f.is_none().then(|| Kind::of(a)).flatten())
                 .collect(),
             few_group_batches: spec.few_group_batches.clone(),
+            selection: spec.selection,
             indices: Vec::new(),
         })
     }
@@ -577,6 +662,18 @@ impl Groups {
         if rows == 0 {
             return Ok(());
         }
+        // The rows the scan's filters selected, unless all were.
+        let selected: Option<BooleanArray> = match self.selection {
+            Some(s) => {
+                let marks = batch.column(s).as_boolean_opt().ok_or_else(not_boolean)?;
+                match marks.true_count() {
+                    0 => return Ok(()),
+                    n if n == rows => None,
+                    _ => Some(marks.clone()),
+                }
+            }
+            None => None,
+        };
         // Per group column: the batch's codes, and each code's value id (the last slot: a null
         // code).
         let mut codes: Vec<&UInt32Array> = Vec::with_capacity(self.keys.len());
@@ -607,9 +704,13 @@ impl Groups {
         // With few groups in the batch: each row's local group (`u8`) and the local groups'
         // indices.
         let mut few: Option<Few> = None;
-        match combinations {
+        let dense = combinations.filter(|n| *n <= DENSE_TABLE_MAX.min(2 * rows.max(1024)));
+        if let (Some(marks), None) = (&selected, dense) {
+            return self.update(&arrow::compute::filter_record_batch(batch, marks)?);
+        }
+        match dense {
             // Not larger than the batch needs (the table is filled anew per batch).
-            Some(n) if n <= DENSE_TABLE_MAX.min(2 * rows.max(1024)) => {
+            Some(n) => {
                 // Each row's codes' combination, a column at a time (a pass the compiler
                 // vectorizes), then a table from combinations to groups, filled as rows meet it.
                 let mut places = vec![0usize; rows];
@@ -629,6 +730,10 @@ impl Groups {
                 let mut first_rows: Vec<usize> = Vec::new();
                 let mut local: Vec<u32> = Vec::with_capacity(rows);
                 for (row, &at) in places.iter().enumerate() {
+                    if selected.as_ref().is_some_and(|marks| !marks.value(row)) {
+                        local.push(u32::MAX);
+                        continue;
+                    }
                     let l = match table[at] {
                         u32::MAX => {
                             let l = first_rows.len() as u32;
@@ -649,15 +754,17 @@ impl Groups {
                     groups.push(self.group(&ids) as usize);
                 }
                 if groups.len() <= FEW_GROUPS && self.kinds.iter().any(Option::is_some) {
-                    few = Few::new(local.iter().map(|l| *l as u8).collect(), groups.clone());
+                    // (Rows not selected: in no group.)
+                    few = Few::new(local.iter().map(|l| (*l).min(NO_GROUP as u32) as u8).collect(), groups.clone());
                     self.few_group_batches.add(1);
                 }
-                // Row by row indices, only if some aggregate adds row by row.
-                if few.is_none() || self.kinds.iter().any(Option::is_none) {
+                // Row by row indices, only if some aggregate adds row by row (never with rows
+                // not selected: those batches are filtered first, below).
+                if selected.is_none() && (few.is_none() || self.kinds.iter().any(Option::is_none)) {
                     indices.extend(local.iter().map(|l| groups[*l as usize]));
                 }
             }
-            _ => {
+            None => {
                 for row in 0..rows {
                     for (c, id) in ids.iter_mut().enumerate() {
                         *id = to_id[c][slot(c, row)];
@@ -667,6 +774,20 @@ impl Groups {
             }
         }
         let total = self.len();
+        if let Some(marks) = &selected {
+            // Every aggregate a group at a time, or the selected rows row by row.
+            let states = match few.as_mut() {
+                Some(few) => self.states_of(batch, few)?,
+                None => None,
+            };
+            let (Some(states), Some(few)) = (states, &few) else {
+                return self.update(&arrow::compute::filter_record_batch(batch, marks)?);
+            };
+            for (accumulator, states) in self.accumulators.iter_mut().zip(states) {
+                accumulator.merge_batch(&states, few.groups(), total)?;
+            }
+            return Ok(());
+        }
         let aggregates = self.accumulators.iter_mut().zip(&self.arguments).zip(&self.filters).zip(&self.kinds);
         for (((accumulator, arguments), filter), kind) in aggregates {
             let values = arguments
@@ -703,6 +824,21 @@ impl Groups {
         Ok(())
     }
 
+    /// Every aggregate's partial states over `few`'s groups, or None if one cannot be added
+    /// a group at a time.
+    fn states_of(&self, batch: &RecordBatch, few: &mut Few) -> Result<Option<Vec<Vec<ArrayRef>>>> {
+        let mut all = Vec::with_capacity(self.accumulators.len());
+        for ((arguments, filter), kind) in self.arguments.iter().zip(&self.filters).zip(&self.kinds) {
+            let (Some(kind), None, [argument]) = (kind, filter, &arguments[..]) else { return Ok(None) };
+            let values = argument.evaluate(batch)?.into_array(batch.num_rows())?;
+            match kind.states(&values, few) {
+                Some(states) => all.push(states),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(all))
+    }
+
     /// The groups and their states, as the partial aggregate's output batches.
     fn emit(mut self, schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
         if self.len() == 0 {
@@ -727,6 +863,10 @@ impl Groups {
     }
 }
 
+fn not_boolean() -> DataFusionError {
+    DataFusionError::Internal("a coded aggregate's selection column is not boolean".into())
+}
+
 /// A dictionary's values as `Utf8`.
 fn text_of(values: &ArrayRef) -> Result<ArrayRef> {
     Ok(match values.data_type() {
@@ -746,6 +886,7 @@ mod tests {
     use datafusion::functions_aggregate::{count::count_udaf, sum::sum_udaf};
     use datafusion::physical_expr::aggregate::AggregateExprBuilder;
     use datafusion::physical_plan::aggregates::PhysicalGroupBy;
+    use datafusion::physical_plan::displayable;
     use datafusion::prelude::SessionContext;
 
     fn scan(on_leaf: bool) -> Arc<dyn ExecutionPlan> {
@@ -806,6 +947,63 @@ mod tests {
         let coded = rewritten.downcast_ref::<CodedAggregateExec>().expect("a coded aggregate over the projection");
         assert_eq!(coded.schema(), planned.schema());
         assert!(matches!(coded.input.schema().field(1).data_type(), DataType::Dictionary(..)));
+        assert!(coded.selection.is_none(), "a scan without filters keeps every row");
+        // A filtered scan marks its selection when every aggregate is added a group at a time
+        // (sum and count) and what is computed is total; a filtered count (`partial` filters
+        // its count) or integer arithmetic keeps the scan filtering.
+        let filtered = |filters: bool| {
+            let columns = vec![
+                ("flag".into(), ColumnType::Utf8),
+                ("n".into(), ColumnType::Int64),
+                ("q".into(), ColumnType::Float64),
+            ];
+            let mut spec = ScanSpec::for_test(&columns, None);
+            if filters {
+                spec.filters = vec![basalt_common::filter::Filter::Cmp {
+                    path: "n".into(),
+                    op: basalt_common::filter::CmpOp::Gt,
+                    value: basalt_common::filter::Scalar::Int(0),
+                }];
+            }
+            Arc::new(LeafScanExec::new("c".into(), 7, vec![0], Arc::new(NoLeaf), columns, spec).with_text_views())
+                as Arc<dyn ExecutionPlan>
+        };
+        let schema = filtered(true).schema();
+        let col = |name: &str| Arc::new(Column::new_with_schema(name, &schema).unwrap()) as Arc<dyn PhysicalExpr>;
+        let plan_with = |input: Arc<dyn ExecutionPlan>, of: Arc<dyn PhysicalExpr>| {
+            let schema = input.schema();
+            let group = PhysicalGroupBy::new_single(vec![(col("flag"), "flag".to_string())]);
+            let sum =
+                AggregateExprBuilder::new(sum_udaf(), vec![of]).schema(schema.clone()).alias("s").build().unwrap();
+            Arc::new(
+                AggregateExec::try_new(AggregateMode::Partial, group, vec![Arc::new(sum)], vec![None], input, schema)
+                    .unwrap(),
+            ) as Arc<dyn ExecutionPlan>
+        };
+        let times = |l: Arc<dyn PhysicalExpr>, r: Arc<dyn PhysicalExpr>| {
+            Arc::new(datafusion::physical_expr::expressions::BinaryExpr::new(
+                l,
+                datafusion::logical_expr::Operator::Multiply,
+                r,
+            )) as Arc<dyn PhysicalExpr>
+        };
+        for (plan, marks) in [
+            (plan_with(filtered(true), col("q")), true),
+            (plan_with(filtered(true), times(col("q"), col("q"))), true),
+            (plan_with(filtered(true), times(col("n"), col("n"))), false),
+            (plan_with(filtered(false), col("q")), false),
+            (partial(filtered(true), &["flag"], "q", "q"), false),
+        ] {
+            let rewritten = coded_aggregates(plan.clone()).unwrap();
+            let coded = rewritten.downcast_ref::<CodedAggregateExec>().expect("a coded aggregate");
+            assert_eq!(coded.schema(), plan.schema());
+            assert_eq!(coded.selection.is_some(), marks, "{}", displayable(plan.as_ref()).indent(true));
+            if marks {
+                let input = coded.input.schema();
+                assert_eq!(coded.selection, Some(input.fields().len() - 1));
+                assert_eq!(input.field(input.fields().len() - 1).name(), SELECTED_COLUMN);
+            }
+        }
         // Grouped by an integer too, an aggregate reading the group column, on the aggregator.
         for plan in [
             partial(scan(true), &["flag", "n"], "q", "q"),
@@ -1036,6 +1234,111 @@ mod tests {
             let few = exec.metrics().and_then(|m| m.sum_by_name("few_group_batches")).map_or(0, |v| v.as_usize());
             // Five groups with null: every batch; eleven and null: none.
             assert_eq!(few, if distinct < FEW_GROUPS { 3 } else { 0 }, "{distinct} groups");
+        }
+    }
+
+    /// A scan marking its selection instead of filtering: the coded aggregate skips the rows
+    /// not selected, a group at a time and on each fallback (more groups than [`FEW_GROUPS`],
+    /// an aggregate added row by row, the aggregate as planned over many values), and its
+    /// states equal DataFusion's over the selected rows alone.
+    #[tokio::test]
+    async fn marked_rows_not_selected_are_skipped() {
+        use datafusion::functions_aggregate::{average::avg_udaf, min_max::min_udaf};
+        let ctx = SessionContext::new().task_ctx();
+        for (distinct, with_min, identity) in
+            [(4usize, false, false), (FEW_GROUPS + 3, false, false), (4, true, false), (4, false, true)]
+        {
+            let names: Vec<String> = (0..distinct).map(|i| format!("flag {i}")).collect();
+            let rows = 5000;
+            let flags: Vec<Option<&str>> =
+                (0..rows).map(|i| if i % 17 == 0 { None } else { Some(names[i * 7 % distinct].as_str()) }).collect();
+            let f: Vec<Option<f64>> =
+                (0..rows).map(|i| (i % 11 != 0).then_some((i % 97) as f64 * 0.25 - 3.0)).collect();
+            // Batch 2 all selected, batch 3 none, the others every third row not.
+            let selected: Vec<bool> =
+                (0..rows).map(|i| (2048..4096).contains(&i) || (i < 2048 && i % 3 != 0)).collect();
+            let field = |name: &str, t: DataType| Field::new(name, t, true);
+            let codes = DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8));
+            let text_schema =
+                Arc::new(Schema::new(vec![field("flag", DataType::Utf8View), field("f", DataType::Float64)]));
+            let coded_schema = Arc::new(Schema::new(vec![
+                field("flag", codes),
+                field("f", DataType::Float64),
+                Field::new(SELECTED_COLUMN, DataType::Boolean, false),
+            ]));
+            let (mut text, mut coded) = (vec![], vec![]);
+            for (start, end) in [(0, 2048), (2048, 4096), (4096, rows)] {
+                let r = start..end;
+                let kept: Vec<usize> = r.clone().filter(|i| selected[*i]).collect();
+                let views = StringViewArray::from(kept.iter().map(|i| flags[*i]).collect::<Vec<_>>());
+                let floats = arrow::array::Float64Array::from(kept.iter().map(|i| f[*i]).collect::<Vec<_>>());
+                text.push(RecordBatch::try_new(text_schema.clone(), vec![Arc::new(views), Arc::new(floats)]).unwrap());
+                let (keys, values): (UInt32Array, StringArray) = if identity {
+                    ((0..(end - start) as u32).map(Some).collect(), flags[r.clone()].iter().copied().collect())
+                } else {
+                    let keys = flags[r.clone()]
+                        .iter()
+                        .map(|v| v.map(|v| names.iter().position(|name| name == v).unwrap() as u32))
+                        .collect();
+                    (keys, StringArray::from(names.clone()))
+                };
+                let dictionary: ArrayRef =
+                    Arc::new(DictionaryArray::<UInt32Type>::try_new(keys, Arc::new(values)).unwrap());
+                let floats: ArrayRef = Arc::new(arrow::array::Float64Array::from(f[r.clone()].to_vec()));
+                let marks: ArrayRef = Arc::new(BooleanArray::from(selected[r.clone()].to_vec()));
+                coded.push(RecordBatch::try_new(coded_schema.clone(), vec![dictionary, floats, marks]).unwrap());
+            }
+            let column =
+                |name: &str| Arc::new(Column::new_with_schema(name, &text_schema).unwrap()) as Arc<dyn PhysicalExpr>;
+            let aggregate = |udaf, of: &str, alias: &str| {
+                Arc::new(
+                    AggregateExprBuilder::new(udaf, vec![column(of)])
+                        .schema(text_schema.clone())
+                        .alias(alias)
+                        .build()
+                        .unwrap(),
+                )
+            };
+            let mut aggregates = vec![
+                aggregate(sum_udaf(), "f", "sum_f"),
+                aggregate(avg_udaf(), "f", "avg_f"),
+                aggregate(count_udaf(), "f", "count_f"),
+            ];
+            if with_min {
+                aggregates.push(aggregate(min_udaf(), "f", "min_f"));
+            }
+            let filters = vec![None; aggregates.len()];
+            let text_source = MemorySourceConfig::try_new_exec(&[text], text_schema.clone(), None).unwrap();
+            let group = PhysicalGroupBy::new_single(vec![(column("flag"), "flag".into())]);
+            let planned: Arc<dyn ExecutionPlan> = Arc::new(
+                AggregateExec::try_new(
+                    AggregateMode::Partial,
+                    group,
+                    aggregates,
+                    filters,
+                    text_source,
+                    text_schema.clone(),
+                )
+                .unwrap(),
+            );
+            let coded_source = MemorySourceConfig::try_new_exec(&[coded], coded_schema, None).unwrap();
+            let mut exec =
+                CodedAggregateExec::new(planned.downcast_ref::<AggregateExec>().unwrap(), coded_source, vec![0]);
+            exec.selection = Some(2);
+            let exec: Arc<dyn ExecutionPlan> = Arc::new(exec);
+            let sorted = |batches: Vec<RecordBatch>| {
+                let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+                let text = arrow::util::pretty::pretty_format_batches(&[all]).unwrap().to_string();
+                let mut lines: Vec<String> = text.lines().skip(3).map(str::to_string).collect();
+                lines.sort();
+                lines
+            };
+            let want = sorted(datafusion::physical_plan::collect(planned, ctx.clone()).await.unwrap());
+            let got = sorted(datafusion::physical_plan::collect(exec.clone(), ctx.clone()).await.unwrap());
+            assert_eq!(want.len(), distinct + 2, "the groups, null and the closing line: {want:?}");
+            assert_eq!(got, want, "{distinct} groups, min: {with_min}, identity codes: {identity}");
+            let metric = |name: &str| exec.metrics().and_then(|m| m.sum_by_name(name)).map_or(0, |v| v.as_usize());
+            assert_eq!(metric("ran_as_planned"), usize::from(identity));
         }
     }
 }

@@ -22,8 +22,8 @@ use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 /// groups (a pass over the batch per group and argument) where adding row by row does not.
 pub const FEW_GROUPS: usize = 8;
 
-/// A local group number no row has: rows whose argument is null.
-const NO_GROUP: u8 = u8::MAX;
+/// A local group number no group has: rows whose argument is null, rows a scan did not select.
+pub const NO_GROUP: u8 = u8::MAX;
 
 /// An aggregate whose partial state this module computes, by its state layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,8 +111,8 @@ pub struct Few {
 }
 
 impl Few {
-    /// `local[row]`: the row's local group, below `groups.len()`; `groups[l]`: local group
-    /// `l`'s index. `None` with more than [`FEW_GROUPS`] groups.
+    /// `local[row]`: the row's local group, below `groups.len()`, or [`NO_GROUP`];
+    /// `groups[l]`: local group `l`'s index. `None` with more than [`FEW_GROUPS`] groups.
     pub fn new(local: Vec<u8>, groups: Vec<usize>) -> Option<Self> {
         (groups.len() <= FEW_GROUPS).then_some(Self { local, groups, rows: None, taken: Vec::new() })
     }

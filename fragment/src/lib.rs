@@ -28,7 +28,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use basalt_common::api::{
-    BatchStream, Estimate, FragmentRequest, Leaf, LeafApi, ScanRequest, ShardPosition, ShardWrite, ShardWriteResult,
+    BatchStream, Estimate, FragmentRequest, Leaf, LeafApi, SELECTED_COLUMN, ScanRequest, ShardPosition, ShardWrite,
+    ShardWriteResult,
 };
 use basalt_common::doc::ID_FIELD;
 use basalt_common::filter::{AccessPath, Filter};
@@ -448,6 +449,28 @@ impl LeafScanExec {
         let ordered = if self.declares_order() { self.spec.ordered_by.as_deref() } else { None };
         scan.properties = Self::properties_for(&scan.output, self.shards.len(), ordered);
         scan.text_codes = names.to_vec();
+        Some(scan)
+    }
+
+    /// The same scan with [`SELECTED_COLUMN`] last: blocks keeping most of their rows come
+    /// whole, marked (see [`coded`]). None unless the scan runs in its leaf's process, has
+    /// filters and no limit, and outputs no column of that name.
+    fn with_selection(&self) -> Option<Self> {
+        if !self.text_views
+            || self.spec.limit.is_some()
+            || (self.spec.filters.is_empty() && self.dynamic.is_empty() && self.probe_keys.is_empty())
+            || self.output.index_of(SELECTED_COLUMN).is_ok()
+        {
+            return None;
+        }
+        let mut scan = self.with_dynamic(self.dynamic.clone());
+        scan.output_columns.push((SELECTED_COLUMN.to_string(), ColumnType::Boolean));
+        scan.spec.columns.push((SELECTED_COLUMN.to_string(), ColumnType::Boolean));
+        let mut fields: Vec<Field> = self.output.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(SELECTED_COLUMN, DataType::Boolean, false));
+        scan.output = Arc::new(Schema::new_with_metadata(fields, self.output.metadata().clone()));
+        let ordered = if self.declares_order() { self.spec.ordered_by.as_deref() } else { None };
+        scan.properties = Self::properties_for(&scan.output, self.shards.len(), ordered);
         Some(scan)
     }
 

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, ArrayRef, Float64Array, RecordBatch};
 use arrow::compute::and;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use basalt_common::api::{DocStatus, SCORE_COLUMN, ScanRequest, ShardWriteResult, SourcePosition, WriteOp};
+use basalt_common::api::{
+    DocStatus, SCORE_COLUMN, SELECTED_COLUMN, ScanRequest, ShardWriteResult, SourcePosition, WriteOp,
+};
 use basalt_common::doc::{Doc, DocLimits, Kind, apply_patch, apply_patch_partial, patched_fields};
 use basalt_common::filter::{AccessPath, Filter, choose_access_path, id_lookup, index_answerable};
 use basalt_common::schema::{ColumnType, SchemaStats};
@@ -1134,8 +1136,12 @@ impl Shard {
         ));
         let wants_score = req.columns.iter().any(|(n, _)| n == SCORE_COLUMN);
         let mut scores: HashMap<u64, f32> = HashMap::new();
-        let mut paths: Vec<&str> =
-            schema.fields().iter().map(|f| f.name().as_str()).filter(|n| *n != SCORE_COLUMN).collect();
+        let mut paths: Vec<&str> = schema
+            .fields()
+            .iter()
+            .map(|f| f.name().as_str())
+            .filter(|n| *n != SCORE_COLUMN && *n != SELECTED_COLUMN)
+            .collect();
         req.filters.iter().for_each(|f| filter_paths(f, &mut paths));
         let paths: Vec<String> = paths.into_iter().map(str::to_string).collect();
         let every: Vec<usize> = (0..req.filters.len()).collect();
@@ -1701,6 +1707,17 @@ fn project_filter(
             None => m,
         });
     }
+    // A reader that skips unselected rows itself gets a block keeping at least half of its
+    // rows whole, with the selection (`SELECTED_COLUMN`): copying 98% of TPC-H q1's rows
+    // column by column was a sixth of its leaves' time.
+    let marks_selection = schema.fields().last().is_some_and(|f| f.name() == SELECTED_COLUMN);
+    let selected = match keep.take() {
+        Some(k) if marks_selection && slots.is_none() && 2 * k.true_count() >= k.len() => Some(k),
+        other => {
+            keep = other;
+            None
+        }
+    };
     // The rows kept, prepared once for every column.
     let predicate = keep.as_ref().map(|keep| arrow::compute::FilterBuilder::new(keep).optimize().build());
     let rows = predicate.as_ref().map_or(block.rows, |p| p.count());
@@ -1708,6 +1725,10 @@ fn project_filter(
         .fields()
         .iter()
         .map(|f| {
+            if marks_selection && f.name() == SELECTED_COLUMN {
+                let all = || arrow::array::BooleanArray::new(arrow::buffer::BooleanBuffer::new_set(rows), None);
+                return Ok(Arc::new(selected.clone().unwrap_or_else(all)) as ArrayRef);
+            }
             let column = if f.name() == SCORE_COLUMN {
                 let slot = |i: usize| slots.as_ref().map_or(block.base_slot + i as u64, |s| s[i]);
                 let values: Float64Array =

@@ -1173,3 +1173,77 @@ async fn a_scan_gives_the_worker_back_between_batches() {
     }
     assert_eq!(rows, total);
 }
+
+/// Asked for [`basalt_common::api::SELECTED_COLUMN`], a scan sends a block keeping at least
+/// half of its rows whole with the selection, and other blocks filtered and all marked: the
+/// rows marked are exactly the rows a plain scan returns, with deletes and patches, by the
+/// column scan and the index.
+#[tokio::test]
+async fn a_scan_marks_its_selection_when_asked() {
+    use basalt_common::api::SELECTED_COLUMN;
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = Leaf::open(&LeafConfig { data_dir: dir.path().to_path_buf(), ..Default::default() }).unwrap();
+    let ops = (0..3000)
+        .map(|i| upsert(json!({"_id": format!("d{i}"), "n": i, "kind": if i % 10 == 0 { "rare" } else { "common" }})))
+        .collect();
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+    let patch = WriteOp::Patch {
+        id: "d500".into(),
+        ops: vec![PatchOp { op: PatchKind::Replace, path: "/n".into(), value: Some(json!(-1)) }],
+    };
+    let ops = vec![patch, WriteOp::Delete { id: "d700".into() }];
+    leaf.apply(ShardWrite { collection_id: 1, shard: 0, ops, position: None }).await.unwrap();
+    let most = Filter::Cmp { path: "n".into(), op: CmpOp::GtEq, value: Scalar::Int(100) };
+    let few = Filter::Cmp { path: "n".into(), op: CmpOp::Lt, value: Scalar::Int(250) };
+    let rare = Filter::Cmp { path: "kind".into(), op: CmpOp::Eq, value: Scalar::Str("rare".into()) };
+    for (filters, hint, whole) in [
+        (vec![most.clone()], AccessPath::ColumnScan, true),
+        (vec![few], AccessPath::ColumnScan, false),
+        (vec![rare.clone()], AccessPath::SearchIndex, false),
+        (vec![rare, most], AccessPath::ColumnScan, false),
+    ] {
+        let scan = |marked: bool| {
+            let mut columns = vec![("_id".to_string(), ColumnType::Utf8)];
+            if marked {
+                columns.push((SELECTED_COLUMN.to_string(), ColumnType::Boolean));
+            }
+            ScanRequest {
+                collection_id: 1,
+                shard: 0,
+                columns,
+                filters: filters.clone(),
+                limit: None,
+                hint: Some(hint),
+                ordered_by: None,
+                text_views: true,
+                text_codes: vec![],
+            }
+        };
+        let ids = |batches: &[RecordBatch], marked: bool| {
+            let mut ids = Vec::new();
+            for b in batches {
+                let id = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+                for i in 0..b.num_rows() {
+                    if !marked || b.column(1).as_boolean().value(i) {
+                        ids.push(id.as_string::<i32>().value(i).to_string());
+                    }
+                }
+            }
+            ids.sort();
+            ids
+        };
+        let plain: Vec<RecordBatch> = leaf.scan(scan(false)).await.unwrap().map(|b| b.unwrap()).collect().await;
+        let marked: Vec<RecordBatch> = leaf.scan(scan(true)).await.unwrap().map(|b| b.unwrap()).collect().await;
+        let want = ids(&plain, false);
+        assert!(!want.is_empty() && !want.contains(&"d700".to_string()), "{filters:?}");
+        assert_eq!(ids(&marked, true), want, "{filters:?}");
+        let sent: usize = marked.iter().map(RecordBatch::num_rows).sum();
+        if whole {
+            // Blocks went whole: rows not selected came too (d0..d99, d500 patched to -1).
+            assert!(sent > want.len(), "{sent} rows sent for {} selected", want.len());
+            assert!(want.len() == 3000 - 100 - 2, "{}", want.len());
+        } else {
+            assert_eq!(sent, want.len(), "{filters:?}: filtered, every row marked");
+        }
+    }
+}
