@@ -896,6 +896,25 @@ mod tests {
     use datafusion::physical_plan::displayable;
     use datafusion::prelude::SessionContext;
 
+    /// `udaf(of)` over rows of `schema`, named `alias`.
+    fn aggregate_of(
+        udaf: Arc<datafusion::logical_expr::AggregateUDF>,
+        schema: &SchemaRef,
+        of: Arc<dyn PhysicalExpr>,
+        alias: &str,
+    ) -> Arc<AggregateFunctionExpr> {
+        Arc::new(AggregateExprBuilder::new(udaf, vec![of]).schema(schema.clone()).alias(alias).build().unwrap())
+    }
+
+    /// Batches' rows as printed, sorted (with the table's closing line).
+    fn printed_rows(batches: Vec<RecordBatch>) -> Vec<String> {
+        let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+        let text = arrow::util::pretty::pretty_format_batches(&[all]).unwrap().to_string();
+        let mut lines: Vec<String> = text.lines().skip(3).map(str::to_string).collect();
+        lines.sort();
+        lines
+    }
+
     fn scan(on_leaf: bool) -> Arc<dyn ExecutionPlan> {
         let columns =
             vec![("flag".into(), ColumnType::Utf8), ("n".into(), ColumnType::Int64), ("q".into(), ColumnType::Int64)];
@@ -1175,15 +1194,7 @@ mod tests {
             let text_source = MemorySourceConfig::try_new_exec(&[text], text_schema.clone(), None).unwrap();
             let column =
                 |name: &str| Arc::new(Column::new_with_schema(name, &text_schema).unwrap()) as Arc<dyn PhysicalExpr>;
-            let aggregate = |udaf, of: &str, alias: &str| {
-                Arc::new(
-                    AggregateExprBuilder::new(udaf, vec![column(of)])
-                        .schema(text_schema.clone())
-                        .alias(alias)
-                        .build()
-                        .unwrap(),
-                )
-            };
+            let aggregate = |udaf, of: &str, alias: &str| aggregate_of(udaf, &text_schema, column(of), alias);
             let aggregates = vec![
                 aggregate(sum_udaf(), "f", "sum_f"),
                 aggregate(avg_udaf(), "f", "avg_f"),
@@ -1227,13 +1238,7 @@ mod tests {
                 vec![0],
             ));
             let ctx = SessionContext::new().task_ctx();
-            let sorted = |batches: Vec<RecordBatch>| {
-                let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
-                let text = arrow::util::pretty::pretty_format_batches(&[all]).unwrap().to_string();
-                let mut lines: Vec<String> = text.lines().skip(3).map(str::to_string).collect();
-                lines.sort();
-                lines
-            };
+            let sorted = printed_rows;
             let want = sorted(datafusion::physical_plan::collect(planned, ctx.clone()).await.unwrap());
             let got = sorted(datafusion::physical_plan::collect(exec.clone(), ctx).await.unwrap());
             assert_eq!(want.len(), distinct + 2, "the groups, null and the closing line: {want:?}");
@@ -1297,15 +1302,7 @@ mod tests {
             }
             let column =
                 |name: &str| Arc::new(Column::new_with_schema(name, &text_schema).unwrap()) as Arc<dyn PhysicalExpr>;
-            let aggregate = |udaf, of: &str, alias: &str| {
-                Arc::new(
-                    AggregateExprBuilder::new(udaf, vec![column(of)])
-                        .schema(text_schema.clone())
-                        .alias(alias)
-                        .build()
-                        .unwrap(),
-                )
-            };
+            let aggregate = |udaf, of: &str, alias: &str| aggregate_of(udaf, &text_schema, column(of), alias);
             let mut aggregates = vec![
                 aggregate(sum_udaf(), "f", "sum_f"),
                 aggregate(avg_udaf(), "f", "avg_f"),
@@ -1333,13 +1330,7 @@ mod tests {
                 CodedAggregateExec::new(planned.downcast_ref::<AggregateExec>().unwrap(), coded_source, vec![0]);
             exec.selection = Some(2);
             let exec: Arc<dyn ExecutionPlan> = Arc::new(exec);
-            let sorted = |batches: Vec<RecordBatch>| {
-                let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
-                let text = arrow::util::pretty::pretty_format_batches(&[all]).unwrap().to_string();
-                let mut lines: Vec<String> = text.lines().skip(3).map(str::to_string).collect();
-                lines.sort();
-                lines
-            };
+            let sorted = printed_rows;
             let want = sorted(datafusion::physical_plan::collect(planned, ctx.clone()).await.unwrap());
             let got = sorted(datafusion::physical_plan::collect(exec.clone(), ctx.clone()).await.unwrap());
             assert_eq!(want.len(), distinct + 2, "the groups, null and the closing line: {want:?}");

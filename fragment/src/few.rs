@@ -222,65 +222,73 @@ fn count_of_any(local: &[u8], g: u8) -> u64 {
 
 /// Sum of the values of group `g`'s rows, in eight lanes.
 fn sum_f64(local: &[u8], values: &[f64], g: u8) -> f64 {
-    with_avx2!(sum_f64_avx2, sum_f64_any, local, values, g)
+    with_avx2!(sum_f64_avx2, sum_any, local, values, g)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn sum_f64_avx2(local: &[u8], values: &[f64], g: u8) -> f64 {
-    sum_f64_any(local, values, g)
-}
-
-/// All ones for a row of group `g`, else zero: the value's bits masked, without a branch (the
-/// rows' groups interleave) and without multiplying (a NaN or infinity outside the group would
-/// make NaN).
-#[inline(always)]
-fn keep(l: u8, g: u8) -> u64 {
-    0u64.wrapping_sub(u64::from(l == g))
-}
-
-#[inline(always)]
-fn sum_f64_any(local: &[u8], values: &[f64], g: u8) -> f64 {
-    let mut lanes = [0f64; 8];
-    let (mut ls, mut vs) = (local.chunks_exact(8), values.chunks_exact(8));
-    for (l, v) in (&mut ls).zip(&mut vs) {
-        for j in 0..8 {
-            lanes[j] += f64::from_bits(v[j].to_bits() & keep(l[j], g));
-        }
-    }
-    let mut sum: f64 = lanes.iter().sum();
-    for (l, v) in ls.remainder().iter().zip(vs.remainder()) {
-        if *l == g {
-            sum += v;
-        }
-    }
-    sum
+    sum_any(local, values, g)
 }
 
 /// Wrapping sum of the values of group `g`'s rows, in eight lanes.
 fn sum_i64(local: &[u8], values: &[i64], g: u8) -> i64 {
-    with_avx2!(sum_i64_avx2, sum_i64_any, local, values, g)
+    with_avx2!(sum_i64_avx2, sum_any, local, values, g)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn sum_i64_avx2(local: &[u8], values: &[i64], g: u8) -> i64 {
-    sum_i64_any(local, values, g)
+    sum_any(local, values, g)
+}
+
+/// A value summed in lanes: `f64` adds, `i64` adds wrapping (as DataFusion's sum does).
+trait Summed: Copy {
+    const ZERO: Self;
+    /// The value when `keep` is all ones, zero when it is zero, without a branch (the rows'
+    /// groups interleave) and without multiplying (a NaN or infinity outside the group would
+    /// make NaN).
+    fn masked(self, keep: u64) -> Self;
+    fn plus(self, other: Self) -> Self;
+}
+
+impl Summed for f64 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn masked(self, keep: u64) -> Self {
+        f64::from_bits(self.to_bits() & keep)
+    }
+    #[inline(always)]
+    fn plus(self, other: Self) -> Self {
+        self + other
+    }
+}
+
+impl Summed for i64 {
+    const ZERO: Self = 0;
+    #[inline(always)]
+    fn masked(self, keep: u64) -> Self {
+        self & keep as i64
+    }
+    #[inline(always)]
+    fn plus(self, other: Self) -> Self {
+        self.wrapping_add(other)
+    }
 }
 
 #[inline(always)]
-fn sum_i64_any(local: &[u8], values: &[i64], g: u8) -> i64 {
-    let mut lanes = [0i64; 8];
+fn sum_any<T: Summed>(local: &[u8], values: &[T], g: u8) -> T {
+    let mut lanes = [T::ZERO; 8];
     let (mut ls, mut vs) = (local.chunks_exact(8), values.chunks_exact(8));
     for (l, v) in (&mut ls).zip(&mut vs) {
         for j in 0..8 {
-            lanes[j] = lanes[j].wrapping_add(v[j] & keep(l[j], g) as i64);
+            lanes[j] = lanes[j].plus(v[j].masked(0u64.wrapping_sub(u64::from(l[j] == g))));
         }
     }
-    let mut sum = lanes.iter().fold(0i64, |s, x| s.wrapping_add(*x));
+    let mut sum = lanes.iter().fold(T::ZERO, |s, x| s.plus(*x));
     for (l, v) in ls.remainder().iter().zip(vs.remainder()) {
         if *l == g {
-            sum = sum.wrapping_add(*v);
+            sum = sum.plus(*v);
         }
     }
     sum
