@@ -354,6 +354,9 @@ struct Derived {
     /// Text columns parsed as dates, kept after the first query that compares them with a date
     /// (`CAST(col AS DATE) < DATE '...'`): blocks never change, so neither does the parse.
     dates: HashMap<String, ParsedDates>,
+    /// Text columns that do not parse as dates (a text comparison asked: see
+    /// [`Block::text_as_ordered_dates`]).
+    undated: std::collections::HashSet<String>,
     /// Text columns with few distinct values as codes into their distinct values (see
     /// [`Block::text_dictionary`]); `None` for a column with too many.
     dictionaries: HashMap<String, Option<Arc<TextDictionary>>>,
@@ -389,12 +392,31 @@ impl BlockCache {
 
 /// Text parsed as dates that a block keeps, counted against the filter budget while kept.
 #[derive(Debug)]
-struct ParsedDates(ArrayRef);
+struct ParsedDates(ArrayRef, Canonical);
+
+/// Whether every value of a text column is a date written `YYYY-MM-DD` (ten characters,
+/// digits and two dashes): such text orders as its dates do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Canonical {
+    Yes,
+    No,
+}
+
+impl Canonical {
+    fn of(text: &ArrayRef) -> Self {
+        let Some(text) = text.as_string_opt::<i32>() else { return Self::No };
+        let plain = |v: &str| {
+            v.len() == 10
+                && v.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() })
+        };
+        if text.iter().flatten().all(plain) { Self::Yes } else { Self::No }
+    }
+}
 
 impl ParsedDates {
-    fn new(dates: ArrayRef) -> Self {
+    fn new(dates: ArrayRef, canonical: Canonical) -> Self {
         filter_cache_changed(dates.get_buffer_memory_size() as i64);
-        Self(dates)
+        Self(dates, canonical)
     }
 }
 
@@ -627,22 +649,44 @@ impl Block {
     /// The column at `path` as SQL `CAST(CAST(col AS TEXT) AS DATE)` computes it (Date32; a
     /// non-null value that is not a date is an error, as in SQL), parsed once per block.
     pub fn column_as_date(&self, path: &str) -> Result<ArrayRef> {
+        self.parsed_dates(path).map(|(dates, _)| dates)
+    }
+
+    /// The text column at `path` as dates when every value is written `YYYY-MM-DD`, so that
+    /// comparing the dates compares the text (TPC-H q12's `l_commitdate < l_receiptdate`);
+    /// None otherwise (text that is not such dates, remembered).
+    pub fn text_as_ordered_dates(&self, path: &str) -> Option<ArrayRef> {
+        if self.cache.derived.lock().undated.contains(path) {
+            return None;
+        }
+        match self.parsed_dates(path) {
+            Ok((dates, Canonical::Yes)) => Some(dates),
+            Ok((_, Canonical::No)) => None,
+            Err(_) => {
+                self.cache.derived.lock().undated.insert(path.to_string());
+                None
+            }
+        }
+    }
+
+    fn parsed_dates(&self, path: &str) -> Result<(ArrayRef, Canonical)> {
         if let Some(a) = self.cache.derived.lock().dates.get(path) {
             self.cache.touch();
-            return Ok(a.0.clone());
+            return Ok((a.0.clone(), a.1));
         }
         let text = self.column_as(path, &DataType::Utf8)?;
         let options = CastOptions { safe: false, ..Default::default() };
         let dates = cast_with_options(&text, &DataType::Date32, &options)
             .map_err(|e| basalt_common::BasaltError::invalid(format!("{path}: {e}")))?;
+        let canonical = Canonical::of(&text);
         // Kept within the process's budget (over it with no room to make, parsed again by the
         // next comparison).
         let bytes = dates.get_buffer_memory_size();
         if filter_cache_fits(bytes) || (make_room() && filter_cache_fits(bytes)) {
-            self.cache.derived.lock().dates.insert(path.to_string(), ParsedDates::new(dates.clone()));
+            self.cache.derived.lock().dates.insert(path.to_string(), ParsedDates::new(dates.clone(), canonical));
             self.keep();
         }
-        Ok(dates)
+        Ok((dates, canonical))
     }
 
     /// Build a block from documents (slot `base_slot + i` for document `i`).

@@ -711,10 +711,26 @@ fn select_compare_fields(
             let (lv, rv) = (l.as_boolean(), r.as_boolean());
             and_selected(acc, block.rows, |i| op.holds(lv.value(i).cmp(&rv.value(i))));
         }
-        _ => {
-            let (lv, rv) = (l.as_string::<i32>(), r.as_string::<i32>());
-            and_selected(acc, block.rows, |i| op.holds(lv.value(i).as_bytes().cmp(rv.value(i).as_bytes())));
-        }
+        _ => match (block.text_as_ordered_dates(left), block.text_as_ordered_dates(right)) {
+            // Dates written YYYY-MM-DD order as their text: the parsed days are compared
+            // vectorized (TPC-H q12's two text comparisons were a third of its leaves' CPU in
+            // memcmp). Null rows are already dropped above.
+            (Some(ld), Some(rd)) => {
+                use arrow::datatypes::Date32Type;
+                check_rows(ld.len(), block)?;
+                check_rows(rd.len(), block)?;
+                crate::kernels::and_compare_columns(
+                    acc,
+                    ld.as_primitive::<Date32Type>().values(),
+                    op,
+                    rd.as_primitive::<Date32Type>().values(),
+                );
+            }
+            _ => {
+                let (lv, rv) = (l.as_string::<i32>(), r.as_string::<i32>());
+                and_selected(acc, block.rows, |i| op.holds(lv.value(i).as_bytes().cmp(rv.value(i).as_bytes())));
+            }
+        },
     }
     Ok(true)
 }
@@ -1149,6 +1165,67 @@ mod tests {
         let f = |r: &str| Filter::CmpFields { left: "a".into(), op: CmpOp::Lt, right: r.into(), ty: ColumnType::Int64 };
         assert!(block_excluded(&[f("nope")], &b, &InSets::default()));
         assert!(!block_excluded(&[f("b")], &b, &InSets::default()));
+    }
+
+    /// Two text fields compared as text: written `YYYY-MM-DD` they are compared as parsed
+    /// days (same answers), otherwise (a date written `1995-1-05`, text that is no date) as
+    /// text, where the two orders differ.
+    #[test]
+    fn text_fields_of_plain_dates_compare_as_their_text() {
+        let build = |odd: Option<&str>| {
+            let docs: Vec<Arc<Doc>> = (0..300i64)
+                .map(|i| {
+                    let mut v = json!({});
+                    if i % 11 != 3 {
+                        v["s"] = json!(format!("199{}-0{}-1{}", 4 + i % 3, 1 + i % 9, i % 10));
+                    }
+                    if i % 7 != 0 {
+                        v["r"] = json!(format!("199{}-0{}-1{}", 4 + i % 2, 1 + (i * 7) % 9, (i * 3) % 10));
+                    }
+                    if i == 5
+                        && let Some(odd) = odd
+                    {
+                        v["s"] = json!(odd);
+                    }
+                    Arc::new(v.as_object().unwrap().clone())
+                })
+                .collect();
+            (Block::build(0, &docs).unwrap(), docs)
+        };
+        for odd in [None, Some("1995-1-05"), Some("soon")] {
+            let (b, docs) = build(odd);
+            assert_eq!(b.text_as_ordered_dates("s").is_some(), odd.is_none(), "{odd:?}");
+            assert!(b.text_as_ordered_dates("r").is_some());
+            for op in [CmpOp::Eq, CmpOp::NotEq, CmpOp::Lt, CmpOp::LtEq, CmpOp::Gt, CmpOp::GtEq] {
+                let f = Filter::CmpFields {
+                    left: "s".into(),
+                    op,
+                    right: "r".into(),
+                    ty: basalt_common::schema::ColumnType::Utf8,
+                };
+                let want: Vec<bool> = docs
+                    .iter()
+                    .map(|d| match (d.get("s").and_then(|v| v.as_str()), d.get("r").and_then(|v| v.as_str())) {
+                        (Some(x), Some(y)) => op.holds(x.cmp(y)),
+                        _ => false,
+                    })
+                    .collect();
+                let got = select(&[&f], &b, &InSets::default()).unwrap();
+                assert_eq!(got.iter().collect::<Vec<_>>(), want, "{f} with {odd:?}");
+            }
+        }
+        // Row 5 of the odd block: '1995-1-05' sorts after '1995-0x-1y' as text (and before as a
+        // date); the text order is the answer.
+        let (b, docs) = build(Some("1995-1-05"));
+        let r5 = docs[5].get("r").and_then(|v| v.as_str()).unwrap().to_string();
+        assert!(r5.starts_with("1995-0"), "{r5}");
+        let f = Filter::CmpFields {
+            left: "s".into(),
+            op: CmpOp::Gt,
+            right: "r".into(),
+            ty: basalt_common::schema::ColumnType::Utf8,
+        };
+        assert!(select(&[&f], &b, &InSets::default()).unwrap().value(5));
     }
 
     #[test]
